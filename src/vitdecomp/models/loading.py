@@ -1,0 +1,196 @@
+"""Load timm / open_clip / zoo models with their own preprocessing, offline-friendly.
+
+Names:
+  ``deit_base_patch16_224``, ``vit_base_patch16_224.dino``, ... timm names (kwargs go to
+      ``timm.create_model``)
+  ``open_clip:ViT-B-16/laion2b_s34b_b88k`` (or ``open_clip:ViT-B-16`` with ``pretrained=False``)
+  ``zoo:deit``, ``zoo:clip``, ...           the models shipped with vitdecomp
+A local checkpoint (safetensors, or a torch file read with ``weights_only``) is given with
+``checkpoint=PATH`` and is loaded through timm's / open_clip's own pretrained-loading code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitdecomp.errors import CheckpointError, WeightsUnavailableError
+
+OPEN_CLIP_PREFIX = "open_clip:"
+ZOO_PREFIX = "zoo:"
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with the preprocessing it was trained with.
+
+    ``model`` is the whole object (for open_clip the CLIP model, text tower included);
+    ``preprocess`` maps a PIL image to a ``[3, H, W]`` tensor; ``tokenizer`` is set for CLIP models.
+    ``weights_id`` identifies the weights (name + source + checkpoint digest) for cache keys.
+    """
+
+    model: nn.Module
+    preprocess: Callable[[Any], torch.Tensor]
+    name: str
+    source: str  # "timm" | "open_clip" | "zoo"
+    weights_id: str
+    tokenizer: Callable[..., torch.Tensor] | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def is_clip(self) -> bool:
+        return self.tokenizer is not None
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.info.get("image_size", (224, 224)))  # type: ignore[return-value]
+
+    def to(self, device: str | torch.device) -> LoadedModel:
+        self.model.to(device)
+        return self
+
+
+def file_digest(path: str | Path, length: int = 16) -> str:
+    """A short sha256 of a file's bytes (identifies local checkpoints in cache keys)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+def load_model(
+    name: str,
+    pretrained: bool = True,
+    *,
+    checkpoint: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    **kwargs: Any,
+) -> LoadedModel:
+    """Create a model by name, load its weights, and return it with its preprocessing.
+
+    ``pretrained=False`` gives random-init weights; ``checkpoint`` loads a local file instead of
+    the hub. Raises :class:`WeightsUnavailableError` (with instructions) when the weights cannot be
+    had offline and :class:`CheckpointError` when a checkpoint does not fit the architecture.
+    """
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise CheckpointError(f"checkpoint file not found: {checkpoint}")
+    if name.startswith(ZOO_PREFIX):
+        from vitdecomp.zoo import load_zoo_model
+
+        loaded = load_zoo_model(name[len(ZOO_PREFIX) :], checkpoint=checkpoint, **kwargs)
+    elif name.startswith(OPEN_CLIP_PREFIX):
+        loaded = _load_open_clip(name[len(OPEN_CLIP_PREFIX) :], pretrained, checkpoint, **kwargs)
+    else:
+        loaded = _load_timm(name, pretrained, checkpoint, **kwargs)
+    loaded.model.eval()
+    return loaded.to(device)
+
+
+def _weights_id(name: str, pretrained: bool, checkpoint: Path | None, tag: str | None = None) -> str:
+    if checkpoint is not None:
+        return f"{name}@file:{file_digest(checkpoint)}"
+    if not pretrained:
+        return f"{name}@random-init"
+    return f"{name}@{tag}" if tag else f"{name}@pretrained"
+
+
+def _load_timm(name: str, pretrained: bool, checkpoint: Path | None, **kwargs: Any) -> LoadedModel:
+    import timm
+
+    if not timm.is_model(name.split(".")[0]):
+        raise ValueError(
+            f"unknown model {name!r}: not a timm model name (see timm.list_models()); "
+            f"open_clip models are named '{OPEN_CLIP_PREFIX}ARCH/TAG', shipped ones 'zoo:NAME'"
+        )
+    try:
+        if checkpoint is not None:
+            # timm's own pretrained loader, pointed at a local file (handles its checkpoint filters)
+            model = timm.create_model(
+                name, pretrained=True, pretrained_cfg_overlay={"file": str(checkpoint)}, **kwargs
+            )
+        else:
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if "state_dict" in str(err) or "size mismatch" in str(err) or "Missing key" in str(err):
+            raise CheckpointError(f"checkpoint {checkpoint} does not fit timm model {name!r}: {err}") from err
+        raise
+    except Exception as err:
+        if pretrained and checkpoint is None and _looks_like_download_failure(err):
+            raise WeightsUnavailableError(
+                f"pretrained weights for timm model {name!r} could not be loaded ({type(err).__name__}: "
+                f"{str(err)[:200]}). Offline, download the weights elsewhere (e.g. the Hugging Face repo "
+                f"'timm/{name}', file model.safetensors), copy the file here and call "
+                f"load_model({name!r}, checkpoint='path/to/model.safetensors') or use --checkpoint; "
+                "or pass pretrained=False for random-init weights."
+            ) from err
+        raise
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    preprocess = timm.data.create_transform(**data_cfg, is_training=False)
+    tag = getattr(model, "pretrained_cfg", {}).get("tag") if pretrained else None
+    return LoadedModel(
+        model=model,
+        preprocess=preprocess,
+        name=name,
+        source="timm",
+        weights_id=_weights_id(name, pretrained, checkpoint, tag),
+        info={"image_size": tuple(data_cfg["input_size"][1:]), "data_config": data_cfg},
+    )
+
+
+def _load_open_clip(spec: str, pretrained: bool, checkpoint: Path | None, **kwargs: Any) -> LoadedModel:
+    import open_clip
+
+    arch, _, tag = spec.partition("/")
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+    source: str | None
+    if checkpoint is not None:
+        source = str(checkpoint)
+    elif pretrained:
+        if not tag:
+            tags = [t for a, t in open_clip.list_pretrained() if a == arch]
+            raise ValueError(f"say which open_clip weights: '{OPEN_CLIP_PREFIX}{arch}/TAG', TAG in {tags}")
+        source = tag
+    else:
+        source = None
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
+    except RuntimeError as err:
+        if checkpoint is not None:
+            raise CheckpointError(f"checkpoint {checkpoint} does not fit open_clip {arch!r}: {err}") from err
+        raise
+    except Exception as err:
+        if source is not None and checkpoint is None and _looks_like_download_failure(err):
+            raise WeightsUnavailableError(
+                f"open_clip weights {arch}/{tag} could not be loaded ({type(err).__name__}: {str(err)[:200]}). "
+                f"Offline, fetch the checkpoint elsewhere, copy it here and call "
+                f"load_model('{OPEN_CLIP_PREFIX}{arch}', checkpoint='path/to/open_clip_model.safetensors')."
+            ) from err
+        raise
+    size = model.visual.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return LoadedModel(
+        model=model,
+        preprocess=preprocess,
+        name=f"{OPEN_CLIP_PREFIX}{arch}",
+        source="open_clip",
+        weights_id=_weights_id(f"{OPEN_CLIP_PREFIX}{arch}", pretrained, checkpoint, tag or None),
+        tokenizer=open_clip.get_tokenizer(arch),
+        info={"image_size": size, "arch": arch},
+    )
+
+
+def _looks_like_download_failure(err: Exception) -> bool:
+    text = f"{type(err).__name__} {err}".lower()
+    words = ("connect", "network", "resolve", "offline", "hub", "download", "http", "url", "timed out", "not found")
+    return isinstance(err, OSError) or any(w in text for w in words)

@@ -1,0 +1,421 @@
+"""On-disk, keyed, resumable store of decompositions and CLIP image embeddings for one image set.
+
+A store is a directory holding raw memory-mapped arrays (row ``n`` = image ``n``)::
+
+    header.json          key (everything that changes the numbers), shapes, dtype, format version
+    state.json           {"committed": rows safely on disk, "capacity": rows the files can hold}
+    contributions.bin    [capacity, C, D]  float32 or float16
+    representation.bin   [capacity, D]     float32
+    clip.bin             [capacity, d_clip] float32
+    ids.txt              one image id per committed row
+
+Writes go batch by batch: the arrays are written and flushed, the ids appended and synced, and only
+then ``state.json`` is atomically replaced with the new ``committed`` count. Rows past ``committed``
+are garbage from an interrupted batch and are overwritten on resume, so an interruption never leaves
+duplicate or missing rows. :func:`open_store` names the directory after a hash of the key, so a
+different model / CLIP / start layer / component layout / preprocessing / image set / dtype never
+reuses another setting's numbers; opening a directory whose header holds a different key raises
+:class:`~vitdecomp.errors.MismatchError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitdecomp.components import Decomposition
+from vitdecomp.errors import MismatchError
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": np.float32, "float16": np.float16}
+_ARRAYS = ("contributions", "representation", "clip")
+
+#: One batch from an image source: ``(image ids, images)``; ``images`` is whatever the callables take.
+Batch = tuple[Sequence[str], Any]
+
+
+@dataclass(frozen=True)
+class StoreKey:
+    """Everything that changes a store's numbers.
+
+    ``model`` / ``clip`` are weights ids (``LoadedModel.weights_id``), ``start_layer`` the cut layer
+    of the decomposition, ``labels`` the component names in order (the layout), ``preprocess`` a
+    description of the preprocessing (e.g. ``repr`` of the transforms), ``images`` an identifier of
+    the image set (folder + listing digest, generator seed, ...), ``extra`` any other setting.
+    """
+
+    model: str
+    clip: str
+    labels: tuple[str, ...]
+    start_layer: int | None = None
+    preprocess: str = ""
+    images: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["labels"] = list(self.labels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreKey:
+        return cls(**{**d, "labels": tuple(d["labels"])})
+
+    def digest(self, length: int = 16) -> str:
+        """A short sha256 of the canonical JSON of the key."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def key_difference(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Human-readable list of the fields in which two key dicts differ."""
+    out = []
+    for name in sorted(set(a) | set(b)):
+        va, vb = a.get(name), b.get(name)
+        if va != vb:
+            if name == "labels" and isinstance(va, list) and isinstance(vb, list):
+                out.append(f"labels: {len(va)} components {va[:3]}... vs {len(vb)} components {vb[:3]}...")
+            else:
+                out.append(f"{name}: {str(va)[:80]!r} vs {str(vb)[:80]!r}")
+    return out
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ContributionStore:
+    """A store directory (see the module docstring); open with :func:`open_store` or by path.
+
+    Read access: ``contributions [N, C, D]``, ``representation [N, D]``, ``clip [N, d_clip]`` are
+    read-only ``np.memmap`` views of the committed rows; ``ids`` the image ids; ``labels`` the names.
+    """
+
+    def __init__(self, path: str | Path, key: StoreKey | None = None, dtype: str = "float32") -> None:
+        self.path = Path(path)
+        header_path = self.path / "header.json"
+        if header_path.exists():
+            self.header = json.loads(header_path.read_text())
+            if self.header.get("format_version") != FORMAT_VERSION:
+                raise MismatchError(
+                    f"store {self.path} has format version {self.header.get('format_version')}, "
+                    f"this vitdecomp writes {FORMAT_VERSION}; delete the folder to recompute"
+                )
+            if key is not None and self.header["key"] != key.to_dict():
+                diff = "; ".join(key_difference(self.header["key"], key.to_dict()))
+                raise MismatchError(
+                    f"store {self.path} was computed for a different setting ({diff}); "
+                    "it will not be reused — use open_store(root, key) for a key-named folder, or delete it"
+                )
+            if key is not None and self.header["dtype"] != dtype:
+                raise MismatchError(f"store {self.path} holds {self.header['dtype']}, asked for {dtype}")
+        else:
+            if key is None:
+                raise FileNotFoundError(f"no contribution store at {self.path} (header.json missing)")
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.header = {
+                "format_version": FORMAT_VERSION,
+                "key": key.to_dict(),
+                "key_digest": key.digest(),
+                "dtype": dtype,
+                "n_components": len(key.labels),
+                "dim": None,
+                "clip_dim": None,
+            }
+            _atomic_write_json(header_path, self.header)
+        self.key = StoreKey.from_dict(self.header["key"])
+        state_path = self.path / "state.json"
+        self.state = {"committed": 0, "capacity": 0}
+        if state_path.exists():
+            self.state = json.loads(state_path.read_text())
+        self._ids = self._read_ids()
+        self._id_set = set(self._ids)
+        self._mm: dict[str, np.memmap] = {}
+        self._ro: dict[str, np.ndarray] = {}
+
+    # ----------------------------------------------------------------- layout
+    @property
+    def labels(self) -> list[str]:
+        return list(self.key.labels)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(DTYPES[self.header["dtype"]])
+
+    @property
+    def committed(self) -> int:
+        """Rows safely on disk."""
+        return int(self.state["committed"])
+
+    def __len__(self) -> int:
+        return self.committed
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-row shapes of the arrays (empty until the first write fixed the dims)."""
+        c, d, k = self.header["n_components"], self.header["dim"], self.header["clip_dim"]
+        if d is None:
+            return {}
+        return {"contributions": (c, d), "representation": (d,), "clip": (k,)}
+
+    def _dtype_of(self, name: str) -> np.dtype:
+        return self.dtype if name == "contributions" else np.dtype(np.float32)
+
+    def _file(self, name: str) -> Path:
+        return self.path / f"{name}.bin"
+
+    def _read_ids(self) -> list[str]:
+        f = self.path / "ids.txt"
+        if not f.exists():
+            return []
+        lines = f.read_text().splitlines()
+        n = self.committed
+        if len(lines) < n:
+            raise MismatchError(f"store {self.path} is corrupt: {len(lines)} ids for {n} committed rows")
+        if len(lines) > n:  # ids of a batch whose commit did not happen: drop them
+            lines = lines[:n]
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text("".join(s + "\n" for s in lines))
+            os.replace(tmp, f)
+        return lines
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    # ----------------------------------------------------------------- reading
+    def _view(self, name: str) -> np.ndarray:
+        shape = self.shapes.get(name)
+        if shape is None or self.committed == 0:
+            return np.zeros((0, *(shape or ())), dtype=self._dtype_of(name))
+        view = self._ro.get(name)
+        if view is None or view.shape[0] != self.committed:
+            rows = (self.committed, *shape)
+            view = np.memmap(self._file(name), dtype=self._dtype_of(name), mode="r", shape=rows)
+            self._ro[name] = view
+        return view
+
+    @property
+    def contributions(self) -> np.ndarray:
+        """Committed contributions ``[N, C, D]`` (read-only memmap, storage dtype)."""
+        return self._view("contributions")
+
+    @property
+    def representation(self) -> np.ndarray:
+        """Committed representations ``[N, D]`` (float32 memmap)."""
+        return self._view("representation")
+
+    @property
+    def clip(self) -> np.ndarray:
+        """Committed CLIP image embeddings ``[N, d_clip]`` (float32 memmap)."""
+        return self._view("clip")
+
+    def batch(self, index: np.ndarray | slice | Sequence[int]) -> dict[str, torch.Tensor]:
+        """Rows ``index`` as float32 tensors: ``contributions [b, C, D]``, ``representation``, ``clip``."""
+        if not isinstance(index, slice):
+            index = np.sort(np.asarray(index, dtype=np.int64))  # sorted reads are sequential on disk
+        return {
+            name: torch.from_numpy(np.array(getattr(self, name)[index], dtype=np.float32))
+            for name in _ARRAYS
+        }
+
+    def iter_batches(self, batch_size: int = 256) -> Iterable[dict[str, torch.Tensor]]:
+        """Committed rows in order, ``batch_size`` at a time (see :meth:`batch`)."""
+        for start in range(0, self.committed, batch_size):
+            yield self.batch(slice(start, min(start + batch_size, self.committed)))
+
+    # ----------------------------------------------------------------- writing
+    def _ensure_capacity(self, rows: int) -> None:
+        if rows <= self.state["capacity"]:
+            return
+        new_cap = max(rows, 2 * self.state["capacity"], 64)
+        self._mm.clear()
+        self._ro.clear()
+        for name, shape in self.shapes.items():
+            nbytes = new_cap * int(np.prod(shape)) * self._dtype_of(name).itemsize
+            with open(self._file(name), "ab") as f:
+                f.truncate(nbytes)
+        self.state["capacity"] = new_cap
+        _atomic_write_json(self.path / "state.json", self.state)
+
+    def _writable(self, name: str) -> np.memmap:
+        if name not in self._mm:
+            self._mm[name] = np.memmap(
+                self._file(name),
+                dtype=self._dtype_of(name),
+                mode="r+",
+                shape=(self.state["capacity"], *self.shapes[name]),
+            )
+        return self._mm[name]
+
+    def append(
+        self,
+        ids: Sequence[str],
+        contributions: torch.Tensor | np.ndarray,
+        representation: torch.Tensor | np.ndarray,
+        clip: torch.Tensor | np.ndarray,
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        """Write one batch (``[B, C, D]``, ``[B, D]``, ``[B, d_clip]`` + ``B`` ids) and commit it."""
+        ids = [str(i) for i in ids]
+        if labels is not None and list(labels) != self.labels:
+            raise MismatchError(
+                f"decomposition layout ({len(labels)} components, e.g. {list(labels)[:3]}) differs from the "
+                f"store's key ({len(self.labels)} components, e.g. {self.labels[:3]})"
+            )
+        arrays = {
+            "contributions": _np(contributions),
+            "representation": _np(representation),
+            "clip": _np(clip),
+        }
+        b = len(ids)
+        if any(a.shape[0] != b for a in arrays.values()):
+            shapes = [a.shape for a in arrays.values()]
+            raise ValueError(f"batch sizes differ: {len(ids)} ids, array shapes {shapes}")
+        for i in ids:
+            if "\n" in i or "\r" in i:
+                raise ValueError(f"image id {i!r} contains a line break")
+        dup = [i for i in ids if i in self._id_set]
+        if dup or len(set(ids)) != len(ids):
+            raise ValueError(f"image ids already in the store (or repeated in the batch): {dup[:5]}")
+        c = self.header["n_components"]
+        if arrays["contributions"].ndim != 3 or arrays["contributions"].shape[1] != c:
+            raise MismatchError(f"contributions {arrays['contributions'].shape} do not have {c} components")
+        if self.header["dim"] is None:
+            self.header["dim"] = int(arrays["contributions"].shape[2])
+            self.header["clip_dim"] = int(arrays["clip"].shape[1])
+            _atomic_write_json(self.path / "header.json", self.header)
+        for name, shape in self.shapes.items():
+            if arrays[name].shape[1:] != shape:
+                raise MismatchError(f"{name} rows have shape {arrays[name].shape[1:]}, store holds {shape}")
+        if self.dtype == np.float16:
+            big = np.abs(arrays["contributions"]).max(initial=0.0)
+            if not np.isfinite(big) or big > np.finfo(np.float16).max:
+                raise ValueError(f"contributions up to {big:.3g} do not fit float16; use dtype='float32'")
+        if b == 0:
+            return
+        start = self.committed
+        self._ensure_capacity(start + b)
+        for name, arr in arrays.items():
+            mm = self._writable(name)
+            mm[start : start + b] = arr.astype(self._dtype_of(name), copy=False)
+            mm.flush()
+        with open(self.path / "ids.txt", "a") as f:
+            f.write("".join(i + "\n" for i in ids))
+            f.flush()
+            os.fsync(f.fileno())
+        self._commit(start + b)
+        self._ids.extend(ids)
+        self._id_set.update(ids)
+
+    def _commit(self, rows: int) -> None:
+        self.state["committed"] = rows
+        _atomic_write_json(self.path / "state.json", self.state)
+
+    def close(self) -> None:
+        """Release the memory maps (they are reopened on demand)."""
+        self._mm.clear()
+        self._ro.clear()
+
+    def __repr__(self) -> str:
+        s = self.shapes.get("contributions", (self.header["n_components"], "?"))
+        return f"ContributionStore({str(self.path)!r}, {self.committed} images x {s}, {self.header['dtype']})"
+
+
+def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu")
+        if x.dtype == torch.bfloat16:
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def store_dir(root: str | Path, key: StoreKey, dtype: str = "float32") -> Path:
+    """The key-named folder of a store under ``root``: ``<model slug>-<digest of key + dtype>``."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key.model)[:48].strip("_") or "store"
+    digest = hashlib.sha256(f"{key.digest(64)}|{dtype}".encode()).hexdigest()[:16]
+    return Path(root) / f"{slug}-{digest}"
+
+
+def open_store(root: str | Path, key: StoreKey, dtype: str = "float32") -> ContributionStore:
+    """Open (or create) the store for ``key`` under ``root``; an existing one is resumed."""
+    return ContributionStore(store_dir(root, key, dtype), key=key, dtype=dtype)
+
+
+def fill_store(
+    store: ContributionStore,
+    batches: Iterable[Batch] | Callable[[int], Iterable[Batch]],
+    decompose_fn: Callable[[Any], Decomposition],
+    clip_fn: Callable[[Any], torch.Tensor],
+    *,
+    total: int | None = None,
+    progress: bool = True,
+) -> ContributionStore:
+    """Decompose and CLIP-embed every image of ``batches`` into ``store``, resuming where it stopped.
+
+    ``batches`` yields ``(ids, images)``; ``images`` goes unchanged to ``decompose_fn(images) ->
+    Decomposition`` (``contributions [B, C, D]``) and ``clip_fn(images) -> [B, d_clip]``, so each does
+    its own preprocessing. Rows already committed are skipped (their ids must match, otherwise
+    :class:`MismatchError`); pass a callable ``batches(start)`` to let the source skip reading them.
+    ``total`` (number of images) sizes the progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    done = store.committed
+    stored_ids = store.ids
+    source = batches(done) if callable(batches) else batches
+    position = done if callable(batches) else 0
+    bar = tqdm(total=total, initial=done, desc="decompose + CLIP", unit="img", disable=not progress)
+    try:
+        for ids, images in source:
+            ids = [str(i) for i in ids]
+            b = len(ids)
+            skip = min(max(done - position, 0), b)
+            if skip:
+                if ids[:skip] != stored_ids[position : position + skip]:
+                    raise MismatchError(
+                        f"image ids {ids[:skip][:3]} differ from the store's rows "
+                        f"{position}..{position + skip} "
+                        f"({stored_ids[position : position + skip][:3]}): the image source changed since the "
+                        "store was written"
+                    )
+                if skip < b:
+                    images = _slice_images(images, skip)
+                    ids = ids[skip:]
+            position += b
+            if skip == b:
+                continue
+            with torch.no_grad():
+                dec = decompose_fn(images)
+                emb = clip_fn(images)
+            store.append(ids, dec.contributions, dec.representation, emb, labels=dec.names)
+            bar.update(len(ids))
+    finally:
+        bar.close()
+        store.close()
+    return store
+
+
+def _slice_images(images: Any, start: int) -> Any:
+    """Drop the first ``start`` images of a batch (tensor, array or sequence)."""
+    return images[start:]

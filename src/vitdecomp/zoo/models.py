@@ -1,0 +1,145 @@
+"""Architectures of the zoo: small configs of the real libraries' own model classes.
+
+* ``deit``, ``dino``: ``timm.models.vision_transformer.VisionTransformer`` (class token, standard
+  ``Block``/``Attention``) whose patch embedding is timm's ``HybridEmbed`` over timm's ``ConvStem``
+  (as in timm's ``vit_*_mci`` models); the stem is part of the decomposition's "init".
+* ``swin``: ``timm SwinTransformer`` (v1 blocks), patch 4, window 4.
+* ``maxvit``: ``timm MaxxVit`` with rw-style MaxViT blocks (MBConv + block + grid attention).
+* ``clip``: ``open_clip.model.CLIP`` with an open_clip ``VisionTransformer`` image tower and
+  open_clip's own BPE tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import partial
+from typing import Any
+
+from torch import nn
+
+from vitdecomp.world.scenes import ATTRIBUTES, CORE_ATTRIBUTES
+
+IMAGE_SIZE = 64
+#: Logits of the multi-attribute task: one block per core attribute, in this order.
+HEAD_SIZES = {k: len(ATTRIBUTES[k]) for k in CORE_ATTRIBUTES}
+NUM_LOGITS = sum(HEAD_SIZES.values())
+TIMM_MEAN = (0.5, 0.5, 0.5)
+TIMM_STD = (0.5, 0.5, 0.5)
+
+_VIT = {
+    "family": "timm.VisionTransformer",
+    "img_size": IMAGE_SIZE,
+    "embed_dim": 128,
+    "depth": 6,
+    "num_heads": 4,
+    "mlp_ratio": 3.0,
+    "class_token": True,
+    "global_pool": "token",
+    "stem": {"channels": [32, 64, 128], "stride": [2, 2, 2], "kernel_size": [3, 3, 3]},
+}
+
+ZOO_CONFIGS: dict[str, dict[str, Any]] = {
+    "deit": {**_VIT, "num_classes": NUM_LOGITS},
+    "dino": {**_VIT, "num_classes": 0},
+    "swin": {
+        "family": "timm.SwinTransformer",
+        "img_size": IMAGE_SIZE,
+        "patch_size": 4,
+        "window_size": 4,
+        "embed_dim": 48,
+        "depths": [2, 2, 2],
+        "num_heads": [2, 4, 8],
+        "num_classes": NUM_LOGITS,
+    },
+    "maxvit": {
+        "family": "timm.MaxxVit",
+        "base": "maxvit_pico_rw_256",
+        "img_size": IMAGE_SIZE,
+        "embed_dim": [32, 64, 128],
+        "depths": [1, 2, 1],
+        "block_type": ["M", "M", "M"],
+        "stem_width": [24, 32],
+        "transformer_window_size": [4, 4],
+        "num_classes": NUM_LOGITS,
+    },
+    "clip": {
+        "family": "open_clip.CLIP",
+        "embed_dim": 128,
+        "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": 192, "layers": 6, "head_width": 48},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 96, "heads": 4, "layers": 3},
+    },
+}
+ZOO_NAMES = tuple(ZOO_CONFIGS)
+
+
+def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
+    """A freshly initialised zoo model (seed torch yourself for reproducible init)."""
+    if config is None:
+        if name not in ZOO_CONFIGS:
+            raise ValueError(f"unknown zoo model {name!r}; one of {list(ZOO_CONFIGS)}")
+        config = ZOO_CONFIGS[name]
+    cfg = copy.deepcopy(config)
+    family = cfg.pop("family")
+    if family == "timm.VisionTransformer":
+        from timm.layers import HybridEmbed
+        from timm.models.vision_transformer import VisionTransformer
+        from timm.models.vision_transformer_hybrid import ConvStem
+
+        stem = cfg.pop("stem")
+        backbone = ConvStem(
+            channels=tuple(stem["channels"]),
+            stride=tuple(stem["stride"]),
+            kernel_size=tuple(stem["kernel_size"]),
+            act_layer=nn.GELU,
+        )
+        model = VisionTransformer(
+            embed_layer=partial(HybridEmbed, backbone=backbone),
+            patch_size=1,
+            **cfg,
+        )
+        model.pretrained_cfg = _timm_pretrained_cfg(model, name)
+        return model
+    if family in ("timm.SwinTransformer", "timm.MaxxVit"):
+        import timm
+
+        base = cfg.pop("base", "swin_tiny_patch4_window7_224")
+        for k, v in list(cfg.items()):
+            if isinstance(v, list):
+                cfg[k] = tuple(v)
+        model = timm.create_model(base, pretrained=False, **cfg)
+        model.pretrained_cfg = _timm_pretrained_cfg(model, name)
+        return model
+    if family == "open_clip.CLIP":
+        from open_clip.model import CLIP
+
+        return CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
+    raise ValueError(f"unknown model family {family!r}")
+
+
+def _timm_pretrained_cfg(model: nn.Module, name: str) -> dict[str, Any]:
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    cfg.update(
+        {
+            "architecture": f"zoo_{name}",
+            "tag": "vitdecomp-zoo",
+            "input_size": (3, IMAGE_SIZE, IMAGE_SIZE),
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "interpolation": "bicubic",
+            "mean": TIMM_MEAN,
+            "std": TIMM_STD,
+            "num_classes": getattr(model, "num_classes", 0),
+            "url": "",
+            "hf_hub_id": None,
+        }
+    )
+    return cfg
+
+
+def representation(model: nn.Module, name: str, x):
+    """The image representation the decomposition reads: pre-logits features of the timm models
+    (CLS token after the final norm for the ViTs, pooled features for Swin / MaxViT) and
+    ``encode_image`` (after ``proj``) for CLIP."""
+    if name == "clip" or hasattr(model, "encode_image"):
+        return model.encode_image(x)
+    return model.forward_head(model.forward_features(x), pre_logits=True)

@@ -1,0 +1,168 @@
+"""The contribution store: exact round trip, resume after interruption, key refusal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vitdecomp.components import ComponentLabel, Decomposition
+from vitdecomp.errors import MismatchError
+from vitdecomp.store import ContributionStore, StoreKey, fill_store, open_store, store_dir
+
+C, D, K = 5, 6, 4
+LABELS = [ComponentLabel("init"), *(ComponentLabel("attn_head", 0, h) for h in range(3)), ComponentLabel("mlp", 0)]
+NAMES = [lab.name for lab in LABELS]
+
+
+def make_key(**over) -> StoreKey:
+    base = dict(model="toy@random-init", clip="clip@random-init", labels=NAMES, start_layer=0, preprocess="p")
+    return StoreKey(**{**base, **over})
+
+
+def fake_images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def decompose_fn(images: torch.Tensor) -> Decomposition:
+    """Deterministic per-image 'decomposition' of a [B, 3] image tensor."""
+    b = images.shape[0]
+    basis = torch.arange(C * D * 3, dtype=torch.float32).reshape(C, D, 3).sin()
+    contrib = (basis[None] * images[:, None, None, :]).sum(-1)  # batch-size independent rounding
+    return Decomposition(contrib, LABELS, contrib.sum(1))
+
+
+def clip_fn(images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([images, images[:, :1] ** 2], 1)
+
+
+def batches(images: torch.Tensor, bs: int):
+    for s in range(0, len(images), bs):
+        yield [f"img{i:04d}" for i in range(s, min(s + bs, len(images)))], images[s : s + bs]
+
+
+def test_round_trip_exact(tmp_path):
+    imgs = fake_images(23)
+    store = fill_store(open_store(tmp_path, make_key()), batches(imgs, 5), decompose_fn, clip_fn, progress=False)
+    again = ContributionStore(store.path)  # fresh object: reads from disk
+    dec = decompose_fn(imgs)
+    assert len(again) == 23
+    assert again.ids == [f"img{i:04d}" for i in range(23)]
+    assert again.labels == NAMES
+    assert np.array_equal(np.asarray(again.contributions), dec.contributions.numpy())
+    assert np.array_equal(np.asarray(again.representation), dec.representation.numpy())
+    assert np.array_equal(np.asarray(again.clip), clip_fn(imgs).numpy())
+    b = again.batch([7, 2])
+    assert torch.equal(b["contributions"], dec.contributions[[2, 7]])
+    rows = torch.cat([x["clip"] for x in again.iter_batches(4)])
+    assert torch.equal(rows, clip_fn(imgs))
+    header = json.loads((store.path / "header.json").read_text())
+    assert header["key"]["labels"] == NAMES and header["dim"] == D and header["clip_dim"] == K
+
+
+def test_float16_option(tmp_path):
+    imgs = fake_images(9)
+    store = fill_store(open_store(tmp_path, make_key(), dtype="float16"), batches(imgs, 4), decompose_fn, clip_fn,
+                       progress=False)
+    assert store.contributions.dtype == np.float16
+    want = decompose_fn(imgs).contributions.half().numpy()
+    assert np.array_equal(np.asarray(store.contributions), want)
+    assert store.path != store_dir(tmp_path, make_key(), "float32")  # a different dtype is a different store
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_resume_after_interruption_no_duplicates_or_gaps(tmp_path):
+    imgs = fake_images(30)
+    key = make_key()
+    calls = {"n": 0}
+
+    def flaky(images):
+        calls["n"] += 1
+        if calls["n"] == 4:  # dies while computing the 4th batch
+            raise Boom
+        return decompose_fn(images)
+
+    with pytest.raises(Boom):
+        fill_store(open_store(tmp_path, key), batches(imgs, 4), flaky, clip_fn, progress=False)
+    assert len(open_store(tmp_path, key)) == 12
+
+    # a crash between the flushed data and the commit: rows beyond 'committed' must not count
+    store = open_store(tmp_path, key)
+    real_commit = store._commit
+    store._commit = lambda rows: (_ for _ in ()).throw(Boom())
+    with pytest.raises(Boom):
+        fill_store(store, batches(imgs, 4), decompose_fn, clip_fn, progress=False)
+    store._commit = real_commit
+    reopened = open_store(tmp_path, key)
+    assert len(reopened) == 12 and len(reopened.ids) == 12
+    assert len((reopened.path / "ids.txt").read_text().splitlines()) == 12  # dangling ids dropped
+
+    # resume with a different batch size, through the skip-aware callable form
+    seen_starts = []
+
+    def source(start):
+        seen_starts.append(start)
+        for ids, x in batches(imgs[start:], 7):
+            yield [f"img{int(i[3:]) + start:04d}" for i in ids], x
+
+    fill_store(reopened, source, decompose_fn, clip_fn, progress=False)
+    final = ContributionStore(reopened.path)
+    assert seen_starts == [12]
+    assert final.ids == [f"img{i:04d}" for i in range(30)]
+    assert np.array_equal(np.asarray(final.contributions), decompose_fn(imgs).contributions.numpy())
+    # running again computes nothing
+    calls["n"] = 0
+    fill_store(final, batches(imgs, 4), lambda x: (calls.__setitem__("n", calls["n"] + 1), decompose_fn(x))[1],
+               clip_fn, progress=False)
+    assert calls["n"] == 0 and len(ContributionStore(final.path)) == 30
+
+
+def test_resume_with_changed_source_is_refused(tmp_path):
+    imgs = fake_images(8)
+    store = fill_store(open_store(tmp_path, make_key()), batches(imgs, 4), decompose_fn, clip_fn, progress=False)
+    shuffled = ((["x" + i for i in ids], x) for ids, x in batches(imgs, 4))
+    with pytest.raises(MismatchError, match="image source changed"):
+        fill_store(store, shuffled, decompose_fn, clip_fn, progress=False)
+
+
+def test_duplicate_ids_refused(tmp_path):
+    store = open_store(tmp_path, make_key())
+    dec = decompose_fn(fake_images(2))
+    store.append(["a", "b"], dec.contributions, dec.representation, clip_fn(fake_images(2)))
+    with pytest.raises(ValueError, match="already"):
+        store.append(["b", "c"], dec.contributions, dec.representation, clip_fn(fake_images(2)))
+    assert len(store) == 2
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"model": "toy@other-weights"},
+        {"clip": "clip@laion"},
+        {"start_layer": 3},
+        {"labels": NAMES[::-1]},
+        {"preprocess": "q"},
+        {"images": "another-set"},
+    ],
+)
+def test_key_mismatch_never_reused(tmp_path, change):
+    imgs = fake_images(6)
+    store = fill_store(open_store(tmp_path, make_key()), batches(imgs, 3), decompose_fn, clip_fn, progress=False)
+    other = make_key(**change)
+    assert store_dir(tmp_path, other) != store.path  # open_store: a fresh folder
+    assert len(open_store(tmp_path, other)) == 0
+    with pytest.raises(MismatchError, match="different setting"):
+        ContributionStore(store.path, key=other)  # opening the old folder under a new key: refused
+    assert len(ContributionStore(store.path, key=make_key())) == 6
+
+
+def test_layout_mismatch_at_write_refused(tmp_path):
+    store = open_store(tmp_path, make_key(labels=NAMES[:-1] + ["L0.other"]))
+    dec = decompose_fn(fake_images(2))
+    with pytest.raises(MismatchError, match="layout"):
+        store.append(["a", "b"], dec.contributions, dec.representation, clip_fn(fake_images(2)), labels=dec.names)
