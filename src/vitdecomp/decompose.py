@@ -492,6 +492,8 @@ class ComputedAttention(AttentionBranch):
         self.v: Tensor | None = None
 
     def attach(self, cap: Capture, positions: Tensor | None, tokens: bool) -> None:
+        self.want_tokens = tokens
+
         def run(args: tuple, kwargs: dict) -> None:
             self.z, self.probs, self.v = self.compute(args, kwargs, positions, tokens)
 
@@ -757,32 +759,32 @@ def _assemble(plan: Plan, tokens: bool | Iterable[int], batch: int) -> Decomposi
     ro, consts, rep = plan.readout()
     per_stage: dict[int, Readout] = {}
     trans_consts: list[tuple[ComponentLabel, Tensor]] = []
-    block_checks: dict[str, Tensor] = {}
     parts: list[tuple[list[ComponentLabel], Tensor]] = []
     token_stacks: list[TokenContributions] = []
     for stage in reversed(plan.stages):
         if stage.index < plan.init_stage:
             break
         per_stage[stage.index] = ro
-        stage_parts: list[tuple[list[ComponentLabel], Tensor]] = []
-        tok_vals: list[Tensor] = []
-        tok_labels: list[ComponentLabel] = []
+        block_parts: list[list[tuple[list[ComponentLabel], Tensor]]] = []
+        block_tokens: list[list[tuple[list[ComponentLabel], Tensor]]] = []
         for block in reversed(stage.blocks):
             block_ro = ro
             if block.transition is not None and stage.index > plan.init_stage:
                 ro, c = block.transition.pull_back(ro)
                 trans_consts = c + trans_consts
+            here, here_tokens = [], []
             for br in block.branches:
-                stage_parts.append((br.labels, br.contributions(block_ro)))
+                here.append((br.labels, br.contributions(block_ro)))
                 if isinstance(br, AttentionBranch) and br.want_tokens and br.heads:
-                    tok_vals.append(br.token_contributions(block_ro))
-                    tok_labels.extend(br.head_labels)
+                    here_tokens.append((br.head_labels, br.token_contributions(block_ro)))
                 br.release()
-            del block_ro
-        parts = list(reversed(stage_parts)) + parts
-        if tok_vals:
+            block_parts.insert(0, here)
+            block_tokens.insert(0, here_tokens)
+        parts = [p for bp in block_parts for p in bp] + parts
+        tok = [t for bt in block_tokens for t in bt]
+        if tok:
             grid = plan.grid_of_stage(stage.index) if plan.grid_of_stage else None
-            token_stacks.insert(0, _token_stack(list(reversed(tok_vals)), tok_labels, stage, grid))
+            token_stacks.insert(0, _token_stack(tok, stage, grid))
         if stage.transition is not None and stage.index > plan.init_stage:
             ro, c = stage.transition.pull_back(ro)
             trans_consts = c + trans_consts
@@ -793,7 +795,6 @@ def _assemble(plan: Plan, tokens: bool | Iterable[int], batch: int) -> Decomposi
         parts.append(([label], c[:, None]))
     labels = [lab for labs, _ in parts for lab in labs]
     contributions = torch.cat([t.to(rep.dtype) for _, t in parts], 1)
-    del block_checks
     return Decomposition(
         contributions=contributions,
         labels=labels,
@@ -804,22 +805,14 @@ def _assemble(plan: Plan, tokens: bool | Iterable[int], batch: int) -> Decomposi
 
 
 def _token_stack(
-    vals: list[Tensor], labels: list[ComponentLabel], stage: Stage, grid: tuple[int, int] | None
+    parts: list[tuple[list[ComponentLabel], Tensor]], stage: Stage, grid: tuple[int, int] | None
 ) -> TokenContributions:
-    # per block the heads were appended in block-reverse order; restore forward order of labels
-    labels_fwd: list[ComponentLabel] = []
-    chunks: list[list[ComponentLabel]] = []
-    i = 0
-    for v in reversed(vals):
-        chunks.append(labels[i : i + v.shape[1]])
-        i += v.shape[1]
-    for ch in reversed(chunks):
-        labels_fwd.extend(ch)
-    values = torch.cat(vals, 1)
+    values = torch.cat([v for _, v in parts], 1)
+    labels = [lab for labs, _ in parts for lab in labs]
     n = values.shape[2]
     grid = grid or stage.grid or (1, n - stage.num_prefix_tokens)
     boxes = pixel_boxes(grid, stage.patch, stage.num_prefix_tokens)
-    return TokenContributions(values, labels_fwd, boxes, grid, stage.num_prefix_tokens)
+    return TokenContributions(values, labels, boxes, grid, stage.num_prefix_tokens)
 
 
 def pixel_boxes(grid: tuple[int, int], patch: tuple[int, int], num_prefix: int = 0) -> Tensor:

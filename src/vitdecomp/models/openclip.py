@@ -119,29 +119,24 @@ class OpenClipAdapter:
             seen["embedding"] = out[0] if isinstance(out, tuple) else out
 
         def attach_readout(cap: Capture) -> None:
+            cap.on_output(model.transformer, lambda x: seen.__setitem__("stream", to_stream(x)))
             cap.on_input(model.ln_post, lambda x: seen.__setitem__("ln_in", x))
             cap.on_output(model, keep_output)
             cap.on_input(model.conv1, lambda x: seen.__setitem__("image", x.shape[-2:]))
 
         def readout():
-            x = seen["ln_in"]
+            x = seen["stream"]
+            x = x if positions is None else x[:, positions]
+            b, n, d = x.shape
             dt = torch.promote_types(x.dtype, torch.float32)
-            if model.final_ln_after_pool:
-                n = x.shape[1]
-            else:
-                x = x if positions is None else x[:, positions]
-                n = x.shape[1]
-            b, d = x.shape[0], x.shape[-1]
             if positions is not None:
                 weight = torch.ones(b, 1, dtype=dt, device=x.device)
             else:
                 weight = torch.zeros(b, n, dtype=dt, device=x.device)
                 weight[:, 1:] = 1.0 / (n - 1)
-            pos = positions.to(x.device) if positions is not None else None
-            rb = ReadoutBuilder(weight, d, pos)
+            rb = ReadoutBuilder(weight, d, positions.to(x.device) if positions is not None else None)
             if model.final_ln_after_pool:
-                pooled = seen["ln_in"][:, 0] if positions is not None else seen["ln_in"][:, 1:].mean(1)
-                rb.vector_norm(pooled, ln_post, ComponentLabel("norm_bias"))
+                rb.vector_norm(seen["ln_in"], ln_post, ComponentLabel("norm_bias"))
             else:
                 rb.token_norm(x, ln_post, ComponentLabel("norm_bias"))
             if model.proj is not None:

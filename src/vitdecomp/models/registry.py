@@ -19,9 +19,10 @@ class Adapter(Protocol):
 
 def _adapters() -> list[Adapter]:
     from vitdecomp.models.openclip import OpenClipAdapter
+    from vitdecomp.models.swin import SwinAdapter
     from vitdecomp.models.vit import TimmViTAdapter
 
-    return [TimmViTAdapter(), OpenClipAdapter()]
+    return [TimmViTAdapter(), OpenClipAdapter(), SwinAdapter()]
 
 
 def adapter_for(model: nn.Module) -> tuple[Adapter, nn.Module]:

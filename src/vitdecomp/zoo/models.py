@@ -29,13 +29,13 @@ TIMM_STD = (0.5, 0.5, 0.5)
 _VIT = {
     "family": "timm.VisionTransformer",
     "img_size": IMAGE_SIZE,
-    "embed_dim": 128,
-    "depth": 6,
+    "embed_dim": 96,
+    "depth": 5,
     "num_heads": 4,
     "mlp_ratio": 3.0,
     "class_token": True,
     "global_pool": "token",
-    "stem": {"channels": [32, 64, 128], "stride": [2, 2, 2], "kernel_size": [3, 3, 3]},
+    "stem": {"channels": [24, 48, 96], "stride": [2, 2, 2], "kernel_size": [3, 3, 3]},
 }
 
 ZOO_CONFIGS: dict[str, dict[str, Any]] = {
@@ -46,7 +46,7 @@ ZOO_CONFIGS: dict[str, dict[str, Any]] = {
         "img_size": IMAGE_SIZE,
         "patch_size": 4,
         "window_size": 4,
-        "embed_dim": 48,
+        "embed_dim": 32,
         "depths": [2, 2, 2],
         "num_heads": [2, 4, 8],
         "num_classes": NUM_LOGITS,
@@ -56,17 +56,17 @@ ZOO_CONFIGS: dict[str, dict[str, Any]] = {
         "base": "maxvit_pico_rw_256",
         "img_size": IMAGE_SIZE,
         "embed_dim": [32, 64, 128],
-        "depths": [1, 2, 1],
+        "depths": [1, 1, 1],
         "block_type": ["M", "M", "M"],
-        "stem_width": [24, 32],
+        "stem_width": [16, 32],
         "transformer_window_size": [4, 4],
         "num_classes": NUM_LOGITS,
     },
     "clip": {
         "family": "open_clip.CLIP",
         "embed_dim": 128,
-        "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": 192, "layers": 6, "head_width": 48},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 96, "heads": 4, "layers": 3},
+        "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": 128, "layers": 5, "head_width": 32},
+        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     },
 }
 ZOO_NAMES = tuple(ZOO_CONFIGS)
