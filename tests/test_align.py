@@ -76,8 +76,12 @@ def test_training_from_store_recovers_planted_maps(tmp_path):
     c, z, w = planted(1200)
     store = open_store(tmp_path, key())
     for s in range(0, len(c), 300):
-        store.append([str(i) for i in range(s, s + 300)], c[s : s + 300], c[s : s + 300].sum(1), z[s : s + 300])
-    a = train_aligner(store, lr=1e-2, batch_size=128, max_steps=1200, eval_every=50, patience=6, progress=False)
+        store.append(
+            [str(i) for i in range(s, s + 300)], c[s : s + 300], c[s : s + 300].sum(1), z[s : s + 300]
+        )
+    a = train_aligner(
+        store, lr=1e-2, batch_size=128, max_steps=1200, eval_every=50, patience=6, progress=False
+    )
     assert a.key == store.key.to_dict() and a.labels == NAMES
     assert a.metrics["val_cosine"] > 0.99
     c_new, z_new, _ = planted(200, seed=0)  # same maps, new images
@@ -132,3 +136,14 @@ def test_save_load_round_trip_and_refusal(tmp_path):
         load_aligner(path, key=key(start_layer=2))
     assert aligner_dir(tmp_path, key()) != aligner_dir(tmp_path, key(clip="other-clip"))
     assert aligner_dir(tmp_path, key()) == aligner_dir(tmp_path, key(images="set-B"))
+
+
+def test_ablation_helper_trains_the_three_variants():
+    from vitdecomp.align import train_ablation
+
+    c, z, _ = planted(300)
+    out = train_ablation((c, z), NAMES, lr=1e-2, batch_size=64, max_steps=60, progress=False)
+    assert list(out) == ["shared", "lambda=0", "compalign"]
+    assert out["shared"].mode == "shared" and out["shared"].weight.shape == (1, E, D)
+    assert out["lambda=0"].lam == 0.0 and out["compalign"].lam == 1.0
+    assert out["shared"].metrics["val_cosine"] < out["compalign"].metrics["val_cosine"]

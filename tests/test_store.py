@@ -13,7 +13,11 @@ from vitdecomp.errors import MismatchError
 from vitdecomp.store import ContributionStore, StoreKey, fill_store, open_store, store_dir
 
 C, D, K = 5, 6, 4
-LABELS = [ComponentLabel("init"), *(ComponentLabel("attn_head", 0, h) for h in range(3)), ComponentLabel("mlp", 0)]
+LABELS = [
+    ComponentLabel("init"),
+    *(ComponentLabel("attn_head", 0, h) for h in range(3)),
+    ComponentLabel("mlp", 0),
+]
 NAMES = [lab.name for lab in LABELS]
 
 
@@ -28,7 +32,6 @@ def fake_images(n: int, seed: int = 0) -> torch.Tensor:
 
 def decompose_fn(images: torch.Tensor) -> Decomposition:
     """Deterministic per-image 'decomposition' of a [B, 3] image tensor."""
-    b = images.shape[0]
     basis = torch.arange(C * D * 3, dtype=torch.float32).reshape(C, D, 3).sin()
     contrib = (basis[None] * images[:, None, None, :]).sum(-1)  # batch-size independent rounding
     return Decomposition(contrib, LABELS, contrib.sum(1))
@@ -45,7 +48,9 @@ def batches(images: torch.Tensor, bs: int):
 
 def test_round_trip_exact(tmp_path):
     imgs = fake_images(23)
-    store = fill_store(open_store(tmp_path, make_key()), batches(imgs, 5), decompose_fn, clip_fn, progress=False)
+    store = fill_store(
+        open_store(tmp_path, make_key()), batches(imgs, 5), decompose_fn, clip_fn, progress=False
+    )
     again = ContributionStore(store.path)  # fresh object: reads from disk
     dec = decompose_fn(imgs)
     assert len(again) == 23
@@ -64,8 +69,13 @@ def test_round_trip_exact(tmp_path):
 
 def test_float16_option(tmp_path):
     imgs = fake_images(9)
-    store = fill_store(open_store(tmp_path, make_key(), dtype="float16"), batches(imgs, 4), decompose_fn, clip_fn,
-                       progress=False)
+    store = fill_store(
+        open_store(tmp_path, make_key(), dtype="float16"),
+        batches(imgs, 4),
+        decompose_fn,
+        clip_fn,
+        progress=False,
+    )
     assert store.contributions.dtype == np.float16
     want = decompose_fn(imgs).contributions.half().numpy()
     assert np.array_equal(np.asarray(store.contributions), want)
@@ -117,14 +127,21 @@ def test_resume_after_interruption_no_duplicates_or_gaps(tmp_path):
     assert np.array_equal(np.asarray(final.contributions), decompose_fn(imgs).contributions.numpy())
     # running again computes nothing
     calls["n"] = 0
-    fill_store(final, batches(imgs, 4), lambda x: (calls.__setitem__("n", calls["n"] + 1), decompose_fn(x))[1],
-               clip_fn, progress=False)
+    fill_store(
+        final,
+        batches(imgs, 4),
+        lambda x: (calls.__setitem__("n", calls["n"] + 1), decompose_fn(x))[1],
+        clip_fn,
+        progress=False,
+    )
     assert calls["n"] == 0 and len(ContributionStore(final.path)) == 30
 
 
 def test_resume_with_changed_source_is_refused(tmp_path):
     imgs = fake_images(8)
-    store = fill_store(open_store(tmp_path, make_key()), batches(imgs, 4), decompose_fn, clip_fn, progress=False)
+    store = fill_store(
+        open_store(tmp_path, make_key()), batches(imgs, 4), decompose_fn, clip_fn, progress=False
+    )
     shuffled = ((["x" + i for i in ids], x) for ids, x in batches(imgs, 4))
     with pytest.raises(MismatchError, match="image source changed"):
         fill_store(store, shuffled, decompose_fn, clip_fn, progress=False)
@@ -152,7 +169,9 @@ def test_duplicate_ids_refused(tmp_path):
 )
 def test_key_mismatch_never_reused(tmp_path, change):
     imgs = fake_images(6)
-    store = fill_store(open_store(tmp_path, make_key()), batches(imgs, 3), decompose_fn, clip_fn, progress=False)
+    store = fill_store(
+        open_store(tmp_path, make_key()), batches(imgs, 3), decompose_fn, clip_fn, progress=False
+    )
     other = make_key(**change)
     assert store_dir(tmp_path, other) != store.path  # open_store: a fresh folder
     assert len(open_store(tmp_path, other)) == 0
@@ -162,7 +181,9 @@ def test_key_mismatch_never_reused(tmp_path, change):
 
 
 def test_layout_mismatch_at_write_refused(tmp_path):
-    store = open_store(tmp_path, make_key(labels=NAMES[:-1] + ["L0.other"]))
+    store = open_store(tmp_path, make_key(labels=[*NAMES[:-1], "L0.other"]))
     dec = decompose_fn(fake_images(2))
     with pytest.raises(MismatchError, match="layout"):
-        store.append(["a", "b"], dec.contributions, dec.representation, clip_fn(fake_images(2)), labels=dec.names)
+        store.append(
+            ["a", "b"], dec.contributions, dec.representation, clip_fn(fake_images(2)), labels=dec.names
+        )

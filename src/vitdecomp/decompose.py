@@ -385,7 +385,10 @@ class WindowedAttention(AttentionBranch):
 
     ``window_index(grid) -> [nW, w]`` gives, for the stream grid ``(H, W)`` seen at ``grid_module``'s
     input, the stream position of every window slot (``-1`` for padding), computed with the model's
-    own partition ops on an index grid.
+    own partition ops on an index grid. Window tensors may also arrive as ``[B*nW, wh, ww, E]``.
+    Optional layout hooks for other attention modules: ``z_of(proj_input) -> [B*nW, w, E]`` (e.g. from
+    NCHW windows) and ``v_of(qkv_output) -> [B*nW, w, H*dh]`` (values, head-major channels); the
+    defaults fit timm's ``qkv -> [B*nW, w, 3, H, dh]`` layout.
     """
 
     def __init__(
@@ -398,9 +401,12 @@ class WindowedAttention(AttentionBranch):
         grid_module: nn.Module,
         grid_of: Callable[[Tensor], tuple[int, int]],
         window_index: Callable[[tuple[int, int]], Tensor],
+        z_of: Callable[[Tensor], Tensor] | None = None,
+        v_of: Callable[[Tensor], Tensor] | None = None,
     ):
         super().__init__(path, module.proj.weight, module.proj.bias, module.num_heads, base, heads, layer_scale)
         self.module, self.grid_module, self.grid_of, self.window_index = module, grid_module, grid_of, window_index
+        self.z_of, self.v_of = z_of, v_of
         self.index: Tensor | None = None  # [nW, w]
         self.probs_w: Tensor | None = None  # [B, nW, H, w, w]
         self.v: Tensor | None = None  # [B, H, N, dh] stream order
@@ -429,7 +435,7 @@ class WindowedAttention(AttentionBranch):
             self.index = self.window_index(grid)
 
         cap.on_input(self.grid_module, keep_grid)
-        cap.on_input(m.proj, lambda t: setattr(self, "z", self._to_stream(t)))
+        cap.on_input(m.proj, lambda t: setattr(self, "z", self._to_stream(self.z_of(t) if self.z_of else t)))
         if tokens:
             cap.set_attr(m, "fused_attn", False)
 
@@ -438,8 +444,11 @@ class WindowedAttention(AttentionBranch):
                 self.probs_w = a.reshape(-1, nw, *a.shape[1:])
 
             def keep_v(qkv: Tensor) -> None:
-                bw, w = qkv.shape[0], qkv.shape[1]
-                v = qkv.reshape(bw, w, 3, self.num_heads, -1)[:, :, 2].reshape(bw, w, -1)
+                if self.v_of is not None:
+                    v = self.v_of(qkv)
+                else:
+                    bw, w = qkv.shape[0], qkv.shape[1]
+                    v = qkv.reshape(bw, w, 3, self.num_heads, -1)[:, :, 2].reshape(bw, w, -1)
                 self.v = self._to_stream(v).view(-1, self.n_tokens, self.num_heads, v.shape[-1] // self.num_heads)
                 self.v = self.v.transpose(1, 2)
 
@@ -592,8 +601,9 @@ class MergeTransition(Transition):
 class PoolTransition(Transition):
     """Average pooling then a linear/1x1-conv map (MaxViT's downsampling shortcut).
 
-    ``pool_matrix(grid) -> ([N_out, N_in], grid_out)`` is the pooling as a matrix (computed by running
-    the model's own pooling module on one-hot maps); ``weight [D_out, D_in]``, ``bias [D_out]``.
+    ``pool_matrix(grid) -> [N_out, N_in]`` (dense, or sparse COO made during the pass) is the pooling as a
+    matrix (computed by running the model's own pooling module on one-hot maps); ``weight [D_out, D_in]``,
+    ``bias [D_out]``.
     """
 
     def __init__(
@@ -617,8 +627,8 @@ class PoolTransition(Transition):
     def pull_back(self, ro: Readout) -> tuple[Readout, list[tuple[ComponentLabel, Tensor]]]:
         if ro.positions is not None or ro.slot is not None:
             raise VitDecompError(f"'{self.path}': pooling transition needs a slot-free full readout")
-        p = self.matrix.to(ro.weight)  # [N_out, N_in]
-        weight = ro.weight @ p
+        p = self.matrix.to(ro.weight)  # [N_out, N_in], dense or sparse COO (made inside the pass)
+        weight = torch.mm(p.t(), ro.weight.t()).t()
         mats = ro.mats if self.weight is None else torch.einsum("kod,di->koi", ro.mats, self.weight.to(ro.mats))
         consts = [] if self.bias is None else [(self.labels[0], ro.const(self.bias))]
         return Readout(weight, mats), consts

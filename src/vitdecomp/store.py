@@ -234,8 +234,7 @@ class ContributionStore:
         if not isinstance(index, slice):
             index = np.sort(np.asarray(index, dtype=np.int64))  # sorted reads are sequential on disk
         return {
-            name: torch.from_numpy(np.array(getattr(self, name)[index], dtype=np.float32))
-            for name in _ARRAYS
+            name: torch.from_numpy(np.array(getattr(self, name)[index], dtype=np.float32)) for name in _ARRAYS
         }
 
     def iter_batches(self, batch_size: int = 256) -> Iterable[dict[str, torch.Tensor]]:

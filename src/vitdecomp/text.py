@@ -208,18 +208,24 @@ def text_span(
     text_emb: torch.Tensor,
     texts: Sequence[str],
     k: int = 5,
+    *,
+    center_texts: bool = False,
 ) -> list[Description]:
     """Greedy TextSpan over one component: ``outputs [N, d_clip]`` (aligned contributions of the
     component over N images), ``text_emb [T, d_clip]`` (vocabulary embeddings) -> ``k`` picks.
 
     Each step picks the text whose residual direction carries the most variance of the centred
     outputs, then projects that direction out of the outputs and of every text direction.
+    ``center_texts`` subtracts the vocabulary's mean embedding first (removes the direction all
+    CLIP text embeddings share, so picks are about what distinguishes the entries).
     """
     if text_emb.shape[0] != len(texts):
         raise ValueError(f"{text_emb.shape[0]} text embeddings for {len(texts)} texts")
     x = outputs.double()
     t = normalize(text_emb.to(x))
     mean_proj = x.mean(0) @ t.T  # [T]
+    if center_texts:
+        t = t - t.mean(0)
     x = x - x.mean(0)
     total = x.square().sum().item()
     n, d = x.shape
@@ -254,6 +260,7 @@ def component_descriptions(
     *,
     components: Sequence[int] | None = None,
     max_images: int | None = 4096,
+    center_texts: bool = False,
     progress: bool = True,
 ) -> dict[str, list[Description]]:
     """TextSpan for every component (or ``components``) of a store / contributions ``[N, C, D]``.
@@ -275,5 +282,5 @@ def component_descriptions(
     out: dict[str, list[Description]] = {}
     for i in tqdm(list(idx), desc="describe components", unit="comp", disable=not progress):
         outputs = aligned_component(arr, aligner, i)
-        out[aligner.labels[i]] = text_span(outputs, text_emb, texts, k)
+        out[aligner.labels[i]] = text_span(outputs, text_emb, texts, k, center_texts=center_texts)
     return out

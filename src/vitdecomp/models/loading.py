@@ -165,11 +165,9 @@ def _load_open_clip(spec: str, pretrained: bool, checkpoint: Path | None, **kwar
         source = None
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
-    except RuntimeError as err:
-        if checkpoint is not None:
-            raise CheckpointError(f"checkpoint {checkpoint} does not fit open_clip {arch!r}: {err}") from err
-        raise
     except Exception as err:
+        if checkpoint is not None and isinstance(err, RuntimeError):
+            raise CheckpointError(f"checkpoint {checkpoint} does not fit open_clip {arch!r}: {err}") from err
         if source is not None and checkpoint is None and _looks_like_download_failure(err):
             raise WeightsUnavailableError(
                 f"open_clip weights {arch}/{tag} could not be loaded ({type(err).__name__}: {str(err)[:200]}). "

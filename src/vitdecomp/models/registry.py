@@ -18,11 +18,12 @@ class Adapter(Protocol):
 
 
 def _adapters() -> list[Adapter]:
+    from vitdecomp.models.maxvit import MaxViTAdapter
     from vitdecomp.models.openclip import OpenClipAdapter
     from vitdecomp.models.swin import SwinAdapter
     from vitdecomp.models.vit import TimmViTAdapter
 
-    return [TimmViTAdapter(), OpenClipAdapter(), SwinAdapter()]
+    return [TimmViTAdapter(), OpenClipAdapter(), SwinAdapter(), MaxViTAdapter()]
 
 
 def adapter_for(model: nn.Module) -> tuple[Adapter, nn.Module]:

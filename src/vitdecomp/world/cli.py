@@ -32,12 +32,28 @@ def run_world(args: argparse.Namespace) -> int:
         n_train = args.n * 4 // 7
         n_val = args.n // 7
         n_test = args.n - n_train - n_val
-        out = export_waterbirds(args.out, n_train, n_val, n_test, seed=args.seed, size=args.size,
-                                corr=args.corr, progress=not args.quiet)
-        print(f"wrote {args.n} images ({n_train} train / {n_val} val / {n_test} test) + metadata.csv to {out}")
+        out = export_waterbirds(
+            args.out,
+            n_train,
+            n_val,
+            n_test,
+            seed=args.seed,
+            size=args.size,
+            corr=args.corr,
+            progress=not args.quiet,
+        )
+        print(
+            f"wrote {args.n} images ({n_train} train / {n_val} val / {n_test} test) + metadata.csv to {out}"
+        )
     else:
-        out = export_world(args.n, args.seed, args.out, size=args.size, max_distractors=args.distractors,
-                           progress=not args.quiet)
+        out = export_world(
+            args.n,
+            args.seed,
+            args.out,
+            size=args.size,
+            max_distractors=args.distractors,
+            progress=not args.quiet,
+        )
         print(f"wrote {args.n} images, masks and attributes.csv to {out}")
     return 0
 

@@ -69,8 +69,14 @@ def export_world(
     scenes = make_scenes(n, seed=seed, size=size, max_distractors=max_distractors)
     names = _write_images(scenes, out, progress)
     _write_csv(out / "attributes.csv", *_attribute_rows(scenes, names))
-    info = {"kind": "world", "n": n, "seed": seed, "size": size, "max_distractors": max_distractors,
-            "attributes": ATTRIBUTES}
+    info = {
+        "kind": "world",
+        "n": n,
+        "seed": seed,
+        "size": size,
+        "max_distractors": max_distractors,
+        "attributes": ATTRIBUTES,
+    }
     (out / "world.json").write_text(json.dumps(info, indent=1))
     return out
 
@@ -93,8 +99,17 @@ def export_waterbirds(
     header, rows = _attribute_rows(wb.scenes, names)
     _write_csv(out / "attributes.csv", header, rows)
     meta_rows = [
-        [i, f"images/{name}", int(wb.y[i]), int(wb.split[i]), int(wb.place[i]),
-         *(ATTRIBUTES[k][int(wb.scenes.attributes[k][i])] for k in ("shape", "color", "pattern", "background"))]
+        [
+            i,
+            f"images/{name}",
+            int(wb.y[i]),
+            int(wb.split[i]),
+            int(wb.place[i]),
+            *(
+                ATTRIBUTES[k][int(wb.scenes.attributes[k][i])]
+                for k in ("shape", "color", "pattern", "background")
+            ),
+        ]
         for i, name in enumerate(names)
     ]
     _write_csv(
@@ -104,9 +119,15 @@ def export_waterbirds(
     )
     from vitdecomp.world.waterbirds import LAND, WATER, WATERBIRD_SHAPES
 
-    info = {"kind": "waterbirds", "seed": seed, "size": size, "corr": corr, "splits": SPLIT_NAMES,
-            "n": {"train": n_train, "val": n_val, "test": n_test},
-            "y_shapes": {str(k): list(v) for k, v in WATERBIRD_SHAPES.items()},
-            "place_backgrounds": {"0": list(LAND), "1": list(WATER)}}
+    info = {
+        "kind": "waterbirds",
+        "seed": seed,
+        "size": size,
+        "corr": corr,
+        "splits": SPLIT_NAMES,
+        "n": {"train": n_train, "val": n_val, "test": n_test},
+        "y_shapes": {str(k): list(v) for k, v in WATERBIRD_SHAPES.items()},
+        "place_backgrounds": {"0": list(LAND), "1": list(WATER)},
+    }
     (out / "world.json").write_text(json.dumps(info, indent=1))
     return out

@@ -112,7 +112,9 @@ def _chunk_rng(seed: int, chunk: int, stream: int = 0) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(chunk), stream])))
 
 
-def _sample_params(rng: np.random.Generator, m: int, size: int, max_distractors: int) -> dict[str, np.ndarray]:
+def _sample_params(
+    rng: np.random.Generator, m: int, size: int, max_distractors: int
+) -> dict[str, np.ndarray]:
     p: dict[str, np.ndarray] = {
         "shape": rng.integers(0, len(SHAPES), m),
         "color": rng.integers(0, len(COLORS), m),
@@ -319,14 +321,31 @@ def _render_chunk(
         j = np.nonzero(nd > t)[0]
         if len(j):
             _draw_object(
-                canvas, j, dshape[j], np.zeros(len(j), int), _RGB[dcol[j]], dcx[j], dcy[j], drad[j],
-                dang[j], size, outline=True,
+                canvas,
+                j,
+                dshape[j],
+                np.zeros(len(j), int),
+                _RGB[dcol[j]],
+                dcx[j],
+                dcy[j],
+                drad[j],
+                dang[j],
+                size,
+                outline=True,
             )
     rgb = np.clip(_RGB[params["color"]] + params["color_jitter"], 0, 255).astype(np.float32)
     idx = np.arange(m)
     masks = _draw_object(
-        canvas, idx, params["shape"], params["pattern"], rgb, params["cx"], params["cy"],
-        params["radius"], params["angle"], size,
+        canvas,
+        idx,
+        params["shape"],
+        params["pattern"],
+        rgb,
+        params["cx"],
+        params["cy"],
+        params["radius"],
+        params["angle"],
+        size,
     )
     canvas += rng.normal(0.0, 3.0, canvas.shape).astype(np.float32)
     images = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
@@ -398,4 +417,6 @@ def make_scenes(
     }
     if not cols:
         attrs = {k: np.zeros(0, np.int64) for k in ATTRIBUTES}
-    return Scenes(images, masks, attrs, caps, seed=int(seed), size=size, meta={"max_distractors": max_distractors})
+    return Scenes(
+        images, masks, attrs, caps, seed=int(seed), size=size, meta={"max_distractors": max_distractors}
+    )

@@ -77,11 +77,13 @@ def make_waterbirds(
     pick_s = rng.integers(0, 1 << 30, n)
     pick_b = rng.integers(0, 1 << 30, n)
     shape = np.where(y == 1, shape_ids[1][pick_s % 3], shape_ids[0][pick_s % 3])
-    background = np.where(
-        place == 1, bg_ids[1][pick_b % len(bg_ids[1])], bg_ids[0][pick_b % len(bg_ids[0])]
-    )
+    background = np.where(place == 1, bg_ids[1][pick_b % len(bg_ids[1])], bg_ids[0][pick_b % len(bg_ids[0])])
     scenes = make_scenes(
-        n, seed=seed, size=size, max_distractors=max_distractors, fixed={"shape": shape, "background": background}
+        n,
+        seed=seed,
+        size=size,
+        max_distractors=max_distractors,
+        fixed={"shape": shape, "background": background},
     )
     scenes.meta["waterbirds"] = {"corr": corr, "n_train": n_train, "n_val": n_val, "n_test": n_test}
     return Waterbirds(scenes=scenes, y=y, place=place, split=split)

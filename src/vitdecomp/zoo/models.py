@@ -65,7 +65,13 @@ ZOO_CONFIGS: dict[str, dict[str, Any]] = {
     "clip": {
         "family": "open_clip.CLIP",
         "embed_dim": 128,
-        "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": 128, "layers": 5, "head_width": 32},
+        "vision_cfg": {
+            "image_size": IMAGE_SIZE,
+            "patch_size": 8,
+            "width": 128,
+            "layers": 5,
+            "head_width": 32,
+        },
         "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     },
 }

@@ -1,0 +1,204 @@
+"""Measure the zoo on held-out generated scenes: linear probes, task accuracy, CLIP zero-shot, R@1.
+
+``python -m vitdecomp.zoo.evaluate [NAME ...] [--write-cards]`` prints the table of docs/zoo.md.
+
+* Probe: multinomial logistic regression (L-BFGS, L2 1e-3, standardised features) on the
+  representation (:func:`vitdecomp.zoo.models.representation`) of ``N_PROBE_TRAIN`` scenes
+  (seed 2001), accuracy on ``N_TEST`` other scenes (seed 2002); none of them was seen in training
+  (training used seed 1000/1001).
+* Task accuracy (supervised models): the model's own heads on the test scenes, per attribute.
+* CLIP zero-shot: per attribute, the class whose prompt-averaged text embedding is nearest
+  (prompts: :data:`vitdecomp.world.PROMPTS`). Image→caption R@1: each test image against the
+  captions of all ``N_RETRIEVAL`` test images (a hit when the top caption is the image's own
+  caption string — identical strings of other images count as hits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vitdecomp.world.scenes import ATTRIBUTES, CORE_ATTRIBUTES, make_scenes
+from vitdecomp.zoo.models import HEAD_SIZES, IMAGE_SIZE, ZOO_NAMES, representation
+
+N_PROBE_TRAIN = 4000
+N_TEST = 2000
+N_RETRIEVAL = 1000
+PROBE_SEEDS = (2001, 2002)
+TARGETS = {"probe": 0.90, "task": 0.95, "zero_shot": 0.90}
+
+
+@torch.no_grad()
+def features(model, name: str, images: np.ndarray, batch: int = 250, clip: bool = False) -> torch.Tensor:
+    from vitdecomp.zoo.train import normalize, to_tensor
+
+    x = to_tensor(images)
+    out = [
+        representation(model, name, normalize(x[i : i + batch], clip=clip)) for i in range(0, len(x), batch)
+    ]
+    return torch.cat(out).float()
+
+
+@torch.no_grad()
+def logits_of(model, images: np.ndarray, batch: int = 250) -> torch.Tensor:
+    from vitdecomp.zoo.train import normalize, to_tensor
+
+    x = to_tensor(images)
+    return torch.cat([model(normalize(x[i : i + batch])) for i in range(0, len(x), batch)])
+
+
+def linear_probe(
+    f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor, l2: float = 1e-3
+) -> float:
+    """Held-out accuracy of a multinomial logistic regression fitted with L-BFGS."""
+    mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
+    a, b = (f_train - mu) / sd, (f_test - mu) / sd
+    k = int(max(y_train.max(), y_test.max())) + 1
+    w = torch.zeros(a.shape[1], k, requires_grad=True)
+    bias = torch.zeros(k, requires_grad=True)
+    opt = torch.optim.LBFGS([w, bias], lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(a @ w + bias, y_train) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return ((b @ w + bias).argmax(1) == y_test).float().mean().item()
+
+
+def _data():
+    tr = make_scenes(N_PROBE_TRAIN, seed=PROBE_SEEDS[0], size=IMAGE_SIZE)
+    te = make_scenes(N_TEST, seed=PROBE_SEEDS[1], size=IMAGE_SIZE)
+    return tr, te
+
+
+def evaluate_model(name: str, checkpoint=None, progress: bool = False, data=None) -> dict[str, Any]:
+    """All held-out measurements of one zoo model (loaded from its safetensors file)."""
+    from vitdecomp.zoo.hub import load_zoo_model
+
+    t0 = time.time()
+    loaded = load_zoo_model(name, checkpoint=checkpoint)
+    model = loaded.model
+    tr, te = data or _data()
+    is_clip = name == "clip"
+    f_tr = features(model, name, tr.images, clip=is_clip)
+    f_te = features(model, name, te.images, clip=is_clip)
+    out: dict[str, Any] = {"n_probe_train": len(tr), "n_test": len(te), "probe": {}}
+    for k in CORE_ATTRIBUTES:
+        y_tr = torch.from_numpy(tr.attributes[k])
+        y_te = torch.from_numpy(te.attributes[k])
+        out["probe"][k] = round(linear_probe(f_tr, y_tr, f_te, y_te), 4)
+    out["probe_min"] = min(out["probe"].values())
+    if not is_clip and getattr(model, "num_classes", 0) == sum(HEAD_SIZES.values()):
+        from vitdecomp.zoo.train import labels_of, multi_attribute_accuracy
+
+        acc = multi_attribute_accuracy(logits_of(model, te.images), labels_of(te))
+        out["task"] = {k: round(v, 4) for k, v in acc.items()}
+        out["task_min"] = min(out["task"].values())
+    if is_clip:
+        out.update(clip_metrics(loaded, te, f_te))
+    out["eval_time_s"] = round(time.time() - t0, 1)
+    return out
+
+
+@torch.no_grad()
+def clip_metrics(loaded, te, f_te: torch.Tensor) -> dict[str, Any]:
+    from vitdecomp.world.captions import prompt_texts
+
+    model, tok = loaded.model, loaded.tokenizer
+    img = F.normalize(f_te, dim=-1)
+    zs = {}
+    for k in CORE_ATTRIBUTES:
+        cls = []
+        for v in range(len(ATTRIBUTES[k])):
+            t = F.normalize(model.encode_text(tok(prompt_texts(k, v))), dim=-1).mean(0)
+            cls.append(F.normalize(t, dim=0))
+        pred = (img @ torch.stack(cls).t()).argmax(1)
+        zs[k] = round((pred == torch.from_numpy(te.attributes[k])).float().mean().item(), 4)
+    n = min(N_RETRIEVAL, len(te))
+    caps = te.captions[:n]
+    txt = torch.cat(
+        [F.normalize(model.encode_text(tok(caps[i : i + 250])), dim=-1) for i in range(0, n, 250)]
+    )
+    top = (img[:n] @ txt.t()).argmax(1).tolist()
+    r1 = float(np.mean([caps[j] == caps[i] for i, j in enumerate(top)]))
+    return {
+        "zero_shot": zs,
+        "zero_shot_min": min(zs.values()),
+        "r1_image_to_caption": round(r1, 4),
+        "n_retrieval": n,
+    }
+
+
+def table(cards: list[dict[str, Any]]) -> str:
+    """Markdown table of the cards' headline numbers."""
+    head = (
+        "| model | params | size MB | probe shape | probe color | probe pattern | probe background "
+        "| task acc (min) | zero-shot (shape/color/pattern/bg) | R@1 | train time |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    for c in cards:
+        m = c.get("metrics", {})
+        p = m.get("probe", {})
+        zs = m.get("zero_shot")
+        lines.append(
+            "| {name} | {params} | {size} | {ps} | {pc} | {pp} | {pb} | {task} | {zs} | {r1} | {tt} |".format(
+                name=c["name"],
+                params=f"{c['params'] / 1e6:.2f}M" if "params" in c else "-",
+                size=c.get("weights", {}).get("size_mb", "-"),
+                ps=_pct(p.get("shape")),
+                pc=_pct(p.get("color")),
+                pp=_pct(p.get("pattern")),
+                pb=_pct(p.get("background")),
+                task=_pct(m.get("task_min")),
+                zs="/".join(_pct(zs[k]) for k in CORE_ATTRIBUTES) if zs else "-",
+                r1=_pct(m.get("r1_image_to_caption")),
+                tt=f"{c['training']['train_time_s'] / 60:.1f} min" if "training" in c else "-",
+            )
+        )
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vitdecomp.zoo.hub import read_card
+    from vitdecomp.zoo.train import write_card
+
+    ap = argparse.ArgumentParser(prog="python -m vitdecomp.zoo.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("names", nargs="*", default=list(ZOO_NAMES))
+    ap.add_argument("--write-cards", action="store_true", help="store the numbers in the cards")
+    ap.add_argument("--json", type=Path, help="also write all metrics to this JSON file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = _data()
+    cards, allm = [], {}
+    for name in args.names:
+        card = read_card(name) or {"name": name}
+        metrics = evaluate_model(name, data=data)
+        allm[name] = metrics
+        card["metrics"] = metrics
+        if args.write_cards:
+            write_card(name, card)
+        cards.append(card)
+        print(name, json.dumps(metrics), flush=True)
+    print(table(cards))
+    if args.json:
+        args.json.write_text(json.dumps(allm, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,396 @@
+"""Train the zoo from scratch on the generated world (reproducible: fixed seeds, fixed step counts).
+
+Recipes (all AdamW, linear warm-up then cosine decay, gradient clipping 1.0, random horizontal
+flips; a fixed pool of generated scenes, re-used each epoch):
+
+* ``deit``, ``swin``, ``maxvit`` — supervised multi-attribute task: one cross-entropy per core
+  attribute (shape, color, pattern, background) over its slice of the logits.
+* ``dino`` — self-supervised, SimCLR-style InfoNCE (NT-Xent) between two views of each scene
+  (not DINO's self-distillation): the second view is the same object (same shape, colour,
+  pattern, background, size class) rendered again by the generator with a new position,
+  rotation, radius, texture and noise, plus flips. No labels enter the loss; the projection head
+  is dropped after training.
+* ``clip`` — open_clip's symmetric contrastive loss between images and their captions (a new
+  phrasing every epoch), plus feature distillation (cosine, through a training-only linear map)
+  from the trained ``zoo:deit`` representation, as DeiT distilled from a teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitdecomp.world.scenes import ATTRIBUTES, CORE_ATTRIBUTES, make_scenes
+from vitdecomp.zoo.models import HEAD_SIZES, IMAGE_SIZE, ZOO_CONFIGS, build_model
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+CARDS_DIR = Path(__file__).parent / "cards"
+
+
+@dataclass
+class Recipe:
+    objective: str  # "supervised" | "simclr" | "clip"
+    epochs: int
+    n_train: int = 30000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    seed: int = 0
+    data_seed: int = 1000
+    temperature: float = 0.2  # simclr
+    distill_from: str | None = None  # clip: zoo model whose representation is distilled
+    distill_weight: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+RECIPES: dict[str, Recipe] = {
+    "deit": Recipe("supervised", epochs=3),
+    "swin": Recipe("supervised", epochs=2),
+    "maxvit": Recipe("supervised", epochs=2, n_train=16000),
+    "dino": Recipe("simclr", epochs=3, n_train=20000, batch_size=256, lr=1e-3),
+    "clip": Recipe("clip", epochs=3, lr=5e-4, distill_from="deit"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> uint8 tensor [N, 3, H, W]."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def normalize(x: torch.Tensor, clip: bool = False) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float, normalised as the zoo model's preprocessing does."""
+    mean, std = (OPENAI_MEAN, OPENAI_STD) if clip else (0.5, 0.5)
+    m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) if clip else mean
+    s = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1) if clip else std
+    return (x.float() / 255.0 - m) / s
+
+
+def labels_of(scenes) -> torch.Tensor:
+    return torch.from_numpy(np.stack([scenes.attributes[k] for k in CORE_ATTRIBUTES], 1))
+
+
+def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    f = torch.rand(x.shape[0], generator=g) < 0.5
+    return torch.where(f.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def multi_attribute_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = logits.new_zeros(())
+    for i, part in enumerate(torch.split(logits, list(HEAD_SIZES.values()), dim=1)):
+        loss = loss + F.cross_entropy(part, y[:, i])
+    return loss / len(HEAD_SIZES)
+
+
+def multi_attribute_accuracy(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    out = {}
+    parts = torch.split(logits, list(HEAD_SIZES.values()), dim=1)
+    for i, (k, part) in enumerate(zip(HEAD_SIZES, parts, strict=True)):
+        out[k] = (part.argmax(1) == y[:, i]).float().mean().item()
+    return out
+
+
+def _schedule(opt: torch.optim.Optimizer, step: int, total: int, lr: float, warmup: int) -> None:
+    if step < warmup:
+        f = (step + 1) / warmup
+    else:
+        f = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for group in opt.param_groups:
+        group["lr"] = lr * f
+
+
+def _param_groups(model: nn.Module, wd: float) -> list[dict]:
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or "pos_embed" in n or "token" in n or "positional" in n else decay).append(
+            p
+        )
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def train(
+    name: str,
+    recipe: Recipe | None = None,
+    config: dict[str, Any] | None = None,
+    progress: bool = True,
+    teacher: nn.Module | None = None,
+    log=print,
+    weights_dir: Path | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train one zoo model from scratch; returns the model (eval mode) and a training record."""
+    from tqdm import tqdm
+
+    recipe = recipe or RECIPES[name]
+    config = config or ZOO_CONFIGS[name]
+    torch.manual_seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    model = build_model(name, config)
+    t0 = time.time()
+    scenes = make_scenes(recipe.n_train, seed=recipe.data_seed, size=IMAGE_SIZE)
+    x_all = to_tensor(scenes.images)
+    y_all = labels_of(scenes)
+    x_alt = None
+    if recipe.objective == "simclr":
+        fixed = {k: scenes.attributes[k] for k in ATTRIBUTES}
+        alt = make_scenes(recipe.n_train, seed=recipe.data_seed + 1, size=IMAGE_SIZE, fixed=fixed)
+        x_alt = to_tensor(alt.images)
+    val = None
+    if recipe.objective == "supervised":
+        vs = make_scenes(512, seed=recipe.data_seed + 500, size=IMAGE_SIZE)
+        val = (to_tensor(vs.images), labels_of(vs))
+    t_data = time.time() - t0
+    log(f"[{name}] generated {recipe.n_train} training scenes in {t_data:.1f}s")
+
+    extra_modules = nn.ModuleDict()
+    tokenizer = None
+    if recipe.objective == "simclr":
+        d = model.embed_dim
+        extra_modules["proj"] = nn.Sequential(nn.Linear(d, 256), nn.GELU(), nn.Linear(256, 128))
+    if recipe.objective == "clip":
+        from vitdecomp.zoo.hub import clip_tokenizer
+
+        tokenizer = clip_tokenizer(config["text_cfg"]["context_length"])
+        if recipe.distill_from:
+            if teacher is None:
+                from vitdecomp.zoo.hub import load_zoo_model
+
+                ckpt = None
+                if (
+                    weights_dir is not None
+                    and (Path(weights_dir) / f"{recipe.distill_from}.safetensors").is_file()
+                ):
+                    ckpt = Path(weights_dir) / f"{recipe.distill_from}.safetensors"
+                teacher = load_zoo_model(recipe.distill_from, checkpoint=ckpt).model
+            teacher.eval()
+            with torch.no_grad():
+                td = _teacher_features(teacher, x_all[:2]).shape[1]
+            extra_modules["distill"] = nn.Linear(config["embed_dim"], td)
+
+    params = _param_groups(model, recipe.weight_decay) + _param_groups(extra_modules, recipe.weight_decay)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.999))
+    g = torch.Generator().manual_seed(recipe.seed)
+    n = recipe.n_train
+    steps_per_epoch = n // recipe.batch_size
+    total = steps_per_epoch * recipe.epochs
+    caption_rng = np.random.default_rng(recipe.seed + 7)
+    tok_cache: dict[str, torch.Tensor] = {}
+    history = []
+    step = 0
+    model.train()
+    extra_modules.train()
+    t_train = time.time()
+    for epoch in range(recipe.epochs):
+        perm = torch.randperm(n, generator=g)
+        if recipe.objective == "clip":
+            from vitdecomp.world.captions import N_TEMPLATES, caption
+
+            choices = caption_rng.integers(0, N_TEMPLATES * 3, n)
+            texts = [
+                caption({k: int(scenes.attributes[k][i]) for k in ATTRIBUTES}, int(choices[i]))
+                for i in range(n)
+            ]
+            missing = sorted({t for t in texts if t not in tok_cache})
+            if missing:
+                for t, tok in zip(missing, tokenizer(missing), strict=True):
+                    tok_cache[t] = tok
+            tokens_all = torch.stack([tok_cache[t] for t in texts])
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{recipe.epochs}", disable=not progress
+        )
+        run_loss = 0.0
+        for b in bar:
+            idx = perm[b * recipe.batch_size : (b + 1) * recipe.batch_size]
+            _schedule(opt, step, total, recipe.lr, recipe.warmup_steps)
+            xb = _flip(x_all[idx], g)
+            if recipe.objective == "supervised":
+                loss = multi_attribute_loss(model(normalize(xb)), y_all[idx])
+            elif recipe.objective == "simclr":
+                xa = _flip(x_alt[idx], g)
+                za = extra_modules["proj"](model(normalize(xb)))
+                zb = extra_modules["proj"](model(normalize(xa)))
+                loss = nt_xent(za, zb, recipe.temperature)
+            else:
+                img = model.encode_image(normalize(xb, clip=True))
+                txt = model.encode_text(tokens_all[idx])
+                loss = clip_loss(img, txt, model.logit_scale)
+                if recipe.distill_from:
+                    with torch.no_grad():
+                        tf = _teacher_features(teacher, normalize(xb))
+                    sf = extra_modules["distill"](img)
+                    loss = loss + recipe.distill_weight * (1 - F.cosine_similarity(sf, tf, dim=1)).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(extra_modules.parameters()), 1.0)
+            opt.step()
+            if recipe.objective == "clip":
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            run_loss = 0.9 * run_loss + 0.1 * loss.item() if b else loss.item()
+            if b % 20 == 0:
+                bar.set_postfix(loss=f"{run_loss:.3f}")
+        bar.close()
+        entry = {"epoch": epoch + 1, "loss": round(run_loss, 4), "time_s": round(time.time() - t_train, 1)}
+        if recipe.objective == "supervised" and val is not None:
+            model.eval()
+            with torch.no_grad():
+                entry["val_acc"] = {
+                    k: round(v, 4)
+                    for k, v in multi_attribute_accuracy(model(normalize(val[0])), val[1]).items()
+                }
+            model.train()
+        history.append(entry)
+        log(f"[{name}] epoch {epoch + 1}: {json.dumps(entry)}")
+    model.eval()
+    record = {
+        "recipe": asdict(recipe),
+        "history": history,
+        "train_time_s": round(time.time() - t0, 1),
+        "data_time_s": round(t_data, 1),
+        "steps": total,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
+    return model, record
+
+
+def _teacher_features(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return teacher.forward_head(teacher.forward_features(x), pre_logits=True)
+
+
+def nt_xent(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's normalised-temperature cross-entropy over 2B views."""
+    z = F.normalize(torch.cat([za, zb]), dim=1)
+    sim = z @ z.t() / temperature
+    b = za.shape[0]
+    sim.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)])
+    return F.cross_entropy(sim, target)
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    img = F.normalize(img, dim=-1)
+    txt = F.normalize(txt, dim=-1)
+    logits = logit_scale.exp() * img @ txt.t()
+    target = torch.arange(len(img))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+# ----------------------------------------------------------------------------------------------
+# saving
+
+
+def save_checkpoint(model: nn.Module, name: str, weights_dir: Path | None = None) -> Path:
+    """Write the state dict as fp16 safetensors (integer buffers kept as they are)."""
+    from safetensors.torch import save_file
+
+    weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    sd = {
+        k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous().clone()
+        for k, v in model.state_dict().items()
+    }
+    path = weights_dir / f"{name}.safetensors"
+    save_file(sd, str(path), metadata={"name": name, "format": "pt", "dtype": "float16"})
+    return path
+
+
+def write_card(name: str, card: dict[str, Any], cards_dir: Path | None = None) -> Path:
+    cards_dir = Path(cards_dir or CARDS_DIR)
+    cards_dir.mkdir(parents=True, exist_ok=True)
+    path = cards_dir / f"{name}.json"
+    path.write_text(json.dumps(card, indent=1, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(type(o))
+
+
+def train_and_save(
+    name: str,
+    progress: bool = True,
+    evaluate: bool = True,
+    weights_dir: Path | None = None,
+    cards_dir: Path | None = None,
+    log=print,
+) -> dict[str, Any]:
+    """Train ``name`` from scratch, write ``weights/NAME.safetensors`` and ``cards/NAME.json``
+    (with the held-out measurements when ``evaluate``); returns the card."""
+    import timm
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model, record = train(name, progress=progress, log=log, weights_dir=weights_dir)
+    path = save_checkpoint(model, name, weights_dir)
+    from vitdecomp.models.loading import file_digest
+
+    n_params = sum(p.numel() for p in model.parameters())
+    card: dict[str, Any] = {
+        "name": name,
+        "trained": True,
+        "family": ZOO_CONFIGS[name]["family"],
+        "config": ZOO_CONFIGS[name],
+        "seed": record["recipe"]["seed"],
+        "objective": _OBJECTIVE_TEXT[record["recipe"]["objective"]],
+        "training": record,
+        "params": n_params,
+        "weights": {
+            "file": path.name,
+            "sha256_16": file_digest(path),
+            "size_mb": round(path.stat().st_size / 1e6, 2),
+            "dtype": "float16",
+        },
+        "image_size": IMAGE_SIZE,
+        "versions": {"torch": torch.__version__, "timm": timm.__version__, "open_clip": _open_clip_version()},
+    }
+    write_card(name, card, cards_dir)
+    if evaluate:
+        from vitdecomp.zoo.evaluate import evaluate_model
+
+        metrics = evaluate_model(name, checkpoint=path, progress=progress)
+        card["metrics"] = metrics
+        write_card(name, card, cards_dir)
+        log(f"[{name}] metrics: {json.dumps(metrics)}")
+    return card
+
+
+_OBJECTIVE_TEXT = {
+    "supervised": "supervised multi-attribute classification (shape, color, pattern, background heads)",
+    "simclr": "self-supervised SimCLR-style InfoNCE between two generator-rendered views of the same object",
+    "clip": "CLIP contrastive image-caption loss + cosine feature distillation from zoo:deit",
+}
+
+
+def _open_clip_version() -> str:
+    try:
+        import open_clip
+
+        return open_clip.__version__
+    except Exception:  # pragma: no cover
+        return "unknown"

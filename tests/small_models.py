@@ -1,0 +1,68 @@
+"""Small random-init models of every supported family (the real timm / open_clip classes).
+
+Norm gains/biases and layer scales are perturbed so that no rule can pass by their being 1 or 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import open_clip
+import timm
+import torch
+from torch import nn
+
+
+def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(key in name for key in ("norm", "ln_", "gamma")):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _timm(name: str, size: int, **kw) -> Callable[[], tuple[nn.Module, int]]:
+    def make() -> tuple[nn.Module, int]:
+        torch.manual_seed(0)
+        return perturb(timm.create_model(name, pretrained=False, **kw)), size
+
+    return make
+
+
+def _clip(size: int = 32, **vision) -> Callable[[], tuple[nn.Module, int]]:
+    def make() -> tuple[nn.Module, int]:
+        torch.manual_seed(0)
+        vision_cfg = {"image_size": size, "layers": 3, "width": 64, "patch_size": 8, "head_width": 16, **vision}
+        text_cfg = {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}
+        return perturb(open_clip.CLIP(embed_dim=24, vision_cfg=vision_cfg, text_cfg=text_cfg)), size
+
+    return make
+
+
+VIT = {"depth": 3, "embed_dim": 48, "num_heads": 3, "num_classes": 7}
+P8 = {"img_size": 32, "patch_size": 8}
+SWIN = {"patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2, 2), "num_heads": (2, 2, 4)}
+
+#: name -> factory returning (model, image size); the families every test runs over.
+SMALL_MODELS: dict[str, Callable[[], tuple[nn.Module, int]]] = {
+    "vit-cls": _timm("vit_tiny_patch16_224", 32, **P8, **VIT),
+    "vit-avg-fcnorm": _timm("vit_tiny_patch16_224", 32, **P8, global_pool="avg", fc_norm=True, **VIT),
+    "vit-avg-norm": _timm("vit_tiny_patch16_224", 32, **P8, global_pool="avg", fc_norm=False, **VIT),
+    "vit-noclass": _timm("vit_tiny_patch16_224", 32, **P8, class_token=False, global_pool="avg", **VIT),
+    "dinov2-reg-ls": _timm("vit_small_patch14_reg4_dinov2", 42, img_size=42, **VIT),
+    "deit3-ls": _timm("deit3_small_patch16_224", 32, **P8, **VIT),
+    "timm-clip-vit": _timm("vit_base_patch16_clip_224", 32, **P8, **VIT),
+    "openclip-tok": _clip(),
+    "openclip-avg-ls": _clip(pool_type="avg", ls_init_value=0.5),
+    "openclip-ln-after-pool": _clip(final_ln_after_pool=True),
+    "swin": _timm("swin_tiny_patch4_window7_224", 64, img_size=64, num_classes=5, **SWIN),
+    "swin-padded": _timm("swin_tiny_patch4_window7_224", 56, img_size=56, num_classes=5, **SWIN),
+}
+
+
+def representations(model: nn.Module) -> list[str | None]:
+    """Every representation a test model offers (None = the default)."""
+    if hasattr(model, "encode_image"):
+        return [None]
+    return [None, "logits"]

@@ -1,0 +1,250 @@
+"""Acceptance tests of the decomposition: the invariants, on every supported family."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from small_models import SMALL_MODELS, representations
+from timm.models.vision_transformer import ResPostBlock
+
+import vitdecomp as vd
+from vitdecomp.errors import UnsupportedModuleError, VitDecompError
+
+NAMES = list(SMALL_MODELS)
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def small(request):
+    model, size = SMALL_MODELS[request.param]()
+    return request.param, model, size
+
+
+def images(size: int, n: int = 3, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_parts_sum_to_the_models_own_output(small, dtype, tol):
+    name, model, size = small
+    model = model.to(dtype)
+    x = images(size, dtype=dtype)
+    for rep in representations(model):
+        d = vd.decompose(model, x, representation=rep, check=0)
+        assert d.contributions.dtype == dtype
+        assert d.error.max().item() <= tol, (name, rep, d.error)
+        # the representation is the model's own output, not something the engine recomputed
+        with torch.no_grad():
+            if hasattr(model, "encode_image"):
+                own = model.encode_image(x)
+            else:
+                own = model(x) if rep == "logits" else model.forward_head(model.forward_features(x), pre_logits=True)
+        torch.testing.assert_close(d.representation, own, rtol=1e-5, atol=1e-6)
+    model.float()
+
+
+def test_labels_are_unique_and_complete(small):
+    name, model, size = small
+    d = vd.decompose(model, images(size))
+    assert len(set(d.names)) == len(d.names)
+    assert d.names[0] == "init"
+    heads = [lab for lab in d.labels if lab.kind == "attn_head"]
+    layers = sorted({lab.layer for lab in heads})
+    assert layers == list(range(len(layers))), "every block appears, numbered from 0"
+    assert {lab.kind for lab in d.labels} >= {"init", "attn_head", "mlp"}
+
+
+def test_token_contributions_sum_to_heads(small):
+    name, model, size = small
+    model = model.double()
+    if name == "swin-padded":
+        with pytest.raises(VitDecompError, match="padded windows"):
+            vd.decompose(model, images(size, dtype=torch.float64), tokens=True)
+        model.float()
+        return
+    d = vd.decompose(model, images(size, dtype=torch.float64), tokens=True)
+    assert d.tokens, "tokens were asked for"
+    n_heads = 0
+    for stack in d.tokens:
+        idx = d.index([lab.name for lab in stack.labels])
+        torch.testing.assert_close(stack.values.sum(2), d.contributions[:, idx], rtol=0, atol=1e-12)
+        gh, gw = stack.grid_size
+        assert stack.values.shape[2] == stack.num_prefix_tokens + gh * gw
+        assert stack.pixel_boxes.shape == (stack.values.shape[2], 4)
+        real = stack.pixel_boxes[stack.num_prefix_tokens :]
+        assert real[:, 2].max() == size and real[:, 3].max() == size, "token boxes tile the input image"
+        n_heads += len(stack.labels)
+    assert n_heads == sum(lab.kind == "attn_head" for lab in d.labels)
+    model.float()
+
+
+def test_result_does_not_depend_on_the_rest_of_the_batch(small):
+    name, model, size = small
+    model = model.double()
+    x = images(size, n=4, dtype=torch.float64)
+    whole = vd.decompose(model, x)
+    alone = vd.decompose(model, x[2:3])
+    torch.testing.assert_close(whole.contributions[2:3], alone.contributions, rtol=0, atol=1e-12)
+    model.float()
+
+
+def test_start_layer_folds_earlier_blocks_into_init(small):
+    name, model, size = small
+    model = model.double()
+    x = images(size, dtype=torch.float64)
+    full = vd.decompose(model, x)
+    k = 2
+    folded = vd.decompose(model, x, start_layer=k)
+    early = [i for i, lab in enumerate(full.labels) if lab.kind == "init" or (lab.layer is not None and lab.layer < k)]
+    early_sum = full.contributions[:, early].sum(1)
+    # transition constants of stages before the cut are folded too
+    folded_away = [
+        lab.name for lab in full.labels if lab.kind == "transition_bias" and lab.name not in folded.names
+    ]
+    if folded_away:
+        early_sum = early_sum + full.sum(folded_away)
+    torch.testing.assert_close(folded.sum("init"), early_sum, rtol=0, atol=1e-10)
+    for name_ in folded.names[1:]:
+        torch.testing.assert_close(folded.sum(name_), full.sum(name_), rtol=0, atol=1e-10)
+    everything = vd.decompose(model, x, start_layer=full.meta["num_blocks"])
+    assert [lab.kind for lab in everything.labels if lab.kind in ("attn_head", "mlp")] == []
+    assert everything.error.max() < 1e-10
+    model.float()
+
+
+def test_heads_false_gives_one_component_per_attention_layer(small):
+    name, model, size = small
+    x = images(size, dtype=torch.float64)
+    model = model.double()
+    by_head = vd.decompose(model, x)
+    by_layer = vd.decompose(model, x, heads=False)
+    for lab in by_layer.labels:
+        if lab.kind == "attn":
+            parts = by_head.index(
+                lambda h, lab=lab: h.kind in ("attn_head", "attn_bias")
+                and (h.layer, h.sublayer) == (lab.layer, lab.sublayer)
+            )
+            torch.testing.assert_close(
+                by_layer.sum(lab.name), by_head.contributions[:, parts].sum(1), rtol=0, atol=1e-12
+            )
+    assert by_layer.error.max() < 1e-10
+    model.float()
+
+
+def test_one_layers_heads_equal_a_hand_computation():
+    """DeiT-style class-token readout: head h of layer 1, from the layer's weights by hand."""
+    model, size = SMALL_MODELS["vit-cls"]()
+    model = model.double()
+    x = images(size, n=2, dtype=torch.float64)
+    seen = {}
+    blk = model.blocks[1]
+    h1 = blk.norm1.register_forward_hook(lambda m, a, out: seen.__setitem__("a", out))
+    h2 = model.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0]))
+    with torch.no_grad():
+        model(x)
+    h1.remove()
+    h2.remove()
+    a = seen["a"]  # [B, N, D] the attention's input
+    heads, d = blk.attn.num_heads, a.shape[-1]
+    dh = d // heads
+    qkv = a @ blk.attn.qkv.weight.T + blk.attn.qkv.bias
+    q, k, v = qkv.view(a.shape[0], a.shape[1], 3, heads, dh).permute(2, 0, 3, 1, 4)
+    probs = ((q @ k.transpose(-1, -2)) / math.sqrt(dh)).softmax(-1)  # [B, H, N, N]
+    z = torch.einsum("bhn,bhnd->bhd", probs[:, :, 0], v)  # class-token query
+    w_o = blk.attn.proj.weight.view(d, heads, dh)
+    final = seen["final"][:, 0]  # the class token entering the final norm
+    sigma = torch.sqrt(final.var(-1, unbiased=False) + model.norm.eps)
+    dec = vd.decompose(model, x)
+    for h in range(heads):
+        c = torch.einsum("dk,bk->bd", w_o[:, h], z[:, h])
+        expected = model.norm.weight * (c - c.mean(-1, keepdim=True)) / sigma[:, None]
+        torch.testing.assert_close(dec.sum(f"L1.H{h}"), expected, rtol=0, atol=1e-12)
+    bias = blk.attn.proj.bias
+    expected_bias = model.norm.weight * (bias - bias.mean()) / sigma[:, None]
+    torch.testing.assert_close(dec.sum("L1.attn_bias"), expected_bias, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dec.sum("norm_bias"), model.norm.bias.expand(2, -1), rtol=0, atol=0)
+
+
+def test_fused_attention_is_restored_after_a_token_pass():
+    model, size = SMALL_MODELS["vit-cls"]()
+    before = [blk.attn.fused_attn for blk in model.blocks]
+    vd.decompose(model, images(size), tokens=True)
+    assert [blk.attn.fused_attn for blk in model.blocks] == before
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_tokens_for_chosen_layers_only():
+    model, size = SMALL_MODELS["vit-cls"]()
+    d = vd.decompose(model.double(), images(size, dtype=torch.float64), tokens=[2])
+    assert {lab.layer for lab in d.tokens[0].labels} == {2}
+
+
+def test_unsupported_block_is_named_with_its_path_and_class():
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, block_fn=ResPostBlock
+    )
+    with pytest.raises(UnsupportedModuleError, match=r"'blocks\.0'.*ResPostBlock"):
+        vd.decompose(model.eval(), images(32))
+
+
+def test_unsupported_attention_pool_and_unknown_models():
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, global_pool="map"
+    )
+    with pytest.raises(UnsupportedModuleError, match="attn_pool"):
+        vd.decompose(model.eval(), images(32))
+    convnet = timm.create_model("resnet18", pretrained=False)
+    with pytest.raises(UnsupportedModuleError, match="ResNet"):
+        vd.decompose(convnet.eval(), images(32))
+
+
+def test_scale_norm_inside_attention_is_refused():
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, scale_attn_norm=True
+    )
+    with pytest.raises(UnsupportedModuleError, match=r"blocks\.0\.attn\.norm"):
+        vd.decompose(model.eval(), images(32))
+
+
+def test_a_broken_rule_is_caught_by_the_completeness_check(monkeypatch):
+    """If a rule were wrong, the check (on by default) must raise rather than return a wrong answer."""
+    from vitdecomp.decompose import AttentionBranch
+
+    model, size = SMALL_MODELS["vit-cls"]()
+    original = AttentionBranch.out_weight
+    monkeypatch.setattr(AttentionBranch, "out_weight", lambda self, like: 1.01 * original(self, like))
+    with pytest.raises(VitDecompError, match="do not add up"):
+        vd.decompose(model, images(size))
+
+
+def test_selection_helpers():
+    model, size = SMALL_MODELS["vit-cls"]()
+    d = vd.decompose(model.double(), images(size, dtype=torch.float64))
+    layer2 = d.select(lambda lab: lab.layer == 2)
+    assert all(lab.layer == 2 for lab in layer2.labels)
+    torch.testing.assert_close(layer2.contributions.sum(1), d.sum(lambda lab: lab.layer == 2))
+    grouped, keys = d.by_layer()
+    torch.testing.assert_close(grouped.sum(1), d.contributions.sum(1))
+    assert len(keys) == len(set(keys))
+    with pytest.raises(KeyError):
+        d.index("L99.H0")
+    assert "completeness" in d.summary()
+
+
+@pytest.mark.slow
+def test_base_size_deit_float32():
+    model = timm.create_model("deit_base_patch16_224", pretrained=False).eval()
+    d = vd.decompose(model, images(224, n=2), tokens=[11])
+    assert d.contributions.shape == (2, 1 + 12 * 14 + 1, 768)
+    assert d.error.max().item() <= 1e-5
+    idx = d.index([lab.name for lab in d.tokens[0].labels])
+    torch.testing.assert_close(d.tokens[0].values.sum(2), d.contributions[:, idx], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_runs_on_cuda():
+    model, size = SMALL_MODELS["swin"]()
+    d = vd.decompose(model.cuda(), images(size).cuda(), tokens=True)
+    assert d.contributions.is_cuda and d.error.max() < 1e-4
