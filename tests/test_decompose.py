@@ -7,10 +7,10 @@ import math
 import pytest
 import timm
 import torch
-from small_models import SMALL_MODELS, representations
 from timm.models.vision_transformer import ResPostBlock
 
 import vitdecomp as vd
+from small_models import SMALL_MODELS, representations
 from vitdecomp.errors import UnsupportedModuleError, VitDecompError
 
 NAMES = list(SMALL_MODELS)
@@ -46,7 +46,7 @@ def test_parts_sum_to_the_models_own_output(small, dtype, tol):
 
 
 def test_labels_are_unique_and_complete(small):
-    name, model, size = small
+    _, model, size = small
     d = vd.decompose(model, images(size))
     assert len(set(d.names)) == len(d.names)
     assert d.names[0] == "init"
@@ -81,7 +81,7 @@ def test_token_contributions_sum_to_heads(small):
 
 
 def test_result_does_not_depend_on_the_rest_of_the_batch(small):
-    name, model, size = small
+    _, model, size = small
     model = model.double()
     x = images(size, n=4, dtype=torch.float64)
     whole = vd.decompose(model, x)
@@ -91,7 +91,7 @@ def test_result_does_not_depend_on_the_rest_of_the_batch(small):
 
 
 def test_start_layer_folds_earlier_blocks_into_init(small):
-    name, model, size = small
+    _, model, size = small
     model = model.double()
     x = images(size, dtype=torch.float64)
     full = vd.decompose(model, x)
@@ -100,9 +100,7 @@ def test_start_layer_folds_earlier_blocks_into_init(small):
     early = [i for i, lab in enumerate(full.labels) if lab.kind == "init" or (lab.layer is not None and lab.layer < k)]
     early_sum = full.contributions[:, early].sum(1)
     # transition constants of stages before the cut are folded too
-    folded_away = [
-        lab.name for lab in full.labels if lab.kind == "transition_bias" and lab.name not in folded.names
-    ]
+    folded_away = [lab.name for lab in full.labels if lab.kind == "transition_bias" and lab.name not in folded.names]
     if folded_away:
         early_sum = early_sum + full.sum(folded_away)
     torch.testing.assert_close(folded.sum("init"), early_sum, rtol=0, atol=1e-10)
@@ -115,7 +113,7 @@ def test_start_layer_folds_earlier_blocks_into_init(small):
 
 
 def test_heads_false_gives_one_component_per_attention_layer(small):
-    name, model, size = small
+    _, model, size = small
     x = images(size, dtype=torch.float64)
     model = model.double()
     by_head = vd.decompose(model, x)
@@ -123,8 +121,9 @@ def test_heads_false_gives_one_component_per_attention_layer(small):
     for lab in by_layer.labels:
         if lab.kind == "attn":
             parts = by_head.index(
-                lambda h, lab=lab: h.kind in ("attn_head", "attn_bias")
-                and (h.layer, h.sublayer) == (lab.layer, lab.sublayer)
+                lambda h, lab=lab: (
+                    h.kind in ("attn_head", "attn_bias") and (h.layer, h.sublayer) == (lab.layer, lab.sublayer)
+                )
             )
             torch.testing.assert_close(
                 by_layer.sum(lab.name), by_head.contributions[:, parts].sum(1), rtol=0, atol=1e-12

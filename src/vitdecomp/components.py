@@ -98,9 +98,7 @@ class Decomposition:
 
     def __post_init__(self) -> None:
         if self.contributions.shape[1] != len(self.labels):
-            raise ValueError(
-                f"{self.contributions.shape[1]} contribution rows but {len(self.labels)} labels"
-            )
+            raise ValueError(f"{self.contributions.shape[1]} contribution rows but {len(self.labels)} labels")
 
     @property
     def names(self) -> list[str]:

@@ -115,9 +115,7 @@ def _load_timm(name: str, pretrained: bool, checkpoint: Path | None, **kwargs: A
     try:
         if checkpoint is not None:
             # timm's own pretrained loader, pointed at a local file (handles its checkpoint filters)
-            model = timm.create_model(
-                name, pretrained=True, pretrained_cfg_overlay={"file": str(checkpoint)}, **kwargs
-            )
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(checkpoint)}, **kwargs)
         else:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as err:

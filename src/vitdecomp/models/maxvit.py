@@ -282,9 +282,7 @@ class MaxViTAdapter:
                 elif type(blk) is MbConvBlock:
                     conv, cpath = blk, path
                 else:
-                    raise UnsupportedModuleError(
-                        path, blk, "only MaxxVitBlock and MbConvBlock blocks have a rule"
-                    )
+                    raise UnsupportedModuleError(path, blk, "only MaxxVitBlock and MbConvBlock blocks have a rule")
                 if type(conv) is not MbConvBlock:
                     raise UnsupportedModuleError(cpath, conv, "only MBConv conv blocks have a rule (not ConvNeXt)")
                 _check_eval_identity(conv.drop_path, f"{cpath}.drop_path")

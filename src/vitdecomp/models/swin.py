@@ -99,7 +99,12 @@ class SwinAdapter:
             if isinstance(st.downsample, PatchMerging):
                 ds = st.downsample
                 transition = MergeTransition(
-                    f"{spath}.downsample", ds.norm, ds.reduction, ds, nhwc_grid, merge_index,
+                    f"{spath}.downsample",
+                    ds.norm,
+                    ds.reduction,
+                    ds,
+                    nhwc_grid,
+                    merge_index,
                     ComponentLabel("transition_bias", stage=s),
                 )
             elif not isinstance(st.downsample, nn.Identity):
