@@ -57,12 +57,20 @@ class NormRule:
         return torch.rsqrt(var + self.eps)
 
     def matrix(self, dim: int, like: Tensor) -> Tensor:
-        """``diag(gamma) @ (I - 11^T / D)`` (no centring for RMSNorm): ``[D, D]``."""
-        eye = torch.eye(dim, dtype=like.dtype, device=like.device)
-        m = eye - 1.0 / dim if self.centered else eye
+        """``diag(gamma) @ C`` with ``C = I - 11^T / D`` (identity for RMSNorm): ``[D, D]``."""
+        return self.left(torch.eye(dim, dtype=like.dtype, device=like.device))
+
+    def left(self, m: Tensor) -> Tensor:
+        """``diag(gamma) @ C @ m`` for ``m [..., D, X]`` without forming ``C``."""
+        if self.centered:
+            m = m - m.mean(-2, keepdim=True)
+        return self.weight.to(m)[:, None] * m if self.weight is not None else m
+
+    def right(self, w: Tensor) -> Tensor:
+        """``w @ diag(gamma) @ C`` for ``w [..., D]`` without forming ``C``."""
         if self.weight is not None:
-            m = self.weight.to(like)[:, None] * m
-        return m
+            w = w * self.weight.to(w)
+        return w - w.mean(-1, keepdim=True) if self.centered else w
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,10 +145,9 @@ class ReadoutBuilder:
     def vector_norm(self, x: Tensor, norm: NormRule, label: ComponentLabel) -> None:
         """A norm applied to the pooled vector ``x [B, D]`` (its input)."""
         s = norm.inv_sigma(x).to(self.weight)  # [B]
-        m = norm.matrix(x.shape[-1], self.mats)
         self.weight = self.weight * s[:, None]
-        self.mats = torch.einsum("od,kdi->koi", m, self.mats)
-        self.consts = [(lab, s[:, None] * (c @ m.T)) for lab, c in self.consts]
+        self.mats = norm.left(self.mats)
+        self.consts = [(lab, s[:, None] * norm.left(c.T).T) for lab, c in self.consts]
         if norm.bias is not None:
             self.consts.append((label, norm.bias.to(self.mats).expand(x.shape[0], -1)))
 
@@ -312,21 +319,27 @@ class AttentionBranch(Branch):
             parts.append(ro.const(bias)[:, None])
         return torch.cat(parts, 1)
 
+    def token_parts_size(self) -> int:
+        """Number of source tokens ``N`` (after the pass)."""
+        return self.v.shape[2]
+
     def token_parts(self, ro: Readout) -> tuple[Tensor, Tensor]:
         """``(abar [B, H, K, N], v [B, H, N, dh])`` with ``abar[b,h,k,j] = sum_q w_q A[q,j]`` over
         readout positions ``q`` in slot ``k``; keys ``j`` in stream order."""
         raise NotImplementedError(f"per-token contributions are not available for '{self.path}'")
 
-    def token_contributions(self, ro: Readout) -> Tensor:
-        """``[B, H, N, D_out]``; summing over ``N`` gives each head's contribution."""
+    def token_contributions(self, ro: Readout, out: Tensor) -> None:
+        """Write ``[B, H, N, D_out]`` into ``out``; summing over ``N`` gives each head's contribution."""
         abar, v = self.token_parts(ro)
         w = self.out_weight(ro.mats)
-        out = None
+        v = v.to(w)
         for k in range(ro.num_slots):
             mw = torch.einsum("od,dhe->hoe", ro.mats[k], w)  # [H, D_out, e]
-            part = torch.einsum("hoe,bhne->bhno", mw, v.to(mw)) * abar[:, :, k, :, None]
-            out = part if out is None else out + part
-        return out
+            part = torch.einsum("hoe,bhne->bhno", mw, v).mul_(abar[:, :, k, :, None])
+            if k == 0:
+                out.copy_(part)
+            else:
+                out.add_(part)
 
     def release(self) -> None:
         self.z = None
@@ -361,7 +374,7 @@ class GlobalAttention(AttentionBranch):
 
             def keep_v(qkv: Tensor) -> None:
                 b, n, _ = qkv.shape
-                self.v = qkv.reshape(b, n, 3, self.num_heads, -1)[:, :, 2].transpose(1, 2)
+                self.v = qkv.reshape(b, n, 3, self.num_heads, -1)[:, :, 2].transpose(1, 2).contiguous()
 
             cap.on_output(m.attn_drop, keep_probs)
             cap.on_output(m.qkv, keep_v)
@@ -575,7 +588,7 @@ class MergeTransition(Transition):
         w_red = self.reduction.weight.to(ro.mats)  # [D_next, K*C]
         dim_cat = w_red.shape[1]
         c = dim_cat // k_in
-        m = torch.einsum("od,de->oe", w_red, self.norm.matrix(dim_cat, ro.mats))  # [D_next, K*C]
+        m = self.norm.right(w_red)  # [D_next, K*C]
         m = m.view(m.shape[0], k_in, c).transpose(0, 1)  # [K_in, D_next, C]
         mats = torch.einsum("aod,kdc->akoc", ro.mats, m).reshape(-1, ro.mats.shape[1], c)  # [K*K_in, D_out, C]
         wt = ro.weight * self.inv_sigma.to(ro.weight)  # [B, N_out]
@@ -776,25 +789,35 @@ def _assemble(plan: Plan, tokens: bool | Iterable[int], batch: int) -> Decomposi
             break
         per_stage[stage.index] = ro
         block_parts: list[list[tuple[list[ComponentLabel], Tensor]]] = []
-        block_tokens: list[list[tuple[list[ComponentLabel], Tensor]]] = []
+        token_branches = [
+            br
+            for block in stage.blocks
+            for br in block.branches
+            if isinstance(br, AttentionBranch) and br.want_tokens and br.heads
+        ]
+        token_values: Tensor | None = None  # [B, heads of this stage, N, D_out], filled from the end
+        end = sum(br.num_heads for br in token_branches)
         for block in reversed(stage.blocks):
             block_ro = ro
             if block.transition is not None and stage.index > plan.init_stage:
                 ro, c = block.transition.pull_back(ro)
                 trans_consts = c + trans_consts
-            here, here_tokens = [], []
-            for br in block.branches:
-                here.append((br.labels, br.contributions(block_ro)))
-                if isinstance(br, AttentionBranch) and br.want_tokens and br.heads:
-                    here_tokens.append((br.head_labels, br.token_contributions(block_ro)))
+            here = []
+            for br in reversed(block.branches):
+                here.insert(0, (br.labels, br.contributions(block_ro)))
+                if br in token_branches:
+                    if token_values is None:
+                        n = br.token_parts_size()
+                        token_values = rep.new_empty(batch, end, n, rep.shape[-1])
+                    br.token_contributions(block_ro, token_values[:, end - br.num_heads : end])
+                    end -= br.num_heads
                 br.release()
             block_parts.insert(0, here)
-            block_tokens.insert(0, here_tokens)
         parts = [p for bp in block_parts for p in bp] + parts
-        tok = [t for bt in block_tokens for t in bt]
-        if tok:
+        if token_values is not None:
+            labels = [lab for br in token_branches for lab in br.head_labels]
             grid = plan.grid_of_stage(stage.index) if plan.grid_of_stage else None
-            token_stacks.insert(0, _token_stack(tok, stage, grid))
+            token_stacks.insert(0, _token_stack(token_values, labels, stage, grid))
         if stage.transition is not None and stage.index > plan.init_stage:
             ro, c = stage.transition.pull_back(ro)
             trans_consts = c + trans_consts
@@ -815,10 +838,8 @@ def _assemble(plan: Plan, tokens: bool | Iterable[int], batch: int) -> Decomposi
 
 
 def _token_stack(
-    parts: list[tuple[list[ComponentLabel], Tensor]], stage: Stage, grid: tuple[int, int] | None
+    values: Tensor, labels: list[ComponentLabel], stage: Stage, grid: tuple[int, int] | None
 ) -> TokenContributions:
-    values = torch.cat([v for _, v in parts], 1)
-    labels = [lab for labs, _ in parts for lab in labs]
     n = values.shape[2]
     grid = grid or stage.grid or (1, n - stage.num_prefix_tokens)
     boxes = pixel_boxes(grid, stage.patch, stage.num_prefix_tokens)

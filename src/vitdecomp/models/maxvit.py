@@ -219,14 +219,13 @@ def partition_branches(layer: nn.Module, path: str, base: dict, heads: bool) -> 
         _check_eval_identity(getattr(layer, name), f"{path}.{name}")
     ls1 = _layer_scale(layer.ls1, f"{path}.ls1")
     _layer_scale(layer.ls2, f"{path}.ls2")  # read out at drop_path2, so only checked
-    branches: list[Branch] = [
-        WindowedAttention(
-            attn, f"{path}.attn", base, heads, ls1, layer, grid_of, partition_index(layer), z_of=z_of, v_of=v_of(attn)
-        ),
-    ]
+    att = WindowedAttention(
+        attn, f"{path}.attn", base, heads, ls1, layer, grid_of, partition_index(layer), z_of=z_of, v_of=v_of(attn)
+    )
+    att.proj_weight = attn.proj.weight.flatten(1)  # a 1x1 conv's [D, E, 1, 1] -> [D, E]
     mlp_kwargs = {} if to_stream is None else {"to_stream": to_stream}
-    branches.append(FieldBranch(layer.drop_path2, ComponentLabel("mlp", **base), f"{path}.mlp", **mlp_kwargs))
-    return branches
+    mlp = FieldBranch(layer.drop_path2, ComponentLabel("mlp", **base), f"{path}.mlp", **mlp_kwargs)
+    return [att, mlp]
 
 
 class MaxViTAdapter:

@@ -25,6 +25,9 @@ def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
     )
     tr.add_argument("--no-eval", action="store_true", help="skip the held-out measurements")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    tr.add_argument(
+        "--threads", type=int, help="torch CPU threads (on a shared, busy machine 1 is much faster than 2)"
+    )
     tr.add_argument("--out", help="write weights/ and cards/ under this folder instead of the package")
     tr.set_defaults(func=run_train)
     return p
@@ -64,6 +67,10 @@ def run_train(args: argparse.Namespace) -> int:
     from vitdecomp.zoo.models import ZOO_NAMES
     from vitdecomp.zoo.train import train_and_save
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     names = args.names or list(TRAIN_ORDER)
     unknown = [n for n in names if n not in ZOO_NAMES]
     if unknown:

@@ -61,7 +61,7 @@ RECIPES: dict[str, Recipe] = {
     "swin": Recipe("supervised", epochs=2),
     "maxvit": Recipe("supervised", epochs=2, n_train=16000),
     "dino": Recipe("simclr", epochs=3, n_train=20000, batch_size=256, lr=1e-3),
-    "clip": Recipe("clip", epochs=3, lr=5e-4, distill_from="deit"),
+    "clip": Recipe("clip", epochs=5, lr=5e-4, distill_from="deit"),
 }
 
 
@@ -345,7 +345,6 @@ def train_and_save(
     (with the held-out measurements when ``evaluate``); returns the card."""
     import timm
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, record = train(name, progress=progress, log=log, weights_dir=weights_dir)
     path = save_checkpoint(model, name, weights_dir)
     from vitdecomp.models.loading import file_digest
