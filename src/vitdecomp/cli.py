@@ -82,6 +82,66 @@ def _run_decompose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_analyze_parser(sub) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="decompose, align to CLIP, describe and score every component; write an HTML + JSON report",
+        description=(
+            "The main job: split MODEL's representation of an image set into components, map them into "
+            "CLIP space (CompAlign, cached), name each with its top descriptions and score every component "
+            "for every feature. With no options: the zoo's DeiT read through the zoo's CLIP on generated "
+            "held-out scenes of the built-in world (offline)."
+        ),
+    )
+    p.add_argument("--model", default="zoo:deit", help="subject: timm name, open_clip:ARCH/TAG or zoo:NAME")
+    p.add_argument("--clip", default="zoo:clip", help="CLIP model that supplies the text space")
+    p.add_argument("--images", help="folder of images (default: generated held-out scenes of the built-in world)")
+    p.add_argument("--n-images", type=int, default=None, help="number of images (default: 2000 scenes / all)")
+    p.add_argument("--out", default="vitdecomp-out", help="report folder (results.json, index.html)")
+    p.add_argument("--features", default=None, help="feature set name (paper, world, waterbirds) or a JSON file")
+    p.add_argument("--vocabulary", default=None, help="vocabulary name (world, general) or a .txt file")
+    p.add_argument("--start-layer", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--checkpoint", help="local weights file for --model")
+    p.add_argument("--clip-checkpoint", help="local weights file for --clip")
+    p.add_argument("--random-init", action="store_true", help="random weights (tests and smoke runs)")
+    p.add_argument("--aligner", help="folder of a saved aligner to use instead of the cached / trained one")
+    p.add_argument("--cache-dir", help="stores, aligners and text embeddings (default ~/.cache/vitdecomp)")
+    p.add_argument("--align-steps", type=int, default=3000, help="most CompAlign steps (early-stopped)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the generated image set")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from vitdecomp.analyze import WORLD_SEED, run_analysis
+
+    run_analysis(
+        model=args.model,
+        clip=args.clip,
+        images=args.images,
+        out=args.out,
+        features=args.features,
+        vocabulary=args.vocabulary,
+        start_layer=args.start_layer,
+        batch_size=args.batch_size,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        n_images=args.n_images,
+        seed=WORLD_SEED if args.seed is None else args.seed,
+        checkpoint=args.checkpoint,
+        clip_checkpoint=args.clip_checkpoint,
+        random_init=args.random_init,
+        aligner=args.aligner,
+        align_steps=args.align_steps,
+        skip_bad_images=args.skip_bad_images,
+        progress=not args.quiet,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitdecomp",
@@ -89,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_decompose_parser(sub)
+    _add_analyze_parser(sub)
     from vitdecomp.world.cli import add_world_parser
     from vitdecomp.zoo.cli import add_zoo_parser
 

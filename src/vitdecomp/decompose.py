@@ -198,6 +198,16 @@ class Capture:
         self.restore.clear()
 
 
+def take_positions(x: Tensor, positions: Tensor | None, dim: int = 1) -> Tensor:
+    """``x`` restricted to stream ``positions`` along ``dim`` (a copy, so the full tensor can be freed)."""
+    if positions is None:
+        return x
+    lo, n = int(positions[0]), len(positions)
+    if bool((positions == torch.arange(lo, lo + n, device=positions.device)).all()):
+        return x.narrow(dim, lo, n).clone()
+    return x.index_select(dim, positions.to(x.device))
+
+
 def _as_stream(x: Tensor) -> Tensor:
     """``[B, H, W, C]`` or ``[B, N, C]`` -> ``[B, N, C]``."""
     return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -245,7 +255,7 @@ class FieldBranch(Branch):
     def attach(self, cap: Capture, positions: Tensor | None, tokens: bool) -> None:
         def keep(t: Tensor) -> None:
             s = self.to_stream(t)
-            self.value = s if positions is None else s[:, positions]
+            self.value = take_positions(s, positions)
 
         (cap.on_output if self.where == "output" else cap.on_input)(self.module, keep)
 
@@ -363,14 +373,14 @@ class GlobalAttention(AttentionBranch):
         self.want_tokens = tokens
 
         def keep_z(t: Tensor) -> None:
-            self.z = t if positions is None else t[:, positions]
+            self.z = take_positions(t, positions)
 
         cap.on_input(m.proj, keep_z)
         if tokens:
             cap.set_attr(m, "fused_attn", False)
 
             def keep_probs(a: Tensor) -> None:
-                self.probs = a if positions is None else a[:, :, positions]
+                self.probs = take_positions(a, positions, dim=2)
 
             def keep_v(qkv: Tensor) -> None:
                 b, n, _ = qkv.shape

@@ -132,7 +132,12 @@ def _load_timm(name: str, pretrained: bool, checkpoint: Path | None, **kwargs: A
                 "or pass pretrained=False for random-init weights."
             ) from err
         raise
-    data_cfg = timm.data.resolve_data_config({}, model=model)
+    overrides = {}
+    if "img_size" in kwargs:  # the pretrained config still names the original size
+        size = kwargs["img_size"]
+        overrides["input_size"] = (3, *((size, size) if isinstance(size, int) else tuple(size)))
+        overrides["crop_pct"] = 1.0
+    data_cfg = timm.data.resolve_data_config(overrides, model=model)
     preprocess = timm.data.create_transform(**data_cfg, is_training=False)
     tag = getattr(model, "pretrained_cfg", {}).get("tag") if pretrained else None
     return LoadedModel(

@@ -171,7 +171,8 @@ def pool_matrix(pool: nn.Module) -> Callable[[tuple[int, int]], Tensor]:
             cols.append(i + lo)
             vals.append(y[i, o])
         idx = torch.stack([torch.cat(rows), torch.cat(cols)])
-        return torch.sparse_coo_tensor(idx, torch.cat(vals), (n_out, n_in)).coalesce()
+        p = torch.sparse_coo_tensor(idx, torch.cat(vals), (n_out, n_in), check_invariants=True)
+        return p.coalesce()
 
     return matrix
 

@@ -1,0 +1,224 @@
+"""`vitdecomp analyze` end to end on random-init zoo models and a few generated scenes.
+
+One module-scoped run (64 scenes, zoo:deit read through zoo:clip, both random-init) feeds most
+tests; reruns, refusals, the CLIP-subject identity path and image folders get their own small runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vitdecomp.errors import MismatchError
+
+N = 64
+RUN = dict(
+    model="zoo:deit",
+    clip="zoo:clip",
+    n_images=N,
+    random_init=True,
+    batch_size=32,
+    align_steps=25,
+    device="cpu",
+    progress=False,
+    verbose=False,
+)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    from vitdecomp.analyze import run_analysis
+
+    root = tmp_path_factory.mktemp("analyze")
+    cache, out = root / "cache", root / "out"
+    results = run_analysis(out=out, cache_dir=cache, **RUN)
+    return results, out, cache
+
+
+def test_results_json_has_every_label_and_feature(first_run):
+    results, out, _ = first_run
+    data = json.loads((out / "results.json").read_text())
+    labels = data["labels"]
+    assert labels[0] == "init" and len(labels) == data["n_components"] == 32
+    assert len(set(labels)) == len(labels)
+    assert set(data["features"]) == {"shape", "color", "pattern", "background"}
+    for method in ("paper", "invariant"):
+        table = data["scores"][method]
+        assert set(table) == set(data["features"])
+        for feature, row in table.items():
+            assert list(row) == labels, (method, feature)
+            assert all(math.isfinite(v) and -1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in row.values())
+            assert sorted(data["rankings"][method][feature]) == sorted(labels)
+    assert set(data["descriptions"]) == set(labels)
+    varying = [lab for lab in labels if "bias" not in lab]
+    assert all(len(data["descriptions"][lab]) == 5 for lab in varying)
+    assert all(data["descriptions"][lab] == [] for lab in labels if lab.endswith("attn_bias"))
+    assert data["completeness"]["max_relative_error"] < 1e-4
+    assert data["images"]["n"] == N
+    assert data["store"]["key"]["labels"] == labels
+    assert data["aligner"]["key"]["model"] == "zoo:deit@random-init"
+    a = data["alignment"]
+    assert a["mode"] == "compalign" and a["state"] == "trained"
+    assert a["n_val"] + a["n_train"] == N and a["val_cosine"] > 0
+    ids = {f"world-3000-{i:06d}" for i in range(N)}
+    assert all(t["id"] in ids for lab in labels for t in data["top_images"][lab])
+    assert results["cache"]["store_rows_computed"] == N
+
+
+def test_top_images_are_the_largest_projections(first_run):
+    """The listed images really are where the component points most along its top description."""
+    from vitdecomp.align import aligned_component, load_aligner
+    from vitdecomp.store import ContributionStore
+    from vitdecomp.text import TextEncoder
+
+    results, _, cache = first_run
+    store = ContributionStore(results["store"]["path"])
+    al = load_aligner(results["aligner"]["path"])
+    lab = next(lab for lab in results["labels"] if lab.endswith(".mlp"))
+    c = results["labels"].index(lab)
+    from vitdecomp import load_model
+    from vitdecomp.analyze import WORLD_TEMPLATES
+
+    enc = TextEncoder.from_loaded(load_model("zoo:clip", random_init=True), cache_dir=cache / "text")
+    t = enc.encode([results["descriptions"][lab][0]["text"]], WORLD_TEMPLATES)[0]
+    proj = (aligned_component(store, al, c) @ t).numpy()
+    want = [store.ids[j] for j in np.argsort(-proj)[:4]]
+    assert [x["id"] for x in results["top_images"][lab]] == want
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def test_report_renders_in_headless_chromium(first_run, tmp_path):
+    _, out, _ = first_run
+    html = (out / "index.html").read_text()
+    assert "<script" not in html and "http://" not in html and "https://" not in html  # self-contained
+    assert html.count("data:image/png;base64,") >= 10
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium / chrome on PATH: cannot screenshot the report (apt-get install chromium)")
+    shot = tmp_path / "shot.png"
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,2000",
+        (out / "index.html").resolve().as_uri(),
+    ]
+    subprocess.run(cmd, check=False, capture_output=True, timeout=120)
+    assert shot.is_file(), "chromium wrote no screenshot"
+    from PIL import Image
+
+    px = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
+    assert px.shape[:2] == (2000, 1280)
+    assert px.std() > 20, "the screenshot is blank"
+    # the header band is the page's blue gradient, not the browser's white
+    top = px[10:60, 10:600].reshape(-1, 3).mean(0)
+    assert top[2] > 150 and top[2] - top[0] > 60, top
+    # the heat table and thumbnails put many saturated pixels on the page
+    sat = (px.max(-1) - px.min(-1)) > 60
+    assert sat[200:].mean() > 0.02
+
+
+def test_rerun_reuses_store_aligner_and_text(first_run, monkeypatch):
+    from vitdecomp import align, analyze
+
+    results, out, cache = first_run
+
+    def boom(*a, **k):
+        raise AssertionError("the aligner was retrained")
+
+    monkeypatch.setattr(align, "train_aligner", boom)
+    again = analyze.run_analysis(out=out, cache_dir=cache, **RUN)
+    assert again["cache"]["store_rows_computed"] == 0
+    assert again["cache"]["store_rows_reused"] == N
+    assert again["cache"]["aligner"] == "loaded"
+    assert again["cache"]["text_encoder_batches"] == 0
+    assert again["store"]["path"] == results["store"]["path"]
+    assert again["scores"] == results["scores"]
+    assert again["timings_s"]["decompose_store"] < max(2.0, 0.5 * results["timings_s"]["decompose_store"])
+
+
+def test_other_start_layer_does_not_reuse_the_store(first_run, tmp_path):
+    from vitdecomp.analyze import run_analysis
+
+    results, _, cache = first_run
+    r = run_analysis(out=tmp_path / "o", cache_dir=cache, **{**RUN, "n_images": 8, "start_layer": 3})
+    assert r["store"]["path"] != results["store"]["path"]
+    assert r["cache"]["store_rows_computed"] == 8
+    assert r["aligner"]["path"] != results["aligner"]["path"]
+    assert r["labels"][0] == "init" and not any(lab.startswith(("L0.", "L1.", "L2.")) for lab in r["labels"])
+
+
+def test_mismatched_cached_aligner_is_refused(first_run, tmp_path):
+    from vitdecomp.analyze import run_analysis
+
+    results, _, cache = first_run
+    src = Path(results["aligner"]["path"])
+    # a cache folder whose aligner was trained for another model: copy the cache, tamper the key
+    cache2 = tmp_path / "cache"
+    shutil.copytree(cache, cache2)
+    bad = cache2 / src.relative_to(cache)
+    meta = json.loads((bad / "aligner.json").read_text())
+    meta["key"]["model"] = "zoo:swin@random-init"
+    (bad / "aligner.json").write_text(json.dumps(meta))
+    with pytest.raises(MismatchError, match="does not fit"):
+        run_analysis(out=tmp_path / "o", cache_dir=cache2, **RUN)
+    # an aligner given explicitly that was trained for another component layout
+    meta["key"]["model"] = results["aligner"]["key"]["model"]
+    meta["labels"] = [*meta["labels"][:-1], "L9.mlp"]
+    (bad / "aligner.json").write_text(json.dumps(meta))
+    with pytest.raises(MismatchError):
+        run_analysis(out=tmp_path / "o2", cache_dir=cache, aligner=bad, **RUN)
+
+
+def test_clip_subject_uses_identity(tmp_path):
+    from vitdecomp.analyze import run_analysis
+
+    r = run_analysis(out=tmp_path / "o", cache_dir=tmp_path / "c", **{**RUN, "model": "zoo:clip", "n_images": 16})
+    assert r["alignment"]["mode"] == "identity" and r["aligner"]["path"] is None
+    # the CLIP subject's parts sum to its own embedding of the same preprocessed image
+    assert r["alignment"]["cosine_all_images"] > 0.9999
+
+
+def test_cli_on_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from vitdecomp.cli import main
+    from vitdecomp.world import make_scenes
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(make_scenes(10, seed=5).images):
+        Image.fromarray(im).save(folder / f"im{i:02d}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    argv = ["analyze", "--random-init", "--images", str(folder), "--out", str(out)]
+    argv += ["--cache-dir", str(tmp_path / "c"), "--align-steps", "5", "--quiet", "--device", "cpu"]
+    assert main(argv) == 2  # the unreadable file stops the run with a clear error
+    assert "broken.png" in capsys.readouterr().err
+    assert main([*argv, "--skip-bad-images"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["images"]["n"] == 10 and len(data["images"]["skipped"]) == 1
+    assert set(data["features"]) >= {"color", "texture", "animal", "location"}  # the paper's set
+    assert data["vocabulary"]["name"] == "general"
+    assert (out / "index.html").is_file()
+    assert "top components per feature" in capsys.readouterr().out
