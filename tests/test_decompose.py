@@ -166,10 +166,13 @@ def test_one_layers_heads_equal_a_hand_computation():
     torch.testing.assert_close(dec.sum("norm_bias"), model.norm.bias.expand(2, -1), rtol=0, atol=0)
 
 
-def test_fused_attention_is_restored_after_a_token_pass():
+def test_fused_attention_and_train_mode_are_restored_after_a_token_pass():
     model, size = SMALL_MODELS["vit-cls"]()
+    model.train()
     before = [blk.attn.fused_attn for blk in model.blocks]
-    vd.decompose(model, images(size), tokens=True)
+    d = vd.decompose(model, images(size), tokens=True)
+    assert d.error.max() < 1e-5, "decomposed in eval mode (no dropout)"
+    assert model.training
     assert [blk.attn.fused_attn for blk in model.blocks] == before
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
@@ -213,9 +216,32 @@ def test_a_broken_rule_is_caught_by_the_completeness_check(monkeypatch):
 
     model, size = SMALL_MODELS["vit-cls"]()
     original = AttentionBranch.out_weight
-    monkeypatch.setattr(AttentionBranch, "out_weight", lambda self, like: 1.01 * original(self, like))
-    with pytest.raises(VitDecompError, match="do not add up"):
+
+    def broken(self, like):
+        return (1.5 if self.path == "blocks.1.attn" else 1.0) * original(self, like)
+
+    monkeypatch.setattr(AttentionBranch, "out_weight", broken)
+    with pytest.raises(VitDecompError, match=r"do not add up.*block 'blocks\.1' of class Block"):
         vd.decompose(model, images(size))
+
+
+@pytest.mark.parametrize("name", ["swin", "openclip-tok", "vit-avg-norm"])
+def test_every_block_adds_up_on_its_own(name):
+    """The per-block check used to locate failures: R(out) - R(in) equals the block's parts."""
+    from vitdecomp.decompose import _assemble, _captured
+    from vitdecomp.models.registry import adapter_for
+
+    model, size = SMALL_MODELS[name]()
+    model = model.double()
+    adapter, target = adapter_for(model)
+    plan = adapter.plan(target, start_layer=0, representation=None, heads=True)
+    streams: dict = {}
+    with torch.inference_mode(), _captured(plan, False, target, streams):
+        plan.run(images(size, dtype=torch.float64))
+    result = _assemble(plan, 3, streams)
+    residuals = result.meta["block_residuals"]
+    assert len(residuals) == result.meta["num_blocks"]
+    assert max(residuals.values()) < 1e-12
 
 
 def test_selection_helpers():

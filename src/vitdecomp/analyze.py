@@ -174,6 +174,101 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def build_store(
+    subject: Any,
+    teacher: Any,
+    source: ImageSource,
+    root: str | Path,
+    *,
+    start_layer: int = 0,
+    batch_size: int = 64,
+    device: str = "cpu",
+    dtype: str = "float32",
+    progress: bool = True,
+) -> tuple[Any, Any, int]:
+    """Open (or resume) the keyed store of ``subject``'s decompositions and ``teacher``'s CLIP image
+    embeddings of ``source`` under ``root``; each model preprocesses the images its own way.
+    Returns ``(store, key, rows computed now)``."""
+    from vitdecomp import decompose
+    from vitdecomp.store import StoreKey, fill_store, open_store
+
+    first = _preprocess_batch(subject.preprocess, [source.image(0)], device)
+    labels = decompose(subject, first, start_layer=start_layer).names
+    key = StoreKey(
+        model=subject.weights_id,
+        clip=teacher.weights_id,
+        labels=tuple(labels),
+        start_layer=start_layer,
+        preprocess=repr(subject.preprocess) + "\n--clip--\n" + repr(teacher.preprocess),
+        images=source.key,
+        extra={"representation": "default", "heads": True},
+    )
+    store = open_store(root, key, dtype=dtype)
+    before = store.committed
+
+    def decompose_fn(ims: list[Any]):
+        return decompose(subject, _preprocess_batch(subject.preprocess, ims, device), start_layer=start_layer)
+
+    @torch.no_grad()
+    def clip_fn(ims: list[Any]) -> torch.Tensor:
+        return teacher.model.encode_image(_preprocess_batch(teacher.preprocess, ims, device)).float()
+
+    fill_store(store, source.batches(batch_size), decompose_fn, clip_fn, total=len(source), progress=progress)
+    if store.committed != len(source) or store.ids != source.ids:
+        raise MismatchError(f"store {store.path} holds {store.committed} rows, expected {len(source)}")
+    return store, key, store.committed - before
+
+
+def get_aligner(
+    store: Any,
+    key: Any,
+    root: str | Path,
+    *,
+    aligner: str | Path | None = None,
+    lam: float = 1.0,
+    val_fraction: float = 0.1,
+    max_steps: int = 3000,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = True,
+    log: Callable[..., None] = print,
+) -> tuple[Any, str, Path]:
+    """The CompAlign aligner for ``store``'s model setting: ``aligner`` (a saved folder) if given, else
+    the cached one under ``root`` (see :func:`vitdecomp.align.aligner_dir`), else trained from the
+    store and cached. A given or cached aligner trained for another setting is refused
+    (:class:`MismatchError`). Returns ``(aligner, "given" | "loaded" | "trained", folder)``."""
+    from vitdecomp.align import aligner_dir, load_aligner, save_aligner, train_aligner
+
+    labels = store.labels
+    if aligner is not None:
+        return load_aligner(aligner, key=key, labels=labels, device=device), "given", Path(aligner)
+    path = aligner_dir(root, key, "compalign", lam)
+    if (path / "aligner.json").exists():
+        try:
+            return load_aligner(path, key=key, labels=labels, device=device), "loaded", path
+        except MismatchError as err:
+            raise MismatchError(
+                f"the cached aligner at {path} does not fit this run: {err}. "
+                "It will not be used; delete that folder to retrain it."
+            ) from err
+    c, d = store.shapes["contributions"]
+    log(f"training CompAlign ({c} maps {d}->{store.shapes['clip'][0]}, lam={lam:g}) on {store.committed} images")
+    al = train_aligner(
+        store,
+        labels,
+        mode="compalign",
+        lam=lam,
+        val_fraction=val_fraction,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+    )
+    al.metrics["trained_on"] = store.key.images
+    save_aligner(al, path)
+    return al, "trained", path
+
+
 @torch.no_grad()
 def completeness_errors(store, batch_size: int = 512) -> np.ndarray:
     """Relative error ``||sum_i c_i - z|| / ||z||`` of every stored image ``[N]``."""
@@ -252,18 +347,12 @@ def run_analysis(
     Returns the content of ``results.json`` (plus ``"paths"`` and ``"cache"`` entries saying what
     was reused and what was computed).
     """
-    from vitdecomp import decompose
     from vitdecomp.align import (
         DEFAULT_LAMBDA,
-        aligner_dir,
         identity_aligner,
-        load_aligner,
-        save_aligner,
-        train_aligner,
     )
     from vitdecomp.align import evaluate as evaluate_aligner
     from vitdecomp.score import embed_features, load_features, score_features
-    from vitdecomp.store import StoreKey, fill_store, open_store
     from vitdecomp.text import DEFAULT_TEMPLATES, TextEncoder, component_descriptions, load_vocabulary
 
     t_start = time.time()
@@ -304,33 +393,19 @@ def run_analysis(
 
     # ---------------------------------------------------------------- store
     t0 = time.time()
-    first = _preprocess_batch(subject.preprocess, [source.image(0)], device)
-    probe = decompose(subject, first, start_layer=start_layer)
-    labels = probe.names
-    key = StoreKey(
-        model=subject.weights_id,
-        clip=teacher.weights_id,
-        labels=tuple(labels),
+    store, key, rows_computed = build_store(
+        subject,
+        teacher,
+        source,
+        cache / "stores",
         start_layer=start_layer,
-        preprocess=repr(subject.preprocess) + "\n--clip--\n" + repr(teacher.preprocess),
-        images=source.key,
-        extra={"representation": "default", "heads": True},
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        progress=progress,
     )
-    store = open_store(cache / "stores", key, dtype=dtype)
-    before = store.committed
-
-    def decompose_fn(ims: list[Any]):
-        return decompose(subject, _preprocess_batch(subject.preprocess, ims, device), start_layer=start_layer)
-
-    @torch.no_grad()
-    def clip_fn(ims: list[Any]) -> torch.Tensor:
-        x = _preprocess_batch(teacher.preprocess, ims, device)
-        return teacher.model.encode_image(x).float()
-
-    fill_store(store, source.batches(batch_size), decompose_fn, clip_fn, total=len(source), progress=progress)
-    if store.committed != len(source) or store.ids != source.ids:
-        raise MismatchError(f"store {store.path} holds {store.committed} rows, expected {len(source)}")
-    rows_computed = store.committed - before
+    labels = store.labels
+    before = store.committed - rows_computed
     timings["decompose_store"] = time.time() - t0
     err = completeness_errors(store)
 
@@ -343,37 +418,20 @@ def run_analysis(
             raise MismatchError(f"CLIP subject's contributions have {d_model} dims, its embedding {d_clip}")
         al = identity_aligner(labels, d_clip, key=key)
         aligner_state, aligner_path = "identity", None
-    elif aligner is not None:
-        aligner_path = Path(aligner)
-        al = load_aligner(aligner_path, key=key, labels=labels, device=device)
-        aligner_state = "given"
     else:
-        aligner_path = aligner_dir(cache / "aligners", key, "compalign", lam)
-        if (aligner_path / "aligner.json").exists():
-            try:
-                al = load_aligner(aligner_path, key=key, labels=labels, device=device)
-            except MismatchError as err_:
-                raise MismatchError(
-                    f"the cached aligner at {aligner_path} does not fit this run: {err_}. "
-                    "It will not be used; delete that folder to retrain it."
-                ) from err_
-            aligner_state = "loaded"
-        else:
-            log(f"training CompAlign ({len(labels)} maps {d_model}->{d_clip}, lam={lam:g}) on {len(source)} images")
-            al = train_aligner(
-                store,
-                labels,
-                mode="compalign",
-                lam=lam,
-                val_fraction=val_fraction,
-                max_steps=align_steps,
-                batch_size=align_batch_size,
-                device=device,
-                progress=progress,
-            )
-            al.metrics["trained_on"] = source.key
-            save_aligner(al, aligner_path)
-            aligner_state = "trained"
+        al, aligner_state, aligner_path = get_aligner(
+            store,
+            key,
+            cache / "aligners",
+            aligner=aligner,
+            lam=lam,
+            val_fraction=val_fraction,
+            max_steps=align_steps,
+            batch_size=align_batch_size,
+            device=device,
+            progress=progress,
+            log=log,
+        )
     al = al.to(device) if hasattr(al, "to") else al
     whole = evaluate_aligner(al, store)
     align_metrics = {
@@ -408,9 +466,7 @@ def run_analysis(
 
     # ---------------------------------------------------------------- top images
     t0 = time.time()
-    top_dir = torch.stack(
-        [vocab_emb[d[0].index] if d else torch.zeros(d_clip) for d in descr.values()]
-    )  # [C, d_clip]
+    top_dir = torch.stack([vocab_emb[d[0].index] if d else torch.zeros(d_clip) for d in descr.values()])  # [C, d_clip]
     idx, vals = top_images(store, al, top_dir, n=n_top_images)
     norms = _mean_norms(store, al)
     timings["top_images"] = time.time() - t0
@@ -434,9 +490,7 @@ def run_analysis(
         "scores": {m: t.to_dict() for m, t in tables.items()},
         "rankings": {m: {f: [lab for lab, _ in t.ranking(f)] for f in t.features} for m, t in tables.items()},
         "descriptions": {
-            lab: [
-                {"text": d.text, "explained": d.explained, "projection": d.projection} for d in ds
-            ]
+            lab: [{"text": d.text, "explained": d.explained, "projection": d.projection} for d in ds]
             for lab, ds in descr.items()
         },
         "mean_aligned_norm": {lab: float(v) for lab, v in zip(labels, norms, strict=True)},

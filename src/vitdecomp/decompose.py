@@ -720,8 +720,14 @@ def _tokens_wanted(tokens: bool | Iterable[int], layer: int) -> bool:
 
 
 @contextlib.contextmanager
-def _captured(plan: Plan, tokens: bool | Iterable[int]) -> Iterator[Capture]:
+def _captured(
+    plan: Plan, tokens: bool | Iterable[int], target: nn.Module, streams: dict | None = None
+) -> Iterator[Capture]:
+    """Attach every hook of ``plan`` (and, with ``streams``, each block's input/output stream)."""
     cap = Capture()
+    was_training = target.training
+    target.eval()
+    cap.restore.append(lambda: target.train(was_training))
     try:
         last = len(plan.stages) - 1
         for stage in plan.stages:
@@ -735,6 +741,14 @@ def _captured(plan: Plan, tokens: bool | Iterable[int]) -> Iterator[Capture]:
                     block.transition.attach(cap)
                 for br in block.branches:
                     br.attach(cap, positions, _tokens_wanted(tokens, block.layer) and isinstance(br, AttentionBranch))
+                if streams is not None:
+                    pos_in = None if block.transition is not None else positions
+
+                    def keep(key, fn, pos):
+                        return lambda x: streams.__setitem__(key, take_positions(fn(x), pos))
+
+                    cap.on_input(block.module, keep((block.path, "in"), block.stream_in, pos_in))
+                    cap.on_output(block.module, keep((block.path, "out"), block.stream_out, positions))
         init_positions = plan.positions if plan.init_stage == last else None
         plan.init.attach(cap, init_positions, False)
         plan.attach_readout(cap)
@@ -770,16 +784,16 @@ def decompose(
     plan = adapter.plan(target, start_layer=start_layer, representation=representation, heads=heads)
     param = next(target.parameters())
     images = images.to(device=param.device, dtype=param.dtype)
-    with torch.inference_mode(), _captured(plan, tokens):
+    with torch.inference_mode(), _captured(plan, tokens, target):
         plan.run(images)
     with torch.inference_mode():
-        result = _assemble(plan, tokens, images.shape[0])
+        result = _assemble(plan, images.shape[0])
     if check is None:
         check = 1e-9 if result.representation.dtype == torch.float64 else 1e-4
     if check > 0:
         err = result.error.max().item()
         if not err <= check:
-            where = _locate_failure(result)
+            where = _first_failing_block(adapter, target, images, start_layer, representation, heads, check)
             raise VitDecompError(
                 f"the parts do not add up: relative error {err:.2e} > {check:.0e} for {adapter.family} "
                 f"model {type(target).__name__}{where}. This model has a module the rules do not cover; "
@@ -788,8 +802,29 @@ def decompose(
     return result
 
 
-def _assemble(plan: Plan, tokens: bool | Iterable[int], batch: int) -> Decomposition:
+def _first_failing_block(adapter, target, images, start_layer, representation, heads, tol) -> str:
+    """Re-run with each block's input and output captured; name the first block whose parts do not
+    add up to ``R(out) - R(in)`` (``R`` the frozen-statistics readout)."""
+    plan = adapter.plan(target, start_layer=start_layer, representation=representation, heads=heads)
+    streams: dict = {}
+    with torch.inference_mode(), _captured(plan, False, target, streams):
+        plan.run(images)
+    with torch.inference_mode():
+        result = _assemble(plan, images.shape[0], streams)
+    for path, residual in result.meta["block_residuals"].items():
+        if residual > tol:
+            block = dict(target.named_modules())[path]
+            return (
+                f" (first mismatch: block '{path}' of class {type(block).__name__}, relative residual {residual:.1e})"
+            )
+    return ""
+
+
+def _assemble(plan: Plan, batch: int, streams: dict | None = None) -> Decomposition:
+    """Read every captured part out; with ``streams`` also each block's residual
+    ``|R(out) - R(in) - sum of its parts| / |representation|`` into ``meta["block_residuals"]``."""
     ro, consts, rep = plan.readout()
+    residuals: dict[str, float] = {}
     per_stage: dict[int, Readout] = {}
     trans_consts: list[tuple[ComponentLabel, Tensor]] = []
     parts: list[tuple[list[ComponentLabel], Tensor]] = []
@@ -823,6 +858,10 @@ def _assemble(plan: Plan, tokens: bool | Iterable[int], batch: int) -> Decomposi
                     end -= br.num_heads
                 br.release()
             block_parts.insert(0, here)
+            if streams is not None:
+                own = sum(t.sum(1) for _, t in here) + (sum(t for _, t in c) if block.transition else 0)
+                gap = block_ro.field(streams[(block.path, "out")]) - ro.field(streams[(block.path, "in")]) - own
+                residuals[block.path] = (gap.norm(dim=-1) / rep.norm(dim=-1).clamp_min(1e-30)).max().item()
         parts = [p for bp in block_parts for p in bp] + parts
         if token_values is not None:
             labels = [lab for br in token_branches for lab in br.head_labels]
@@ -843,7 +882,7 @@ def _assemble(plan: Plan, tokens: bool | Iterable[int], batch: int) -> Decomposi
         labels=labels,
         representation=rep,
         tokens=token_stacks,
-        meta={"family": plan.family, **plan.meta},
+        meta={"family": plan.family, **plan.meta, **({"block_residuals": residuals} if streams else {})},
     )
 
 
@@ -864,8 +903,3 @@ def pixel_boxes(grid: tuple[int, int], patch: tuple[int, int], num_prefix: int =
     boxes = torch.stack([r * patch[0], c * patch[1], (r + 1) * patch[0], (c + 1) * patch[1]], 1)
     prefix = torch.full((num_prefix, 4), -1, dtype=boxes.dtype)
     return torch.cat([prefix, boxes], 0)
-
-
-def _locate_failure(result: Decomposition) -> str:
-    bad = result.meta.get("first_bad_block")
-    return f" (first mismatch at '{bad}')" if bad else ""

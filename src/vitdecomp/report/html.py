@@ -98,9 +98,7 @@ def _kind(label: str) -> str:
     return last
 
 
-def _heat_table(
-    results: Mapping[str, Any], method: str, thumbs: Mapping[str, list[str]] | None = None
-) -> str:
+def _heat_table(results: Mapping[str, Any], method: str, thumbs: Mapping[str, list[str]] | None = None) -> str:
     scores = results["scores"][method]
     feats = list(scores)
     descr = results["descriptions"]
@@ -109,9 +107,7 @@ def _heat_table(
     extra_head = "<th>top descriptions (share of variance)</th>" if thumbs is not None else ""
     img_head = "<th>top images</th>" if thumbs is not None else ""
     for lab in results["labels"]:
-        cells = "".join(
-            f'<td class="h" style="{_heat(scores[f][lab])}">{scores[f][lab]:+.2f}</td>' for f in feats
-        )
+        cells = "".join(f'<td class="h" style="{_heat(scores[f][lab])}">{scores[f][lab]:+.2f}</td>' for f in feats)
         extra = ""
         if thumbs is not None:
             chips = "".join(
@@ -147,9 +143,7 @@ def _feature_cards(results: Mapping[str, Any], top: int = 5) -> str:
                 f'</i></div><span class="v">{v:+.2f}</span><span class="d">{_e(dtext)}</span></div>'
             )
         descr = ", ".join(results["features"][f])
-        cards.append(
-            f'<div class="card"><h3>{_e(f)}</h3><div class="sub">{_e(descr)}</div>{"".join(ranks)}</div>'
-        )
+        cards.append(f'<div class="card"><h3>{_e(f)}</h3><div class="sub">{_e(descr)}</div>{"".join(ranks)}</div>')
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
@@ -177,12 +171,12 @@ def render_html(results: Mapping[str, Any], thumbs: Mapping[str, list[str]] | No
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>vitdecomp — {_e(r['model']['name'])}</title>
+<title>vitdecomp — {_e(r["model"]["name"])}</title>
 <style>{CSS}</style></head>
 <body>
 <header>
-<h1>{_e(r['model']['name'])} <span style="opacity:.7;font-weight:400">read through</span> {_e(r['clip']['name'])}</h1>
-<p>{_e(r['images']['description'])} · weights {_e(r['model']['weights_id'])} · CLIP {_e(r['clip']['weights_id'])}</p>
+<h1>{_e(r["model"]["name"])} <span style="opacity:.7;font-weight:400">read through</span> {_e(r["clip"]["name"])}</h1>
+<p>{_e(r["images"]["description"])} · weights {_e(r["model"]["weights_id"])} · CLIP {_e(r["clip"]["weights_id"])}</p>
 <div class="stats">{stat_html}</div>
 </header>
 <main>
@@ -197,14 +191,14 @@ representation's</span></div>
 {_heat_table(r, "invariant", thumbs or {})}
 {other}
 <h2>About these numbers</h2>
-<p class="note">Each component's contribution is mapped into CLIP space ({_e(a['mode'])} aligner,
-lambda {a.get('lam', 0):g}); descriptions are picked greedily from the vocabulary
-<b>{_e(r['vocabulary']['name'])}</b> ({r['vocabulary']['size']} entries) by the variance they explain across
+<p class="note">Each component's contribution is mapped into CLIP space ({_e(a["mode"])} aligner,
+lambda {a.get("lam", 0):g}); descriptions are picked greedily from the vocabulary
+<b>{_e(r["vocabulary"]["name"])}</b> ({r["vocabulary"]["size"]} entries) by the variance they explain across
 images (TextSpan). The <b>paper</b> score averages per-direction correlations over a QR basis of the feature's
 descriptions and so depends on their order; the <b>invariant</b> score pools them over the whole feature
 subspace and does not. Timings: {_e(timing)}.</p>
-<p class="kv">store {_e(r['store']['path'])} (key {_e(r['store']['key_digest'])}) · aligner
-{_e(r['aligner']['path'])}</p>
+<p class="kv">store {_e(r["store"]["path"])} (key {_e(r["store"]["key_digest"])}) · aligner
+{_e(r["aligner"]["path"])}</p>
 </main></body></html>
 """
 
