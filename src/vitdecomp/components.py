@@ -20,7 +20,9 @@ KINDS = (
     "mlp",  # a whole MLP branch (non-linear, one component)
     "conv",  # a whole convolutional branch (MaxViT MBConv), one component
     "transition_bias",  # constants added between stages (patch-merging norm beta, downsample bias)
-    "norm_bias",  # the beta of the final norm(s)
+    "norm_bias",  # the beta of the final norm
+    "fc_norm_bias",  # the beta of a norm applied to the pooled vector (timm fc_norm)
+    "head_norm_bias",  # the beta of a classifier head's norm (MaxViT)
     "head_bias",  # the bias of a linear head / projection applied to the representation
 )
 

@@ -116,11 +116,7 @@ class Readout:
 
     def const(self, vec: Tensor) -> Tensor:
         """Read out the same vector ``[D_s]`` added at every position -> ``[B, D_out]``."""
-        return torch.einsum("bk,kod,d->bo", self.slot_weights(), self.mats, vec.to(self.mats))
-
-    def take(self, x: Tensor) -> Tensor:
-        """Restrict a full stream ``[B, N, E]`` to this readout's positions ``[B, S, E]``."""
-        return x if self.positions is None else x[:, self.positions]
+        return self.slot_weights() @ (self.mats @ vec.to(self.mats))
 
 
 class ReadoutBuilder:

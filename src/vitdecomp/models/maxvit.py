@@ -332,7 +332,7 @@ class MaxViTAdapter:
             if final_norm is not None:
                 rb.token_norm(x, final_norm, ComponentLabel("norm_bias"))
             if representation != "pooled" and head_norm is not None:
-                rb.vector_norm(seen["pooled"], head_norm, ComponentLabel("norm_bias", sublayer="head"))
+                rb.vector_norm(seen["pooled"], head_norm, ComponentLabel("head_norm_bias"))
             if representation == "logits":
                 rb.linear(head.fc.weight, head.fc.bias, ComponentLabel("head_bias"))
             ro, consts = rb.build()
