@@ -42,6 +42,13 @@ def _clip(size: int = 32, **vision) -> Callable[[], tuple[nn.Module, int]]:
 
 VIT = {"depth": 3, "embed_dim": 48, "num_heads": 3, "num_classes": 7}
 P8 = {"img_size": 32, "patch_size": 8}
+MAXVIT = {
+    "img_size": 64,
+    "embed_dim": (16, 16, 32, 32),
+    "depths": (1, 2, 1, 1),
+    "transformer_dim_head": 8,
+    "num_classes": 5,
+}
 SWIN = {"patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2, 2), "num_heads": (2, 2, 4)}
 
 #: name -> factory returning (model, image size); the families every test runs over.
@@ -58,6 +65,8 @@ SMALL_MODELS: dict[str, Callable[[], tuple[nn.Module, int]]] = {
     "openclip-ln-after-pool": _clip(final_ln_after_pool=True),
     "swin": _timm("swin_tiny_patch4_window7_224", 64, img_size=64, num_classes=5, **SWIN),
     "swin-padded": _timm("swin_tiny_patch4_window7_224", 56, img_size=56, num_classes=5, **SWIN),
+    "maxvit-tf": _timm("maxvit_tiny_tf_224", 64, **MAXVIT, stem_width=16, head_hidden_size=32),
+    "maxvit-rw": _timm("maxvit_rmlp_pico_rw_256", 64, **MAXVIT, stem_width=(8, 16), transformer_init_values=0.5),
 }
 
 
@@ -65,4 +74,20 @@ def representations(model: nn.Module) -> list[str | None]:
     """Every representation a test model offers (None = the default)."""
     if hasattr(model, "encode_image"):
         return [None]
+    if isinstance(model, timm.models.maxxvit.MaxxVit):
+        return [None, "pooled_norm"] if hasattr(model.head, "pre_logits") else [None, "logits"]
     return [None, "logits"]
+
+
+def own_output(model: nn.Module, x: torch.Tensor, rep: str | None) -> torch.Tensor:
+    """The model's own output for a representation, computed through its own forward methods."""
+    with torch.no_grad():
+        if hasattr(model, "encode_image"):
+            return model.encode_image(x)
+        if rep == "logits":
+            return model(x)
+        feats = model.forward_features(x)
+        if isinstance(model, timm.models.maxxvit.MaxxVit):
+            pooled = model.head.global_pool(feats)
+            return (model.head.norm(pooled) if rep == "pooled_norm" else pooled).flatten(1)
+        return model.forward_head(feats, pre_logits=True)

@@ -10,7 +10,7 @@ import torch
 from timm.models.vision_transformer import ResPostBlock
 
 import vitdecomp as vd
-from small_models import SMALL_MODELS, representations
+from small_models import SMALL_MODELS, own_output, representations
 from vitdecomp.errors import UnsupportedModuleError, VitDecompError
 
 NAMES = list(SMALL_MODELS)
@@ -36,12 +36,7 @@ def test_parts_sum_to_the_models_own_output(small, dtype, tol):
         assert d.contributions.dtype == dtype
         assert d.error.max().item() <= tol, (name, rep, d.error)
         # the representation is the model's own output, not something the engine recomputed
-        with torch.no_grad():
-            if hasattr(model, "encode_image"):
-                own = model.encode_image(x)
-            else:
-                own = model(x) if rep == "logits" else model.forward_head(model.forward_features(x), pre_logits=True)
-        torch.testing.assert_close(d.representation, own, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d.representation, own_output(model, x, rep), rtol=1e-5, atol=1e-6)
     model.float()
 
 

@@ -111,7 +111,7 @@ def _tiny(name: str) -> dict:
     cfg = copy.deepcopy(ZOO_CONFIGS[name])
     if name in ("deit", "dino"):
         cfg.update(depth=1, embed_dim=32, num_heads=2)
-        cfg["stem"]["channels"] = [8, 16, 32]
+        cfg["stem"]["channels"] = [8, 16, 32, 32]
     elif name == "clip":
         cfg["vision_cfg"].update(layers=1, width=32, head_width=16)
         cfg["text_cfg"].update(layers=1, width=32, heads=2)

@@ -17,6 +17,7 @@ KINDS = (
     "init",  # everything before the first decomposed block (embeddings, stem, folded layers)
     "attn_head",  # one attention head's output-projection slice (times layer scale)
     "attn_bias",  # the attention output-projection bias (times layer scale)
+    "attn",  # a whole attention branch (with heads=False)
     "mlp",  # a whole MLP branch (non-linear, one component)
     "conv",  # a whole convolutional branch (MaxViT MBConv), one component
     "transition_bias",  # constants added between stages (patch-merging norm beta, downsample bias)

@@ -42,7 +42,7 @@ _RGB = np.array(
     ],
     dtype=np.float32,
 )
-_SIZE_RANGES = ((0.15, 0.21), (0.24, 0.32))  # object radius as a fraction of the image side
+_SIZE_RANGES = ((0.18, 0.24), (0.26, 0.34))  # object radius as a fraction of the image side
 CHUNK = 256
 _OUTLINE = np.array((25, 25, 25), dtype=np.float32)
 

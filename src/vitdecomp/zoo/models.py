@@ -35,7 +35,7 @@ _VIT = {
     "mlp_ratio": 3.0,
     "class_token": True,
     "global_pool": "token",
-    "stem": {"channels": [24, 48, 96], "stride": [2, 2, 2], "kernel_size": [3, 3, 3]},
+    "stem": {"channels": [24, 48, 96, 96], "stride": [2, 2, 2, 1], "kernel_size": [3, 3, 3, 3]},
 }
 
 ZOO_CONFIGS: dict[str, dict[str, Any]] = {

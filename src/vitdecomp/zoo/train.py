@@ -58,7 +58,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "deit": Recipe("supervised", epochs=3),
-    "swin": Recipe("supervised", epochs=2),
+    "swin": Recipe("supervised", epochs=3),
     "maxvit": Recipe("supervised", epochs=2, n_train=16000),
     "dino": Recipe("simclr", epochs=3, n_train=20000, batch_size=256, lr=1e-3),
     "clip": Recipe("clip", epochs=5, lr=5e-4, distill_from="deit"),
