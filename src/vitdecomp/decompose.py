@@ -119,6 +119,28 @@ class Readout:
         return self.slot_weights() @ (self.mats @ vec.to(self.mats))
 
 
+def pool_weights(x: Tensor, positions: Tensor | None, skip: int = 0) -> Tensor:
+    """Pooling weights ``[B, S]`` for a stream ``x [B, N, D]`` at ``positions``: ``1`` for a selected
+    token, else an average over tokens ``skip:`` (prefix tokens excluded)."""
+    b, n = x.shape[:2]
+    dt = torch.promote_types(x.dtype, torch.float32)
+    if positions is not None:
+        return torch.ones(b, len(positions), dtype=dt, device=x.device)
+    weight = torch.zeros(b, n, dtype=dt, device=x.device)
+    weight[:, skip:] = 1.0 / (n - skip)
+    return weight
+
+
+def check_plan_args(representation: str | None, allowed: Sequence[str], start_layer: int, depth: int) -> str:
+    """The representation to use (``None`` = the first allowed); errors for bad arguments."""
+    representation = representation or allowed[0]
+    if representation not in allowed:
+        raise ValueError(f"representation must be one of {tuple(allowed)}, not {representation!r}")
+    if not 0 <= start_layer <= depth:
+        raise ValueError(f"start_layer must be in [0, {depth}], got {start_layer}")
+    return representation
+
+
 class ReadoutBuilder:
     """Builds the final readout from the last stream outward, collecting constant components."""
 

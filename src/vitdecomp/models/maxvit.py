@@ -66,6 +66,7 @@ from vitdecomp.decompose import (
     ReadoutBuilder,
     Stage,
     WindowedAttention,
+    check_plan_args,
 )
 from vitdecomp.errors import UnsupportedModuleError
 
@@ -234,9 +235,6 @@ class MaxViTAdapter:
     model_types = (MaxxVit,)
 
     def plan(self, model: MaxxVit, *, start_layer: int, representation: str | None, heads: bool) -> Plan:
-        representation = representation or "pooled"
-        if representation not in REPRESENTATIONS:
-            raise ValueError(f"representation must be one of {REPRESENTATIONS}, not {representation!r}")
         head = model.head
         pool = head.global_pool
         if getattr(pool, "pool_type", None) != "avg":
@@ -259,8 +257,7 @@ class MaxViTAdapter:
 
         all_blocks = [(s, b, blk) for s, st in enumerate(model.stages) for b, blk in enumerate(st.blocks)]
         depth = len(all_blocks)
-        if not 0 <= start_layer <= depth:
-            raise ValueError(f"start_layer must be in [0, {depth}], got {start_layer}")
+        representation = check_plan_args(representation, REPRESENTATIONS, start_layer, depth)
 
         stages: list[Stage] = []
         init: FieldBranch | None = None

@@ -17,7 +17,18 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from vitdecomp.components import ComponentLabel
-from vitdecomp.decompose import Block, Capture, ComputedAttention, FieldBranch, NormRule, Plan, ReadoutBuilder, Stage
+from vitdecomp.decompose import (
+    Block,
+    Capture,
+    ComputedAttention,
+    FieldBranch,
+    NormRule,
+    Plan,
+    ReadoutBuilder,
+    Stage,
+    check_plan_args,
+    pool_weights,
+)
 from vitdecomp.errors import UnsupportedModuleError
 from vitdecomp.models.vit import layer_scale_of
 
@@ -63,9 +74,6 @@ class OpenClipAdapter:
     model_types = (VisionTransformer,)
 
     def plan(self, model: VisionTransformer, *, start_layer: int, representation: str | None, heads: bool) -> Plan:
-        representation = representation or "embedding"
-        if representation not in REPRESENTATIONS:
-            raise ValueError(f"representation must be one of {REPRESENTATIONS}, not {representation!r}")
         if model.attn_pool is not None:
             raise UnsupportedModuleError("attn_pool", model.attn_pool, "attention pooling has no rule yet")
         if model.pool_type not in ("tok", "avg"):
@@ -73,8 +81,7 @@ class OpenClipAdapter:
         batch_first = getattr(model.transformer, "batch_first", True)
         resblocks = model.transformer.resblocks
         depth = len(resblocks)
-        if not 0 <= start_layer <= depth:
-            raise ValueError(f"start_layer must be in [0, {depth}], got {start_layer}")
+        representation = check_plan_args(representation, REPRESENTATIONS, start_layer, depth)
         ln_post = NormRule.of(model.ln_post, "ln_post")
 
         def to_stream(x: Tensor) -> Tensor:
@@ -127,13 +134,8 @@ class OpenClipAdapter:
         def readout():
             x = seen["stream"]
             x = x if positions is None else x[:, positions]
-            b, n, d = x.shape
-            dt = torch.promote_types(x.dtype, torch.float32)
-            if positions is not None:
-                weight = torch.ones(b, 1, dtype=dt, device=x.device)
-            else:
-                weight = torch.zeros(b, n, dtype=dt, device=x.device)
-                weight[:, 1:] = 1.0 / (n - 1)
+            d = x.shape[-1]
+            weight = pool_weights(x, positions, 1)
             rb = ReadoutBuilder(weight, d, positions.to(x.device) if positions is not None else None)
             if model.final_ln_after_pool:
                 rb.vector_norm(seen["ln_in"], ln_post, ComponentLabel("norm_bias"))

@@ -34,6 +34,7 @@ from vitdecomp.decompose import (
     ReadoutBuilder,
     Stage,
     WindowedAttention,
+    check_plan_args,
 )
 from vitdecomp.errors import UnsupportedModuleError
 
@@ -73,9 +74,6 @@ class SwinAdapter:
     model_types = (SwinTransformer,)
 
     def plan(self, model: SwinTransformer, *, start_layer: int, representation: str | None, heads: bool) -> Plan:
-        representation = representation or "pre_logits"
-        if representation not in REPRESENTATIONS:
-            raise ValueError(f"representation must be one of {REPRESENTATIONS}, not {representation!r}")
         head = model.head
         if head.global_pool.pool_type != "avg":
             raise UnsupportedModuleError("head.global_pool", head.global_pool, "only average pooling is linear")
@@ -83,8 +81,7 @@ class SwinAdapter:
             raise UnsupportedModuleError("head.fc", head.fc, "logits need a linear head")
         final_norm = NormRule.of(model.norm, "norm")
         depth = sum(len(s.blocks) for s in model.layers)
-        if not 0 <= start_layer <= depth:
-            raise ValueError(f"start_layer must be in [0, {depth}], got {start_layer}")
+        representation = check_plan_args(representation, REPRESENTATIONS, start_layer, depth)
 
         stages: list[Stage] = []
         init: FieldBranch | None = None

@@ -26,6 +26,8 @@ from vitdecomp.decompose import (
     Plan,
     ReadoutBuilder,
     Stage,
+    check_plan_args,
+    pool_weights,
 )
 from vitdecomp.errors import UnsupportedModuleError
 
@@ -55,16 +57,12 @@ class TimmViTAdapter:
     model_types = (VisionTransformer,)
 
     def plan(self, model: VisionTransformer, *, start_layer: int, representation: str | None, heads: bool) -> Plan:
-        representation = representation or "pre_logits"
-        if representation not in REPRESENTATIONS:
-            raise ValueError(f"representation must be one of {REPRESENTATIONS}, not {representation!r}")
         if model.attn_pool is not None:
             raise UnsupportedModuleError("attn_pool", model.attn_pool, "attention-pool (MAP) heads have no rule yet")
         if model.global_pool not in ("token", "avg"):
             raise UnsupportedModuleError("", model, f"global_pool={model.global_pool!r} is not linear")
         depth = len(model.blocks)
-        if not 0 <= start_layer <= depth:
-            raise ValueError(f"start_layer must be in [0, {depth}], got {start_layer}")
+        representation = check_plan_args(representation, REPRESENTATIONS, start_layer, depth)
         final_norm = norm_or_none(model.norm, "norm")
         fc_norm = norm_or_none(model.fc_norm, "fc_norm")
         if representation == "logits" and not isinstance(model.head, nn.Linear):
@@ -112,14 +110,8 @@ class TimmViTAdapter:
 
         def readout():
             x = seen["stream"]
-            b, n, d = x.shape
-            dt = torch.promote_types(x.dtype, torch.float32)
-            if positions is not None:
-                weight = torch.ones(b, 1, dtype=dt, device=x.device)
-            else:
-                weight = torch.zeros(b, n, dtype=dt, device=x.device)
-                lo = 0 if model.pool_include_prefix else npre
-                weight[:, lo:] = 1.0 / (n - lo)
+            d = x.shape[-1]
+            weight = pool_weights(x, positions, 0 if model.pool_include_prefix else npre)
             rb = ReadoutBuilder(weight, d, positions.to(x.device) if positions is not None else None)
             if final_norm is not None:
                 rb.token_norm(x, final_norm, ComponentLabel("norm_bias"))
