@@ -268,3 +268,34 @@ def test_runs_on_cuda():
     model, size = SMALL_MODELS["swin"]()
     d = vd.decompose(model.cuda(), images(size).cuda(), tokens=True)
     assert d.contributions.is_cuda and d.error.max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["swin", "swin-padded", "maxvit-tf", "maxvit-rw"])
+def test_window_slots_map_to_the_right_stream_positions(name):
+    """Shifted / block / grid windows: each attention's per-token output, rebuilt from the heads'
+    stream-ordered inputs, equals the model's own attention-branch output at every position."""
+    from vitdecomp.decompose import Capture, WindowedAttention
+    from vitdecomp.models.registry import adapter_for
+
+    model, size = SMALL_MODELS[name]()
+    model = model.double()
+    adapter, target = adapter_for(model)
+    plan = adapter.plan(target, start_layer=0, representation=None, heads=True)
+    branches = [
+        br for st in plan.stages for blk in st.blocks for br in blk.branches if isinstance(br, WindowedAttention)
+    ]
+    assert branches
+    cap, own = Capture(), {}
+    for i, br in enumerate(branches):
+        br.attach(cap, None, False)
+        layer = br.grid_module  # the module holding norm1 (attention input) and norm2 (after the residual)
+        cap.on_input(layer.norm1, lambda x, i=i: own.__setitem__((i, "in"), x.reshape(x.shape[0], -1, x.shape[-1])))
+        cap.on_input(layer.norm2, lambda x, i=i: own.__setitem__((i, "mid"), x.reshape(x.shape[0], -1, x.shape[-1])))
+    with torch.inference_mode():
+        model(images(size, dtype=torch.float64))
+    cap.close()
+    for i, br in enumerate(branches):
+        with torch.inference_mode():
+            w = br.out_weight(br.z).flatten(1)  # [D, H*dh]
+            rebuilt = br.z @ w.T + br.out_bias(br.z)
+        torch.testing.assert_close(rebuilt, own[(i, "mid")] - own[(i, "in")], rtol=0, atol=1e-12)
