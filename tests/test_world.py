@@ -38,7 +38,7 @@ def _digest(s) -> str:
 
 @pytest.fixture(scope="module")
 def scenes():
-    return make_scenes(600, seed=3)
+    return make_scenes(400, seed=3)
 
 
 def test_vocabularies():
@@ -52,22 +52,22 @@ def test_vocabularies():
 
 
 def test_types_and_shapes(scenes):
-    assert scenes.images.dtype == np.uint8 and scenes.images.shape == (600, 64, 64, 3)
-    assert scenes.masks.dtype == bool and scenes.masks.shape == (600, 64, 64)
-    assert len(scenes.captions) == 600
+    assert scenes.images.dtype == np.uint8 and scenes.images.shape == (400, 64, 64, 3)
+    assert scenes.masks.dtype == bool and scenes.masks.shape == (400, 64, 64)
+    assert len(scenes.captions) == 400
     for k in ATTRIBUTES:
-        assert scenes.attributes[k].shape == (600,)
+        assert scenes.attributes[k].shape == (400,)
     rec = scenes.records()[0]
     assert rec["shape"] in ATTRIBUTES["shape"] and rec["caption"] == scenes.captions[0]
 
 
 def test_same_seed_same_bytes_different_seed_different(scenes):
-    again = make_scenes(600, seed=3)
+    again = make_scenes(400, seed=3)
     assert _digest(again) == _digest(scenes)
     assert again.captions == scenes.captions
     for k in scenes.attributes:
         np.testing.assert_array_equal(again.attributes[k], scenes.attributes[k])
-    other = make_scenes(600, seed=4)
+    other = make_scenes(400, seed=4)
     assert _digest(other) != _digest(scenes)
     assert (other.images != scenes.images).any(axis=(1, 2, 3)).mean() > 0.99
 
@@ -157,23 +157,23 @@ def test_captions():
     for c in caps:
         assert "star" in c and "red" in c
     assert caption(attrs, 0) != caption(attrs, 1)
-    s = make_scenes(300, seed=0)
+    s = make_scenes(256, seed=0)
     # each caption names the image's shape and colour
-    for i in range(300):
+    for i in range(256):
         assert s.words("shape")[i] in s.captions[i] and s.words("color")[i] in s.captions[i]
-    assert len(set(s.captions)) > 200
+    assert len(set(s.captions)) > 180
     assert all("{" not in p for k in ATTRIBUTES for v in ATTRIBUTES[k] for p in prompt_texts(k, v))
 
 
 def test_waterbirds_group_structure():
-    wb = make_waterbirds(n_train=1000, n_val=200, n_test=400, seed=5)
+    wb = make_waterbirds(n_train=400, n_val=100, n_test=200, seed=5)
     s = wb.scenes
-    assert len(s) == 1600
+    assert len(s) == 700
     train, val, test = (wb.split == 0), (wb.split == 1), (wb.split == 2)
-    assert train.sum() == 1000 and val.sum() == 200 and test.sum() == 400
+    assert train.sum() == 400 and val.sum() == 100 and test.sum() == 200
     assert (wb.y[train] == wb.place[train]).mean() == pytest.approx(0.95, abs=1e-3)
     assert abs(wb.y[train].mean() - 0.5) < 0.01
-    for sel, n in ((val, 200), (test, 400)):
+    for sel, n in ((val, 100), (test, 200)):
         counts = np.bincount(wb.group()[sel], minlength=4)
         assert (counts == n // 4).all(), counts
     shapes = np.array(ATTRIBUTES["shape"])[s.attributes["shape"]]
@@ -184,7 +184,7 @@ def test_waterbirds_group_structure():
     # colour / pattern stay independent of the label
     for k in ("color", "pattern"):
         assert np.bincount(s.attributes[k][wb.y == 1]).min() > 0
-    wb2 = make_waterbirds(n_train=1000, n_val=200, n_test=400, seed=5)
+    wb2 = make_waterbirds(n_train=400, n_val=100, n_test=200, seed=5)
     np.testing.assert_array_equal(wb2.scenes.images, s.images)
 
 

@@ -60,9 +60,7 @@ def test_shipped_checkpoint_loads_and_runs(name, scenes):
         assert r.shape[0] == 4 and torch.isfinite(r).all()
         assert r.std(0).mean() > 0  # different images, different representations
         if name == "clip":
-            t = loaded.model.encode_text(
-                loaded.tokenizer(["a red star on grass", "a blue circle in the sky"])
-            )
+            t = loaded.model.encode_text(loaded.tokenizer(["a red star on grass", "a blue circle in the sky"]))
             assert t.shape == (2, r.shape[1])
         elif name != "dino":
             assert loaded.model(x).shape == (4, NUM_LOGITS)
@@ -98,8 +96,10 @@ def test_load_model_entry_point_and_errors(tmp_path):
 
 
 def test_checkpoint_roundtrip_fp16(tmp_path):
+    from vitdecomp.zoo import read_card
+
     torch.manual_seed(1)
-    model = build_model("swin")
+    model = build_model("swin", (read_card("swin") or {}).get("config") or ZOO_CONFIGS["swin"])
     path = save_checkpoint(model, "swin", tmp_path)
     loaded = load_zoo_model("swin", checkpoint=path)
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
@@ -112,6 +112,8 @@ def _tiny(name: str) -> dict:
     if name in ("deit", "dino"):
         cfg.update(depth=1, embed_dim=32, num_heads=2)
         cfg["stem"]["channels"] = [8, 16, 32, 32]
+    elif name == "swin":
+        cfg.update(embed_dim=16, depths=[1, 1, 1], num_heads=[1, 2, 4])
     elif name == "clip":
         cfg["vision_cfg"].update(layers=1, width=32, head_width=16)
         cfg["text_cfg"].update(layers=1, width=32, heads=2)
@@ -119,7 +121,9 @@ def _tiny(name: str) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("name,objective", [("deit", "supervised"), ("dino", "simclr"), ("clip", "clip")])
+@pytest.mark.parametrize(
+    "name,objective", [("deit", "supervised"), ("swin", "supervised"), ("dino", "simclr"), ("clip", "clip")]
+)
 def test_few_step_training(name, objective):
     cfg = _tiny(name)
     recipe = Recipe(
@@ -129,11 +133,12 @@ def test_few_step_training(name, objective):
         batch_size=32,
         warmup_steps=1,
         lr=3e-3,
-        distill_from="deit" if objective == "clip" else None,
+        gray_p=0.5,
+        distill_from="deit" if name in ("clip", "swin") else None,
     )
     torch.manual_seed(0)
     before = {k: v.clone() for k, v in build_model(name, cfg).state_dict().items()}
-    teacher = build_model("deit", _tiny("deit")).eval() if objective == "clip" else None
+    teacher = build_model("deit", _tiny("deit")).eval() if recipe.distill_from else None
     logs = []
     model, record = train(name, recipe=recipe, config=cfg, progress=False, teacher=teacher, log=logs.append)
     assert record["steps"] == 3 and len(record["history"]) == 1

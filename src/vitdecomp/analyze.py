@@ -46,6 +46,8 @@ DEFAULT_N_IMAGES = 2000
 #: Prompt templates for the built-in world's descriptions (one word or a short phrase each).
 WORLD_TEMPLATES: tuple[str, ...] = ("{}", "a {}", "a photo of {}", "a picture of {}")
 METHODS = ("paper", "invariant")
+#: Stores smaller than this are read into memory for training and scoring.
+IN_MEMORY_BYTES = 1 << 30
 
 
 def default_cache_dir() -> Path:
@@ -253,8 +255,11 @@ def get_aligner(
             ) from err
     c, d = store.shapes["contributions"]
     log(f"training CompAlign ({c} maps {d}->{store.shapes['clip'][0]}, lam={lam:g}) on {store.committed} images")
+    # small stores are read into memory once (random mini-batches from RAM, not from the memmap)
+    small = store.contributions.nbytes < IN_MEMORY_BYTES
+    data = (torch.from_numpy(np.array(store.contributions)), torch.from_numpy(np.array(store.clip))) if small else store
     al = train_aligner(
-        store,
+        data,
         labels,
         mode="compalign",
         lam=lam,
@@ -264,6 +269,7 @@ def get_aligner(
         device=device,
         progress=progress,
     )
+    al.key = store.key.to_dict()
     al.metrics["trained_on"] = store.key.images
     save_aligner(al, path)
     return al, "trained", path
@@ -458,10 +464,12 @@ def run_analysis(
 
     # ---------------------------------------------------------------- descriptions + scores
     t0 = time.time()
-    descr = component_descriptions(store, al, vocab_emb, vocab, k=top_k, progress=progress)
+    small = store.contributions.nbytes < IN_MEMORY_BYTES
+    rows = torch.from_numpy(np.array(store.contributions, dtype=np.float32)) if small else store
+    descr = component_descriptions(rows, al, vocab_emb, vocab, k=top_k, progress=progress)
     timings["describe"] = time.time() - t0
     t0 = time.time()
-    tables = score_features(store, al, feat_emb, methods=METHODS, progress=progress)
+    tables = score_features(rows, al, feat_emb, methods=METHODS, progress=progress)
     timings["score"] = time.time() - t0
 
     # ---------------------------------------------------------------- top images
@@ -469,6 +477,7 @@ def run_analysis(
     top_dir = torch.stack([vocab_emb[d[0].index] if d else torch.zeros(d_clip) for d in descr.values()])  # [C, d_clip]
     idx, vals = top_images(store, al, top_dir, n=n_top_images)
     norms = _mean_norms(store, al)
+    del rows
     timings["top_images"] = time.time() - t0
 
     # ---------------------------------------------------------------- results

@@ -1,6 +1,7 @@
 """Validate the reading of components against the built-in world's ground truth; write docs/validation.md.
 
 ``python -m vitdecomp.validate [--models zoo:deit zoo:dino zoo:swin zoo:maxvit] [--out docs/validation.md]``
+(a ``## Notes`` section already in the output file is carried over to the new version).
 
 Data: the aligner is trained (or loaded from the cache) on the analysis set of ``vitdecomp
 analyze`` (:data:`vitdecomp.analyze.WORLD_SEED`, 2000 scenes; 10 % held out for early stopping);
@@ -57,7 +58,7 @@ TEST_SEED = WORLD_SEED + 1
 TARGET_SPEARMAN = 0.6
 TOP_K = 3
 PRECISION_AT = 20
-METHODS = ("invariant", "paper")
+METHODS = ("invariant", "paper", "share")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,12 +81,32 @@ def class_embeddings(encoder) -> dict[str, torch.Tensor]:
     return out
 
 
-def _probe_acc(x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor) -> float:
-    from vitdecomp.zoo.evaluate import linear_probe
+def batched_probe(
+    x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor, l2: float = 1e-3
+) -> np.ndarray:
+    """Held-out accuracy ``[C]`` of one multinomial logistic regression per component, all fitted at
+    once: ``x_tr [C, N, D]``, ``x_te [C, M, D]``. The joint loss is the sum of the components'
+    separate losses (each as :func:`vitdecomp.zoo.evaluate.linear_probe`: standardised features,
+    mean cross-entropy + ``l2 * ||W||^2``), so its minimiser is every component's own probe."""
+    mu, sd = x_tr.mean(1, keepdim=True), x_tr.std(1, keepdim=True) + 1e-6
+    a, b = (x_tr - mu) / sd, (x_te - mu) / sd
+    c, _, d = a.shape
+    k = int(max(y_tr.max(), y_te.max())) + 1
+    w = torch.zeros(c, d, k, requires_grad=True)
+    bias = torch.zeros(c, 1, k, requires_grad=True)
+    opt = torch.optim.LBFGS([w, bias], lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
+    target = y_tr.repeat(c)
 
-    if float(x_tr.std(0).max()) < 1e-8:  # a constant component: it can only guess the majority class
-        return float((y_te == torch.mode(y_tr).values).float().mean())
-    return linear_probe(x_tr, y_tr, x_te, y_te)
+    def closure():
+        opt.zero_grad()
+        logits = (a @ w + bias).reshape(-1, k)
+        loss = F.cross_entropy(logits, target, reduction="sum") / len(y_tr) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return ((b @ w + bias).argmax(-1) == y_te[None]).float().mean(1).numpy()
 
 
 def probe_importance(train, test, attrs_tr, attrs_te, max_train: int = 2000, progress: bool = True):
@@ -97,14 +118,12 @@ def probe_importance(train, test, attrs_tr, attrs_te, max_train: int = 2000, pro
     n_tr = min(max_train, train.committed)
     c_tr = torch.from_numpy(np.array(train.contributions[:n_tr], dtype=np.float32))
     c_te = torch.from_numpy(np.array(test.contributions, dtype=np.float32))
-    out = {a: np.zeros(c_tr.shape[1]) for a in CORE_ATTRIBUTES}
-    with tqdm(total=c_tr.shape[1] * len(CORE_ATTRIBUTES), desc="probe components", disable=not progress) as bar:
-        for i in range(c_tr.shape[1]):
-            for a in CORE_ATTRIBUTES:
-                y_tr = torch.from_numpy(attrs_tr[a][:n_tr]).long()
-                y_te = torch.from_numpy(attrs_te[a]).long()
-                out[a][i] = _probe_acc(c_tr[:, i], y_tr, c_te[:, i], y_te)
-                bar.update(1)
+    x_tr, x_te = c_tr.transpose(0, 1).contiguous(), c_te.transpose(0, 1).contiguous()
+    out = {}
+    for a in tqdm(CORE_ATTRIBUTES, desc="probe components", disable=not progress):
+        y_tr = torch.from_numpy(attrs_tr[a][:n_tr]).long()
+        y_te = torch.from_numpy(attrs_te[a]).long()
+        out[a] = batched_probe(x_tr, y_tr, x_te, y_te)
     return out
 
 
@@ -182,7 +201,8 @@ def match_rate(al, store, class_emb: torch.Tensor, words: list[str], reference: 
         ref = reference.get(lab) or []
         if not ref:
             continue  # constant component: nothing to read
-        picks = [d.text for d in text_span(aligned_component(store, al, i).cpu(), class_emb, words, k)]
+        outputs = aligned_component(store.contributions, al, i).cpu()
+        picks = [d.text for d in text_span(outputs, class_emb, words, k)]
         rates.append(len(set(picks) & set(ref)) / k)
     return float(np.mean(rates)) if rates else float("nan")
 
@@ -284,18 +304,44 @@ def validate_model(
 # the document
 
 
-def _mean(d: dict[str, float]) -> float:
-    return float(np.mean(list(d.values())))
+def _mean(d: dict[str, float] | None) -> float | None:
+    return None if d is None else float(np.mean(list(d.values())))
 
 
 def _f(v: float | None, digits: int = 3) -> str:
     return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
 
 
-def markdown(results: list[dict[str, Any]], argv: list[str], meta: dict[str, Any]) -> str:
+def _summary_rows(results: list[dict[str, Any]], label: str = "") -> list[str]:
+    rows = []
+    for r in results:
+        zs = r["alignment"]["zero_shot"]
+        sp = _mean(r["spearman_probe"]["invariant"])
+        ok = "met" if sp >= TARGET_SPEARMAN else "**missed**"
+        p = r["retrieval_p20"]
+        rows.append(
+            f"| {r['model']}{label} | {r['n_components']} | {_f(r['alignment']['test_cosine'])} "
+            f"| {_f(_mean(zs['aligned']))} / {_f(_mean(zs['clip']))} "
+            f"| {_f(sp)} ({ok}) | {_f(_mean(r['spearman_probe']['paper']))} "
+            f"/ {_f(_mean(r['spearman_probe'].get('share')))} "
+            f"| {_f(_mean(r['spearman_clip']['invariant']))} "
+            f"| {_f(_mean(p['top']))} / {_f(_mean(p['full']))} / {_f(_mean(p['random']))} |"
+        )
+    return rows
+
+
+def markdown(
+    results: list[dict[str, Any]],
+    argv: list[str],
+    meta: dict[str, Any],
+    control: list[dict[str, Any]] | None = None,
+) -> str:
+    """The validation document; ``control``: results of the same script on random-init weights."""
     from vitdecomp.world import CORE_ATTRIBUTES
 
     cmd = "python -m vitdecomp.validate " + " ".join(argv)
+    n_train = results[0]["n_train"] if results else DEFAULT_N_IMAGES
+    n_test = results[0]["n_test"] if results else N_TEST
     lines = [
         "# Validation on the built-in world",
         "",
@@ -306,33 +352,32 @@ def markdown(results: list[dict[str, Any]], argv: list[str], meta: dict[str, Any
         "```",
         "",
         f"Machine: {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads; "
-        f"total time {meta['time_s'] / 60:.1f} min (stores and aligners cached after the first run).",
+        f"total time {meta['time_s'] / 60:.1f} min (stores and aligners are cached after the first run).",
         "",
-        f"Data: aligner trained on the `vitdecomp analyze` set (world seed {WORLD_SEED}, "
-        f"{results[0]['n_train'] if results else DEFAULT_N_IMAGES} scenes, 10 % held out for early stopping); "
-        f"every figure measured on {results[0]['n_test'] if results else N_TEST} other scenes (seed {TEST_SEED}). "
+        f"Data: aligner trained on the `vitdecomp analyze` set (world seed {WORLD_SEED}, {n_train} scenes, "
+        f"10 % held out for early stopping); every figure measured on {n_test} other scenes (seed {TEST_SEED}). "
         "Probes of (b) are fitted on the first set and scored on the second. No seed overlaps the zoo's "
         "training (1000, 1001, 1500) or probe (2001, 2002) sets. CLIP = the zoo's CLIP.",
         "",
         "## Summary against the targets",
         "",
         "| model | comps | (a) test cosine | (a) zero-shot aligned / CLIP (mean of 4) "
-        "| (b) Spearman vs probe, invariant (target >= 0.6) | (b) paper score | (c) Spearman vs CLIP ranking "
+        "| (b) Spearman vs probe, invariant (target >= 0.6) | (b) paper / share score "
+        "| (c) Spearman vs CLIP ranking "
         "| (d) P@20 top-3 / full / random-3 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        zs = r["alignment"]["zero_shot"]
-        sp = _mean(r["spearman_probe"]["invariant"])
-        ok = "met" if sp >= TARGET_SPEARMAN else "**missed**"
-        p = r["retrieval_p20"]
-        lines.append(
-            f"| {r['model']} | {r['n_components']} | {_f(r['alignment']['test_cosine'])} "
-            f"| {_f(_mean(zs['aligned']))} / {_f(_mean(zs['clip']))} "
-            f"| {_f(sp)} ({ok}) | {_f(_mean(r['spearman_probe']['paper']))} "
-            f"| {_f(_mean(r['spearman_clip']['invariant']))} "
-            f"| {_f(_mean(p['top']))} / {_f(_mean(p['full']))} / {_f(_mean(p['random']))} |"
-        )
+    lines += _summary_rows(results)
+    if control:
+        lines += [
+            "",
+            "Control: the same script on random-init weights of the same architectures (`--random-init`; "
+            "zoo CLIP random-init as well), to show what the figures are worth when nothing was learned:",
+            "",
+            lines[-len(results) - 2],
+            lines[-len(results) - 1],
+            *_summary_rows(control, " (random init)"),
+        ]
     lines += ["", "## Per attribute", ""]
     for r in results:
         lines += [
@@ -366,7 +411,8 @@ def markdown(results: list[dict[str, Any]], argv: list[str], meta: dict[str, Any
             "(the reference the paper takes from the pretrained classifier), averaged over the non-constant "
             "components.",
             "",
-            "| model | shared map: cosine / match | lambda = 0: cosine / match | lambda = 1 (published): cosine / match |",
+            "| model | shared map: cosine / match | lambda = 0: cosine / match "
+            "| lambda = 1 (published): cosine / match |",
             "|---|---|---|---|",
         ]
         for r in abl:
@@ -394,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip", default="zoo:clip")
     ap.add_argument("--out", type=Path, default=Path("docs/validation.md"))
     ap.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
+    ap.add_argument("--control-json", type=Path, default=None, help="a --json of a --random-init run to show")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--n-train", type=int, default=DEFAULT_N_IMAGES)
     ap.add_argument("--n-test", type=int, default=N_TEST)
@@ -401,8 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--align-steps", type=int, default=3000)
     ap.add_argument("--random-init", action="store_true", help="random weights (smoke test of the script)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: fastest for the zoo)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     results = []
     for name in args.models:
@@ -428,8 +478,13 @@ def main(argv: list[str] | None = None) -> int:
         "time_s": time.time() - t0,
     }
     shown = list(argv if argv is not None else sys.argv[1:])
-    text = markdown(results, shown, meta)
+    control = json.loads(args.control_json.read_text()) if args.control_json else None
+    text = markdown(results, shown, meta, control)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.out.is_file():  # keep a hand-written "## Notes" section of the previous version
+        old = args.out.read_text()
+        if "\n## Notes" in old:
+            text = text.rstrip("\n") + "\n\n## Notes" + old.split("\n## Notes", 1)[1]
     args.out.write_text(text)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=float))

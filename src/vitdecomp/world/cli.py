@@ -42,9 +42,7 @@ def run_world(args: argparse.Namespace) -> int:
             corr=args.corr,
             progress=not args.quiet,
         )
-        print(
-            f"wrote {args.n} images ({n_train} train / {n_val} val / {n_test} test) + metadata.csv to {out}"
-        )
+        print(f"wrote {args.n} images ({n_train} train / {n_val} val / {n_test} test) + metadata.csv to {out}")
     else:
         out = export_world(
             args.n,

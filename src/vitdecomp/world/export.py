@@ -105,10 +105,7 @@ def export_waterbirds(
             int(wb.y[i]),
             int(wb.split[i]),
             int(wb.place[i]),
-            *(
-                ATTRIBUTES[k][int(wb.scenes.attributes[k][i])]
-                for k in ("shape", "color", "pattern", "background")
-            ),
+            *(ATTRIBUTES[k][int(wb.scenes.attributes[k][i])] for k in ("shape", "color", "pattern", "background")),
         ]
         for i, name in enumerate(names)
     ]

@@ -44,6 +44,10 @@ _RGB = np.array(
 )
 _SIZE_RANGES = ((0.18, 0.24), (0.26, 0.34))  # object radius as a fraction of the image side
 CHUNK = 256
+#: Objects are rotated by a uniform angle in [-MAX_ROTATION, MAX_ROTATION] degrees (upright shapes).
+MAX_ROTATION = 15.0
+#: Brightness of the pattern's second colour relative to the object's colour.
+PATTERN_SHADE = 0.55
 _OUTLINE = np.array((25, 25, 25), dtype=np.float32)
 
 
@@ -112,9 +116,7 @@ def _chunk_rng(seed: int, chunk: int, stream: int = 0) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(chunk), stream])))
 
 
-def _sample_params(
-    rng: np.random.Generator, m: int, size: int, max_distractors: int
-) -> dict[str, np.ndarray]:
+def _sample_params(rng: np.random.Generator, m: int, size: int, max_distractors: int) -> dict[str, np.ndarray]:
     p: dict[str, np.ndarray] = {
         "shape": rng.integers(0, len(SHAPES), m),
         "color": rng.integers(0, len(COLORS), m),
@@ -128,7 +130,7 @@ def _sample_params(
     return p
 
 
-def _place(p: dict[str, np.ndarray], size: int) -> None:
+def _place(p: dict[str, np.ndarray], size: int, max_rotation: float = MAX_ROTATION) -> None:
     """Radius, centre and angle from the size class and the raw uniforms (in place)."""
     u_r, u_x, u_y, u_a = p["_u"]
     lo = np.array([r[0] for r in _SIZE_RANGES])[p["size"]]
@@ -138,7 +140,7 @@ def _place(p: dict[str, np.ndarray], size: int) -> None:
     p["radius"] = radius
     p["cx"] = margin + (size - 2 * margin) * u_x
     p["cy"] = margin + (size - 2 * margin) * u_y
-    p["angle"] = 2 * np.pi * u_a
+    p["angle"] = np.deg2rad(max_rotation) * (2 * u_a - 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +289,7 @@ def _draw_object(
     for k in np.unique(pattern):
         j = np.nonzero(pattern == k)[0]
         dark[j] = _pattern_mask(int(k), u[j], v[j])
-    col = np.where(dark[..., None], rgb[:, None, None, :] * 0.4, rgb[:, None, None, :])
+    col = np.where(dark[..., None], rgb[:, None, None, :] * PATTERN_SHADE, rgb[:, None, None, :])
     if outline:
         inner = masks.copy()
         inner[:, 1:, :] &= masks[:, :-1, :]
@@ -300,9 +302,7 @@ def _draw_object(
     return masks
 
 
-def _render_chunk(
-    params: dict[str, np.ndarray], rng: np.random.Generator, size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _render_chunk(params: dict[str, np.ndarray], rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     m = len(params["shape"])
     canvas = np.empty((m, size, size, 3), dtype=np.float32)
     for k in range(len(BACKGROUNDS)):
@@ -361,6 +361,7 @@ def make_scenes(
     fixed: Mapping[str, Sequence[int] | np.ndarray] | None = None,
     caption_seed_offset: int = 0,
     start: int = 0,
+    max_rotation: float = MAX_ROTATION,
 ) -> Scenes:
     """Generate ``n`` scenes deterministically from ``seed``.
 
@@ -368,6 +369,8 @@ def make_scenes(
     categorical attributes (name -> ``n`` integer labels, e.g. for the Waterbirds-like split or
     for rendering the same objects again with new nuisances under another seed). ``start`` skips
     the first ``start`` images of the stream (must be a multiple of :data:`CHUNK`).
+    ``max_rotation`` (degrees) bounds the object's random rotation (shapes stay upright by default;
+    the zoo was trained with the default).
     """
     if n < 0:
         raise ValueError("n must be >= 0")
@@ -397,7 +400,7 @@ def make_scenes(
                     raise ValueError(f"fixed[{k!r}] out of range")
                 params[k] = params[k].copy()
                 params[k][:m] = vals
-        _place(params, size)
+        _place(params, size, max_rotation)
         # always render the whole chunk, so an image never depends on n
         im, mk = _render_chunk(params, _chunk_rng(seed, c, 1), size)
         images[c0 : c0 + m] = im[:m]
@@ -417,6 +420,4 @@ def make_scenes(
     }
     if not cols:
         attrs = {k: np.zeros(0, np.int64) for k in ATTRIBUTES}
-    return Scenes(
-        images, masks, attrs, caps, seed=int(seed), size=size, meta={"max_distractors": max_distractors}
-    )
+    return Scenes(images, masks, attrs, caps, seed=int(seed), size=size, meta={"max_distractors": max_distractors})

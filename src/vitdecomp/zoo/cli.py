@@ -17,17 +17,11 @@ def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="print the zoo models with their cards' headline numbers")
     ls.add_argument("--json", action="store_true", help="print the full cards as JSON")
     ls.set_defaults(func=run_list)
-    tr = sub.add_parser(
-        "train", help="retrain zoo models from scratch (reproducible; overwrites the weights)"
-    )
-    tr.add_argument(
-        "names", nargs="*", help=f"models to train (default: all, in the order {' '.join(TRAIN_ORDER)})"
-    )
+    tr = sub.add_parser("train", help="retrain zoo models from scratch (reproducible; overwrites the weights)")
+    tr.add_argument("names", nargs="*", help=f"models to train (default: all, in the order {' '.join(TRAIN_ORDER)})")
     tr.add_argument("--no-eval", action="store_true", help="skip the held-out measurements")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
-    tr.add_argument(
-        "--threads", type=int, help="torch CPU threads (on a shared, busy machine 1 is much faster than 2)"
-    )
+    tr.add_argument("--threads", type=int, help="torch CPU threads (on a shared, busy machine 1 is much faster than 2)")
     tr.add_argument("--out", help="write weights/ and cards/ under this folder instead of the package")
     tr.set_defaults(func=run_train)
     return p
@@ -52,9 +46,7 @@ def run_list(args: argparse.Namespace) -> int:
         if "task_min" in m:
             parts.append(f"task(min)={100 * m['task_min']:.1f}")
         if "zero_shot_min" in m:
-            parts.append(
-                f"zero-shot(min)={100 * m['zero_shot_min']:.1f} R@1={100 * m['r1_image_to_caption']:.1f}"
-            )
+            parts.append(f"zero-shot(min)={100 * m['zero_shot_min']:.1f} R@1={100 * m['r1_image_to_caption']:.1f}")
         if not c.get("weights_present"):
             parts.append("(weights missing: vitdecomp zoo train " + c["name"] + ")")
         print("  ".join(parts))

@@ -40,9 +40,7 @@ def features(model, name: str, images: np.ndarray, batch: int = 250, clip: bool 
     from vitdecomp.zoo.train import normalize, to_tensor
 
     x = to_tensor(images)
-    out = [
-        representation(model, name, normalize(x[i : i + batch], clip=clip)) for i in range(0, len(x), batch)
-    ]
+    out = [representation(model, name, normalize(x[i : i + batch], clip=clip)) for i in range(0, len(x), batch)]
     return torch.cat(out).float()
 
 
@@ -127,9 +125,7 @@ def clip_metrics(loaded, te, f_te: torch.Tensor) -> dict[str, Any]:
         zs[k] = round((pred == torch.from_numpy(te.attributes[k])).float().mean().item(), 4)
     n = min(N_RETRIEVAL, len(te))
     caps = te.captions[:n]
-    txt = torch.cat(
-        [F.normalize(model.encode_text(tok(caps[i : i + 250])), dim=-1) for i in range(0, n, 250)]
-    )
+    txt = torch.cat([F.normalize(model.encode_text(tok(caps[i : i + 250])), dim=-1) for i in range(0, n, 250)])
     top = (img[:n] @ txt.t()).argmax(1).tolist()
     r1 = float(np.mean([caps[j] == caps[i] for i, j in enumerate(top)]))
     return {
@@ -181,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("names", nargs="*", default=list(ZOO_NAMES))
     ap.add_argument("--write-cards", action="store_true", help="store the numbers in the cards")
     ap.add_argument("--json", type=Path, help="also write all metrics to this JSON file")
+    ap.add_argument("--from-cards", action="store_true", help="print the table of the cards' stored numbers")
     args = ap.parse_args(argv)
+    if args.from_cards:
+        print(table([read_card(n) or {"name": n} for n in args.names]))
+        return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = _data()
     cards, allm = [], {}

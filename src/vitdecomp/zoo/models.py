@@ -93,6 +93,7 @@ def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
 
         stem = cfg.pop("stem")
         backbone = ConvStem(
+            depth=len(stem["channels"]),
             channels=tuple(stem["channels"]),
             stride=tuple(stem["stride"]),
             kernel_size=tuple(stem["kernel_size"]),

@@ -51,17 +51,18 @@ class Recipe:
     seed: int = 0
     data_seed: int = 1000
     temperature: float = 0.2  # simclr
+    gray_p: float = 0.0  # simclr: probability that a view is turned to grey (SimCLR's random grayscale)
     distill_from: str | None = None  # clip: zoo model whose representation is distilled
     distill_weight: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 RECIPES: dict[str, Recipe] = {
-    "deit": Recipe("supervised", epochs=3),
-    "swin": Recipe("supervised", epochs=3),
-    "maxvit": Recipe("supervised", epochs=2, n_train=16000),
-    "dino": Recipe("simclr", epochs=3, n_train=20000, batch_size=256, lr=1e-3),
-    "clip": Recipe("clip", epochs=5, lr=5e-4, distill_from="deit"),
+    "deit": Recipe("supervised", epochs=6),
+    "swin": Recipe("supervised", epochs=6, distill_from="deit"),
+    "maxvit": Recipe("supervised", epochs=5, n_train=16000),
+    "dino": Recipe("simclr", epochs=3, n_train=20000, batch_size=256, lr=1e-3, temperature=0.1, gray_p=0.25),
+    "clip": Recipe("clip", epochs=4, lr=5e-4, distill_from="deit"),
 }
 
 
@@ -89,6 +90,14 @@ def labels_of(scenes) -> torch.Tensor:
 def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     f = torch.rand(x.shape[0], generator=g) < 0.5
     return torch.where(f.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def _gray(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    """Random grayscale (per image, probability ``p``) on uint8 [B, 3, H, W]."""
+    w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    lum = (x.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(x.dtype).expand_as(x)
+    f = torch.rand(x.shape[0], generator=g) < p
+    return torch.where(f.view(-1, 1, 1, 1), lum, x)
 
 
 def multi_attribute_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -120,9 +129,7 @@ def _param_groups(model: nn.Module, wd: float) -> list[dict]:
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or "pos_embed" in n or "token" in n or "positional" in n else decay).append(
-            p
-        )
+        (no_decay if p.ndim <= 1 or "pos_embed" in n or "token" in n or "positional" in n else decay).append(p)
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -165,6 +172,7 @@ def train(
 
     extra_modules = nn.ModuleDict()
     tokenizer = None
+    teacher_id = "given" if teacher is not None else None
     if recipe.objective == "simclr":
         d = model.embed_dim
         extra_modules["proj"] = nn.Sequential(nn.Linear(d, 256), nn.GELU(), nn.Linear(256, 128))
@@ -172,21 +180,24 @@ def train(
         from vitdecomp.zoo.hub import clip_tokenizer
 
         tokenizer = clip_tokenizer(config["text_cfg"]["context_length"])
-        if recipe.distill_from:
-            if teacher is None:
-                from vitdecomp.zoo.hub import load_zoo_model
+    if recipe.distill_from:
+        if teacher is None:
+            from vitdecomp.zoo.hub import load_zoo_model
 
-                ckpt = None
-                if (
-                    weights_dir is not None
-                    and (Path(weights_dir) / f"{recipe.distill_from}.safetensors").is_file()
-                ):
-                    ckpt = Path(weights_dir) / f"{recipe.distill_from}.safetensors"
-                teacher = load_zoo_model(recipe.distill_from, checkpoint=ckpt).model
-            teacher.eval()
-            with torch.no_grad():
-                td = _teacher_features(teacher, x_all[:2]).shape[1]
-            extra_modules["distill"] = nn.Linear(config["embed_dim"], td)
+            ckpt = None
+            if weights_dir is not None and (Path(weights_dir) / f"{recipe.distill_from}.safetensors").is_file():
+                ckpt = Path(weights_dir) / f"{recipe.distill_from}.safetensors"
+            loaded_teacher = load_zoo_model(recipe.distill_from, checkpoint=ckpt)
+            teacher_id = loaded_teacher.weights_id
+            teacher = loaded_teacher.model
+        teacher.eval()
+        with torch.no_grad():
+            td = _teacher_features(teacher, normalize(x_all[:2])).shape[1]
+        if recipe.objective == "clip":
+            sd = config["embed_dim"]
+        else:
+            sd = getattr(model, "head_hidden_size", None) or model.num_features
+        extra_modules["distill"] = nn.Linear(sd, td)
 
     params = _param_groups(model, recipe.weight_decay) + _param_groups(extra_modules, recipe.weight_decay)
     opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.999))
@@ -207,27 +218,30 @@ def train(
             from vitdecomp.world.captions import N_TEMPLATES, caption
 
             choices = caption_rng.integers(0, N_TEMPLATES * 3, n)
-            texts = [
-                caption({k: int(scenes.attributes[k][i]) for k in ATTRIBUTES}, int(choices[i]))
-                for i in range(n)
-            ]
+            texts = [caption({k: int(scenes.attributes[k][i]) for k in ATTRIBUTES}, int(choices[i])) for i in range(n)]
             missing = sorted({t for t in texts if t not in tok_cache})
             if missing:
                 for t, tok in zip(missing, tokenizer(missing), strict=True):
                     tok_cache[t] = tok
             tokens_all = torch.stack([tok_cache[t] for t in texts])
-        bar = tqdm(
-            range(steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{recipe.epochs}", disable=not progress
-        )
+        bar = tqdm(range(steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{recipe.epochs}", disable=not progress)
         run_loss = 0.0
         for b in bar:
             idx = perm[b * recipe.batch_size : (b + 1) * recipe.batch_size]
             _schedule(opt, step, total, recipe.lr, recipe.warmup_steps)
             xb = _flip(x_all[idx], g)
             if recipe.objective == "supervised":
-                loss = multi_attribute_loss(model(normalize(xb)), y_all[idx])
+                feats = model.forward_features(normalize(xb))
+                loss = multi_attribute_loss(model.forward_head(feats), y_all[idx])
+                if recipe.distill_from:
+                    with torch.no_grad():
+                        tf = _teacher_features(teacher, normalize(xb))
+                    sf = extra_modules["distill"](model.forward_head(feats, pre_logits=True))
+                    loss = loss + recipe.distill_weight * (1 - F.cosine_similarity(sf, tf, dim=1)).mean()
             elif recipe.objective == "simclr":
                 xa = _flip(x_alt[idx], g)
+                if recipe.gray_p > 0:
+                    xb, xa = _gray(xb, recipe.gray_p, g), _gray(xa, recipe.gray_p, g)
                 za = extra_modules["proj"](model(normalize(xb)))
                 zb = extra_modules["proj"](model(normalize(xa)))
                 loss = nt_xent(za, zb, recipe.temperature)
@@ -257,8 +271,7 @@ def train(
             model.eval()
             with torch.no_grad():
                 entry["val_acc"] = {
-                    k: round(v, 4)
-                    for k, v in multi_attribute_accuracy(model(normalize(val[0])), val[1]).items()
+                    k: round(v, 4) for k, v in multi_attribute_accuracy(model(normalize(val[0])), val[1]).items()
                 }
             model.train()
         history.append(entry)
@@ -270,6 +283,7 @@ def train(
         "train_time_s": round(time.time() - t0, 1),
         "data_time_s": round(t_data, 1),
         "steps": total,
+        "distill_teacher": teacher_id,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }
@@ -314,6 +328,7 @@ def save_checkpoint(model: nn.Module, name: str, weights_dir: Path | None = None
     }
     path = weights_dir / f"{name}.safetensors"
     save_file(sd, str(path), metadata={"name": name, "format": "pt", "dtype": "float16"})
+    path.chmod(0o644)
     return path
 
 
