@@ -17,6 +17,7 @@ blocks and branches; this module does the rest for every family.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -95,6 +96,16 @@ class Readout:
     def num_slots(self) -> int:
         return self.mats.shape[0]
 
+    @functools.cached_property
+    def flat(self) -> Tensor:
+        """``mats`` laid out once as ``[K*D_s, D_out]`` so each readout is a single matmul."""
+        k, o, d = self.mats.shape
+        return self.mats.permute(0, 2, 1).reshape(k * d, o)
+
+    def apply_pooled(self, pooled: Tensor) -> Tensor:
+        """``[..., K, D_s] -> [..., D_out]``: the slot matrices applied to slot-pooled vectors."""
+        return pooled.reshape(*pooled.shape[:-2], -1).to(self.flat) @ self.flat
+
     def pool(self, x: Tensor) -> Tensor:
         """``[B, S, E] -> [B, K, E]``: the weighted sum of tokens per slot."""
         x = x.to(self.weight.dtype)
@@ -112,11 +123,11 @@ class Readout:
 
     def field(self, x: Tensor) -> Tensor:
         """Read out a field ``[B, S, D_s]`` (already at ``positions``) -> ``[B, D_out]``."""
-        return torch.einsum("bkd,kod->bo", self.pool(x), self.mats)
+        return self.apply_pooled(self.pool(x))
 
     def const(self, vec: Tensor) -> Tensor:
         """Read out the same vector ``[D_s]`` added at every position -> ``[B, D_out]``."""
-        return self.slot_weights() @ (self.mats @ vec.to(self.mats))
+        return self.apply_pooled(self.slot_weights()[:, :, None] * vec.to(self.mats))
 
 
 def pool_weights(x: Tensor, positions: Tensor | None, skip: int = 0) -> Tensor:
@@ -338,11 +349,11 @@ class AttentionBranch(Branch):
         u = torch.einsum("dhe,bkhe->bkhd", w, pz)
         bias = self.out_bias(ro.mats)
         if not self.heads:
-            out = torch.einsum("bkd,kod->bo", u.sum(2), ro.mats)
+            out = ro.apply_pooled(u.sum(2))
             if bias is not None:
                 out = out + ro.const(bias)
             return out[:, None]
-        parts = [torch.einsum("bkhd,kod->bho", u, ro.mats)]
+        parts = [ro.apply_pooled(u.transpose(1, 2))]
         if bias is not None:
             parts.append(ro.const(bias)[:, None])
         return torch.cat(parts, 1)
