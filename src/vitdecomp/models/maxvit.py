@@ -67,6 +67,7 @@ from vitdecomp.decompose import (
     Stage,
     WindowedAttention,
     check_plan_args,
+    pool_weights,
 )
 from vitdecomp.errors import UnsupportedModuleError
 
@@ -323,9 +324,7 @@ class MaxViTAdapter:
 
         def readout():
             x = nchw_to_stream(seen["stream"])
-            b, n, d = x.shape
-            weight = torch.full((b, n), 1.0 / n, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-            rb = ReadoutBuilder(weight, d)
+            rb = ReadoutBuilder(pool_weights(x, None), x.shape[-1])
             if final_norm is not None:
                 rb.token_norm(x, final_norm, ComponentLabel("norm_bias"))
             if representation != "pooled" and head_norm is not None:

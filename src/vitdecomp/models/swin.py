@@ -35,6 +35,7 @@ from vitdecomp.decompose import (
     Stage,
     WindowedAttention,
     check_plan_args,
+    pool_weights,
 )
 from vitdecomp.errors import UnsupportedModuleError
 
@@ -141,9 +142,7 @@ class SwinAdapter:
 
         def readout():
             x = seen["stream"].reshape(seen["stream"].shape[0], -1, seen["stream"].shape[-1])
-            b, n, d = x.shape
-            weight = torch.full((b, n), 1.0 / n, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-            rb = ReadoutBuilder(weight, d)
+            rb = ReadoutBuilder(pool_weights(x, None), x.shape[-1])
             rb.token_norm(x, final_norm, ComponentLabel("norm_bias"))
             if representation == "logits":
                 rb.linear(head.fc.weight, head.fc.bias, ComponentLabel("head_bias"))
