@@ -5,6 +5,7 @@ Norm gains/biases and layer scales are perturbed so that no rule can pass by the
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import open_clip
@@ -40,6 +41,24 @@ def _clip(size: int = 32, **vision) -> Callable[[], tuple[nn.Module, int]]:
     return make
 
 
+def _zoo(name: str, **changes) -> Callable[[], tuple[nn.Module, int]]:
+    """A zoo architecture (convolutional stem in front of the transformer), shrunk."""
+
+    def make() -> tuple[nn.Module, int]:
+        from vitdecomp.zoo.models import ZOO_CONFIGS, build_model
+
+        cfg = copy.deepcopy(ZOO_CONFIGS[name])
+        for key, value in changes.items():
+            if isinstance(value, dict):
+                cfg[key].update(value)
+            else:
+                cfg[key] = value
+        torch.manual_seed(0)
+        return perturb(build_model(name, cfg)), 64
+
+    return make
+
+
 VIT = {"depth": 3, "embed_dim": 48, "num_heads": 3, "num_classes": 7}
 P8 = {"img_size": 32, "patch_size": 8}
 MAXVIT = {
@@ -66,6 +85,15 @@ SMALL_MODELS: dict[str, Callable[[], tuple[nn.Module, int]]] = {
     "swin": _timm("swin_tiny_patch4_window7_224", 64, img_size=64, num_classes=5, **SWIN),
     "swin-padded": _timm("swin_tiny_patch4_window7_224", 56, img_size=56, num_classes=5, **SWIN),
     "maxvit-tf": _timm("maxvit_tiny_tf_224", 64, **MAXVIT, stem_width=16, head_hidden_size=32),
+    "zoo-vit-convstem": _zoo("deit", depth=2, embed_dim=32, num_heads=2, stem={"channels": [8, 16, 32, 32]}),
+    "zoo-swin-convstem": _zoo("swin", embed_dim=16, depths=[2, 1], num_heads=[1, 2]),
+    "zoo-clip-convstem": _zoo(
+        "clip",
+        embed_dim=16,
+        vision_cfg={"layers": 2, "width": 32, "head_width": 16},
+        text_cfg={"layers": 1, "width": 32},
+        image_stem={"channels": [8, 8, 16, 32]},
+    ),
     "maxvit-rw": _timm("maxvit_rmlp_pico_rw_256", 64, **MAXVIT, stem_width=(8, 16), transformer_init_values=0.5),
 }
 

@@ -76,12 +76,8 @@ def test_training_from_store_recovers_planted_maps(tmp_path):
     c, z, w = planted(1200)
     store = open_store(tmp_path, key())
     for s in range(0, len(c), 300):
-        store.append(
-            [str(i) for i in range(s, s + 300)], c[s : s + 300], c[s : s + 300].sum(1), z[s : s + 300]
-        )
-    a = train_aligner(
-        store, lr=1e-2, batch_size=128, max_steps=1200, eval_every=50, patience=6, progress=False
-    )
+        store.append([str(i) for i in range(s, s + 300)], c[s : s + 300], c[s : s + 300].sum(1), z[s : s + 300])
+    a = train_aligner(store, lr=1e-2, batch_size=128, max_steps=1200, eval_every=50, patience=6, progress=False)
     assert a.key == store.key.to_dict() and a.labels == NAMES
     assert a.metrics["val_cosine"] > 0.99
     c_new, z_new, _ = planted(200, seed=0)  # same maps, new images

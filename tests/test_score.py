@@ -86,9 +86,7 @@ def test_paper_score_depends_on_description_order_invariant_does_not():
     paper_changes = []
     for name, t2 in same_span.items():
         for m in ("invariant", "share"):
-            torch.testing.assert_close(
-                score(stack, t2, m), base[m], rtol=1e-9, atol=1e-9, msg=f"{m} / {name}"
-            )
+            torch.testing.assert_close(score(stack, t2, m), base[m], rtol=1e-9, atol=1e-9, msg=f"{m} / {name}")
         paper_changes.append((score(stack, t2, "paper") - base["paper"]).abs().max().item())
     # the published QR score moves when the descriptions are merely reordered or re-mixed
     assert paper_changes[0] > 1e-3 and paper_changes[1] > 1e-3, paper_changes
@@ -146,9 +144,7 @@ def test_score_features_streams_store_and_matches_direct(tmp_path):
         progress=False,
     )
     for m, table in tables.items():
-        assert (
-            isinstance(table, ScoreTable) and table.labels == names and table.features == ["planted", "other"]
-        )
+        assert isinstance(table, ScoreTable) and table.labels == names and table.features == ["planted", "other"]
         torch.testing.assert_close(table["planted"], score(stack, t, m).float(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(table["other"], score(stack, t2, m).float(), rtol=1e-5, atol=1e-6)
         assert table.ranking("planted", 1)[0][0] == "L0.H1"

@@ -48,9 +48,7 @@ def batches(images: torch.Tensor, bs: int):
 
 def test_round_trip_exact(tmp_path):
     imgs = fake_images(23)
-    store = fill_store(
-        open_store(tmp_path, make_key()), batches(imgs, 5), decompose_fn, clip_fn, progress=False
-    )
+    store = fill_store(open_store(tmp_path, make_key()), batches(imgs, 5), decompose_fn, clip_fn, progress=False)
     again = ContributionStore(store.path)  # fresh object: reads from disk
     dec = decompose_fn(imgs)
     assert len(again) == 23
@@ -139,9 +137,7 @@ def test_resume_after_interruption_no_duplicates_or_gaps(tmp_path):
 
 def test_resume_with_changed_source_is_refused(tmp_path):
     imgs = fake_images(8)
-    store = fill_store(
-        open_store(tmp_path, make_key()), batches(imgs, 4), decompose_fn, clip_fn, progress=False
-    )
+    store = fill_store(open_store(tmp_path, make_key()), batches(imgs, 4), decompose_fn, clip_fn, progress=False)
     shuffled = ((["x" + i for i in ids], x) for ids, x in batches(imgs, 4))
     with pytest.raises(MismatchError, match="image source changed"):
         fill_store(store, shuffled, decompose_fn, clip_fn, progress=False)
@@ -169,9 +165,7 @@ def test_duplicate_ids_refused(tmp_path):
 )
 def test_key_mismatch_never_reused(tmp_path, change):
     imgs = fake_images(6)
-    store = fill_store(
-        open_store(tmp_path, make_key()), batches(imgs, 3), decompose_fn, clip_fn, progress=False
-    )
+    store = fill_store(open_store(tmp_path, make_key()), batches(imgs, 3), decompose_fn, clip_fn, progress=False)
     other = make_key(**change)
     assert store_dir(tmp_path, other) != store.path  # open_store: a fresh folder
     assert len(open_store(tmp_path, other)) == 0
@@ -184,6 +178,4 @@ def test_layout_mismatch_at_write_refused(tmp_path):
     store = open_store(tmp_path, make_key(labels=[*NAMES[:-1], "L0.other"]))
     dec = decompose_fn(fake_images(2))
     with pytest.raises(MismatchError, match="layout"):
-        store.append(
-            ["a", "b"], dec.contributions, dec.representation, clip_fn(fake_images(2)), labels=dec.names
-        )
+        store.append(["a", "b"], dec.contributions, dec.representation, clip_fn(fake_images(2)), labels=dec.names)

@@ -88,15 +88,18 @@ def test_validate_runs_and_writes_the_document(tmp_path):
     from vitdecomp.validate import main
 
     out = tmp_path / "validation.md"
-    argv = ["--models", "zoo:deit", "--random-init", "--n-train", "64", "--n-test", "48", "--align-steps", "10"]
+    argv = ["--models", "zoo:deit", "--control", "--n-train", "64", "--n-test", "48", "--align-steps", "10"]
     argv += ["--out", str(out), "--cache-dir", str(tmp_path / "c"), "--quiet", "--json", str(tmp_path / "v.json")]
     assert main(argv) == 0
     text = out.read_text()
-    for part in ("Summary against the targets", "zoo:deit", "CompAlign ablation", "P@20", "Spearman"):
+    for part in ("Summary against the targets", "zoo:deit", "CompAlign ablation", "P@20", "Spearman", "(random init)"):
         assert part in text
     import json
 
-    r = json.loads((tmp_path / "v.json").read_text())[0]
+    saved = json.loads((tmp_path / "v.json").read_text())
+    assert saved["control"][0]["weights_id"].endswith("@random-init")
+    assert not saved["results"][0]["weights_id"].endswith("@random-init")
+    r = saved["results"][0]
     assert set(r["spearman_probe"]["invariant"]) == {"shape", "color", "pattern", "background"}
     assert set(r["ablation"]) == {"shared", "lambda=0", "compalign"}
     assert all(0.0 <= v <= 1.0 for v in r["probe_accuracy"]["shape"].values())

@@ -113,35 +113,36 @@ def _tiny(name: str) -> dict:
         cfg.update(depth=1, embed_dim=32, num_heads=2)
         cfg["stem"]["channels"] = [8, 16, 32, 32]
     elif name == "swin":
-        cfg.update(embed_dim=16, depths=[1, 1, 1], num_heads=[1, 2, 4])
+        cfg.update(embed_dim=16, depths=[1, 1], num_heads=[1, 2])
+        cfg["stem"]["channels"] = [8, 8, 16, 16]
     elif name == "clip":
         cfg["vision_cfg"].update(layers=1, width=32, head_width=16)
+        cfg["image_stem"]["channels"] = [8, 8, 16, 32]
         cfg["text_cfg"].update(layers=1, width=32, heads=2)
         cfg["embed_dim"] = 16
     return cfg
 
 
 @pytest.mark.parametrize(
-    "name,objective", [("deit", "supervised"), ("swin", "supervised"), ("dino", "simclr"), ("clip", "clip")]
+    "name,objective,extra,steps",
+    [
+        ("deit", "supervised", {}, 3),
+        ("swin", "supervised", {"distill_from": "deit", "kd_weight": 1.0, "distill_weight": 0.0}, 3),
+        ("dino", "simclr", {}, 3),
+        # 96 scenes over 5 backgrounds: runs of 8 sharing a background, leftovers dropped -> 2 batches
+        ("dino", "simclr", {"group_by": ("background",), "group_size": 8}, 2),
+        ("clip", "clip", {"distill_from": "deit", "kd_weight": 1.0}, 3),
+    ],
 )
-def test_few_step_training(name, objective):
+def test_few_step_training(name, objective, extra, steps):
     cfg = _tiny(name)
-    recipe = Recipe(
-        objective,
-        epochs=1,
-        n_train=96,
-        batch_size=32,
-        warmup_steps=1,
-        lr=3e-3,
-        gray_p=0.5,
-        distill_from="deit" if name in ("clip", "swin") else None,
-    )
+    recipe = Recipe(objective, epochs=1, n_train=96, batch_size=32, warmup_steps=1, lr=3e-3, gray_p=0.5, **extra)
     torch.manual_seed(0)
     before = {k: v.clone() for k, v in build_model(name, cfg).state_dict().items()}
     teacher = build_model("deit", _tiny("deit")).eval() if recipe.distill_from else None
     logs = []
     model, record = train(name, recipe=recipe, config=cfg, progress=False, teacher=teacher, log=logs.append)
-    assert record["steps"] == 3 and len(record["history"]) == 1
+    assert record["steps"] == steps and len(record["history"]) == 1
     assert np.isfinite(record["history"][0]["loss"])
     after = model.state_dict()
     changed = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])]
@@ -152,3 +153,106 @@ def test_few_step_training(name, objective):
     model2, _ = train(name, recipe=recipe, config=cfg, progress=False, teacher=teacher, log=lambda m: None)
     k = next(k for k in changed)
     torch.testing.assert_close(model2.state_dict()[k], after[k])
+
+
+def test_grouped_epoch_order_runs_share_the_grouped_attributes():
+    from vitdecomp.zoo.train import _epoch_order, _group_keys
+
+    s = make_scenes(600, seed=5)
+    recipe = Recipe("simclr", epochs=1, n_train=600, batch_size=32, group_by=("color", "background"), group_size=4)
+    keys = _group_keys(s, recipe.group_by)
+    assert len(np.unique(keys)) == 30
+    order = _epoch_order(600, recipe, torch.Generator().manual_seed(0), keys).numpy()
+    assert len(set(order.tolist())) == len(order)  # no scene twice
+    runs = keys[order].reshape(-1, 4)
+    assert (runs == runs[:, :1]).all()  # each run of 4 shares colour and background
+    assert len(np.unique(runs[:, 0])) > 20  # and the runs are mixed across combinations
+    # at most group_size - 1 scenes of each combination are left out
+    dropped = 600 - len(order)
+    assert 0 <= dropped <= 30 * 3
+    again = _epoch_order(600, recipe, torch.Generator().manual_seed(0), keys).numpy()
+    np.testing.assert_array_equal(order, again)
+
+
+def test_soft_label_loss_is_zero_only_for_matching_logits():
+    from vitdecomp.zoo.train import soft_label_loss
+
+    t = torch.randn(5, NUM_LOGITS)
+    assert soft_label_loss(t, t, 2.0).abs().item() < 1e-6
+    # a constant shift inside each attribute's slice leaves its softmax unchanged
+    assert soft_label_loss(t + 3.0, t, 2.0).abs().item() < 1e-5
+    assert soft_label_loss(torch.randn(5, NUM_LOGITS), t, 2.0).item() > 1e-3
+
+
+@pytest.mark.parametrize("failing", ["dino", "deit"])
+def test_parallel_training_waits_for_teachers_and_stops_students_of_failures(tmp_path, failing):
+    import argparse
+    import sys
+
+    from vitdecomp.zoo.cli import TRAIN_ORDER, _train_parallel
+    from vitdecomp.zoo.train import RECIPES
+
+    stamp = tmp_path / "order.txt"
+
+    def fake(name, args, out):
+        code = (
+            f"import time; open({str(stamp)!r}, 'a').write('start {name}\\n'); time.sleep(0.3); "
+            f"print('{name} epoch 1/1: 100%'); open({str(stamp)!r}, 'a').write('end {name}\\n'); "
+            f"raise SystemExit(3 if {name!r} == {failing!r} else 0)"
+        )
+        return [sys.executable, "-c", code]
+
+    args = argparse.Namespace(jobs=2, threads=None, no_eval=True)
+    assert _train_parallel(list(TRAIN_ORDER), args, tmp_path, command=fake, poll=0.05) == 1
+    events = stamp.read_text().split("\n")
+    students = [n for n in TRAIN_ORDER if RECIPES[n].distill_from == "deit"]
+    assert students, "some zoo model distils from deit"
+    for student in students:
+        if failing == "deit":
+            assert f"start {student}" not in events  # never started: its teacher failed
+        else:
+            assert events.index(f"start {student}") > events.index("end deit")
+    started = [e.split()[1] for e in events if e.startswith("start")]
+    assert len(started) == len(TRAIN_ORDER) - (len(students) if failing == "deit" else 0)
+    assert (tmp_path / "zoo-logs" / "deit.log").read_text().strip() == "deit epoch 1/1: 100%"
+
+
+def test_resume_check_follows_recipe_weights_and_teacher(tmp_path, monkeypatch):
+    import json
+
+    from vitdecomp.zoo import train as zt
+
+    weights, cards = tmp_path / "weights", tmp_path / "cards"
+    model = build_model("deit", _tiny("deit"))
+    path = zt.save_checkpoint(model, "deit", weights)
+    from vitdecomp.models.loading import file_digest
+
+    card = {
+        "config": ZOO_CONFIGS["deit"],
+        "training": {"recipe": zt.asdict(zt.RECIPES["deit"])},
+        "weights": {"sha256_16": file_digest(path)},
+    }
+    zt.write_card("deit", card, cards)
+    assert zt.is_up_to_date("deit", weights, cards)
+    card["training"]["recipe"]["epochs"] += 1
+    zt.write_card("deit", card, cards)
+    assert not zt.is_up_to_date("deit", weights, cards)
+    card["training"]["recipe"]["epochs"] -= 1
+    zt.write_card("deit", card, cards)
+    path.write_bytes(path.read_bytes() + b" ")  # weights changed after the card was written
+    assert not zt.is_up_to_date("deit", weights, cards)
+    # a student is stale once its teacher's weights change
+    zt.save_checkpoint(model, "deit", weights)
+    zt.save_checkpoint(model, "swin", weights)  # any file: only digests are compared
+    student = {
+        "config": ZOO_CONFIGS["swin"],
+        "training": {"recipe": zt.asdict(zt.RECIPES["swin"]), "distill_teacher": f"zoo:deit@{file_digest(path)}"},
+        "weights": {"sha256_16": file_digest(weights / "swin.safetensors")},
+    }
+    zt.write_card("swin", student, cards)
+    assert zt.is_up_to_date("swin", weights, cards)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    zt.save_checkpoint(model, "deit", weights)
+    assert not zt.is_up_to_date("swin", weights, cards)
+    assert json.loads((cards / "swin.json").read_text())["config"]["family"] == "timm.SwinTransformer"

@@ -100,9 +100,7 @@ class Aligner:
         """The aligned whole ``sum_i W_i c_i + b``: ``[B, C, D] -> [B, d_clip]``."""
         return apply(self, contributions).sum(1) + self.bias.to(contributions.device, torch.float32)
 
-    def check(
-        self, key: StoreKey | dict[str, Any] | None = None, labels: Sequence[str] | None = None
-    ) -> None:
+    def check(self, key: StoreKey | dict[str, Any] | None = None, labels: Sequence[str] | None = None) -> None:
         """Raise :class:`MismatchError` unless this aligner fits data with ``key`` / ``labels``."""
         if labels is not None and list(labels) != self.labels:
             raise MismatchError(
@@ -133,9 +131,7 @@ def apply(aligner: Aligner, contributions: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bcd,ced->bce", x, aligner.weight)
 
 
-def identity_aligner(
-    labels: Sequence[str], dim: int, key: StoreKey | dict[str, Any] | None = None
-) -> Aligner:
+def identity_aligner(labels: Sequence[str], dim: int, key: StoreKey | dict[str, Any] | None = None) -> Aligner:
     """The map for CLIP-family subjects whose contributions are already CLIP image-space vectors."""
     return Aligner(
         weight=None,
@@ -195,9 +191,7 @@ def _evaluate(aligner: Aligner, rows: _Rows, idx: np.ndarray, batch_size: int) -
     return total / max(count, 1)
 
 
-def evaluate(
-    aligner: Aligner, source: ContributionStore | tuple[Any, Any], batch_size: int = 256
-) -> dict[str, float]:
+def evaluate(aligner: Aligner, source: ContributionStore | tuple[Any, Any], batch_size: int = 256) -> dict[str, float]:
     """Mean cosine between the aligned whole and the CLIP embedding over all rows of ``source``."""
     rows = _Rows(source)
     return {"cosine": _evaluate(aligner, rows, np.arange(rows.n), batch_size), "n": rows.n}
@@ -230,9 +224,7 @@ def train_aligner(
     ``1/(n * d_clip)``-normalised orthogonality penalty (``lam = 0``: the ablation without it).
     """
     if mode not in ("compalign", "shared"):
-        raise ValueError(
-            f"mode must be 'compalign' or 'shared' (use identity_aligner for CLIP), not {mode!r}"
-        )
+        raise ValueError(f"mode must be 'compalign' or 'shared' (use identity_aligner for CLIP), not {mode!r}")
     from tqdm.auto import tqdm
 
     dev = resolve_device(device)
@@ -394,9 +386,7 @@ def load_aligner(
     return aligner.to(resolve_device(device))
 
 
-def aligner_dir(
-    root: str | Path, key: StoreKey, mode: str = "compalign", lam: float = DEFAULT_LAMBDA
-) -> Path:
+def aligner_dir(root: str | Path, key: StoreKey, mode: str = "compalign", lam: float = DEFAULT_LAMBDA) -> Path:
     """A cache folder for the aligner of ``key``'s model setting (the image set is not part of it)."""
     import hashlib
     import re
@@ -433,9 +423,7 @@ def aligned_component(
 
 
 @torch.no_grad()
-def aligned_stack(
-    source: ContributionStore | torch.Tensor, aligner: Aligner, batch_size: int = 256
-) -> torch.Tensor:
+def aligned_stack(source: ContributionStore | torch.Tensor, aligner: Aligner, batch_size: int = 256) -> torch.Tensor:
     """The whole aligned stack ``[N, C, d_clip]`` in memory (small stores only; else stream batches)."""
     if isinstance(source, ContributionStore):
         parts = [aligner.apply(b["contributions"]) for b in source.iter_batches(batch_size)]

@@ -920,6 +920,11 @@ def _token_stack(
 ) -> TokenContributions:
     n = values.shape[2]
     grid = grid or stage.grid or (1, n - stage.num_prefix_tokens)
+    if grid[0] * grid[1] + stage.num_prefix_tokens != n:
+        raise VitDecompError(
+            f"stage {stage.index}: a {grid[0]}x{grid[1]} token grid plus {stage.num_prefix_tokens} prefix tokens "
+            f"does not match the {n} tokens of the stream (wrong patch stride in the adapter)"
+        )
     boxes = pixel_boxes(grid, stage.patch, stage.num_prefix_tokens)
     return TokenContributions(values, labels, boxes, grid, stage.num_prefix_tokens)
 

@@ -83,9 +83,7 @@ def load_features(
             return load_features(_world_features())
         data = json.loads(resources.files("vitdecomp").joinpath("data", "features.json").read_text())
         if str(spec) not in data or str(spec).startswith("_"):
-            raise ValueError(
-                f"no feature set {spec!r}: give a dict, a .json file or one of {builtin_feature_sets()}"
-            )
+            raise ValueError(f"no feature set {spec!r}: give a dict, a .json file or one of {builtin_feature_sets()}")
         return load_features(data[str(spec)])
     merged: dict[str, list[str]] = {}
     for part in spec:

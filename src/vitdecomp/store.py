@@ -233,9 +233,7 @@ class ContributionStore:
         """Rows ``index`` as float32 tensors: ``contributions [b, C, D]``, ``representation``, ``clip``."""
         if not isinstance(index, slice):
             index = np.sort(np.asarray(index, dtype=np.int64))  # sorted reads are sequential on disk
-        return {
-            name: torch.from_numpy(np.array(getattr(self, name)[index], dtype=np.float32)) for name in _ARRAYS
-        }
+        return {name: torch.from_numpy(np.array(getattr(self, name)[index], dtype=np.float32)) for name in _ARRAYS}
 
     def iter_batches(self, batch_size: int = 256) -> Iterable[dict[str, torch.Tensor]]:
         """Committed rows in order, ``batch_size`` at a time (see :meth:`batch`)."""

@@ -98,9 +98,7 @@ class TextEncoder:
 
             with safe_open(str(f), framework="pt") as fh:
                 meta = fh.metadata() or {}
-                if meta.get("weights_id") == self.weights_id and json.loads(meta["templates"]) == list(
-                    templates
-                ):
+                if meta.get("weights_id") == self.weights_id and json.loads(meta["templates"]) == list(templates):
                     emb = fh.get_tensor("embeddings")
                     table = {t: emb[i] for i, t in enumerate(json.loads(meta["texts"]))}
         self._memory[name] = table
@@ -120,9 +118,7 @@ class TextEncoder:
             "texts": json.dumps(texts),
         }
         tmp = f.with_name(f.name + f".{os.getpid()}.tmp")
-        save_file(
-            {"embeddings": torch.stack([table[t] for t in texts]).contiguous()}, str(tmp), metadata=meta
-        )
+        save_file({"embeddings": torch.stack([table[t] for t in texts]).contiguous()}, str(tmp), metadata=meta)
         os.replace(tmp, f)
 
     # --------------------------------------------------------------- encoding
@@ -178,9 +174,7 @@ def load_vocabulary(name_or_path: str | Path = "general") -> list[str]:
     else:
         res = _data_dir().joinpath(f"vocab_{name_or_path}.txt")
         if not res.is_file():
-            raise ValueError(
-                f"no vocabulary {name_or_path!r}: give a .txt file or one of {vocabulary_names()}"
-            )
+            raise ValueError(f"no vocabulary {name_or_path!r}: give a .txt file or one of {vocabulary_names()}")
         text = res.read_text()
     entries = (line.split("#", 1)[0].strip() for line in text.splitlines())
     return list(dict.fromkeys(e for e in entries if e))

@@ -440,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip", default="zoo:clip")
     ap.add_argument("--out", type=Path, default=Path("docs/validation.md"))
     ap.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
-    ap.add_argument("--control-json", type=Path, default=None, help="a --json of a --random-init run to show")
+    ap.add_argument(
+        "--control", action="store_true", help="also run the same models (and CLIP) with random weights, as a control"
+    )
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--n-train", type=int, default=DEFAULT_N_IMAGES)
     ap.add_argument("--n-test", type=int, default=N_TEST)
@@ -454,23 +456,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    results = []
-    for name in args.models:
-        r = validate_model(
-            name,
-            args.clip,
-            cache_dir=args.cache_dir,
-            n_train=args.n_train,
-            n_test=args.n_test,
-            random_init=args.random_init,
-            ablation=name in args.ablation,
-            align_steps=args.align_steps,
-            device=args.device,
-            progress=not args.quiet,
-        )
-        results.append(r)
-        sp = _mean(r["spearman_probe"]["invariant"])
-        print(f"{name}: test cosine {r['alignment']['test_cosine']:.3f}, Spearman vs probe {sp:.3f}", flush=True)
+    runs = [False, True] if args.control and not args.random_init else [args.random_init]
+    by_run: dict[bool, list[dict]] = {}
+    for random_init in runs:
+        by_run[random_init] = []
+        for name in args.models:
+            r = validate_model(
+                name,
+                args.clip,
+                cache_dir=args.cache_dir,
+                n_train=args.n_train,
+                n_test=args.n_test,
+                random_init=random_init,
+                ablation=name in args.ablation and not (random_init and args.control),
+                align_steps=args.align_steps,
+                device=args.device,
+                progress=not args.quiet,
+            )
+            by_run[random_init].append(r)
+            sp = _mean(r["spearman_probe"]["invariant"])
+            tag = " (random init)" if random_init else ""
+            print(
+                f"{name}{tag}: test cosine {r['alignment']['test_cosine']:.3f}, Spearman vs probe {sp:.3f}", flush=True
+            )
+    results = by_run[runs[0]]
+    control = by_run.get(True) if args.control and not args.random_init else None
     meta = {
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
@@ -478,7 +488,6 @@ def main(argv: list[str] | None = None) -> int:
         "time_s": time.time() - t0,
     }
     shown = list(argv if argv is not None else sys.argv[1:])
-    control = json.loads(args.control_json.read_text()) if args.control_json else None
     text = markdown(results, shown, meta, control)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.is_file():  # keep a hand-written "## Notes" section of the previous version
@@ -487,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             text = text.rstrip("\n") + "\n\n## Notes" + old.split("\n## Notes", 1)[1]
     args.out.write_text(text)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=float))
+        args.json.write_text(json.dumps({"results": results, "control": control}, indent=1, default=float))
     print(text)
     return 0
 

@@ -38,6 +38,7 @@ from vitdecomp.decompose import (
     pool_weights,
 )
 from vitdecomp.errors import UnsupportedModuleError
+from vitdecomp.models.vit import patch_stride
 
 REPRESENTATIONS = ("pre_logits", "logits")
 
@@ -88,7 +89,7 @@ class SwinAdapter:
         init: FieldBranch | None = None
         init_stage = len(model.layers) - 1
         layer = 0
-        patch0 = tuple(model.patch_embed.patch_size)
+        patch0 = patch_stride(model.patch_embed)
         for s, st in enumerate(model.layers):
             spath = f"layers.{s}"
             if type(st) is not SwinTransformerStage:

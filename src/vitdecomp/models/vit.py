@@ -91,7 +91,7 @@ class TimmViTAdapter:
             blocks.append(PlanBlock(path, blk, i, branches))
 
         npre = model.num_prefix_tokens
-        patch = tuple(model.patch_embed.patch_size)
+        patch = patch_stride(model.patch_embed)
         stage = Stage(0, blocks, patch=patch, num_prefix_tokens=npre)
         positions = torch.tensor([0]) if model.global_pool == "token" else None
         if start_layer < depth:
@@ -138,3 +138,10 @@ class TimmViTAdapter:
             grid_of_stage=grid_of_stage,
             meta={"representation": representation, "start_layer": start_layer, "num_blocks": depth},
         )
+
+
+def patch_stride(patch_embed: nn.Module) -> tuple[int, int]:
+    """Input pixels per token of a timm patch embedding (a ``HybridEmbed``'s backbone stride included)."""
+    patch = tuple(patch_embed.patch_size)
+    ratio = tuple(getattr(patch_embed, "feature_ratio", None) or (1, 1))
+    return (patch[0] * ratio[0], patch[1] * ratio[1])

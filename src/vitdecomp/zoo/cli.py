@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-#: Training order: ``clip`` distils from ``deit``, so ``deit`` comes first.
-TRAIN_ORDER = ("deit", "clip", "swin", "maxvit", "dino")
+#: Training order: ``swin`` and ``clip`` distil from ``deit``, so ``deit`` comes first; with
+#: ``--jobs 2`` the longest trainings start first (deit beside maxvit, then swin, clip, dino).
+TRAIN_ORDER = ("deit", "maxvit", "swin", "clip", "dino")
 
 
 def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
@@ -21,7 +22,19 @@ def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
     tr.add_argument("names", nargs="*", help=f"models to train (default: all, in the order {' '.join(TRAIN_ORDER)})")
     tr.add_argument("--no-eval", action="store_true", help="skip the held-out measurements")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
-    tr.add_argument("--threads", type=int, help="torch CPU threads (on a shared, busy machine 1 is much faster than 2)")
+    tr.add_argument("--threads", type=int, help="torch CPU threads per training (default: torch's, 1 with --jobs)")
+    tr.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="trainings run side by side as subprocesses, one thread each unless --threads (a teacher finishes "
+        "before its students start); on a 2-core machine --jobs 2 roughly halves the wall time",
+    )
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip models whose card and weights already match the current recipe, config and teacher",
+    )
     tr.add_argument("--out", help="write weights/ and cards/ under this folder instead of the package")
     tr.set_defaults(func=run_train)
     return p
@@ -57,28 +70,105 @@ def run_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from vitdecomp.zoo.models import ZOO_NAMES
-    from vitdecomp.zoo.train import train_and_save
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     names = args.names or list(TRAIN_ORDER)
     unknown = [n for n in names if n not in ZOO_NAMES]
     if unknown:
         raise SystemExit(f"unknown zoo model(s) {unknown}; choose from {list(ZOO_NAMES)}")
     names = [n for n in TRAIN_ORDER if n in names]
     out = Path(args.out) if args.out else None
+    weights_dir = out / "weights" if out else None
+    cards_dir = out / "cards" if out else None
+    if args.resume:
+        from vitdecomp.zoo.train import is_up_to_date
+
+        done = [n for n in names if is_up_to_date(n, weights_dir, cards_dir)]
+        for n in done:
+            print(f"zoo:{n} is up to date (card and weights match the recipe, config and teacher); skipped")
+        names = [n for n in names if n not in done]
+    if args.jobs > 1:
+        return _train_parallel(names, args, out)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from vitdecomp.zoo.train import train_and_save
+
     for name in names:
         card = train_and_save(
-            name,
-            progress=not args.quiet,
-            evaluate=not args.no_eval,
-            weights_dir=out / "weights" if out else None,
-            cards_dir=out / "cards" if out else None,
+            name, progress=not args.quiet, evaluate=not args.no_eval, weights_dir=weights_dir, cards_dir=cards_dir
         )
         print(f"zoo:{name} trained in {card['training']['train_time_s'] / 60:.1f} min")
     return 0
+
+
+def _train_command(name: str, args: argparse.Namespace, out) -> list[str]:
+    import sys
+
+    cmd = [sys.executable, "-m", "vitdecomp.zoo.cli", "train", name, "--threads", str(args.threads or 1)]
+    return cmd + ["--no-eval"] * args.no_eval + (["--out", str(out)] if out else [])
+
+
+def _train_parallel(names: list[str], args: argparse.Namespace, out, command=_train_command, poll: float = 2.0) -> int:
+    """Run the trainings as ``args.jobs`` side-by-side subprocesses (each logging to
+    ``<out or .>/zoo-logs/NAME.log``); a model starts once the model it distils from has finished."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from vitdecomp.zoo.train import RECIPES
+
+    log_dir = Path(out or ".") / "zoo-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending, running, failed = list(names), {}, []
+    t0 = time.time()
+    bar = tqdm(total=len(names), desc="zoo", unit="model")
+    while pending or running:
+        for name in [n for n in pending if len(running) < args.jobs]:
+            teacher = RECIPES[name].distill_from
+            if teacher in failed:
+                pending.remove(name)
+                failed.append(name)
+                bar.write(f"zoo:{name} not trained: its teacher {teacher} failed")
+                continue
+            if teacher in pending or teacher in running:
+                continue
+            cmd = command(name, args, out)
+            log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 (closed when the process ends)
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+            pending.remove(name)
+            bar.write(f"zoo:{name} started (log: {log_dir / f'{name}.log'})")
+        time.sleep(poll)
+        for name, (proc, log, started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            bar.update(1)
+            minutes = (time.time() - started) / 60
+            if proc.returncode:
+                failed.append(name)
+                bar.write(f"zoo:{name} FAILED after {minutes:.1f} min (exit {proc.returncode}); see its log")
+            else:
+                bar.write(f"zoo:{name} trained in {minutes:.1f} min")
+        bar.set_postfix_str(" | ".join(f"{n} {_last_progress(log_dir / f'{n}.log')}" for n in running))
+    bar.close()
+    print(f"zoo: {len(names) - len(failed)}/{len(names)} trained in {(time.time() - t0) / 60:.1f} min wall")
+    return 1 if failed else 0
+
+
+def _last_progress(path) -> str:
+    """The newest tqdm state in a training log, e.g. ``epoch 2/6 45%``."""
+    import re
+
+    try:
+        tail = path.read_bytes()[-400:].decode("utf-8", "replace")
+    except OSError:
+        return ""
+    hits = re.findall(r"epoch (\d+/\d+):\s*(\d+%)", tail)
+    return f"epoch {hits[-1][0]} {hits[-1][1]}" if hits else "starting"
 
 
 def main(argv: list[str] | None = None) -> int:

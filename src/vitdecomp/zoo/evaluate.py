@@ -80,12 +80,12 @@ def _data():
     return tr, te
 
 
-def evaluate_model(name: str, checkpoint=None, progress: bool = False, data=None) -> dict[str, Any]:
+def evaluate_model(name: str, checkpoint=None, progress: bool = False, data=None, config=None) -> dict[str, Any]:
     """All held-out measurements of one zoo model (loaded from its safetensors file)."""
     from vitdecomp.zoo.hub import load_zoo_model
 
     t0 = time.time()
-    loaded = load_zoo_model(name, checkpoint=checkpoint)
+    loaded = load_zoo_model(name, checkpoint=checkpoint, config=config)
     model = loaded.model
     tr, te = data or _data()
     is_clip = name == "clip"
@@ -110,19 +110,38 @@ def evaluate_model(name: str, checkpoint=None, progress: bool = False, data=None
 
 
 @torch.no_grad()
-def clip_metrics(loaded, te, f_te: torch.Tensor) -> dict[str, Any]:
+def class_text_embeddings(model, tokenizer) -> dict[str, torch.Tensor]:
+    """Per core attribute, [K, D] unit class embeddings: each the normalised mean of its normalised
+    prompt embeddings (:data:`vitdecomp.world.PROMPTS`)."""
     from vitdecomp.world.captions import prompt_texts
+
+    out = {}
+    for k in CORE_ATTRIBUTES:
+        cls = [
+            F.normalize(model.encode_text(tokenizer(prompt_texts(k, v))), dim=-1).mean(0)
+            for v in range(len(ATTRIBUTES[k]))
+        ]
+        out[k] = F.normalize(torch.stack(cls), dim=-1)
+    return out
+
+
+def zero_shot(image_features: torch.Tensor, classes: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
+    """Zero-shot accuracy per attribute: nearest class embedding to each image [N, D]; labels [N, A] in
+    ``CORE_ATTRIBUTES`` order."""
+    img = F.normalize(image_features.float(), dim=-1)
+    return {
+        k: ((img @ classes[k].t()).argmax(1) == labels[:, i]).float().mean().item()
+        for i, k in enumerate(CORE_ATTRIBUTES)
+    }
+
+
+@torch.no_grad()
+def clip_metrics(loaded, te, f_te: torch.Tensor) -> dict[str, Any]:
+    from vitdecomp.zoo.train import labels_of
 
     model, tok = loaded.model, loaded.tokenizer
     img = F.normalize(f_te, dim=-1)
-    zs = {}
-    for k in CORE_ATTRIBUTES:
-        cls = []
-        for v in range(len(ATTRIBUTES[k])):
-            t = F.normalize(model.encode_text(tok(prompt_texts(k, v))), dim=-1).mean(0)
-            cls.append(F.normalize(t, dim=0))
-        pred = (img @ torch.stack(cls).t()).argmax(1)
-        zs[k] = round((pred == torch.from_numpy(te.attributes[k])).float().mean().item(), 4)
+    zs = {k: round(v, 4) for k, v in zero_shot(f_te, class_text_embeddings(model, tok), labels_of(te)).items()}
     n = min(N_RETRIEVAL, len(te))
     caps = te.captions[:n]
     txt = torch.cat([F.normalize(model.encode_text(tok(caps[i : i + 250])), dim=-1) for i in range(0, n, 250)])

@@ -50,19 +50,25 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_zoo_model(
-    name: str, checkpoint: str | Path | None = None, *, random_init: bool = False, **kwargs: Any
+    name: str,
+    checkpoint: str | Path | None = None,
+    *,
+    random_init: bool = False,
+    config: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> LoadedModel:
     """A zoo model (``deit``, ``dino``, ``swin``, ``maxvit``, ``clip``) in eval mode.
 
-    ``checkpoint`` overrides the shipped ``weights/NAME.safetensors``; ``random_init=True`` skips
-    loading (tests, training). Unknown keyword arguments are refused.
+    ``checkpoint`` overrides the shipped ``weights/NAME.safetensors``; ``config`` the architecture
+    recorded in the shipped card (for checkpoints trained with another config);
+    ``random_init=True`` skips loading (tests, training). Unknown keyword arguments are refused.
     """
     if kwargs:
         raise TypeError(f"load_zoo_model got unexpected arguments {sorted(kwargs)}")
     if name not in ZOO_CONFIGS:
         raise ValueError(f"unknown zoo model {name!r}; the zoo has {list(ZOO_NAMES)}")
     card = read_card(name) or {}
-    config = card.get("config") or ZOO_CONFIGS[name]
+    config = config or card.get("config") or ZOO_CONFIGS[name]
     model = build_model(name, config)
     if random_init:
         weights_id = f"zoo:{name}@random-init"

@@ -3,18 +3,22 @@
 * ``deit``, ``dino``: ``timm.models.vision_transformer.VisionTransformer`` (class token, standard
   ``Block``/``Attention``) whose patch embedding is timm's ``HybridEmbed`` over timm's ``ConvStem``
   (as in timm's ``vit_*_mci`` models); the stem is part of the decomposition's "init".
-* ``swin``: ``timm SwinTransformer`` (v1 blocks), patch 4, window 4.
+* ``swin``: ``timm SwinTransformer`` (v1 blocks), window 4 (shifted) on an 8 × 8 grid, then one
+  patch merging to 4 × 4; the patch embedding is timm's ``HybridEmbed`` over a ``ConvStem`` of stride 8.
 * ``maxvit``: ``timm MaxxVit`` with rw-style MaxViT blocks (MBConv + block + grid attention).
-* ``clip``: ``open_clip.model.CLIP`` with an open_clip ``VisionTransformer`` image tower and
-  open_clip's own BPE tokenizer.
+* ``clip``: ``open_clip.model.CLIP`` with an open_clip ``VisionTransformer`` image tower whose
+  patchify convolution ``visual.conv1`` is replaced by a timm ``ConvStem`` of the same stride (8)
+  and output width, and open_clip's own BPE tokenizer.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from functools import partial
 from typing import Any
 
+from timm.layers import HybridEmbed
 from torch import nn
 
 from vitdecomp.world.scenes import ATTRIBUTES, CORE_ATTRIBUTES
@@ -44,11 +48,13 @@ ZOO_CONFIGS: dict[str, dict[str, Any]] = {
     "swin": {
         "family": "timm.SwinTransformer",
         "img_size": IMAGE_SIZE,
-        "patch_size": 4,
+        "patch_size": 8,
+        "stem": {"channels": [24, 48, 96, 96], "stride": [2, 2, 2, 1], "kernel_size": [3, 3, 3, 3]},
         "window_size": 4,
-        "embed_dim": 32,
-        "depths": [2, 2, 2],
-        "num_heads": [2, 4, 8],
+        "embed_dim": 96,
+        "depths": [2, 2],
+        "num_heads": [3, 6],
+        "drop_path_rate": 0.0,
         "num_classes": NUM_LOGITS,
     },
     "maxvit": {
@@ -73,6 +79,7 @@ ZOO_CONFIGS: dict[str, dict[str, Any]] = {
             "head_width": 32,
         },
         "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+        "image_stem": {"channels": [24, 48, 96, 128], "stride": [2, 2, 2, 1], "kernel_size": [3, 3, 3, 3]},
     },
 }
 ZOO_NAMES = tuple(ZOO_CONFIGS)
@@ -87,18 +94,9 @@ def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
     cfg = copy.deepcopy(config)
     family = cfg.pop("family")
     if family == "timm.VisionTransformer":
-        from timm.layers import HybridEmbed
         from timm.models.vision_transformer import VisionTransformer
-        from timm.models.vision_transformer_hybrid import ConvStem
 
-        stem = cfg.pop("stem")
-        backbone = ConvStem(
-            depth=len(stem["channels"]),
-            channels=tuple(stem["channels"]),
-            stride=tuple(stem["stride"]),
-            kernel_size=tuple(stem["kernel_size"]),
-            act_layer=nn.GELU,
-        )
+        backbone = conv_stem(cfg.pop("stem"))
         model = VisionTransformer(
             embed_layer=partial(HybridEmbed, backbone=backbone),
             patch_size=1,
@@ -110,6 +108,9 @@ def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
         import timm
 
         base = cfg.pop("base", "swin_tiny_patch4_window7_224")
+        if "stem" in cfg:
+            cfg["embed_layer"] = partial(_swin_hybrid_embed, backbone=conv_stem(cfg.pop("stem")))
+            cfg["patch_size"] = 1
         for k, v in list(cfg.items()):
             if isinstance(v, list):
                 cfg[k] = tuple(v)
@@ -119,8 +120,32 @@ def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
     if family == "open_clip.CLIP":
         from open_clip.model import CLIP
 
-        return CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
+        model = CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
+        if "image_stem" in cfg:
+            stem_cfg, vision = cfg["image_stem"], cfg["vision_cfg"]
+            if math.prod(stem_cfg["stride"]) != vision["patch_size"] or stem_cfg["channels"][-1] != vision["width"]:
+                raise ValueError("image_stem must have the patch size as stride and the width as last channels")
+            model.visual.conv1 = conv_stem(stem_cfg)
+        return model
     raise ValueError(f"unknown model family {family!r}")
+
+
+def conv_stem(stem: dict[str, Any]) -> nn.Module:
+    """timm's ``ConvStem`` (conv-BN-GELU layers, last conv plain with bias): [B,3,H,W] -> [B,C,H/s,W/s]."""
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    return ConvStem(
+        depth=len(stem["channels"]),
+        channels=tuple(stem["channels"]),
+        stride=tuple(stem["stride"]),
+        kernel_size=tuple(stem["kernel_size"]),
+        act_layer=nn.GELU,
+    )
+
+
+def _swin_hybrid_embed(backbone: nn.Module, norm_layer: Any = None, **kwargs: Any) -> nn.Module:
+    """timm's ``HybridEmbed`` as a Swin ``embed_layer`` (Swin passes a ``norm_layer`` it has no use for)."""
+    return HybridEmbed(backbone=backbone, **kwargs)
 
 
 def _timm_pretrained_cfg(model: nn.Module, name: str) -> dict[str, Any]:

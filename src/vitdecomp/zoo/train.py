@@ -1,18 +1,24 @@
 """Train the zoo from scratch on the generated world (reproducible: fixed seeds, fixed step counts).
 
-Recipes (all AdamW, linear warm-up then cosine decay, gradient clipping 1.0, random horizontal
-flips; a fixed pool of generated scenes, re-used each epoch):
+Recipes (:data:`RECIPES`; all AdamW, linear warm-up then cosine decay, gradient clipping 1.0,
+random horizontal flips; a fixed pool of generated scenes, re-used each epoch):
 
-* ``deit``, ``swin``, ``maxvit`` — supervised multi-attribute task: one cross-entropy per core
-  attribute (shape, color, pattern, background) over its slice of the logits.
+* ``deit`` — supervised multi-attribute task: one cross-entropy per core attribute (shape, color,
+  pattern, background) over its slice of the logits.
+* ``maxvit`` — the same task.
+* ``swin`` — the same task plus distillation from the trained ``zoo:deit`` (as DeiT distilled
+  from a teacher): Hinton's soft-label loss on each attribute's logits and a cosine loss between
+  a training-only linear map of its representation and deit's.
 * ``dino`` — self-supervised, SimCLR-style InfoNCE (NT-Xent) between two views of each scene
   (not DINO's self-distillation): the second view is the same object (same shape, colour,
   pattern, background, size class) rendered again by the generator with a new position,
-  rotation, radius, texture and noise, plus flips. No labels enter the loss; the projection head
-  is dropped after training.
+  rotation, radius, texture and noise, plus flips and random grayscale. Batches are made of runs
+  of scenes sharing colour and background, so that telling a view's partner from the other
+  scenes of its run takes shape, pattern and size (hard negatives). No labels enter the loss;
+  the projection head is dropped after training.
 * ``clip`` — open_clip's symmetric contrastive loss between images and their captions (a new
-  phrasing every epoch), plus feature distillation (cosine, through a training-only linear map)
-  from the trained ``zoo:deit`` representation, as DeiT distilled from a teacher.
+  phrasing every epoch), plus distillation from ``zoo:deit``: cosine on the representation and
+  soft labels on a training-only linear head over the image embedding.
 """
 
 from __future__ import annotations
@@ -52,17 +58,30 @@ class Recipe:
     data_seed: int = 1000
     temperature: float = 0.2  # simclr
     gray_p: float = 0.0  # simclr: probability that a view is turned to grey (SimCLR's random grayscale)
-    distill_from: str | None = None  # clip: zoo model whose representation is distilled
-    distill_weight: float = 1.0
+    distill_from: str | None = None  # zoo model distilled from (trained first)
+    distill_weight: float = 1.0  # cosine distillation of the teacher's representation (0: off)
+    kd_weight: float = 0.0  # soft-label distillation of the teacher's per-attribute logits (0: off)
+    kd_temperature: float = 2.0
+    group_by: tuple[str, ...] = ()  # simclr: batches made of groups of scenes sharing these attributes
+    group_size: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 RECIPES: dict[str, Recipe] = {
     "deit": Recipe("supervised", epochs=6),
-    "swin": Recipe("supervised", epochs=6, distill_from="deit"),
-    "maxvit": Recipe("supervised", epochs=5, n_train=16000),
-    "dino": Recipe("simclr", epochs=3, n_train=20000, batch_size=256, lr=1e-3, temperature=0.1, gray_p=0.25),
-    "clip": Recipe("clip", epochs=4, lr=5e-4, distill_from="deit"),
+    "swin": Recipe("supervised", epochs=8, distill_from="deit", kd_weight=1.0),
+    "maxvit": Recipe("supervised", epochs=8, n_train=20000),
+    "dino": Recipe(
+        "simclr",
+        epochs=5,
+        n_train=20000,
+        batch_size=256,
+        temperature=0.1,
+        gray_p=0.25,
+        group_by=("color", "background"),
+        group_size=32,
+    ),
+    "clip": Recipe("clip", epochs=4, lr=5e-4, distill_from="deit", kd_weight=1.0),
 }
 
 
@@ -192,18 +211,25 @@ def train(
             teacher = loaded_teacher.model
         teacher.eval()
         with torch.no_grad():
-            td = _teacher_features(teacher, normalize(x_all[:2])).shape[1]
-        if recipe.objective == "clip":
-            sd = config["embed_dim"]
-        else:
-            sd = getattr(model, "head_hidden_size", None) or model.num_features
-        extra_modules["distill"] = nn.Linear(sd, td)
+            td = _teacher_outputs(teacher, normalize(x_all[:2]))[0].shape[1]
+        sd = config["embed_dim"] if recipe.objective == "clip" else model.num_features
+        if recipe.objective != "clip":
+            sd = getattr(model, "head_hidden_size", None) or sd
+        if recipe.distill_weight:
+            extra_modules["distill"] = nn.Linear(sd, td)
+        if recipe.kd_weight and recipe.objective == "clip":
+            extra_modules["kd_head"] = nn.Linear(sd, sum(HEAD_SIZES.values()))
+    if recipe.objective == "clip":
+        vs = make_scenes(512, seed=recipe.data_seed + 500, size=IMAGE_SIZE)
+        val = (to_tensor(vs.images), labels_of(vs))
 
     params = _param_groups(model, recipe.weight_decay) + _param_groups(extra_modules, recipe.weight_decay)
     opt = torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.999))
     g = torch.Generator().manual_seed(recipe.seed)
     n = recipe.n_train
-    steps_per_epoch = n // recipe.batch_size
+    groups = _group_keys(scenes, recipe.group_by) if recipe.group_by else None
+    # the epoch length does not depend on the shuffle: count it with a throw-away generator
+    steps_per_epoch = len(_epoch_order(n, recipe, torch.Generator().manual_seed(0), groups)) // recipe.batch_size
     total = steps_per_epoch * recipe.epochs
     caption_rng = np.random.default_rng(recipe.seed + 7)
     tok_cache: dict[str, torch.Tensor] = {}
@@ -213,7 +239,7 @@ def train(
     extra_modules.train()
     t_train = time.time()
     for epoch in range(recipe.epochs):
-        perm = torch.randperm(n, generator=g)
+        perm = _epoch_order(n, recipe, g, groups)
         if recipe.objective == "clip":
             from vitdecomp.world.captions import N_TEMPLATES, caption
 
@@ -230,14 +256,15 @@ def train(
             idx = perm[b * recipe.batch_size : (b + 1) * recipe.batch_size]
             _schedule(opt, step, total, recipe.lr, recipe.warmup_steps)
             xb = _flip(x_all[idx], g)
+            teacher_out = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_out = _teacher_outputs(teacher, normalize(xb))
             if recipe.objective == "supervised":
                 feats = model.forward_features(normalize(xb))
-                loss = multi_attribute_loss(model.forward_head(feats), y_all[idx])
-                if recipe.distill_from:
-                    with torch.no_grad():
-                        tf = _teacher_features(teacher, normalize(xb))
-                    sf = extra_modules["distill"](model.forward_head(feats, pre_logits=True))
-                    loss = loss + recipe.distill_weight * (1 - F.cosine_similarity(sf, tf, dim=1)).mean()
+                rep = model.forward_head(feats, pre_logits=True)
+                logits = model.forward_head(feats)
+                loss = multi_attribute_loss(logits, y_all[idx])
             elif recipe.objective == "simclr":
                 xa = _flip(x_alt[idx], g)
                 if recipe.gray_p > 0:
@@ -246,14 +273,15 @@ def train(
                 zb = extra_modules["proj"](model(normalize(xa)))
                 loss = nt_xent(za, zb, recipe.temperature)
             else:
-                img = model.encode_image(normalize(xb, clip=True))
+                rep = model.encode_image(normalize(xb, clip=True))
                 txt = model.encode_text(tokens_all[idx])
-                loss = clip_loss(img, txt, model.logit_scale)
-                if recipe.distill_from:
-                    with torch.no_grad():
-                        tf = _teacher_features(teacher, normalize(xb))
-                    sf = extra_modules["distill"](img)
-                    loss = loss + recipe.distill_weight * (1 - F.cosine_similarity(sf, tf, dim=1)).mean()
+                loss = clip_loss(rep, txt, model.logit_scale)
+                logits = extra_modules["kd_head"](rep) if "kd_head" in extra_modules else None
+            if teacher_out is not None and recipe.distill_weight:
+                sf = extra_modules["distill"](rep)
+                loss = loss + recipe.distill_weight * (1 - F.cosine_similarity(sf, teacher_out[0], dim=1)).mean()
+            if teacher_out is not None and recipe.kd_weight:
+                loss = loss + recipe.kd_weight * soft_label_loss(logits, teacher_out[1], recipe.kd_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(extra_modules.parameters()), 1.0)
@@ -267,12 +295,17 @@ def train(
                 bar.set_postfix(loss=f"{run_loss:.3f}")
         bar.close()
         entry = {"epoch": epoch + 1, "loss": round(run_loss, 4), "time_s": round(time.time() - t_train, 1)}
-        if recipe.objective == "supervised" and val is not None:
+        if val is not None:
             model.eval()
             with torch.no_grad():
-                entry["val_acc"] = {
-                    k: round(v, 4) for k, v in multi_attribute_accuracy(model(normalize(val[0])), val[1]).items()
-                }
+                if recipe.objective == "clip":
+                    from vitdecomp.zoo.evaluate import class_text_embeddings, zero_shot
+
+                    img = model.encode_image(normalize(val[0], clip=True))
+                    acc = zero_shot(img, class_text_embeddings(model, tokenizer), val[1])
+                else:
+                    acc = multi_attribute_accuracy(model(normalize(val[0])), val[1])
+            entry["val_acc"] = {k: round(v, 4) for k, v in acc.items()}
             model.train()
         history.append(entry)
         log(f"[{name}] epoch {epoch + 1}: {json.dumps(entry)}")
@@ -290,8 +323,45 @@ def train(
     return model, record
 
 
-def _teacher_features(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return teacher.forward_head(teacher.forward_features(x), pre_logits=True)
+def _teacher_outputs(teacher: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's representation [B, D] and its multi-attribute logits [B, NUM_LOGITS]."""
+    feats = teacher.forward_features(x)
+    return teacher.forward_head(feats, pre_logits=True), teacher.forward_head(feats)
+
+
+def soft_label_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-target loss, T² · KL(teacher_T || student_T), averaged over the attributes' slices."""
+    sizes = list(HEAD_SIZES.values())
+    loss = student.new_zeros(())
+    for s, t in zip(torch.split(student, sizes, 1), torch.split(teacher, sizes, 1), strict=True):
+        loss = loss + F.kl_div(
+            F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), log_target=True, reduction="batchmean"
+        )
+    return loss * temperature**2 / len(sizes)
+
+
+def _group_keys(scenes, attributes: tuple[str, ...]) -> np.ndarray:
+    """One integer per scene: its combination of the given attributes' values."""
+    key = np.zeros(len(scenes), dtype=np.int64)
+    for k in attributes:
+        key = key * len(ATTRIBUTES[k]) + scenes.attributes[k]
+    return key
+
+
+def _epoch_order(n: int, recipe: Recipe, g: torch.Generator, groups: np.ndarray | None) -> torch.Tensor:
+    """The epoch's sample order: a permutation, or (``recipe.group_by``) runs of ``group_size`` scenes
+    sharing the grouped attributes, the runs shuffled (a batch holds ``batch_size / group_size`` runs;
+    scenes left over from a combination's last run are dropped for the epoch)."""
+    if groups is None:
+        return torch.randperm(n, generator=g)
+    perm = torch.randperm(n, generator=g).numpy()
+    runs = []
+    for value in np.unique(groups):
+        members = perm[groups[perm] == value]
+        usable = len(members) // recipe.group_size * recipe.group_size
+        runs.extend(np.split(members[:usable], usable // recipe.group_size))
+    order = torch.randperm(len(runs), generator=g).tolist()
+    return torch.from_numpy(np.concatenate([runs[i] for i in order]))
 
 
 def nt_xent(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -371,7 +441,7 @@ def train_and_save(
         "family": ZOO_CONFIGS[name]["family"],
         "config": ZOO_CONFIGS[name],
         "seed": record["recipe"]["seed"],
-        "objective": _OBJECTIVE_TEXT[record["recipe"]["objective"]],
+        "objective": objective_text(RECIPES[name]),
         "training": record,
         "params": n_params,
         "weights": {
@@ -387,18 +457,62 @@ def train_and_save(
     if evaluate:
         from vitdecomp.zoo.evaluate import evaluate_model
 
-        metrics = evaluate_model(name, checkpoint=path, progress=progress)
+        metrics = evaluate_model(name, checkpoint=path, progress=progress, config=ZOO_CONFIGS[name])
         card["metrics"] = metrics
         write_card(name, card, cards_dir)
         log(f"[{name}] metrics: {json.dumps(metrics)}")
     return card
 
 
+def is_up_to_date(name: str, weights_dir: Path | None = None, cards_dir: Path | None = None) -> bool:
+    """Whether ``NAME``'s card and weights were made by the current recipe and config (and, for a
+    student, from the teacher weights now in place), so a resumed ``zoo train`` may skip it."""
+    from vitdecomp.models.loading import file_digest
+
+    card_path = Path(cards_dir or CARDS_DIR) / f"{name}.json"
+    weights = Path(weights_dir or WEIGHTS_DIR) / f"{name}.safetensors"
+    if not (card_path.is_file() and weights.is_file()):
+        return False
+    card = json.loads(card_path.read_text())
+    recipe = RECIPES[name]
+
+    def same(a: Any, b: Any) -> bool:
+        return json.loads(json.dumps(a, default=_json_default)) == json.loads(json.dumps(b, default=_json_default))
+
+    if card.get("weights", {}).get("sha256_16") != file_digest(weights):
+        return False
+    if not (
+        same(card.get("config"), ZOO_CONFIGS[name]) and same(card.get("training", {}).get("recipe"), asdict(recipe))
+    ):
+        return False
+    if recipe.distill_from:
+        teacher = Path(weights_dir or WEIGHTS_DIR) / f"{recipe.distill_from}.safetensors"
+        teacher = teacher if teacher.is_file() else WEIGHTS_DIR / f"{recipe.distill_from}.safetensors"
+        if (
+            not teacher.is_file()
+            or card["training"].get("distill_teacher") != f"zoo:{recipe.distill_from}@{file_digest(teacher)}"
+        ):
+            return False
+    return True
+
+
 _OBJECTIVE_TEXT = {
     "supervised": "supervised multi-attribute classification (shape, color, pattern, background heads)",
     "simclr": "self-supervised SimCLR-style InfoNCE between two generator-rendered views of the same object",
-    "clip": "CLIP contrastive image-caption loss + cosine feature distillation from zoo:deit",
+    "clip": "CLIP contrastive image-caption loss",
 }
+
+
+def objective_text(recipe: Recipe) -> str:
+    """One line saying what the recipe optimises."""
+    text = _OBJECTIVE_TEXT[recipe.objective]
+    if recipe.objective == "simclr" and recipe.group_by:
+        text += f" (batches of runs of {recipe.group_size} scenes sharing {' and '.join(recipe.group_by)})"
+    if recipe.distill_from and recipe.distill_weight:
+        text += f" + cosine distillation of zoo:{recipe.distill_from}'s representation"
+    if recipe.distill_from and recipe.kd_weight:
+        text += f" + soft-label distillation of zoo:{recipe.distill_from}'s logits (T={recipe.kd_temperature:g})"
+    return text
 
 
 def _open_clip_version() -> str:
