@@ -130,7 +130,7 @@ def _tiny(name: str) -> dict:
         ("swin", "supervised", {"distill_from": "deit", "kd_weight": 1.0, "distill_weight": 0.0}, 3),
         ("dino", "simclr", {}, 3),
         # 96 scenes over 5 backgrounds: runs of 8 sharing a background, leftovers dropped -> 2 batches
-        ("dino", "simclr", {"group_by": ("background",), "group_size": 8}, 2),
+        ("dino", "simclr", {"group_by": (("background",),), "group_size": 8}, 2),
         ("clip", "clip", {"distill_from": "deit", "kd_weight": 1.0}, 3),
     ],
 )
@@ -158,19 +158,22 @@ def test_few_step_training(name, objective, extra, steps):
 def test_grouped_epoch_order_runs_share_the_grouped_attributes():
     from vitdecomp.zoo.train import _epoch_order, _group_keys
 
-    s = make_scenes(600, seed=5)
-    recipe = Recipe("simclr", epochs=1, n_train=600, batch_size=32, group_by=("color", "background"), group_size=4)
+    s = make_scenes(1200, seed=5)
+    groupings = (("color", "background"), ("shape", "background"))
+    recipe = Recipe("simclr", epochs=1, n_train=1200, batch_size=32, group_by=groupings, group_size=4)
     keys = _group_keys(s, recipe.group_by)
-    assert len(np.unique(keys)) == 30
-    order = _epoch_order(600, recipe, torch.Generator().manual_seed(0), keys).numpy()
+    assert keys.shape == (2, 1200) and len(np.unique(keys[0])) == len(np.unique(keys[1])) == 30
+    order = _epoch_order(1200, recipe, torch.Generator().manual_seed(0), keys).numpy()
     assert len(set(order.tolist())) == len(order)  # no scene twice
-    runs = keys[order].reshape(-1, 4)
-    assert (runs == runs[:, :1]).all()  # each run of 4 shares colour and background
-    assert len(np.unique(runs[:, 0])) > 20  # and the runs are mixed across combinations
-    # at most group_size - 1 scenes of each combination are left out
-    dropped = 600 - len(order)
-    assert 0 <= dropped <= 30 * 3
-    again = _epoch_order(600, recipe, torch.Generator().manual_seed(0), keys).numpy()
+    runs = order.reshape(-1, 4)
+    shares = [(keys[i][runs] == keys[i][runs[:, :1]]).all(1) for i in range(2)]
+    assert (shares[0] | shares[1]).all()  # each run of 4 shares colour+background or shape+background
+    by_color, by_shape = shares[0] & ~shares[1], shares[1] & ~shares[0]
+    assert abs(int(by_color.sum()) - int(by_shape.sum())) < 0.2 * len(runs)  # the groupings split the epoch
+    assert len(np.unique(keys[0][runs[by_color, 0]])) > 20  # and the runs mix the combinations
+    dropped = 1200 - len(order)  # at most group_size - 1 scenes per combination and grouping
+    assert 0 <= dropped <= 2 * 30 * 3
+    again = _epoch_order(1200, recipe, torch.Generator().manual_seed(0), keys).numpy()
     np.testing.assert_array_equal(order, again)
 
 

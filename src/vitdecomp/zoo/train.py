@@ -12,9 +12,9 @@ random horizontal flips; a fixed pool of generated scenes, re-used each epoch):
 * ``dino`` — self-supervised, SimCLR-style InfoNCE (NT-Xent) between two views of each scene
   (not DINO's self-distillation): the second view is the same object (same shape, colour,
   pattern, background, size class) rendered again by the generator with a new position,
-  rotation, radius, texture and noise, plus flips and random grayscale. Batches are made of runs
-  of scenes sharing colour and background, so that telling a view's partner from the other
-  scenes of its run takes shape, pattern and size (hard negatives). No labels enter the loss;
+  rotation, radius, texture and noise, plus flips. Batches are made of runs of 32 scenes that
+  share colour and background, or shape and background, so that telling a view's partner from
+  the other scenes of its run takes the attributes the run does not share (hard negatives). No labels enter the loss;
   the projection head is dropped after training.
 * ``clip`` — open_clip's symmetric contrastive loss between images and their captions (a new
   phrasing every epoch), plus distillation from ``zoo:deit``: cosine on the representation and
@@ -62,7 +62,9 @@ class Recipe:
     distill_weight: float = 1.0  # cosine distillation of the teacher's representation (0: off)
     kd_weight: float = 0.0  # soft-label distillation of the teacher's per-attribute logits (0: off)
     kd_temperature: float = 2.0
-    group_by: tuple[str, ...] = ()  # simclr: batches made of groups of scenes sharing these attributes
+    # simclr: batches made of runs of ``group_size`` scenes sharing the attributes of one of these
+    # groupings (each epoch's scenes are split evenly between the groupings)
+    group_by: tuple[tuple[str, ...], ...] = ()
     group_size: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -73,12 +75,12 @@ RECIPES: dict[str, Recipe] = {
     "maxvit": Recipe("supervised", epochs=8, n_train=20000),
     "dino": Recipe(
         "simclr",
-        epochs=5,
+        epochs=6,
         n_train=20000,
         batch_size=256,
         temperature=0.1,
-        gray_p=0.25,
-        group_by=("color", "background"),
+        gray_p=0.0,
+        group_by=(("color", "background"), ("shape", "background")),
         group_size=32,
     ),
     "clip": Recipe("clip", epochs=4, lr=5e-4, distill_from="deit", kd_weight=1.0),
@@ -340,26 +342,29 @@ def soft_label_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     return loss * temperature**2 / len(sizes)
 
 
-def _group_keys(scenes, attributes: tuple[str, ...]) -> np.ndarray:
-    """One integer per scene: its combination of the given attributes' values."""
-    key = np.zeros(len(scenes), dtype=np.int64)
-    for k in attributes:
-        key = key * len(ATTRIBUTES[k]) + scenes.attributes[k]
-    return key
+def _group_keys(scenes, groupings: tuple[tuple[str, ...], ...]) -> np.ndarray:
+    """``[G, N]``: per grouping, one integer per scene naming its combination of the grouping's values."""
+    keys = np.zeros((len(groupings), len(scenes)), dtype=np.int64)
+    for i, attributes in enumerate(groupings):
+        for k in attributes:
+            keys[i] = keys[i] * len(ATTRIBUTES[k]) + scenes.attributes[k]
+    return keys
 
 
-def _epoch_order(n: int, recipe: Recipe, g: torch.Generator, groups: np.ndarray | None) -> torch.Tensor:
+def _epoch_order(n: int, recipe: Recipe, g: torch.Generator, keys: np.ndarray | None) -> torch.Tensor:
     """The epoch's sample order: a permutation, or (``recipe.group_by``) runs of ``group_size`` scenes
-    sharing the grouped attributes, the runs shuffled (a batch holds ``batch_size / group_size`` runs;
-    scenes left over from a combination's last run are dropped for the epoch)."""
-    if groups is None:
-        return torch.randperm(n, generator=g)
-    perm = torch.randperm(n, generator=g).numpy()
+    sharing the attributes of one grouping, the runs shuffled. The shuffled scenes are split evenly
+    between the groupings (``keys`` from :func:`_group_keys`); scenes left over from a combination's
+    last run are dropped for the epoch; a batch holds ``batch_size / group_size`` runs."""
+    perm = torch.randperm(n, generator=g)
+    if keys is None:
+        return perm
     runs = []
-    for value in np.unique(groups):
-        members = perm[groups[perm] == value]
-        usable = len(members) // recipe.group_size * recipe.group_size
-        runs.extend(np.split(members[:usable], usable // recipe.group_size))
+    for key, part in zip(keys, np.array_split(perm.numpy(), len(keys)), strict=True):
+        for value in np.unique(key[part]):
+            members = part[key[part] == value]
+            usable = len(members) // recipe.group_size * recipe.group_size
+            runs.extend(np.split(members[:usable], usable // recipe.group_size))
     order = torch.randperm(len(runs), generator=g).tolist()
     return torch.from_numpy(np.concatenate([runs[i] for i in order]))
 
@@ -507,7 +512,8 @@ def objective_text(recipe: Recipe) -> str:
     """One line saying what the recipe optimises."""
     text = _OBJECTIVE_TEXT[recipe.objective]
     if recipe.objective == "simclr" and recipe.group_by:
-        text += f" (batches of runs of {recipe.group_size} scenes sharing {' and '.join(recipe.group_by)})"
+        shared = " or ".join("+".join(grouping) for grouping in recipe.group_by)
+        text += f" (batches of runs of {recipe.group_size} scenes sharing {shared})"
     if recipe.distill_from and recipe.distill_weight:
         text += f" + cosine distillation of zoo:{recipe.distill_from}'s representation"
     if recipe.distill_from and recipe.kd_weight:
