@@ -216,6 +216,11 @@ def test_parallel_training_waits_for_teachers_and_stops_students_of_failures(tmp
         else:
             assert events.index(f"start {student}") > events.index("end deit")
     started = [e.split()[1] for e in events if e.startswith("start")]
+    running, most = 0, 0
+    for e in events:
+        running += e.startswith("start") - e.startswith("end")
+        most = max(most, running)
+    assert most == 2, "never more than --jobs trainings at once, and both slots used"
     assert len(started) == len(TRAIN_ORDER) - (len(students) if failing == "deit" else 0)
     assert (tmp_path / "zoo-logs" / "deit.log").read_text().strip() == "deit epoch 1/1: 100%"
 

@@ -126,7 +126,9 @@ def _train_parallel(names: list[str], args: argparse.Namespace, out, command=_tr
     t0 = time.time()
     bar = tqdm(total=len(names), desc="zoo", unit="model")
     while pending or running:
-        for name in [n for n in pending if len(running) < args.jobs]:
+        for name in list(pending):
+            if len(running) >= args.jobs:
+                break
             teacher = RECIPES[name].distill_from
             if teacher in failed:
                 pending.remove(name)
