@@ -71,7 +71,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "deit": Recipe("supervised", epochs=6),
-    "swin": Recipe("supervised", epochs=8, distill_from="deit", kd_weight=1.0),
+    "swin": Recipe("supervised", epochs=12, distill_from="deit", kd_weight=1.0),
     "maxvit": Recipe("supervised", epochs=8, n_train=20000),
     "dino": Recipe(
         "simclr",
