@@ -27,7 +27,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,6 @@ class Recipe:
     # groupings (each epoch's scenes are split evenly between the groupings)
     group_by: tuple[tuple[str, ...], ...] = ()
     group_size: int = 32
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 RECIPES: dict[str, Recipe] = {
