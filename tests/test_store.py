@@ -63,6 +63,10 @@ def test_round_trip_exact(tmp_path):
     assert torch.equal(rows, clip_fn(imgs))
     header = json.loads((store.path / "header.json").read_text())
     assert header["key"]["labels"] == NAMES and header["dim"] == D and header["clip_dim"] == K
+    whole = again.in_memory()
+    assert torch.equal(whole["contributions"], dec.contributions) and torch.equal(whole["clip"], clip_fn(imgs))
+    nbytes = again.contributions.nbytes
+    assert again.in_memory(max_bytes=nbytes) is not None and again.in_memory(max_bytes=nbytes - 1) is None
 
 
 def test_float16_option(tmp_path):

@@ -234,11 +234,14 @@ def get_aligner(
     device: str = "cpu",
     progress: bool = True,
     log: Callable[..., None] = print,
+    rows: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Any, str, Path]:
     """The CompAlign aligner for ``store``'s model setting: ``aligner`` (a saved folder) if given, else
     the cached one under ``root`` (see :func:`vitdecomp.align.aligner_dir`), else trained from the
-    store and cached. A given or cached aligner trained for another setting is refused
-    (:class:`MismatchError`). Returns ``(aligner, "given" | "loaded" | "trained", folder)``."""
+    store and cached (from ``rows``, the store's rows already in memory, when given; else from
+    memory when the store is small, from its memmaps otherwise). A given or cached aligner trained
+    for another setting is refused (:class:`MismatchError`).
+    Returns ``(aligner, "given" | "loaded" | "trained", folder)``."""
     from vitdecomp.align import aligner_dir, load_aligner, save_aligner, train_aligner
 
     labels = store.labels
@@ -255,11 +258,9 @@ def get_aligner(
             ) from err
     c, d = store.shapes["contributions"]
     log(f"training CompAlign ({c} maps {d}->{store.shapes['clip'][0]}, lam={lam:g}) on {store.committed} images")
-    # small stores are read into memory once (random mini-batches from RAM, not from the memmap)
-    small = store.contributions.nbytes < IN_MEMORY_BYTES
-    data = (torch.from_numpy(np.array(store.contributions)), torch.from_numpy(np.array(store.clip))) if small else store
+    rows = rows if rows is not None else store.in_memory(IN_MEMORY_BYTES)
     al = train_aligner(
-        data,
+        (rows["contributions"], rows["clip"]) if rows is not None else store,
         labels,
         mode="compalign",
         lam=lam,
@@ -415,6 +416,9 @@ def run_analysis(
     timings["decompose_store"] = time.time() - t0
     err = completeness_errors(store)
 
+    # small stores are read into memory once, for training, descriptions and scores
+    rows = store.in_memory(IN_MEMORY_BYTES)
+
     # ---------------------------------------------------------------- aligner
     t0 = time.time()
     d_model = store.shapes["contributions"][1]
@@ -429,6 +433,7 @@ def run_analysis(
             store,
             key,
             cache / "aligners",
+            rows=rows,
             aligner=aligner,
             lam=lam,
             val_fraction=val_fraction,
@@ -464,12 +469,11 @@ def run_analysis(
 
     # ---------------------------------------------------------------- descriptions + scores
     t0 = time.time()
-    small = store.contributions.nbytes < IN_MEMORY_BYTES
-    rows = torch.from_numpy(np.array(store.contributions, dtype=np.float32)) if small else store
-    descr = component_descriptions(rows, al, vocab_emb, vocab, k=top_k, progress=progress)
+    contribs = rows["contributions"] if rows is not None else store
+    descr = component_descriptions(contribs, al, vocab_emb, vocab, k=top_k, progress=progress)
     timings["describe"] = time.time() - t0
     t0 = time.time()
-    tables = score_features(rows, al, feat_emb, methods=METHODS, progress=progress)
+    tables = score_features(contribs, al, feat_emb, methods=METHODS, progress=progress)
     timings["score"] = time.time() - t0
 
     # ---------------------------------------------------------------- top images
@@ -477,7 +481,7 @@ def run_analysis(
     top_dir = torch.stack([vocab_emb[d[0].index] if d else torch.zeros(d_clip) for d in descr.values()])  # [C, d_clip]
     idx, vals = top_images(store, al, top_dir, n=n_top_images)
     norms = _mean_norms(store, al)
-    del rows
+    del rows, contribs
     timings["top_images"] = time.time() - t0
 
     # ---------------------------------------------------------------- results

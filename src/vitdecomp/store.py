@@ -235,6 +235,13 @@ class ContributionStore:
             index = np.sort(np.asarray(index, dtype=np.int64))  # sorted reads are sequential on disk
         return {name: torch.from_numpy(np.array(getattr(self, name)[index], dtype=np.float32)) for name in _ARRAYS}
 
+    def in_memory(self, max_bytes: int | None = None) -> dict[str, torch.Tensor] | None:
+        """Every committed row as float32 tensors (see :meth:`batch`), or ``None`` when the stored
+        contributions take more than ``max_bytes``."""
+        if max_bytes is not None and self.contributions.nbytes > max_bytes:
+            return None
+        return self.batch(slice(0, self.committed))
+
     def iter_batches(self, batch_size: int = 256) -> Iterable[dict[str, torch.Tensor]]:
         """Committed rows in order, ``batch_size`` at a time (see :meth:`batch`)."""
         for start in range(0, self.committed, batch_size):
