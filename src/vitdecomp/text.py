@@ -152,6 +152,21 @@ class TextEncoder:
     __call__ = encode
 
 
+@torch.no_grad()
+def world_class_embeddings(encode: Callable[[list[str]], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per core attribute of the built-in world, ``[n_classes, d]`` unit class embeddings: each the
+    normalised mean of the unit embeddings of the class's prompts (:data:`vitdecomp.world.PROMPTS`).
+    ``encode``: texts -> ``[T, d]`` (any CLIP text encoder)."""
+    from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
+    from vitdecomp.world.captions import prompt_texts
+
+    out = {}
+    for attr in CORE_ATTRIBUTES:
+        rows = [normalize(encode(prompt_texts(attr, v)).float()).mean(0) for v in range(len(ATTRIBUTES[attr]))]
+        out[attr] = normalize(torch.stack(rows))
+    return out
+
+
 # --------------------------------------------------------------------- vocabularies
 def _data_dir() -> Any:
     return resources.files("vitdecomp").joinpath("data")

@@ -66,21 +66,6 @@ METHODS = ("invariant", "paper", "share")
 
 
 @torch.no_grad()
-def class_embeddings(encoder) -> dict[str, torch.Tensor]:
-    """Per core attribute, ``[n_classes, d_clip]`` prompt-averaged, normalised class embeddings."""
-    from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
-    from vitdecomp.world.captions import prompt_texts
-
-    out = {}
-    for attr in CORE_ATTRIBUTES:
-        rows = []
-        for v in range(len(ATTRIBUTES[attr])):
-            e = encoder.encode(prompt_texts(attr, v), ("{}",))
-            rows.append(F.normalize(e.mean(0), dim=0))
-        out[attr] = torch.stack(rows)
-    return out
-
-
 def batched_probe(
     x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor, l2: float = 1e-3
 ) -> np.ndarray:
@@ -235,7 +220,7 @@ def validate_model(
     """Every §6 figure for one subject model (and the CompAlign ablation when ``ablation``)."""
     from vitdecomp.align import evaluate, train_ablation
     from vitdecomp.score import clip_retrieval_scores, embed_features, load_features, score_features, spearman
-    from vitdecomp.text import TextEncoder
+    from vitdecomp.text import TextEncoder, world_class_embeddings
     from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
 
     t0 = time.time()
@@ -252,7 +237,7 @@ def validate_model(
     encoder = TextEncoder.from_loaded(teacher, cache_dir=cache / "text", device=device)
     feats = load_features("world")
     feat_emb = embed_features(lambda t: encoder.encode(t, WORLD_TEMPLATES), feats)
-    classes = class_embeddings(encoder)
+    classes = world_class_embeddings(lambda texts: encoder.encode(texts, ("{}",)))
     attrs_te = src_te.attributes
     res: dict[str, Any] = {"model": name, "weights_id": subject.weights_id, "clip": teacher.weights_id}
     res["n_components"] = len(train.labels)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitdecomp.world.scenes import ATTRIBUTES, CORE_ATTRIBUTES, make_scenes
+from vitdecomp.world.scenes import CORE_ATTRIBUTES, make_scenes
 from vitdecomp.zoo.models import HEAD_SIZES, IMAGE_SIZE, ZOO_NAMES, representation
 
 N_PROBE_TRAIN = 4000
@@ -109,22 +109,6 @@ def evaluate_model(name: str, checkpoint=None, progress: bool = False, data=None
     return out
 
 
-@torch.no_grad()
-def class_text_embeddings(model, tokenizer) -> dict[str, torch.Tensor]:
-    """Per core attribute, [K, D] unit class embeddings: each the normalised mean of its normalised
-    prompt embeddings (:data:`vitdecomp.world.PROMPTS`)."""
-    from vitdecomp.world.captions import prompt_texts
-
-    out = {}
-    for k in CORE_ATTRIBUTES:
-        cls = [
-            F.normalize(model.encode_text(tokenizer(prompt_texts(k, v))), dim=-1).mean(0)
-            for v in range(len(ATTRIBUTES[k]))
-        ]
-        out[k] = F.normalize(torch.stack(cls), dim=-1)
-    return out
-
-
 def zero_shot(image_features: torch.Tensor, classes: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, float]:
     """Zero-shot accuracy per attribute: nearest class embedding to each image [N, D]; labels [N, A] in
     ``CORE_ATTRIBUTES`` order."""
@@ -137,11 +121,13 @@ def zero_shot(image_features: torch.Tensor, classes: dict[str, torch.Tensor], la
 
 @torch.no_grad()
 def clip_metrics(loaded, te, f_te: torch.Tensor) -> dict[str, Any]:
+    from vitdecomp.text import world_class_embeddings
     from vitdecomp.zoo.train import labels_of
 
     model, tok = loaded.model, loaded.tokenizer
     img = F.normalize(f_te, dim=-1)
-    zs = {k: round(v, 4) for k, v in zero_shot(f_te, class_text_embeddings(model, tok), labels_of(te)).items()}
+    classes = world_class_embeddings(lambda texts: model.encode_text(tok(texts)))
+    zs = {k: round(v, 4) for k, v in zero_shot(f_te, classes, labels_of(te)).items()}
     n = min(N_RETRIEVAL, len(te))
     caps = te.captions[:n]
     txt = torch.cat([F.normalize(model.encode_text(tok(caps[i : i + 250])), dim=-1) for i in range(0, n, 250)])

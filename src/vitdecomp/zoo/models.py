@@ -18,7 +18,6 @@ import math
 from functools import partial
 from typing import Any
 
-from timm.layers import HybridEmbed
 from torch import nn
 
 from vitdecomp.world.scenes import ATTRIBUTES, CORE_ATTRIBUTES
@@ -94,6 +93,7 @@ def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
     cfg = copy.deepcopy(config)
     family = cfg.pop("family")
     if family == "timm.VisionTransformer":
+        from timm.layers import HybridEmbed
         from timm.models.vision_transformer import VisionTransformer
 
         backbone = conv_stem(cfg.pop("stem"))
@@ -144,7 +144,10 @@ def conv_stem(stem: dict[str, Any]) -> nn.Module:
 
 
 def _swin_hybrid_embed(backbone: nn.Module, norm_layer: Any = None, **kwargs: Any) -> nn.Module:
-    """timm's ``HybridEmbed`` as a Swin ``embed_layer`` (Swin passes a ``norm_layer`` it has no use for)."""
+    """timm's ``HybridEmbed`` as a Swin ``embed_layer``. Swin passes the ``norm_layer`` of its patch
+    norm, which ``HybridEmbed`` does not take: the stem's output goes to the first block un-normed."""
+    from timm.layers import HybridEmbed
+
     return HybridEmbed(backbone=backbone, **kwargs)
 
 

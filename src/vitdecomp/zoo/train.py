@@ -213,9 +213,10 @@ def train(
         teacher.eval()
         with torch.no_grad():
             td = _teacher_outputs(teacher, normalize(x_all[:2]))[0].shape[1]
-        sd = config["embed_dim"] if recipe.objective == "clip" else model.num_features
-        if recipe.objective != "clip":
-            sd = getattr(model, "head_hidden_size", None) or sd
+        if recipe.objective == "clip":
+            sd = config["embed_dim"]
+        else:
+            sd = getattr(model, "head_hidden_size", None) or model.num_features
         if recipe.distill_weight:
             extra_modules["distill"] = nn.Linear(sd, td)
         if recipe.kd_weight and recipe.objective == "clip":
@@ -300,10 +301,12 @@ def train(
             model.eval()
             with torch.no_grad():
                 if recipe.objective == "clip":
-                    from vitdecomp.zoo.evaluate import class_text_embeddings, zero_shot
+                    from vitdecomp.text import world_class_embeddings
+                    from vitdecomp.zoo.evaluate import zero_shot
 
                     img = model.encode_image(normalize(val[0], clip=True))
-                    acc = zero_shot(img, class_text_embeddings(model, tokenizer), val[1])
+                    classes = world_class_embeddings(lambda texts: model.encode_text(tokenizer(texts)))
+                    acc = zero_shot(img, classes, val[1])
                 else:
                     acc = multi_attribute_accuracy(model(normalize(val[0])), val[1])
             entry["val_acc"] = {k: round(v, 4) for k, v in acc.items()}
