@@ -59,6 +59,25 @@ def _zoo(name: str, **changes) -> Callable[[], tuple[nn.Module, int]]:
     return make
 
 
+def _map_pool_variant() -> Callable[[], tuple[nn.Module, int]]:
+    """A class-token ViT whose MAP head has a position embedding, two averaged latents and q/k norms."""
+
+    def make() -> tuple[nn.Module, int]:
+        from timm.layers import AttentionPoolLatent
+
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, global_pool="map", **P8, **VIT)
+        model.attn_pool = AttentionPoolLatent(
+            48, num_heads=3, feat_size=16, pos_embed="abs", latent_len=2, pool_type="avg", qk_norm=True
+        )
+        with torch.no_grad():
+            model.attn_pool.pos_embed.normal_()
+            model.attn_pool.latent.normal_()
+        return perturb(model), 32
+
+    return make
+
+
 VIT = {"depth": 3, "embed_dim": 48, "num_heads": 3, "num_classes": 7}
 P8 = {"img_size": 32, "patch_size": 8}
 MAXVIT = {
@@ -95,6 +114,28 @@ SMALL_MODELS: dict[str, Callable[[], tuple[nn.Module, int]]] = {
         image_stem={"channels": [8, 8, 16, 32]},
     ),
     "maxvit-rw": _timm("maxvit_rmlp_pico_rw_256", 64, **MAXVIT, stem_width=(8, 16), transformer_init_values=0.5),
+    "maxvit-rw-nchw": _timm(
+        "maxvit_rmlp_pico_rw_256", 64, **MAXVIT, stem_width=(8, 16), transformer_use_nchw_attn=True
+    ),
+    "siglip-map": _timm("vit_base_patch16_siglip_224", 32, **P8, **VIT, global_pool="map"),
+    "map-pool-pos-latents-qknorm": _map_pool_variant(),
+    "deit-distilled": _timm("deit_tiny_distilled_patch16_224", 32, **P8, **VIT),
+    "swinv2": _timm("swinv2_tiny_window8_256", 64, img_size=64, num_classes=5, **SWIN),
+    "eva02-swiglu-rope": _timm("eva02_tiny_patch14_224", 42, img_size=42, **VIT),
+    "eva02-clip-innernorm-ls": _timm("eva02_base_patch16_clip_224", 32, **P8, init_values=0.5, **VIT),
+    "eva-postnorm": _timm("eva02_enormous_patch14_clip_224", 42, img_size=42, scale_attn_inner=True, **VIT),
+    "eva-pe-map-rope": _timm("vit_pe_core_tiny_patch16_384", 32, **P8, attn_pool_num_heads=4, **VIT),
+    "beit-relpos-ls": _timm("beit_base_patch16_224", 32, **P8, **VIT),
+    "beitv2-token-sharedrel": _timm(
+        "beitv2_base_patch16_224",
+        32,
+        **P8,
+        global_pool="token",
+        use_rel_pos_bias=False,
+        use_shared_rel_pos_bias=True,
+        **VIT,
+    ),
+    "swinv2-padded": _timm("swinv2_tiny_window8_256", 56, img_size=56, num_classes=5, **SWIN),
 }
 
 
@@ -102,6 +143,8 @@ def representations(model: nn.Module) -> list[str | None]:
     """Every representation a test model offers (None = the default)."""
     if hasattr(model, "encode_image"):
         return [None]
+    if isinstance(model, timm.models.deit.VisionTransformerDistilled):
+        return [None, "cls", "dist"]
     if isinstance(model, timm.models.maxxvit.MaxxVit):
         return [None, "pooled_norm"] if hasattr(model.head, "pre_logits") else [None, "logits"]
     return [None, "logits"]
@@ -115,6 +158,8 @@ def own_output(model: nn.Module, x: torch.Tensor, rep: str | None) -> torch.Tens
         if rep == "logits":
             return model(x)
         feats = model.forward_features(x)
+        if rep in ("cls", "dist"):
+            return feats[:, 0 if rep == "cls" else 1]
         if isinstance(model, timm.models.maxxvit.MaxxVit):
             pooled = model.head.global_pool(feats)
             return (model.head.norm(pooled) if rep == "pooled_norm" else pooled).flatten(1)

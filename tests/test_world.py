@@ -235,3 +235,18 @@ def test_export_waterbirds_and_cli(tmp_path):
     assert all((tmp_path / "wb" / r["img_filename"]).is_file() for r in rows)
     direct = export_waterbirds(tmp_path / "wb2", 16, 4, 8, seed=1, progress=False)
     assert len(_rows(direct / "metadata.csv")) == 28
+
+
+def test_attribute_vocabularies_are_a_leaf_that_scenes_and_captions_share():
+    import ast
+    from pathlib import Path
+
+    import vitdecomp.world as world
+
+    def project_imports(name):
+        tree = ast.parse((Path(world.__file__).parent / f"{name}.py").read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and "vitdecomp" in (n.module or "")}
+
+    assert project_imports("attributes") == set()
+    assert project_imports("captions") == {"vitdecomp.world.attributes"}
+    assert "vitdecomp.world.captions" in project_imports("scenes")

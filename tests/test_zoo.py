@@ -10,9 +10,11 @@ import torch
 
 from vitdecomp.world import make_scenes
 from vitdecomp.zoo import ZOO_CONFIGS, ZOO_NAMES, build_model, list_zoo, load_zoo_model, representation
-from vitdecomp.zoo.hub import WEIGHTS_DIR
+from vitdecomp.zoo.cards import WEIGHTS_DIR, save_checkpoint
+from vitdecomp.zoo.data import normalize, to_tensor
 from vitdecomp.zoo.models import NUM_LOGITS
-from vitdecomp.zoo.train import Recipe, normalize, save_checkpoint, to_tensor, train
+from vitdecomp.zoo.recipes import Recipe
+from vitdecomp.zoo.train import train
 
 EXPECTED_CLASSES = {
     "deit": "VisionTransformer",
@@ -156,14 +158,14 @@ def test_few_step_training(name, objective, extra, steps):
 
 
 def test_grouped_epoch_order_runs_share_the_grouped_attributes():
-    from vitdecomp.zoo.train import _epoch_order, _group_keys
+    from vitdecomp.zoo.data import epoch_order, group_keys
 
     s = make_scenes(1200, seed=5)
     groupings = (("color", "background"), ("shape", "background"))
     recipe = Recipe("simclr", epochs=1, n_train=1200, batch_size=32, group_by=groupings, group_size=4)
-    keys = _group_keys(s, recipe.group_by)
+    keys = group_keys(s, recipe.group_by)
     assert keys.shape == (2, 1200) and len(np.unique(keys[0])) == len(np.unique(keys[1])) == 30
-    order = _epoch_order(1200, recipe, torch.Generator().manual_seed(0), keys).numpy()
+    order = epoch_order(1200, torch.Generator().manual_seed(0), keys, recipe.group_size).numpy()
     assert len(set(order.tolist())) == len(order)  # no scene twice
     runs = order.reshape(-1, 4)
     shares = [(keys[i][runs] == keys[i][runs[:, :1]]).all(1) for i in range(2)]
@@ -173,12 +175,12 @@ def test_grouped_epoch_order_runs_share_the_grouped_attributes():
     assert len(np.unique(keys[0][runs[by_color, 0]])) > 20  # and the runs mix the combinations
     dropped = 1200 - len(order)  # at most group_size - 1 scenes per combination and grouping
     assert 0 <= dropped <= 2 * 30 * 3
-    again = _epoch_order(1200, recipe, torch.Generator().manual_seed(0), keys).numpy()
+    again = epoch_order(1200, torch.Generator().manual_seed(0), keys, recipe.group_size).numpy()
     np.testing.assert_array_equal(order, again)
 
 
 def test_soft_label_loss_is_zero_only_for_matching_logits():
-    from vitdecomp.zoo.train import soft_label_loss
+    from vitdecomp.zoo.objectives import soft_label_loss
 
     t = torch.randn(5, NUM_LOGITS)
     assert soft_label_loss(t, t, 2.0).abs().item() < 1e-6
@@ -193,7 +195,7 @@ def test_parallel_training_waits_for_teachers_and_stops_students_of_failures(tmp
     import sys
 
     from vitdecomp.zoo.cli import TRAIN_ORDER, _train_parallel
-    from vitdecomp.zoo.train import RECIPES
+    from vitdecomp.zoo.recipes import RECIPES
 
     stamp = tmp_path / "order.txt"
 
@@ -227,40 +229,83 @@ def test_parallel_training_waits_for_teachers_and_stops_students_of_failures(tmp
 
 def test_resume_check_follows_recipe_weights_and_teacher(tmp_path, monkeypatch):
     import json
+    from dataclasses import asdict
 
-    from vitdecomp.zoo import train as zt
+    from vitdecomp.models.loaded import file_digest
+    from vitdecomp.zoo import cards as zc
+    from vitdecomp.zoo.recipes import RECIPES
 
     weights, cards = tmp_path / "weights", tmp_path / "cards"
     model = build_model("deit", _tiny("deit"))
-    path = zt.save_checkpoint(model, "deit", weights)
-    from vitdecomp.models.loading import file_digest
+    path = zc.save_checkpoint(model, "deit", weights)
 
     card = {
         "config": ZOO_CONFIGS["deit"],
-        "training": {"recipe": zt.asdict(zt.RECIPES["deit"])},
+        "training": {"recipe": asdict(RECIPES["deit"])},
         "weights": {"sha256_16": file_digest(path)},
     }
-    zt.write_card("deit", card, cards)
-    assert zt.is_up_to_date("deit", weights, cards)
+    zc.write_card("deit", card, cards)
+    assert zc.is_up_to_date("deit", weights, cards)
     card["training"]["recipe"]["epochs"] += 1
-    zt.write_card("deit", card, cards)
-    assert not zt.is_up_to_date("deit", weights, cards)
+    zc.write_card("deit", card, cards)
+    assert not zc.is_up_to_date("deit", weights, cards)
     card["training"]["recipe"]["epochs"] -= 1
-    zt.write_card("deit", card, cards)
+    zc.write_card("deit", card, cards)
     path.write_bytes(path.read_bytes() + b" ")  # weights changed after the card was written
-    assert not zt.is_up_to_date("deit", weights, cards)
+    assert not zc.is_up_to_date("deit", weights, cards)
     # a student is stale once its teacher's weights change
-    zt.save_checkpoint(model, "deit", weights)
-    zt.save_checkpoint(model, "swin", weights)  # any file: only digests are compared
+    zc.save_checkpoint(model, "deit", weights)
+    zc.save_checkpoint(model, "swin", weights)  # any file: only digests are compared
     student = {
         "config": ZOO_CONFIGS["swin"],
-        "training": {"recipe": zt.asdict(zt.RECIPES["swin"]), "distill_teacher": f"zoo:deit@{file_digest(path)}"},
+        "training": {"recipe": asdict(RECIPES["swin"]), "distill_teacher": f"zoo:deit@{file_digest(path)}"},
         "weights": {"sha256_16": file_digest(weights / "swin.safetensors")},
     }
-    zt.write_card("swin", student, cards)
-    assert zt.is_up_to_date("swin", weights, cards)
+    zc.write_card("swin", student, cards)
+    assert zc.is_up_to_date("swin", weights, cards)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
-    zt.save_checkpoint(model, "deit", weights)
-    assert not zt.is_up_to_date("swin", weights, cards)
+    zc.save_checkpoint(model, "deit", weights)
+    assert not zc.is_up_to_date("swin", weights, cards)
     assert json.loads((cards / "swin.json").read_text())["config"]["family"] == "timm.SwinTransformer"
+
+
+def test_grouped_epoch_order_skips_combinations_smaller_than_a_run():
+    from vitdecomp.zoo.data import epoch_order, group_keys
+
+    s = make_scenes(40, seed=5)
+    keys = group_keys(s, (("shape", "color", "background"),))  # 180 combinations: most hold 0 or 1 scene
+    order = epoch_order(40, torch.Generator().manual_seed(0), keys, group_size=2).numpy()
+    runs = order.reshape(-1, 2)
+    assert (keys[0][runs] == keys[0][runs[:, :1]]).all()
+
+
+#: The zoo's modules from the bottom up: each may import only the ones before it.
+ZOO_LAYERS = ("recipes", "models", "data", "cards", "hub", "evaluate", "objectives", "train", "cli")
+
+
+def _project_imports(path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vitdecomp"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("vitdecomp"))
+    return found
+
+
+def test_zoo_layers_import_only_downwards_and_never_the_model_loader():
+    from pathlib import Path
+
+    import vitdecomp.zoo
+
+    zoo_dir = Path(vitdecomp.zoo.__file__).parent
+    assert {p.stem for p in zoo_dir.glob("*.py")} == {*ZOO_LAYERS, "__init__"}
+    for i, layer in enumerate(ZOO_LAYERS):
+        imports = _project_imports(zoo_dir / f"{layer}.py")
+        assert "vitdecomp.models.loading" not in imports and "vitdecomp.models" not in imports, layer
+        above = {f"vitdecomp.zoo.{m}" for m in ZOO_LAYERS[i:]} | {"vitdecomp.zoo"}
+        assert not imports & above, f"zoo.{layer} imports {sorted(imports & above)} (its own layer or above)"

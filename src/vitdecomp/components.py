@@ -25,6 +25,9 @@ KINDS = (
     "fc_norm_bias",  # the beta of a norm applied to the pooled vector (timm fc_norm)
     "head_norm_bias",  # the beta of a classifier head's norm (MaxViT)
     "head_bias",  # the bias of a linear head / projection applied to the representation
+    "pool_pos",  # an attention-pool head's position term (one per pool head)
+    "pool_bias",  # an attention pool's value and projection biases
+    "pool_mlp",  # an attention pool's MLP (non-linear, one component)
 )
 
 
@@ -48,7 +51,8 @@ class ComponentLabel:
     def name(self) -> str:
         """A short unique string, e.g. ``L3.H5``, ``L3.mlp``, ``S2.B1.grid.H0``, ``init``."""
         if self.layer is None:
-            return self.kind if self.stage is None else f"S{self.stage}.{self.kind}"
+            name = self.kind if self.stage is None else f"S{self.stage}.{self.kind}"
+            return name if self.head is None else f"{name}.H{self.head}"
         where = f"L{self.layer}" if self.stage is None else f"S{self.stage}.B{self.block}"
         if self.sublayer:
             where += f".{self.sublayer}"

@@ -12,58 +12,19 @@ A local checkpoint (safetensors, or a torch file read with ``weights_only``) is 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from vitdecomp.errors import CheckpointError, WeightsUnavailableError
+from vitdecomp.models.loaded import LoadedModel, file_digest
+from vitdecomp.zoo.hub import load_zoo_model
+
+__all__ = ["OPEN_CLIP_PREFIX", "ZOO_PREFIX", "LoadedModel", "file_digest", "load_model"]
 
 OPEN_CLIP_PREFIX = "open_clip:"
 ZOO_PREFIX = "zoo:"
-
-
-@dataclass
-class LoadedModel:
-    """A model in eval mode with the preprocessing it was trained with.
-
-    ``model`` is the whole object (for open_clip the CLIP model, text tower included);
-    ``preprocess`` maps a PIL image to a ``[3, H, W]`` tensor; ``tokenizer`` is set for CLIP models.
-    ``weights_id`` identifies the weights (name + source + checkpoint digest) for cache keys.
-    """
-
-    model: nn.Module
-    preprocess: Callable[[Any], torch.Tensor]
-    name: str
-    source: str  # "timm" | "open_clip" | "zoo"
-    weights_id: str
-    tokenizer: Callable[..., torch.Tensor] | None = None
-    info: dict = field(default_factory=dict)
-
-    @property
-    def is_clip(self) -> bool:
-        return self.tokenizer is not None
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return tuple(self.info.get("image_size", (224, 224)))  # type: ignore[return-value]
-
-    def to(self, device: str | torch.device) -> LoadedModel:
-        self.model.to(device)
-        return self
-
-
-def file_digest(path: str | Path, length: int = 16) -> str:
-    """A short sha256 of a file's bytes (identifies local checkpoints in cache keys)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:length]
 
 
 def load_model(
@@ -84,16 +45,24 @@ def load_model(
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
             raise CheckpointError(f"checkpoint file not found: {checkpoint}")
-    if name.startswith(ZOO_PREFIX):
-        from vitdecomp.zoo import load_zoo_model
-
-        loaded = load_zoo_model(name[len(ZOO_PREFIX) :], checkpoint=checkpoint, **kwargs)
-    elif name.startswith(OPEN_CLIP_PREFIX):
-        loaded = _load_open_clip(name[len(OPEN_CLIP_PREFIX) :], pretrained, checkpoint, **kwargs)
-    else:
-        loaded = _load_timm(name, pretrained, checkpoint, **kwargs)
+    loader, spec = _loader_for(name)
+    loaded = loader(spec, pretrained, checkpoint, **kwargs)
     loaded.model.eval()
     return loaded.to(device)
+
+
+def _loader_for(name: str) -> tuple[Callable[..., LoadedModel], str]:
+    """The loader of a name's scheme (``zoo:``, ``open_clip:``; timm for a plain name) and the name
+    without its prefix."""
+    for prefix, loader in _SCHEMES.items():
+        if name.startswith(prefix):
+            return loader, name[len(prefix) :]
+    return _load_timm, name
+
+
+def _load_zoo(spec: str, pretrained: bool, checkpoint: Path | None, **kwargs: Any) -> LoadedModel:
+    """A shipped zoo model (``pretrained`` is not used: the zoo always loads its weights)."""
+    return load_zoo_model(spec, checkpoint=checkpoint, **kwargs)
 
 
 def _weights_id(name: str, pretrained: bool, checkpoint: Path | None, tag: str | None = None) -> str:
@@ -195,3 +164,8 @@ def _looks_like_download_failure(err: Exception) -> bool:
     text = f"{type(err).__name__} {err}".lower()
     words = ("connect", "network", "resolve", "offline", "hub", "download", "http", "url", "timed out", "not found")
     return isinstance(err, OSError) or any(w in text for w in words)
+
+
+#: Name prefixes and their loaders, each called as ``loader(spec, pretrained, checkpoint, **kwargs)``
+#: with the name's part after the prefix; a name without one of these prefixes is timm's.
+_SCHEMES: dict[str, Callable[..., LoadedModel]] = {ZOO_PREFIX: _load_zoo, OPEN_CLIP_PREFIX: _load_open_clip}

@@ -54,54 +54,27 @@ from timm.models.maxxvit import (
 )
 from torch import Tensor, nn
 
-from vitdecomp.components import ComponentLabel
-from vitdecomp.decompose import (
+from vitdecomp.decomp.plan import (
     Block,
     Branch,
-    Capture,
-    FieldBranch,
-    NormRule,
+    Field,
+    Heads,
+    Linear,
     Plan,
-    PoolTransition,
-    ReadoutBuilder,
+    Pool,
+    Readout,
+    Shortcut,
     Stage,
-    WindowedAttention,
-    check_plan_args,
-    pool_weights,
+    Tap,
+    TokenNorm,
+    Values,
+    VectorNorm,
+    Windows,
 )
 from vitdecomp.errors import UnsupportedModuleError
+from vitdecomp.models._common import check_eval_identity, check_plan_args, is_norm, layer_scale_of
 
 REPRESENTATIONS = ("pooled", "pooled_norm", "logits")
-
-
-def nchw_grid(x: Tensor) -> tuple[int, int]:
-    return (x.shape[2], x.shape[3])
-
-
-def nhwc_grid(x: Tensor) -> tuple[int, int]:
-    return (x.shape[1], x.shape[2])
-
-
-def nchw_to_stream(x: Tensor) -> Tensor:
-    """``[B, C, H, W] -> [B, H*W, C]`` (row-major)."""
-    return x.flatten(2).transpose(1, 2)
-
-
-def _layer_scale(module: nn.Module, path: str) -> Tensor | None:
-    if isinstance(module, nn.Identity):
-        return None
-    gamma = getattr(module, "gamma", None)
-    if isinstance(gamma, Tensor) and gamma.ndim == 1:
-        return gamma
-    raise UnsupportedModuleError(path, module, "unknown layer-scale module")
-
-
-def _check_eval_identity(module: nn.Module, path: str) -> None:
-    """Drop-path / dropout must be identities (eval mode or zero rate)."""
-    if isinstance(module, nn.Identity):
-        return
-    if module.training:
-        raise UnsupportedModuleError(path, module, "stochastic in training mode; call model.eval()")
 
 
 def partition_index(layer: PartitionAttentionCl | PartitionAttention2d) -> Callable[[tuple[int, int]], Tensor]:
@@ -123,7 +96,7 @@ def partition_index(layer: PartitionAttentionCl | PartitionAttention2d) -> Calla
     return index
 
 
-def _v_of_cl(attn: AttentionCl) -> Callable[[Tensor], Tensor]:
+def _values_cl(attn: AttentionCl) -> Callable[[Tensor], Tensor]:
     """``qkv(x) [Bw, ph, pw, 3E] -> v [Bw, w, E]`` (head-major channels), as ``AttentionCl.forward`` splits it."""
     nh, dh = attn.num_heads, attn.dim_head
 
@@ -138,7 +111,7 @@ def _v_of_cl(attn: AttentionCl) -> Callable[[Tensor], Tensor]:
     return v_of
 
 
-def _v_of_2d(attn: Attention2d) -> Callable[[Tensor], Tensor]:
+def _values_2d(attn: Attention2d) -> Callable[[Tensor], Tensor]:
     """``qkv(x) [Bw, 3E, ph, pw] -> v [Bw, w, E]`` (head-major channels), as ``Attention2d.forward`` splits it."""
     nh, dh = attn.num_heads, attn.dim_head
 
@@ -173,13 +146,12 @@ def pool_matrix(pool: nn.Module) -> Callable[[tuple[int, int]], Tensor]:
             cols.append(i + lo)
             vals.append(y[i, o])
         idx = torch.stack([torch.cat(rows), torch.cat(cols)])
-        p = torch.sparse_coo_tensor(idx, torch.cat(vals), (n_out, n_in), check_invariants=True)
-        return p.coalesce()
+        return torch.sparse_coo_tensor(idx, torch.cat(vals), (n_out, n_in), check_invariants=True).coalesce()
 
     return matrix
 
 
-def shortcut_transition(conv: MbConvBlock, path: str, stage: int) -> PoolTransition | None:
+def shortcut_transition(conv: MbConvBlock, path: str, stage: int) -> Shortcut | None:
     """The stride-2 shortcut of an MBConv block as a transition (``None`` for an identity shortcut)."""
     sc = conv.shortcut
     if isinstance(sc, nn.Identity):
@@ -187,162 +159,130 @@ def shortcut_transition(conv: MbConvBlock, path: str, stage: int) -> PoolTransit
     spath = f"{path}.shortcut"
     if type(sc) is not Downsample2d:
         raise UnsupportedModuleError(spath, sc, "unknown shortcut")
-    pool = sc.pool
-    if not isinstance(pool, nn.AvgPool2d):
-        raise UnsupportedModuleError(f"{spath}.pool", pool, "only average pooling is linear (max pooling is not)")
+    if not isinstance(sc.pool, nn.AvgPool2d):
+        raise UnsupportedModuleError(f"{spath}.pool", sc.pool, "only average pooling is linear (max pooling is not)")
     if isinstance(sc.expand, nn.Identity):
         weight, bias = None, None
     elif isinstance(sc.expand, nn.Conv2d) and sc.expand.kernel_size == (1, 1) and sc.expand.groups == 1:
         weight, bias = sc.expand.weight.flatten(1), sc.expand.bias
     else:
         raise UnsupportedModuleError(f"{spath}.expand", sc.expand, "only a 1x1 conv is supported")
-    return PoolTransition(
-        spath, sc, nchw_grid, pool_matrix(pool), weight, bias, ComponentLabel("transition_bias", stage=stage)
-    )
+    return Shortcut(spath, Tap(sc, "input", "nchw"), pool_matrix(sc.pool), weight, bias, stage)
 
 
-def conv_branch(conv: MbConvBlock, path: str, base: dict) -> FieldBranch:
-    """The MBConv branch without its shortcut (read at ``drop_path``, i.e. ``conv3_1x1``'s output)."""
-    return FieldBranch(conv.drop_path, ComponentLabel("conv", **base), f"{path}.conv3_1x1", to_stream=nchw_to_stream)
-
-
-def partition_branches(layer: nn.Module, path: str, base: dict, heads: bool) -> list[Branch]:
+def partition_branches(layer: nn.Module, path: str, sublayer: str) -> list[Branch]:
     """Attention (per head) and MLP of one ``PartitionAttentionCl`` / ``PartitionAttention2d``."""
     if type(layer) is PartitionAttentionCl:
-        attn_cls, grid_of, z_of, v_of, to_stream = AttentionCl, nhwc_grid, None, _v_of_cl, None
+        attn_cls, layout, values = AttentionCl, "tokens", _values_cl
     elif type(layer) is PartitionAttention2d:
-        attn_cls, grid_of, v_of, to_stream = Attention2d, nchw_grid, _v_of_2d, nchw_to_stream
-        z_of = nchw_to_stream  # proj input [Bw, E, ph, pw] -> [Bw, w, E]
+        attn_cls, layout, values = Attention2d, "nchw", _values_2d
     else:
         raise UnsupportedModuleError(path, layer, "only timm's PartitionAttentionCl / PartitionAttention2d")
     attn = layer.attn
     if type(attn) is not attn_cls:
         raise UnsupportedModuleError(f"{path}.attn", attn, f"only timm's {attn_cls.__name__}")
     for name in ("drop_path1", "drop_path2"):
-        _check_eval_identity(getattr(layer, name), f"{path}.{name}")
-    ls1 = _layer_scale(layer.ls1, f"{path}.ls1")
-    _layer_scale(layer.ls2, f"{path}.ls2")  # read out at drop_path2, so only checked
-    att = WindowedAttention(
-        attn, f"{path}.attn", base, heads, ls1, layer, grid_of, partition_index(layer), z_of=z_of, v_of=v_of(attn)
+        check_eval_identity(getattr(layer, name), f"{path}.{name}")
+    layer_scale_of(layer.ls2, f"{path}.ls2")  # read out at drop_path2, so only checked
+    heads = Heads(
+        attn,
+        f"{path}.attn",
+        attn.num_heads,
+        attn.proj.weight.flatten(1),  # a 1x1 conv's [D, E, 1, 1] -> [D, E]
+        attn.proj.bias,
+        z=Tap(attn.proj, "input", layout),
+        probs=Tap(attn.attn_drop),
+        values=Values(Tap(attn.qkv), values(attn)),
+        layer_scale=layer_scale_of(layer.ls1, f"{path}.ls1"),
+        windows=Windows(Tap(layer, "input", layout), partition_index(layer)),
+        sublayer=sublayer,
     )
-    att.proj_weight = attn.proj.weight.flatten(1)  # a 1x1 conv's [D, E, 1, 1] -> [D, E]
-    mlp_kwargs = {} if to_stream is None else {"to_stream": to_stream}
-    mlp = FieldBranch(layer.drop_path2, ComponentLabel("mlp", **base), f"{path}.mlp", **mlp_kwargs)
-    return [att, mlp]
+    mlp = Field(Tap(layer.drop_path2, "output", layout), f"{path}.mlp", sublayer=sublayer)
+    return [heads, mlp]
+
+
+def _conv_of(blk: nn.Module, path: str) -> tuple[MbConvBlock, str]:
+    if type(blk) is MaxxVitBlock:
+        conv, cpath = blk.conv, f"{path}.conv"
+    elif type(blk) is MbConvBlock:
+        conv, cpath = blk, path
+    else:
+        raise UnsupportedModuleError(path, blk, "only MaxxVitBlock and MbConvBlock blocks have a rule")
+    if type(conv) is not MbConvBlock:
+        raise UnsupportedModuleError(cpath, conv, "only MBConv conv blocks have a rule (not ConvNeXt)")
+    check_eval_identity(conv.drop_path, f"{cpath}.drop_path")
+    return conv, cpath
+
+
+def _block(blk: nn.Module, path: str, layer: int, s: int, b: int, is_init: bool) -> Block:
+    conv, cpath = _conv_of(blk, path)
+    transition = None if is_init else shortcut_transition(conv, cpath, s)
+    # the MBConv branch without its shortcut, read at drop_path (conv3_1x1's output)
+    branches: list[Branch] = [Field(Tap(conv.drop_path, "output", "nchw"), f"{cpath}.conv3_1x1", "conv")]
+    if type(blk) is MaxxVitBlock:
+        for sub in ("block", "grid"):
+            part = getattr(blk, f"attn_{sub}")
+            if part is not None:
+                branches += partition_branches(part, f"{path}.attn_{sub}", sub)
+    return Block(path, blk, layer, branches, stage=s, block=b, transition=transition, layout="nchw")
+
+
+def _init_field(blk: nn.Module, path: str) -> Field:
+    """The stream entering block ``blk``, carried by its (possibly downsampling) shortcut."""
+    conv, _ = _conv_of(blk, path)
+    if isinstance(conv.shortcut, nn.Identity):
+        return Field(Tap(blk, "input", "nchw"), "init", "init")
+    return Field(Tap(conv.shortcut, "output", "nchw"), "init", "init")
+
+
+def _readout(model: MaxxVit, representation: str) -> Readout:
+    head, pool = model.head, model.head.global_pool
+    head_norm = getattr(head, "norm", None)
+    has_head_norm = head_norm is not None and is_norm(head_norm)
+    if representation == "pooled_norm" and not has_head_norm:
+        raise ValueError(
+            f"{type(head).__name__} has no norm; use representation='pooled' (it already includes model.norm)"
+        )
+    steps: list = [TokenNorm(model.norm)] if is_norm(model.norm) else []
+    steps.append(Pool())
+    if representation != "pooled" and has_head_norm:
+        steps.append(VectorNorm(head_norm, "head_norm_bias", Tap(head_norm, "input", "nchw")))
+    output = {"pooled": Tap(pool), "pooled_norm": Tap(head_norm) if has_head_norm else None, "logits": Tap(head)}
+    if representation == "logits":
+        pre = getattr(head, "pre_logits", None)
+        if pre is not None and not isinstance(pre, nn.Identity):
+            raise UnsupportedModuleError("head.pre_logits", pre, "a hidden layer with tanh before the classifier")
+        if not isinstance(head.fc, nn.Linear):
+            raise UnsupportedModuleError("head.fc", head.fc, "logits need a linear classifier (num_classes > 0)")
+        steps.append(Linear(head.fc.weight, head.fc.bias))
+    return Readout(Tap(model.norm, "input", "nchw"), steps, output[representation], output_fn=lambda t: t.flatten(1))
 
 
 class MaxViTAdapter:
     family = "timm-maxvit"
-    model_types = (MaxxVit,)
 
     def plan(self, model: MaxxVit, *, start_layer: int, representation: str | None, heads: bool) -> Plan:
-        head = model.head
-        pool = head.global_pool
+        pool = model.head.global_pool
         if getattr(pool, "pool_type", None) != "avg":
             raise UnsupportedModuleError("head.global_pool", pool, "only average pooling is linear")
-        final_norm = None if isinstance(model.norm, nn.Identity) else NormRule.of(model.norm, "norm")
-        head_norm_module = getattr(head, "norm", None)
-        head_norm = None
-        if head_norm_module is not None and not isinstance(head_norm_module, nn.Identity):
-            head_norm = NormRule.of(head_norm_module, "head.norm")
-        if representation == "pooled_norm" and head_norm is None:
-            raise ValueError(
-                f"{type(head).__name__} has no norm; use representation='pooled' (it already includes model.norm)"
-            )
-        if representation == "logits":
-            pre = getattr(head, "pre_logits", None)
-            if pre is not None and not isinstance(pre, nn.Identity):
-                raise UnsupportedModuleError("head.pre_logits", pre, "a hidden layer with tanh before the classifier")
-            if not isinstance(head.fc, nn.Linear):
-                raise UnsupportedModuleError("head.fc", head.fc, "logits need a linear classifier (num_classes > 0)")
-
-        all_blocks = [(s, b, blk) for s, st in enumerate(model.stages) for b, blk in enumerate(st.blocks)]
-        depth = len(all_blocks)
+        depth = sum(len(st.blocks) for st in model.stages)
         representation = check_plan_args(representation, REPRESENTATIONS, start_layer, depth)
-
+        readout = _readout(model, representation)
         stages: list[Stage] = []
-        init: FieldBranch | None = None
-        init_stage = len(model.stages) - 1
-        layer = 0
-        stem_stride = getattr(model.stem, "stride", 2)
+        init, init_stage = Field(Tap(model.norm, "input", "nchw"), "init", "init"), len(model.stages) - 1
+        layer, stem_stride = 0, getattr(model.stem, "stride", 2)
         for s, st in enumerate(model.stages):
-            spath = f"stages.{s}"
             if type(st) is not MaxxVitStage:
-                raise UnsupportedModuleError(spath, st, "only timm's MaxxVitStage")
+                raise UnsupportedModuleError(f"stages.{s}", st, "only timm's MaxxVitStage")
             blocks: list[Block] = []
             for b, blk in enumerate(st.blocks):
-                path = f"{spath}.blocks.{b}"
-                if layer < start_layer:
-                    layer += 1
-                    continue
-                if type(blk) is MaxxVitBlock:
-                    conv, cpath = blk.conv, f"{path}.conv"
-                elif type(blk) is MbConvBlock:
-                    conv, cpath = blk, path
-                else:
-                    raise UnsupportedModuleError(path, blk, "only MaxxVitBlock and MbConvBlock blocks have a rule")
-                if type(conv) is not MbConvBlock:
-                    raise UnsupportedModuleError(cpath, conv, "only MBConv conv blocks have a rule (not ConvNeXt)")
-                _check_eval_identity(conv.drop_path, f"{cpath}.drop_path")
+                path = f"stages.{s}.blocks.{b}"
                 if layer == start_layer:
-                    # the stream entering the block, carried by its (possibly downsampling) shortcut
-                    if isinstance(conv.shortcut, nn.Identity):
-                        init = FieldBranch(blk, ComponentLabel("init"), "init", "input", nchw_to_stream)
-                    else:
-                        init = FieldBranch(conv.shortcut, ComponentLabel("init"), "init", "output", nchw_to_stream)
-                    init_stage = s
-                    transition = None
-                else:
-                    transition = shortcut_transition(conv, cpath, s)
-                base = {"layer": layer, "stage": s, "block": b}
-                branches: list[Branch] = [conv_branch(conv, cpath, base)]
-                if type(blk) is MaxxVitBlock:
-                    for sub in ("block", "grid"):
-                        part = getattr(blk, f"attn_{sub}")
-                        if part is None:
-                            continue
-                        sbase = {**base, "sublayer": sub}
-                        branches += partition_branches(part, f"{path}.attn_{sub}", sbase, heads)
-                blocks.append(Block(path, blk, layer, branches, stage=s, transition=transition))
+                    init, init_stage = _init_field(blk, path), s
+                if layer >= start_layer:
+                    blocks.append(_block(blk, path, layer, s, b, layer == start_layer))
                 layer += 1
             stride = stem_stride * 2 ** (s + 1)
-            stages.append(Stage(s, blocks, patch=(stride, stride)))
-        if init is None:
-            init = FieldBranch(model.norm, ComponentLabel("init"), "init", "input", nchw_to_stream)
-
-        seen: dict[str, Tensor] = {}
-        grids: dict[int, tuple[int, int]] = {}
-
-        def attach_readout(cap: Capture) -> None:
-            cap.on_input(model.norm, lambda x: seen.__setitem__("stream", x))
-            cap.on_output(pool, lambda x: seen.__setitem__("pooled", x.flatten(1)))
-            if head_norm is not None:
-                cap.on_output(head_norm_module, lambda x: seen.__setitem__("pooled_norm", x.flatten(1)))
-            cap.on_output(head, lambda x: seen.__setitem__("logits", x))
-            for s, st in enumerate(model.stages):
-                cap.on_output(st, lambda x, s=s: grids.__setitem__(s, nchw_grid(x)))
-
-        def readout():
-            x = nchw_to_stream(seen["stream"])
-            rb = ReadoutBuilder(pool_weights(x, None), x.shape[-1])
-            if final_norm is not None:
-                rb.token_norm(x, final_norm, ComponentLabel("norm_bias"))
-            if representation != "pooled" and head_norm is not None:
-                rb.vector_norm(seen["pooled"], head_norm, ComponentLabel("head_norm_bias"))
-            if representation == "logits":
-                rb.linear(head.fc.weight, head.fc.bias, ComponentLabel("head_bias"))
-            ro, consts = rb.build()
-            return ro, consts, seen[representation]
-
-        return Plan(
-            stages=stages,
-            init=init,
-            init_stage=init_stage,
-            positions=None,
-            run=model,
-            readout=readout,
-            attach_readout=attach_readout,
-            family=self.family,
-            grid_of_stage=lambda s: grids[s],
-            meta={"representation": representation, "start_layer": start_layer, "num_blocks": depth},
-        )
+            stages.append(Stage(s, blocks, grid=Tap(st, "output", "nchw"), patch=(stride, stride)))
+        meta = {"representation": representation, "start_layer": start_layer, "num_blocks": depth}
+        return Plan(self.family, stages, init, init_stage, readout, model, meta)

@@ -1,46 +1,72 @@
-"""Which adapter decomposes which model class."""
+"""Which adapter decomposes which model class: keyed by type, a library's adapters imported only when
+that library is loaded, each adapter made once.
+
+Classes are matched exactly: a subclass may change the forward pass, so it needs its own rule.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import sys
 from typing import Protocol
 
 from torch import nn
 
-from vitdecomp.decompose import Plan
+from vitdecomp.decomp.plan import Plan
 from vitdecomp.errors import UnsupportedModuleError
 
 
 class Adapter(Protocol):
     family: str
-    model_types: tuple[type, ...]
 
     def plan(self, model: nn.Module, *, start_layer: int, representation: str | None, heads: bool) -> Plan: ...
 
 
-def _adapters() -> list[Adapter]:
-    from vitdecomp.models.maxvit import MaxViTAdapter
-    from vitdecomp.models.openclip import OpenClipAdapter
-    from vitdecomp.models.swin import SwinAdapter
-    from vitdecomp.models.vit import TimmViTAdapter
+#: (module defining the model class, class name) -> (adapter module, adapter class). The adapter module
+#: is imported only when the model's own library already is (it imports that library itself).
+ADAPTERS: dict[tuple[str, str], tuple[str, str]] = {
+    ("timm.models.vision_transformer", "VisionTransformer"): ("vitdecomp.models.vit", "TimmViTAdapter"),
+    ("timm.models.deit", "VisionTransformerDistilled"): ("vitdecomp.models.vit", "DistilledViTAdapter"),
+    ("timm.models.eva", "Eva"): ("vitdecomp.models.eva", "EvaAdapter"),
+    ("timm.models.beit", "Beit"): ("vitdecomp.models.beit", "BeitAdapter"),
+    ("timm.models.swin_transformer", "SwinTransformer"): ("vitdecomp.models.swin", "SwinAdapter"),
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2"): ("vitdecomp.models.swin", "SwinV2Adapter"),
+    ("timm.models.maxxvit", "MaxxVit"): ("vitdecomp.models.maxvit", "MaxViTAdapter"),
+    ("open_clip.transformer", "VisionTransformer"): ("vitdecomp.models.openclip", "OpenClipAdapter"),
+}
 
-    return [TimmViTAdapter(), OpenClipAdapter(), SwinAdapter(), MaxViTAdapter()]
+
+@functools.cache
+def _adapter(module: str, name: str) -> Adapter:
+    return getattr(importlib.import_module(module), name)()
+
+
+def registered_types() -> list[type]:
+    """The model classes with an adapter, among the libraries loaded so far."""
+    out = []
+    for mod, cls in ADAPTERS:
+        lib = sys.modules.get(mod)
+        if lib is not None and hasattr(lib, cls):
+            out.append(getattr(lib, cls))
+    return out
+
+
+def target_of(model: nn.Module) -> nn.Module:
+    """The module to decompose: an open_clip CLIP's ``visual``, else the model itself."""
+    visual = getattr(model, "visual", None)
+    return visual if isinstance(visual, nn.Module) and hasattr(model, "encode_image") else model
 
 
 def adapter_for(model: nn.Module) -> tuple[Adapter, nn.Module]:
-    """The adapter for ``model`` and the module it decomposes (an open_clip CLIP's ``visual``).
-
-    Classes are matched exactly: a subclass may change the forward pass, so it needs its own rule.
-    """
-    target = model
-    visual = getattr(model, "visual", None)
-    if isinstance(visual, nn.Module) and hasattr(model, "encode_image"):
-        target = visual
-    for adapter in _adapters():
-        if type(target) in adapter.model_types:
-            return adapter, target
-    known = ", ".join(t.__name__ for a in _adapters() for t in a.model_types)
-    raise UnsupportedModuleError("", target, f"no adapter for this model class (supported: {known})")
+    """The adapter for ``model`` and the module it decomposes."""
+    target = target_of(model)
+    key = (type(target).__module__, type(target).__qualname__)
+    if key not in ADAPTERS:
+        known = ", ".join(f"{m}.{c}" for m, c in ADAPTERS)
+        raise UnsupportedModuleError("", target, f"no adapter for this model class (supported: {known})")
+    return _adapter(*ADAPTERS[key]), target
 
 
 def supported_families() -> list[str]:
-    return [a.family for a in _adapters()]
+    return sorted({_adapter(*v).family for v in ADAPTERS.values()})

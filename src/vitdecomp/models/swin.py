@@ -1,53 +1,37 @@
-"""timm ``SwinTransformer`` (v1).
+"""timm ``SwinTransformer`` (v1) and ``SwinTransformerV2``.
 
 Stream per stage: ``[B, H_s, W_s, C_s]`` (NHWC), read as ``[B, H_s*W_s, C_s]`` in row-major order.
-Each ``SwinTransformerBlock`` adds ``attn`` (windowed, shifted every other block: the shift and the
-window partition are undone by mapping window slots to stream positions with timm's own
-``window_partition`` on an index grid) and ``mlp``. Between stages ``PatchMerging`` concatenates 2x2
-neighbours, normalises (frozen statistics) and reduces: a linear map whose four input slots each
-get their own matrix in the readout. Representations: ``"pre_logits"`` (final norm + average pool,
-the default) and ``"logits"``.
+Each block adds windowed attention (shifted every other block: the shift and the window partition are
+undone by mapping window slots to stream positions with timm's own ``window_partition`` on an index
+grid) and an MLP. Between stages ``PatchMerging`` concatenates 2x2 neighbours, normalises and reduces
+(v1: norm then reduction; V2: reduction then norm), a linear map with frozen statistics whose four
+input slots each get their own readout matrix; its constants are ``transition_bias``.
+
+V2 blocks are residual post-norm: ``x + norm1(attn(x))``, ``x + norm2(mlp(x))``. With ``norm1``'s
+statistics frozen the branch is still linear per head (``norm1``'s gain and centring fold into the
+output projection, ``1/sigma`` per token into the head outputs, its beta into ``attn_bias``); the MLP
+component is read at ``norm2``'s output. Scaled cosine attention and the continuous position bias
+only shape the (frozen) probabilities.
+
+Representations: ``"pre_logits"`` (final norm + average pool, the default) and ``"logits"``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import (
-    PatchMerging,
-    SwinTransformer,
-    SwinTransformerBlock,
-    SwinTransformerStage,
-    WindowAttention,
-    window_partition,
-)
+from timm.models import swin_transformer as v1
+from timm.models import swin_transformer_v2 as v2
 from torch import Tensor, nn
 
-from vitdecomp.components import ComponentLabel
-from vitdecomp.decompose import (
-    Block,
-    Capture,
-    FieldBranch,
-    MergeTransition,
-    NormRule,
-    Plan,
-    ReadoutBuilder,
-    Stage,
-    WindowedAttention,
-    check_plan_args,
-    pool_weights,
-)
+from vitdecomp.decomp.plan import Block, Field, Linear, Merge, Plan, Pool, Readout, Stage, Tap, TokenNorm, Windows
 from vitdecomp.errors import UnsupportedModuleError
-from vitdecomp.models.vit import patch_stride
+from vitdecomp.models._common import check_plan_args, patch_stride, qkv_attention
 
 REPRESENTATIONS = ("pre_logits", "logits")
 
 
-def nhwc_grid(x: Tensor) -> tuple[int, int]:
-    return (x.shape[1], x.shape[2])
-
-
-def swin_window_index(block: SwinTransformerBlock):
+def swin_window_index(block: nn.Module):
     """``grid -> [nW, window_area]`` stream positions of each window slot (``-1`` = padding)."""
 
     def index(grid: tuple[int, int]) -> Tensor:
@@ -58,7 +42,7 @@ def swin_window_index(block: SwinTransformerBlock):
         pad_h = (block.window_size[0] - h % block.window_size[0]) % block.window_size[0]
         pad_w = (block.window_size[1] - w % block.window_size[1]) % block.window_size[1]
         idx = F.pad(idx, (0, 0, 0, pad_w, 0, pad_h), value=-1)
-        return window_partition(idx, block.window_size).reshape(-1, block.window_area)
+        return v1.window_partition(idx, block.window_size).reshape(-1, block.window_size[0] * block.window_size[1])
 
     return index
 
@@ -71,94 +55,84 @@ def merge_index(grid: tuple[int, int]) -> Tensor:
     return idx.reshape(1, hp // 2, 2, wp // 2, 2, 1).permute(0, 1, 3, 4, 2, 5).reshape(-1, 4)
 
 
+#: per version: (stage class, block class, attention class, merging class, norm after the reduction, post-norm)
+_KINDS = {
+    "v1": (v1.SwinTransformerStage, v1.SwinTransformerBlock, v1.WindowAttention, v1.PatchMerging, False, False),
+    "v2": (v2.SwinTransformerV2Stage, v2.SwinTransformerV2Block, v2.WindowAttention, v2.PatchMerging, True, True),
+}
+
+
 class SwinAdapter:
     family = "timm-swin"
-    model_types = (SwinTransformer,)
+    version = "v1"
 
-    def plan(self, model: SwinTransformer, *, start_layer: int, representation: str | None, heads: bool) -> Plan:
+    def plan(self, model: nn.Module, *, start_layer: int, representation: str | None, heads: bool) -> Plan:
         head = model.head
         if head.global_pool.pool_type != "avg":
             raise UnsupportedModuleError("head.global_pool", head.global_pool, "only average pooling is linear")
-        if representation == "logits" and not isinstance(head.fc, nn.Linear):
-            raise UnsupportedModuleError("head.fc", head.fc, "logits need a linear head")
-        final_norm = NormRule.of(model.norm, "norm")
         depth = sum(len(s.blocks) for s in model.layers)
         representation = check_plan_args(representation, REPRESENTATIONS, start_layer, depth)
+        steps: list = [TokenNorm(model.norm), Pool()]
+        if representation == "logits":
+            if not isinstance(head.fc, nn.Linear):
+                raise UnsupportedModuleError("head.fc", head.fc, "logits need a linear head")
+            steps.append(Linear(head.fc.weight, head.fc.bias))
+        output = Tap(head) if representation == "logits" else Tap(head.global_pool)
+        readout = Readout(Tap(model.norm, "input"), steps, output, output_fn=lambda t: t.flatten(1))
+        stages, init, init_stage = self._stages(model, start_layer, heads)
+        meta = {"representation": representation, "start_layer": start_layer, "num_blocks": depth}
+        return Plan(self.family, stages, init, init_stage, readout, model, meta)
 
-        stages: list[Stage] = []
-        init: FieldBranch | None = None
-        init_stage = len(model.layers) - 1
-        layer = 0
-        patch0 = patch_stride(model.patch_embed)
+    def _stages(self, model: nn.Module, start_layer: int, heads: bool) -> tuple[list[Stage], Field, int]:
+        stage_cls, block_cls, attn_cls, merge_cls, norm_after, post_norm = _KINDS[self.version]
+        stages, layer, patch0 = [], 0, patch_stride(model.patch_embed)
+        init, init_stage = Field(Tap(model.norm, "input"), "init", "init"), len(model.layers) - 1
         for s, st in enumerate(model.layers):
             spath = f"layers.{s}"
-            if type(st) is not SwinTransformerStage:
-                raise UnsupportedModuleError(spath, st, "only timm's SwinTransformerStage")
-            transition = None
-            if isinstance(st.downsample, PatchMerging):
-                ds = st.downsample
-                transition = MergeTransition(
-                    f"{spath}.downsample",
-                    ds.norm,
-                    ds.reduction,
-                    ds,
-                    nhwc_grid,
-                    merge_index,
-                    ComponentLabel("transition_bias", stage=s),
-                )
-            elif not isinstance(st.downsample, nn.Identity):
-                raise UnsupportedModuleError(f"{spath}.downsample", st.downsample, "unknown downsampling")
+            if type(st) is not stage_cls:
+                raise UnsupportedModuleError(spath, st, f"only timm's {stage_cls.__name__}")
             blocks = []
             for b, blk in enumerate(st.blocks):
                 path = f"{spath}.blocks.{b}"
-                if type(blk) is not SwinTransformerBlock:
-                    raise UnsupportedModuleError(path, blk, "only timm's SwinTransformerBlock (v1)")
-                if type(blk.attn) is not WindowAttention:
-                    raise UnsupportedModuleError(f"{path}.attn", blk.attn, "only timm's WindowAttention")
-                if layer == start_layer:
-                    init = FieldBranch(blk, ComponentLabel("init"), "init", "input")
-                    init_stage = s
-                if layer >= start_layer:
-                    base = {"layer": layer, "stage": s, "block": b}
-                    attn = WindowedAttention(
-                        blk.attn, f"{path}.attn", base, heads, None, blk, nhwc_grid, swin_window_index(blk)
+                if type(blk) is not block_cls or type(blk.attn) is not attn_cls:
+                    raise UnsupportedModuleError(
+                        path, blk, f"only timm's {block_cls.__name__} with {attn_cls.__name__}"
                     )
-                    mlp = FieldBranch(blk.mlp, ComponentLabel("mlp", **base), f"{path}.mlp")
-                    blocks.append(Block(path, blk, layer, [attn, mlp], stage=s))
+                if layer == start_layer:
+                    init, init_stage = Field(Tap(blk, "input"), "init", "init"), s
+                if layer >= start_layer:
+                    blocks.append(self._block(blk, path, layer, s, b, post_norm))
                 layer += 1
             scale = 2**s
-            stages.append(Stage(s, blocks, transition, patch=(patch0[0] * scale, patch0[1] * scale)))
-        if init is None:
-            init = FieldBranch(model.norm, ComponentLabel("init"), "init", "input")
+            stages.append(
+                Stage(
+                    s,
+                    blocks,
+                    grid=Tap(st),
+                    patch=(patch0[0] * scale, patch0[1] * scale),
+                    transition=_merge(st.downsample, f"{spath}.downsample", s, merge_cls, norm_after),
+                )
+            )
+        return stages, init, init_stage
 
-        seen: dict[str, Tensor] = {}
-        grids: dict[int, tuple[int, int]] = {}
-
-        def attach_readout(cap: Capture) -> None:
-            cap.on_input(model.norm, lambda x: seen.__setitem__("stream", x))
-            cap.on_output(head.global_pool, lambda x: seen.__setitem__("pre_logits", x.flatten(1)))
-            cap.on_output(head, lambda x: seen.__setitem__("logits", x))
-            for s, st in enumerate(model.layers):
-                cap.on_output(st, lambda x, s=s: grids.__setitem__(s, nhwc_grid(x)))
-
-        def readout():
-            x = seen["stream"].reshape(seen["stream"].shape[0], -1, seen["stream"].shape[-1])
-            rb = ReadoutBuilder(pool_weights(x, None), x.shape[-1])
-            rb.token_norm(x, final_norm, ComponentLabel("norm_bias"))
-            if representation == "logits":
-                rb.linear(head.fc.weight, head.fc.bias, ComponentLabel("head_bias"))
-            ro, consts = rb.build()
-            return ro, consts, seen[representation]
-
-        return Plan(
-            stages=stages,
-            init=init,
-            init_stage=init_stage,
-            positions=None,
-            run=model,
-            readout=readout,
-            attach_readout=attach_readout,
-            family=self.family,
-            grid_of_stage=lambda s: grids[s],
-            meta={"representation": representation, "start_layer": start_layer, "num_blocks": depth},
+    @staticmethod
+    def _block(blk: nn.Module, path: str, layer: int, s: int, b: int, post_norm: bool) -> Block:
+        windows = Windows(Tap(blk, "input"), swin_window_index(blk))
+        attn = qkv_attention(
+            blk.attn, f"{path}.attn", None, windows=windows, post_norm=blk.norm1 if post_norm else None
         )
+        mlp = Field(Tap(blk.norm2 if post_norm else blk.mlp), f"{path}.mlp")
+        return Block(path, blk, layer, [attn, mlp], stage=s, block=b)
+
+
+def _merge(ds: nn.Module, path: str, stage: int, merge_cls: type, norm_after: bool) -> Merge | None:
+    if isinstance(ds, nn.Identity):
+        return None
+    if type(ds) is not merge_cls:
+        raise UnsupportedModuleError(path, ds, "unknown downsampling")
+    return Merge(path, ds.norm, ds.reduction, Tap(ds, "input"), merge_index, stage, norm_after)
+
+
+class SwinV2Adapter(SwinAdapter):
+    family = "timm-swin-v2"
+    version = "v2"

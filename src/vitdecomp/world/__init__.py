@@ -5,9 +5,10 @@
 >>> s.words("shape")[:2], s.captions[0]
 """
 
+from vitdecomp.world.attributes import ATTRIBUTES, CORE_ATTRIBUTES
 from vitdecomp.world.captions import BACKGROUND_PHRASES, PROMPTS, all_captions, caption, prompt_texts
 from vitdecomp.world.export import export_waterbirds, export_world
-from vitdecomp.world.scenes import ATTRIBUTES, CORE_ATTRIBUTES, Scenes, make_scenes
+from vitdecomp.world.scenes import Scenes, make_scenes
 from vitdecomp.world.waterbirds import LAND, WATER, WATERBIRD_SHAPES, Waterbirds, make_waterbirds
 
 __all__ = [

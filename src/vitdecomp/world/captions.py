@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from vitdecomp.world.scenes import ATTRIBUTES
+from vitdecomp.world.attributes import ATTRIBUTES
 
 #: Phrases for where the object is (several per background).
 BACKGROUND_PHRASES: dict[str, tuple[str, ...]] = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vitdecomp.world.export import export_waterbirds, export_world
+
 
 def add_world_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("world", help="the built-in generated world (scenes with ground truth)")
@@ -26,8 +28,6 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_world(args: argparse.Namespace) -> int:
-    from vitdecomp.world.export import export_waterbirds, export_world
-
     if args.waterbirds:
         n_train = args.n * 4 // 7
         n_val = args.n // 7

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vitdecomp.world.scenes import ATTRIBUTES, Scenes, make_scenes
-from vitdecomp.world.waterbirds import SPLIT_NAMES, make_waterbirds
+from vitdecomp.world.attributes import ATTRIBUTES
+from vitdecomp.world.scenes import Scenes, make_scenes
+from vitdecomp.world.waterbirds import LAND, SPLIT_NAMES, WATER, WATERBIRD_SHAPES, make_waterbirds
 
 _NUMERIC = ("radius", "cx", "cy", "angle", "n_distractors")
 
@@ -114,8 +115,6 @@ def export_waterbirds(
         ["img_id", "img_filename", "y", "split", "place", "shape", "color", "pattern", "background"],
         meta_rows,
     )
-    from vitdecomp.world.waterbirds import LAND, WATER, WATERBIRD_SHAPES
-
     info = {
         "kind": "waterbirds",
         "seed": seed,

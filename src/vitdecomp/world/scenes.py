@@ -14,22 +14,8 @@ from typing import Any
 
 import numpy as np
 
-#: Attribute vocabularies: every value is also the natural-language word for it.
-SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
-COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
-PATTERNS = ("solid", "striped", "dotted", "checkered")
-BACKGROUNDS = ("grass", "sand", "snow", "water", "sky")
-SIZES = ("small", "large")
-
-ATTRIBUTES: dict[str, list[str]] = {
-    "shape": list(SHAPES),
-    "color": list(COLORS),
-    "pattern": list(PATTERNS),
-    "background": list(BACKGROUNDS),
-    "size": list(SIZES),
-}
-#: The four attributes the zoo is trained and probed on.
-CORE_ATTRIBUTES = ("shape", "color", "pattern", "background")
+from vitdecomp.world.attributes import ATTRIBUTES, BACKGROUNDS, COLORS, PATTERNS, SHAPES, SIZES
+from vitdecomp.world.captions import caption
 
 _RGB = np.array(
     [
@@ -378,8 +364,6 @@ def make_scenes(
         raise ValueError("size must be >= 16")
     if start % CHUNK:
         raise ValueError(f"start must be a multiple of {CHUNK}")
-    from vitdecomp.world.captions import caption
-
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     masks = np.empty((n, size, size), dtype=bool)
     cols: dict[str, list[np.ndarray]] = {}

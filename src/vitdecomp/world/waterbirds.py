@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vitdecomp.world.scenes import ATTRIBUTES, Scenes, _chunk_rng, make_scenes
+from vitdecomp.world.attributes import ATTRIBUTES
+from vitdecomp.world.scenes import Scenes, _chunk_rng, make_scenes
 
 #: Shapes of the two label families (y = 0 "land" shapes, y = 1 "water" shapes).
 WATERBIRD_SHAPES = {0: ("square", "triangle", "cross"), 1: ("circle", "hexagon", "star")}

@@ -6,6 +6,20 @@ The main CLI calls :func:`add_zoo_parser`.
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vitdecomp.zoo.cards import is_up_to_date, list_zoo
+from vitdecomp.zoo.models import ZOO_NAMES
+from vitdecomp.zoo.recipes import RECIPES
+from vitdecomp.zoo.train import train_and_save
 
 #: Training order: ``swin`` and ``clip`` distil from ``deit``, so ``deit`` comes first; with
 #: ``--jobs 2`` the longest trainings start first (deit beside maxvit, then swin, clip, dino).
@@ -41,10 +55,6 @@ def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    import json
-
-    from vitdecomp.zoo.hub import list_zoo
-
     cards = list_zoo()
     if args.json:
         print(json.dumps(cards, indent=1))
@@ -67,10 +77,6 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from vitdecomp.zoo.models import ZOO_NAMES
-
     names = args.names or list(TRAIN_ORDER)
     unknown = [n for n in names if n not in ZOO_NAMES]
     if unknown:
@@ -80,8 +86,6 @@ def run_train(args: argparse.Namespace) -> int:
     weights_dir = out / "weights" if out else None
     cards_dir = out / "cards" if out else None
     if args.resume:
-        from vitdecomp.zoo.train import is_up_to_date
-
         done = [n for n in names if is_up_to_date(n, weights_dir, cards_dir)]
         for n in done:
             print(f"zoo:{n} is up to date (card and weights match the recipe, config and teacher); skipped")
@@ -89,10 +93,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.jobs > 1:
         return _train_parallel(names, args, out)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
-    from vitdecomp.zoo.train import train_and_save
 
     for name in names:
         card = train_and_save(
@@ -103,8 +104,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train_command(name: str, args: argparse.Namespace, out) -> list[str]:
-    import sys
-
     cmd = [sys.executable, "-m", "vitdecomp.zoo.cli", "train", name, "--threads", str(args.threads or 1)]
     return cmd + ["--no-eval"] * args.no_eval + (["--out", str(out)] if out else [])
 
@@ -112,14 +111,6 @@ def _train_command(name: str, args: argparse.Namespace, out) -> list[str]:
 def _train_parallel(names: list[str], args: argparse.Namespace, out, command=_train_command, poll: float = 2.0) -> int:
     """Run the trainings as ``args.jobs`` side-by-side subprocesses (each logging to
     ``<out or .>/zoo-logs/NAME.log``); a model starts once the model it distils from has finished."""
-    import subprocess
-    import time
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from vitdecomp.zoo.train import RECIPES
-
     log_dir = Path(out or ".") / "zoo-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     pending, running, failed = list(names), {}, []
@@ -163,8 +154,6 @@ def _train_parallel(names: list[str], args: argparse.Namespace, out, command=_tr
 
 def _last_progress(path) -> str:
     """The newest tqdm state in a training log, e.g. ``epoch 2/6 45%``."""
-    import re
-
     try:
         tail = path.read_bytes()[-400:].decode("utf-8", "replace")
     except OSError:
@@ -175,8 +164,6 @@ def _last_progress(path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m vitdecomp.zoo.cli list``)."""
-    import sys
-
     parser = argparse.ArgumentParser(prog="vitdecomp")
     sub = parser.add_subparsers(dest="command", required=True)
     add_zoo_parser(sub)

@@ -25,8 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitdecomp.world.scenes import CORE_ATTRIBUTES, make_scenes
-from vitdecomp.zoo.models import HEAD_SIZES, IMAGE_SIZE, ZOO_NAMES, representation
+from vitdecomp.text import world_class_embeddings
+from vitdecomp.world.attributes import CORE_ATTRIBUTES
+from vitdecomp.world.scenes import make_scenes
+from vitdecomp.zoo.cards import read_card, write_card
+from vitdecomp.zoo.data import labels_of, normalize, to_tensor
+from vitdecomp.zoo.hub import load_zoo_model
+from vitdecomp.zoo.models import HEAD_SIZES, IMAGE_SIZE, NUM_LOGITS, ZOO_NAMES, representation
 
 N_PROBE_TRAIN = 4000
 N_TEST = 2000
@@ -37,8 +42,6 @@ TARGETS = {"probe": 0.90, "task": 0.95, "zero_shot": 0.90}
 
 @torch.no_grad()
 def features(model, name: str, images: np.ndarray, batch: int = 250, clip: bool = False) -> torch.Tensor:
-    from vitdecomp.zoo.train import normalize, to_tensor
-
     x = to_tensor(images)
     out = [representation(model, name, normalize(x[i : i + batch], clip=clip)) for i in range(0, len(x), batch)]
     return torch.cat(out).float()
@@ -46,8 +49,6 @@ def features(model, name: str, images: np.ndarray, batch: int = 250, clip: bool 
 
 @torch.no_grad()
 def logits_of(model, images: np.ndarray, batch: int = 250) -> torch.Tensor:
-    from vitdecomp.zoo.train import normalize, to_tensor
-
     x = to_tensor(images)
     return torch.cat([model(normalize(x[i : i + batch])) for i in range(0, len(x), batch)])
 
@@ -82,8 +83,6 @@ def _data():
 
 def evaluate_model(name: str, checkpoint=None, progress: bool = False, data=None, config=None) -> dict[str, Any]:
     """All held-out measurements of one zoo model (loaded from its safetensors file)."""
-    from vitdecomp.zoo.hub import load_zoo_model
-
     t0 = time.time()
     loaded = load_zoo_model(name, checkpoint=checkpoint, config=config)
     model = loaded.model
@@ -97,15 +96,22 @@ def evaluate_model(name: str, checkpoint=None, progress: bool = False, data=None
         y_te = torch.from_numpy(te.attributes[k])
         out["probe"][k] = round(linear_probe(f_tr, y_tr, f_te, y_te), 4)
     out["probe_min"] = min(out["probe"].values())
-    if not is_clip and getattr(model, "num_classes", 0) == sum(HEAD_SIZES.values()):
-        from vitdecomp.zoo.train import labels_of, multi_attribute_accuracy
-
+    if not is_clip and getattr(model, "num_classes", 0) == NUM_LOGITS:
         acc = multi_attribute_accuracy(logits_of(model, te.images), labels_of(te))
         out["task"] = {k: round(v, 4) for k, v in acc.items()}
         out["task_min"] = min(out["task"].values())
     if is_clip:
         out.update(clip_metrics(loaded, te, f_te))
     out["eval_time_s"] = round(time.time() - t0, 1)
+    return out
+
+
+def multi_attribute_accuracy(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Accuracy of each core attribute's head: logits [N, NUM_LOGITS], labels [N, A]."""
+    out = {}
+    parts = torch.split(logits, list(HEAD_SIZES.values()), dim=1)
+    for i, (k, part) in enumerate(zip(HEAD_SIZES, parts, strict=True)):
+        out[k] = (part.argmax(1) == y[:, i]).float().mean().item()
     return out
 
 
@@ -120,14 +126,18 @@ def zero_shot(image_features: torch.Tensor, classes: dict[str, torch.Tensor], la
 
 
 @torch.no_grad()
-def clip_metrics(loaded, te, f_te: torch.Tensor) -> dict[str, Any]:
-    from vitdecomp.text import world_class_embeddings
-    from vitdecomp.zoo.train import labels_of
+def clip_zero_shot(model, tokenizer, image_features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """A CLIP model's zero-shot accuracy per core attribute, its text tower reading the world's
+    prompts (:func:`vitdecomp.text.world_class_embeddings`)."""
+    classes = world_class_embeddings(lambda texts: model.encode_text(tokenizer(texts)))
+    return zero_shot(image_features, classes, labels)
 
+
+@torch.no_grad()
+def clip_metrics(loaded, te, f_te: torch.Tensor) -> dict[str, Any]:
     model, tok = loaded.model, loaded.tokenizer
     img = F.normalize(f_te, dim=-1)
-    classes = world_class_embeddings(lambda texts: model.encode_text(tok(texts)))
-    zs = {k: round(v, 4) for k, v in zero_shot(f_te, classes, labels_of(te)).items()}
+    zs = {k: round(v, 4) for k, v in clip_zero_shot(model, tok, f_te, labels_of(te)).items()}
     n = min(N_RETRIEVAL, len(te))
     caps = te.captions[:n]
     txt = torch.cat([F.normalize(model.encode_text(tok(caps[i : i + 250])), dim=-1) for i in range(0, n, 250)])
@@ -175,9 +185,6 @@ def _pct(v) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vitdecomp.zoo.hub import read_card
-    from vitdecomp.zoo.train import write_card
-
     ap = argparse.ArgumentParser(prog="python -m vitdecomp.zoo.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("names", nargs="*", default=list(ZOO_NAMES))
     ap.add_argument("--write-cards", action="store_true", help="store the numbers in the cards")

@@ -1,43 +1,21 @@
-"""Load the shipped zoo models (safetensors only) with their preprocessing, and list their cards."""
+"""Load the shipped zoo models (safetensors only) with their preprocessing."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vitdecomp.errors import CheckpointError
-from vitdecomp.models.loading import LoadedModel, file_digest
-from vitdecomp.zoo.models import IMAGE_SIZE, ZOO_CONFIGS, ZOO_NAMES, build_model
+from vitdecomp.models.loaded import LoadedModel, file_digest
+from vitdecomp.zoo.cards import WEIGHTS_DIR, read_card
+from vitdecomp.zoo.data import OPENAI_MEAN, OPENAI_STD
+from vitdecomp.zoo.models import IMAGE_SIZE, ZOO_CONFIGS, ZOO_NAMES, build_model, clip_tokenizer
 
-ZOO_DIR = Path(__file__).parent
-WEIGHTS_DIR = ZOO_DIR / "weights"
-CARDS_DIR = ZOO_DIR / "cards"
-
-
-def clip_tokenizer(context_length: int):
-    """open_clip's own BPE tokenizer with the zoo CLIP's context length."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer(context_length=context_length)
-
-
-def read_card(name: str) -> dict[str, Any] | None:
-    path = CARDS_DIR / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def list_zoo() -> list[dict[str, Any]]:
-    """One card per zoo model (names without a shipped card get a stub with ``"trained": False``)."""
-    out = []
-    for name in ZOO_NAMES:
-        card = read_card(name) or {"name": name, "config": ZOO_CONFIGS[name], "trained": False}
-        card.setdefault("name", name)
-        card["weights_present"] = (WEIGHTS_DIR / f"{name}.safetensors").is_file()
-        out.append(card)
-    return out
+__all__ = ["WEIGHTS_DIR", "load_state_dict_file", "load_zoo_model"]
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -74,34 +52,10 @@ def load_zoo_model(
         weights_id = f"zoo:{name}@random-init"
     else:
         path = Path(checkpoint) if checkpoint is not None else WEIGHTS_DIR / f"{name}.safetensors"
-        if not path.is_file():
-            raise CheckpointError(
-                f"zoo weights for {name!r} not found at {path}; run `vitdecomp zoo train {name}` "
-                "to train them (or pass checkpoint=PATH)"
-            )
-        state = load_state_dict_file(path)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise CheckpointError(f"checkpoint {path} does not fit zoo model {name!r}: {err}") from err
+        _load_weights(model, name, path)
         weights_id = f"zoo:{name}@{file_digest(path)}"
     model.eval()
-    info: dict[str, Any] = {"image_size": (IMAGE_SIZE, IMAGE_SIZE), "card": card, "config": config}
-    tokenizer = None
-    if name == "clip":
-        from open_clip.transform import image_transform
-
-        from vitdecomp.zoo.train import OPENAI_MEAN, OPENAI_STD
-
-        preprocess = image_transform(IMAGE_SIZE, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
-        tokenizer = clip_tokenizer(config["text_cfg"]["context_length"])
-        info["arch"] = "zoo-clip"
-    else:
-        import timm
-
-        data_cfg = timm.data.resolve_data_config({}, model=model)
-        preprocess = timm.data.create_transform(**data_cfg, is_training=False)
-        info["data_config"] = data_cfg
+    preprocess, tokenizer, info = _preprocessing(name, model, config)
     return LoadedModel(
         model=model,
         preprocess=preprocess,
@@ -109,5 +63,32 @@ def load_zoo_model(
         source="zoo",
         weights_id=weights_id,
         tokenizer=tokenizer,
-        info=info,
+        info={"image_size": (IMAGE_SIZE, IMAGE_SIZE), "card": card, "config": config, **info},
     )
+
+
+def _load_weights(model: nn.Module, name: str, path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(
+            f"zoo weights for {name!r} not found at {path}; run `vitdecomp zoo train {name}` "
+            "to train them (or pass checkpoint=PATH)"
+        )
+    state = load_state_dict_file(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path} does not fit zoo model {name!r}: {err}") from err
+
+
+def _preprocessing(name: str, model: nn.Module, config: dict[str, Any]) -> tuple[Callable, Callable | None, dict]:
+    """The model's own preprocessing (open_clip's image transform for CLIP, timm's from the model's
+    data config otherwise), its tokenizer (CLIP only) and what goes into ``LoadedModel.info``."""
+    if name == "clip":
+        from open_clip.transform import image_transform
+
+        preprocess = image_transform(IMAGE_SIZE, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
+        return preprocess, clip_tokenizer(config["text_cfg"]["context_length"]), {"arch": "zoo-clip"}
+    import timm
+
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    return timm.data.create_transform(**data_cfg, is_training=False), None, {"data_config": data_cfg}

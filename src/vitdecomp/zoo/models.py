@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from vitdecomp.world.scenes import ATTRIBUTES, CORE_ATTRIBUTES
+from vitdecomp.world.attributes import ATTRIBUTES, CORE_ATTRIBUTES
 
 IMAGE_SIZE = 64
 #: Logits of the multi-attribute task: one block per core attribute, in this order.
@@ -128,6 +128,13 @@ def build_model(name: str, config: dict[str, Any] | None = None) -> nn.Module:
             model.visual.conv1 = conv_stem(stem_cfg)
         return model
     raise ValueError(f"unknown model family {family!r}")
+
+
+def clip_tokenizer(context_length: int):
+    """open_clip's own BPE tokenizer with the zoo CLIP's context length."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
 
 
 def conv_stem(stem: dict[str, Any]) -> nn.Module:

@@ -1,0 +1,241 @@
+"""Branch kinds: how a declared residual branch is captured during the pass and read out after it.
+
+A :class:`FieldPart` is one component (the whole branch output). A :class:`HeadsPart` splits an
+attention branch per head at its output projection: with ``z [B, S, H*dh]`` the concatenated head
+outputs at the read positions, head ``h`` contributes ``R(W_O[:, h] z_h)``; norms inside or after the
+branch (frozen statistics) become a per-position scale of ``z`` and a left factor of ``W_O``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vitdecomp.components import ComponentLabel
+from vitdecomp.decomp.capture import Capture, grid_of, take_positions, to_stream
+from vitdecomp.decomp.plan import Field, Heads, Tap
+from vitdecomp.decomp.readout import NormRule, ReadoutMap
+from vitdecomp.errors import VitDecompError
+
+
+class FieldPart:
+    """A branch whose whole output (the tensor at the declared tap, times its scale) is one component."""
+
+    def __init__(self, spec: Field, label: ComponentLabel) -> None:
+        self.spec, self.labels, self.path = spec, [label], spec.path
+        self.value: Tensor | None = None
+
+    def attach(self, cap: Capture, positions: Tensor | None, tokens: bool) -> None:
+        def keep(s: Tensor) -> None:
+            s = take_positions(s, positions)
+            self.value = s if self.spec.scale is None else s * self.spec.scale.to(s)
+
+        cap.stream(self.spec.tap, keep)
+
+    def contributions(self, ro: ReadoutMap) -> Tensor:
+        """``[B, 1, D_out]``."""
+        if self.value is None:
+            raise VitDecompError(f"module '{self.path}' was not called in the forward pass")
+        return ro.field(self.value)[:, None]
+
+    def release(self) -> None:
+        self.value = None
+
+
+class HeadsPart:
+    """Multi-head attention, one component per head (plus its constant terms), or one in all."""
+
+    def __init__(self, spec: Heads, base: dict, heads: bool) -> None:
+        self.spec, self.path, self.num_heads, self.heads = spec, spec.path, spec.num_heads, heads
+        base = {**base, "sublayer": spec.sublayer} if spec.sublayer else base
+        self.inner = NormRule.of(spec.inner_norm, f"{spec.path}.norm") if spec.inner_norm is not None else None
+        self.post = NormRule.of(spec.post_norm, f"{spec.path} post-norm") if spec.post_norm is not None else None
+        self.head_labels = [ComponentLabel("attn_head", head=h, **base) for h in range(self.num_heads)]
+        has_const = spec.proj_bias is not None or any(
+            r is not None and r.bias is not None for r in (self.inner, self.post)
+        )
+        if heads:
+            self.labels = self.head_labels + ([ComponentLabel("attn_bias", **base)] if has_const else [])
+        else:
+            self.labels = [ComponentLabel("attn", **base)]
+        self.want_tokens = False
+        self.z: Tensor | None = None  # [B, S, H*dh] at the read positions, stream order
+        self.scale: Tensor | None = None  # [B, S] per-position scale from inner / post norms
+        self.post_scale: Tensor | None = None  # [B, S] the post-norm's 1/sigma alone
+        self.probs: Tensor | None = None  # [B, H, S, N] or windowed [B, nW, H, w, w]
+        self.v: Tensor | None = None  # [B, H, N, dh]
+        self.index: Tensor | None = None  # [nW, w] window slots -> stream positions
+        self.n_tokens = 0
+
+    # -- capture ------------------------------------------------------------------------------
+
+    def _windows_to_stream(self, t: Tensor) -> Tensor:
+        """``[B*nW, w, E] -> [B, N, E]`` (padding dropped)."""
+        nw, w = self.index.shape
+        t = t.reshape(-1, nw * w, t.shape[-1])
+        flat = self.index.reshape(-1).to(t.device)
+        keep = flat >= 0
+        out = t.new_zeros(t.shape[0], self.n_tokens, t.shape[-1])
+        out[:, flat[keep]] = t[:, keep]
+        return out
+
+    def _stream(self, t: Tensor, layout) -> Tensor:
+        s = to_stream(t, layout)
+        return s if self.spec.windows is None else self._windows_to_stream(s)
+
+    def _scale_by(self, inv_sigma: Tensor) -> None:
+        self.scale = inv_sigma if self.scale is None else self.scale * inv_sigma
+
+    def attach(self, cap: Capture, positions: Tensor | None, tokens: bool) -> None:
+        spec = self.spec
+        self.want_tokens = tokens and self.heads
+        if spec.windows is not None:
+            if positions is not None:
+                raise VitDecompError(f"'{self.path}': windowed attention needs the readout at every position")
+
+            def keep_grid(x: Tensor) -> None:
+                grid = grid_of(x, spec.windows.grid.layout)
+                self.n_tokens, self.index = grid[0] * grid[1], spec.windows.index(grid)
+
+            cap.tap(spec.windows.grid, keep_grid)
+        if spec.post_norm is not None:
+
+            def keep_post(x: Tensor) -> None:
+                self.post_scale = take_positions(self.post.inv_sigma(to_stream(x, "tokens")), positions)
+                self._scale_by(self.post_scale)
+
+            cap.tap(Tap(spec.post_norm, "input"), keep_post)
+        if spec.replace is not None:
+            self._attach_replacement(cap, positions)
+            return
+
+        def keep_z(t: Tensor) -> None:
+            self.z = take_positions(self._stream(t, spec.z.layout), positions)
+            if self.inner is not None:
+                self._scale_by(self.inner.inv_sigma(self.z))
+
+        cap.tap(spec.z, keep_z)
+        if self.want_tokens:
+            if spec.probs is None or spec.values is None:
+                raise VitDecompError(f"per-token contributions are not available for '{self.path}'")
+            if hasattr(spec.module, "fused_attn"):
+                cap.set_attr(spec.module, "fused_attn", False)
+            cap.tap(spec.probs, self._keep_probs(positions))
+            cap.tap(spec.values.tap, self._keep_values)
+
+    def _keep_probs(self, positions: Tensor | None):
+        def keep(a: Tensor) -> None:
+            if self.spec.windows is None:
+                self.probs = take_positions(a, positions, dim=2)
+            else:
+                self.probs = a.reshape(-1, self.index.shape[0], *a.shape[1:])
+
+        return keep
+
+    def _keep_values(self, t: Tensor) -> None:
+        v = self.spec.values.fn(t)  # [B', N', H*dh]
+        v = v if self.spec.windows is None else self._windows_to_stream(v)
+        self.v = v.view(v.shape[0], v.shape[1], self.num_heads, -1).transpose(1, 2)
+
+    def _attach_replacement(self, cap: Capture, positions: Tensor | None) -> None:
+        module, replace = self.spec.module, self.spec.replace
+
+        def forward(*args, **kwargs):
+            out, self.z, self.probs, self.v = replace(args, kwargs, positions, self.want_tokens)
+            return out
+
+        cap.set_attr(module, "forward", forward)
+
+    # -- readout ------------------------------------------------------------------------------
+
+    def out_weight(self, like: Tensor) -> Tensor:
+        """``[D, H, e]``: the output projection with the norms' gains/centring and the layer scale folded in."""
+        w = self.spec.proj_weight.reshape(self.spec.proj_weight.shape[0], -1).to(like)
+        if self.inner is not None:
+            w = self.inner.right(w)
+        if self.post is not None:
+            w = self.post.left(w)
+        if self.spec.layer_scale is not None:
+            w = self.spec.layer_scale.to(like)[:, None] * w
+        return w.view(w.shape[0], self.num_heads, -1)
+
+    def const_terms(self, ro: ReadoutMap) -> Tensor | None:
+        """``[B, D_out]``: the branch's constant terms (biases and norm betas) read out, or None."""
+        like = ro.mats
+        c = None if self.spec.proj_bias is None else self.spec.proj_bias.to(like)
+        if self.inner is not None and self.inner.bias is not None:
+            w = self.spec.proj_weight.reshape(self.spec.proj_weight.shape[0], -1).to(like)
+            c = (0 if c is None else c) + w @ self.inner.bias.to(like)
+        ls = self.spec.layer_scale
+        gain = (lambda v: v) if ls is None else (lambda v: ls.to(like) * v)
+        out = None
+        if c is not None:
+            out = (
+                ro.const(gain(c))
+                if self.post is None
+                else ro.scaled(self.post_scale).const(gain(self.post.apply_vec(c)))
+            )
+        if self.post is not None and self.post.bias is not None:
+            beta = ro.const(gain(self.post.bias.to(like)))
+            out = beta if out is None else out + beta
+        return out
+
+    def contributions(self, ro: ReadoutMap) -> Tensor:
+        """``[B, len(labels), D_out]``."""
+        if self.z is None:
+            raise VitDecompError(f"attention '{self.path}' was not called in the forward pass")
+        z = self.z if self.scale is None else self.z * self.scale[..., None].to(self.z)
+        w = self.out_weight(ro.mats)  # [D, H, e]
+        pz = ro.pool(z).view(z.shape[0], ro.num_slots, self.num_heads, -1)  # [B, K, H, e]
+        u = torch.einsum("dhe,bkhe->bkhd", w, pz)
+        const = self.const_terms(ro)
+        if not self.heads:
+            out = ro.apply_pooled(u.sum(2))
+            return (out if const is None else out + const)[:, None]
+        parts = [ro.apply_pooled(u.transpose(1, 2))]
+        if const is not None:
+            parts.append(const[:, None])
+        return torch.cat(parts, 1)
+
+    def token_parts_size(self) -> int:
+        """Number of source tokens ``N`` (after the pass)."""
+        return self.v.shape[2]
+
+    def token_parts(self, ro: ReadoutMap) -> Tensor:
+        """``abar [B, H, K, N]``: ``sum_q w_q A[q, j]`` over read positions ``q`` of slot ``k``, keys ``j``
+        in stream order (``w_q`` includes the per-position norm scales)."""
+        qw = ro.query_weights()  # [B, S, K]
+        if self.scale is not None:
+            qw = qw * self.scale[..., None].to(qw)
+        if self.spec.windows is None:
+            return torch.einsum("bsk,bhsn->bhkn", qw, self.probs.to(qw))
+        idx = self.index.to(qw.device)
+        if (idx < 0).any():
+            raise VitDecompError(
+                f"per-token contributions of '{self.path}' with padded windows are not supported; "
+                "use an image size whose token grid is a multiple of the window size"
+            )
+        ab = torch.einsum("bnqk,bnhqj->bhknj", qw[:, idx], self.probs.to(qw))  # [B, H, K, nW, w]
+        b, h, k = ab.shape[:3]
+        abar = ab.new_zeros(b, h, k, self.n_tokens)
+        abar[..., idx.reshape(-1)] = ab.reshape(b, h, k, -1)
+        return abar
+
+    def token_contributions(self, ro: ReadoutMap, out: Tensor) -> None:
+        """Write ``[B, H, N, D_out]`` into ``out``; summing over ``N`` gives each head's contribution."""
+        abar = self.token_parts(ro)
+        w = self.out_weight(ro.mats)
+        v = self.v.to(w)
+        for k in range(ro.num_slots):
+            mw = torch.einsum("od,dhe->hoe", ro.mats[k], w)  # [H, D_out, e]
+            part = torch.einsum("hoe,bhne->bhno", mw, v).mul_(abar[:, :, k, :, None])
+            if k == 0:
+                out.copy_(part)
+            else:
+                out.add_(part)
+
+    def release(self) -> None:
+        self.z = self.scale = self.post_scale = self.probs = self.v = None
+
+
+Part = FieldPart | HeadsPart

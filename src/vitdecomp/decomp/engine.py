@@ -1,0 +1,251 @@
+"""The engine: one forward pass with hooks, then every declared part read out through the frozen readout.
+
+It knows no model family: an adapter's :class:`~vitdecomp.decomp.plan.Plan` says where the parts are.
+Each stage's stream is read out where each branch is added; walking the stages from the last one
+back, every transition pulls the readout back onto the previous grid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vitdecomp.components import ComponentLabel, Decomposition, TokenContributions
+from vitdecomp.decomp.branches import FieldPart, HeadsPart, Part
+from vitdecomp.decomp.capture import Capture, grid_of, take_positions, to_stream
+from vitdecomp.decomp.plan import Block, Field, Plan, Stage, Tap
+from vitdecomp.decomp.readout import ReadoutMap
+from vitdecomp.decomp.steps import Consts, ReadoutBuilder
+from vitdecomp.decomp.transitions import MergeStep, ShortcutStep, transition_step
+from vitdecomp.errors import VitDecompError
+
+
+@dataclass
+class _BlockRun:
+    spec: Block
+    parts: list[Part]
+    transition: MergeStep | ShortcutStep | None
+
+
+@dataclass
+class _StageRun:
+    spec: Stage
+    blocks: list[_BlockRun]
+    transition: MergeStep | ShortcutStep | None
+    grid: tuple[int, int] | None = None
+
+
+class _Run:
+    """One decomposition call's live objects: parts per block, transitions, the readout builder."""
+
+    def __init__(self, plan: Plan, heads: bool, tokens: bool | Iterable[int]) -> None:
+        self.plan = plan
+        self.readout = ReadoutBuilder(plan.readout)
+        self.init = FieldPart(plan.init, ComponentLabel("init"))
+        token_layers = None if isinstance(tokens, bool) else set(tokens)
+        self.want_tokens = (lambda layer: tokens) if token_layers is None else (lambda layer: layer in token_layers)
+        self.stages: list[_StageRun] = []
+        for st in plan.stages:
+            if st.index < plan.init_stage:
+                continue
+            blocks = [_BlockRun(b, [_part(br, b, heads) for br in b.branches], _step(b.transition)) for b in st.blocks]
+            trans = _step(st.transition) if st.index > plan.init_stage else None
+            self.stages.append(_StageRun(st, blocks, trans))
+
+    def attach(self, cap: Capture, streams: dict | None = None) -> None:
+        last = self.plan.stages[-1].index
+        for st in self.stages:
+            if st.transition is not None:
+                st.transition.attach(cap)
+            cap.tap(st.spec.grid, lambda x, st=st: setattr(st, "grid", _grid(x, st.spec)))
+            positions = self.readout.positions if st.spec.index == last else None
+            for blk in st.blocks:
+                if blk.transition is not None and st.spec.index > self.plan.init_stage:
+                    blk.transition.attach(cap)
+                for part in blk.parts:
+                    part.attach(cap, positions, self.want_tokens(blk.spec.layer) and isinstance(part, HeadsPart))
+                if streams is not None:
+                    _attach_streams(cap, blk, positions, streams)
+        init_positions = self.readout.positions if self.plan.init_stage == last else None
+        self.init.attach(cap, init_positions, False)
+        self.readout.attach(cap)
+
+
+def _part(spec: Field | object, block: Block, heads: bool) -> Part:
+    base = {"layer": block.layer, "stage": block.stage, "block": block.block}
+    if isinstance(spec, Field):
+        return FieldPart(spec, ComponentLabel(spec.kind, sublayer=spec.sublayer, **base))
+    return HeadsPart(spec, base, heads)
+
+
+def _step(spec) -> MergeStep | ShortcutStep | None:
+    return None if spec is None else transition_step(spec)
+
+
+def _grid(x: Tensor, stage: Stage) -> tuple[int, int]:
+    h, w = grid_of(x, stage.grid.layout)
+    return (h // stage.grid_divisor[0], w // stage.grid_divisor[1])
+
+
+def _attach_streams(cap: Capture, blk: _BlockRun, positions: Tensor | None, streams: dict) -> None:
+    """Keep the block's input and output streams (for the per-block diagnosis)."""
+    layout = blk.spec.layout
+
+    def keep(key, pos):
+        return lambda x: streams.__setitem__(key, take_positions(to_stream(x, layout), pos))
+
+    cap.tap(Tap(blk.spec.module, "input"), keep((blk.spec.path, "in"), None if blk.transition else positions))
+    cap.tap(Tap(blk.spec.module, "output"), keep((blk.spec.path, "out"), positions))
+
+
+@contextlib.contextmanager
+def _captured(run: _Run, target: nn.Module, streams: dict | None = None) -> Iterator[Capture]:
+    """Every hook of ``run`` attached, in eval mode; all removed and restored on exit, error or not."""
+    cap = Capture()
+    was_training = target.training
+    target.eval()
+    cap.restore.append(lambda: target.train(was_training))
+    try:
+        run.attach(cap, streams)
+        yield cap
+    finally:
+        cap.close()
+
+
+def run_plan(plan: Plan, target: nn.Module, images: Tensor, heads: bool, tokens, streams: dict | None = None):
+    """Run the model once with ``plan``'s hooks and read every part out -> :class:`Decomposition`."""
+    run = _Run(plan, heads, tokens)
+    with torch.inference_mode(), _captured(run, target, streams):
+        plan.run(images)
+    with torch.inference_mode():
+        return _assemble(run, images.shape[0], streams)
+
+
+def decompose_plan(
+    make_plan: Callable[[], Plan], target: nn.Module, images: Tensor, *, heads: bool, tokens, check: float | None
+) -> Decomposition:
+    """Decompose with the plan ``make_plan()`` and check completeness; on failure, name the first
+    block whose parts do not add up (a re-run with each block's streams captured)."""
+    param = next(target.parameters())
+    images = images.to(device=param.device, dtype=param.dtype)
+    plan = make_plan()
+    result = run_plan(plan, target, images, heads, tokens)
+    if check is None:
+        check = 1e-9 if result.representation.dtype == torch.float64 else 1e-4
+    if check > 0:
+        err = result.error.max().item()
+        if not err <= check:
+            streams: dict = {}
+            diag = run_plan(make_plan(), target, images, heads, False, streams)
+            where = _first_failing(diag.meta["block_residuals"], target, check)
+            raise VitDecompError(
+                f"the parts do not add up: relative error {err:.2e} > {check:.0e} for {plan.family} "
+                f"model {type(target).__name__}{where}. This model has a module the rules do not cover; "
+                "please report it."
+            )
+    return result
+
+
+def _first_failing(residuals: dict[str, float], target: nn.Module, tol: float) -> str:
+    for path, residual in residuals.items():
+        if residual > tol:
+            block = target.get_submodule(path)
+            return (
+                f" (first mismatch: block '{path}' of class {type(block).__name__}, relative residual {residual:.1e})"
+            )
+    return ""
+
+
+def _assemble(run: _Run, batch: int, streams: dict | None) -> Decomposition:
+    """Read every captured part out, walking the stages back from the readout; with ``streams`` also
+    each block's residual ``|R(out) - R(in) - its parts| / |representation|``."""
+    ro, consts, rep = run.readout.build()
+    residuals: dict[str, float] = {}
+    trans_consts: Consts = []
+    parts: list[tuple[list[ComponentLabel], Tensor]] = []
+    token_stacks: list[TokenContributions] = []
+    init_ro = ro
+    for st in reversed(run.stages):
+        stage_parts, stack, ro = _assemble_stage(run, st, ro, rep, batch, trans_consts, residuals, streams)
+        parts = stage_parts + parts
+        if stack is not None:
+            token_stacks.insert(0, stack)
+        if st.spec.index == run.plan.init_stage:
+            init_ro = ro
+        if st.transition is not None:
+            ro, c = st.transition.pull_back(ro)
+            trans_consts[:0] = c
+    parts.insert(0, (run.init.labels, run.init.contributions(init_ro)))
+    run.init.release()
+    parts += [([label], c[:, None]) for label, c in trans_consts + consts]
+    return Decomposition(
+        contributions=torch.cat([t.to(rep.dtype) for _, t in parts], 1),
+        labels=[lab for labs, _ in parts for lab in labs],
+        representation=rep,
+        tokens=token_stacks,
+        meta={"family": run.plan.family, **run.plan.meta, **({"block_residuals": residuals} if streams else {})},
+    )
+
+
+def _assemble_stage(
+    run, st: _StageRun, ro: ReadoutMap, rep: Tensor, batch: int, trans_consts: Consts, residuals, streams
+):
+    """One stage's parts (and token stack), its blocks read from the last one back; returns the readout
+    at the stage's start (inside-block transitions pulled back)."""
+    block_parts: list[tuple[list[ComponentLabel], Tensor]] = []
+    token_parts = [p for b in st.blocks for p in b.parts if isinstance(p, HeadsPart) and p.want_tokens]
+    token_values: Tensor | None = None  # [B, heads of this stage, N, D_out], filled from the end
+    end = sum(p.num_heads for p in token_parts)
+    for blk in reversed(st.blocks):
+        block_ro = ro
+        own_consts: Consts = []
+        if blk.transition is not None and st.spec.index > run.plan.init_stage:
+            ro, own_consts = blk.transition.pull_back(ro)
+            trans_consts[:0] = own_consts
+        here = []
+        for part in reversed(blk.parts):
+            here.insert(0, (part.labels, part.contributions(block_ro)))
+            if part in token_parts:
+                if token_values is None:
+                    token_values = rep.new_empty(batch, end, part.token_parts_size(), rep.shape[-1])
+                part.token_contributions(block_ro, token_values[:, end - part.num_heads : end])
+                end -= part.num_heads
+            part.release()
+        block_parts[:0] = here
+        if streams is not None:
+            own = sum(t.sum(1) for _, t in here) + sum((t for _, t in own_consts), torch.zeros_like(rep))
+            x_in = streams[(blk.spec.path, "in")]
+            if blk.spec.layer == run.plan.meta.get("start_layer"):
+                x_in = run.init.value  # the first block's input as its shortcut carries it onto this grid
+            gap = block_ro.field(streams[(blk.spec.path, "out")]) - ro.field(x_in) - own
+            residuals[blk.spec.path] = (gap.norm(dim=-1) / rep.norm(dim=-1).clamp_min(1e-30)).max().item()
+    stack = None
+    if token_values is not None:
+        labels = [lab for p in token_parts for lab in p.head_labels]
+        stack = _token_stack(token_values, labels, st)
+    return block_parts, stack, ro
+
+
+def _token_stack(values: Tensor, labels: list[ComponentLabel], st: _StageRun) -> TokenContributions:
+    n, npre = values.shape[2], st.spec.num_prefix_tokens
+    grid = st.grid or (1, n - npre)
+    if grid[0] * grid[1] + npre != n:
+        raise VitDecompError(
+            f"stage {st.spec.index}: a {grid[0]}x{grid[1]} token grid plus {npre} prefix tokens "
+            f"does not match the {n} tokens of the stream (wrong patch stride in the adapter)"
+        )
+    return TokenContributions(values, labels, pixel_boxes(grid, st.spec.patch, npre), grid, npre)
+
+
+def pixel_boxes(grid: tuple[int, int], patch: tuple[int, int], num_prefix: int = 0) -> Tensor:
+    """``[num_prefix + gh*gw, 4]`` (top, left, bottom, right) in input pixels; ``-1`` for prefix tokens."""
+    gh, gw = grid
+    r = torch.arange(gh).repeat_interleave(gw)
+    c = torch.arange(gw).repeat(gh)
+    boxes = torch.stack([r * patch[0], c * patch[1], (r + 1) * patch[0], (c + 1) * patch[1]], 1)
+    prefix = torch.full((num_prefix, 4), -1, dtype=boxes.dtype)
+    return torch.cat([prefix, boxes], 0)

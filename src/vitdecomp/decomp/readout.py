@@ -1,0 +1,131 @@
+"""Readout linear algebra: norms with frozen statistics, and the factored map from a stream to the representation.
+
+With every norm's statistics and every attention probability frozen at their values from the pass,
+the map from a stream ``[B, N, D_s]`` to the representation ``[B, D_out]`` is linear. A
+:class:`ReadoutMap` stores it factored: per-token weights (norm scales, pooling), either one slot per
+token (``slot [S]``: which downstream patch-merging input a token lands in) or dense per-slot weights
+``[B, S, K]`` (an attention pool: one slot per pool head), and one matrix per slot ``[K, D_out, D_s]``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from vitdecomp.errors import UnsupportedModuleError
+
+
+@dataclass
+class NormRule:
+    """A LayerNorm / RMSNorm over the last dim: ``y = gamma * C(x) / sigma(x) + beta``."""
+
+    centered: bool
+    weight: Tensor | None
+    bias: Tensor | None
+    eps: float
+
+    @classmethod
+    def of(cls, norm: nn.Module, path: str = "") -> NormRule:
+        """The rule for a norm module, or an :class:`UnsupportedModuleError` naming it."""
+        if isinstance(norm, nn.LayerNorm):
+            return cls(True, norm.weight, norm.bias, norm.eps)
+        if isinstance(norm, nn.RMSNorm):
+            eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
+            return cls(False, norm.weight, None, eps)
+        raise UnsupportedModuleError(path, norm, "no frozen-statistics rule for this normalisation")
+
+    def inv_sigma(self, x: Tensor) -> Tensor:
+        """``1 / sigma`` of ``x [..., D]`` with the norm's own eps and the biased variance ``[...]``."""
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        var = x.var(-1, unbiased=False) if self.centered else x.pow(2).mean(-1)
+        return torch.rsqrt(var + self.eps)
+
+    def left(self, m: Tensor) -> Tensor:
+        """``diag(gamma) @ C @ m`` for ``m [..., D, X]`` without forming ``C = I - 11^T / D``."""
+        if self.centered:
+            m = m - m.mean(-2, keepdim=True)
+        return self.weight.to(m)[:, None] * m if self.weight is not None else m
+
+    def right(self, w: Tensor) -> Tensor:
+        """``w @ diag(gamma) @ C`` for ``w [..., D]`` without forming ``C``."""
+        if self.weight is not None:
+            w = w * self.weight.to(w)
+        return w - w.mean(-1, keepdim=True) if self.centered else w
+
+    def apply_vec(self, v: Tensor) -> Tensor:
+        """``diag(gamma) @ C @ v`` for a vector ``v [D]``."""
+        return self.left(v[:, None])[:, 0]
+
+
+@dataclass
+class ReadoutMap:
+    """Linear map from a stream ``[B, N, D_s]`` to the representation ``[B, D_out]``.
+
+    weight    [B, S] (one slot per token, ``slot [S]`` or all 0) or [B, S, K] (dense slot weights)
+    mats      [K, D_out, D_s]
+    positions the stream positions read (all N if None)
+    """
+
+    weight: Tensor
+    mats: Tensor
+    positions: Tensor | None = None
+    slot: Tensor | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return self.mats.shape[0]
+
+    @property
+    def dense(self) -> bool:
+        return self.weight.ndim == 3
+
+    @functools.cached_property
+    def flat(self) -> Tensor:
+        """``mats`` laid out once as ``[K*D_s, D_out]`` so each readout is a single matmul."""
+        k, o, d = self.mats.shape
+        return self.mats.permute(0, 2, 1).reshape(k * d, o)
+
+    def apply_pooled(self, pooled: Tensor) -> Tensor:
+        """``[..., K, D_s] -> [..., D_out]``: the slot matrices applied to slot-pooled vectors."""
+        return pooled.reshape(*pooled.shape[:-2], -1).to(self.flat) @ self.flat
+
+    def pool(self, x: Tensor) -> Tensor:
+        """``[B, S, E] -> [B, K, E]``: the weighted sum of tokens per slot."""
+        x = x.to(self.weight.dtype)
+        if self.dense:
+            return torch.einsum("bsk,bse->bke", self.weight, x)
+        if self.slot is None:
+            return torch.einsum("bs,bse->be", self.weight, x)[:, None]
+        out = x.new_zeros(x.shape[0], self.num_slots, x.shape[2])
+        return out.index_add_(1, self.slot, self.weight[..., None] * x)
+
+    def slot_weights(self) -> Tensor:
+        """``[B, K]``: total token weight per slot (what a constant field is multiplied by)."""
+        if self.dense or self.slot is None:
+            return self.weight.sum(1).reshape(self.weight.shape[0], -1)
+        out = self.weight.new_zeros(self.weight.shape[0], self.num_slots)
+        return out.index_add_(1, self.slot, self.weight)
+
+    def query_weights(self) -> Tensor:
+        """``[B, S, K]``: the weight of every read position in every slot."""
+        if self.dense:
+            return self.weight
+        if self.slot is None:
+            return self.weight[..., None]
+        return self.weight[..., None] * nn.functional.one_hot(self.slot, self.num_slots).to(self.weight)
+
+    def scaled(self, scale: Tensor) -> ReadoutMap:
+        """The same map after a per-position scale ``[B, S]`` of the stream."""
+        weight = self.weight * (scale[..., None] if self.dense else scale).to(self.weight)
+        return ReadoutMap(weight, self.mats, self.positions, self.slot)
+
+    def field(self, x: Tensor) -> Tensor:
+        """Read out a field ``[B, S, D_s]`` (already at ``positions``) -> ``[B, D_out]``."""
+        return self.apply_pooled(self.pool(x))
+
+    def const(self, vec: Tensor) -> Tensor:
+        """Read out the same vector ``[D_s]`` added at every position -> ``[B, D_out]``."""
+        return self.apply_pooled(self.slot_weights()[:, :, None] * vec.to(self.mats))

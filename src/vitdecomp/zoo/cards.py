@@ -1,0 +1,98 @@
+"""The zoo's files: ``weights/NAME.safetensors`` (fp16) and ``cards/NAME.json`` (config, recipe,
+training record, measurements), and whether a pair is up to date with the current recipe."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitdecomp.models.loaded import file_digest
+from vitdecomp.zoo.models import ZOO_CONFIGS, ZOO_NAMES
+from vitdecomp.zoo.recipes import RECIPES
+
+ZOO_DIR = Path(__file__).parent
+WEIGHTS_DIR = ZOO_DIR / "weights"
+CARDS_DIR = ZOO_DIR / "cards"
+
+
+def read_card(name: str, cards_dir: Path | None = None) -> dict[str, Any] | None:
+    path = Path(cards_dir or CARDS_DIR) / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_card(name: str, card: dict[str, Any], cards_dir: Path | None = None) -> Path:
+    cards_dir = Path(cards_dir or CARDS_DIR)
+    cards_dir.mkdir(parents=True, exist_ok=True)
+    path = cards_dir / f"{name}.json"
+    path.write_text(json.dumps(card, indent=1, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(type(o))
+
+
+def list_zoo() -> list[dict[str, Any]]:
+    """One card per zoo model (names without a shipped card get a stub with ``"trained": False``)."""
+    out = []
+    for name in ZOO_NAMES:
+        card = read_card(name) or {"name": name, "config": ZOO_CONFIGS[name], "trained": False}
+        card.setdefault("name", name)
+        card["weights_present"] = (WEIGHTS_DIR / f"{name}.safetensors").is_file()
+        out.append(card)
+    return out
+
+
+def save_checkpoint(model: nn.Module, name: str, weights_dir: Path | None = None) -> Path:
+    """Write the state dict as fp16 safetensors (integer buffers kept as they are)."""
+    from safetensors.torch import save_file
+
+    weights_dir = Path(weights_dir or WEIGHTS_DIR)
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    sd = {
+        k: (v.detach().to(torch.float16) if v.is_floating_point() else v.detach()).contiguous().clone()
+        for k, v in model.state_dict().items()
+    }
+    path = weights_dir / f"{name}.safetensors"
+    save_file(sd, str(path), metadata={"name": name, "format": "pt", "dtype": "float16"})
+    path.chmod(0o644)
+    return path
+
+
+def is_up_to_date(name: str, weights_dir: Path | None = None, cards_dir: Path | None = None) -> bool:
+    """Whether ``NAME``'s card and weights were made by the current recipe and config (and, for a
+    student, from the teacher weights now in place), so a resumed ``zoo train`` may skip it."""
+    card = read_card(name, cards_dir)
+    weights = Path(weights_dir or WEIGHTS_DIR) / f"{name}.safetensors"
+    if card is None or not weights.is_file():
+        return False
+    recipe = RECIPES[name]
+
+    def same(a: Any, b: Any) -> bool:
+        return json.loads(json.dumps(a, default=_json_default)) == json.loads(json.dumps(b, default=_json_default))
+
+    if card.get("weights", {}).get("sha256_16") != file_digest(weights):
+        return False
+    if not (
+        same(card.get("config"), ZOO_CONFIGS[name]) and same(card.get("training", {}).get("recipe"), asdict(recipe))
+    ):
+        return False
+    if recipe.distill_from:
+        teacher = Path(weights_dir or WEIGHTS_DIR) / f"{recipe.distill_from}.safetensors"
+        teacher = teacher if teacher.is_file() else WEIGHTS_DIR / f"{recipe.distill_from}.safetensors"
+        if (
+            not teacher.is_file()
+            or card["training"].get("distill_teacher") != f"zoo:{recipe.distill_from}@{file_digest(teacher)}"
+        ):
+            return False
+    return True
