@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vitdecomp.analyze import AnalysisConfig, run_analysis
 from vitdecomp.errors import MismatchError
+from vitdecomp.report import AnalysisResult
 
 N = 64
 RUN = dict(
     model="zoo:deit",
-    clip="zoo:clip",
+    reader="zoo:clip",
     n_images=N,
     random_init=True,
     batch_size=32,
@@ -29,6 +31,10 @@ RUN = dict(
     progress=False,
     verbose=False,
 )
+
+
+def analysis(**options) -> AnalysisResult:
+    return run_analysis(AnalysisConfig(**{**RUN, **options}))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,11 +50,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def first_run(one_thread, tmp_path_factory):
-    from vitdecomp.analyze import run_analysis
-
     root = tmp_path_factory.mktemp("analyze")
     cache, out = root / "cache", root / "out"
-    results = run_analysis(out=out, cache_dir=cache, **RUN)
+    results = analysis(out=out, cache_dir=cache)
     return results, out, cache
 
 
@@ -80,28 +84,45 @@ def test_results_json_has_every_label_and_feature(first_run):
     assert a["n_val"] + a["n_train"] == N and a["val_cosine"] > 0
     ids = {f"world-3000-{i:06d}" for i in range(N)}
     assert all(t["id"] in ids for lab in labels for t in data["top_images"][lab])
-    assert results["cache"]["store_rows_computed"] == N
+    assert results.cache.store_rows_computed == N
+
+
+def test_results_json_is_the_typed_result(first_run):
+    """results.json is the serialisation of the typed result, and reads back into it."""
+    results, out, _ = first_run
+    data = json.loads((out / "results.json").read_text())
+    assert list(data) == list(results.to_dict())
+    assert AnalysisResult.load(out / "results.json").to_dict() == data
+    assert data["clip"]["name"] == results.reader.name == "zoo:clip"
+
+
+def test_cli_is_built_from_the_config():
+    from vitdecomp.cli import build_parser
+
+    argv = ["analyze", "--clip", "zoo:x", "--n-images", "7", "--quiet", "--clip-checkpoint", "w.safetensors"]
+    cfg = AnalysisConfig.from_args(build_parser().parse_args(argv))
+    assert cfg == AnalysisConfig(reader="zoo:x", n_images=7, progress=False, reader_checkpoint="w.safetensors")
+    assert AnalysisConfig.from_args(build_parser().parse_args(["analyze"])) == AnalysisConfig()
 
 
 def test_top_images_are_the_largest_projections(first_run):
     """The listed images really are where the component points most along its top description."""
     from vitdecomp.align import aligned_component, load_aligner
     from vitdecomp.store import ContributionStore
-    from vitdecomp.text import TextEncoder
+    from vitdecomp.text import WORLD_TEMPLATES, TextEncoder
 
     results, _, cache = first_run
-    store = ContributionStore(results["store"]["path"])
-    al = load_aligner(results["aligner"]["path"])
-    lab = next(lab for lab in results["labels"] if lab.endswith(".mlp"))
-    c = results["labels"].index(lab)
+    store = ContributionStore(results.store.path)
+    al = load_aligner(results.aligner.path)
+    lab = next(lab for lab in results.labels if lab.endswith(".mlp"))
+    c = results.labels.index(lab)
     from vitdecomp import load_model
-    from vitdecomp.analyze import WORLD_TEMPLATES
 
     enc = TextEncoder.from_loaded(load_model("zoo:clip", random_init=True), cache_dir=cache / "text")
-    t = enc.encode([results["descriptions"][lab][0]["text"]], WORLD_TEMPLATES)[0]
+    t = enc.encode([results.descriptions[lab][0].text], WORLD_TEMPLATES)[0]
     proj = (aligned_component(store, al, c) @ t).numpy()
     want = [store.ids[j] for j in np.argsort(-proj)[:4]]
-    assert [x["id"] for x in results["top_images"][lab]] == want
+    assert [x.id for x in results.top_images[lab]] == want
 
 
 def _chromium() -> str | None:
@@ -151,40 +172,36 @@ def test_report_renders_in_headless_chromium(first_run, tmp_path):
 
 
 def test_rerun_reuses_store_aligner_and_text(first_run, monkeypatch):
-    from vitdecomp import align, analyze
+    from vitdecomp.pipeline import stages
 
     results, out, cache = first_run
 
     def boom(*a, **k):
         raise AssertionError("the aligner was retrained")
 
-    monkeypatch.setattr(align, "train_aligner", boom)
-    again = analyze.run_analysis(out=out, cache_dir=cache, **RUN)
-    assert again["cache"]["store_rows_computed"] == 0
-    assert again["cache"]["store_rows_reused"] == N
-    assert again["cache"]["aligner"] == "loaded"
-    assert again["cache"]["text_encoder_batches"] == 0
-    assert again["store"]["path"] == results["store"]["path"]
-    assert again["scores"] == results["scores"]
-    assert again["timings_s"]["decompose_store"] < max(2.0, 0.5 * results["timings_s"]["decompose_store"])
+    monkeypatch.setattr(stages, "train_aligner", boom)
+    again = analysis(out=out, cache_dir=cache)
+    assert again.cache.store_rows_computed == 0
+    assert again.cache.store_rows_reused == N
+    assert again.cache.aligner == "loaded"
+    assert again.cache.text_encoder_batches == 0
+    assert again.store.path == results.store.path
+    assert again.scores == results.scores
+    assert again.timings_s["decompose_store"] < max(2.0, 0.5 * results.timings_s["decompose_store"])
 
 
 def test_other_start_layer_does_not_reuse_the_store(first_run, tmp_path):
-    from vitdecomp.analyze import run_analysis
-
     results, _, cache = first_run
-    r = run_analysis(out=tmp_path / "o", cache_dir=cache, **{**RUN, "n_images": 8, "start_layer": 3})
-    assert r["store"]["path"] != results["store"]["path"]
-    assert r["cache"]["store_rows_computed"] == 8
-    assert r["aligner"]["path"] != results["aligner"]["path"]
-    assert r["labels"][0] == "init" and not any(lab.startswith(("L0.", "L1.", "L2.")) for lab in r["labels"])
+    r = analysis(out=tmp_path / "o", cache_dir=cache, n_images=8, start_layer=3)
+    assert r.store.path != results.store.path
+    assert r.cache.store_rows_computed == 8
+    assert r.aligner.path != results.aligner.path
+    assert r.labels[0] == "init" and not any(lab.startswith(("L0.", "L1.", "L2.")) for lab in r.labels)
 
 
 def test_mismatched_cached_aligner_is_refused(first_run, tmp_path):
-    from vitdecomp.analyze import run_analysis
-
     results, _, cache = first_run
-    src = Path(results["aligner"]["path"])
+    src = Path(results.aligner.path)
     # a cache folder whose aligner was trained for another model: copy the cache, tamper the key
     cache2 = tmp_path / "cache"
     shutil.copytree(cache, cache2)
@@ -193,22 +210,20 @@ def test_mismatched_cached_aligner_is_refused(first_run, tmp_path):
     meta["key"]["model"] = "zoo:swin@random-init"
     (bad / "aligner.json").write_text(json.dumps(meta))
     with pytest.raises(MismatchError, match="does not fit"):
-        run_analysis(out=tmp_path / "o", cache_dir=cache2, **RUN)
+        analysis(out=tmp_path / "o", cache_dir=cache2)
     # an aligner given explicitly that was trained for another component layout
-    meta["key"]["model"] = results["aligner"]["key"]["model"]
+    meta["key"]["model"] = results.aligner.key["model"]
     meta["labels"] = [*meta["labels"][:-1], "L9.mlp"]
     (bad / "aligner.json").write_text(json.dumps(meta))
     with pytest.raises(MismatchError):
-        run_analysis(out=tmp_path / "o2", cache_dir=cache, aligner=bad, **RUN)
+        analysis(out=tmp_path / "o2", cache_dir=cache, aligner=bad)
 
 
 def test_clip_subject_uses_identity(tmp_path):
-    from vitdecomp.analyze import run_analysis
-
-    r = run_analysis(out=tmp_path / "o", cache_dir=tmp_path / "c", **{**RUN, "model": "zoo:clip", "n_images": 16})
-    assert r["alignment"]["mode"] == "identity" and r["aligner"]["path"] is None
+    r = analysis(out=tmp_path / "o", cache_dir=tmp_path / "c", model="zoo:clip", n_images=16)
+    assert r.alignment.mode == "identity" and r.aligner.path is None
     # the CLIP subject's parts sum to its own embedding of the same preprocessed image
-    assert r["alignment"]["cosine_all_images"] > 0.9999
+    assert r.alignment.cosine_all_images > 0.9999
 
 
 def test_cli_on_an_image_folder(tmp_path, capsys):

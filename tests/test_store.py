@@ -10,7 +10,8 @@ import torch
 
 from vitdecomp.components import ComponentLabel, Decomposition
 from vitdecomp.errors import MismatchError
-from vitdecomp.store import ContributionStore, StoreKey, fill_store, open_store, store_dir
+from vitdecomp.pipeline.stages import fill_store
+from vitdecomp.store import ArrayRows, ContributionStore, StoreKey, open_store, store_dir
 
 C, D, K = 5, 6, 4
 LABELS = [
@@ -63,7 +64,7 @@ def test_round_trip_exact(tmp_path):
     assert torch.equal(rows, clip_fn(imgs))
     header = json.loads((store.path / "header.json").read_text())
     assert header["key"]["labels"] == NAMES and header["dim"] == D and header["clip_dim"] == K
-    whole = again.in_memory()
+    whole = again.in_memory().batch(slice(None))
     assert torch.equal(whole["contributions"], dec.contributions) and torch.equal(whole["clip"], clip_fn(imgs))
     nbytes = again.contributions.nbytes
     assert again.in_memory(max_bytes=nbytes) is not None and again.in_memory(max_bytes=nbytes - 1) is None
@@ -183,3 +184,26 @@ def test_layout_mismatch_at_write_refused(tmp_path):
     dec = decompose_fn(fake_images(2))
     with pytest.raises(MismatchError, match="layout"):
         store.append(["a", "b"], dec.contributions, dec.representation, clip_fn(fake_images(2)), labels=dec.names)
+
+
+def test_rows_read_the_same_from_disk_and_from_memory(tmp_path):
+    """The Rows protocol: a store and its rows in memory give the same batches (ascending order),
+    columns and lengths, so an aligner trained from either is the same."""
+    from vitdecomp.align import train_aligner
+
+    imgs = fake_images(40)
+    store = fill_store(open_store(tmp_path, make_key()), batches(imgs, 16), decompose_fn, clip_fn, progress=False)
+    memory = store.in_memory()
+    dec = decompose_fn(imgs)
+    arrays = ArrayRows(dec.contributions, clip_fn(imgs), dec.representation, labels=NAMES)
+    for rows in (memory, arrays):
+        assert len(rows) == len(store) == 40 and rows.labels == store.labels and rows.shapes == store.shapes
+        for name in ("contributions", "representation", "clip"):
+            assert torch.equal(rows.batch([9, 3, 30])[name], store.batch([30, 9, 3])[name])
+            got = torch.cat([b[name] for b in rows.iter_batches(7)])
+            assert torch.equal(got, torch.cat([b[name] for b in store.iter_batches(7)]))
+        assert torch.equal(rows.component(2, stop=11), store.component(2, stop=11))
+    assert memory.key == store.key and memory.ids == store.ids
+    kw = dict(batch_size=8, max_steps=12, eval_every=4, progress=False)
+    a, b = train_aligner(store, **kw), train_aligner(memory, **kw)
+    assert torch.equal(a.weight, b.weight) and a.metrics == b.metrics and a.key == b.key

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from vitdecomp.store import ArrayRows
 from vitdecomp.validate import batched_probe, match_rate, retrieval_precision
 
 
@@ -43,11 +44,6 @@ def test_batched_probe_equals_separate_probes_and_ranks_planted_strength():
     assert np.all(np.diff(acc[2:]) >= -0.02)  # stronger planted signal, better probe
 
 
-class _Store:
-    def __init__(self, c, labels):
-        self.contributions, self.labels = c.numpy(), labels
-
-
 def test_retrieval_precision_prefers_the_components_that_carry_the_attribute():
     from vitdecomp.align import identity_aligner
     from vitdecomp.score import ScoreTable
@@ -62,7 +58,12 @@ def test_retrieval_precision_prefers_the_components_that_carry_the_attribute():
     labels = [f"L{i}" for i in range(6)]
     table = ScoreTable(torch.tensor([[1.0, 0.9, 0.0, 0.0, 0.0, 0.0]]), ["a"], labels, "invariant")
     p = retrieval_precision(
-        identity_aligner(labels, d), _Store(c, labels), {"a": t}, {"a": y.numpy()}, {"invariant": table}, k=2
+        identity_aligner(labels, d),
+        ArrayRows(c.numpy(), labels=labels),
+        {"a": t},
+        {"a": y.numpy()},
+        {"invariant": table},
+        k=2,
     )
     assert p["top"]["a"] == 1.0
     assert p["random"]["a"] < 0.8 and p["full"]["a"] < p["top"]["a"]
@@ -79,7 +80,7 @@ def test_match_rate_counts_overlaps():
     from vitdecomp.align import identity_aligner
 
     al = identity_aligner(labels, 6)
-    store = _Store(c, labels)
+    store = ArrayRows(c.numpy(), labels=labels)
     assert match_rate(al, store, t, words, {"L0": ["a", "b", "c"], "L1": ["d", "e", "f"]}) == 1.0
     assert match_rate(al, store, t, words, {"L0": ["a", "x", "y"], "L1": ["x", "y", "z"]}) == pytest.approx(1 / 6)
 

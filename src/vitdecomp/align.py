@@ -7,28 +7,31 @@ mapped sum matches CLIP's image embedding of the same image (METHOD.md §2)::
 
 ``n`` is the number of maps. The published setting (Adam, lr 3e-4, "lambda = 1/768" with
 d_clip = 768) is the ``1/(n * d_clip)`` normalisation with ``lam = 1``: the default here.
-Training reads mini-batches from a :class:`~vitdecomp.store.ContributionStore` (never re-running a
-model), holds out a fraction of the images and keeps the maps with the best held-out cosine
-(early stopping). All maps are applied at once by one ``einsum``. Modes: ``"compalign"`` (per-
+Training reads mini-batches from any :class:`~vitdecomp.store.Rows` (a store, its rows in memory,
+or arrays; never re-running a model), holds out a fraction of the images and keeps the maps with
+the best held-out cosine (early stopping). All maps are applied at once by one ``einsum``. Modes: ``"compalign"`` (per-
 component maps), ``"shared"`` (one map for every component: the paper's baseline) and
 ``"identity"`` (CLIP-family subjects, whose contributions already live in CLIP space).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from vitdecomp.errors import MismatchError
-from vitdecomp.store import ContributionStore, StoreKey, key_difference
+from vitdecomp.store import Rows, RowSource, StoreKey, as_rows, key_difference
 
 MODES = ("compalign", "shared", "identity")
 #: Key fields an aligner must agree on with the data it is applied to (the image set may differ).
@@ -153,184 +156,222 @@ def orthogonality_penalty(weight: torch.Tensor) -> torch.Tensor:
     return gram.square().sum((1, 2)) - 2 * weight.square().sum((1, 2)) + d
 
 
-class _Rows:
-    """Uniform row access to a store or to in-memory ``(contributions, clip)`` arrays."""
-
-    def __init__(self, source: ContributionStore | tuple[Any, Any]) -> None:
-        self.store = source if isinstance(source, ContributionStore) else None
-        if self.store is None:
-            c, z = source
-            self.c = c if isinstance(c, torch.Tensor) else torch.from_numpy(np.asarray(c))
-            self.z = z if isinstance(z, torch.Tensor) else torch.from_numpy(np.asarray(z))
-            if self.c.shape[0] != self.z.shape[0]:
-                raise ValueError(f"{self.c.shape[0]} contribution rows but {self.z.shape[0]} CLIP rows")
-            self.n = int(self.c.shape[0])
-            self.shape = tuple(self.c.shape[1:])
-            self.clip_dim = int(self.z.shape[1])
-        else:
-            self.n = self.store.committed
-            self.shape = self.store.shapes["contributions"]
-            self.clip_dim = self.store.shapes["clip"][0]
-
-    def get(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.store is not None:
-            b = self.store.batch(idx)
-            return b["contributions"], b["clip"]
-        t = torch.as_tensor(idx)
-        return self.c[t].float(), self.z[t].float()
-
-
 @torch.no_grad()
-def _evaluate(aligner: Aligner, rows: _Rows, idx: np.ndarray, batch_size: int) -> float:
+def _evaluate(aligner: Aligner, rows: Rows, idx: np.ndarray, batch_size: int) -> float:
     total, count = 0.0, 0
     for s in range(0, len(idx), batch_size):
-        c, z = rows.get(idx[s : s + batch_size])
-        z = z.to(aligner.device)
-        total += F.cosine_similarity(aligner.apply_sum(c), z, dim=-1).sum().item()
+        b = rows.batch(idx[s : s + batch_size])
+        z = b["clip"].to(aligner.device)
+        total += F.cosine_similarity(aligner.apply_sum(b["contributions"]), z, dim=-1).sum().item()
         count += len(z)
     return total / max(count, 1)
 
 
-def evaluate(aligner: Aligner, source: ContributionStore | tuple[Any, Any], batch_size: int = 256) -> dict[str, float]:
-    """Mean cosine between the aligned whole and the CLIP embedding over all rows of ``source``."""
-    rows = _Rows(source)
-    return {"cosine": _evaluate(aligner, rows, np.arange(rows.n), batch_size), "n": rows.n}
+def evaluate(aligner: Aligner, source: RowSource, batch_size: int = 256) -> dict[str, float]:
+    """Mean cosine between the aligned whole and the reader's image embedding over all rows."""
+    rows = as_rows(source)
+    return {"cosine": _evaluate(aligner, rows, np.arange(len(rows)), batch_size), "n": len(rows)}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How :func:`train_aligner` optimises (the objective is set by ``mode`` and ``lam``).
+
+    Adam with ``lr``, mini-batches of ``batch_size`` rows, at most ``max_steps`` steps; a seeded
+    ``val_fraction`` of the rows is held out and its cosine measured every ``eval_every`` steps
+    (default: once per epoch, at most 100 steps); training stops after ``patience`` evaluations
+    without an improvement of ``min_delta``.
+    """
+
+    lr: float = DEFAULT_LR
+    batch_size: int = 256
+    max_steps: int = 5000
+    eval_every: int | None = None
+    patience: int = 5
+    min_delta: float = 1e-4
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class _Split:
+    """Held-out and training rows, and the generator that shuffles the training rows."""
+
+    val: np.ndarray
+    train: np.ndarray
+    gen: np.random.Generator
+
+    @classmethod
+    def of(cls, n: int, cfg: TrainConfig) -> _Split:
+        gen = np.random.default_rng(cfg.seed)
+        perm = gen.permutation(n)
+        n_val = min(max(1, round(cfg.val_fraction * n)), n - 1)
+        return cls(np.sort(perm[:n_val]), perm[n_val:], gen)
+
+    def minibatches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Training rows in a fresh shuffled order each epoch, ``batch_size`` at a time, forever."""
+        while True:
+            order = self.gen.permutation(self.train)
+            for s in range(0, len(order), batch_size):
+                yield order[s : s + batch_size]
+
+
+@dataclass
+class _Maps:
+    """The trained parameters: ``weight [n_maps, d_clip, D]`` and ``bias [d_clip]``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    @classmethod
+    def isometries(cls, n_maps: int, d_clip: int, d_in: int, seed: int, device: torch.device) -> _Maps:
+        """Every map starts as the same (seeded) isometry, where the penalty is at its floor."""
+        torch.manual_seed(seed)
+        init = torch.empty(d_clip, d_in)
+        torch.nn.init.orthogonal_(init)
+        weight = init.expand(n_maps, d_clip, d_in).clone().to(device).requires_grad_(True)
+        return cls(weight, torch.zeros(d_clip, device=device, requires_grad=True))
+
+    def predict(self, c: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode == "shared":
+            return c.sum(1) @ self.weight[0].T + self.bias
+        return torch.einsum("bcd,ced->be", c, self.weight) + self.bias
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight.detach().clone(), self.bias.detach().clone()
+
+
+@dataclass
+class _Fit:
+    """The course of one training: the best maps so far and when they were found."""
+
+    best: tuple[torch.Tensor, torch.Tensor]
+    val_cosine: float
+    best_step: int = 0
+    steps: int = 0
+    stopped: str = "max_steps"
+    last_train_cosine: float = float("nan")
+    bad: int = 0
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    def record(self, step: int, val: float, maps: _Maps, cfg: TrainConfig) -> bool:
+        """Note a held-out cosine; True when training should stop early."""
+        self.history.append((step, val))
+        if val > self.val_cosine + cfg.min_delta:
+            self.val_cosine, self.best_step, self.bad = val, step, 0
+            self.best = maps.snapshot()
+            return False
+        self.bad += 1
+        if self.bad >= cfg.patience:
+            self.stopped = "early_stopped"
+            return True
+        return False
+
+
+def _labels_of(rows: Rows, labels: Sequence[str] | None) -> list[str]:
+    labels = rows.labels if labels is None else list(labels)
+    if labels is None:
+        raise ValueError("give the component labels when training from arrays")
+    if "clip" not in rows.shapes:
+        raise ValueError("training needs the reader's image embeddings: give (contributions, clip)")
+    if rows.shapes["contributions"][0] != len(labels):
+        raise MismatchError(f"{rows.shapes['contributions'][0]} components in the data but {len(labels)} labels")
+    if len(rows) < 2:
+        raise ValueError("need at least 2 images to train an aligner")
+    return list(labels)
 
 
 def train_aligner(
-    source: ContributionStore | tuple[Any, Any],
+    source: RowSource,
     labels: Sequence[str] | None = None,
     *,
     mode: str = "compalign",
     lam: float = DEFAULT_LAMBDA,
-    lr: float = DEFAULT_LR,
-    batch_size: int = 256,
-    max_steps: int = 5000,
-    eval_every: int | None = None,
-    patience: int = 5,
-    min_delta: float = 1e-4,
-    val_fraction: float = 0.1,
-    seed: int = 0,
+    config: TrainConfig | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    **options: Any,
 ) -> Aligner:
-    """Train CompAlign maps (or the shared-map baseline) from a store or ``(contributions, clip)``.
+    """Train CompAlign maps (or the shared-map baseline) from rows with the reader's embeddings.
 
-    ``source``: a :class:`ContributionStore` (mini-batches are read from its memmaps) or arrays
-    ``contributions [N, C, D]`` and ``clip [N, d_clip]``. A seeded ``val_fraction`` of the rows is
-    held out; every ``eval_every`` steps (default: once per epoch, at most 100 steps) the held-out
-    cosine is measured; training stops after ``patience`` evaluations without an improvement of
-    ``min_delta`` or at ``max_steps``, and the best maps are returned. ``lam`` multiplies the
-    ``1/(n * d_clip)``-normalised orthogonality penalty (``lam = 0``: the ablation without it).
+    ``source``: a :class:`~vitdecomp.store.Rows` (a store: mini-batches are read from its memmaps)
+    or arrays ``(contributions [N, C, D], clip [N, d_clip])``; ``labels`` default to the rows'.
+    ``config`` (a :class:`TrainConfig`; ``options`` override its fields, e.g. ``max_steps=500``)
+    sets the optimiser, the held-out split and early stopping; the best maps are returned.
+    ``lam`` multiplies the ``1/(n * d_clip)``-normalised orthogonality penalty (``lam = 0``: the
+    ablation without it).
     """
     if mode not in ("compalign", "shared"):
         raise ValueError(f"mode must be 'compalign' or 'shared' (use identity_aligner for CLIP), not {mode!r}")
-    from tqdm.auto import tqdm
+    cfg = replace(config or TrainConfig(), **options)
+    rows = as_rows(source)
+    labels = _labels_of(rows, labels)
+    (c_count, d_in), d_clip = rows.shapes["contributions"], rows.shapes["clip"][0]
+    split = _Split.of(len(rows), cfg)
+    eval_every = cfg.eval_every or min(math.ceil(len(split.train) / cfg.batch_size), 100)
+    maps = _Maps.isometries(c_count if mode == "compalign" else 1, d_clip, d_in, cfg.seed, resolve_device(device))
+    fit = _fit(rows, maps, split, labels, mode, lam, cfg, eval_every, progress)
+    w, b = fit.best
+    metrics = {
+        "val_cosine": fit.val_cosine,
+        "best_step": fit.best_step,
+        "steps": fit.steps,
+        "stopped": fit.stopped,
+        "last_train_cosine": fit.last_train_cosine,
+        "orthogonality": (orthogonality_penalty(w) / d_clip).mean().item(),
+        "n_train": len(split.train),
+        "n_val": len(split.val),
+        "history": fit.history,
+    }
+    config_dict = {"lr": cfg.lr, "batch_size": cfg.batch_size, "max_steps": cfg.max_steps, "eval_every": eval_every}
+    config_dict |= {"patience": cfg.patience, "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+    key = rows.key.to_dict() if rows.key is not None else None
+    return Aligner(w, b, labels, mode=mode, lam=lam, key=key, metrics=metrics, config=config_dict)
 
-    dev = resolve_device(device)
-    rows = _Rows(source)
-    if labels is None:
-        if rows.store is None:
-            raise ValueError("give the component labels when training from arrays")
-        labels = rows.store.labels
-    labels = list(labels)
-    c_count, d_in = rows.shape
-    d_clip = rows.clip_dim
-    if c_count != len(labels):
-        raise MismatchError(f"{c_count} components in the data but {len(labels)} labels")
-    if rows.n < 2:
-        raise ValueError("need at least 2 images to train an aligner")
 
-    gen = np.random.default_rng(seed)
-    perm = gen.permutation(rows.n)
-    n_val = min(max(1, round(val_fraction * rows.n)), rows.n - 1)
-    val_idx, train_idx = np.sort(perm[:n_val]), perm[n_val:]
-    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-    eval_every = eval_every or min(steps_per_epoch, 100)
+def _fit(
+    rows: Rows,
+    maps: _Maps,
+    split: _Split,
+    labels: list[str],
+    mode: str,
+    lam: float,
+    cfg: TrainConfig,
+    eval_every: int,
+    progress: bool,
+) -> _Fit:
+    """Adam on ``1 - cos`` (+ the penalty) until ``cfg.max_steps`` or early stopping."""
 
-    torch.manual_seed(seed)
-    n_maps = c_count if mode == "compalign" else 1
-    init = torch.empty(d_clip, d_in)
-    torch.nn.init.orthogonal_(init)  # every map starts as the same isometry (penalty at its floor)
-    weight = init.expand(n_maps, d_clip, d_in).clone().to(dev).requires_grad_(True)
-    bias = torch.zeros(d_clip, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([weight, bias], lr=lr)
-    reg = lam / (n_maps * d_clip)
+    def held_out() -> float:
+        current = Aligner(maps.weight.detach(), maps.bias.detach(), labels, mode=mode, lam=lam)
+        return _evaluate(current, rows, split.val, cfg.batch_size)
 
-    def current() -> Aligner:
-        return Aligner(weight.detach(), bias.detach(), labels, mode=mode, lam=lam)
-
-    best = {"val_cosine": _evaluate(current(), rows, val_idx, batch_size), "step": 0}
-    best_state = (weight.detach().clone(), bias.detach().clone())
-    bad, step, stop = 0, 0, "max_steps"
-    history: list[tuple[int, float]] = [(0, best["val_cosine"])]
-    bar = tqdm(total=max_steps, desc=f"align ({mode}, lam={lam:g})", unit="step", disable=not progress)
-    order = np.array([], dtype=np.int64)
-    train_cos = float("nan")
-    while step < max_steps:
-        if len(order) == 0:
-            order = gen.permutation(train_idx)
-        idx, order = order[:batch_size], order[batch_size:]
-        c, z = rows.get(idx)
-        c, z = c.to(dev), z.to(dev)
-        if mode == "shared":
-            pred = c.sum(1) @ weight[0].T + bias
-        else:
-            pred = torch.einsum("bcd,ced->be", c, weight) + bias
-        cos = F.cosine_similarity(pred, z, dim=-1)
+    opt = torch.optim.Adam([maps.weight, maps.bias], lr=cfg.lr)
+    reg = lam / (maps.weight.shape[0] * maps.weight.shape[1])
+    fit = _Fit(maps.snapshot(), held_out())
+    fit.history.append((0, fit.val_cosine))
+    batches = split.minibatches(cfg.batch_size)
+    bar = tqdm(total=cfg.max_steps, desc=f"align ({mode}, lam={lam:g})", unit="step", disable=not progress)
+    while fit.steps < cfg.max_steps:
+        b = rows.batch(next(batches))
+        c, z = b["contributions"].to(maps.bias.device), b["clip"].to(maps.bias.device)
+        cos = F.cosine_similarity(maps.predict(c, mode), z, dim=-1)
         loss = (1 - cos).mean()
         if reg:
-            loss = loss + reg * orthogonality_penalty(weight).sum()
+            loss = loss + reg * orthogonality_penalty(maps.weight).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step += 1
-        train_cos = cos.mean().item()
+        fit.steps += 1
+        fit.last_train_cosine = cos.mean().item()
         bar.update(1)
-        if step % eval_every == 0 or step == max_steps:
-            val = _evaluate(current(), rows, val_idx, batch_size)
-            history.append((step, val))
-            bar.set_postfix(val_cos=f"{val:.4f}", train_cos=f"{train_cos:.4f}")
-            if val > best["val_cosine"] + min_delta:
-                best, bad = {"val_cosine": val, "step": step}, 0
-                best_state = (weight.detach().clone(), bias.detach().clone())
-            else:
-                bad += 1
-                if bad >= patience:
-                    stop = "early_stopped"
-                    break
+        if fit.steps % eval_every == 0 or fit.steps == cfg.max_steps:
+            val = held_out()
+            bar.set_postfix(val_cos=f"{val:.4f}", train_cos=f"{fit.last_train_cosine:.4f}")
+            if fit.record(fit.steps, val, maps, cfg):
+                break
     bar.close()
-    w, b = best_state
-    pen = orthogonality_penalty(w) / d_clip
-    aligner = Aligner(
-        w,
-        b,
-        labels,
-        mode=mode,
-        lam=lam,
-        key=rows.store.key.to_dict() if rows.store is not None else None,
-        metrics={
-            "val_cosine": best["val_cosine"],
-            "best_step": best["step"],
-            "steps": step,
-            "stopped": stop,
-            "last_train_cosine": train_cos,
-            "orthogonality": pen.mean().item(),
-            "n_train": len(train_idx),
-            "n_val": len(val_idx),
-            "history": history,
-        },
-        config={
-            "lr": lr,
-            "batch_size": batch_size,
-            "max_steps": max_steps,
-            "eval_every": eval_every,
-            "patience": patience,
-            "val_fraction": val_fraction,
-            "seed": seed,
-        },
-    )
-    return aligner
+    return fit
 
 
 def save_aligner(aligner: Aligner, path: str | Path) -> Path:
@@ -388,9 +429,6 @@ def load_aligner(
 
 def aligner_dir(root: str | Path, key: StoreKey, mode: str = "compalign", lam: float = DEFAULT_LAMBDA) -> Path:
     """A cache folder for the aligner of ``key``'s model setting (the image set is not part of it)."""
-    import hashlib
-    import re
-
     fields = {k: key.to_dict()[k] for k in MODEL_FIELDS}
     blob = json.dumps({"key": fields, "mode": mode, "lam": lam}, sort_keys=True, default=str)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key.model)[:48].strip("_") or "aligner"
@@ -399,40 +437,34 @@ def aligner_dir(root: str | Path, key: StoreKey, mode: str = "compalign", lam: f
 
 @torch.no_grad()
 def aligned_component(
-    source: ContributionStore | torch.Tensor | np.ndarray,
+    source: RowSource,
     aligner: Aligner,
     index: int,
     batch_size: int = 1024,
+    stop: int | None = None,
 ) -> torch.Tensor:
-    """One component's aligned contribution over all images ``[N, d_clip]`` (float32, aligner's device).
-
-    ``source`` is a store or a contributions array ``[N, C, D]``; only column ``index`` is read.
-    """
-    arr = source.contributions if isinstance(source, ContributionStore) else source
-    n = arr.shape[0]
-    out = []
+    """One component's aligned contribution over the first ``stop`` images (all by default)
+    ``[n, d_clip]`` (float32, aligner's device); only column ``index`` of the rows is read."""
+    x = as_rows(source).component(index, stop)
     w = None if aligner.weight is None else aligner.weight[0 if aligner.mode == "shared" else index]
-    for s in range(0, n, batch_size):
-        part = arr[s : s + batch_size, index]
-        x = torch.as_tensor(np.array(part, dtype=np.float32) if not isinstance(part, torch.Tensor) else part)
-        x = x.to(aligner.device, torch.float32)
-        out.append(x if w is None else x @ w.T)
+    out = []
+    for s in range(0, x.shape[0], batch_size):
+        part = x[s : s + batch_size].to(aligner.device, torch.float32)
+        out.append(part if w is None else part @ w.T)
     if not out:
         return torch.zeros(0, aligner.out_dim, device=aligner.device)
     return torch.cat(out)
 
 
 @torch.no_grad()
-def aligned_stack(source: ContributionStore | torch.Tensor, aligner: Aligner, batch_size: int = 256) -> torch.Tensor:
-    """The whole aligned stack ``[N, C, d_clip]`` in memory (small stores only; else stream batches)."""
-    if isinstance(source, ContributionStore):
-        parts = [aligner.apply(b["contributions"]) for b in source.iter_batches(batch_size)]
-        return torch.cat(parts) if parts else torch.zeros(0, aligner.n_components, aligner.out_dim)
-    return torch.cat([aligner.apply(source[s : s + batch_size]) for s in range(0, len(source), batch_size)])
+def aligned_stack(source: RowSource, aligner: Aligner, batch_size: int = 256) -> torch.Tensor:
+    """The whole aligned stack ``[N, C, d_clip]`` in memory (small data only; else stream batches)."""
+    parts = [aligner.apply(b["contributions"]) for b in as_rows(source).iter_batches(batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, aligner.n_components, aligner.out_dim)
 
 
 def train_ablation(
-    source: ContributionStore | tuple[Any, Any],
+    source: RowSource,
     labels: Sequence[str] | None = None,
     *,
     lam: float = DEFAULT_LAMBDA,

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vitdecomp import decompose, load_model
 from vitdecomp.errors import VitDecompError
+from vitdecomp.imageset import iter_batches, list_images
+from vitdecomp.pipeline import AnalysisConfig, run_analysis
+from vitdecomp.world import make_scenes
+from vitdecomp.world.cli import add_world_parser
+from vitdecomp.zoo.cli import add_zoo_parser
 
 
 def _add_decompose_parser(sub) -> None:
@@ -29,28 +39,16 @@ def _add_decompose_parser(sub) -> None:
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
 def _run_decompose(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from vitdecomp import decompose, load_model
-    from vitdecomp.imageset import iter_batches, list_images
-
     loaded = load_model(args.model, pretrained=not args.random_init, checkpoint=args.checkpoint, device=args.device)
     if args.images:
         paths = list_images(args.images)
         batches = iter_batches(paths, loaded.preprocess, args.batch_size, args.skip_bad_images)
         total = len(paths)
     else:
-        from PIL import Image
-
-        from vitdecomp.world import make_scenes
-
         scenes = make_scenes(8, seed=0)
         ims = torch.stack([loaded.preprocess(Image.fromarray(im)) for im in scenes.images])
         batches = iter([([f"scene{i}" for i in range(len(ims))], ims)])
@@ -93,24 +91,7 @@ def _add_analyze_parser(sub) -> None:
             "held-out scenes of the built-in world (offline)."
         ),
     )
-    p.add_argument("--model", default="zoo:deit", help="subject: timm name, open_clip:ARCH/TAG or zoo:NAME")
-    p.add_argument("--clip", default="zoo:clip", help="CLIP model that supplies the text space")
-    p.add_argument("--images", help="folder of images (default: generated held-out scenes of the built-in world)")
-    p.add_argument("--n-images", type=int, default=None, help="number of images (default: 2000 scenes / all)")
-    p.add_argument("--out", default="vitdecomp-out", help="report folder (results.json, index.html)")
-    p.add_argument("--features", default=None, help="feature set name (paper, world, waterbirds) or a JSON file")
-    p.add_argument("--vocabulary", default=None, help="vocabulary name (world, general) or a .txt file")
-    p.add_argument("--start-layer", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--checkpoint", help="local weights file for --model")
-    p.add_argument("--clip-checkpoint", help="local weights file for --clip")
-    p.add_argument("--random-init", action="store_true", help="random weights (tests and smoke runs)")
-    p.add_argument("--aligner", help="folder of a saved aligner to use instead of the cached / trained one")
-    p.add_argument("--cache-dir", help="stores, aligners and text embeddings (default ~/.cache/vitdecomp)")
-    p.add_argument("--align-steps", type=int, default=3000, help="most CompAlign steps (early-stopped)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the generated image set")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping")
+    AnalysisConfig.add_arguments(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -118,39 +99,15 @@ def _add_analyze_parser(sub) -> None:
         help="torch intra-op threads (default: 1 for zoo models, whose many small ops run fastest on one "
         "thread — 25 s vs 3 min for the default run on 2 busy cores —, torch's choice otherwise)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_analyze)
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
-    from vitdecomp.analyze import WORLD_SEED, run_analysis
-
-    threads = args.threads or (1 if args.model.startswith("zoo:") else None)
+    cfg = AnalysisConfig.from_args(args)
+    threads = args.threads or (1 if cfg.model.startswith("zoo:") else None)
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
-    run_analysis(
-        model=args.model,
-        clip=args.clip,
-        images=args.images,
-        out=args.out,
-        features=args.features,
-        vocabulary=args.vocabulary,
-        start_layer=args.start_layer,
-        batch_size=args.batch_size,
-        device=args.device,
-        cache_dir=args.cache_dir,
-        n_images=args.n_images,
-        seed=WORLD_SEED if args.seed is None else args.seed,
-        checkpoint=args.checkpoint,
-        clip_checkpoint=args.clip_checkpoint,
-        random_init=args.random_init,
-        aligner=args.aligner,
-        align_steps=args.align_steps,
-        skip_bad_images=args.skip_bad_images,
-        progress=not args.quiet,
-    )
+    run_analysis(cfg)
     return 0
 
 
@@ -162,9 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_decompose_parser(sub)
     _add_analyze_parser(sub)
-    from vitdecomp.world.cli import add_world_parser
-    from vitdecomp.zoo.cli import add_zoo_parser
-
     add_world_parser(sub)
     add_zoo_parser(sub)
     return parser

@@ -39,6 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from vitdecomp.align import Aligner
+from vitdecomp.store import RowSource, as_rows
+from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
 
 METHODS = ("paper", "invariant", "share")
 
@@ -51,8 +56,6 @@ def builtin_feature_sets() -> list[str]:
 
 
 def _world_features() -> dict[str, list[str]]:
-    from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
-
     return {name: list(ATTRIBUTES[name]) for name in CORE_ATTRIBUTES}
 
 
@@ -201,22 +204,20 @@ class ScoreTable:
 
 @torch.no_grad()
 def score_features(
-    source: Any,
-    aligner: Any,
+    source: RowSource,
+    aligner: Aligner,
     feature_emb: Mapping[str, torch.Tensor],
     methods: str | Sequence[str] = ("paper", "invariant"),
     *,
     batch_size: int = 256,
     progress: bool = True,
 ) -> dict[str, ScoreTable]:
-    """Score every component for every feature, streaming a store or contributions ``[N, C, D]``.
+    """Score every component for every feature, streaming rows or contributions ``[N, C, D]``.
 
     ``aligner`` maps contributions into CLIP space (:class:`vitdecomp.align.Aligner`);
     ``feature_emb`` is ``{feature: [K, d_clip]}`` (see :func:`embed_features`). Only the projections
     ``[N, C, r]`` on the feature subspaces are kept in memory. Returns ``{method: ScoreTable}``.
     """
-    from tqdm.auto import tqdm
-
     methods = [methods] if isinstance(methods, str) else list(methods)
     for m in methods:
         if m not in _SCORERS:
@@ -231,16 +232,11 @@ def score_features(
             slices[(kind, f)] = slice(start, start + b.shape[1])
             start += b.shape[1]
     basis = torch.cat(bases, 1).to(aligner.device)  # [d_clip, R]
-    if hasattr(source, "iter_batches"):
-        batches = (b["contributions"] for b in source.iter_batches(batch_size))
-        n = source.committed
-    else:
-        batches = (source[s : s + batch_size] for s in range(0, len(source), batch_size))
-        n = len(source)
+    rows = as_rows(source)
     parts = []
-    with tqdm(total=n, desc="score features", unit="img", disable=not progress) as bar:
-        for c in batches:
-            c = torch.as_tensor(c)
+    with tqdm(total=len(rows), desc="score features", unit="img", disable=not progress) as bar:
+        for b in rows.iter_batches(batch_size):
+            c = b["contributions"]
             parts.append(aligner.apply(c).double() @ basis)  # [b, C, R]
             bar.update(c.shape[0])
     if not parts:
@@ -250,8 +246,8 @@ def score_features(
     out = {}
     for m in methods:
         kind = "paper" if m == "paper" else "span"
-        rows = [_SCORERS[m](u[..., slices[(kind, f)]], total[:, slices[(kind, f)]]) for f in names]
-        out[m] = ScoreTable(torch.stack(rows).float().cpu(), names, list(aligner.labels), m)
+        per_feature = [_SCORERS[m](u[..., slices[(kind, f)]], total[:, slices[(kind, f)]]) for f in names]
+        out[m] = ScoreTable(torch.stack(per_feature).float().cpu(), names, list(aligner.labels), m)
     return out
 
 
@@ -280,8 +276,8 @@ def spearman(a: torch.Tensor | Sequence[float], b: torch.Tensor | Sequence[float
 
 @torch.no_grad()
 def clip_retrieval_scores(
-    source: Any,
-    aligner: Any,
+    source: RowSource,
+    aligner: Aligner,
     text_emb: torch.Tensor,
     top_k: int = 20,
     *,
@@ -291,21 +287,14 @@ def clip_retrieval_scores(
 
     For every description ``s`` of the feature, each component retrieves the ``top_k`` images with
     the largest ``<f_i(c_i(x)), t_s>``; its score is CLIP's own mean cosine ``cos(z_CLIP(x), t_s)``
-    over those images, averaged over descriptions. ``source`` must hold CLIP embeddings (a store, or
-    a tuple ``(contributions [N, C, D], clip [N, d_clip])``). This is our reading of the paper's
-    "CLIP score" used for its Spearman check against the scoring function.
+    over those images, averaged over descriptions. ``source`` must hold the reader's image
+    embeddings (rows of a store, or a tuple ``(contributions [N, C, D], clip [N, d_clip])``). This is
+    our reading of the paper's "CLIP score" used for its Spearman check against the scoring function.
     """
     t = torch.nn.functional.normalize(text_emb.float(), dim=-1).to(aligner.device)  # [K, d]
-    if hasattr(source, "iter_batches"):
-        batches = ((b["contributions"], b["clip"]) for b in source.iter_batches(batch_size))
-    else:
-        c_all, z_all = source
-        batches = (
-            (torch.as_tensor(c_all[s : s + batch_size]), torch.as_tensor(z_all[s : s + batch_size]))
-            for s in range(0, len(c_all), batch_size)
-        )
     comp_sims, clip_sims = [], []
-    for c, z in batches:
+    for b in as_rows(source).iter_batches(batch_size):
+        c, z = b["contributions"], b["clip"]
         comp_sims.append(aligner.apply(c) @ t.T)  # [b, C, K]
         clip_sims.append(torch.nn.functional.normalize(z.float().to(t.device), dim=-1) @ t.T)  # [b, K]
     comp, clip = torch.cat(comp_sims), torch.cat(clip_sims)

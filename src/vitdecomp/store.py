@@ -15,7 +15,13 @@ are garbage from an interrupted batch and are overwritten on resume, so an inter
 duplicate or missing rows. :func:`open_store` names the directory after a hash of the key, so a
 different model / CLIP / start layer / component layout / preprocessing / image set / dtype never
 reuses another setting's numbers; opening a directory whose header holds a different key raises
-:class:`~vitdecomp.errors.MismatchError`.
+:class:`~vitdecomp.errors.MismatchError`. The store only writes and reads rows: running the models
+that produce them is the pipeline's job (:func:`vitdecomp.pipeline.stages.fill_store`).
+
+Readers (alignment, descriptions, scores) take any :class:`Rows`: a store, its rows read into
+memory (:meth:`ContributionStore.in_memory`) or arrays (:class:`ArrayRows`, :func:`as_rows`). The
+array called ``clip`` holds the reader's image embedding of each image (the reader is the CLIP
+model whose text space names the components); the name is kept from the on-disk format.
 """
 
 from __future__ import annotations
@@ -24,23 +30,25 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 import torch
 
-from vitdecomp.components import Decomposition
 from vitdecomp.errors import MismatchError
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
 _ARRAYS = ("contributions", "representation", "clip")
 
-#: One batch from an image source: ``(image ids, images)``; ``images`` is whatever the callables take.
-Batch = tuple[Sequence[str], Any]
+#: Rows as float32 tensors: ``"contributions" [b, C, D]``, ``"representation" [b, D]`` and
+#: ``"clip" [b, d_clip]`` (the reader's image embedding); arrays a source does not hold are absent.
+RowBatch: TypeAlias = dict[str, torch.Tensor]
+#: Which rows: a slice or integer positions (rows come back in ascending order).
+RowIndex: TypeAlias = slice | np.ndarray | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,125 @@ def key_difference(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return out
 
 
+class Rows(Protocol):
+    """Rows of a decomposed image set, read the same way wherever they are held.
+
+    Implemented by :class:`ContributionStore` (memmaps on disk) and :class:`ArrayRows` (tensors in
+    memory); :func:`as_rows` turns arrays into rows. ``labels``: component names (``None`` for bare
+    arrays); ``key``: the store key of the data (``None`` when unknown); ``shapes``: per-row shape
+    of each array held (``"contributions"``, and ``"representation"`` / ``"clip"`` when held).
+    """
+
+    @property
+    def labels(self) -> list[str] | None: ...
+
+    @property
+    def key(self) -> StoreKey | None: ...
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: RowIndex) -> RowBatch:
+        """Rows ``index`` (in ascending order) as float32 tensors."""
+        ...
+
+    def iter_batches(self, batch_size: int = 256) -> Iterator[RowBatch]:
+        """Every row in order, ``batch_size`` at a time."""
+        ...
+
+    def component(self, index: int, stop: int | None = None) -> torch.Tensor:
+        """Component ``index`` of the first ``stop`` rows (all by default): ``[n, D]`` float32."""
+        ...
+
+
+def _sorted_index(index: RowIndex) -> slice | np.ndarray:
+    return index if isinstance(index, slice) else np.sort(np.asarray(index, dtype=np.int64))
+
+
+def _tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+
+
+class ArrayRows:
+    """:class:`Rows` held in memory: ``contributions [N, C, D]`` and, when known, ``clip [N, d_clip]``
+    (the reader's image embeddings) and ``representation [N, D]``; tensors or numpy arrays.
+
+    Batches are float32 views where the arrays already are float32 (no copy)."""
+
+    def __init__(
+        self,
+        contributions: torch.Tensor | np.ndarray,
+        clip: torch.Tensor | np.ndarray | None = None,
+        representation: torch.Tensor | np.ndarray | None = None,
+        *,
+        labels: Sequence[str] | None = None,
+        key: StoreKey | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> None:
+        arrays = {"contributions": contributions, "representation": representation, "clip": clip}
+        self.arrays = {name: _tensor(a) for name, a in arrays.items() if a is not None}
+        n = {name: int(a.shape[0]) for name, a in self.arrays.items()}
+        if len(set(n.values())) > 1:
+            raise ValueError(f"arrays differ in their number of rows: {n}")
+        if self.arrays["contributions"].ndim != 3:
+            raise ValueError(f"contributions must be [N, C, D], not {tuple(self.arrays['contributions'].shape)}")
+        if labels is not None and len(labels) != self.arrays["contributions"].shape[1]:
+            raise MismatchError(f"{len(labels)} labels for {self.arrays['contributions'].shape[1]} components")
+        self._labels = None if labels is None else list(labels)
+        self._key = key
+        self.ids = None if ids is None else list(ids)
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self._labels
+
+    @property
+    def key(self) -> StoreKey | None:
+        return self._key
+
+    @property
+    def contributions(self) -> torch.Tensor:
+        return self.arrays["contributions"]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(a.shape[1:]) for name, a in self.arrays.items()}
+
+    def __len__(self) -> int:
+        return int(self.arrays["contributions"].shape[0])
+
+    def batch(self, index: RowIndex) -> RowBatch:
+        i = _sorted_index(index)
+        i = i if isinstance(i, slice) else torch.from_numpy(i)
+        return {name: a[i].float() for name, a in self.arrays.items()}
+
+    def iter_batches(self, batch_size: int = 256) -> Iterator[RowBatch]:
+        for start in range(0, len(self), batch_size):
+            yield self.batch(slice(start, start + batch_size))
+
+    def component(self, index: int, stop: int | None = None) -> torch.Tensor:
+        return self.arrays["contributions"][:stop, index].float()
+
+    def __repr__(self) -> str:
+        return f"ArrayRows({len(self)} images x {self.shapes['contributions']})"
+
+
+#: What the readers (align, text, score) accept: :class:`Rows`, or arrays that :func:`as_rows` wraps.
+RowSource: TypeAlias = Rows | torch.Tensor | np.ndarray | tuple[Any, ...]
+
+
+def as_rows(source: RowSource) -> Rows:
+    """The one place where arrays become :class:`Rows`: a contributions array ``[N, C, D]`` or a
+    tuple ``(contributions, clip)`` becomes :class:`ArrayRows`; anything else is taken as rows."""
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        return ArrayRows(source)
+    if isinstance(source, tuple):
+        return ArrayRows(*source)
+    return source
+
+
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
@@ -105,7 +232,9 @@ class ContributionStore:
     """A store directory (see the module docstring); open with :func:`open_store` or by path.
 
     Read access: ``contributions [N, C, D]``, ``representation [N, D]``, ``clip [N, d_clip]`` are
-    read-only ``np.memmap`` views of the committed rows; ``ids`` the image ids; ``labels`` the names.
+    read-only ``np.memmap`` views of the committed rows; ``ids`` the image ids; ``labels`` the names;
+    :meth:`batch`, :meth:`iter_batches` and :meth:`component` read them as :class:`Rows`. Write
+    access: :meth:`append` (one batch of rows, committed atomically).
     """
 
     def __init__(self, path: str | Path, key: StoreKey | None = None, dtype: str = "float32") -> None:
@@ -229,23 +358,31 @@ class ContributionStore:
         """Committed CLIP image embeddings ``[N, d_clip]`` (float32 memmap)."""
         return self._view("clip")
 
-    def batch(self, index: np.ndarray | slice | Sequence[int]) -> dict[str, torch.Tensor]:
-        """Rows ``index`` as float32 tensors: ``contributions [b, C, D]``, ``representation``, ``clip``."""
-        if not isinstance(index, slice):
-            index = np.sort(np.asarray(index, dtype=np.int64))  # sorted reads are sequential on disk
-        return {name: torch.from_numpy(np.array(getattr(self, name)[index], dtype=np.float32)) for name in _ARRAYS}
+    def batch(self, index: RowIndex) -> RowBatch:
+        """Rows ``index`` as float32 tensors: ``contributions [b, C, D]``, ``representation``, ``clip``
+        (integer positions are read in ascending order: sequential on disk)."""
+        i = _sorted_index(index)
+        return {name: torch.from_numpy(np.array(getattr(self, name)[i], dtype=np.float32)) for name in _ARRAYS}
 
-    def in_memory(self, max_bytes: int | None = None) -> dict[str, torch.Tensor] | None:
-        """Every committed row as float32 tensors (see :meth:`batch`), or ``None`` when the stored
-        contributions take more than ``max_bytes``."""
-        if max_bytes is not None and self.contributions.nbytes > max_bytes:
+    def in_memory(self, max_bytes: int | None = None) -> ArrayRows | None:
+        """Every committed row as float32 tensors (:class:`ArrayRows` with this store's labels, key
+        and ids), or ``None`` when the stored contributions take more than ``max_bytes`` (or nothing
+        was written yet)."""
+        if not self.shapes or (max_bytes is not None and self.contributions.nbytes > max_bytes):
             return None
-        return self.batch(slice(0, self.committed))
+        b = self.batch(slice(0, self.committed))
+        return ArrayRows(
+            b["contributions"], b["clip"], b["representation"], labels=self.labels, key=self.key, ids=self.ids
+        )
 
-    def iter_batches(self, batch_size: int = 256) -> Iterable[dict[str, torch.Tensor]]:
+    def iter_batches(self, batch_size: int = 256) -> Iterator[RowBatch]:
         """Committed rows in order, ``batch_size`` at a time (see :meth:`batch`)."""
         for start in range(0, self.committed, batch_size):
             yield self.batch(slice(start, min(start + batch_size, self.committed)))
+
+    def component(self, index: int, stop: int | None = None) -> torch.Tensor:
+        """Component ``index`` of the first ``stop`` committed rows: ``[n, D]`` float32 (one column read)."""
+        return torch.from_numpy(np.array(self.contributions[:stop, index], dtype=np.float32))
 
     # ----------------------------------------------------------------- writing
     def _ensure_capacity(self, rows: int) -> None:
@@ -364,62 +501,3 @@ def store_dir(root: str | Path, key: StoreKey, dtype: str = "float32") -> Path:
 def open_store(root: str | Path, key: StoreKey, dtype: str = "float32") -> ContributionStore:
     """Open (or create) the store for ``key`` under ``root``; an existing one is resumed."""
     return ContributionStore(store_dir(root, key, dtype), key=key, dtype=dtype)
-
-
-def fill_store(
-    store: ContributionStore,
-    batches: Iterable[Batch] | Callable[[int], Iterable[Batch]],
-    decompose_fn: Callable[[Any], Decomposition],
-    clip_fn: Callable[[Any], torch.Tensor],
-    *,
-    total: int | None = None,
-    progress: bool = True,
-) -> ContributionStore:
-    """Decompose and CLIP-embed every image of ``batches`` into ``store``, resuming where it stopped.
-
-    ``batches`` yields ``(ids, images)``; ``images`` goes unchanged to ``decompose_fn(images) ->
-    Decomposition`` (``contributions [B, C, D]``) and ``clip_fn(images) -> [B, d_clip]``, so each does
-    its own preprocessing. Rows already committed are skipped (their ids must match, otherwise
-    :class:`MismatchError`); pass a callable ``batches(start)`` to let the source skip reading them.
-    ``total`` (number of images) sizes the progress bar.
-    """
-    from tqdm.auto import tqdm
-
-    done = store.committed
-    stored_ids = store.ids
-    source = batches(done) if callable(batches) else batches
-    position = done if callable(batches) else 0
-    bar = tqdm(total=total, initial=done, desc="decompose + CLIP", unit="img", disable=not progress)
-    try:
-        for ids, images in source:
-            ids = [str(i) for i in ids]
-            b = len(ids)
-            skip = min(max(done - position, 0), b)
-            if skip:
-                if ids[:skip] != stored_ids[position : position + skip]:
-                    raise MismatchError(
-                        f"image ids {ids[:skip][:3]} differ from the store's rows "
-                        f"{position}..{position + skip} "
-                        f"({stored_ids[position : position + skip][:3]}): the image source changed since the "
-                        "store was written"
-                    )
-                if skip < b:
-                    images = _slice_images(images, skip)
-                    ids = ids[skip:]
-            position += b
-            if skip == b:
-                continue
-            with torch.no_grad():
-                dec = decompose_fn(images)
-                emb = clip_fn(images)
-            store.append(ids, dec.contributions, dec.representation, emb, labels=dec.names)
-            bar.update(len(ids))
-    finally:
-        bar.close()
-        store.close()
-    return store
-
-
-def _slice_images(images: Any, start: int) -> Any:
-    """Drop the first ``start`` images of a batch (tensor, array or sequence)."""
-    return images[start:]

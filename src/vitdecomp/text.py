@@ -21,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from vitdecomp.align import Aligner, aligned_component
+from vitdecomp.store import RowSource, as_rows
+from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES, prompt_texts
 
 #: Generic prompt templates for descriptions of real images; ``{}`` is the description.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -33,6 +38,8 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a blurry photo of {}.",
     "a photo showing {}.",
 )
+#: Prompt templates for the built-in world's descriptions (one word or a short phrase each).
+WORLD_TEMPLATES: tuple[str, ...] = ("{}", "a {}", "a photo of {}", "a picture of {}")
 
 
 def normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -157,9 +164,6 @@ def world_class_embeddings(encode: Callable[[list[str]], torch.Tensor]) -> dict[
     """Per core attribute of the built-in world, ``[n_classes, d]`` unit class embeddings: each the
     normalised mean of the unit embeddings of the class's prompts (:data:`vitdecomp.world.PROMPTS`).
     ``encode``: texts -> ``[T, d]`` (any CLIP text encoder)."""
-    from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
-    from vitdecomp.world.captions import prompt_texts
-
     out = {}
     for attr in CORE_ATTRIBUTES:
         rows = [normalize(encode(prompt_texts(attr, v)).float()).mean(0) for v in range(len(ATTRIBUTES[attr]))]
@@ -261,8 +265,8 @@ def text_span(
 
 
 def component_descriptions(
-    source: Any,
-    aligner: Any,
+    source: RowSource,
+    aligner: Aligner,
     text_emb: torch.Tensor,
     texts: Sequence[str],
     k: int = 5,
@@ -272,24 +276,17 @@ def component_descriptions(
     center_texts: bool = False,
     progress: bool = True,
 ) -> dict[str, list[Description]]:
-    """TextSpan for every component (or ``components``) of a store / contributions ``[N, C, D]``.
+    """TextSpan for every component (or ``components``) of rows / contributions ``[N, C, D]``.
 
     Reads one component column at a time and maps it with ``aligner`` (see
     :func:`vitdecomp.align.aligned_component`); uses at most ``max_images`` images (the first ones).
     Returns ``{component name: [Description, ...]}`` in component order.
     """
-    from tqdm.auto import tqdm
-
-    from vitdecomp.align import aligned_component
-
+    rows = as_rows(source)
     idx = range(aligner.n_components) if components is None else components
-    n = source.committed if hasattr(source, "committed") else len(source)
-    arr = source.contributions if hasattr(source, "contributions") else source
-    if max_images is not None and n > max_images:
-        arr = arr[:max_images]
     text_emb = text_emb.to(aligner.device)
     out: dict[str, list[Description]] = {}
     for i in tqdm(list(idx), desc="describe components", unit="comp", disable=not progress):
-        outputs = aligned_component(arr, aligner, i)
+        outputs = aligned_component(rows, aligner, i, stop=max_images)
         out[aligner.labels[i]] = text_span(outputs, text_emb, texts, k, center_texts=center_texts)
     return out

@@ -4,7 +4,7 @@
 (a ``## Notes`` section already in the output file is carried over to the new version).
 
 Data: the aligner is trained (or loaded from the cache) on the analysis set of ``vitdecomp
-analyze`` (:data:`vitdecomp.analyze.WORLD_SEED`, 2000 scenes; 10 % held out for early stopping);
+analyze`` (:data:`vitdecomp.imageset.WORLD_SEED`, 2000 scenes; 10 % held out for early stopping);
 every figure below is measured on a disjoint test set (seed ``WORLD_SEED + 1``, 1000 scenes). The
 ground-truth probes are fitted on the analysis set and scored on the test set. None of these seeds
 was used to train the zoo (1000, 1001, 1500) or by its probes (2001, 2002).
@@ -40,17 +40,23 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from vitdecomp.analyze import (
-    DEFAULT_N_IMAGES,
-    WORLD_SEED,
-    WORLD_TEMPLATES,
-    _load,
-    build_store,
-    default_cache_dir,
-    get_aligner,
-    world_source,
+from vitdecomp.align import Aligner, aligned_component, evaluate, train_ablation
+from vitdecomp.imageset import DEFAULT_N_IMAGES, WORLD_SEED, world_source
+from vitdecomp.pipeline.config import default_cache_dir
+from vitdecomp.pipeline.stages import Models, build_store, get_aligner, load_model_for, readable_rows
+from vitdecomp.score import (
+    ScoreTable,
+    clip_retrieval_scores,
+    embed_features,
+    load_features,
+    score_features,
+    spearman,
 )
+from vitdecomp.store import Rows
+from vitdecomp.text import WORLD_TEMPLATES, TextEncoder, text_span, world_class_embeddings
+from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
 
 MODELS = ("zoo:deit", "zoo:dino", "zoo:swin", "zoo:maxvit")
 N_TEST = 1000
@@ -94,15 +100,18 @@ def batched_probe(
         return ((b @ w + bias).argmax(-1) == y_te[None]).float().mean(1).numpy()
 
 
-def probe_importance(train, test, attrs_tr, attrs_te, max_train: int = 2000, progress: bool = True):
+def probe_importance(
+    train: Rows,
+    test: Rows,
+    attrs_tr: dict[str, np.ndarray],
+    attrs_te: dict[str, np.ndarray],
+    max_train: int = 2000,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
     """Held-out probe accuracy of each component alone for each attribute: ``{attr: [C]}``."""
-    from tqdm.auto import tqdm
-
-    from vitdecomp.world import CORE_ATTRIBUTES
-
-    n_tr = min(max_train, train.committed)
-    c_tr = torch.from_numpy(np.array(train.contributions[:n_tr], dtype=np.float32))
-    c_te = torch.from_numpy(np.array(test.contributions, dtype=np.float32))
+    n_tr = min(max_train, len(train))
+    c_tr = train.batch(slice(0, n_tr))["contributions"]
+    c_te = test.batch(slice(None))["contributions"]
     x_tr, x_te = c_tr.transpose(0, 1).contiguous(), c_te.transpose(0, 1).contiguous()
     out = {}
     for a in tqdm(CORE_ATTRIBUTES, desc="probe components", disable=not progress):
@@ -113,11 +122,13 @@ def probe_importance(train, test, attrs_tr, attrs_te, max_train: int = 2000, pro
 
 
 @torch.no_grad()
-def zero_shot(al, store, classes: dict[str, torch.Tensor], attrs: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Zero-shot accuracy from the aligned sum and from CLIP's own image embedding."""
-    c = torch.from_numpy(np.array(store.contributions, dtype=np.float32))
-    z_al = F.normalize(al.apply_sum(c).float().cpu(), dim=-1)
-    z_clip = F.normalize(torch.from_numpy(np.array(store.clip, dtype=np.float32)), dim=-1)
+def zero_shot(
+    al: Aligner, rows: Rows, classes: dict[str, torch.Tensor], attrs: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """Zero-shot accuracy from the aligned sum and from the reader's own image embedding."""
+    b = rows.batch(slice(None))
+    z_al = F.normalize(al.apply_sum(b["contributions"]).float().cpu(), dim=-1)
+    z_clip = F.normalize(b["clip"], dim=-1)
     out: dict[str, Any] = {"aligned": {}, "clip": {}}
     for a, t in classes.items():
         y = torch.from_numpy(attrs[a])
@@ -128,12 +139,19 @@ def zero_shot(al, store, classes: dict[str, torch.Tensor], attrs: dict[str, np.n
 
 @torch.no_grad()
 def retrieval_precision(
-    al, store, classes, attrs, tables, k: int = TOP_K, at: int = PRECISION_AT, draws: int = 20, seed: int = 0
+    al: Aligner,
+    rows: Rows,
+    classes: dict[str, torch.Tensor],
+    attrs: dict[str, np.ndarray],
+    tables: dict[str, ScoreTable],
+    k: int = TOP_K,
+    at: int = PRECISION_AT,
+    draws: int = 20,
+    seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Precision@``at`` of class-text retrieval with the attribute's top-``k`` components (by the
     invariant score), the whole aligned representation, and ``k`` random components."""
-    c = torch.from_numpy(np.array(store.contributions, dtype=np.float32))
-    aligned = al.apply(c).float().cpu()  # [N, C, d]
+    aligned = al.apply(rows.batch(slice(None))["contributions"]).float().cpu()  # [N, C, d]
     whole = aligned.sum(1) + al.bias.float().cpu()
     g = np.random.default_rng(seed)
     n_comp = aligned.shape[1]
@@ -156,45 +174,36 @@ def retrieval_precision(
 
 
 @torch.no_grad()
-def head_reading(loaded, store, words: list[str], k: int = TOP_K) -> dict[str, list[str]] | None:
+def head_reading(loaded: Any, rows: Rows, words: list[str], k: int = TOP_K) -> dict[str, list[str]] | None:
     """Per component, the top-``k`` classes read through the model's own linear head (TextSpan over
     the head's class directions in model space), or ``None`` without a linear head."""
-    from vitdecomp.text import text_span
-
     head = getattr(loaded.model, "head", None)
     fc = getattr(head, "fc", head)
     if not isinstance(fc, torch.nn.Linear) or fc.out_features != len(words):
         return None
     w = fc.weight.detach().float().cpu()  # [classes, D]
-    if w.shape[1] != store.shapes["contributions"][1]:
+    if w.shape[1] != rows.shapes["contributions"][1]:
         return None
-    out = {}
-    for i, lab in enumerate(store.labels):
-        x = torch.from_numpy(np.array(store.contributions[:, i], dtype=np.float32))
-        out[lab] = [d.text for d in text_span(x, w, words, k)]
-    return out
+    return {lab: [d.text for d in text_span(rows.component(i), w, words, k)] for i, lab in enumerate(rows.labels)}
 
 
 @torch.no_grad()
-def match_rate(al, store, class_emb: torch.Tensor, words: list[str], reference: dict[str, list[str]], k=TOP_K):
+def match_rate(
+    al: Aligner, rows: Rows, class_emb: torch.Tensor, words: list[str], reference: dict[str, list[str]], k: int = TOP_K
+) -> float:
     """Mean overlap of each varying component's top-``k`` aligned TextSpan picks with its head reading."""
-    from vitdecomp.align import aligned_component
-    from vitdecomp.text import text_span
-
     rates = []
-    for i, lab in enumerate(store.labels):
+    for i, lab in enumerate(rows.labels):
         ref = reference.get(lab) or []
         if not ref:
             continue  # constant component: nothing to read
-        outputs = aligned_component(store.contributions, al, i).cpu()
+        outputs = aligned_component(rows, al, i).cpu()
         picks = [d.text for d in text_span(outputs, class_emb, words, k)]
         rates.append(len(set(picks) & set(ref)) / k)
     return float(np.mean(rates)) if rates else float("nan")
 
 
-def _spearmans(tables, truth: dict[str, np.ndarray], method: str) -> dict[str, float]:
-    from vitdecomp.score import spearman
-
+def _spearmans(tables: dict[str, ScoreTable], truth: dict[str, np.ndarray], method: str) -> dict[str, float]:
     t = tables[method]
     return {a: spearman(t[a], torch.from_numpy(truth[a])) for a in truth}
 
@@ -205,7 +214,7 @@ def _spearmans(tables, truth: dict[str, np.ndarray], method: str) -> dict[str, f
 
 def validate_model(
     name: str,
-    clip: str = "zoo:clip",
+    reader: str = "zoo:clip",
     *,
     cache_dir: str | Path | None = None,
     n_train: int = DEFAULT_N_IMAGES,
@@ -217,35 +226,30 @@ def validate_model(
     progress: bool = True,
     log=print,
 ) -> dict[str, Any]:
-    """Every §6 figure for one subject model (and the CompAlign ablation when ``ablation``)."""
-    from vitdecomp.align import evaluate, train_ablation
-    from vitdecomp.score import clip_retrieval_scores, embed_features, load_features, score_features, spearman
-    from vitdecomp.text import TextEncoder, world_class_embeddings
-    from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
-
+    """Every §6 figure for one subject model read through ``reader`` (and the CompAlign ablation
+    when ``ablation``)."""
     t0 = time.time()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    subject = _load(name, None, random_init, device)
-    teacher = _load(clip, None, random_init, device)
+    models = Models(load_model_for(name, None, random_init, device), load_model_for(reader, None, random_init, device))
     src_tr = world_source(n_train, seed=WORLD_SEED)
     src_te = world_source(n_test, seed=TEST_SEED)
-    train, key, _ = build_store(subject, teacher, src_tr, cache / "stores", device=device, progress=progress)
-    test, _, _ = build_store(subject, teacher, src_te, cache / "stores", device=device, progress=progress)
-    al, state, path = get_aligner(
-        train, key, cache / "aligners", max_steps=align_steps, device=device, progress=progress, log=log
-    )
-    encoder = TextEncoder.from_loaded(teacher, cache_dir=cache / "text", device=device)
-    feats = load_features("world")
-    feat_emb = embed_features(lambda t: encoder.encode(t, WORLD_TEMPLATES), feats)
+    stores = [
+        build_store(models, src, cache / "stores", device=device, progress=progress).store for src in (src_tr, src_te)
+    ]
+    train, test = (readable_rows(s) for s in stores)
+    aligned = get_aligner(train, cache / "aligners", max_steps=align_steps, device=device, progress=progress, log=log)
+    al = aligned.aligner
+    encoder = TextEncoder.from_loaded(models.reader, cache_dir=cache / "text", device=device)
+    feat_emb = embed_features(lambda t: encoder.encode(t, WORLD_TEMPLATES), load_features("world"))
     classes = world_class_embeddings(lambda texts: encoder.encode(texts, ("{}",)))
     attrs_te = src_te.attributes
-    res: dict[str, Any] = {"model": name, "weights_id": subject.weights_id, "clip": teacher.weights_id}
+    res: dict[str, Any] = {"model": name, "weights_id": models.subject.weights_id, "clip": models.reader.weights_id}
     res["n_components"] = len(train.labels)
-    res["n_train"], res["n_test"] = train.committed, test.committed
+    res["n_train"], res["n_test"] = len(train), len(test)
     # (a)
     res["alignment"] = {
-        "state": state,
-        "aligner": str(path),
+        "state": aligned.state,
+        "aligner": str(aligned.path),
         "val_cosine_early_stopping": al.metrics.get("val_cosine"),
         "test_cosine": evaluate(al, test)["cosine"],
         "zero_shot": zero_shot(al, test, classes, attrs_te),
@@ -264,25 +268,37 @@ def validate_model(
     # (d)
     res["retrieval_p20"] = retrieval_precision(al, test, classes, attrs_te, tables)
     res["top_components"] = {a: tables["invariant"].ranking(a, TOP_K) for a in CORE_ATTRIBUTES}
-    # ablation
     if ablation:
-        words = [w for a in CORE_ATTRIBUTES for w in ATTRIBUTES[a]]
-        ref = head_reading(subject, train, words)
-        if ref is None:
-            res["ablation"] = {"skipped": "no linear head over the world's classes to read components with"}
-        else:
-            class_emb = torch.cat([classes[a] for a in CORE_ATTRIBUTES])
-            trained = train_ablation(train, train.labels, max_steps=align_steps, device=device, progress=progress)
-            res["ablation"] = {
-                k: {
-                    "test_cosine": evaluate(v, test)["cosine"],
-                    "match_rate": match_rate(v, test, class_emb, words, ref),
-                    "steps": v.metrics.get("steps"),
-                }
-                for k, v in trained.items()
-            }
+        res["ablation"] = alignment_ablation(models.subject, train, test, classes, align_steps, device, progress)
     res["time_s"] = round(time.time() - t0, 1)
     return res
+
+
+def alignment_ablation(
+    subject: Any,
+    train: Rows,
+    test: Rows,
+    classes: dict[str, torch.Tensor],
+    align_steps: int = 3000,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """One shared map vs CompAlign with lambda = 0 vs lambda = 1, trained on ``train``: each one's
+    test cosine and match rate against the reading through ``subject``'s own linear head."""
+    words = [w for a in CORE_ATTRIBUTES for w in ATTRIBUTES[a]]
+    ref = head_reading(subject, train, words)
+    if ref is None:
+        return {"skipped": "no linear head over the world's classes to read components with"}
+    class_emb = torch.cat([classes[a] for a in CORE_ATTRIBUTES])
+    trained = train_ablation(train, train.labels, max_steps=align_steps, device=device, progress=progress)
+    return {
+        k: {
+            "test_cosine": evaluate(v, test)["cosine"],
+            "match_rate": match_rate(v, test, class_emb, words, ref),
+            "steps": v.metrics.get("steps"),
+        }
+        for k, v in trained.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,19 +331,20 @@ def _summary_rows(results: list[dict[str, Any]], label: str = "") -> list[str]:
     return rows
 
 
-def markdown(
-    results: list[dict[str, Any]],
-    argv: list[str],
-    meta: dict[str, Any],
-    control: list[dict[str, Any]] | None = None,
-) -> str:
-    """The validation document; ``control``: results of the same script on random-init weights."""
-    from vitdecomp.world import CORE_ATTRIBUTES
+_SUMMARY_HEAD = [
+    "| model | comps | (a) test cosine | (a) zero-shot aligned / CLIP (mean of 4) "
+    "| (b) Spearman vs probe, invariant (target >= 0.6) | (b) paper / share score "
+    "| (c) Spearman vs CLIP ranking "
+    "| (d) P@20 top-3 / full / random-3 |",
+    "|---|---|---|---|---|---|---|---|",
+]
 
+
+def _intro_lines(results: list[dict[str, Any]], argv: list[str], meta: dict[str, Any]) -> list[str]:
     cmd = "python -m vitdecomp.validate " + " ".join(argv)
     n_train = results[0]["n_train"] if results else DEFAULT_N_IMAGES
     n_test = results[0]["n_test"] if results else N_TEST
-    lines = [
+    return [
         "# Validation on the built-in world",
         "",
         "Measured by `vitdecomp.validate` (numbers below are written by the script; rerun it to refresh):",
@@ -344,78 +361,82 @@ def markdown(
         "Probes of (b) are fitted on the first set and scored on the second. No seed overlaps the zoo's "
         "training (1000, 1001, 1500) or probe (2001, 2002) sets. CLIP = the zoo's CLIP.",
         "",
-        "## Summary against the targets",
-        "",
-        "| model | comps | (a) test cosine | (a) zero-shot aligned / CLIP (mean of 4) "
-        "| (b) Spearman vs probe, invariant (target >= 0.6) | (b) paper / share score "
-        "| (c) Spearman vs CLIP ranking "
-        "| (d) P@20 top-3 / full / random-3 |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    lines += _summary_rows(results)
+
+
+def _attribute_lines(r: dict[str, Any]) -> list[str]:
+    lines = [
+        f"### {r['model']} (`{r['weights_id']}`)",
+        "",
+        "| attribute | zero-shot aligned | zero-shot CLIP | Spearman probe (invariant) | Spearman probe (paper) "
+        "| Spearman CLIP-rank (invariant) | P@20 top-3 | P@20 full | P@20 random-3 | top-3 components "
+        "(invariant score) | best probe components |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    zs, p = r["alignment"]["zero_shot"], r["retrieval_p20"]
+    for a in CORE_ATTRIBUTES:
+        top = ", ".join(f"{lab} ({v:.2f})" for lab, v in r["top_components"][a])
+        pa = r["probe_accuracy"][a]
+        best = ", ".join(f"{lab} ({v:.2f})" for lab, v in sorted(pa.items(), key=lambda kv: -kv[1])[:3])
+        lines.append(
+            f"| {a} | {_f(zs['aligned'][a])} | {_f(zs['clip'][a])} | {_f(r['spearman_probe']['invariant'][a])} "
+            f"| {_f(r['spearman_probe']['paper'][a])} | {_f(r['spearman_clip']['invariant'][a])} "
+            f"| {_f(p['top'][a])} | {_f(p['full'][a])} | {_f(p['random'][a])} | {top} | {best} |"
+        )
+    return [*lines, ""]
+
+
+def _ablation_lines(results: list[dict[str, Any]]) -> list[str]:
+    abl = [r for r in results if "ablation" in r]
+    if not abl:
+        return []
+    lines = [
+        "## CompAlign ablation (paper: one shared map < lambda = 0 < lambda > 0)",
+        "",
+        "Held-out cosine to the CLIP embedding (test set) and the match rate: the share of each "
+        f"component's top-{TOP_K} TextSpan picks over the 21 class words (aligned contribution vs CLIP "
+        f"class texts) that are among its top-{TOP_K} classes read through the model's own linear head "
+        "(the reference the paper takes from the pretrained classifier), averaged over the non-constant "
+        "components.",
+        "",
+        "| model | shared map: cosine / match | lambda = 0: cosine / match | lambda = 1 (published): cosine / match |",
+        "|---|---|---|---|",
+    ]
+    for r in abl:
+        a = r["ablation"]
+        if "skipped" in a:
+            lines.append(f"| {r['model']} | skipped: {a['skipped']} | | |")
+            continue
+        cells = [
+            f"{_f(a[k]['test_cosine'])} / {_f(a[k]['match_rate'], 2)}" for k in ("shared", "lambda=0", "compalign")
+        ]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def markdown(
+    results: list[dict[str, Any]],
+    argv: list[str],
+    meta: dict[str, Any],
+    control: list[dict[str, Any]] | None = None,
+) -> str:
+    """The validation document; ``control``: results of the same script on random-init weights."""
+    lines = _intro_lines(results, argv, meta)
+    lines += ["## Summary against the targets", "", *_SUMMARY_HEAD, *_summary_rows(results)]
     if control:
         lines += [
             "",
             "Control: the same script on random-init weights of the same architectures (`--random-init`; "
             "zoo CLIP random-init as well), to show what the figures are worth when nothing was learned:",
             "",
-            lines[-len(results) - 2],
-            lines[-len(results) - 1],
+            *_SUMMARY_HEAD,
             *_summary_rows(control, " (random init)"),
         ]
     lines += ["", "## Per attribute", ""]
     for r in results:
-        lines += [
-            f"### {r['model']} (`{r['weights_id']}`)",
-            "",
-            "| attribute | zero-shot aligned | zero-shot CLIP | Spearman probe (invariant) | Spearman probe (paper) "
-            "| Spearman CLIP-rank (invariant) | P@20 top-3 | P@20 full | P@20 random-3 | top-3 components "
-            "(invariant score) | best probe components |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for a in CORE_ATTRIBUTES:
-            zs = r["alignment"]["zero_shot"]
-            p = r["retrieval_p20"]
-            top = ", ".join(f"{lab} ({v:.2f})" for lab, v in r["top_components"][a])
-            pa = r["probe_accuracy"][a]
-            best = ", ".join(f"{lab} ({v:.2f})" for lab, v in sorted(pa.items(), key=lambda kv: -kv[1])[:3])
-            lines.append(
-                f"| {a} | {_f(zs['aligned'][a])} | {_f(zs['clip'][a])} | {_f(r['spearman_probe']['invariant'][a])} "
-                f"| {_f(r['spearman_probe']['paper'][a])} | {_f(r['spearman_clip']['invariant'][a])} "
-                f"| {_f(p['top'][a])} | {_f(p['full'][a])} | {_f(p['random'][a])} | {top} | {best} |"
-            )
-        lines.append("")
-    abl = [r for r in results if "ablation" in r]
-    if abl:
-        lines += [
-            "## CompAlign ablation (paper: one shared map < lambda = 0 < lambda > 0)",
-            "",
-            "Held-out cosine to the CLIP embedding (test set) and the match rate: the share of each "
-            f"component's top-{TOP_K} TextSpan picks over the 21 class words (aligned contribution vs CLIP "
-            f"class texts) that are among its top-{TOP_K} classes read through the model's own linear head "
-            "(the reference the paper takes from the pretrained classifier), averaged over the non-constant "
-            "components.",
-            "",
-            "| model | shared map: cosine / match | lambda = 0: cosine / match "
-            "| lambda = 1 (published): cosine / match |",
-            "|---|---|---|---|",
-        ]
-        for r in abl:
-            a = r["ablation"]
-            if "skipped" in a:
-                lines.append(f"| {r['model']} | skipped: {a['skipped']} | | |")
-                continue
-            cells = [
-                f"{_f(a[k]['test_cosine'])} / {_f(a[k]['match_rate'], 2)}" for k in ("shared", "lambda=0", "compalign")
-            ]
-            lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += [
-        "## Definitions",
-        "",
-        (__doc__ or "").split("\n\n", 2)[2].strip(),
-        "",
-    ]
+        lines += _attribute_lines(r)
+    lines += _ablation_lines(results)
+    lines += ["## Definitions", "", (__doc__ or "").split("\n\n", 2)[2].strip(), ""]
     return "\n".join(lines)
 
 

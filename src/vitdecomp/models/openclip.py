@@ -33,14 +33,16 @@ def mha_replacement(mha: nn.MultiheadAttention, batch_first: bool):
         q_in, k_in, v_in = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args) :])[:3]
         if not batch_first:
             q_in, k_in, v_in = (t.transpose(0, 1) for t in (q_in, k_in, v_in))
-        b = mha.in_proj_bias
-        wq, wk, wv = mha.in_proj_weight.chunk(3)
-        bq, bk, bv = b.chunk(3) if b is not None else (None, None, None)
         bsz, _, d = k_in.shape
-        q, k, v = (
-            F.linear(t, w, bias).view(bsz, -1, heads, d // heads).transpose(1, 2)
-            for t, w, bias in ((q_in, wq, bq), (k_in, wk, bk), (v_in, wv, bv))
-        )
+        if q_in is k_in and k_in is v_in:  # self-attention: one projection, as the module's own fast path
+            q, k, v = F.linear(q_in, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1)
+        else:
+            w, b = (
+                mha.in_proj_weight.chunk(3),
+                (mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else [None] * 3),
+            )
+            q, k, v = (F.linear(t, wi, bi) for t, wi, bi in zip((q_in, k_in, v_in), w, b, strict=True))
+        q, k, v = (t.reshape(bsz, -1, heads, d // heads).transpose(1, 2) for t in (q, k, v))
         mask = kwargs.get("attn_mask")
         if tokens:
             scores = (q @ k.transpose(-2, -1)) * (d // heads) ** -0.5

@@ -1,5 +1,8 @@
-"""The report of ``vitdecomp analyze``: a self-contained ``index.html`` beside ``results.json``."""
+"""The report of ``vitdecomp analyze``: the typed result (``results.json``), a self-contained
+``index.html`` beside it, and the summary printed at the end of a run."""
 
+from vitdecomp.report.console import summary
 from vitdecomp.report.html import render_html, thumbnail_data_uri, write_report
+from vitdecomp.report.results import AnalysisResult
 
-__all__ = ["render_html", "thumbnail_data_uri", "write_report"]
+__all__ = ["AnalysisResult", "render_html", "summary", "thumbnail_data_uri", "write_report"]

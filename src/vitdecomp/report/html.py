@@ -1,7 +1,8 @@
 """Render the analysis results as one self-contained HTML page (inline CSS, images as data URIs).
 
-No template engine and no script: the page is a few tables and cards built from the ``results``
-dict that :func:`vitdecomp.analyze.run_analysis` also writes to ``results.json``.
+No template engine and no script: the page is a few tables and cards built from the
+:class:`~vitdecomp.report.results.AnalysisResult` whose serialisation is ``results.json`` (so a
+page can be rendered again from that file: ``render_html(AnalysisResult.load(path))``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vitdecomp.report.results import AnalysisResult
 
 CSS = """
 :root { --ink:#1f2933; --muted:#616e7c; --line:#e4e7eb; --bg:#f7f8fa; --card:#fff; --accent:#2563eb; }
@@ -72,8 +77,6 @@ def _e(x: Any) -> str:
 
 def thumbnail_data_uri(image: Any, size: int = 96) -> str:
     """A PIL image (or uint8 array) as a ``data:image/png;base64,...`` thumbnail (longest side ``size``)."""
-    from PIL import Image
-
     im = Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image) else image
     im = im.convert("RGB")
     if max(im.size) > size:
@@ -98,25 +101,23 @@ def _kind(label: str) -> str:
     return last
 
 
-def _heat_table(results: Mapping[str, Any], method: str, thumbs: Mapping[str, list[str]] | None = None) -> str:
-    scores = results["scores"][method]
+def _heat_table(r: AnalysisResult, method: str, thumbs: Mapping[str, list[str]] | None = None) -> str:
+    scores = r.scores[method]
     feats = list(scores)
-    descr = results["descriptions"]
     head = "".join(f'<th class="f">{_e(f)}</th>' for f in feats)
     rows = []
     extra_head = "<th>top descriptions (share of variance)</th>" if thumbs is not None else ""
     img_head = "<th>top images</th>" if thumbs is not None else ""
-    for lab in results["labels"]:
+    for lab in r.labels:
         cells = "".join(f'<td class="h" style="{_heat(scores[f][lab])}">{scores[f][lab]:+.2f}</td>' for f in feats)
         extra = ""
+        picks = r.descriptions.get(lab, [])
         if thumbs is not None:
-            chips = "".join(
-                f"<span>{_e(d['text'])}<em>{100 * d['explained']:.0f}%</em></span>" for d in descr.get(lab, [])
-            )
+            chips = "".join(f"<span>{_e(d.text)}<em>{100 * d.explained:.0f}%</em></span>" for d in picks)
             if not chips:
                 chips = '<i class="const">constant: the same vector for every image</i>'
             extra = f'<td class="chips">{chips}</td>'
-            imgs = "".join(f'<img src="{u}" alt="">' for u in thumbs.get(lab, [])) if descr.get(lab) else ""
+            imgs = "".join(f'<img src="{u}" alt="">' for u in thumbs.get(lab, [])) if picks else ""
             cells += f'<td class="thumbs">{imgs}</td>'
         rows.append(
             f'<tr><td class="lab"><code>{_e(lab)}</code></td><td class="kind">{_e(_kind(lab))}</td>{extra}{cells}</tr>'
@@ -127,57 +128,58 @@ def _heat_table(results: Mapping[str, Any], method: str, thumbs: Mapping[str, li
     )
 
 
-def _feature_cards(results: Mapping[str, Any], top: int = 5) -> str:
-    scores = results["scores"]["invariant"]
+def _feature_cards(r: AnalysisResult, top: int = 5) -> str:
+    scores = r.scores["invariant"]
     cards = []
     for f, row in scores.items():
         ranks = []
-        for lab in results["rankings"]["invariant"][f][:top]:
+        for lab in r.rankings["invariant"][f][:top]:
             v = row[lab]
-            d = results["descriptions"].get(lab) or []
-            dtext = ", ".join(x["text"] for x in d[:3]) or "-"
+            dtext = ", ".join(x.text for x in r.descriptions.get(lab, [])[:3]) or "-"
             cls = "" if v >= 0 else ' class="neg"'
             width = 100 * min(1.0, abs(v))
             ranks.append(
                 f'<div class="rank"><code>{_e(lab)}</code><div class="bar"><i{cls} style="width:{width:.1f}%">'
                 f'</i></div><span class="v">{v:+.2f}</span><span class="d">{_e(dtext)}</span></div>'
             )
-        descr = ", ".join(results["features"][f])
+        descr = ", ".join(r.features[f])
         cards.append(f'<div class="card"><h3>{_e(f)}</h3><div class="sub">{_e(descr)}</div>{"".join(ranks)}</div>')
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
-def render_html(results: Mapping[str, Any], thumbs: Mapping[str, list[str]] | None = None) -> str:
-    """The whole page for ``results`` (see :func:`vitdecomp.analyze.run_analysis`)."""
-    r = results
-    a = r["alignment"]
-    cos = a.get("val_cosine", a.get("cosine_all_images"))
-    t = r.get("timings_s", {})
+def _stats(r: AnalysisResult) -> str:
+    a = r.alignment
+    cos = a.held_out_cosine
     stats = [
-        (f"{r['n_components']}", "components"),
-        (f"{r['images']['n']}", "images"),
-        (f"{r['completeness']['max_relative_error']:.1e}", "max completeness error (sum of parts vs model)"),
-        (f"{cos:.3f}" if cos is not None else "-", f"held-out cosine to CLIP ({a['mode']}, {a['state']})"),
-        (f"{len(r['features'])}", "features scored"),
+        (f"{r.n_components}", "components"),
+        (f"{r.images.n}", "images"),
+        (f"{r.completeness.max_relative_error:.1e}", "max completeness error (sum of parts vs model)"),
+        (f"{cos:.3f}" if cos is not None else "-", f"held-out cosine to CLIP ({a.mode}, {a.state})"),
+        (f"{len(r.features)}", "features scored"),
     ]
-    if "total" in t:
-        stats.append((f"{t['total']:.0f} s", "run time"))
-    stat_html = "".join(f'<div class="stat"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for v, k in stats)
-    timing = ", ".join(f"{k} {v:.1f}s" for k, v in t.items() if isinstance(v, (int, float)))
-    methods = [m for m in r["scores"] if m != "invariant"]
+    if "total" in r.timings_s:
+        stats.append((f"{r.timings_s['total']:.0f} s", "run time"))
+    return "".join(f'<div class="stat"><b>{_e(v)}</b><span>{_e(k)}</span></div>' for v, k in stats)
+
+
+def render_html(r: AnalysisResult, thumbs: Mapping[str, list[str]] | None = None) -> str:
+    """The whole page for an analysis result (``thumbs``: image data URIs per component)."""
+    a = r.alignment
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in r.timings_s.items() if isinstance(v, (int, float)))
+    methods = [m for m in r.scores if m != "invariant"]
     other = "".join(
         f"<details><summary>Scores with the {_e(m)} method</summary>{_heat_table(r, m)}</details>" for m in methods
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>vitdecomp — {_e(r["model"]["name"])}</title>
+<title>vitdecomp — {_e(r.model.name)}</title>
 <style>{CSS}</style></head>
 <body>
 <header>
-<h1>{_e(r["model"]["name"])} <span style="opacity:.7;font-weight:400">read through</span> {_e(r["clip"]["name"])}</h1>
-<p>{_e(r["images"]["description"])} · weights {_e(r["model"]["weights_id"])} · CLIP {_e(r["clip"]["weights_id"])}</p>
-<div class="stats">{stat_html}</div>
+<h1>{_e(r.model.name)} <span style="opacity:.7;font-weight:400">read through</span> {_e(r.reader.name)}</h1>
+<p>{_e(r.images.description)} · weights {_e(r.model.weights_id)} · CLIP {_e(r.reader.weights_id)}</p>
+<div class="stats">{_stats(r)}</div>
 </header>
 <main>
 <h2>Top components per feature
@@ -191,26 +193,24 @@ representation's</span></div>
 {_heat_table(r, "invariant", thumbs or {})}
 {other}
 <h2>About these numbers</h2>
-<p class="note">Each component's contribution is mapped into CLIP space ({_e(a["mode"])} aligner,
-lambda {a.get("lam", 0):g}); descriptions are picked greedily from the vocabulary
-<b>{_e(r["vocabulary"]["name"])}</b> ({r["vocabulary"]["size"]} entries) by the variance they explain across
+<p class="note">Each component's contribution is mapped into CLIP space ({_e(a.mode)} aligner,
+lambda {a.lam:g}); descriptions are picked greedily from the vocabulary
+<b>{_e(r.vocabulary.name)}</b> ({r.vocabulary.size} entries) by the variance they explain across
 images (TextSpan). The <b>paper</b> score averages per-direction correlations over a QR basis of the feature's
 descriptions and so depends on their order; the <b>invariant</b> score pools them over the whole feature
 subspace and does not. Timings: {_e(timing)}.</p>
-<p class="kv">store {_e(r["store"]["path"])} (key {_e(r["store"]["key_digest"])}) · aligner
-{_e(r["aligner"]["path"])}</p>
+<p class="kv">store {_e(r.store.path)} (key {_e(r.store.key_digest)}) · aligner
+{_e(r.aligner.path)}</p>
 </main></body></html>
 """
 
 
-def write_report(results: Mapping[str, Any], source: Any, out: str | Path, top_idx: np.ndarray) -> Path:
+def write_report(result: AnalysisResult, source: Any, out: str | Path, top_idx: np.ndarray) -> Path:
     """Write ``out/index.html``; ``source.image(i)`` gives the images of rows ``top_idx [C, n]``."""
-    from tqdm.auto import tqdm
-
     out = Path(out)
     cache: dict[int, str] = {}
     thumbs: dict[str, list[str]] = {}
-    for c, lab in enumerate(tqdm(results["labels"], desc="report", unit="comp", leave=False)):
+    for c, lab in enumerate(tqdm(result.labels, desc="report", unit="comp", leave=False)):
         uris = []
         for j in np.asarray(top_idx[c]).tolist():
             if j not in cache:
@@ -222,5 +222,5 @@ def write_report(results: Mapping[str, Any], source: Any, out: str | Path, top_i
                 uris.append(cache[j])
         thumbs[lab] = uris
     path = out / "index.html"
-    path.write_text(render_html(results, thumbs), encoding="utf-8")
+    path.write_text(render_html(result, thumbs), encoding="utf-8")
     return path

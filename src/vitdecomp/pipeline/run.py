@@ -1,0 +1,171 @@
+"""One call runs the whole method on one image set: :func:`run_analysis`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitdecomp.imageset import ImageSource, image_source
+from vitdecomp.pipeline.config import AnalysisConfig
+from vitdecomp.pipeline.stages import (
+    SCORE_METHODS,
+    BuiltStore,
+    Models,
+    align_components,
+    build_store,
+    collect_result,
+    completeness_errors,
+    load_models,
+    mean_aligned_norms,
+    readable_rows,
+    text_space,
+    top_directions,
+    top_images,
+)
+from vitdecomp.report import AnalysisResult, summary, write_report
+from vitdecomp.report.results import OutputPaths
+from vitdecomp.score import score_features
+from vitdecomp.text import component_descriptions
+
+
+class Clock:
+    """Wall time of each stage (``timings``, seconds) and of the whole run."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.time()
+        yield
+        self.timings[stage] = time.time() - t0
+
+
+def run_analysis(cfg: AnalysisConfig | None = None, *, source: ImageSource | None = None) -> AnalysisResult:
+    """Run every stage (see :mod:`vitdecomp.pipeline.stages`) on one image set and write
+    ``cfg.out/results.json`` and ``cfg.out/index.html``.
+
+    ``source`` replaces the image set that ``cfg`` names (``images`` / ``n_images`` / ``seed``).
+    Returns the result that ``results.json`` holds; its ``cache`` part says what was reused from
+    the cache and what was computed.
+    """
+    cfg = cfg or AnalysisConfig()
+    clock = Clock()
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models, source, built = prepare(cfg, clock, device, source)
+    result, top_idx = read_components(cfg, clock, device, models, source, built)
+    write_outputs(result, source, top_idx, Path(cfg.out), clock)
+    if cfg.verbose:
+        print(summary(result))
+    return result
+
+
+def prepare(
+    cfg: AnalysisConfig, clock: Clock, device: str, source: ImageSource | None = None
+) -> tuple[Models, ImageSource, BuiltStore]:
+    """The image set (``source`` or the one ``cfg`` names), the models, and the filled store."""
+    with clock("images"):
+        source = source or image_source(cfg.images, cfg.n_images, cfg.seed, cfg.skip_bad_images)
+        if len(source) < 2:
+            raise ValueError(f"need at least 2 images, got {len(source)}")
+    with clock("load_models"):
+        models = load_models(
+            cfg.model,
+            cfg.reader,
+            checkpoint=cfg.checkpoint,
+            reader_checkpoint=cfg.reader_checkpoint,
+            random_init=cfg.random_init,
+            device=device,
+        )
+    with clock("decompose_store"):
+        built = build_store(
+            models,
+            source,
+            cfg.cache_path / "stores",
+            start_layer=cfg.start_layer,
+            batch_size=cfg.batch_size,
+            device=device,
+            dtype=cfg.dtype,
+            progress=cfg.progress,
+        )
+    return models, source, built
+
+
+def read_components(
+    cfg: AnalysisConfig, clock: Clock, device: str, models: Models, source: ImageSource, built: BuiltStore
+) -> tuple[AnalysisResult, np.ndarray]:
+    """Align the stored components, embed the text, describe, score and find each component's top
+    images; returns the result and the rows of the top images ``[C, n]``."""
+    rows = readable_rows(built.store)  # small stores are read into memory once
+    errors = completeness_errors(rows)
+    with clock("align"):
+        aligned = align_components(
+            rows,
+            cfg.cache_path / "aligners",
+            identity=models.identity,
+            device=device,
+            given=cfg.aligner,
+            lam=cfg.lam,
+            val_fraction=cfg.val_fraction,
+            max_steps=cfg.align_steps,
+            batch_size=cfg.align_batch_size,
+            progress=cfg.progress,
+            log=print if cfg.verbose else _silent,
+        )
+    al = aligned.aligner
+    with clock("text"):
+        space = text_space(
+            models.reader,
+            cfg.cache_path / "text",
+            world=source.is_world,
+            features=cfg.features,
+            vocabulary=cfg.vocabulary,
+            templates=cfg.templates,
+            device=device,
+        )
+    with clock("describe"):
+        descr = component_descriptions(
+            rows, al, space.vocabulary_emb, space.vocabulary, cfg.top_k, progress=cfg.progress
+        )
+    with clock("score"):
+        tables = score_features(rows, al, space.feature_emb, methods=SCORE_METHODS, progress=cfg.progress)
+    with clock("top_images"):
+        top = top_images(rows, al, top_directions(descr, space.vocabulary_emb), n=cfg.n_top_images)
+        norms = mean_aligned_norms(rows, al)
+    result = collect_result(
+        models=models,
+        source=source,
+        built=built,
+        aligned=aligned,
+        space=space,
+        descriptions=descr,
+        tables=tables,
+        norms=norms,
+        top=top,
+        errors=errors,
+        cache_dir=cfg.cache_path,
+        timings=clock.timings,
+    )
+    return result, top[0]
+
+
+def write_outputs(result: AnalysisResult, source: ImageSource, top_idx: np.ndarray, out: Path, clock: Clock) -> None:
+    """Write ``out/index.html`` (thumbnails of rows ``top_idx [C, n]``) and then ``out/results.json``
+    (with the report's time and the total in ``timings_s``, and ``paths``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with clock("report"):
+        html = write_report(result, source, out, top_idx)
+    clock.timings["total"] = time.time() - clock.start
+    result.timings_s = {k: round(v, 3) for k, v in clock.timings.items()}
+    result.paths = OutputPaths(str(out), str(out / "results.json"), str(html))
+    result.write(out / "results.json")
+
+
+def _silent(*args: object, **kwargs: object) -> None:
+    pass

@@ -1,0 +1,445 @@
+"""The stages of one analysis, each a function of plain data that a notebook can call on its own::
+
+    image source ─▶ models (subject + reader) ─▶ store (decompositions + reader embeddings, keyed,
+    resumable) ─▶ aligner (identity, given, cached or trained CompAlign) ─▶ text space (features and
+    vocabulary embedded by the reader's text tower, cached) ─▶ descriptions (TextSpan) ─▶ scores
+    ─▶ top images ─▶ :class:`~vitdecomp.report.results.AnalysisResult`
+
+The *reader* is the CLIP model whose text space names the components (``--clip``). The stages
+after the store read rows through the :class:`~vitdecomp.store.Rows` protocol: a small store is read
+into memory once (:func:`readable_rows`), a large one is streamed from its memmaps. Caches live
+under one root: ``stores/`` (one folder per store key: model + weights, reader, start layer,
+component layout, preprocessing, image set), ``aligners/`` (one folder per model setting, see
+:func:`vitdecomp.align.aligner_dir`) and ``text/`` (text embeddings per reader weights + templates).
+A cached aligner that does not fit the data is refused (:class:`~vitdecomp.errors.MismatchError`),
+never silently retrained or applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vitdecomp import LoadedModel, decompose, load_model
+from vitdecomp.align import (
+    DEFAULT_LAMBDA,
+    Aligner,
+    aligner_dir,
+    evaluate,
+    identity_aligner,
+    load_aligner,
+    save_aligner,
+    train_aligner,
+)
+from vitdecomp.components import Decomposition
+from vitdecomp.errors import MismatchError
+from vitdecomp.imageset import ImageSource
+from vitdecomp.report.results import (
+    AlignerInfo,
+    Alignment,
+    AnalysisResult,
+    CacheInfo,
+    Completeness,
+    ImagesInfo,
+    ModelInfo,
+    Pick,
+    ReaderInfo,
+    StoreInfo,
+    TopImage,
+    VocabularyInfo,
+)
+from vitdecomp.score import ScoreTable, embed_features, load_features
+from vitdecomp.store import ContributionStore, Rows, StoreKey, open_store
+from vitdecomp.text import DEFAULT_TEMPLATES, WORLD_TEMPLATES, Description, TextEncoder, load_vocabulary
+
+#: Stores smaller than this are read into memory for training, descriptions and scores.
+IN_MEMORY_BYTES = 1 << 30
+#: The scores ``vitdecomp analyze`` reports (see :mod:`vitdecomp.score`).
+SCORE_METHODS = ("paper", "invariant")
+
+#: One batch from an image source: ``(image ids, images)``; ``images`` is whatever the callables take.
+Batch = tuple[Sequence[str], Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+
+
+def load_model_for(
+    name: str, checkpoint: str | Path | None = None, random_init: bool = False, device: str = "cpu"
+) -> LoadedModel:
+    """:func:`vitdecomp.load_model` with one meaning of ``random_init`` for every name: random
+    weights (a zoo model given a ``checkpoint`` loads that checkpoint)."""
+    if name.startswith("zoo:"):
+        kw = {"random_init": True} if random_init and checkpoint is None else {}
+        return load_model(name, checkpoint=checkpoint, device=device, **kw)
+    return load_model(name, pretrained=not random_init, checkpoint=checkpoint, device=device)
+
+
+@dataclass
+class Models:
+    """The subject (the model decomposed) and the reader (the CLIP model that reads its parts)."""
+
+    subject: LoadedModel
+    reader: LoadedModel
+
+    @property
+    def identity(self) -> bool:
+        """The subject is the reader: its contributions already live in the reader's image space."""
+        s, r = self.subject, self.reader
+        return r is s or (s.is_clip and s.weights_id == r.weights_id)
+
+
+def load_models(
+    model: str,
+    reader: str | None = "zoo:clip",
+    *,
+    checkpoint: str | Path | None = None,
+    reader_checkpoint: str | Path | None = None,
+    random_init: bool = False,
+    device: str = "cpu",
+) -> Models:
+    """Load the subject and the reader (``reader=None`` or the subject's own name: the subject reads
+    itself and must be a CLIP model)."""
+    subject = load_model_for(model, checkpoint, random_init, device)
+    if reader is None or (reader == model and reader_checkpoint in (None, checkpoint)):
+        if not subject.is_clip:
+            raise ValueError(f"{model} is not a CLIP model: give a CLIP model (--clip) to read it with text")
+        return Models(subject, subject)
+    loaded = load_model_for(reader, reader_checkpoint, random_init, device)
+    if not loaded.is_clip:
+        raise ValueError(f"--clip {reader} is not a CLIP model (it has no text tower)")
+    return Models(subject, loaded)
+
+
+# ----------------------------------------------------------------------------------------------
+# store
+
+
+def _preprocess_batch(preprocess: Callable, images: Sequence[Any], device: str) -> torch.Tensor:
+    return torch.stack([preprocess(im) for im in images]).to(device)
+
+
+def store_key(models: Models, source: ImageSource, start_layer: int = 0, device: str = "cpu") -> StoreKey:
+    """Everything that changes the stored numbers; the component layout is read off a
+    decomposition of the first image."""
+    subject, reader = models.subject, models.reader
+    first = _preprocess_batch(subject.preprocess, [source.image(0)], device)
+    labels = decompose(subject, first, start_layer=start_layer).names
+    return StoreKey(
+        model=subject.weights_id,
+        clip=reader.weights_id,
+        labels=tuple(labels),
+        start_layer=start_layer,
+        preprocess=repr(subject.preprocess) + "\n--clip--\n" + repr(reader.preprocess),
+        images=source.key,
+        extra={"representation": "default", "heads": True},
+    )
+
+
+def fill_store(
+    store: ContributionStore,
+    batches: Iterable[Batch] | Callable[[int], Iterable[Batch]],
+    decompose_fn: Callable[[Any], Decomposition],
+    embed_fn: Callable[[Any], torch.Tensor],
+    *,
+    total: int | None = None,
+    progress: bool = True,
+) -> ContributionStore:
+    """Decompose and embed every image of ``batches`` into ``store``, resuming where it stopped.
+
+    ``batches`` yields ``(ids, images)``; ``images`` goes unchanged to ``decompose_fn(images) ->
+    Decomposition`` (``contributions [B, C, D]``) and ``embed_fn(images) -> [B, d_clip]`` (the
+    reader's image embedding), so each does its own preprocessing. Rows already committed are
+    skipped (their ids must match, otherwise :class:`MismatchError`); pass a callable
+    ``batches(start)`` to let the source skip reading them. ``total`` sizes the progress bar.
+    """
+    done = store.committed
+    stored_ids = store.ids
+    source = batches(done) if callable(batches) else batches
+    position = done if callable(batches) else 0
+    bar = tqdm(total=total, initial=done, desc="decompose + CLIP", unit="img", disable=not progress)
+    try:
+        for ids, images in source:
+            ids = [str(i) for i in ids]
+            b = len(ids)
+            skip = min(max(done - position, 0), b)
+            if skip and ids[:skip] != stored_ids[position : position + skip]:
+                raise MismatchError(
+                    f"image ids {ids[:skip][:3]} differ from the store's rows {position}..{position + skip} "
+                    f"({stored_ids[position : position + skip][:3]}): the image source changed since the "
+                    "store was written"
+                )
+            position += b
+            if skip == b:
+                continue
+            if skip:
+                images, ids = images[skip:], ids[skip:]
+            with torch.no_grad():
+                dec = decompose_fn(images)
+                emb = embed_fn(images)
+            store.append(ids, dec.contributions, dec.representation, emb, labels=dec.names)
+            bar.update(len(ids))
+    finally:
+        bar.close()
+        store.close()
+    return store
+
+
+@dataclass
+class BuiltStore:
+    """A filled store, its key, and how many of its rows this run computed."""
+
+    store: ContributionStore
+    key: StoreKey
+    rows_computed: int
+
+    @property
+    def rows_reused(self) -> int:
+        return self.store.committed - self.rows_computed
+
+
+def build_store(
+    models: Models,
+    source: ImageSource,
+    root: str | Path,
+    *,
+    start_layer: int = 0,
+    batch_size: int = 64,
+    device: str = "cpu",
+    dtype: str = "float32",
+    progress: bool = True,
+) -> BuiltStore:
+    """Open (or resume) the keyed store under ``root`` of the subject's decompositions and the
+    reader's image embeddings of ``source`` and fill it; each model preprocesses the images its own
+    way. The models run here: the store only writes and reads rows."""
+    key = store_key(models, source, start_layer, device)
+    store = open_store(root, key, dtype=dtype)
+    before = store.committed
+    subject, reader = models.subject, models.reader
+
+    def decompose_fn(ims: list[Any]) -> Decomposition:
+        return decompose(subject, _preprocess_batch(subject.preprocess, ims, device), start_layer=start_layer)
+
+    def embed_fn(ims: list[Any]) -> torch.Tensor:
+        return reader.model.encode_image(_preprocess_batch(reader.preprocess, ims, device)).float()
+
+    fill_store(store, source.batches(batch_size), decompose_fn, embed_fn, total=len(source), progress=progress)
+    if store.committed != len(source) or store.ids != source.ids:
+        raise MismatchError(f"store {store.path} holds {store.committed} rows, expected {len(source)}")
+    return BuiltStore(store, key, store.committed - before)
+
+
+def readable_rows(store: ContributionStore, max_bytes: int = IN_MEMORY_BYTES) -> Rows:
+    """The store's rows in memory when they take at most ``max_bytes``, else the store itself."""
+    in_memory = store.in_memory(max_bytes)
+    return store if in_memory is None else in_memory
+
+
+@torch.no_grad()
+def completeness_errors(rows: Rows, batch_size: int = 512) -> np.ndarray:
+    """Relative error ``||sum_i c_i - z|| / ||z||`` of every image ``[N]``."""
+    out = []
+    for b in rows.iter_batches(batch_size):
+        total = b["contributions"].double().sum(1)
+        ref = b["representation"].double()
+        out.append(((total - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# aligner
+
+
+@dataclass
+class AlignerStage:
+    """The aligner, where it came from (``state``: identity, given, loaded, trained), its folder
+    (``None`` for the identity) and the cosine of the aligned whole to the reader's embedding over
+    every image."""
+
+    aligner: Aligner
+    state: str
+    path: Path | None
+    cosine_all_images: float | None = None
+
+
+def get_aligner(
+    rows: Rows,
+    root: str | Path,
+    *,
+    given: str | Path | None = None,
+    lam: float = DEFAULT_LAMBDA,
+    val_fraction: float = 0.1,
+    max_steps: int = 3000,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = True,
+    log: Callable[..., None] = print,
+) -> AlignerStage:
+    """The CompAlign aligner for the model setting of ``rows`` (a store's, with its key): ``given``
+    (a saved folder) if set, else the cached one under ``root`` (see
+    :func:`vitdecomp.align.aligner_dir`), else trained from ``rows`` and cached. A given or cached
+    aligner trained for another setting is refused (:class:`MismatchError`)."""
+    key, labels = rows.key, rows.labels
+    if key is None:
+        raise ValueError("get_aligner needs rows with a store key (a store, or its rows in memory)")
+    if given is not None:
+        return AlignerStage(load_aligner(given, key=key, labels=labels, device=device), "given", Path(given))
+    path = aligner_dir(root, key, "compalign", lam)
+    if (path / "aligner.json").exists():
+        try:
+            return AlignerStage(load_aligner(path, key=key, labels=labels, device=device), "loaded", path)
+        except MismatchError as err:
+            raise MismatchError(
+                f"the cached aligner at {path} does not fit this run: {err}. "
+                "It will not be used; delete that folder to retrain it."
+            ) from err
+    c, d = rows.shapes["contributions"]
+    log(f"training CompAlign ({c} maps {d}->{rows.shapes['clip'][0]}, lam={lam:g}) on {len(rows)} images")
+    options = {"val_fraction": val_fraction, "max_steps": max_steps, "batch_size": batch_size}
+    al = train_aligner(rows, labels, mode="compalign", lam=lam, device=device, progress=progress, **options)
+    al.key = key.to_dict()
+    al.metrics["trained_on"] = key.images
+    save_aligner(al, path)
+    return AlignerStage(al, "trained", path)
+
+
+def align_components(
+    rows: Rows, root: str | Path, *, identity: bool, device: str = "cpu", **options: Any
+) -> AlignerStage:
+    """The identity map when the subject is the reader (``identity``), else :func:`get_aligner`
+    (``options`` go to it); measured by its cosine to the reader's embedding over every image."""
+    if identity:
+        d_model, d_clip = rows.shapes["contributions"][1], rows.shapes["clip"][0]
+        if d_model != d_clip:
+            raise MismatchError(f"CLIP subject's contributions have {d_model} dims, its embedding {d_clip}")
+        stage = AlignerStage(identity_aligner(rows.labels, d_clip, key=rows.key), "identity", None)
+    else:
+        stage = get_aligner(rows, root, device=device, **options)
+    stage.aligner = stage.aligner.to(device)
+    stage.cosine_all_images = evaluate(stage.aligner, rows)["cosine"]
+    return stage
+
+
+# ----------------------------------------------------------------------------------------------
+# text, descriptions, top images
+
+
+@dataclass
+class TextSpace:
+    """The features and the vocabulary, embedded by the reader's text tower."""
+
+    features: dict[str, list[str]]
+    feature_emb: dict[str, torch.Tensor]
+    vocabulary_name: str
+    vocabulary: list[str]
+    vocabulary_emb: torch.Tensor
+    templates: tuple[str, ...]
+    encoder_batches: int
+
+
+def text_space(
+    reader: LoadedModel,
+    cache_dir: str | Path | None,
+    *,
+    world: bool,
+    features: str | Path | Mapping[str, Sequence[str]] | None = None,
+    vocabulary: str | Path | None = None,
+    templates: Sequence[str] | None = None,
+    device: str = "cpu",
+) -> TextSpace:
+    """Embed the features and the vocabulary (defaults: the world's for world scenes, else the
+    paper's features and the general vocabulary) under the prompt ``templates``."""
+    feats = load_features(features if features is not None else ("world" if world else "paper"))
+    vocab_name = vocabulary if vocabulary is not None else ("world" if world else "general")
+    vocab = load_vocabulary(vocab_name)
+    templates = tuple(templates) if templates else (WORLD_TEMPLATES if world else DEFAULT_TEMPLATES)
+    encoder = TextEncoder.from_loaded(reader, cache_dir=cache_dir, device=device)
+    vocab_emb = encoder.encode(vocab, templates)
+    feat_emb = embed_features(lambda t: encoder.encode(t, templates), feats)
+    return TextSpace(feats, feat_emb, str(vocab_name), vocab, vocab_emb, templates, encoder.calls)
+
+
+def top_directions(descriptions: Mapping[str, list[Description]], vocabulary_emb: torch.Tensor) -> torch.Tensor:
+    """Per component, the embedding of its top description (zeros without one): ``[C, d_clip]``."""
+    zero = torch.zeros(vocabulary_emb.shape[1])
+    return torch.stack([vocabulary_emb[d[0].index] if d else zero for d in descriptions.values()])
+
+
+@torch.no_grad()
+def top_images(
+    rows: Rows, aligner: Aligner, directions: torch.Tensor, n: int = 4, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per component, the ``n`` images whose aligned contribution projects most on that component's
+    direction ``directions [C, d_clip]`` (its top description): ``(indices [C, n], values [C, n])``."""
+    dirs = torch.nn.functional.normalize(directions.float(), dim=-1).to(aligner.device)
+    proj = []
+    for b in rows.iter_batches(batch_size):
+        a = aligner.apply(b["contributions"])  # [b, C, d]
+        proj.append((a * dirs[None]).sum(-1).cpu())
+    p = torch.cat(proj)  # [N, C]
+    v, i = p.topk(min(n, p.shape[0]), dim=0)
+    return i.T.numpy(), v.T.numpy()
+
+
+@torch.no_grad()
+def mean_aligned_norms(rows: Rows, aligner: Aligner, batch_size: int = 256) -> np.ndarray:
+    """Mean norm of each component's aligned contribution over the images ``[C]``."""
+    total = torch.zeros(aligner.n_components)
+    for b in rows.iter_batches(batch_size):
+        total = total + aligner.apply(b["contributions"]).norm(dim=-1).sum(0).cpu()
+    return (total / max(len(rows), 1)).numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# result
+
+
+def collect_result(
+    *,
+    models: Models,
+    source: ImageSource,
+    built: BuiltStore,
+    aligned: AlignerStage,
+    space: TextSpace,
+    descriptions: Mapping[str, list[Description]],
+    tables: Mapping[str, ScoreTable],
+    norms: np.ndarray,
+    top: tuple[np.ndarray, np.ndarray],
+    errors: np.ndarray,
+    cache_dir: Path,
+    timings: dict[str, float],
+) -> AnalysisResult:
+    """Every stage's output as one :class:`AnalysisResult` (the content of ``results.json``)."""
+    subject, reader, al = models.subject, models.reader, aligned.aligner
+    labels, (idx, vals) = built.store.labels, top
+    metrics = {k: v for k, v in al.metrics.items() if k != "history"}
+    return AnalysisResult(
+        model=ModelInfo(subject.name, subject.weights_id, subject.is_clip),
+        reader=ReaderInfo(reader.name, reader.weights_id),
+        images=ImagesInfo(source.description, source.key, len(source), list(source.errors)),
+        start_layer=built.key.start_layer,
+        labels=labels,
+        features=space.features,
+        vocabulary=VocabularyInfo(space.vocabulary_name, len(space.vocabulary), list(space.templates)),
+        scores={m: t.to_dict() for m, t in tables.items()},
+        rankings={m: {f: [lab for lab, _ in t.ranking(f)] for f in t.features} for m, t in tables.items()},
+        descriptions={lab: [Pick(d.text, d.explained, d.projection) for d in ds] for lab, ds in descriptions.items()},
+        mean_aligned_norm={lab: float(v) for lab, v in zip(labels, norms, strict=True)},
+        top_images={
+            lab: [TopImage(source.ids[j], float(v)) for j, v in zip(idx[c], vals[c], strict=True)]
+            for c, lab in enumerate(labels)
+        },
+        completeness=Completeness(float(errors.max()), float(errors.mean()), float(np.median(errors))),
+        alignment=Alignment(al.mode, al.lam, aligned.state, aligned.cosine_all_images, metrics),
+        store=StoreInfo(str(built.store.path), built.key.to_dict(), built.key.digest()),
+        aligner=AlignerInfo(None if aligned.path is None else str(aligned.path), al.key),
+        cache=CacheInfo(str(cache_dir), built.rows_computed, built.rows_reused, aligned.state, space.encoder_batches),
+        timings_s=timings,
+    )

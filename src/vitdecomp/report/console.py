@@ -1,0 +1,31 @@
+"""The few lines ``vitdecomp analyze`` prints at the end of a run."""
+
+from __future__ import annotations
+
+from vitdecomp.report.results import AnalysisResult
+
+
+def summary(r: AnalysisResult, top: int = 3) -> str:
+    """What was analysed, what was reused, and the ``top`` components of every feature."""
+    a = r.alignment
+    lines = [
+        f"vitdecomp analyze: {r.model.name} ({r.model.weights_id}) read through {r.reader.name}",
+        f"  images       {r.images.description}",
+        f"  components   {r.n_components} (start layer {r.start_layer}); completeness max rel. error "
+        f"{r.completeness.max_relative_error:.1e}",
+        f"  alignment    {a.mode} ({a.state}), held-out cosine {a.held_out_cosine:.3f}",
+        f"  cache        store rows computed {r.cache.store_rows_computed}, reused "
+        f"{r.cache.store_rows_reused}; aligner {r.cache.aligner}",
+        "  top components per feature (rotation-invariant score; top description):",
+    ]
+    scores = r.scores["invariant"]
+    width = max((len(f) for f in scores), default=0)
+    for f, row in scores.items():
+        cells = []
+        for lab in r.rankings["invariant"][f][:top]:
+            picks = r.descriptions.get(lab) or []
+            cells.append(f"{lab} {row[lab]:.2f} ({picks[0].text if picks else '-'})")
+        lines.append(f"    {f:<{width}}  " + "; ".join(cells))
+    html = r.paths.html if r.paths is not None else ""
+    lines.append(f"  report       {html}  ({r.timings_s.get('total', 0):.0f} s)")
+    return "\n".join(lines)
