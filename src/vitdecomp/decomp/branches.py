@@ -32,11 +32,15 @@ class FieldPart:
 
         cap.stream(self.spec.tap, keep)
 
-    def contributions(self, ro: ReadoutMap) -> Tensor:
-        """``[B, 1, D_out]``."""
+    def pooled(self, ro: ReadoutMap) -> Tensor:
+        """``[B, 1, K, D_s]``: the branch pooled per readout slot (``ro.apply_pooled`` reads it out)."""
         if self.value is None:
             raise VitDecompError(f"module '{self.path}' was not called in the forward pass")
-        return ro.field(self.value)[:, None]
+        return ro.pool(self.value)[:, None]
+
+    def contributions(self, ro: ReadoutMap) -> Tensor:
+        """``[B, 1, D_out]``."""
+        return ro.apply_pooled(self.pooled(ro))
 
     def release(self) -> None:
         self.value = None
@@ -159,8 +163,8 @@ class HeadsPart:
             w = self.spec.layer_scale.to(like)[:, None] * w
         return w.view(w.shape[0], self.num_heads, -1)
 
-    def const_terms(self, ro: ReadoutMap) -> Tensor | None:
-        """``[B, D_out]``: the branch's constant terms (biases and norm betas) read out, or None."""
+    def const_pooled(self, ro: ReadoutMap) -> Tensor | None:
+        """``[B, K, D_s]``: the branch's constant terms (biases and norm betas) pooled per slot, or None."""
         like = ro.mats
         c = None if self.spec.proj_bias is None else self.spec.proj_bias.to(like)
         if self.inner is not None and self.inner.bias is not None:
@@ -170,32 +174,33 @@ class HeadsPart:
         gain = (lambda v: v) if ls is None else (lambda v: ls.to(like) * v)
         out = None
         if c is not None:
-            out = (
-                ro.const(gain(c))
-                if self.post is None
-                else ro.scaled(self.post_scale).const(gain(self.post.apply_vec(c)))
-            )
+            if self.post is None:
+                out = ro.const_pooled(gain(c))
+            else:
+                out = ro.scaled(self.post_scale).const_pooled(gain(self.post.apply_vec(c)))
         if self.post is not None and self.post.bias is not None:
-            beta = ro.const(gain(self.post.bias.to(like)))
+            beta = ro.const_pooled(gain(self.post.bias.to(like)))
             out = beta if out is None else out + beta
         return out
 
-    def contributions(self, ro: ReadoutMap) -> Tensor:
-        """``[B, len(labels), D_out]``."""
+    def pooled(self, ro: ReadoutMap) -> Tensor:
+        """``[B, len(labels), K, D_s]``: every component pooled per readout slot (``ro.apply_pooled``
+        reads them out)."""
         if self.z is None:
             raise VitDecompError(f"attention '{self.path}' was not called in the forward pass")
         z = self.z if self.scale is None else self.z * self.scale[..., None].to(self.z)
         w = self.out_weight(ro.mats)  # [D, H, e]
         pz = ro.pool(z).view(z.shape[0], ro.num_slots, self.num_heads, -1)  # [B, K, H, e]
-        u = torch.einsum("dhe,bkhe->bkhd", w, pz)
-        const = self.const_terms(ro)
+        const = self.const_pooled(ro)
         if not self.heads:
-            out = ro.apply_pooled(u.sum(2))
-            return (out if const is None else out + const)[:, None]
-        parts = [ro.apply_pooled(u.transpose(1, 2))]
-        if const is not None:
-            parts.append(const[:, None])
-        return torch.cat(parts, 1)
+            u = torch.einsum("dhe,bkhe->bkd", w, pz)
+            return (u if const is None else u + const)[:, None]
+        u = torch.einsum("dhe,bkhe->bhkd", w, pz)
+        return u if const is None else torch.cat([u, const[:, None]], 1)
+
+    def contributions(self, ro: ReadoutMap) -> Tensor:
+        """``[B, len(labels), D_out]``."""
+        return ro.apply_pooled(self.pooled(ro))
 
     def token_parts_size(self) -> int:
         """Number of source tokens ``N`` (after the pass)."""

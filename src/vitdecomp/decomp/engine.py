@@ -17,11 +17,16 @@ from torch import Tensor, nn
 from vitdecomp.components import ComponentLabel, Decomposition, TokenContributions
 from vitdecomp.decomp.branches import FieldPart, HeadsPart, Part
 from vitdecomp.decomp.capture import Capture, grid_of, take_positions, to_stream
+from vitdecomp.decomp.directional import TokenDirections
 from vitdecomp.decomp.plan import Block, Field, Plan, Stage, Tap
 from vitdecomp.decomp.readout import ReadoutMap
 from vitdecomp.decomp.steps import Consts, ReadoutBuilder
 from vitdecomp.decomp.transitions import MergeStep, ShortcutStep, transition_step
-from vitdecomp.errors import VitDecompError
+from vitdecomp.errors import NonFiniteInputError, VitDecompError
+
+#: Default completeness tolerance per dtype of the representation: about 1000 float32 / 10 float16 /
+#: 6 bfloat16 machine epsilons (a deep model's rounding adds up); float64 is checked tightly.
+COMPLETENESS_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 @dataclass
@@ -42,8 +47,10 @@ class _StageRun:
 class _Run:
     """One decomposition call's live objects: parts per block, transitions, the readout builder."""
 
-    def __init__(self, plan: Plan, heads: bool, tokens: bool | Iterable[int]) -> None:
-        self.plan = plan
+    def __init__(
+        self, plan: Plan, heads: bool, tokens: bool | Iterable[int], directions: TokenDirections | None = None
+    ) -> None:
+        self.plan, self.directions = plan, directions
         self.readout = ReadoutBuilder(plan.readout)
         self.init = FieldPart(plan.init, ComponentLabel("init"))
         token_layers = None if isinstance(tokens, bool) else set(tokens)
@@ -116,9 +123,18 @@ def _captured(run: _Run, target: nn.Module, streams: dict | None = None) -> Iter
         cap.close()
 
 
-def run_plan(plan: Plan, target: nn.Module, images: Tensor, heads: bool, tokens, streams: dict | None = None):
-    """Run the model once with ``plan``'s hooks and read every part out -> :class:`Decomposition`."""
-    run = _Run(plan, heads, tokens)
+def run_plan(
+    plan: Plan,
+    target: nn.Module,
+    images: Tensor,
+    heads: bool,
+    tokens,
+    streams: dict | None = None,
+    directions: TokenDirections | None = None,
+):
+    """Run the model once with ``plan``'s hooks and read every part out -> :class:`Decomposition`.
+    With ``directions``, token stacks hold each token's projection on them ``[B, H, N, k]``."""
+    run = _Run(plan, heads, tokens, directions)
     with torch.inference_mode(), _captured(run, target, streams):
         plan.run(images)
     with torch.inference_mode():
@@ -126,16 +142,27 @@ def run_plan(plan: Plan, target: nn.Module, images: Tensor, heads: bool, tokens,
 
 
 def decompose_plan(
-    make_plan: Callable[[], Plan], target: nn.Module, images: Tensor, *, heads: bool, tokens, check: float | None
+    make_plan: Callable[[], Plan],
+    target: nn.Module,
+    images: Tensor,
+    *,
+    heads: bool,
+    tokens,
+    check: float | None,
+    directions: TokenDirections | None = None,
 ) -> Decomposition:
     """Decompose with the plan ``make_plan()`` and check completeness; on failure, name the first
     block whose parts do not add up (a re-run with each block's streams captured)."""
     param = next(target.parameters())
+    finite = torch.isfinite(images.reshape(len(images), -1)).all(1)
+    if not bool(finite.all()):
+        bad = [int(i) for i in torch.nonzero(~finite).flatten()]
+        raise NonFiniteInputError.of([f"batch position {i}" for i in bad], bad)
     images = images.to(device=param.device, dtype=param.dtype)
     plan = make_plan()
-    result = run_plan(plan, target, images, heads, tokens)
+    result = run_plan(plan, target, images, heads, tokens, directions=directions)
     if check is None:
-        check = 1e-9 if result.representation.dtype == torch.float64 else 1e-4
+        check = COMPLETENESS_TOLERANCE.get(result.representation.dtype, 1e-4)
     if check > 0:
         err = result.error.max().item()
         if not err <= check:
@@ -144,8 +171,8 @@ def decompose_plan(
             where = _first_failing(diag.meta["block_residuals"], target, check)
             raise VitDecompError(
                 f"the parts do not add up: relative error {err:.2e} > {check:.0e} for {plan.family} "
-                f"model {type(target).__name__}{where}. This model has a module the rules do not cover; "
-                "please report it."
+                f"model {type(target).__name__} in {str(param.dtype).removeprefix('torch.')}{where}. This model "
+                "has a module the rules do not cover; please report it."
             )
     return result
 
@@ -195,39 +222,71 @@ def _assemble_stage(
     run, st: _StageRun, ro: ReadoutMap, rep: Tensor, batch: int, trans_consts: Consts, residuals, streams
 ):
     """One stage's parts (and token stack), its blocks read from the last one back; returns the readout
-    at the stage's start (inside-block transitions pulled back)."""
-    block_parts: list[tuple[list[ComponentLabel], Tensor]] = []
+    at the stage's start (inside-block transitions pulled back). Parts read through the same readout map
+    are read out together: one matmul with the map per segment of blocks."""
     token_parts = [p for b in st.blocks for p in b.parts if isinstance(p, HeadsPart) and p.want_tokens]
-    token_values: Tensor | None = None  # [B, heads of this stage, N, D_out], filled from the end
-    end = sum(p.num_heads for p in token_parts)
+    tokens = _TokenFill(token_parts, rep, batch)
+    out: list[tuple[list[ComponentLabel], Tensor]] = []
+    segment: list[tuple[_BlockRun, Part, Tensor]] = []  # (block, part, pooled [B, n, K, D_s])
     for blk in reversed(st.blocks):
         block_ro = ro
         own_consts: Consts = []
+        for part in reversed(blk.parts):
+            segment.insert(0, (blk, part, part.pooled(block_ro)))
+            tokens.fill(part, block_ro)
+            part.release()
         if blk.transition is not None and st.spec.index > run.plan.init_stage:
+            out[:0] = _read_segment(segment, block_ro)
+            segment = []
             ro, own_consts = blk.transition.pull_back(ro)
             trans_consts[:0] = own_consts
-        here = []
-        for part in reversed(blk.parts):
-            here.insert(0, (part.labels, part.contributions(block_ro)))
-            if part in token_parts:
-                if token_values is None:
-                    token_values = rep.new_empty(batch, end, part.token_parts_size(), rep.shape[-1])
-                part.token_contributions(block_ro, token_values[:, end - part.num_heads : end])
-                end -= part.num_heads
-            part.release()
-        block_parts[:0] = here
         if streams is not None:
-            own = sum(t.sum(1) for _, t in here) + sum((t for _, t in own_consts), torch.zeros_like(rep))
-            x_in = streams[(blk.spec.path, "in")]
-            if blk.spec.layer == run.plan.meta.get("start_layer"):
-                x_in = run.init.value  # the first block's input as its shortcut carries it onto this grid
-            gap = block_ro.field(streams[(blk.spec.path, "out")]) - ro.field(x_in) - own
-            residuals[blk.spec.path] = (gap.norm(dim=-1) / rep.norm(dim=-1).clamp_min(1e-30)).max().item()
+            _block_residual(run, blk, block_ro, ro, rep, own_consts, segment, out, residuals, streams)
+    out[:0] = _read_segment(segment, ro)
     stack = None
-    if token_values is not None:
-        labels = [lab for p in token_parts for lab in p.head_labels]
-        stack = _token_stack(token_values, labels, st)
-    return block_parts, stack, ro
+    if tokens.values is not None:
+        stack = _token_stack(tokens.values, [lab for p in token_parts for lab in p.head_labels], st)
+    return out, stack, ro
+
+
+def _read_segment(segment: list, ro: ReadoutMap) -> list[tuple[list[ComponentLabel], Tensor]]:
+    """Read out the pooled forms of a segment's parts with one matmul -> ``(labels, [B, n, D_out])``."""
+    if not segment:
+        return []
+    read = ro.apply_pooled(torch.cat([pooled for _, _, pooled in segment], 1))
+    sizes = [pooled.shape[1] for _, _, pooled in segment]
+    return [(part.labels, t) for (_, part, _), t in zip(segment, read.split(sizes, 1), strict=True)]
+
+
+class _TokenFill:
+    """Per-token contributions of a stage's token-wanting heads, filled from the last block back."""
+
+    def __init__(self, parts: list[HeadsPart], rep: Tensor, batch: int) -> None:
+        self.parts, self.rep, self.batch = parts, rep, batch
+        self.end = sum(p.num_heads for p in parts)
+        self.values: Tensor | None = None  # [B, heads of this stage, N, D_out]
+
+    def fill(self, part: Part, ro: ReadoutMap) -> None:
+        if part not in self.parts:
+            return
+        if self.values is None:
+            self.values = self.rep.new_empty(self.batch, self.end, part.token_parts_size(), self.rep.shape[-1])
+        part.token_contributions(ro, self.values[:, self.end - part.num_heads : self.end])
+        self.end -= part.num_heads
+
+
+def _block_residual(run, blk, block_ro, ro, rep, own_consts, segment, out, residuals, streams) -> None:
+    """``|R(out) - R(in) - the block's parts| / |representation|`` for the per-block diagnosis."""
+    pooled = [p for b, _, p in segment if b is blk]
+    own = sum(block_ro.apply_pooled(p).sum(1) for p in pooled) if pooled else torch.zeros_like(rep)
+    if not pooled:  # the block's parts were already read out with a transition's segment
+        own = sum(t.sum(1) for labs, t in out[: len(blk.parts)])
+    own = own + sum((t for _, t in own_consts), torch.zeros_like(rep))
+    x_in = streams[(blk.spec.path, "in")]
+    if blk.spec.layer == run.plan.meta.get("start_layer"):
+        x_in = run.init.value  # the first block's input as its shortcut carries it onto this grid
+    gap = block_ro.field(streams[(blk.spec.path, "out")]) - ro.field(x_in) - own
+    residuals[blk.spec.path] = (gap.norm(dim=-1) / rep.norm(dim=-1).clamp_min(1e-30)).max().item()
 
 
 def _token_stack(values: Tensor, labels: list[ComponentLabel], st: _StageRun) -> TokenContributions:

@@ -122,6 +122,10 @@ class ReadoutMap:
         weight = self.weight * (scale[..., None] if self.dense else scale).to(self.weight)
         return ReadoutMap(weight, self.mats, self.positions, self.slot)
 
+    def const_pooled(self, vec: Tensor) -> Tensor:
+        """The pooled form ``[B, K, D_s]`` of the same vector ``[D_s]`` added at every position."""
+        return self.slot_weights()[:, :, None] * vec.to(self.mats)
+
     def field(self, x: Tensor) -> Tensor:
         """Read out a field ``[B, S, D_s]`` (already at ``positions``) -> ``[B, D_out]``."""
         return self.apply_pooled(self.pool(x))

@@ -1,0 +1,87 @@
+"""Directional token maps: each head's per-source-token contribution projected on a few directions,
+without ever forming the per-token contributions.
+
+With the attention probabilities and every norm's statistics frozen, head ``h``'s contribution from
+source token ``n`` to the representation is (see :class:`~vitdecomp.decomp.branches.HeadsPart`)::
+
+    c[h, n] = sum_k abar[h, k, n] * M_k W_h v[h, n]          (M_k = ro.mats[k], W_h = out_weight[:, h])
+
+so its projection on a direction ``u [D_out]`` is ``sum_k abar[h, k, n] * (W_h^T M_k^T u) . v[h, n]``.
+The direction is pulled back through the (small) readout matrices once per head and slot
+(``g [K, H, k, dh]``), and only then meets the tokens: ``[B, H, N, k]`` at the cost of a few small
+matmuls, where the full contributions are ``[B, H, N, D_out]`` and need every token's vector read out
+through every downstream matrix. Exact: equal to projecting the full token contributions.
+
+Directions may differ per head (a per-component aligner ``W_i`` pulls a CLIP-space direction ``t``
+back to ``W_i^T t`` in the model's space): :class:`TokenDirections` holds either one ``[k, D_out]``
+tensor for every head or a function of the head's label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from vitdecomp.components import ComponentLabel
+from vitdecomp.decomp.branches import HeadsPart
+from vitdecomp.decomp.readout import ReadoutMap
+from vitdecomp.errors import VitDecompError
+
+#: Elements of the largest intermediate ``[B, H, N, slots, k]`` built at once (slots are chunked).
+CHUNK_ELEMENTS = 1 << 24
+
+
+class TokenDirections:
+    """``k`` directions in the representation space, the same for every head (``[k, D_out]``) or per
+    head (``fn(label) -> [k, D_out]``)."""
+
+    def __init__(self, directions: Tensor | Callable[[ComponentLabel], Tensor]) -> None:
+        if isinstance(directions, Tensor):
+            if directions.ndim == 1:
+                directions = directions[None]
+            if directions.ndim != 2:
+                raise VitDecompError(f"token directions must be [k, D] (or [D]), not {tuple(directions.shape)}")
+        self.directions = directions
+
+    def width(self, labels: list[ComponentLabel]) -> int:
+        """``k``, the number of directions (read off the first head's when given per head)."""
+        if isinstance(self.directions, Tensor):
+            return self.directions.shape[0]
+        return int(torch.as_tensor(self.directions(labels[0])).shape[0])
+
+    def for_heads(self, labels: list[ComponentLabel]) -> Tensor:
+        """``[H, k, D_out]`` for the heads ``labels`` of one attention branch."""
+        if isinstance(self.directions, Tensor):
+            return self.directions[None].expand(len(labels), -1, -1)
+        return torch.stack([torch.as_tensor(self.directions(lab)) for lab in labels])
+
+
+def pulled_back(part: HeadsPart, ro: ReadoutMap, dirs: Tensor) -> Tensor:
+    """``g [K, H, k, dh]``: directions ``dirs [H, k, D_out]`` pulled back through each readout slot's
+    matrix and the head's output projection (norm gains, centring and layer scale folded in)."""
+    w = part.out_weight(ro.mats)  # [D_s, H, dh]
+    um = torch.einsum("hjo,kod->khjd", dirs.to(ro.mats), ro.mats)  # [K, H, k, D_s]
+    return torch.einsum("khjd,dhe->khje", um, w)
+
+
+def head_token_projections(part: HeadsPart, ro: ReadoutMap, dirs: Tensor) -> Tensor:
+    """``[B, H, N, k]``: the projection of each head's contribution from each source token (stream
+    order) on each direction ``dirs [H, k, D_out]``; summing over ``N`` gives the projection of the
+    head's contribution. Needs a pass with token capture (``part.want_tokens``)."""
+    if part.v is None:
+        raise VitDecompError(f"'{part.path}': directional token maps need the pass's attention values")
+    abar = part.token_parts(ro)  # [B, H, K, N]
+    g = pulled_back(part, ro, dirs)  # [K, H, k, dh]
+    v = part.v.to(g)
+    b, h, n, _ = v.shape
+    k_slots, k_dirs = g.shape[0], g.shape[2]
+    if k_slots == 1:
+        return torch.einsum("bhne,hje->bhnj", v, g[0]).mul_(abar[:, :, 0, :, None])
+    out = v.new_zeros(b, h, n, k_dirs)
+    step = max(1, CHUNK_ELEMENTS // max(1, b * h * n * k_dirs))
+    for s in range(0, k_slots, step):
+        vg = torch.einsum("bhne,khje->bhnkj", v, g[s : s + step])
+        out += torch.einsum("bhkn,bhnkj->bhnj", abar[:, :, s : s + step].to(vg), vg)
+    return out
