@@ -343,10 +343,11 @@ def test_window_slots_map_to_the_right_stream_positions(name):
     cap.close()
     for i, part in enumerate(parts):
         with torch.inference_mode():
-            w = part.out_weight(part.z).flatten(1)  # [D, H*dh]
+            z = part.stream_z()
+            w = part.out_weight(z).flatten(1)  # [D, H*dh]
             ls = part.spec.layer_scale
             bias = part.spec.proj_bias * (1 if ls is None else ls)
-            rebuilt = part.z @ w.T + bias
+            rebuilt = z @ w.T + bias
         torch.testing.assert_close(rebuilt, own[(i, "mid")] - own[(i, "in")], rtol=0, atol=1e-12)
 
 

@@ -63,9 +63,9 @@ class HeadsPart:
         else:
             self.labels = [ComponentLabel("attn", **base)]
         self.want_tokens = False
-        self.z: Tensor | None = None  # [B, S, H*dh] at the read positions, stream order
-        self.scale: Tensor | None = None  # [B, S] per-position scale from inner / post norms
-        self.post_scale: Tensor | None = None  # [B, S] the post-norm's 1/sigma alone
+        self.z: Tensor | None = None  # [B, S, H*dh] at the read positions: stream order, or window order
+        self.inner_scale: Tensor | None = None  # [B, S] the inner norm's 1/sigma, in z's order
+        self.post_scale: Tensor | None = None  # [B, S] the post-norm's 1/sigma, stream order
         self.probs: Tensor | None = None  # [B, H, S, N] or windowed [B, nW, H, w, w]
         self.v: Tensor | None = None  # [B, H, N, dh]
         self.index: Tensor | None = None  # [nW, w] window slots -> stream positions
@@ -83,12 +83,22 @@ class HeadsPart:
         out[:, flat[keep]] = t[:, keep]
         return out
 
-    def _stream(self, t: Tensor, layout) -> Tensor:
-        s = to_stream(t, layout)
-        return s if self.spec.windows is None else self._windows_to_stream(s)
+    def _z_order(self, ro: ReadoutMap) -> ReadoutMap:
+        """``ro`` read in the order ``z`` is kept in (window order for windowed attention)."""
+        return ro if self.spec.windows is None else ro.gathered(self.index.reshape(-1))
 
-    def _scale_by(self, inv_sigma: Tensor) -> None:
-        self.scale = inv_sigma if self.scale is None else self.scale * inv_sigma
+    def _z_scale(self) -> Tensor | None:
+        """``[B, S]``: the per-position scale of ``z`` (inner and post norms), in z's order."""
+        post = self.post_scale
+        if post is not None and self.spec.windows is not None:
+            post = post[:, self.index.reshape(-1).clamp_min(0).to(post.device)]
+        if post is None or self.inner_scale is None:
+            return post if self.inner_scale is None else self.inner_scale
+        return post * self.inner_scale
+
+    def stream_z(self) -> Tensor:
+        """``z`` in stream order ``[B, N, H*dh]`` (window padding dropped)."""
+        return self.z if self.spec.windows is None else self._windows_to_stream(self.z)
 
     def attach(self, cap: Capture, positions: Tensor | None, tokens: bool) -> None:
         spec = self.spec
@@ -106,7 +116,6 @@ class HeadsPart:
 
             def keep_post(x: Tensor) -> None:
                 self.post_scale = take_positions(self.post.inv_sigma(to_stream(x, "tokens")), positions)
-                self._scale_by(self.post_scale)
 
             cap.tap(Tap(spec.post_norm, "input"), keep_post)
         if spec.replace is not None:
@@ -114,9 +123,13 @@ class HeadsPart:
             return
 
         def keep_z(t: Tensor) -> None:
-            self.z = take_positions(self._stream(t, spec.z.layout), positions)
+            z = to_stream(t, spec.z.layout)  # windowed: [B*nW, w, E], kept in window order
+            if spec.windows is None:
+                self.z = take_positions(z, positions)
+            else:
+                self.z = z.reshape(-1, self.index.numel(), z.shape[-1])
             if self.inner is not None:
-                self._scale_by(self.inner.inv_sigma(self.z))
+                self.inner_scale = self.inner.inv_sigma(self.z)
 
         cap.tap(spec.z, keep_z)
         if self.want_tokens:
@@ -188,9 +201,10 @@ class HeadsPart:
         reads them out)."""
         if self.z is None:
             raise VitDecompError(f"attention '{self.path}' was not called in the forward pass")
-        z = self.z if self.scale is None else self.z * self.scale[..., None].to(self.z)
+        scale = self._z_scale()
+        z = self.z if scale is None else self.z * scale[..., None].to(self.z)
         w = self.out_weight(ro.mats)  # [D, H, e]
-        pz = ro.pool(z).view(z.shape[0], ro.num_slots, self.num_heads, -1)  # [B, K, H, e]
+        pz = self._z_order(ro).pool(z).view(z.shape[0], ro.num_slots, self.num_heads, -1)  # [B, K, H, e]
         const = self.const_pooled(ro)
         if not self.heads:
             u = torch.einsum("dhe,bkhe->bkd", w, pz)
@@ -209,9 +223,10 @@ class HeadsPart:
     def token_parts(self, ro: ReadoutMap) -> Tensor:
         """``abar [B, H, K, N]``: ``sum_q w_q A[q, j]`` over read positions ``q`` of slot ``k``, keys ``j``
         in stream order (``w_q`` includes the per-position norm scales)."""
-        qw = ro.query_weights()  # [B, S, K]
-        if self.scale is not None:
-            qw = qw * self.scale[..., None].to(qw)
+        qw = self._z_order(ro).query_weights()  # [B, S, K] in z's order
+        scale = self._z_scale()
+        if scale is not None:
+            qw = qw * scale[..., None].to(qw)
         if self.spec.windows is None:
             return torch.einsum("bsk,bhsn->bhkn", qw, self.probs.to(qw))
         idx = self.index.to(qw.device)
@@ -220,7 +235,8 @@ class HeadsPart:
                 f"per-token contributions of '{self.path}' with padded windows are not supported; "
                 "use an image size whose token grid is a multiple of the window size"
             )
-        ab = torch.einsum("bnqk,bnhqj->bhknj", qw[:, idx], self.probs.to(qw))  # [B, H, K, nW, w]
+        qw = qw.view(qw.shape[0], *idx.shape, qw.shape[-1])  # [B, nW, w, K]
+        ab = torch.einsum("bnqk,bnhqj->bhknj", qw, self.probs.to(qw))  # [B, H, K, nW, w]
         b, h, k = ab.shape[:3]
         abar = ab.new_zeros(b, h, k, self.n_tokens)
         abar[..., idx.reshape(-1)] = ab.reshape(b, h, k, -1)
@@ -240,7 +256,7 @@ class HeadsPart:
                 out.add_(part)
 
     def release(self) -> None:
-        self.z = self.scale = self.post_scale = self.probs = self.v = None
+        self.z = self.inner_scale = self.post_scale = self.probs = self.v = None
 
 
 Part = FieldPart | HeadsPart

@@ -117,6 +117,14 @@ class ReadoutMap:
             return self.weight[..., None]
         return self.weight[..., None] * nn.functional.one_hot(self.slot, self.num_slots).to(self.weight)
 
+    def gathered(self, index: Tensor) -> ReadoutMap:
+        """The same map read at stream positions ``index [P]`` (``-1``: a padding slot, weight 0), e.g. in
+        an attention's window order."""
+        index = index.to(self.weight.device)
+        valid, safe = index >= 0, index.clamp_min(0)
+        weight = self.weight[:, safe] * (valid[:, None] if self.dense else valid).to(self.weight)
+        return ReadoutMap(weight, self.mats, None, None if self.slot is None else self.slot[safe])
+
     def scaled(self, scale: Tensor) -> ReadoutMap:
         """The same map after a per-position scale ``[B, S]`` of the stream."""
         weight = self.weight * (scale[..., None] if self.dense else scale).to(self.weight)
