@@ -23,6 +23,11 @@ BASE = {
     "vit_base_patch14_dinov2.lvd142m": {"img_size": 224},
     "swin_base_patch4_window7_224": {},
     "maxvit_small_tf_224": {},
+    "deit_base_distilled_patch16_224": {},
+    "vit_base_patch16_siglip_224": {},
+    "eva02_base_patch14_224.mim_in22k": {},
+    "beit_base_patch16_224": {},
+    "swinv2_tiny_window8_256": {},
 }
 
 
@@ -44,7 +49,7 @@ def main() -> None:
                 model = model.to(dt)
                 errs.append(vd.decompose(model, x.to(dt), representation=rep, check=0).error.max().item())
             tok = "n/a"
-            if name != "swin-padded":
+            if not name.endswith("-padded"):
                 d = vd.decompose(model.double(), x.double(), representation=rep, tokens=True, check=0)
                 gap = max(
                     (t.values.sum(2) - d.contributions[:, d.index([lab.name for lab in t.labels])]).abs().max().item()
