@@ -7,7 +7,20 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from vitdecomp.decomp.plan import Field, Heads, Plan, Readout, Stage, Tap, Values
+from vitdecomp.decomp.plan import (
+    Block,
+    Field,
+    Heads,
+    Linear,
+    Plan,
+    Readout,
+    ReadoutStep,
+    Stage,
+    Tap,
+    TokenNorm,
+    Values,
+    VectorNorm,
+)
 from vitdecomp.errors import UnsupportedModuleError
 
 
@@ -136,3 +149,52 @@ def token_model_plan(
         init_tap = readout.stream
     stage = Stage(0, blocks, grid=image_tap, patch=patch, num_prefix_tokens=num_prefix_tokens, grid_divisor=patch)
     return Plan(family, [stage], Field(init_tap, "init", "init"), 0, readout, model, meta)
+
+
+def timm_token_readout(model: nn.Module, pooling: ReadoutStep, representation: str) -> Readout:
+    """timm's ``norm`` -> pooling -> ``fc_norm`` (-> ``head``), as ``forward_features`` / ``forward_head``."""
+    if representation == "logits" and not isinstance(model.head, nn.Linear):
+        raise UnsupportedModuleError("head", model.head, "logits need a linear head")
+    steps: list[ReadoutStep] = [TokenNorm(model.norm)] if is_norm(model.norm) else []
+    steps.append(pooling)
+    if is_norm(model.fc_norm):
+        steps.append(VectorNorm(model.fc_norm))
+    if representation == "logits":
+        steps.append(Linear(model.head.weight, model.head.bias))
+    output = Tap(model.head) if representation == "logits" else Tap(model.fc_norm)
+    return Readout(Tap(model.norm, "input"), steps, output)
+
+
+class TimmTokenAdapter:
+    """The plan shared by timm's single-grid token models (ViT, EVA, BEiT): a subclass declares its
+    blocks and its pooling step; representations ``"pre_logits"`` (default) and ``"logits"``."""
+
+    family = ""
+    representations: tuple[str, ...] = ("pre_logits", "logits")
+
+    def blocks(self, model: nn.Module, start_layer: int) -> list[Block]:
+        raise NotImplementedError
+
+    def pooling(self, model: nn.Module) -> ReadoutStep:
+        raise NotImplementedError
+
+    def plan(self, model: nn.Module, *, start_layer: int, representation: str | None, heads: bool) -> Plan:
+        representation = check_plan_args(representation, self.representations, start_layer, len(model.blocks))
+        readout = timm_token_readout(model, self.pooling(model), representation)
+        return self.plan_with(model, start_layer, readout, representation)
+
+    def plan_with(self, model: nn.Module, start_layer: int, readout: Readout, representation: str) -> Plan:
+        """The plan for a chosen readout (a subclass with other representations builds its own)."""
+        depth = len(model.blocks)
+        return token_model_plan(
+            self.family,
+            model,
+            self.blocks(model, start_layer),
+            block_modules=model.blocks,
+            start_layer=start_layer,
+            num_prefix_tokens=model.num_prefix_tokens,
+            patch=patch_stride(model.patch_embed),
+            image_tap=Tap(model.patch_embed, "input", "nchw"),
+            readout=readout,
+            meta={"representation": representation, "start_layer": start_layer, "num_blocks": depth},
+        )

@@ -15,22 +15,11 @@ whichever norm placement ``use_fc_norm`` chose) and ``"logits"`` (through the li
 from __future__ import annotations
 
 from timm.models.beit import Attention, Beit, Block
-from torch import nn
 
 from vitdecomp.decomp.plan import Block as PlanBlock
-from vitdecomp.decomp.plan import Linear, Plan, Pool, Readout, Tap, TokenNorm, VectorNorm
+from vitdecomp.decomp.plan import Pool
 from vitdecomp.errors import UnsupportedModuleError
-from vitdecomp.models._common import (
-    check_plan_args,
-    is_norm,
-    layer_scale_of,
-    mlp_field,
-    patch_stride,
-    qkv_attention,
-    token_model_plan,
-)
-
-REPRESENTATIONS = ("pre_logits", "logits")
+from vitdecomp.models._common import TimmTokenAdapter, layer_scale_of, mlp_field, qkv_attention
 
 
 def beit_blocks(model: Beit, start_layer: int) -> list[PlanBlock]:
@@ -58,36 +47,11 @@ def beit_pooling(model: Beit) -> Pool:
     raise UnsupportedModuleError("", model, f"global_pool={model.global_pool!r}: the output is not pooled")
 
 
-def beit_readout(model: Beit, representation: str) -> Readout:
-    """``norm`` -> pooling -> ``fc_norm`` (-> ``head``), as ``forward_features`` / ``forward_head``."""
-    if representation == "logits" and not isinstance(model.head, nn.Linear):
-        raise UnsupportedModuleError("head", model.head, "logits need a linear head")
-    steps: list = [TokenNorm(model.norm)] if is_norm(model.norm) else []
-    steps.append(beit_pooling(model))
-    if is_norm(model.fc_norm):
-        steps.append(VectorNorm(model.fc_norm))
-    if representation == "logits":
-        steps.append(Linear(model.head.weight, model.head.bias))
-    output = Tap(model.head) if representation == "logits" else Tap(model.fc_norm)
-    return Readout(Tap(model.norm, "input"), steps, output)
-
-
-class BeitAdapter:
+class BeitAdapter(TimmTokenAdapter):
     family = "timm-beit"
 
-    def plan(self, model: Beit, *, start_layer: int, representation: str | None, heads: bool) -> Plan:
-        depth = len(model.blocks)
-        representation = check_plan_args(representation, REPRESENTATIONS, start_layer, depth)
-        readout = beit_readout(model, representation)
-        return token_model_plan(
-            self.family,
-            model,
-            beit_blocks(model, start_layer),
-            block_modules=model.blocks,
-            start_layer=start_layer,
-            num_prefix_tokens=model.num_prefix_tokens,
-            patch=patch_stride(model.patch_embed),
-            image_tap=Tap(model.patch_embed, "input", "nchw"),
-            readout=readout,
-            meta={"representation": representation, "start_layer": start_layer, "num_blocks": depth},
-        )
+    def blocks(self, model: Beit, start_layer: int) -> list[PlanBlock]:
+        return beit_blocks(model, start_layer)
+
+    def pooling(self, model: Beit) -> Pool:
+        return beit_pooling(model)

@@ -31,27 +31,18 @@ from vitdecomp.decomp.plan import (
     AttentionPool,
     Block,
     Heads,
-    Linear,
-    Plan,
     Pool,
-    Readout,
     Tap,
-    TokenNorm,
     Values,
-    VectorNorm,
 )
 from vitdecomp.errors import UnsupportedModuleError
 from vitdecomp.models._common import (
-    check_plan_args,
+    TimmTokenAdapter,
     is_norm,
     layer_scale_of,
     mlp_field,
-    patch_stride,
     qkv_attention,
-    token_model_plan,
 )
-
-REPRESENTATIONS = ("pre_logits", "logits")
 
 
 def grouped_values(values: Values, num_kv_heads: int, groups: int) -> Values:
@@ -115,36 +106,11 @@ def eva_pooling(model: Eva) -> Pool | AttentionPool:
     raise UnsupportedModuleError("", model, f"global_pool={model.global_pool!r} is not a linear pooling")
 
 
-def eva_readout(model: Eva, representation: str) -> Readout:
-    """``norm`` -> ``pool`` -> ``fc_norm`` (-> ``head``), as ``forward_features`` / ``forward_head``."""
-    if representation == "logits" and not isinstance(model.head, nn.Linear):
-        raise UnsupportedModuleError("head", model.head, "logits need a linear head")
-    steps: list = [TokenNorm(model.norm)] if is_norm(model.norm) else []
-    steps.append(eva_pooling(model))
-    if is_norm(model.fc_norm):
-        steps.append(VectorNorm(model.fc_norm))
-    if representation == "logits":
-        steps.append(Linear(model.head.weight, model.head.bias))
-    output = Tap(model.head) if representation == "logits" else Tap(model.fc_norm)
-    return Readout(Tap(model.norm, "input"), steps, output)
-
-
-class EvaAdapter:
+class EvaAdapter(TimmTokenAdapter):
     family = "timm-eva"
 
-    def plan(self, model: Eva, *, start_layer: int, representation: str | None, heads: bool) -> Plan:
-        depth = len(model.blocks)
-        representation = check_plan_args(representation, REPRESENTATIONS, start_layer, depth)
-        readout = eva_readout(model, representation)
-        return token_model_plan(
-            self.family,
-            model,
-            eva_blocks(model, start_layer),
-            block_modules=model.blocks,
-            start_layer=start_layer,
-            num_prefix_tokens=model.num_prefix_tokens,
-            patch=patch_stride(model.patch_embed),
-            image_tap=Tap(model.patch_embed, "input", "nchw"),
-            readout=readout,
-            meta={"representation": representation, "start_layer": start_layer, "num_blocks": depth},
-        )
+    def blocks(self, model: Eva, start_layer: int) -> list[Block]:
+        return eva_blocks(model, start_layer)
+
+    def pooling(self, model: Eva) -> Pool | AttentionPool:
+        return eva_pooling(model)

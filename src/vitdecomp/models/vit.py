@@ -21,34 +21,28 @@ from timm.layers import AttentionPoolLatent
 from timm.layers.attention import Attention
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
-from torch import nn
 
 from vitdecomp.decomp.plan import (
     AttentionPool,
-    Linear,
-    Plan,
     Pool,
     Readout,
     Tap,
     TokenNorm,
-    VectorNorm,
 )
 from vitdecomp.decomp.plan import (
     Block as PlanBlock,
 )
 from vitdecomp.errors import UnsupportedModuleError
 from vitdecomp.models._common import (
+    TimmTokenAdapter,
     check_identity,
     check_plan_args,
     is_norm,
     layer_scale_of,
     mlp_field,
-    patch_stride,
     qkv_attention,
-    token_model_plan,
 )
 
-REPRESENTATIONS = ("pre_logits", "logits")
 DISTILLED_REPRESENTATIONS = {"pre_logits": ((0, 1), (0.5, 0.5)), "cls": ((0,), None), "dist": ((1,), None)}
 
 
@@ -71,58 +65,36 @@ def vit_blocks(model: VisionTransformer, start_layer: int) -> list[PlanBlock]:
     return blocks
 
 
-def _pooling(model: VisionTransformer) -> list:
+def vit_pooling(model: VisionTransformer) -> Pool | AttentionPool:
     npre = model.num_prefix_tokens
     skip = 0 if model.pool_include_prefix else npre
     if model.attn_pool is not None:
         if type(model.attn_pool) is not AttentionPoolLatent:
             raise UnsupportedModuleError("attn_pool", model.attn_pool, "only timm's AttentionPoolLatent")
-        return [AttentionPool(model.attn_pool, skip=skip)]
+        return AttentionPool(model.attn_pool, skip=skip)
     if model.global_pool == "token":
-        return [Pool(positions=(0,))]
+        return Pool(positions=(0,))
     if model.global_pool == "avg":
-        return [Pool(skip=skip)]
+        return Pool(skip=skip)
     raise UnsupportedModuleError("", model, f"global_pool={model.global_pool!r} is not linear")
 
 
-class TimmViTAdapter:
+class TimmViTAdapter(TimmTokenAdapter):
     family = "timm-vit"
 
-    def plan(self, model: VisionTransformer, *, start_layer: int, representation: str | None, heads: bool) -> Plan:
-        depth = len(model.blocks)
-        representation = check_plan_args(representation, REPRESENTATIONS, start_layer, depth)
-        if representation == "logits" and not isinstance(model.head, nn.Linear):
-            raise UnsupportedModuleError("head", model.head, "logits need a linear head")
-        steps: list = [TokenNorm(model.norm)] if is_norm(model.norm) else []
-        steps += _pooling(model)
-        if is_norm(model.fc_norm):
-            steps.append(VectorNorm(model.fc_norm))
-        if representation == "logits":
-            steps.append(Linear(model.head.weight, model.head.bias))
-        output = Tap(model.head) if representation == "logits" else Tap(model.fc_norm)
-        return self._plan(model, start_layer, Readout(Tap(model.norm, "input"), steps, output), representation)
+    def blocks(self, model: VisionTransformer, start_layer: int) -> list[PlanBlock]:
+        return vit_blocks(model, start_layer)
 
-    def _plan(self, model: VisionTransformer, start_layer: int, readout: Readout, representation: str) -> Plan:
-        return token_model_plan(
-            self.family,
-            model,
-            vit_blocks(model, start_layer),
-            block_modules=model.blocks,
-            start_layer=start_layer,
-            num_prefix_tokens=model.num_prefix_tokens,
-            patch=patch_stride(model.patch_embed),
-            image_tap=Tap(model.patch_embed, "input", "nchw"),
-            readout=readout,
-            meta={"representation": representation, "start_layer": start_layer, "num_blocks": len(model.blocks)},
-        )
+    def pooling(self, model: VisionTransformer) -> Pool | AttentionPool:
+        return vit_pooling(model)
 
 
 class DistilledViTAdapter(TimmViTAdapter):
     family = "timm-vit-distilled"
+    representations = tuple(DISTILLED_REPRESENTATIONS)
 
     def plan(self, model: VisionTransformerDistilled, *, start_layer: int, representation: str | None, heads: bool):
-        depth = len(model.blocks)
-        representation = check_plan_args(representation, tuple(DISTILLED_REPRESENTATIONS), start_layer, depth)
+        representation = check_plan_args(representation, self.representations, start_layer, len(model.blocks))
         positions, weights = DISTILLED_REPRESENTATIONS[representation]
         steps: list = [TokenNorm(model.norm)] if is_norm(model.norm) else []
         steps.append(Pool(positions=positions, weights=weights))
@@ -132,4 +104,4 @@ class DistilledViTAdapter(TimmViTAdapter):
             return sum(wi * tokens[:, p] for wi, p in zip(w, positions, strict=True))
 
         readout = Readout(Tap(model.norm, "input"), steps, Tap(model.norm), output_fn=own)
-        return self._plan(model, start_layer, readout, representation)
+        return self.plan_with(model, start_layer, readout, representation)
