@@ -67,12 +67,15 @@ class ReadoutMap:
     weight    [B, S] (one slot per token, ``slot [S]`` or all 0) or [B, S, K] (dense slot weights)
     mats      [K, D_out, D_s]
     positions the stream positions read (all N if None)
+    factors   optional low-rank form of ``mats`` (an attention pool: ``post = W_proj``, ``pre_k = W_v,k``),
+              which reads pooled vectors out in ``K*r*(D_s + D_out)`` instead of ``K*D_s*D_out``
     """
 
     weight: Tensor
     mats: Tensor
     positions: Tensor | None = None
     slot: Tensor | None = None
+    factors: tuple[Tensor, Tensor] | None = None  # (pre [K, r, D_s], post [D_out, K*r]): mats_k = post_k @ pre_k
 
     @property
     def num_slots(self) -> int:
@@ -90,7 +93,16 @@ class ReadoutMap:
 
     def apply_pooled(self, pooled: Tensor) -> Tensor:
         """``[..., K, D_s] -> [..., D_out]``: the slot matrices applied to slot-pooled vectors."""
+        if self.factors is not None:
+            pre, post = self.factors
+            inner = torch.einsum("...kd,krd->...kr", pooled.to(pre), pre)
+            return inner.reshape(*inner.shape[:-2], -1) @ post.T
         return pooled.reshape(*pooled.shape[:-2], -1).to(self.flat) @ self.flat
+
+    def then(self, fn) -> ReadoutMap:
+        """The map followed by a linear map of the output, ``fn(m [..., D_out, X]) -> [..., D_new, X]``."""
+        factors = None if self.factors is None else (self.factors[0], fn(self.factors[1]))
+        return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot, factors)
 
     def pool(self, x: Tensor) -> Tensor:
         """``[B, S, E] -> [B, K, E]``: the weighted sum of tokens per slot."""
@@ -123,12 +135,12 @@ class ReadoutMap:
         index = index.to(self.weight.device)
         valid, safe = index >= 0, index.clamp_min(0)
         weight = self.weight[:, safe] * (valid[:, None] if self.dense else valid).to(self.weight)
-        return ReadoutMap(weight, self.mats, None, None if self.slot is None else self.slot[safe])
+        return ReadoutMap(weight, self.mats, None, None if self.slot is None else self.slot[safe], self.factors)
 
     def scaled(self, scale: Tensor) -> ReadoutMap:
         """The same map after a per-position scale ``[B, S]`` of the stream."""
         weight = self.weight * (scale[..., None] if self.dense else scale).to(self.weight)
-        return ReadoutMap(weight, self.mats, self.positions, self.slot)
+        return ReadoutMap(weight, self.mats, self.positions, self.slot, self.factors)
 
     def const_pooled(self, vec: Tensor) -> Tensor:
         """The pooled form ``[B, K, D_s]`` of the same vector ``[D_s]`` added at every position."""

@@ -71,7 +71,10 @@ class ReadoutBuilder:
     def __init__(self, spec: Readout) -> None:
         self.spec = spec
         self.positions = read_positions(spec)
-        self.seen: dict[int, Tensor] = {}  # id(step) or -1 (stream) / -2 (output) -> tensor
+        self.seen: dict[int, Tensor] = {}
+        self._factors: tuple[Tensor, Tensor] | None = (
+            None  # low-rank slot matrices of an attention pool  # id(step) or -1 (stream) / -2 (output) -> tensor
+        )
         self.attn_pool = next((AttentionPoolState(s) for s in spec.steps if isinstance(s, AttentionPool)), None)
 
     def attach(self, cap: Capture) -> None:
@@ -113,7 +116,11 @@ class ReadoutBuilder:
                 totals = pool_w.sum(1)  # [B, K]: a vector added at every token is pooled with these
                 consts = [(lab, torch.einsum("bk,kod,d->bo", totals, raw_mats, c)) for lab, c in token_consts] + consts
                 weight = pool_w * scale[..., None]
-                ro = ReadoutMap(weight if weight.shape[2] > 1 else weight[..., 0], slot_mats, self._ro_positions(x))
+                factors = self._factors
+                if factors is not None and token_norm is not None:
+                    factors = (token_norm.right(factors[0]), factors[1])
+                weight = weight if weight.shape[2] > 1 else weight[..., 0]
+                ro = ReadoutMap(weight, slot_mats, self._ro_positions(x), None, factors)
             elif isinstance(step, VectorNorm):
                 ro, consts = self._vector_norm(step, ro, consts)
             elif isinstance(step, Linear):
@@ -153,6 +160,7 @@ class ReadoutBuilder:
         w_p = m.proj.weight.to(dt) if isinstance(m.proj, nn.Linear) else torch.eye(c, dtype=dt, device=x.device)
         w_p = w_p.view(w_p.shape[0], h, -1).transpose(0, 1)  # [H, D_out, dh]
         raw_mats = torch.einsum("hoe,hed->hod", w_p, w_v)  # [H, D_out, D]
+        self._factors = (w_v, w_p.transpose(0, 1).reshape(w_p.shape[1], -1))  # [H, dh, D], [D_out, H*dh]
         consts: Consts = []
         if m.pos_embed is not None:
             pos = torch.einsum("bnh,nd->bhd", p_tok, m.pos_embed.to(dt))  # per head
@@ -176,11 +184,11 @@ class ReadoutBuilder:
         consts = [(lab, s[:, None] * norm.left(c.T).T) for lab, c in consts]
         if norm.bias is not None:
             consts.append((ComponentLabel(step.kind), norm.bias.to(ro.mats).expand(weight.shape[0], -1)))
-        return ReadoutMap(weight, norm.left(ro.mats), ro.positions, ro.slot), consts
+        return ReadoutMap(weight, ro.mats, ro.positions, ro.slot, ro.factors).then(norm.left), consts
 
     def _linear(self, step: Linear, ro: ReadoutMap, consts: Consts) -> tuple[ReadoutMap, Consts]:
         w = step.weight.to(ro.mats)
         consts = [(lab, c @ w.T) for lab, c in consts]
         if step.bias is not None:
             consts.append((ComponentLabel(step.kind), step.bias.to(ro.mats).expand(ro.weight.shape[0], -1)))
-        return ReadoutMap(ro.weight, torch.einsum("od,kdi->koi", w, ro.mats), ro.positions, ro.slot), consts
+        return ro.then(lambda m: torch.einsum("od,...di->...oi", w, m)), consts
