@@ -71,14 +71,20 @@ def test_results_json_has_every_label_and_feature(first_run):
             assert all(math.isfinite(v) and -1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in row.values())
             assert sorted(data["rankings"][method][feature]) == sorted(labels)
     assert set(data["descriptions"]) == set(labels)
-    varying = [lab for lab in labels if "bias" not in lab]
-    assert all(len(data["descriptions"][lab]) == 5 for lab in varying)
-    # bias components vary only through the frozen norm scale (possibly not at all): 0 or 5 picks
-    assert all(len(data["descriptions"][lab]) in (0, 5) for lab in labels)
+    # rank-1 components (init, attention biases: one direction scaled by the frozen norm) are marked
+    # constant and get neither descriptions nor top images; every other component gets 5 of each
+    constant = data["constant"]
+    assert "init" in constant and all(lab in constant for lab in labels if lab.endswith("attn_bias"))
+    assert all(0 <= v < 1e-4 for v in constant.values())
+    assert all(lab.endswith(("init", "bias")) for lab in constant)
+    for lab in labels:
+        want = 0 if lab in constant else 5
+        assert len(data["descriptions"][lab]) == want, lab
+        assert len(data["top_images"][lab]) == (0 if lab in constant else 4), lab
     assert data["completeness"]["max_relative_error"] < 1e-4
     assert data["images"]["n"] == N
     assert data["store"]["key"]["labels"] == labels
-    assert data["aligner"]["key"]["model"] == "zoo:deit@random-init"
+    assert data["aligner"]["key"]["model"] == "zoo:deit@random-init:seed=3000"  # random weights are seeded
     a = data["alignment"]
     assert a["mode"] == "compalign" and a["state"] == "trained"
     assert a["n_val"] + a["n_train"] == N and a["val_cosine"] > 0
@@ -101,7 +107,8 @@ def test_cli_is_built_from_the_config():
 
     argv = ["analyze", "--clip", "zoo:x", "--n-images", "7", "--quiet", "--clip-checkpoint", "w.safetensors"]
     cfg = AnalysisConfig.from_args(build_parser().parse_args(argv))
-    assert cfg == AnalysisConfig(reader="zoo:x", n_images=7, progress=False, reader_checkpoint="w.safetensors")
+    want = AnalysisConfig(reader="zoo:x", n_images=7, progress=False, verbose=False, reader_checkpoint="w.safetensors")
+    assert cfg == want  # --quiet: no bars and no summary
     assert AnalysisConfig.from_args(build_parser().parse_args(["analyze"])) == AnalysisConfig()
 
 
@@ -116,9 +123,11 @@ def test_top_images_are_the_largest_projections(first_run):
     al = load_aligner(results.aligner.path)
     lab = next(lab for lab in results.labels if lab.endswith(".mlp"))
     c = results.labels.index(lab)
-    from vitdecomp import load_model
+    from vitdecomp.pipeline.stages import load_model_for
 
-    enc = TextEncoder.from_loaded(load_model("zoo:clip", random_init=True), cache_dir=cache / "text")
+    reader = load_model_for("zoo:clip", random_init=True, seed=3001)  # the run's reader: seed + 1
+    assert reader.weights_id == results.reader.weights_id
+    enc = TextEncoder.from_loaded(reader, cache_dir=cache / "text")
     t = enc.encode([results.descriptions[lab][0].text], WORLD_TEMPLATES)[0]
     proj = (aligned_component(store, al, c) @ t).numpy()
     want = [store.ids[j] for j in np.argsort(-proj)[:4]]
@@ -243,9 +252,13 @@ def test_cli_on_an_image_folder(tmp_path, capsys):
     assert main(argv) == 2  # the unreadable file stops the run with a clear error
     assert "broken.png" in capsys.readouterr().err
     assert main([*argv, "--skip-bad-images"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip() == str(out / "index.html")  # --quiet: only where the report is
+    assert "skipped 1 unreadable file(s)" in printed.err and "broken.png" in printed.err
     data = json.loads((out / "results.json").read_text())
     assert data["images"]["n"] == 10 and len(data["images"]["skipped"]) == 1
     assert set(data["features"]) >= {"color", "texture", "animal", "location"}  # the paper's set
     assert data["vocabulary"]["name"] == "general"
     assert (out / "index.html").is_file()
+    assert main([a for a in argv if a != "--quiet"] + ["--skip-bad-images"]) == 0
     assert "top components per feature" in capsys.readouterr().out

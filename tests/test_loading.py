@@ -100,3 +100,20 @@ def test_image_folder_reading_names_bad_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageReadError, match="no images"):
         list_images(tmp_path / "empty")
+
+
+def test_local_dir_names_load_through_timm_and_are_keyed_by_their_weights(tmp_path):
+    from timm.models._hub import save_for_hf
+
+    torch.manual_seed(3)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_VIT).eval()
+    save_for_hf(source, tmp_path / "m")
+    loaded = vd.load_model(f"local-dir:{tmp_path / 'm'}")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), source(x), rtol=0, atol=0)
+    assert "@file:" in loaded.weights_id  # a changed folder is another cache key
+    from vitdecomp.models.loading import check_name
+
+    with pytest.raises(ValueError, match="no such folder"):
+        check_name(f"local-dir:{tmp_path / 'missing'}")

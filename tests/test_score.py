@@ -219,3 +219,103 @@ def test_clip_retrieval_scores_find_the_component_that_tracks_clip():
     s = clip_retrieval_scores((contrib, clip), identity_aligner([str(i) for i in range(5)], D), t, top_k=20)
     assert s.shape == (5,) and int(s.argmax()) == 3
     assert s[3] > s[[0, 1, 2, 4]].max() + 0.2, s
+
+
+# ------------------------------------------------------------------------------ ablation score
+def test_ablation_score_is_the_kl_of_mean_ablation_and_finds_the_planted_component():
+    from vitdecomp.score import ABLATION_SCALE, score_ablation
+
+    stack, t = planted_stack()
+    s = score(stack, t, "ablation")
+    assert int(s.argmax()) == 2 and (s >= -1e-12).all()
+    # brute force for one component: zero-shot distributions with and without it (mean-ablated)
+    tn = torch.nn.functional.normalize(t.double(), dim=-1)
+    z = stack.double().sum(1)
+    norm = z.norm(dim=-1, keepdim=True)
+    p = torch.log_softmax(ABLATION_SCALE * z @ tn.T / norm, -1)
+    z2 = z - stack[:, 2].double() + stack[:, 2].double().mean(0)
+    q = torch.log_softmax(ABLATION_SCALE * z2 @ tn.T / norm, -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean()
+    assert float(s[2]) == pytest.approx(float(kl), rel=1e-9)
+    # label-free and order-free: permuting the descriptions permutes the classes, KL unchanged
+    torch.testing.assert_close(score(stack, t.flip(0), "ablation"), s)
+    u = stack.double() @ tn.T
+    torch.testing.assert_close(score_ablation(u, u.sum(1), z.norm(dim=-1), scale=1.0).argmax(), s.argmax())
+
+
+def test_score_features_ablation_uses_the_aligners_bias_in_the_whole():
+    stack, t = planted_stack(n=100, c=4, hot=1)
+    names = [f"L0.H{i}" for i in range(4)]
+    got = score_features(stack, identity_aligner(names, D), {"f": t}, "ablation", progress=False)["ablation"]["f"]
+    torch.testing.assert_close(got, score(stack, t, "ablation").float(), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ confidence
+def test_null_features_keep_the_geometry_of_the_descriptions():
+    from vitdecomp.score import null_features
+
+    t = feature_dirs()
+    nulls = null_features({"f": t}, 5, seed=1)["f"]
+    assert len(nulls) == 5
+    for n in nulls:
+        torch.testing.assert_close(n @ n.T, t @ t.T, atol=1e-5, rtol=1e-5)  # same cosines and span size
+        assert (n - t).abs().max() > 0.1  # but other directions
+
+
+@pytest.mark.parametrize("method", ["invariant", "paper", "ablation"])
+def test_confidence_separates_the_planted_component_from_its_null(method):
+    """Its interval lies above every null draw (p = 1/20). (In ``planted_stack`` every part varies
+    three times more outside the span than the hot one inside: there the ablation score of the hot
+    part is honestly *not* above random directions, which is what its null is for.)"""
+    from vitdecomp.score import score_confidence
+
+    stack, t = planted_stack(n=300)
+    if method == "ablation":  # a magnitude score: the hot part must vary more in the span than elsewhere
+        g = torch.Generator().manual_seed(5)
+        stack = torch.randn(300, 6, D, generator=g)
+        stack[:, 2] += (torch.randn(300, K, generator=g) * 2.0) @ t
+    names = [f"L0.H{i}" for i in range(6)]
+    conf = score_confidence(stack, identity_aligner(names, D), {"f": t}, method, n_boot=40, n_null=19, progress=False)
+    c = conf[method]
+    assert c.low.shape == (1, 6) and c.features == ["f"] and c.labels == names
+    torch.testing.assert_close(c.score[0], score(stack, t, method).float(), rtol=1e-4, atol=1e-6)
+    assert (c.low <= c.score + 1e-6).all() and (c.score <= c.high + 1e-6).all()
+    assert c.p_value[0, 2] == pytest.approx(0.05) and bool(c.significant()[0, 2])
+    assert c.low[0, 2] > c.null_high[0, 2]  # its whole interval is above every null draw
+    d = c.to_dict()
+    assert d["n_null"] == 19 and set(d["scores"]["f"]["L0.H2"]) == {
+        "score",
+        "low",
+        "high",
+        "null_mean",
+        "null_high",
+        "p",
+    }
+    json.dumps(d)
+
+
+def test_confidence_intervals_narrow_with_more_images():
+    from vitdecomp.score import score_confidence
+
+    names = [f"L0.H{i}" for i in range(6)]
+    widths = []
+    for n in (60, 960):
+        stack, t = planted_stack(n=n)
+        c = score_confidence(stack, identity_aligner(names, D), {"f": t}, n_boot=30, n_null=0, progress=False)
+        widths.append(float((c["invariant"].high - c["invariant"].low).mean()))
+        assert torch.isnan(c["invariant"].null_mean).all() and (c["invariant"].p_value == 1).all()
+    assert widths[1] < 0.5 * widths[0]
+
+
+def test_null_in_several_passes_equals_one_pass(monkeypatch):
+    from vitdecomp import score as score_module
+
+    stack, t = planted_stack(n=80)
+    names = [f"L0.H{i}" for i in range(6)]
+    al = identity_aligner(names, D)
+    one = score_module.score_confidence(stack, al, {"f": t}, ("invariant", "ablation"), n_boot=5, progress=False)
+    monkeypatch.setattr(score_module, "NULL_PASS_BYTES", 1)  # one null draw per pass
+    many = score_module.score_confidence(stack, al, {"f": t}, ("invariant", "ablation"), n_boot=5, progress=False)
+    for m in one:
+        torch.testing.assert_close(one[m].null_high, many[m].null_high)
+        torch.testing.assert_close(one[m].p_value, many[m].p_value)

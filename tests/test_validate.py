@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from vitdecomp.evaluation.probes import batched_probe
 from vitdecomp.store import ArrayRows
-from vitdecomp.validate import batched_probe, match_rate, retrieval_precision
+from vitdecomp.validate import match_rate, retrieval_precision
 
 
 @pytest.fixture(autouse=True)

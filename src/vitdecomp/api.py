@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from vitdecomp.components import Decomposition
+from vitdecomp.components import ComponentLabel, Decomposition
+from vitdecomp.decomp.directional import TokenDirections
 from vitdecomp.decomp.engine import decompose_plan
 from vitdecomp.models.registry import adapter_for
 
@@ -20,6 +21,7 @@ def decompose(
     start_layer: int = 0,
     representation: str | None = None,
     check: float | None = None,
+    token_directions: Tensor | Callable[[ComponentLabel], Tensor] | None = None,
 ) -> Decomposition:
     """Split ``model``'s representation of ``images [B, 3, H, W]`` into additive components.
 
@@ -29,11 +31,20 @@ def decompose(
     ``start_layer``: blocks before it are folded into ``init``.
     ``representation``: which output to decompose (adapter-specific; ``None`` = the paper's).
     ``check``: raise if the relative completeness error of any image exceeds it
-    (default: 1e-4 for float32, 1e-9 for float64; ``0`` disables).
+    (default by dtype: 1e-9 float64, 1e-4 float32, 1e-2 float16, 5e-2 bfloat16 — see
+    ``vitdecomp.decomp.engine.COMPLETENESS_TOLERANCE``; ``0`` disables). Images with NaN / inf pixels
+    raise :class:`~vitdecomp.errors.NonFiniteInputError` naming their batch positions.
+    ``token_directions``: split over tokens (all layers unless ``tokens`` names some) but keep only
+    each token's projection on these directions (``[k, D]`` for every head, or ``label -> [k, D]``
+    per head): ``d.tokens[i].values`` is then
+    ``[B, heads, N, k]``, pulled back through the frozen readout at about the cost of the forward
+    (see :mod:`vitdecomp.decomp.directional`).
     """
     adapter, target = adapter_for(getattr(model, "model", model))
 
     def make_plan():
         return adapter.plan(target, start_layer=start_layer, representation=representation, heads=heads)
 
-    return decompose_plan(make_plan, target, images, heads=heads, tokens=tokens, check=check)
+    directions = None if token_directions is None else TokenDirections(token_directions)
+    tokens = True if directions is not None and tokens is False else tokens
+    return decompose_plan(make_plan, target, images, heads=heads, tokens=tokens, check=check, directions=directions)

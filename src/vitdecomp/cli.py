@@ -1,135 +1,130 @@
-"""The ``vitdecomp`` command: one entry point, one subcommand per job."""
+"""The ``vitdecomp`` command: one entry point, one subcommand per job.
+
+Every subcommand is one row of :data:`COMMANDS`: its name, its one-line help and the function that
+adds its parser (``add_parser(subparsers)``, which sets ``func`` on its arguments), named as
+``"module:function"`` so that only the chosen subcommand's module is imported (``vitdecomp
+--help`` and ``vitdecomp analyze --help`` do not import torch). To add a subcommand, add a row.
+
+The error contract (see :mod:`vitdecomp.errors`): a :class:`~vitdecomp.errors.VitDecompError`
+prints ``vitdecomp: error: <one line>`` and exits with 2, as argparse does for a bad option; an
+``OSError`` of the file system (no space, no permission) prints one line naming the path, exit 2;
+anything else is an internal error and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import importlib
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
-import torch
-from PIL import Image
-from tqdm.auto import tqdm
-
-from vitdecomp import decompose, load_model
-from vitdecomp.errors import VitDecompError
-from vitdecomp.imageset import iter_batches, list_images
-from vitdecomp.pipeline import AnalysisConfig, run_analysis
-from vitdecomp.world import make_scenes
-from vitdecomp.world.cli import add_world_parser
-from vitdecomp.zoo.cli import add_zoo_parser
+from vitdecomp import __version__
+from vitdecomp.errors import VitDecompError, one_line
 
 
-def _add_decompose_parser(sub) -> None:
-    p = sub.add_parser(
-        "decompose",
-        help="split a model's representation of some images into its parts and print a summary",
-        description="Decompose MODEL's representation of the images in --images (default: generated scenes).",
-    )
-    p.add_argument("model", help="timm name, open_clip:ARCH/TAG, or zoo:NAME")
-    p.add_argument("--images", help="folder of images (default: 8 generated scenes of the built-in world)")
-    p.add_argument("--random-init", action="store_true", help="random weights instead of pretrained ones")
-    p.add_argument("--checkpoint", help="local weights file (safetensors) for MODEL")
-    p.add_argument("--tokens", action="store_true", help="also split heads over source tokens")
-    p.add_argument("--start-layer", type=int, default=0)
-    p.add_argument("--representation", default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping")
-    p.add_argument("--top", type=int, default=10, help="print the N components with the largest norm")
-    p.set_defaults(func=_run_decompose)
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``name``, one-line ``help`` and ``add_parser`` (``"module:function"`` or a callable
+    taking the subparsers object)."""
+
+    name: str
+    help: str
+    add_parser: str | Callable[[argparse._SubParsersAction], object]
+
+    def register(self, subparsers: argparse._SubParsersAction) -> None:
+        add = self.add_parser
+        if isinstance(add, str):
+            module, _, function = add.partition(":")
+            add = getattr(importlib.import_module(module), function)
+        add(subparsers)
 
 
-def _cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def _run_decompose(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model, pretrained=not args.random_init, checkpoint=args.checkpoint, device=args.device)
-    if args.images:
-        paths = list_images(args.images)
-        batches = iter_batches(paths, loaded.preprocess, args.batch_size, args.skip_bad_images)
-        total = len(paths)
-    else:
-        scenes = make_scenes(8, seed=0)
-        ims = torch.stack([loaded.preprocess(Image.fromarray(im)) for im in scenes.images])
-        batches = iter([([f"scene{i}" for i in range(len(ims))], ims)])
-        total = len(ims)
-    norms, errors, labels, count = None, [], None, 0
-    with tqdm(total=total, unit="img", desc="decompose") as bar:
-        for ids, x in batches:
-            d = decompose(
-                loaded, x, tokens=args.tokens, start_layer=args.start_layer, representation=args.representation
-            )
-            n = d.contributions.norm(dim=-1).sum(0)
-            norms = n if norms is None else norms + n
-            errors.append(d.error)
-            labels = d
-            count += len(ids)
-            bar.update(len(ids))
-    err = torch.cat(errors)
-    print(f"{loaded.name} ({loaded.weights_id}) on {count} images")
-    print(
-        labels.summary().replace(
-            labels.summary().splitlines()[-1 - len(labels.tokens)],
-            f"completeness: max relative error {err.max().item():.2e} (mean {err.mean().item():.2e})",
-        )
-    )
-    order = torch.argsort(norms, descending=True)[: args.top]
-    print(f"largest components (mean L2 norm over {count} images):")
-    for i in order.tolist():
-        print(f"  {labels.names[i]:24s} {norms[i].item() / count:10.4f}")
-    return 0
-
-
-def _add_analyze_parser(sub) -> None:
-    p = sub.add_parser(
+#: The subcommands, in the order ``--help`` lists them.
+COMMANDS: list[Command] = [
+    Command(
         "analyze",
-        help="decompose, align to CLIP, describe and score every component; write an HTML + JSON report",
-        description=(
-            "The main job: split MODEL's representation of an image set into components, map them into "
-            "CLIP space (CompAlign, cached), name each with its top descriptions and score every component "
-            "for every feature. With no options: the zoo's DeiT read through the zoo's CLIP on generated "
-            "held-out scenes of the built-in world (offline)."
-        ),
-    )
-    AnalysisConfig.add_arguments(p)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads (default: 1 for zoo models, whose many small ops run fastest on one "
-        "thread — 25 s vs 3 min for the default run on 2 busy cores —, torch's choice otherwise)",
-    )
-    p.set_defaults(func=_run_analyze)
+        "decompose, align to CLIP, describe and score every component; write an HTML + JSON report",
+        "vitdecomp.pipeline.cli:add_analyze_parser",
+    ),
+    Command(
+        "decompose",
+        "split a model's representation of some images into its parts; save them with --out",
+        "vitdecomp.pipeline.cli:add_decompose_parser",
+    ),
+    Command(
+        "heatmap",
+        "where in each image the chosen heads write along a text: PNG overlays + .npy maps",
+        "vitdecomp.apps.heatmap:add_heatmap_parser",
+    ),
+    Command(
+        "retrieve",
+        "search an analysed image set by text or by example, through a feature's components",
+        "vitdecomp.apps.retrieval:add_retrieve_parser",
+    ),
+    Command("world", "the built-in generated world (scenes with ground truth)", "vitdecomp.world.cli:add_world_parser"),
+    Command("zoo", "the shipped small models: list them, train them again", "vitdecomp.zoo.cli:add_zoo_parser"),
+    Command(
+        "validate",
+        "check every component score against causal, probe and planted ground truths (docs/validation.md)",
+        "vitdecomp.evaluation.cli:add_validate_parser",
+    ),
+]
 
 
-def _run_analyze(args: argparse.Namespace) -> int:
-    cfg = AnalysisConfig.from_args(args)
-    threads = args.threads or (1 if cfg.model.startswith("zoo:") else None)
-    if threads:
-        torch.set_num_threads(threads)
-    run_analysis(cfg)
-    return 0
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the contract of :mod:`vitdecomp.errors`), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv``, only the subcommand it names gets its full parser (the others are
+    listed with their help), so only that subcommand's module is imported. ``None``: every one."""
+    parser = Parser(
         prog="vitdecomp",
         description="Decompose vision transformers' image representations into their parts and read them with text.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_decompose_parser(sub)
-    _add_analyze_parser(sub)
-    add_world_parser(sub)
-    add_zoo_parser(sub)
+    parser.add_argument("--version", action="version", version=f"vitdecomp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = _chosen(argv)
+    for cmd in COMMANDS:
+        if chosen is None or cmd.name == chosen:
+            cmd.register(sub)
+        else:
+            sub.add_parser(cmd.name, help=cmd.help)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _chosen(argv: Sequence[str] | None) -> str | None:
+    """The subcommand ``argv`` names (its first word that is one), ``""`` if none, ``None`` if no argv."""
+    if argv is None:
+        return None
+    names = {c.name for c in COMMANDS}
+    return next((a for a in argv if a in names), "")
+
+
+#: File-system errors that are the user's to fix (a full disk, a folder they cannot write).
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except VitDecompError as err:
-        print(f"vitdecomp: error: {err}", file=sys.stderr)
+        print(f"vitdecomp: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in USER_OS_ERRORS:
+            raise
+        from vitdecomp.fsio import os_error_message
+
+        print(f"vitdecomp: error: {os_error_message(err, err.filename or '?')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vitdecomp: interrupted", file=sys.stderr)

@@ -7,10 +7,15 @@ A :class:`Decomposition` holds one tensor ``contributions [B, C, D]`` and a list
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
+import numpy as np
 import torch
+
+from vitdecomp import savefile
 
 #: Component kinds, in the order they appear inside a block.
 KINDS = (
@@ -181,6 +186,98 @@ class Decomposition:
                 f"(grid {tok.grid_size[0]}x{tok.grid_size[1]})"
             )
         return "\n".join(lines)
+
+    # ----------------------------------------------------------------- files and notebooks
+    def save(self, folder: str | Path, ids: Sequence[str] | None = None, meta: dict | None = None) -> Path:
+        """Write ``folder/decomposition.safetensors`` + ``folder/labels.json`` (see
+        :mod:`vitdecomp.savefile`: plain arrays and JSON, readable without vitdecomp)."""
+        arrays = {
+            "contributions": _np(self.contributions),
+            "representation": _np(self.representation),
+            "error": _np(self.error.float()),
+        }
+        stacks = []
+        for i, tok in enumerate(self.tokens):
+            arrays[f"tokens.{i}"] = _np(tok.values)
+            arrays[f"tokens.{i}.pixel_boxes"] = _np(tok.pixel_boxes)
+            stacks.append(
+                {
+                    "array": f"tokens.{i}",
+                    "labels": [lab.name for lab in tok.labels],
+                    "components": [asdict(lab) for lab in tok.labels],
+                    "grid_size": list(tok.grid_size),
+                    "num_prefix_tokens": tok.num_prefix_tokens,
+                }
+            )
+        description = {
+            "labels": self.names,
+            "components": [asdict(lab) for lab in self.labels],
+            "ids": None if ids is None else [str(i) for i in ids],
+            "tokens": stacks,
+            "arrays": {
+                "contributions": ["image", "component", "dim"],
+                "representation": ["image", "dim"],
+                "error": ["image"],
+                **{s["array"]: ["image", "head", "token", "dim"] for s in stacks},
+            },
+            "meta": {**{k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool))}, **(meta or {})},
+        }
+        return savefile.save_arrays(folder, arrays, description)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Decomposition:
+        """A decomposition saved by :meth:`save` (``meta["ids"]``: the image ids, when saved)."""
+        arrays, doc = savefile.load_arrays(folder)
+        tokens = [
+            TokenContributions(
+                values=torch.from_numpy(arrays[s["array"]]),
+                labels=[ComponentLabel(**c) for c in s["components"]],
+                pixel_boxes=torch.from_numpy(arrays[s["array"] + ".pixel_boxes"]),
+                grid_size=tuple(s["grid_size"]),
+                num_prefix_tokens=s["num_prefix_tokens"],
+            )
+            for s in doc["tokens"]
+        ]
+        return cls(
+            contributions=torch.from_numpy(arrays["contributions"]),
+            labels=[ComponentLabel(**c) for c in doc["components"]],
+            representation=torch.from_numpy(arrays["representation"]),
+            tokens=tokens,
+            meta={**doc.get("meta", {}), "ids": doc.get("ids")},
+        )
+
+    def to_pandas(self):
+        """One row per component (index: its name): the label's fields, its mean L2 norm over the
+        images and that norm's share of the sum of all components' norms. Needs pandas."""
+        try:
+            import pandas as pd
+        except ImportError as err:
+            raise ImportError("Decomposition.to_pandas needs pandas: pip install pandas") from err
+        norms = self.contributions.float().norm(dim=-1).mean(0).cpu().numpy()
+        rows = [{**asdict(lab), "mean_norm": float(n)} for lab, n in zip(self.labels, norms, strict=True)]
+        df = pd.DataFrame(rows, index=pd.Index(self.names, name="component"))
+        df["share"] = df["mean_norm"] / max(float(norms.sum()), 1e-30)
+        return df
+
+    def _repr_html_(self) -> str:
+        """A notebook summary: the shape, completeness and the largest components."""
+        norms = self.contributions.float().norm(dim=-1).mean(0)
+        top = torch.argsort(norms, descending=True)[:10].tolist()
+        rows = "".join(
+            f"<tr><td><code>{html.escape(self.names[i])}</code></td><td>{self.labels[i].kind}</td>"
+            f"<td style='text-align:right'>{norms[i].item():.4g}</td></tr>"
+            for i in top
+        )
+        head = html.escape(self.summary()).replace("\n", "<br>")
+        return (
+            f"<div><b>Decomposition</b><br><small>{head}</small><table><thead><tr><th>largest components</th>"
+            f"<th>kind</th><th>mean norm</th></tr></thead><tbody>{rows}</tbody></table></div>"
+        )
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    x = x.detach().cpu()
+    return (x.float() if x.dtype == torch.bfloat16 else x).contiguous().numpy()
 
 
 def stack_labels(parts: Sequence[tuple[ComponentLabel, torch.Tensor]]) -> tuple[torch.Tensor, list[ComponentLabel]]:

@@ -1,10 +1,31 @@
-"""Image sets: folders (list, read with a clear error per bad file, preprocess in batches) and the
-:class:`ImageSource` that ``vitdecomp analyze`` reads (a folder or generated world scenes)."""
+"""Image sets: folders read as users expect, and the :class:`ImageSource` that ``vitdecomp analyze``
+reads (a folder or generated world scenes).
+
+A folder is listed recursively (hidden files and folders skipped, sorted); a ``vitdecomp world
+export`` folder (``attributes.csv`` naming ``images/…`` and ``masks/…``) is read as its images only,
+in the CSV's order, with the attributes attached. Every file is decoded by :func:`read_image` into
+8-bit RGB the way a viewer shows it:
+
+* 16-bit and float greyscale (``I;16``, ``I``, ``F``) scaled from their type's range (16-bit:
+  0..65535; float: 0..1, clipped) instead of PIL's clipping to white/black;
+* palette images through their palette (with their transparency), CMYK through PIL's conversion;
+* transparency composited on :data:`BACKGROUND` (white), not dropped;
+* images with more than :data:`MAX_PIXELS` pixels refused (decompression bombs), per file.
+
+An unreadable file raises :class:`~vitdecomp.errors.ImageReadError` naming it; with ``skip_bad``
+it is dropped up front and listed (``ImageSource.errors``, the skip report). File names that are
+not UTF-8 get printable ids (``\\xe9`` escapes). The set's key hashes every file's *bytes* (as they
+are read), so an edited image is never mistaken for its old rows. Files are read and decoded by a
+torch ``DataLoader`` with worker processes (:func:`loader_workers`).
+"""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,35 +33,168 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from vitdecomp.defaults import DEFAULT_N_IMAGES, WORLD_SEED
 from vitdecomp.errors import ImageReadError
 from vitdecomp.world import make_scenes
+from vitdecomp.world.attributes import ATTRIBUTES
+
+__all__ = ["DEFAULT_N_IMAGES", "WORLD_SEED", "ImageSource", "image_source", "list_images", "read_image"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-#: Seed of the default (held-out) world image set; the zoo trained on 1000/1001 (+1500 for
-#: validation) and its probes use 2001/2002 — see ``vitdecomp.zoo.recipes`` (``Recipe.data_seed``) / ``zoo.evaluate``.
-WORLD_SEED = 3000
-DEFAULT_N_IMAGES = 2000
+#: Transparent pixels are composited on this colour (RGB).
+BACKGROUND = (255, 255, 255)
+#: Images with more pixels than this are refused (PIL's own bomb limit is 89 M, with only a warning).
+MAX_PIXELS = 50_000_000
+#: The file that marks a ``vitdecomp world export`` folder.
+WORLD_EXPORT_CSV = "attributes.csv"
+
+
+def display_name(path: str | Path) -> str:
+    """A printable, reversible-enough name: undecodable bytes of a non-UTF-8 file name as ``\\xNN``."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursively), sorted for a stable order."""
+    """Image files under ``folder`` (recursively, hidden ones skipped), sorted for a stable order;
+    for a world export folder, its ``images/`` as listed in ``attributes.csv``."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ImageReadError(f"not a folder: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        raise ImageReadError(f"not a folder: {display_name(folder)}")
+    export = _world_export(folder)
+    if export is not None:
+        return [folder / row["img_filename"] for row in export]
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.is_file()
+    )
     if not files:
-        raise ImageReadError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
+        raise ImageReadError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {display_name(folder)}")
     return files
 
 
+def _world_export(folder: Path) -> list[dict[str, str]] | None:
+    """The rows of a world export's ``attributes.csv`` (``None`` if ``folder`` is not one)."""
+    path = folder / WORLD_EXPORT_CSV
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "img_filename" not in rows[0] or "mask_filename" not in rows[0]:
+        return None
+    return rows
+
+
+def _export_attributes(rows: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    """A world export's attributes as the generator gives them: word indices, numbers as floats."""
+    out: dict[str, np.ndarray] = {}
+    for name in rows[0]:
+        values = [r[name] for r in rows]
+        if name in ATTRIBUTES:
+            words = list(ATTRIBUTES[name])
+            out[name] = np.asarray([words.index(v) if v in words else -1 for v in values])
+        elif name not in ("img_filename", "mask_filename", "caption"):
+            try:
+                out[name] = np.asarray([float(v) for v in values])
+            except ValueError:
+                continue
+    return out
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB as a viewer shows ``im`` (see the module docstring for the rules)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        scale = 1.0 if im.mode == "F" else (65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0)
+        a = np.clip(np.nan_to_num(a / scale), 0.0, 1.0)
+        return Image.fromarray((a * 255.0 + 0.5).astype(np.uint8)).convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("LA", "PA", "La", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        background = Image.new("RGBA", im.size, (*BACKGROUND, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
 def read_image(path: str | Path) -> Image.Image:
-    """An RGB PIL image, or :class:`ImageReadError` naming the file and the reason."""
+    """An RGB PIL image (see :func:`to_rgb`), or :class:`ImageReadError` naming the file and the reason."""
+    with open(path, "rb") as f:
+        return decode_image(f, path)
+
+
+def decode_image(f: object, path: str | Path) -> Image.Image:
+    """Decode an open file (or ``BytesIO``) of ``path``; refuses bombs and unreadable bytes."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise ImageReadError(f"cannot read image {path}: {err}") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise ImageReadError(
+                        f"image {display_name(path)} has {w}x{h} pixels, more than the limit of {MAX_PIXELS:,} "
+                        "(a decompression bomb?); shrink it or skip it with --skip-bad-images"
+                    )
+                im.load()
+                return to_rgb(im)
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageReadError(
+            f"image {display_name(path)} is too large ({err}); skip it with --skip-bad-images"
+        ) from err
+    except UnidentifiedImageError as err:
+        raise ImageReadError(f"cannot read image {display_name(path)}: not an image PIL can decode") from err
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageReadError(f"cannot read image {display_name(path)}: {err}") from err
+
+
+def loader_workers(n_files: int) -> int:
+    """Decoding processes for ``n_files``: none for a handful, else up to 4 (``$VITDECOMP_WORKERS``)."""
+    env = os.environ.get("VITDECOMP_WORKERS")
+    if env is not None:
+        return max(0, int(env))
+    return 0 if n_files < 64 else min(4, os.cpu_count() or 1)
+
+
+class _Files(Dataset):
+    """Each item: ``(index, bytes digest, RGB image or None, error or None)``."""
+
+    def __init__(self, paths: Sequence[Path], decode: bool = True) -> None:
+        self.paths, self.decode = list(paths), decode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, str, Image.Image | None, str | None]:
+        import io
+
+        p = self.paths[i]
+        try:
+            data = p.read_bytes()
+        except OSError as err:
+            return i, "", None, f"cannot read image {display_name(p)}: {err.strerror or err}"
+        digest = hashlib.sha256(data).hexdigest()
+        if not self.decode:
+            return i, digest, None, None
+        try:
+            return i, digest, decode_image(io.BytesIO(data), p), None
+        except ImageReadError as err:
+            return i, digest, None, str(err)
+
+
+def _load(paths: Sequence[Path], decode: bool, batch_size: int = 16) -> Iterator[list[tuple]]:
+    """Batches of :class:`_Files` items, in order, decoded by a ``DataLoader`` with workers."""
+    loader = DataLoader(
+        _Files(paths, decode), batch_size=batch_size, num_workers=loader_workers(len(paths)), collate_fn=list
+    )
+    yield from loader
 
 
 def iter_batches(
@@ -51,21 +205,18 @@ def iter_batches(
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """Yield ``(ids, images [b, 3, H, W])``; unreadable files raise, or are skipped (and reported
     on stderr) with ``skip_bad``."""
-    ids: list[str] = []
-    tensors: list[torch.Tensor] = []
-    for p in paths:
-        try:
-            tensors.append(preprocess(read_image(p)))
-            ids.append(str(p))
-        except ImageReadError as err:
-            if not skip_bad:
-                raise
-            print(f"skipped: {err}", file=sys.stderr)
-        if len(tensors) == batch_size:
+    for items in _load([Path(p) for p in paths], True, batch_size):
+        ids, tensors = [], []
+        for i, _, im, err in items:
+            if err is not None:
+                if not skip_bad:
+                    raise ImageReadError(err)
+                print(f"skipped: {err}", file=sys.stderr)
+                continue
+            ids.append(display_name(paths[i]))
+            tensors.append(preprocess(im))
+        if tensors:
             yield ids, torch.stack(tensors)
-            ids, tensors = [], []
-    if tensors:
-        yield ids, torch.stack(tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +228,8 @@ class ImageSource:
     """An image set: stable ids, batches of PIL images, and a way to fetch one image by id.
 
     ``key`` identifies the set for the store key; ``attributes`` holds the ground-truth attributes
-    of generated world scenes (``None`` for folders); ``errors`` the files skipped as unreadable.
+    of generated world scenes or of a world export folder (``None`` for other folders); ``errors``
+    the files skipped as unreadable (the skip report).
     """
 
     ids: list[str]
@@ -86,13 +238,14 @@ class ImageSource:
     _get: Callable[[int], Image.Image]
     attributes: dict[str, np.ndarray] | None = None
     errors: list[str] = field(default_factory=list)
+    paths: list[Path] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def is_world(self) -> bool:
-        """Generated scenes of the built-in world (with ground-truth attributes)."""
+        """Scenes of the built-in world (with ground-truth attributes): generated or exported."""
         return self.attributes is not None
 
     def image(self, index: int) -> Image.Image:
@@ -100,12 +253,20 @@ class ImageSource:
         return self._get(index)
 
     def batches(self, batch_size: int) -> Callable[[int], Iterator[tuple[list[str], list[Image.Image]]]]:
-        """A resumable batch source: ``source(start)`` yields ``(ids, images)`` from row ``start`` on."""
+        """A resumable batch source: ``source(start)`` yields ``(ids, images)`` from row ``start`` on
+        (a folder's files decoded by a ``DataLoader`` with workers)."""
 
         def source(start: int) -> Iterator[tuple[list[str], list[Image.Image]]]:
-            for s in range(start, len(self.ids), batch_size):
-                e = min(s + batch_size, len(self.ids))
-                yield self.ids[s:e], [self._get(i) for i in range(s, e)]
+            if self.paths is None:
+                for s in range(start, len(self.ids), batch_size):
+                    e = min(s + batch_size, len(self.ids))
+                    yield self.ids[s:e], [self._get(i) for i in range(s, e)]
+                return
+            for items in _load(self.paths[start:], True, batch_size):
+                bad = next((err for *_, err in items if err is not None), None)
+                if bad is not None:  # the file changed since it was listed
+                    raise ImageReadError(bad)
+                yield [self.ids[start + i] for i, *_ in items], [im for _, _, im, _ in items]
 
         return source
 
@@ -122,41 +283,70 @@ def world_source(n: int = DEFAULT_N_IMAGES, seed: int = WORLD_SEED, size: int = 
     )
 
 
-def folder_source(folder: str | Path, n: int | None = None, skip_bad: bool = False) -> ImageSource:
-    """The images under ``folder`` (sorted; the first ``n``). Unreadable files raise, or with
-    ``skip_bad`` are dropped up front (and listed in ``errors``) so that row ids stay stable."""
+def folder_source(
+    folder: str | Path, n: int | None = None, skip_bad: bool = False, progress: bool = False
+) -> ImageSource:
+    """The images under ``folder`` (see :func:`list_images`; the first ``n``). Every file's bytes are
+    hashed into the key as they are read; with ``skip_bad`` every file is also decoded up front and
+    the unreadable ones are dropped (and listed in ``errors``, the skip report :func:`skip_report`
+    prints) so that row ids stay stable."""
     folder = Path(folder).resolve()
     paths = list_images(folder)
+    export = _world_export(folder)
     if n is not None:
         paths = paths[:n]
-    errors: list[str] = []
-    if skip_bad:
-        good = []
-        for p in paths:
-            try:
-                read_image(p)
-                good.append(p)
-            except ImageReadError as err:
-                errors.append(str(err))
-        paths = good
+    digests, errors, keep = [""] * len(paths), [], [True] * len(paths)
+    bar = tqdm(total=len(paths), desc="read images", unit="img", disable=not progress, leave=False)
+    for items in _load(paths, decode=skip_bad):
+        for i, digest, _, err in items:
+            digests[i] = digest
+            if err is not None:
+                if not skip_bad:
+                    raise ImageReadError(err)
+                errors.append(err)
+                keep[i] = False
+        bar.update(len(items))
+    bar.close()
+    good = [p for p, k in zip(paths, keep, strict=True) if k]
     listing = hashlib.sha256()
-    for p in paths:
-        st = p.stat()
-        listing.update(f"{p.relative_to(folder)}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+    for p, d, k in zip(paths, digests, keep, strict=True):
+        if k:
+            listing.update(f"{display_name(p.relative_to(folder))}|{d}\n".encode())
+    attributes = None
+    if export is not None:
+        rows = [r for r, k in zip(export[: len(paths)], keep, strict=True) if k]
+        attributes = _export_attributes(rows)
+    kind = "world export" if export is not None else "images"
     return ImageSource(
-        ids=[str(p.relative_to(folder)) for p in paths],
-        key=f"folder:{folder}:{len(paths)}:{listing.hexdigest()[:16]}",
-        description=f"{len(paths)} images from {folder}",
-        _get=lambda i: read_image(paths[i]),
+        ids=[display_name(p.relative_to(folder)) for p in good],
+        key=f"folder:{display_name(folder)}:{len(good)}:{listing.hexdigest()[:16]}",
+        description=f"{len(good)} {kind} from {display_name(folder)}",
+        _get=lambda i: read_image(good[i]),
+        attributes=attributes,
         errors=errors,
+        paths=good,
     )
 
 
+def skip_report(source: ImageSource, shown: int = 3) -> str | None:
+    """One line listing the files skipped as unreadable (``None`` when none were)."""
+    if not source.errors:
+        return None
+    more = (
+        f" and {len(source.errors) - shown} more (results.json: images.skipped)" if len(source.errors) > shown else ""
+    )
+    return f"skipped {len(source.errors)} unreadable file(s): " + "; ".join(source.errors[:shown]) + more
+
+
 def image_source(
-    images: str | Path | None = None, n: int | None = None, seed: int = WORLD_SEED, skip_bad: bool = False
+    images: str | Path | None = None,
+    n: int | None = None,
+    seed: int = WORLD_SEED,
+    skip_bad: bool = False,
+    progress: bool = False,
 ) -> ImageSource:
     """A folder's images (``images``), or ``n`` (default :data:`DEFAULT_N_IMAGES`) world scenes from
     ``seed`` when ``images`` is ``None``."""
     if images is None:
         return world_source(n or DEFAULT_N_IMAGES, seed=seed)
-    return folder_source(images, n, skip_bad=skip_bad)
+    return folder_source(images, n, skip_bad=skip_bad, progress=progress)

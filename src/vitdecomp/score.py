@@ -25,8 +25,22 @@ projected on that subspace and centred over images (METHOD.md §3):
     attributed to component ``i`` (sums to 1 over the components; not scale-free: a component that
     varies little counts little). Basis-free as well.
 
+``"ablation"`` (:func:`score_ablation`, the default)
+    What *removing* the component does to the feature's reading, label-free: the feature's
+    descriptions read the aligned whole zero-shot (``scale * cos(z, t_k)``, :data:`ABLATION_SCALE`),
+    the component's aligned contribution is replaced by its mean over the images, and the score is the
+    mean KL divergence between the two distributions over the descriptions. Unlike the correlation
+    scores it is magnitude-aware (a part that barely moves the whole along the feature's texts scores
+    little) and reads only the directions of the descriptions. On held-out scenes it agrees best with
+    the causal truth (docs/validation.md), so ``vitdecomp analyze`` ranks by it first.
+
 Degenerate descriptions (near-duplicates) are dropped from the span by an SVD rank cut for the
 basis-free scores; the paper's QR keeps them (as published).
+
+Confidence (:func:`score_confidence`): a bootstrap percentile interval over images for every
+component x feature score, and a null: the same score for ``n_null`` *null features*, the feature's
+description embeddings turned by random rotations of CLIP space (same number of descriptions, same
+pairwise cosines, same subspace size, random directions); ``p = (1 + #null >= score) / (1 + n_null)``.
 """
 
 from __future__ import annotations
@@ -45,7 +59,12 @@ from vitdecomp.align import Aligner
 from vitdecomp.store import RowSource, as_rows
 from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
 
-METHODS = ("paper", "invariant", "share")
+METHODS = ("paper", "invariant", "share", "ablation")
+#: The score ``vitdecomp analyze`` ranks by and shows first.
+DEFAULT_METHOD = "ablation"
+#: The zero-shot logit scale of the ablation score: a soft reading (CLIP itself uses 100), chosen on the
+#: development seed among 1, 3, 10, 30, 100 (docs/validation.md).
+ABLATION_SCALE = 3.0
 
 
 # ------------------------------------------------------------------------------ features
@@ -151,7 +170,29 @@ def score_share(u: torch.Tensor, total: torch.Tensor | None = None) -> torch.Ten
     return (u * total[:, None]).sum((0, 2)) / total.square().sum().clamp_min(1e-300)
 
 
-_SCORERS = {"paper": score_paper, "invariant": score_invariant, "share": score_share}
+def score_ablation(
+    u: torch.Tensor, whole: torch.Tensor, norm: torch.Tensor, scale: float | None = None, per_image: bool = False
+) -> torch.Tensor:
+    """What removing each component does to the feature's zero-shot reading, label-free ``[C]``.
+
+    ``u [N, C, K]``: each aligned component projected on the feature's *unit* description
+    embeddings; ``whole [N, K]``: the aligned whole (parts + bias) projected likewise; ``norm [N]``:
+    ``||aligned whole||``. Zero-shot logits ``scale * <t_k, z> / ||z||``; the component is
+    mean-ablated (its aligned contribution replaced by its mean over the images, the norm held) and
+    the score is the mean over images of ``KL(p(z) || p(z - a_i + mean a_i))`` in nats
+    (``per_image``: the ``[N, C]`` KLs before the mean).
+    """
+    scale = ABLATION_SCALE if scale is None else scale
+    inv = 1.0 / norm.double().clamp_min(1e-30)
+    logits = scale * whole.double() * inv[:, None]  # [N, K]
+    shift = scale * (u.double().mean(0, keepdim=True) - u.double()) * inv[:, None, None]  # [N, C, K]
+    logp = torch.log_softmax(logits, -1)[:, None]
+    logq = torch.log_softmax(logits[:, None] + shift, -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # [N, C]
+    return kl if per_image else kl.mean(0)
+
+
+_SCORERS = {"paper": score_paper, "invariant": score_invariant, "share": score_share, "ablation": score_ablation}
 
 
 def score(aligned: torch.Tensor, text_emb: torch.Tensor, method: str = "invariant") -> torch.Tensor:
@@ -159,8 +200,10 @@ def score(aligned: torch.Tensor, text_emb: torch.Tensor, method: str = "invarian
     given by its description embeddings ``text_emb [K, d_clip]`` (the whole is the stack's sum)."""
     if method not in _SCORERS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
-    basis = feature_basis(text_emb, method).to(aligned.device)
-    return _SCORERS[method](aligned.double() @ basis)
+    u = aligned.double() @ _basis(text_emb, _KIND[method]).to(aligned.device)
+    if method == "ablation":
+        return score_ablation(u, u.sum(1), aligned.double().sum(1).norm(dim=-1))
+    return _SCORERS[method](u)
 
 
 @dataclass
@@ -202,7 +245,85 @@ class ScoreTable:
         return "\n".join(lines)
 
 
+_KIND = {"paper": "paper", "invariant": "span", "share": "span", "ablation": "text"}
+
+
+def _basis(text_emb: torch.Tensor, kind: str) -> torch.Tensor:
+    """The directions a kind of score projects on: QR basis (``paper``), an orthonormal basis of the
+    span (``span``), or the unit description embeddings themselves (``text``) ``[d_clip, r]``."""
+    if kind == "text":
+        return torch.nn.functional.normalize(text_emb.double(), dim=-1).T
+    return feature_basis(text_emb, "paper" if kind == "paper" else "invariant")
+
+
+@dataclass
+class Projections:
+    """Every image's aligned components and aligned whole projected on the directions of each
+    ``(kind, feature)`` (:func:`project_features`): ``parts[(kind, feature)] = (u [N, C, r], whole
+    [N, r])`` (``whole`` = the sum of the parts + the aligner's bias, float64), ``norm [N]`` =
+    ``||aligned whole||``. Each part is its own contiguous tensor, so scoring one reads only its own."""
+
+    parts: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
+    norm: torch.Tensor
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return self.norm.shape[0]
+
+    def of(self, method: str, feature: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u [N, C, r], whole [N, r])`` for ``method``'s directions of ``feature``, in float64."""
+        u, whole = self.parts[(_KIND[method], feature)]
+        return u.double(), whole
+
+    def score(self, method: str, feature: str) -> torch.Tensor:
+        """Scores ``[C]`` of ``method`` for ``feature``."""
+        u, whole = self.of(method, feature)
+        if method == "ablation":
+            return score_ablation(u, whole, self.norm)
+        return _SCORERS[method](u, whole)
+
+
 @torch.no_grad()
+def project_features(
+    source: RowSource,
+    aligner: Aligner,
+    feature_emb: Mapping[str, torch.Tensor],
+    methods: Sequence[str],
+    *,
+    batch_size: int = 256,
+    dtype: torch.dtype = torch.float64,
+    progress: bool = True,
+) -> Projections:
+    """One streaming pass over rows (or contributions ``[N, C, D]``): each aligned component and the
+    aligned whole projected on the directions every method in ``methods`` needs for every feature
+    (computed and held in ``dtype``; the whole in float64)."""
+    for m in methods:
+        if m not in _SCORERS:
+            raise ValueError(f"method must be one of {METHODS}, not {m!r}")
+    kinds = sorted({_KIND[m] for m in methods})
+    bases = {(k, f): _basis(emb, k).to(aligner.device, dtype) for k in kinds for f, emb in feature_emb.items()}
+    widths = [b.shape[1] for b in bases.values()]
+    basis = torch.cat(list(bases.values()), 1)  # [d_clip, R]: one product per batch, then split
+    bias = aligner.bias.double()
+    rows = as_rows(source)
+    parts: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in bases}
+    norms = []
+    with tqdm(total=len(rows), desc="score features", unit="img", disable=not progress) as bar:
+        for b in rows.iter_batches(batch_size):
+            a = aligner.apply(b["contributions"]).to(dtype)
+            for key, y in zip(bases, torch.split(a @ basis, widths, dim=2), strict=True):
+                parts[key].append(y.contiguous())  # [b, C, r]
+            norms.append((a.double().sum(1) + bias).norm(dim=-1))
+            bar.update(a.shape[0])
+    if not norms:
+        raise ValueError("no images to score")
+    out = {}
+    for key, chunks in parts.items():
+        u = torch.cat(chunks)
+        out[key] = (u, u.double().sum(1) + bias @ bases[key].double())
+    return Projections(out, torch.cat(norms), list(aligner.labels))
+
+
 def score_features(
     source: RowSource,
     aligner: Aligner,
@@ -219,35 +340,189 @@ def score_features(
     ``[N, C, r]`` on the feature subspaces are kept in memory. Returns ``{method: ScoreTable}``.
     """
     methods = [methods] if isinstance(methods, str) else list(methods)
-    for m in methods:
-        if m not in _SCORERS:
-            raise ValueError(f"method must be one of {METHODS}, not {m!r}")
+    proj = project_features(source, aligner, feature_emb, methods, batch_size=batch_size, progress=progress)
     names = list(feature_emb)
-    kinds = sorted({"paper" if m == "paper" else "span" for m in methods})
-    bases, slices, start = [], {}, 0
-    for kind in kinds:
-        for f in names:
-            b = feature_basis(feature_emb[f], "paper" if kind == "paper" else "invariant")
-            bases.append(b)
-            slices[(kind, f)] = slice(start, start + b.shape[1])
-            start += b.shape[1]
-    basis = torch.cat(bases, 1).to(aligner.device)  # [d_clip, R]
-    rows = as_rows(source)
-    parts = []
-    with tqdm(total=len(rows), desc="score features", unit="img", disable=not progress) as bar:
-        for b in rows.iter_batches(batch_size):
-            c = b["contributions"]
-            parts.append(aligner.apply(c).double() @ basis)  # [b, C, R]
-            bar.update(c.shape[0])
-    if not parts:
-        raise ValueError("no images to score")
-    u = torch.cat(parts)
-    total = u.sum(1)
+    return {
+        m: ScoreTable(torch.stack([proj.score(m, f) for f in names]).float().cpu(), names, proj.labels, m)
+        for m in methods
+    }
+
+
+# ------------------------------------------------------------------------------ confidence
+def random_rotation(d: int, generator: torch.Generator) -> torch.Tensor:
+    """A Haar-random orthogonal matrix ``[d, d]`` (QR of a Gaussian with the signs fixed)."""
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None]
+
+
+def null_features(feature_emb: Mapping[str, torch.Tensor], n_null: int, seed: int = 0) -> dict[str, list[torch.Tensor]]:
+    """``n_null`` null versions of every feature: its description embeddings turned by a random
+    rotation of CLIP space (``T Q^T``), so each null feature has the same number of descriptions,
+    the same pairwise cosines and the same subspace size, pointing in random directions."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, list[torch.Tensor]] = {f: [] for f in feature_emb}
+    d = next(iter(feature_emb.values())).shape[1]
+    for _ in range(n_null):
+        q = random_rotation(d, g)
+        for f, t in feature_emb.items():
+            out[f].append((t.double() @ q.T).to(t.dtype))
+    return out
+
+
+@dataclass
+class ScoreConfidence:
+    """How sure each score of ``method`` is, per feature (rows) and component (columns):
+
+    ``low``/``high [F, C]``: the bootstrap percentile interval at ``level`` (images resampled with
+    replacement ``n_boot`` times); ``null_mean``/``null_high [F, C]``: the mean and the largest score
+    over ``n_null`` null features (random rotations of the feature's descriptions, see
+    :func:`null_features`); ``p_value [F, C]`` = ``(1 + #{null >= score}) / (1 + n_null)``: with
+    ``n_null = 19`` a score above every null draw has ``p = 0.05``."""
+
+    method: str
+    features: list[str]
+    labels: list[str]
+    score: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    null_mean: torch.Tensor
+    null_high: torch.Tensor
+    p_value: torch.Tensor
+    n_boot: int
+    n_null: int
+    level: float
+
+    def significant(self, alpha: float = 0.05) -> torch.Tensor:
+        """``[F, C]`` booleans: the score is above its null at ``alpha``."""
+        return self.p_value <= alpha + 1e-9
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the settings, then ``{feature: {label: {score, low, high, null_mean, null_high,
+        p}}}`` under ``"scores"``."""
+        cells = {}
+        for i, f in enumerate(self.features):
+            cells[f] = {
+                lab: {
+                    "score": float(self.score[i, j]),
+                    "low": float(self.low[i, j]),
+                    "high": float(self.high[i, j]),
+                    "null_mean": float(self.null_mean[i, j]),
+                    "null_high": float(self.null_high[i, j]),
+                    "p": round(float(self.p_value[i, j]), 6),
+                }
+                for j, lab in enumerate(self.labels)
+            }
+        head = {"method": self.method, "n_boot": self.n_boot, "n_null": self.n_null, "level": self.level}
+        return {**head, "null": "random rotations of the feature's description embeddings", "scores": cells}
+
+
+def _weighted_scores(method: str, u: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The correlation-type scores under image weights ``w [B, N]`` (bootstrap counts) at once:
+    ``u [N, C, r]``, ``t [N, r]`` -> ``[B, C]`` (weighted centring and moments)."""
+    n, c, r = u.shape
+    total = w.sum(1)[:, None]  # [B, 1]
+    su = (w @ u.reshape(n, -1)).reshape(-1, c, r)
+    st = w @ t  # [B, r]
+    sut = (w @ (u * t[:, None]).reshape(n, -1)).reshape(-1, c, r)
+    suu = (w @ u.square().reshape(n, -1)).reshape(-1, c, r)
+    stt = w @ t.square()
+    cov = sut - su * st[:, None] / total[..., None]  # [B, C, r]
+    var_u = suu - su.square() / total[..., None]
+    var_t = (stt - st.square() / total)[:, None]  # [B, 1, r]
+    if method == "paper":
+        denom = (var_u * var_t).clamp_min(0).sqrt()
+        return torch.where(denom > 1e-300, cov / denom.clamp_min(1e-300), torch.zeros_like(cov)).mean(-1)
+    if method == "share":
+        return cov.sum(-1) / var_t.sum(-1).clamp_min(1e-300)
+    denom = (var_u.sum(-1) * var_t.sum(-1)).clamp_min(0).sqrt()
+    inner = cov.sum(-1)
+    return torch.where(denom > 1e-300, inner / denom.clamp_min(1e-300), torch.zeros_like(inner))
+
+
+def _bootstrap(proj: Projections, method: str, features: list[str], n_boot: int, level: float, seed: int):
+    """Percentile interval ``(low, high) [F, C]`` over ``n_boot`` resamples of the images, each a
+    multinomial count per image. For the ablation score the mean an ablated part is replaced by is held
+    at its value over all images (the per-image KLs are resampled)."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(proj)
+    idx = torch.randint(0, n, (n_boot, n), generator=g)
+    w = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
+    draws = []
+    for f in features:
+        u, t = proj.of(method, f)
+        if method == "ablation":
+            draws.append(w @ score_ablation(u, t, proj.norm, per_image=True) / n)
+        else:
+            draws.append(_weighted_scores(method, u, t, w))
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo_hi = torch.quantile(torch.stack(draws, 1), q, dim=0)  # over [B, F, C]
+    return lo_hi[0], lo_hi[1]
+
+
+#: Most bytes the null projections of one pass may take; more null draws take more passes.
+NULL_PASS_BYTES = 256 << 20
+
+
+def _null_scores(
+    source: RowSource,
+    aligner: Aligner,
+    feature_emb: Mapping[str, torch.Tensor],
+    methods: list[str],
+    n_null: int,
+    seed: int,
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """Each method's scores for the ``n_null`` null features: ``{method: [n_null, F, C]}``, the
+    draws projected in groups of at most :data:`NULL_PASS_BYTES` per pass over the rows."""
+    names = list(feature_emb)
+    nulls = null_features(feature_emb, n_null, seed)
+    kinds = {_KIND[m] for m in methods}
+    width = sum(t.shape[0] for t in feature_emb.values()) * len(kinds)  # columns per draw (at most)
+    n, c = len(as_rows(source)), aligner.n_components
+    per_pass = max(1, NULL_PASS_BYTES // max(1, n * c * width * 4))
+    out: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    for start in range(0, n_null, per_pass):
+        draws = range(start, min(start + per_pass, n_null))
+        group = {f"{f}\x00{j}": nulls[f][j] for j in draws for f in names}
+        proj = project_features(
+            source, aligner, group, methods, batch_size=batch_size, dtype=torch.float32, progress=False
+        )
+        for m in methods:
+            out[m] += [torch.stack([proj.score(m, f"{f}\x00{j}") for f in names]) for j in draws]
+    return {m: torch.stack(v) for m, v in out.items() if v}
+
+
+def score_confidence(
+    source: RowSource,
+    aligner: Aligner,
+    feature_emb: Mapping[str, torch.Tensor],
+    methods: str | Sequence[str] = ("invariant",),
+    *,
+    n_boot: int = 100,
+    n_null: int = 19,
+    level: float = 0.95,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, ScoreConfidence]:
+    """Bootstrap intervals over images and a null for every component x feature score of each
+    method (:class:`ScoreConfidence`): one pass over the rows for the features themselves (their
+    projections held as float32, resampled in memory), then passes for the null features (bounded
+    memory, see :func:`_null_scores`)."""
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    names = list(feature_emb)
+    proj = project_features(
+        source, aligner, feature_emb, methods, batch_size=batch_size, dtype=torch.float32, progress=progress
+    )
+    nulls = _null_scores(source, aligner, feature_emb, methods, n_null, seed, batch_size) if n_null else {}
     out = {}
     for m in methods:
-        kind = "paper" if m == "paper" else "span"
-        per_feature = [_SCORERS[m](u[..., slices[(kind, f)]], total[:, slices[(kind, f)]]) for f in names]
-        out[m] = ScoreTable(torch.stack(per_feature).float().cpu(), names, list(aligner.labels), m)
+        obs = torch.stack([proj.score(m, f) for f in names])  # [F, C]
+        null = nulls.get(m, torch.full_like(obs, float("nan"))[None])  # [n_null, F, C]
+        low, high = _bootstrap(proj, m, names, n_boot, level, seed)
+        p = (1 + (null >= obs[None]).sum(0)) / (1 + n_null)
+        stats = (obs, low, high, null.mean(0), null.amax(0))
+        out[m] = ScoreConfidence(m, names, proj.labels, *(x.float() for x in stats), p.double(), n_boot, n_null, level)
     return out
 
 

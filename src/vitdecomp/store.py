@@ -1,13 +1,19 @@
 """On-disk, keyed, resumable store of decompositions and CLIP image embeddings for one image set.
 
-A store is a directory holding raw memory-mapped arrays (row ``n`` = image ``n``)::
+A store is a directory holding ``.npy`` arrays (row ``n`` = image ``n``) that ``np.load`` reads
+without vitdecomp (``np.load(".../contributions.npy", mmap_mode="r")``: the committed rows)::
 
     header.json          key (everything that changes the numbers), shapes, dtype, format version
     state.json           {"committed": rows safely on disk, "capacity": rows the files can hold}
-    contributions.bin    [capacity, C, D]  float32 or float16
-    representation.bin   [capacity, D]     float32
-    clip.bin             [capacity, d_clip] float32
-    ids.txt              one image id per committed row
+    contributions.npy    [committed, C, D]  float32 or float16 (room for ``capacity`` rows after it)
+    representation.npy   [committed, D]     float32
+    clip.npy             [committed, d_clip] float32
+    ids.txt              one image id per committed row (UTF-8)
+    lock                 held by the run that writes the store (names it)
+
+Each ``.npy`` file has a fixed-size header (:data:`NPY_HEADER` bytes) whose shape is rewritten in
+place after each commit; the file is longer than that shape says (the spare capacity), which
+``np.load`` ignores.
 
 Writes go batch by batch: the arrays are written and flushed, the ids appended and synced, and only
 then ``state.json`` is atomically replaced with the new ``committed`` count. Rows past ``committed``
@@ -26,10 +32,16 @@ model whose text space names the components); the name is kept from the on-disk 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import socket
+import struct
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,9 +50,12 @@ from typing import Any, Protocol, TypeAlias
 import numpy as np
 import torch
 
-from vitdecomp.errors import MismatchError
+from vitdecomp.errors import CacheError, LockedError, MismatchError
+from vitdecomp.fsio import atomic_write_text, fault_point, writing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Bytes of each array file's ``.npy`` header (fixed, so that the row count can be rewritten in place).
+NPY_HEADER = 128
 DTYPES = {"float32": np.float32, "float16": np.float16}
 _ARRAYS = ("contributions", "representation", "clip")
 
@@ -220,12 +235,66 @@ def as_rows(source: RowSource) -> Rows:
 
 
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A store's JSON file, or :class:`CacheError` naming it and how to rebuild the store."""
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError) as err:
+        raise CacheError(
+            f"cannot read {path} ({type(err).__name__}: {str(err)[:80]}): the store is damaged; "
+            f"delete it (rm -r '{path.parent}') and rerun to recompute it"
+        ) from err
+
+
+class StoreLock:
+    """An exclusive lock on a store folder (``lock``: an ``flock`` on that file, released by the
+    kernel when the process dies, even by ``kill -9``). The file names the holder (pid, host, command,
+    since); a second writer waits up to ``timeout`` seconds, then fails with
+    :class:`~vitdecomp.errors.LockedError` naming the holder."""
+
+    def __init__(self, folder: str | Path, timeout: float = 0.0) -> None:
+        self.path = Path(folder) / "lock"
+        self.timeout = timeout
+        self._fd: int | None = None
+
+    def __enter__(self) -> StoreLock:
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+                    os.close(fd)
+                    raise LockedError(
+                        f"the store {self.path.parent} is being written by another run ({holder}); wait for it "
+                        "to finish, or use another --cache-dir"
+                    ) from None
+                time.sleep(0.2)
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+        holder += " ".join(sys.argv)[:200]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 class ContributionStore:
@@ -241,7 +310,7 @@ class ContributionStore:
         self.path = Path(path)
         header_path = self.path / "header.json"
         if header_path.exists():
-            self.header = json.loads(header_path.read_text())
+            self.header = _read_json(header_path)
             if self.header.get("format_version") != FORMAT_VERSION:
                 raise MismatchError(
                     f"store {self.path} has format version {self.header.get('format_version')}, "
@@ -275,10 +344,9 @@ class ContributionStore:
         state_path = self.path / "state.json"
         self.state = {"committed": 0, "capacity": 0}
         if state_path.exists():
-            self.state = json.loads(state_path.read_text())
+            self.state = _read_json(state_path)
         self._ids = self._read_ids()
         self._id_set = set(self._ids)
-        self._mm: dict[str, np.memmap] = {}
         self._ro: dict[str, np.ndarray] = {}
 
     # ----------------------------------------------------------------- layout
@@ -310,22 +378,30 @@ class ContributionStore:
         return self.dtype if name == "contributions" else np.dtype(np.float32)
 
     def _file(self, name: str) -> Path:
-        return self.path / f"{name}.bin"
+        return self.path / f"{name}.npy"
+
+    def _row_bytes(self, name: str) -> int:
+        return int(np.prod(self.shapes[name])) * self._dtype_of(name).itemsize
+
+    def _write_npy_header(self, name: str, rows: int) -> None:
+        """Rewrite the ``.npy`` header of ``name`` to say ``rows`` rows (in place, synced)."""
+        with open(self._file(name), "r+b") as f:
+            f.write(npy_header(self._dtype_of(name), (rows, *self.shapes[name])))
+            f.flush()
+            os.fsync(f.fileno())
 
     def _read_ids(self) -> list[str]:
         f = self.path / "ids.txt"
         if not f.exists():
             return []
-        lines = f.read_text().splitlines()
+        lines = f.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
         n = self.committed
         if len(lines) < n:
-            raise MismatchError(f"store {self.path} is corrupt: {len(lines)} ids for {n} committed rows")
-        if len(lines) > n:  # ids of a batch whose commit did not happen: drop them
-            lines = lines[:n]
-            tmp = f.with_suffix(".tmp")
-            tmp.write_text("".join(s + "\n" for s in lines))
-            os.replace(tmp, f)
-        return lines
+            raise CacheError(
+                f"store {self.path} is damaged: {len(lines)} ids for {n} committed rows; delete it "
+                f"(rm -r '{self.path}') and rerun to recompute it"
+            )
+        return lines[:n]  # later lines: a batch whose commit did not happen (cut before the next append)
 
     @property
     def ids(self) -> list[str]:
@@ -339,7 +415,7 @@ class ContributionStore:
         view = self._ro.get(name)
         if view is None or view.shape[0] != self.committed:
             rows = (self.committed, *shape)
-            view = np.memmap(self._file(name), dtype=self._dtype_of(name), mode="r", shape=rows)
+            view = np.memmap(self._file(name), dtype=self._dtype_of(name), mode="r", shape=rows, offset=NPY_HEADER)
             self._ro[name] = view
         return view
 
@@ -389,24 +465,25 @@ class ContributionStore:
         if rows <= self.state["capacity"]:
             return
         new_cap = max(rows, 2 * self.state["capacity"], 64)
-        self._mm.clear()
         self._ro.clear()
-        for name, shape in self.shapes.items():
-            nbytes = new_cap * int(np.prod(shape)) * self._dtype_of(name).itemsize
+        for name in self.shapes:
+            new = not self._file(name).exists()
             with open(self._file(name), "ab") as f:
-                f.truncate(nbytes)
+                f.truncate(NPY_HEADER + new_cap * self._row_bytes(name))
+            if new:
+                self._write_npy_header(name, self.committed)
         self.state["capacity"] = new_cap
         _atomic_write_json(self.path / "state.json", self.state)
 
-    def _writable(self, name: str) -> np.memmap:
-        if name not in self._mm:
-            self._mm[name] = np.memmap(
-                self._file(name),
-                dtype=self._dtype_of(name),
-                mode="r+",
-                shape=(self.state["capacity"], *self.shapes[name]),
-            )
-        return self._mm[name]
+    def _write_rows(self, name: str, start: int, arr: np.ndarray) -> None:
+        """Write rows ``start..`` of array ``name`` with plain file writes (not a memory map, whose
+        writes on a full disk kill the process with SIGBUS): a full disk is an ``OSError``."""
+        data = np.ascontiguousarray(arr, dtype=self._dtype_of(name)).tobytes()
+        with open(self._file(name), "r+b") as f:
+            f.seek(NPY_HEADER + start * self._row_bytes(name))
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
     def append(
         self,
@@ -455,31 +532,55 @@ class ContributionStore:
         if b == 0:
             return
         start = self.committed
-        self._ensure_capacity(start + b)
-        for name, arr in arrays.items():
-            mm = self._writable(name)
-            mm[start : start + b] = arr.astype(self._dtype_of(name), copy=False)
-            mm.flush()
-        with open(self.path / "ids.txt", "a") as f:
-            f.write("".join(i + "\n" for i in ids))
-            f.flush()
-            os.fsync(f.fileno())
-        self._commit(start + b)
+        with writing(self.path):
+            self._ensure_capacity(start + b)
+            for name, arr in arrays.items():
+                self._write_rows(name, start, arr)
+            self._write_ids(start, ids)
+            fault_point("store-before-commit")
+            self._commit(start + b)
         self._ids.extend(ids)
         self._id_set.update(ids)
 
+    def _write_ids(self, start: int, ids: list[str]) -> None:
+        """Append ``ids`` after the first ``start`` lines of ``ids.txt`` (lines of a batch whose
+        commit did not happen are cut first). Ids are UTF-8 with undecodable bytes escaped."""
+        f = self.path / "ids.txt"
+        if f.exists() and len(f.read_text(encoding="utf-8", errors="surrogateescape").splitlines()) != start:
+            self._rewrite_ids(self._ids[:start])
+        with open(f, "a", encoding="utf-8", errors="surrogateescape") as fh:
+            fh.write("".join(i + "\n" for i in ids))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _rewrite_ids(self, lines: list[str]) -> None:
+        atomic_write_text(self.path / "ids.txt", "".join(s + "\n" for s in lines), errors="surrogateescape")
+
     def _commit(self, rows: int) -> None:
+        """``state.json`` says how many rows are safe (the commit); the ``.npy`` headers follow it
+        (a kill between the two leaves them naming a shorter, still complete, prefix)."""
         self.state["committed"] = rows
         _atomic_write_json(self.path / "state.json", self.state)
+        for name in self.shapes:
+            self._write_npy_header(name, rows)
 
     def close(self) -> None:
         """Release the memory maps (they are reopened on demand)."""
-        self._mm.clear()
         self._ro.clear()
 
     def __repr__(self) -> str:
         s = self.shapes.get("contributions", (self.header["n_components"], "?"))
         return f"ContributionStore({str(self.path)!r}, {self.committed} images x {s}, {self.header['dtype']})"
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A ``.npy`` (version 1.0) header of exactly :data:`NPY_HEADER` bytes for C-ordered ``shape``."""
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    body = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {tuple(int(s) for s in shape)!r}, }}"
+    size = NPY_HEADER - 10
+    if len(body) + 1 > size:
+        raise ValueError(f"shape {shape} does not fit a {NPY_HEADER}-byte .npy header")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", size) + body.encode("latin1").ljust(size - 1) + b"\n"
 
 
 def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -1,6 +1,9 @@
-"""Validate the reading of components against the built-in world's ground truth; write docs/validation.md.
+"""The first validation (alignment, per-component probe truth, retrieval, CompAlign ablation) on the built-in world.
 
-``python -m vitdecomp.validate [--models zoo:deit zoo:dino zoo:swin zoo:maxvit] [--out docs/validation.md]``
+Superseded for the scores by ``vitdecomp validate`` (:mod:`vitdecomp.evaluation`: causal truths, non-constant
+components only, held-out seed); kept for its alignment, retrieval and ablation figures.
+
+``python -m vitdecomp.validate [--models zoo:deit zoo:dino zoo:swin zoo:maxvit] [--out docs/validation-alignment.md]``
 (a ``## Notes`` section already in the output file is carried over to the new version).
 
 Data: the aligner is trained (or loaded from the cache) on the analysis set of ``vitdecomp
@@ -40,9 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from vitdecomp.align import Aligner, aligned_component, evaluate, train_ablation
+from vitdecomp.evaluation.probes import probe_importance
 from vitdecomp.imageset import DEFAULT_N_IMAGES, WORLD_SEED, world_source
 from vitdecomp.pipeline.config import default_cache_dir
 from vitdecomp.pipeline.stages import Models, build_store, get_aligner, load_model_for, readable_rows
@@ -69,56 +72,6 @@ METHODS = ("invariant", "paper", "share")
 
 # ----------------------------------------------------------------------------------------------
 # pieces
-
-
-@torch.no_grad()
-def batched_probe(
-    x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor, l2: float = 1e-3
-) -> np.ndarray:
-    """Held-out accuracy ``[C]`` of one multinomial logistic regression per component, all fitted at
-    once: ``x_tr [C, N, D]``, ``x_te [C, M, D]``. The joint loss is the sum of the components'
-    separate losses (each as :func:`vitdecomp.zoo.evaluate.linear_probe`: standardised features,
-    mean cross-entropy + ``l2 * ||W||^2``), so its minimiser is every component's own probe."""
-    mu, sd = x_tr.mean(1, keepdim=True), x_tr.std(1, keepdim=True) + 1e-6
-    a, b = (x_tr - mu) / sd, (x_te - mu) / sd
-    c, _, d = a.shape
-    k = int(max(y_tr.max(), y_te.max())) + 1
-    w = torch.zeros(c, d, k, requires_grad=True)
-    bias = torch.zeros(c, 1, k, requires_grad=True)
-    opt = torch.optim.LBFGS([w, bias], lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
-    target = y_tr.repeat(c)
-
-    def closure():
-        opt.zero_grad()
-        logits = (a @ w + bias).reshape(-1, k)
-        loss = F.cross_entropy(logits, target, reduction="sum") / len(y_tr) + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return ((b @ w + bias).argmax(-1) == y_te[None]).float().mean(1).numpy()
-
-
-def probe_importance(
-    train: Rows,
-    test: Rows,
-    attrs_tr: dict[str, np.ndarray],
-    attrs_te: dict[str, np.ndarray],
-    max_train: int = 2000,
-    progress: bool = True,
-) -> dict[str, np.ndarray]:
-    """Held-out probe accuracy of each component alone for each attribute: ``{attr: [C]}``."""
-    n_tr = min(max_train, len(train))
-    c_tr = train.batch(slice(0, n_tr))["contributions"]
-    c_te = test.batch(slice(None))["contributions"]
-    x_tr, x_te = c_tr.transpose(0, 1).contiguous(), c_te.transpose(0, 1).contiguous()
-    out = {}
-    for a in tqdm(CORE_ATTRIBUTES, desc="probe components", disable=not progress):
-        y_tr = torch.from_numpy(attrs_tr[a][:n_tr]).long()
-        y_te = torch.from_numpy(attrs_te[a]).long()
-        out[a] = batched_probe(x_tr, y_tr, x_te, y_te)
-    return out
 
 
 @torch.no_grad()
@@ -444,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vitdecomp.validate", description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--clip", default="zoo:clip")
-    ap.add_argument("--out", type=Path, default=Path("docs/validation.md"))
+    ap.add_argument("--out", type=Path, default=Path("docs/validation-alignment.md"))
     ap.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     ap.add_argument(
         "--control", action="store_true", help="also run the same models (and CLIP) with random weights, as a control"

@@ -178,7 +178,7 @@ class HeadsPart:
 
     def const_pooled(self, ro: ReadoutMap) -> Tensor | None:
         """``[B, K, D_s]``: the branch's constant terms (biases and norm betas) pooled per slot, or None."""
-        like = ro.mats
+        like = ro.like
         c = None if self.spec.proj_bias is None else self.spec.proj_bias.to(like)
         if self.inner is not None and self.inner.bias is not None:
             w = self.spec.proj_weight.reshape(self.spec.proj_weight.shape[0], -1).to(like)
@@ -203,7 +203,7 @@ class HeadsPart:
             raise VitDecompError(f"attention '{self.path}' was not called in the forward pass")
         scale = self._z_scale()
         z = self.z if scale is None else self.z * scale[..., None].to(self.z)
-        w = self.out_weight(ro.mats)  # [D, H, e]
+        w = self.out_weight(ro.like)  # [D, H, e]
         pz = self._z_order(ro).pool(z).view(z.shape[0], ro.num_slots, self.num_heads, -1)  # [B, K, H, e]
         const = self.const_pooled(ro)
         if not self.heads:

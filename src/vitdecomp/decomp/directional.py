@@ -44,6 +44,19 @@ class TokenDirections:
             if directions.ndim != 2:
                 raise VitDecompError(f"token directions must be [k, D] (or [D]), not {tuple(directions.shape)}")
         self.directions = directions
+        self._mats: Tensor | None = None  # the slot matrices the cached pull-back was made for
+        self._shared: Tensor | None = None
+
+    def shared_through(self, ro: ReadoutMap) -> Tensor | None:
+        """``[K, k, D_s]``: the directions pulled back through ``ro``'s slot matrices when they are the
+        same for every head (``None`` otherwise); computed once per readout map (blocks of a stage
+        share one), so the cost does not grow with the number of heads or blocks."""
+        if not isinstance(self.directions, Tensor):
+            return None
+        if self._mats is not ro.mats:
+            self._mats = ro.mats
+            self._shared = torch.einsum("jo,kod->kjd", self.directions.to(ro.mats), ro.mats)
+        return self._shared
 
     def width(self, labels: list[ComponentLabel]) -> int:
         """``k``, the number of directions (read off the first head's when given per head)."""
@@ -58,22 +71,26 @@ class TokenDirections:
         return torch.stack([torch.as_tensor(self.directions(lab)) for lab in labels])
 
 
-def pulled_back(part: HeadsPart, ro: ReadoutMap, dirs: Tensor) -> Tensor:
+def pulled_back(part: HeadsPart, ro: ReadoutMap, dirs: Tensor, shared: Tensor | None = None) -> Tensor:
     """``g [K, H, k, dh]``: directions ``dirs [H, k, D_out]`` pulled back through each readout slot's
-    matrix and the head's output projection (norm gains, centring and layer scale folded in)."""
+    matrix and the head's output projection (norm gains, centring and layer scale folded in).
+    ``shared [K, k, D_s]``: the directions already pulled back through the slot matrices, when every
+    head has the same ones (then ``dirs`` is not read)."""
     w = part.out_weight(ro.mats)  # [D_s, H, dh]
+    if shared is not None:
+        return torch.einsum("kjd,dhe->khje", shared, w)
     um = torch.einsum("hjo,kod->khjd", dirs.to(ro.mats), ro.mats)  # [K, H, k, D_s]
     return torch.einsum("khjd,dhe->khje", um, w)
 
 
-def head_token_projections(part: HeadsPart, ro: ReadoutMap, dirs: Tensor) -> Tensor:
+def head_token_projections(part: HeadsPart, ro: ReadoutMap, dirs: Tensor, shared: Tensor | None = None) -> Tensor:
     """``[B, H, N, k]``: the projection of each head's contribution from each source token (stream
     order) on each direction ``dirs [H, k, D_out]``; summing over ``N`` gives the projection of the
     head's contribution. Needs a pass with token capture (``part.want_tokens``)."""
     if part.v is None:
         raise VitDecompError(f"'{part.path}': directional token maps need the pass's attention values")
     abar = part.token_parts(ro)  # [B, H, K, N]
-    g = pulled_back(part, ro, dirs)  # [K, H, k, dh]
+    g = pulled_back(part, ro, dirs, shared)  # [K, H, k, dh]
     v = part.v.to(g)
     b, h, n, _ = v.shape
     k_slots, k_dirs = g.shape[0], g.shape[2]

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from vitdecomp.components import ComponentLabel, Decomposition, TokenContributions
 from vitdecomp.decomp.branches import FieldPart, HeadsPart, Part
 from vitdecomp.decomp.capture import Capture, grid_of, take_positions, to_stream
-from vitdecomp.decomp.directional import TokenDirections
+from vitdecomp.decomp.directional import TokenDirections, head_token_projections
 from vitdecomp.decomp.plan import Block, Field, Plan, Stage, Tap
 from vitdecomp.decomp.readout import ReadoutMap
 from vitdecomp.decomp.steps import Consts, ReadoutBuilder
@@ -225,7 +225,7 @@ def _assemble_stage(
     at the stage's start (inside-block transitions pulled back). Parts read through the same readout map
     are read out together: one matmul with the map per segment of blocks."""
     token_parts = [p for b in st.blocks for p in b.parts if isinstance(p, HeadsPart) and p.want_tokens]
-    tokens = _TokenFill(token_parts, rep, batch)
+    tokens = _TokenFill(token_parts, rep, batch, run.directions)
     out: list[tuple[list[ComponentLabel], Tensor]] = []
     segment: list[tuple[_BlockRun, Part, Tensor]] = []  # (block, part, pooled [B, n, K, D_s])
     for blk in reversed(st.blocks):
@@ -259,19 +259,28 @@ def _read_segment(segment: list, ro: ReadoutMap) -> list[tuple[list[ComponentLab
 
 
 class _TokenFill:
-    """Per-token contributions of a stage's token-wanting heads, filled from the last block back."""
+    """Per-token contributions of a stage's token-wanting heads, filled from the last block back; with
+    ``directions``, only their projections on them (:mod:`vitdecomp.decomp.directional`)."""
 
-    def __init__(self, parts: list[HeadsPart], rep: Tensor, batch: int) -> None:
-        self.parts, self.rep, self.batch = parts, rep, batch
+    def __init__(
+        self, parts: list[HeadsPart], rep: Tensor, batch: int, directions: TokenDirections | None = None
+    ) -> None:
+        self.parts, self.rep, self.batch, self.directions = parts, rep, batch, directions
         self.end = sum(p.num_heads for p in parts)
-        self.values: Tensor | None = None  # [B, heads of this stage, N, D_out]
+        self.values: Tensor | None = None  # [B, heads of this stage, N, D_out] (or k directions)
 
     def fill(self, part: Part, ro: ReadoutMap) -> None:
         if part not in self.parts:
             return
         if self.values is None:
-            self.values = self.rep.new_empty(self.batch, self.end, part.token_parts_size(), self.rep.shape[-1])
-        part.token_contributions(ro, self.values[:, self.end - part.num_heads : self.end])
+            width = self.rep.shape[-1] if self.directions is None else self.directions.width(part.head_labels)
+            self.values = self.rep.new_empty(self.batch, self.end, part.token_parts_size(), width)
+        out = self.values[:, self.end - part.num_heads : self.end]
+        if self.directions is None:
+            part.token_contributions(ro, out)
+        else:
+            dirs, shared = self.directions.for_heads(part.head_labels), self.directions.shared_through(ro)
+            out.copy_(head_token_projections(part, ro, dirs, shared))
         self.end -= part.num_heads
 
 

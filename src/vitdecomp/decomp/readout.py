@@ -82,6 +82,11 @@ class ReadoutMap:
         return self.mats.shape[0]
 
     @property
+    def like(self) -> Tensor:
+        """A tensor of the map's dtype and device."""
+        return self.mats
+
+    @property
     def dense(self) -> bool:
         return self.weight.ndim == 3
 
@@ -153,3 +158,46 @@ class ReadoutMap:
     def const(self, vec: Tensor) -> Tensor:
         """Read out the same vector ``[D_s]`` added at every position -> ``[B, D_out]``."""
         return self.apply_pooled(self.slot_weights()[:, :, None] * vec.to(self.mats))
+
+
+class ChainedReadoutMap(ReadoutMap):
+    """A readout map pulled back through a patch merging, kept as a chain instead of multiplied out.
+
+    Slot ``k_out * K_in + k_in`` reads ``parent`` slot ``k_out`` through ``local[k_in] [D_next, C]``;
+    pooled vectors are read out as ``parent.apply_pooled(local applied per input slot)``, so the merged
+    matrices ``[K_out*K_in, D_out, C]`` are built only when something asks for ``mats`` (token splits).
+    """
+
+    def __init__(self, parent: ReadoutMap, local: Tensor, weight: Tensor, slot: Tensor) -> None:
+        self.parent, self.local, self.weight, self.slot = parent, local, weight, slot
+        self.positions, self.factors = None, None
+
+    @property
+    def num_slots(self) -> int:
+        return self.parent.num_slots * self.local.shape[0]
+
+    @property
+    def like(self) -> Tensor:
+        return self.local
+
+    @functools.cached_property
+    def mats(self) -> Tensor:  # type: ignore[override]
+        """``[K_out*K_in, D_out, C]``, built on first use."""
+        c = self.local.shape[-1]
+        return torch.einsum("aod,kdc->akoc", self.parent.mats, self.local).reshape(-1, self.parent.mats.shape[1], c)
+
+    def apply_pooled(self, pooled: Tensor) -> Tensor:
+        k_in = self.local.shape[0]
+        p = pooled.reshape(*pooled.shape[:-2], -1, k_in, pooled.shape[-1]).to(self.local)
+        return self.parent.apply_pooled(torch.einsum("...akc,kdc->...ad", p, self.local))
+
+    def const_pooled(self, vec: Tensor) -> Tensor:
+        return self.slot_weights()[:, :, None] * vec.to(self.local)
+
+    def gathered(self, index: Tensor) -> ReadoutMap:
+        index = index.to(self.weight.device)
+        valid, safe = index >= 0, index.clamp_min(0)
+        return ChainedReadoutMap(self.parent, self.local, self.weight[:, safe] * valid.to(self.weight), self.slot[safe])
+
+    def scaled(self, scale: Tensor) -> ReadoutMap:
+        return ChainedReadoutMap(self.parent, self.local, self.weight * scale.to(self.weight), self.slot)

@@ -12,7 +12,7 @@ from torch import Tensor
 from vitdecomp.components import ComponentLabel
 from vitdecomp.decomp.capture import Capture, grid_of, to_stream
 from vitdecomp.decomp.plan import Merge, Shortcut, Tap
-from vitdecomp.decomp.readout import NormRule, ReadoutMap
+from vitdecomp.decomp.readout import ChainedReadoutMap, NormRule, ReadoutMap
 from vitdecomp.errors import VitDecompError
 
 Consts = list[tuple[ComponentLabel, Tensor]]
@@ -45,11 +45,10 @@ class MergeStep:
             raise VitDecompError(f"'{self.path}': patch merging needs a per-token readout at every position")
         idx = self.index.to(ro.weight.device)  # [N_out, K]
         n_out, k_in = idx.shape
-        w_red = self.spec.reduction.weight.to(ro.mats)  # [D_next, K*C]
+        w_red = self.spec.reduction.weight.to(ro.like)  # [D_next, K*C]
         m = self.norm.left(w_red) if self.spec.norm_after else self.norm.right(w_red)
         c = w_red.shape[1] // k_in
         m = m.view(m.shape[0], k_in, c).transpose(0, 1)  # [K_in, D_next, C]
-        mats = torch.einsum("aod,kdc->akoc", ro.mats, m).reshape(-1, ro.mats.shape[1], c)  # [K*K_in, D_out, C]
         wt = ro.weight * self.inv_sigma.to(ro.weight)  # [B, N_out]
         slot_out = ro.slot if ro.slot is not None else torch.zeros(n_out, dtype=torch.long, device=idx.device)
         flat = idx.reshape(-1)
@@ -58,7 +57,7 @@ class MergeStep:
         weight[:, flat[keep]] = wt.repeat_interleave(k_in, 1)[:, keep]
         slot = torch.zeros(self.n_in, dtype=torch.long, device=idx.device)
         slot[flat[keep]] = (slot_out[:, None] * k_in + torch.arange(k_in, device=idx.device)).reshape(-1)[keep]
-        return ReadoutMap(weight, mats, None, slot), self._consts(ro, w_red)
+        return ChainedReadoutMap(ro, m, weight, slot), self._consts(ro, w_red)
 
     def _consts(self, ro: ReadoutMap, w_red: Tensor) -> Consts:
         beta, bias = self.norm.bias, self.spec.reduction.bias
@@ -67,12 +66,12 @@ class MergeStep:
             if beta is not None:
                 total = ro.const(beta)
             if bias is not None:
-                scaled = ro.scaled(self.inv_sigma).const(self.norm.apply_vec(bias.to(ro.mats)))
+                scaled = ro.scaled(self.inv_sigma).const(self.norm.apply_vec(bias.to(ro.like)))
                 total = scaled if total is None else total + scaled
         else:  # W norm(u) + b: W beta + b at every token
-            const = None if beta is None else beta.to(ro.mats) @ w_red.T
+            const = None if beta is None else beta.to(ro.like) @ w_red.T
             if bias is not None:
-                const = bias.to(ro.mats) + (0 if const is None else const)
+                const = bias.to(ro.like) + (0 if const is None else const)
             total = None if const is None else ro.const(const)
         return [] if total is None else [(self.labels[0], total)]
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vitdecomp.align import DEFAULT_LAMBDA
-from vitdecomp.imageset import WORLD_SEED
-from vitdecomp.store import DTYPES
+from vitdecomp.defaults import DEFAULT_LAMBDA, STORE_DTYPES, WORLD_SEED
+from vitdecomp.errors import UsageError
+from vitdecomp.fsio import writing
 
 
 def default_cache_dir() -> Path:
@@ -59,7 +59,7 @@ class AnalysisConfig:
         default=None, metadata=_cli("folder of images (default: generated held-out scenes of the built-in world)")
     )
     n_images: int | None = field(default=None, metadata=_cli("number of images (default: 2000 scenes / all)"))
-    seed: int = field(default=WORLD_SEED, metadata=_cli("seed of the generated image set"))
+    seed: int = field(default=WORLD_SEED, metadata=_cli("seed of the generated image set and of --random-init weights"))
     out: str | Path = field(default="vitdecomp-out", metadata=_cli("report folder (results.json, index.html)"))
     cache_dir: str | Path | None = field(
         default=None,
@@ -79,7 +79,7 @@ class AnalysisConfig:
     )
     batch_size: int = field(default=64, metadata=_cli("images per decomposition batch"))
     dtype: str = field(
-        default="float32", metadata=_cli("storage type of the stored contributions", choices=tuple(DTYPES))
+        default="float32", metadata=_cli("storage type of the stored contributions", choices=STORE_DTYPES)
     )
     device: str | None = field(default=None, metadata=_cli("default: cuda when available, else cpu"))
     checkpoint: str | Path | None = field(default=None, metadata=_cli("local weights file for --model"))
@@ -101,8 +101,63 @@ class AnalysisConfig:
     top_k: int = field(default=5, metadata=_cli("TextSpan descriptions per component"))
     n_top_images: int = field(default=4, metadata=_cli("images shown per component"))
     skip_bad_images: bool = field(default=False, metadata=_cli("skip unreadable images instead of stopping"))
-    progress: bool = field(default=True, metadata=_cli("no progress bars", flag="--quiet"))
+    progress: bool = field(
+        default=True, metadata=_cli("no progress bars, no summary: print the report path", flag="--quiet")
+    )
     verbose: bool = field(default=True, metadata=_cli("print what is trained and a summary at the end", cli=False))
+
+    def check(self) -> None:
+        """Refuse options that cannot work, before anything heavy runs (:class:`UsageError`, one line)."""
+        for name, least in (
+            ("n_images", 2),
+            ("batch_size", 1),
+            ("align_batch_size", 1),
+            ("align_steps", 0),
+            ("top_k", 1),
+            ("n_top_images", 0),
+            ("start_layer", 0),
+        ):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise UsageError(f"{_flag(name)} {value}: must be at least {least}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction {self.val_fraction}: must lie strictly between 0 and 1")
+        if not self.lam >= 0.0:
+            raise UsageError(f"--lam {self.lam}: must be a number >= 0")
+        if self.images is not None and not Path(self.images).is_dir():
+            raise UsageError(f"--images {self.images}: no such folder")
+        for name in ("checkpoint", "reader_checkpoint"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise UsageError(f"{_flag(name)} {value}: no such file")
+        if self.aligner is not None and not (Path(self.aligner) / "aligner.json").is_file():
+            raise UsageError(f"--aligner {self.aligner}: no saved aligner there (aligner.json missing)")
+        check_device(self.device)
+        check_writable_dir(self.out, "--out")
+        check_writable_dir(self.cache_path, "--cache-dir")
+        self._check_text()
+        check_model_name(self.model, pretrained=not self.random_init, checkpoint=self.checkpoint)
+        if self.reader is not None:
+            check_model_name(self.reader, pretrained=not self.random_init, checkpoint=self.reader_checkpoint)
+
+    def _check_text(self) -> None:
+        """The feature set and the vocabulary can be read (and are not empty)."""
+        from vitdecomp.score import load_features
+        from vitdecomp.text import load_vocabulary
+
+        world = self.images is None
+        vocabulary = self.vocabulary if self.vocabulary is not None else ("world" if world else "general")
+        try:
+            if self.features is not None:
+                load_features(self.features)
+        except (ValueError, OSError) as err:
+            raise UsageError(f"--features {self.features}: {err}") from err
+        try:
+            vocab = load_vocabulary(vocabulary)
+        except (ValueError, OSError) as err:
+            raise UsageError(f"--vocabulary {vocabulary}: {err}") from err
+        if not vocab:
+            raise UsageError(f"--vocabulary {self.vocabulary}: no entries (one description a line)")
 
     @property
     def cache_path(self) -> Path:
@@ -129,9 +184,55 @@ class AnalysisConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AnalysisConfig:
-        """The config of parsed arguments (fields without a flag keep their defaults)."""
+        """The config of parsed arguments (fields without a flag keep their defaults; ``--quiet`` also
+        turns the summary off)."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+        kw = {k: v for k, v in vars(args).items() if k in names}
+        if kw.get("progress") is False:
+            kw["verbose"] = False
+        return cls(**kw)
+
+
+def _flag(name: str) -> str:
+    f = next((f for f in fields(AnalysisConfig) if f.name == name), None)
+    return (f.metadata.get("flag") if f is not None else None) or "--" + name.replace("_", "-")
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device torch does not know or this machine does not have."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {device}: not a device torch knows ({err})") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
+
+
+def check_writable_dir(path: str | Path, flag: str) -> None:
+    """Make sure ``path`` is (or can be made) a folder this process can write to."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: exists and is not a folder")
+    with writing(path):
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".vitdecomp-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+
+
+def check_model_name(name: str, *, pretrained: bool, checkpoint: str | Path | None = None) -> None:
+    """:func:`vitdecomp.models.loading.check_name` (imports timm / open_clip only for their names)."""
+    from vitdecomp.models.loading import check_name
+
+    check_name(name, pretrained=pretrained, checkpoint=checkpoint)
 
 
 def _cli_type(hint: Any) -> type:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,8 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitdecomp.imageset import ImageSource, image_source
+from vitdecomp.errors import UsageError
+from vitdecomp.fsio import writing
+from vitdecomp.imageset import ImageSource, image_source, skip_report
 from vitdecomp.pipeline.config import AnalysisConfig
+from vitdecomp.pipeline.honesty import rank_one_components, run_warnings
 from vitdecomp.pipeline.stages import (
     SCORE_METHODS,
     BuiltStore,
@@ -20,6 +24,7 @@ from vitdecomp.pipeline.stages import (
     build_store,
     collect_result,
     completeness_errors,
+    confidence,
     load_models,
     mean_aligned_norms,
     readable_rows,
@@ -47,22 +52,32 @@ class Clock:
         self.timings[stage] = time.time() - t0
 
 
-def run_analysis(cfg: AnalysisConfig | None = None, *, source: ImageSource | None = None) -> AnalysisResult:
+def run_analysis(
+    cfg: AnalysisConfig | None = None, *, source: ImageSource | None = None, checked: bool = False
+) -> AnalysisResult:
     """Run every stage (see :mod:`vitdecomp.pipeline.stages`) on one image set and write
     ``cfg.out/results.json`` and ``cfg.out/index.html``.
 
     ``source`` replaces the image set that ``cfg`` names (``images`` / ``n_images`` / ``seed``).
+    The options are checked first (:meth:`AnalysisConfig.check`; ``checked``: already done).
     Returns the result that ``results.json`` holds; its ``cache`` part says what was reused from
-    the cache and what was computed.
+    the cache and what was computed, its ``warnings`` why its figures may mean little (also
+    printed: in the summary, or on stderr when ``verbose`` is off).
     """
     cfg = cfg or AnalysisConfig()
+    if not checked:
+        cfg.check()
     clock = Clock()
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models, source, built = prepare(cfg, clock, device, source)
     result, top_idx = read_components(cfg, clock, device, models, source, built)
-    write_outputs(result, source, top_idx, Path(cfg.out), clock)
+    result.warnings = run_warnings(result, models, random_init=cfg.random_init, seed=cfg.seed)
+    write_outputs(result, source, top_idx, Path(cfg.out), clock, progress=cfg.progress)
     if cfg.verbose:
         print(summary(result))
+    else:
+        for w in result.warnings:
+            print(f"vitdecomp: warning: {w}", file=sys.stderr)
     return result
 
 
@@ -71,9 +86,13 @@ def prepare(
 ) -> tuple[Models, ImageSource, BuiltStore]:
     """The image set (``source`` or the one ``cfg`` names), the models, and the filled store."""
     with clock("images"):
-        source = source or image_source(cfg.images, cfg.n_images, cfg.seed, cfg.skip_bad_images)
+        source = source or image_source(cfg.images, cfg.n_images, cfg.seed, cfg.skip_bad_images, progress=cfg.progress)
         if len(source) < 2:
-            raise ValueError(f"need at least 2 images, got {len(source)}")
+            skipped = f" ({len(source.errors)} unreadable file(s) skipped)" if source.errors else ""
+            raise UsageError(f"need at least 2 images, got {len(source)}{skipped}: give a folder with more (--images)")
+        report = skip_report(source)
+        if report:
+            print(f"vitdecomp: {report}", file=sys.stderr)
     with clock("load_models"):
         models = load_models(
             cfg.model,
@@ -82,6 +101,7 @@ def prepare(
             reader_checkpoint=cfg.reader_checkpoint,
             random_init=cfg.random_init,
             device=device,
+            seed=cfg.seed,
         )
     with clock("decompose_store"):
         built = build_store(
@@ -104,6 +124,7 @@ def read_components(
     images; returns the result and the rows of the top images ``[C, n]``."""
     rows = readable_rows(built.store)  # small stores are read into memory once
     errors = completeness_errors(rows)
+    rank1 = rank_one_components(rows)
     with clock("align"):
         aligned = align_components(
             rows,
@@ -133,8 +154,11 @@ def read_components(
         descr = component_descriptions(
             rows, al, space.vocabulary_emb, space.vocabulary, cfg.top_k, progress=cfg.progress
         )
+        descr = {lab: ([] if lab in rank1 else ds) for lab, ds in descr.items()}
     with clock("score"):
         tables = score_features(rows, al, space.feature_emb, methods=SCORE_METHODS, progress=cfg.progress)
+    with clock("confidence"):
+        conf = confidence(rows, al, space.feature_emb, progress=cfg.progress)
     with clock("top_images"):
         top = top_images(rows, al, top_directions(descr, space.vocabulary_emb), n=cfg.n_top_images)
         norms = mean_aligned_norms(rows, al)
@@ -151,16 +175,22 @@ def read_components(
         errors=errors,
         cache_dir=cfg.cache_path,
         timings=clock.timings,
+        constant=rank1,
     )
+    result.confidence = conf
     return result, top[0]
 
 
-def write_outputs(result: AnalysisResult, source: ImageSource, top_idx: np.ndarray, out: Path, clock: Clock) -> None:
+def write_outputs(
+    result: AnalysisResult, source: ImageSource, top_idx: np.ndarray, out: Path, clock: Clock, progress: bool = True
+) -> None:
     """Write ``out/index.html`` (thumbnails of rows ``top_idx [C, n]``) and then ``out/results.json``
-    (with the report's time and the total in ``timings_s``, and ``paths``)."""
-    out.mkdir(parents=True, exist_ok=True)
+    (with the report's time and the total in ``timings_s``, and ``paths``), each atomically: a kill
+    or a full disk leaves the previous report in place."""
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     with clock("report"):
-        html = write_report(result, source, out, top_idx)
+        html = write_report(result, source, out, top_idx, progress=progress)
     clock.timings["total"] = time.time() - clock.start
     result.timings_s = {k: round(v, 3) for k, v in clock.timings.items()}
     result.paths = OutputPaths(str(out), str(out / "results.json"), str(html))

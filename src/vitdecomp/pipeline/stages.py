@@ -17,6 +17,11 @@ never silently retrained or applied.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +43,8 @@ from vitdecomp.align import (
     train_aligner,
 )
 from vitdecomp.components import Decomposition
-from vitdecomp.errors import MismatchError
+from vitdecomp.errors import CacheError, MismatchError, NonFiniteInputError, UsageError, one_line
+from vitdecomp.fsio import writing
 from vitdecomp.imageset import ImageSource
 from vitdecomp.report.results import (
     AlignerInfo,
@@ -54,14 +60,18 @@ from vitdecomp.report.results import (
     TopImage,
     VocabularyInfo,
 )
-from vitdecomp.score import ScoreTable, embed_features, load_features
-from vitdecomp.store import ContributionStore, Rows, StoreKey, open_store
+from vitdecomp.score import ScoreTable, embed_features, load_features, score_confidence
+from vitdecomp.store import ContributionStore, Rows, StoreKey, StoreLock, open_store, store_dir
 from vitdecomp.text import DEFAULT_TEMPLATES, WORLD_TEMPLATES, Description, TextEncoder, load_vocabulary
 
 #: Stores smaller than this are read into memory for training, descriptions and scores.
 IN_MEMORY_BYTES = 1 << 30
 #: The scores ``vitdecomp analyze`` reports (see :mod:`vitdecomp.score`).
-SCORE_METHODS = ("paper", "invariant")
+SCORE_METHODS = ("paper", "invariant", "ablation")
+#: Bootstrap resamples and null draws behind every score's interval and p-value (``results.json``
+#: ``confidence``); 19 null draws make "above every null draw" a test at p = 0.05.
+N_BOOT = 100
+N_NULL = 19
 
 #: One batch from an image source: ``(image ids, images)``; ``images`` is whatever the callables take.
 Batch = tuple[Sequence[str], Any]
@@ -72,14 +82,28 @@ Batch = tuple[Sequence[str], Any]
 
 
 def load_model_for(
-    name: str, checkpoint: str | Path | None = None, random_init: bool = False, device: str = "cpu"
+    name: str,
+    checkpoint: str | Path | None = None,
+    random_init: bool = False,
+    device: str = "cpu",
+    seed: int | None = None,
 ) -> LoadedModel:
     """:func:`vitdecomp.load_model` with one meaning of ``random_init`` for every name: random
-    weights (a zoo model given a ``checkpoint`` loads that checkpoint)."""
-    if name.startswith("zoo:"):
-        kw = {"random_init": True} if random_init and checkpoint is None else {}
-        return load_model(name, checkpoint=checkpoint, device=device, **kw)
-    return load_model(name, pretrained=not random_init, checkpoint=checkpoint, device=device)
+    weights, drawn from ``seed`` when given (its ``weights_id`` then ends in ``:seed=<seed>``, so
+    caches keep draws apart; ``None``: torch's current random state, the id without a seed); a zoo
+    model given a ``checkpoint`` loads that checkpoint."""
+    seeded = random_init and checkpoint is None and seed is not None
+    with torch.random.fork_rng(devices=[]) if seeded else contextlib.nullcontext():
+        if seeded:
+            torch.manual_seed(seed)
+        if name.startswith("zoo:"):
+            kw = {"random_init": True} if random_init and checkpoint is None else {}
+            loaded = load_model(name, checkpoint=checkpoint, device=device, **kw)
+        else:
+            loaded = load_model(name, pretrained=not random_init, checkpoint=checkpoint, device=device)
+    if seeded:
+        loaded.weights_id = f"{loaded.weights_id}:seed={seed}"
+    return loaded
 
 
 @dataclass
@@ -104,18 +128,21 @@ def load_models(
     reader_checkpoint: str | Path | None = None,
     random_init: bool = False,
     device: str = "cpu",
+    seed: int = 0,
 ) -> Models:
     """Load the subject and the reader (``reader=None`` or the subject's own name: the subject reads
-    itself and must be a CLIP model)."""
-    subject = load_model_for(model, checkpoint, random_init, device)
+    itself and must be a CLIP model); ``random_init`` weights are drawn from ``seed`` (the reader's
+    from ``seed + 1``). The reader is loaded first: a reader that is not a CLIP fails before the
+    subject is loaded."""
     if reader is None or (reader == model and reader_checkpoint in (None, checkpoint)):
+        subject = load_model_for(model, checkpoint, random_init, device, seed)
         if not subject.is_clip:
-            raise ValueError(f"{model} is not a CLIP model: give a CLIP model (--clip) to read it with text")
+            raise UsageError(f"{model} is not a CLIP model: give a CLIP model (--clip) to read it with text")
         return Models(subject, subject)
-    loaded = load_model_for(reader, reader_checkpoint, random_init, device)
+    loaded = load_model_for(reader, reader_checkpoint, random_init, device, seed + 1)
     if not loaded.is_clip:
-        raise ValueError(f"--clip {reader} is not a CLIP model (it has no text tower)")
-    return Models(subject, loaded)
+        raise UsageError(f"--clip {reader} is not a CLIP model (it has no text tower): give a CLIP, e.g. zoo:clip")
+    return Models(load_model_for(model, checkpoint, random_init, device, seed), loaded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +158,12 @@ def store_key(models: Models, source: ImageSource, start_layer: int = 0, device:
     decomposition of the first image."""
     subject, reader = models.subject, models.reader
     first = _preprocess_batch(subject.preprocess, [source.image(0)], device)
-    labels = decompose(subject, first, start_layer=start_layer).names
+    try:
+        labels = decompose(subject, first, start_layer=start_layer).names
+    except ValueError as err:
+        if str(err).startswith("start_layer"):
+            raise UsageError(f"--start-layer {start_layer}: {err}") from err
+        raise
     return StoreKey(
         model=subject.weights_id,
         clip=reader.weights_id,
@@ -182,7 +214,10 @@ def fill_store(
             if skip:
                 images, ids = images[skip:], ids[skip:]
             with torch.no_grad():
-                dec = decompose_fn(images)
+                try:
+                    dec = decompose_fn(images)
+                except NonFiniteInputError as err:
+                    raise NonFiniteInputError.of([ids[i] for i in err.positions] or err.names) from err
                 emb = embed_fn(images)
             store.append(ids, dec.contributions, dec.representation, emb, labels=dec.names)
             bar.update(len(ids))
@@ -220,8 +255,26 @@ def build_store(
     reader's image embeddings of ``source`` and fill it; each model preprocesses the images its own
     way. The models run here: the store only writes and reads rows."""
     key = store_key(models, source, start_layer, device)
-    store = open_store(root, key, dtype=dtype)
-    before = store.committed
+    with StoreLock(store_dir(root, key, dtype)):
+        store = open_store(root, key, dtype=dtype)
+        before = store.committed
+        _fill_from_models(store, models, source, start_layer, batch_size, device, progress)
+    if store.committed != len(source) or store.ids != source.ids:
+        raise MismatchError(f"store {store.path} holds {store.committed} rows, expected {len(source)}")
+    return BuiltStore(store, key, store.committed - before)
+
+
+def _fill_from_models(
+    store: ContributionStore,
+    models: Models,
+    source: ImageSource,
+    start_layer: int,
+    batch_size: int,
+    device: str,
+    progress: bool,
+) -> None:
+    """:func:`fill_store` with the subject's decompositions and the reader's embeddings; each model
+    preprocesses the images its own way."""
     subject, reader = models.subject, models.reader
 
     def decompose_fn(ims: list[Any]) -> Decomposition:
@@ -231,9 +284,6 @@ def build_store(
         return reader.model.encode_image(_preprocess_batch(reader.preprocess, ims, device)).float()
 
     fill_store(store, source.batches(batch_size), decompose_fn, embed_fn, total=len(source), progress=progress)
-    if store.committed != len(source) or store.ids != source.ids:
-        raise MismatchError(f"store {store.path} holds {store.committed} rows, expected {len(source)}")
-    return BuiltStore(store, key, store.committed - before)
 
 
 def readable_rows(store: ContributionStore, max_bytes: int = IN_MEMORY_BYTES) -> Rows:
@@ -269,6 +319,20 @@ class AlignerStage:
     cosine_all_images: float | None = None
 
 
+#: An aligner is cached only when trained for at least this many steps (``--align-steps 0`` is untrained).
+MIN_CACHED_STEPS = 1
+
+
+def aligner_cache_dir(
+    root: str | Path, key: StoreKey, lam: float, options: Mapping[str, Any], mode: str = "compalign"
+) -> Path:
+    """The cache folder of the aligner trained on the store ``key`` (model, reader, layout *and*
+    image set) with ``lam`` and the training ``options`` (steps, batch size, held-out share)."""
+    base = aligner_dir(root, key, mode, lam)
+    blob = json.dumps({"images": key.images, **options}, sort_keys=True, default=str)
+    return base.with_name(f"{base.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}")
+
+
 def get_aligner(
     rows: Rows,
     root: str | Path,
@@ -282,32 +346,64 @@ def get_aligner(
     progress: bool = True,
     log: Callable[..., None] = print,
 ) -> AlignerStage:
-    """The CompAlign aligner for the model setting of ``rows`` (a store's, with its key): ``given``
-    (a saved folder) if set, else the cached one under ``root`` (see
-    :func:`vitdecomp.align.aligner_dir`), else trained from ``rows`` and cached. A given or cached
-    aligner trained for another setting is refused (:class:`MismatchError`)."""
+    """The CompAlign aligner for ``rows`` (a store's, with its key): ``given`` (a saved folder) if
+    set, else the cached one under ``root`` for this store key, ``lam`` and training options (see
+    :func:`aligner_cache_dir`), else trained from ``rows`` and cached (atomically: a folder renamed
+    into place). A given or cached aligner trained for another setting is refused
+    (:class:`MismatchError`); one that cannot be read is reported by path (:class:`CacheError`).
+    With ``max_steps`` 0 the aligner is untrained: used, reported as such, never cached."""
     key, labels = rows.key, rows.labels
     if key is None:
         raise ValueError("get_aligner needs rows with a store key (a store, or its rows in memory)")
     if given is not None:
-        return AlignerStage(load_aligner(given, key=key, labels=labels, device=device), "given", Path(given))
-    path = aligner_dir(root, key, "compalign", lam)
+        return AlignerStage(_read_aligner(given, key, labels, device, "--aligner"), "given", Path(given))
+    options = {"val_fraction": val_fraction, "max_steps": max_steps, "batch_size": batch_size}
+    path = aligner_cache_dir(root, key, lam, options)
     if (path / "aligner.json").exists():
-        try:
-            return AlignerStage(load_aligner(path, key=key, labels=labels, device=device), "loaded", path)
-        except MismatchError as err:
-            raise MismatchError(
-                f"the cached aligner at {path} does not fit this run: {err}. "
-                "It will not be used; delete that folder to retrain it."
-            ) from err
+        return AlignerStage(_read_aligner(path, key, labels, device, None), "loaded", path)
     c, d = rows.shapes["contributions"]
     log(f"training CompAlign ({c} maps {d}->{rows.shapes['clip'][0]}, lam={lam:g}) on {len(rows)} images")
-    options = {"val_fraction": val_fraction, "max_steps": max_steps, "batch_size": batch_size}
     al = train_aligner(rows, labels, mode="compalign", lam=lam, device=device, progress=progress, **options)
     al.key = key.to_dict()
     al.metrics["trained_on"] = key.images
-    save_aligner(al, path)
+    if max_steps < MIN_CACHED_STEPS:
+        return AlignerStage(al, "untrained", None)
+    _save_aligner_atomically(al, path)
     return AlignerStage(al, "trained", path)
+
+
+def _read_aligner(
+    path: str | Path, key: StoreKey, labels: Sequence[str] | None, device: str, flag: str | None
+) -> Aligner:
+    """:func:`load_aligner`, with a damaged folder reported by path and how to rebuild it."""
+    try:
+        return load_aligner(path, key=key, labels=labels, device=device)
+    except MismatchError as err:
+        fix = "give the aligner trained for this run" if flag else "delete that folder to retrain it"
+        raise MismatchError(f"the aligner at {path} does not fit this run: {one_line(err)}; {fix}") from err
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        fix = f"give a folder written by save_aligner to {flag}" if flag else f"delete it (rm -r '{path}') and rerun"
+        raise CacheError(
+            f"cannot read the aligner at {path} ({type(err).__name__}: {one_line(err)[:120]}); {fix}"
+        ) from err
+
+
+def _save_aligner_atomically(aligner: Aligner, path: Path) -> None:
+    """Save into a temporary folder beside ``path`` and rename it into place (a kill leaves no half
+    aligner; a concurrent run that saved first wins, this copy is dropped)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with writing(path):
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_aligner(aligner, tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (path / "aligner.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def align_components(
@@ -401,6 +497,15 @@ def mean_aligned_norms(rows: Rows, aligner: Aligner, batch_size: int = 256) -> n
 # result
 
 
+def confidence(
+    rows: Rows, aligner: Aligner, feature_emb: Mapping[str, torch.Tensor], progress: bool = True
+) -> dict[str, Any]:
+    """Bootstrap intervals and a null for every score of :data:`SCORE_METHODS` (see
+    :func:`vitdecomp.score.score_confidence`), JSON-ready per method."""
+    conf = score_confidence(rows, aligner, feature_emb, SCORE_METHODS, n_boot=N_BOOT, n_null=N_NULL, progress=progress)
+    return {m: c.to_dict() for m, c in conf.items()}
+
+
 def collect_result(
     *,
     models: Models,
@@ -415,8 +520,11 @@ def collect_result(
     errors: np.ndarray,
     cache_dir: Path,
     timings: dict[str, float],
+    constant: Mapping[str, float] | None = None,
 ) -> AnalysisResult:
-    """Every stage's output as one :class:`AnalysisResult` (the content of ``results.json``)."""
+    """Every stage's output as one :class:`AnalysisResult` (the content of ``results.json``);
+    ``constant`` components (rank-1 over the images) get no top images."""
+    constant = dict(constant or {})
     subject, reader, al = models.subject, models.reader, aligned.aligner
     labels, (idx, vals) = built.store.labels, top
     metrics = {k: v for k, v in al.metrics.items() if k != "history"}
@@ -433,7 +541,9 @@ def collect_result(
         descriptions={lab: [Pick(d.text, d.explained, d.projection) for d in ds] for lab, ds in descriptions.items()},
         mean_aligned_norm={lab: float(v) for lab, v in zip(labels, norms, strict=True)},
         top_images={
-            lab: [TopImage(source.ids[j], float(v)) for j, v in zip(idx[c], vals[c], strict=True)]
+            lab: []
+            if lab in constant
+            else [TopImage(source.ids[j], float(v)) for j, v in zip(idx[c], vals[c], strict=True)]
             for c, lab in enumerate(labels)
         },
         completeness=Completeness(float(errors.max()), float(errors.mean()), float(np.median(errors))),
@@ -442,4 +552,5 @@ def collect_result(
         aligner=AlignerInfo(None if aligned.path is None else str(aligned.path), al.key),
         cache=CacheInfo(str(cache_dir), built.rows_computed, built.rows_reused, aligned.state, space.encoder_batches),
         timings_s=timings,
+        constant=constant,
     )

@@ -13,7 +13,9 @@ def summary(r: AnalysisResult, top: int = 3) -> str:
         f"  images       {r.images.description}",
         f"  components   {r.n_components} (start layer {r.start_layer}); completeness max rel. error "
         f"{r.completeness.max_relative_error:.1e}",
-        f"  alignment    {a.mode} ({a.state}), held-out cosine {a.held_out_cosine:.3f}",
+        f"  alignment    {a.mode} ({a.state}), cosine on these images {_num(a.cosine_all_images)}"
+        + (f"; aligner's own held-out cosine {_num(a.metrics['val_cosine'])}" if "val_cosine" in a.metrics else ""),
+        f"  constant     {len(r.constant)} rank-1 components (no descriptions, no top images)",
         f"  cache        store rows computed {r.cache.store_rows_computed}, reused "
         f"{r.cache.store_rows_reused}; aligner {r.cache.aligner}",
         "  top components per feature (rotation-invariant score; top description):",
@@ -28,4 +30,9 @@ def summary(r: AnalysisResult, top: int = 3) -> str:
         lines.append(f"    {f:<{width}}  " + "; ".join(cells))
     html = r.paths.html if r.paths is not None else ""
     lines.append(f"  report       {html}  ({r.timings_s.get('total', 0):.0f} s)")
+    lines.extend(f"  WARNING      {w}" for w in r.warnings)
     return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"

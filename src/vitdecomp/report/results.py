@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from vitdecomp.fsio import atomic_write_text
+
 FORMAT_VERSION = 1
 
 
@@ -151,7 +153,15 @@ class AnalysisResult:
     ``scores[method][feature][label]``: the score of each component for each feature (``"paper"``
     and ``"invariant"``); ``rankings[method][feature]``: the labels, best first;
     ``descriptions[label]``: TextSpan picks; ``top_images[label]``; ``mean_aligned_norm[label]``;
-    ``timings_s``: seconds per stage; ``paths`` is set once the outputs are written.
+    ``timings_s``: seconds per stage; ``paths`` is set once the outputs are written;
+    ``warnings``: why this run's figures may mean little (few images, a weak alignment, random
+    weights, ...); ``constant[label]``: the relative second singular value of each component found
+    rank-1 / constant over the images (below :data:`vitdecomp.pipeline.stages.RANK1_THRESHOLD`),
+    which get neither descriptions nor top images;
+    ``confidence[method]``: how sure each score is (:meth:`vitdecomp.score.ScoreConfidence.to_dict`):
+    ``n_boot``, ``n_null``, ``level``, then ``scores[feature][label] = {score, low, high, null_mean,
+    null_high, p}`` (bootstrap interval over images; null = random rotations of the feature's
+    descriptions; ``p <= 0.05`` with 19 null draws: the score beats every null draw).
     """
 
     model: ModelInfo
@@ -173,6 +183,9 @@ class AnalysisResult:
     cache: CacheInfo
     timings_s: dict[str, float] = field(default_factory=dict)
     paths: OutputPaths | None = None
+    warnings: list[str] = field(default_factory=list)
+    constant: dict[str, float] = field(default_factory=dict)
+    confidence: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -202,6 +215,9 @@ class AnalysisResult:
             "aligner": asdict(self.aligner),
             "cache": asdict(self.cache),
             "timings_s": self.timings_s,
+            "warnings": list(self.warnings),
+            "constant": self.constant,
+            "confidence": self.confidence,
         }
         if self.paths is not None:
             d["paths"] = asdict(self.paths)
@@ -212,9 +228,7 @@ class AnalysisResult:
 
     def write(self, path: str | Path) -> Path:
         """Write :meth:`to_json` to ``path`` (``results.json``)."""
-        path = Path(path)
-        path.write_text(self.to_json())
-        return path
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AnalysisResult:
@@ -241,6 +255,9 @@ class AnalysisResult:
             cache=CacheInfo(**d["cache"]),
             timings_s=d.get("timings_s", {}),
             paths=OutputPaths(**d["paths"]) if d.get("paths") else None,
+            warnings=list(d.get("warnings", [])),
+            constant=d.get("constant", {}),
+            confidence=d.get("confidence", {}),
             format_version=d["format_version"],
         )
 

@@ -96,3 +96,14 @@ def is_up_to_date(name: str, weights_dir: Path | None = None, cards_dir: Path | 
         ):
             return False
     return True
+
+
+def planted_map(name: str, cards_dir: Path | None = None) -> dict[str, list[str]] | None:
+    """For a zoo model trained with planted roles, ``{attribute: [component labels]}``: the heads its
+    training objective made carry each attribute through their direct contribution (the card's
+    ``"planted"`` entry); ``None`` for every other model or name."""
+    if not name.startswith("zoo:"):
+        return None
+    card = read_card(name[4:].split("@")[0], cards_dir)
+    planted = (card or {}).get("planted")
+    return None if not planted else {a: list(v) for a, v in planted["map"].items()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="print the zoo models with their cards' headline numbers")
     ls.add_argument("--json", action="store_true", help="print the full cards as JSON")
     ls.set_defaults(func=run_list)
-    tr = sub.add_parser("train", help="retrain zoo models from scratch (reproducible; overwrites the weights)")
+    tr = sub.add_parser("train", help="retrain zoo models from scratch (reproducible) into a user folder (--out)")
     tr.add_argument("names", nargs="*", help=f"models to train (default: all, in the order {' '.join(TRAIN_ORDER)})")
     tr.add_argument("--no-eval", action="store_true", help="skip the held-out measurements")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -49,9 +50,29 @@ def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="skip models whose card and weights already match the current recipe, config and teacher",
     )
-    tr.add_argument("--out", help="write weights/ and cards/ under this folder instead of the package")
+    tr.add_argument(
+        "--out",
+        default=None,
+        help="write weights/ and cards/ under this folder (default: $VITDECOMP_ZOO_DIR, else "
+        "$XDG_DATA_HOME/vitdecomp/zoo or ~/.local/share/vitdecomp/zoo; use one with --checkpoint)",
+    )
+    tr.add_argument(
+        "--replace-shipped",
+        action="store_true",
+        help="write into the installed package instead, replacing the shipped weights and cards",
+    )
     tr.set_defaults(func=run_train)
     return p
+
+
+def user_zoo_dir() -> Path:
+    """Where ``zoo train`` writes by default: ``$VITDECOMP_ZOO_DIR``, else ``$XDG_DATA_HOME/vitdecomp/zoo``,
+    else ``~/.local/share/vitdecomp/zoo`` (never the installed package, unless ``--replace-shipped``)."""
+    env = os.environ.get("VITDECOMP_ZOO_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base).expanduser() / "vitdecomp" / "zoo"
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -82,7 +103,11 @@ def run_train(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown zoo model(s) {unknown}; choose from {list(ZOO_NAMES)}")
     names = [n for n in TRAIN_ORDER if n in names]
-    out = Path(args.out) if args.out else None
+    if args.replace_shipped and args.out:
+        raise SystemExit("give either --out or --replace-shipped, not both")
+    out = None if args.replace_shipped else Path(args.out) if args.out else user_zoo_dir()
+    if out is not None:
+        print(f"zoo: writing weights and cards under {out} (the shipped ones stay; --replace-shipped replaces them)")
     weights_dir = out / "weights" if out else None
     cards_dir = out / "cards" if out else None
     if args.resume:
@@ -105,7 +130,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _train_command(name: str, args: argparse.Namespace, out) -> list[str]:
     cmd = [sys.executable, "-m", "vitdecomp.zoo.cli", "train", name, "--threads", str(args.threads or 1)]
-    return cmd + ["--no-eval"] * args.no_eval + (["--out", str(out)] if out else [])
+    return cmd + ["--no-eval"] * args.no_eval + (["--out", str(out)] if out else ["--replace-shipped"])
 
 
 def _train_parallel(names: list[str], args: argparse.Namespace, out, command=_train_command, poll: float = 2.0) -> int:

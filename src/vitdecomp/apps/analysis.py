@@ -1,0 +1,114 @@
+"""What the applications read from a finished analysis (``vitdecomp analyze --out DIR``): the subject
+and reader models, the aligner, the text encoder, the feature scores and the store.
+
+Two documented rules choose components without any per-model table:
+
+* :func:`auto_heads` — for a heatmap, the ``ceil(sqrt(H))`` attention heads with the highest score for
+  the feature (``H`` = the model's number of heads: 4 of 16, 12 of 144);
+* :func:`auto_k` — for retrieval, the ``ceil(sqrt(C))`` components with the highest score (``C`` = the
+  number of components: 6 of 32, 13 of 160).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vitdecomp.align import Aligner, load_aligner
+from vitdecomp.errors import VitDecompError
+from vitdecomp.models.loaded import LoadedModel
+from vitdecomp.pipeline.stages import load_model_for
+from vitdecomp.report.results import AnalysisResult
+from vitdecomp.text import WORLD_TEMPLATES, TextEncoder
+
+#: The score the applications rank components by.
+SCORE_METHOD = "invariant"
+
+
+@dataclass
+class Analysis:
+    """A finished analysis, ready for the applications."""
+
+    result: AnalysisResult
+    subject: LoadedModel
+    reader: LoadedModel
+    aligner: Aligner | None  # None: identity (a CLIP subject read in its own space)
+    encoder: TextEncoder
+    out: Path
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        return tuple(self.result.vocabulary.templates) or WORLD_TEMPLATES
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """Unit text embeddings ``[T, d_clip]`` under the analysis' prompt templates."""
+        return self.encoder.encode(texts, self.templates)
+
+    def scores(self, feature: str) -> dict[str, float]:
+        """Every component's score for ``feature`` (label -> score)."""
+        table = self.result.scores.get(SCORE_METHOD) or next(iter(self.result.scores.values()))
+        if feature not in table:
+            raise VitDecompError(f"no feature {feature!r} in this analysis; features: {sorted(table)}")
+        return table[feature]
+
+    def feature_of(self, text_emb: torch.Tensor) -> str:
+        """The feature whose value texts come closest (cosine) to a text embedding ``[d_clip]``."""
+        best, where = -2.0, None
+        for feature, values in self.result.features.items():
+            sim = (self.embed(list(values)) @ text_emb.float()).max().item()
+            if sim > best:
+                best, where = sim, feature
+        return where
+
+
+def auto_heads(scores: dict[str, float], labels: list[str]) -> list[str]:
+    """The ``ceil(sqrt(H))`` heads (names like ``L3.H1`` or ``S1.B0.H2``) with the highest score."""
+    heads = [lab for lab in labels if _is_head(lab)]
+    n = max(1, math.ceil(math.sqrt(len(heads))))
+    return sorted(heads, key=lambda lab: -scores.get(lab, float("-inf")))[:n]
+
+
+def auto_k(n_components: int) -> int:
+    """Number of top-scored components retrieval sums: ``ceil(sqrt(C))``."""
+    return max(1, math.ceil(math.sqrt(n_components)))
+
+
+def _is_head(name: str) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return last.startswith("H") and last[1:].isdigit()
+
+
+def _load_as(name: str, weights_id: str, checkpoint: str | Path | None, device: str) -> LoadedModel:
+    """The model an analysis used, by name and weights id (random weights drawn again from their seed)."""
+    seed = re.search(r":seed=(\d+)$", weights_id)
+    random_init = "random-init" in weights_id
+    loaded = load_model_for(name, checkpoint, random_init, device, int(seed.group(1)) if seed else None)
+    if loaded.weights_id != weights_id:
+        raise VitDecompError(
+            f"{name} loads as {loaded.weights_id}, the analysis was of {weights_id}: "
+            "give the same weights (--checkpoint)"
+        )
+    return loaded
+
+
+def load_analysis(out: str | Path, device: str = "cpu", checkpoint: str | Path | None = None) -> Analysis:
+    """Read ``out/results.json`` and load what it names (models, aligner, text encoder)."""
+    out = Path(out)
+    path = out / "results.json"
+    if not path.exists():
+        raise VitDecompError(f"no analysis at {out} (no results.json): run `vitdecomp analyze --out {out}` first")
+    result = AnalysisResult.load(path)
+    subject = _load_as(result.model.name, result.model.weights_id, checkpoint, device)
+    same = result.reader.name == result.model.name and result.reader.weights_id == result.model.weights_id
+    reader = subject if same else _load_as(result.reader.name, result.reader.weights_id, None, device)
+    aligner = None
+    if result.aligner.path is not None:
+        aligner = load_aligner(result.aligner.path, labels=result.labels, device="cpu")
+        aligner = None if aligner.mode == "identity" else aligner
+    cache = Path(result.cache.dir) / "text"
+    encoder = TextEncoder.from_loaded(reader, cache_dir=cache, device=device)
+    return Analysis(result, subject, reader, aligner, encoder, out)

@@ -1,0 +1,126 @@
+"""The Markdown page of ``vitdecomp validate`` (docs/validation.md): tables built from the results of
+:func:`vitdecomp.evaluation.validate.validate_model`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from vitdecomp.evaluation import truths as truths_module
+from vitdecomp.evaluation.components import CONSTANT_RTOL
+from vitdecomp.evaluation.settings import DEV_SEED, TARGET_PLANTED, TARGET_SPEARMAN, TRUTHS
+from vitdecomp.score import DEFAULT_METHOD
+from vitdecomp.world import CORE_ATTRIBUTES
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _mean(d: dict[str, float]) -> float:
+    return float(np.mean(list(d.values())))
+
+
+def _scores(results: list[dict[str, Any]]) -> list[str]:
+    return list(results[0]["agreement"]) if results else []
+
+
+def summary_table(results: list[dict[str, Any]], truth: str = "causal_mean", target: bool = True) -> list[str]:
+    """One row per model: each score's Spearman with ``truth``, mean over the attributes."""
+    scores = _scores(results)
+    head = "| model | evaluated / all components | " + " | ".join(f"`{m}`" for m in scores) + " |"
+    lines = [head, "|---|---|" + "---|" * len(scores)]
+    for r in results:
+        tag = " (random init)" if r["random_init"] else ""
+        cells = []
+        for m in scores:
+            v = _mean(r["agreement"][m][truth])
+            mark = ""
+            if target and m == DEFAULT_METHOD and not r["random_init"]:
+                mark = " (met)" if v >= TARGET_SPEARMAN else f" (**missed** by {TARGET_SPEARMAN - v:.2f})"
+            cells.append(f"{_f(v)}{mark}")
+        lines.append(f"| {r['model']}{tag} | {len(r['evaluated'])} / {len(r['labels'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def attribute_table(results: list[dict[str, Any]], truth: str = "causal_mean") -> list[str]:
+    """One row per model and attribute: each score's Spearman with ``truth``."""
+    scores = _scores(results)
+    lines = ["| model | attribute | " + " | ".join(f"`{m}`" for m in scores) + " |", "|---|---|" + "---|" * len(scores)]
+    for r in results:
+        for a in CORE_ATTRIBUTES:
+            cells = " | ".join(_f(r["agreement"][m][truth][a]) for m in scores)
+            lines.append(f"| {r['model']} | {a} | {cells} |")
+    return lines
+
+
+def truths_table(results: list[dict[str, Any]]) -> list[str]:
+    """One row per model and score: its mean Spearman with every truth."""
+    lines = ["| model | score | " + " | ".join(TRUTHS) + " |", "|---|---|" + "---|" * len(TRUTHS)]
+    for r in results:
+        for m in _scores(results):
+            cells = " | ".join(_f(_mean(r["agreement"][m][t])) for t in TRUTHS)
+            lines.append(f"| {r['model']} | `{m}` | {cells} |")
+    return lines
+
+
+def planted_table(results: list[dict[str, Any]]) -> list[str]:
+    """Top-k precision of every score against the planted heads, per attribute."""
+    planted = [r for r in results if r.get("planted")]
+    if not planted:
+        return []
+    scores = _scores(results)
+    lines = [
+        "| model | attribute | planted heads | " + " | ".join(f"`{m}`" for m in scores) + " |",
+        "|---|---|---|" + "---|" * len(scores),
+    ]
+    for r in planted:
+        for a, heads in r["planted_map"].items():
+            cells = " | ".join(_f(r["planted"][m][a], 2) for m in scores)
+            lines.append(f"| {r['model']} | {a} | {', '.join(heads)} | {cells} |")
+    return lines
+
+
+def markdown(results: list[dict[str, Any]], control: list[dict[str, Any]], command: str, meta: dict) -> str:
+    """The whole page (a hand-written ``## Notes`` section is appended by the caller)."""
+    r0 = results[0] if results else {"train_seed": "-", "test_seed": "-", "n_train": "-", "n_test": "-"}
+    lines = [
+        "# Validation: do the scores find the parts that matter?",
+        "",
+        "Written by `vitdecomp validate` (rerun it to refresh; stores and aligners are cached):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Machine: {meta.get('machine')}, torch {meta.get('torch')}, {meta.get('threads')} thread(s); "
+        f"{meta.get('time_s', 0) / 60:.1f} min.",
+        "",
+        f"Data: aligner and truth probes fitted on world seed {r0['train_seed']} ({r0['n_train']} scenes, the "
+        f"`vitdecomp analyze` set); every score and truth computed on {r0['n_test']} held-out scenes of seed "
+        f"{r0['test_seed']}, used for nothing else (zoo training: 1000, 1001, 1500; zoo probes: 2001, 2002; the "
+        f"scores were developed on seed {DEV_SEED}). Every figure is over the *evaluated* components only: attention "
+        "heads, MLPs and convolutional branches whose contribution varies over the images (relative second "
+        f"singular value s2/s1 >= {CONSTANT_RTOL:g}); `init`, biases and norm betas are left out. The default "
+        f"score is `{DEFAULT_METHOD}`; targets: Spearman with the causal truth >= {TARGET_SPEARMAN} for every "
+        f"model, planted heads recovered with top-k precision >= {TARGET_PLANTED}, random-init control near 0.",
+        "",
+        "## Agreement with the causal truth (mean-ablation), mean of the four attributes",
+        "",
+        *summary_table(results + control),
+        "",
+        "## Per attribute (causal truth, mean-ablation)",
+        "",
+        *attribute_table(results),
+        "",
+        "## Every score against every truth (mean of the four attributes)",
+        "",
+        *truths_table(results),
+        "",
+    ]
+    planted = planted_table(results)
+    if planted:
+        lines += ["## Planted roles: top-k precision (k = number of planted heads)", "", *planted, ""]
+    lines += ["## Truths", "", (truths_module.__doc__ or "").split("\n\n", 1)[1].strip(), ""]
+    return "\n".join(lines)

@@ -1,0 +1,88 @@
+"""Linear probes: one multinomial logistic regression per component, all fitted at once
+(:func:`batched_probe`), each component's held-out accuracy per attribute
+(:func:`probe_importance`), and a probe on the whole representation that can be applied to
+edited representations (:class:`Probe`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vitdecomp.store import Rows
+from vitdecomp.world import CORE_ATTRIBUTES
+
+
+@dataclass
+class Probe:
+    """Multinomial logistic regressions on standardised features, one per leading index:
+    ``mu``/``sd [C, 1, D]``, ``weight [C, D, K]``, ``bias [C, 1, K]``."""
+
+    mu: torch.Tensor
+    sd: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [C, M, D]`` -> ``[C, M, K]``."""
+        return ((x - self.mu) / self.sd) @ self.weight + self.bias
+
+
+def fit_probes(x_tr: torch.Tensor, y_tr: torch.Tensor, n_classes: int, l2: float = 1e-3) -> Probe:
+    """Fit one probe per component at once: ``x_tr [C, N, D]``, ``y_tr [N]``. The joint loss is the
+    sum of the components' separate losses (standardised features, mean cross-entropy +
+    ``l2 * ||W||^2``, as :func:`vitdecomp.zoo.evaluate.linear_probe`), so its minimiser is every
+    component's own probe (L-BFGS)."""
+    x_tr = x_tr.float()
+    mu, sd = x_tr.mean(1, keepdim=True), x_tr.std(1, keepdim=True) + 1e-6
+    a = (x_tr - mu) / sd
+    c, _, d = a.shape
+    w = torch.zeros(c, d, n_classes, requires_grad=True)
+    bias = torch.zeros(c, 1, n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, bias], lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
+    target = y_tr.repeat(c)
+
+    def closure():
+        opt.zero_grad()
+        logits = (a @ w + bias).reshape(-1, n_classes)
+        loss = F.cross_entropy(logits, target, reduction="sum") / len(y_tr) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return Probe(mu, sd, w.detach(), bias.detach())
+
+
+def batched_probe(
+    x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor, l2: float = 1e-3
+) -> np.ndarray:
+    """Held-out accuracy ``[C]`` of one probe per component (:func:`fit_probes`): ``x_tr [C, N, D]``,
+    ``x_te [C, M, D]``."""
+    k = int(max(y_tr.max(), y_te.max())) + 1
+    probe = fit_probes(x_tr, y_tr, k, l2)
+    return (probe.logits(x_te.float()).argmax(-1) == y_te[None]).float().mean(1).numpy()
+
+
+def probe_importance(
+    train: Rows,
+    test: Rows,
+    attrs_tr: dict[str, np.ndarray],
+    attrs_te: dict[str, np.ndarray],
+    max_train: int = 2000,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Held-out probe accuracy of each component alone for each attribute: ``{attr: [C]}``."""
+    n_tr = min(max_train, len(train))
+    c_tr = train.batch(slice(0, n_tr))["contributions"]
+    c_te = test.batch(slice(None))["contributions"]
+    x_tr, x_te = c_tr.transpose(0, 1).contiguous(), c_te.transpose(0, 1).contiguous()
+    out = {}
+    for a in tqdm(CORE_ATTRIBUTES, desc="probe components", disable=not progress):
+        y_tr = torch.from_numpy(attrs_tr[a][:n_tr]).long()
+        y_te = torch.from_numpy(attrs_te[a]).long()
+        out[a] = batched_probe(x_tr, y_tr, x_te, y_te)
+    return out

@@ -1,0 +1,98 @@
+"""Files written so that a kill or a full disk leaves the previous good state: write a temporary file
+beside the target, flush and ``fsync`` it, then ``os.replace`` it over the target (atomic on POSIX).
+An ``OSError`` while writing (no space, read-only, permission) becomes one :class:`~vitdecomp.errors.
+OutputError` naming the path; the temporary file is removed and the old file is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+from vitdecomp.errors import OutputError
+
+
+def os_error_message(err: OSError, path: str | Path) -> str:
+    """One line for an OS error on ``path``: what failed and what to do."""
+    why = {
+        errno.ENOSPC: "no space left on the device; free some space or choose another folder",
+        errno.EDQUOT: "disk quota exceeded; free some space or choose another folder",
+        errno.EACCES: "permission denied; choose a folder you can write to",
+        errno.EPERM: "operation not permitted; choose a folder you can write to",
+        errno.EROFS: "read-only file system; choose a folder you can write to",
+        errno.ENOTDIR: "a parent of this path is a file, not a folder",
+        errno.EISDIR: "this path is a folder",
+    }.get(err.errno, err.strerror or str(err))
+    return f"cannot write {path}: {why}"
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn an ``OSError`` inside the block into an :class:`OutputError` naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        raise OutputError(os_error_message(err, path)) from err
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path`` and move it over ``path`` once complete."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            fault_point(f"before-replace:{path.name}")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str, errors: str = "strict") -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8", errors))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (best effort: not every file system allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: Fault injection for the test suite: ``VITDECOMP_KILL_AT=<point>`` makes the process kill itself
+#: with SIGKILL when it reaches that point (e.g. ``before-replace:index.html``, ``store-before-commit``).
+KILL_AT_ENV = "VITDECOMP_KILL_AT"
+
+
+def fault_point(name: str) -> None:
+    """Die here with SIGKILL when ``$VITDECOMP_KILL_AT`` names this point (tests of kill -9)."""
+    if os.environ.get(KILL_AT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,69 @@
+"""What keeps a report honest: components that are constant over the images (rank 1), and the
+warnings a run's figures need (few images, a weak alignment, an aligner from another image set,
+random weights).
+
+Thresholds, documented here and in ``results.json`` (``constant``, ``warnings``):
+
+* :data:`RANK1_THRESHOLD` — a component whose second singular value over the images is below this
+  share of its first is rank 1: every image gets the same direction, only scaled (``init``, the
+  attention biases through a frozen norm scale). It has no variation to describe, so it gets
+  neither descriptions nor top images.
+* :data:`ALIGNMENT_FLOOR` — below this cosine between the aligned whole and the reader's own
+  embedding *on the analysed images*, descriptions and scores are not to be trusted.
+* :data:`MIN_IMAGES` — fewer images than this make every correlation noisy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vitdecomp.report.results import AnalysisResult
+from vitdecomp.store import Rows
+
+RANK1_THRESHOLD = 1e-4
+ALIGNMENT_FLOOR = 0.5
+MIN_IMAGES = 100
+#: Images the rank test reads (the first ones): a component of higher rank shows in any of them.
+RANK_SAMPLE = 256
+
+
+@torch.no_grad()
+def rank_one_components(rows: Rows, threshold: float = RANK1_THRESHOLD, sample: int = RANK_SAMPLE) -> dict[str, float]:
+    """``{label: s2 / s1}`` of the components whose relative second singular value over the first
+    ``sample`` images is below ``threshold`` (an all-zero component counts, with 0)."""
+    out: dict[str, float] = {}
+    labels = rows.labels or [str(i) for i in range(rows.shapes["contributions"][0])]
+    for c, lab in enumerate(labels):
+        x = rows.component(c, stop=sample).double()
+        s = torch.linalg.svdvals(x) if x.shape[0] > 1 else torch.zeros(2, dtype=x.dtype)
+        ratio = float(s[1] / s[0]) if len(s) > 1 and s[0] > 0 else 0.0
+        if ratio < threshold:
+            out[lab] = ratio
+    return out
+
+
+def run_warnings(r: AnalysisResult, models: object, *, random_init: bool, seed: int) -> list[str]:
+    """Why this run's figures may mean little, one sentence each."""
+    out = []
+    if random_init:
+        out.append(
+            f"random weights (--random-init, seed {seed}) for the subject {r.model.name} and the reader "
+            f"{r.reader.name}: the components and their descriptions mean nothing (smoke test only)"
+        )
+    if r.images.n < MIN_IMAGES:
+        out.append(f"only {r.images.n} images (fewer than {MIN_IMAGES}): every score and description is noisy")
+    a = r.alignment
+    cos = a.cosine_all_images
+    if a.state != "identity" and cos is not None and cos < ALIGNMENT_FLOOR:
+        out.append(
+            f"the aligned components reach a cosine of only {cos:.3f} to {r.reader.name}'s embedding on these "
+            f"images (floor {ALIGNMENT_FLOOR}): descriptions and scores are unreliable"
+        )
+    trained_on = a.metrics.get("trained_on")
+    if a.state in ("given", "loaded") and trained_on and trained_on != r.images.key:
+        out.append(f"the aligner was trained on another image set ({trained_on}), not on these images")
+    if r.images.skipped:
+        out.append(f"{len(r.images.skipped)} unreadable file(s) were skipped (listed in results.json: images.skipped)")
+    if a.state == "untrained":
+        out.append("the aligner is untrained (--align-steps 0): the mapping into CLIP space is its initial value")
+    return out

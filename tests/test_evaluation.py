@@ -1,0 +1,195 @@
+"""`vitdecomp.evaluation`: the causal truth on tiny stacks whose answer is known, the non-constant
+filter, specificity and planted top-k precision, the document, and the `vitdecomp validate` command."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vitdecomp.evaluation.components import evaluated_components, is_branch, relative_second_singular_value
+from vitdecomp.evaluation.truths import (
+    ablated_wholes,
+    causal_importance,
+    specificity,
+    top_k_precision,
+    zero_shot_causal,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def known_stack(n: int, seed: int, d: int = 8, k: int = 3):
+    """Five components: 0 carries the label strongly, 1 weakly, 2 is label-free noise, 3 is a
+    constant, 4 is zero. The whole's probe leans on 0, then 1."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    proto = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(99))).Q.T  # [k, d]
+    c = torch.zeros(n, 5, d)
+    c[:, 0] = 3.0 * proto[y] + 0.3 * torch.randn(n, d, generator=g)
+    c[:, 1] = 0.6 * proto[y] + 0.3 * torch.randn(n, d, generator=g)
+    c[:, 2] = 1.0 * torch.randn(n, d, generator=g)
+    c[:, 3] = torch.arange(d, dtype=torch.float32)
+    return c, y
+
+
+def test_ablated_wholes_replace_exactly_one_component():
+    c, _ = known_stack(20, 0)
+    whole = c.sum(1)
+    mean = ablated_wholes(c, "mean")
+    assert mean.shape == (5, 20, 8)
+    for i in range(5):
+        expect = whole - c[:, i] + c[:, i].mean(0)
+        torch.testing.assert_close(mean[i].float(), expect, atol=1e-5, rtol=1e-5)
+    res = ablated_wholes(c, "resample", seed=3, components=slice(0, 2))
+    assert res.shape == (2, 20, 8)
+    # resampling permutes the images' values: the mean over images is unchanged
+    torch.testing.assert_close(res.mean(1), whole.double().mean(0).expand(2, 8), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        ablated_wholes(c, "zero")
+
+
+def test_causal_truth_ranks_the_known_components():
+    c_tr, y_tr = known_stack(600, 1)
+    c_te, y_te = known_stack(400, 2)
+    out = causal_importance(c_tr, y_tr, c_te, y_te)
+    assert out["base"]["accuracy"][0] > 0.95
+    for mode in ("mean", "resample"):
+        rise = out[mode]["loss_rise"]
+        assert rise[0] > rise[1] > max(rise[2], 0.0) - 1e-9, (mode, rise)
+        assert rise[0] > 0.5  # removing the carrier loses the label
+        assert abs(rise[3]) < 1e-6 and abs(rise[4]) < 1e-6  # constants: ablating them changes nothing
+        assert out[mode]["accuracy_drop"][0] > 0.3
+    # the two ablations agree on the order
+    assert np.argsort(-out["mean"]["loss_rise"])[:2].tolist() == [0, 1]
+
+
+def test_zero_shot_causal_finds_the_component_on_the_class_texts():
+    c, y = known_stack(300, 4)
+    classes = torch.linalg.qr(torch.randn(8, 3, generator=torch.Generator().manual_seed(99))).Q.T
+    rise = zero_shot_causal(c, torch.zeros(8), classes, y)
+    assert int(np.argmax(rise)) == 0 and rise[0] > 0.5
+    assert abs(rise[3]) < 1e-6 and abs(rise[4]) < 1e-6
+
+
+def test_non_constant_filter_keeps_varying_branches_only():
+    c, _ = known_stack(50, 5)
+    rel = relative_second_singular_value(c)
+    assert rel[3] < 1e-6 and rel[4] == 0.0 and rel[:3].min() > 0.1
+    labels = ["L0.H0", "L0.mlp", "S1.B0.grid.H2", "L1.H1", "L1.conv"]
+    assert evaluated_components(labels, c).tolist() == [0, 1, 2]  # L1.H1 is constant, L1.conv zero
+    assert evaluated_components(["init", "L0.attn_bias", "L0.mlp", "norm_bias", "pool_pos.H0"], c).tolist() == [2]
+    assert is_branch("S0.B1.conv") and is_branch("L2.H11") and not is_branch("pool_pos.H0")
+
+
+def test_specificity_and_planted_precision():
+    acc = {"shape": np.array([1.0, 0.25, 0.7]), "color": np.array([1.0, 1.0, 0.2])}
+    spec = specificity(acc, {"shape": 4, "color": 5})
+    assert spec["shape"][0] == pytest.approx(0.0)  # decodes both perfectly: not specific
+    assert spec["color"][1] == pytest.approx(1.0)  # colour perfect, shape at chance
+    assert spec["shape"][2] > 0 > spec["color"][2]
+    labels = ["a", "b", "c", "d"]
+    assert top_k_precision(np.array([0.9, 0.1, 0.8, 0.0]), labels, ["a", "c"]) == 1.0
+    assert top_k_precision(np.array([0.9, 0.1, 0.8, 0.0]), labels, ["a", "b"]) == 0.5
+    assert np.isnan(top_k_precision(np.zeros(4), labels, []))
+
+
+def _fake_result(model: str, random_init: bool) -> dict:
+    attrs = ("shape", "color", "pattern", "background")
+    truths = ("causal_mean", "causal_resample", "zero_shot_causal", "probe", "specificity")
+    agree = {m: {t: dict.fromkeys(attrs, 0.5) for t in truths} for m in ("invariant", "ablation")}
+    agree["ablation"]["causal_mean"] = dict.fromkeys(attrs, 0.9)
+    return {
+        "model": model,
+        "random_init": random_init,
+        "train_seed": 3000,
+        "test_seed": 5001,
+        "n_train": 2000,
+        "n_test": 1000,
+        "labels": ["init", "L0.H0", "L0.mlp"],
+        "evaluated": ["L0.H0", "L0.mlp"],
+        "agreement": agree,
+        "planted": {"invariant": {"color": 0.5}, "ablation": {"color": 1.0}},
+        "planted_map": {"color": ["L0.H0"]},
+    }
+
+
+def test_document_has_every_table(monkeypatch):
+    from vitdecomp import score
+    from vitdecomp.evaluation import document
+
+    monkeypatch.setattr(document, "DEFAULT_METHOD", "ablation")
+    text = document.markdown([_fake_result("zoo:deit", False)], [_fake_result("zoo:deit", True)], "cmd", {})
+    for part in ("causal truth", "| zoo:deit | 2 / 3 | 0.500 | 0.900 (met) |", "(random init)", "Planted", "5001"):
+        assert part in text, part
+    assert score.DEFAULT_METHOD in score.METHODS
+
+
+@pytest.mark.slow
+def test_validate_command_on_random_weights(tmp_path, monkeypatch):
+    """The whole command on a tiny random-init run (two seeds' stores, aligner, truths, document)."""
+    from vitdecomp.cli import main
+
+    out, js = tmp_path / "v.md", tmp_path / "v.json"
+    (tmp_path / "v.md").write_text("old\n\n## Notes\n\nkept by hand\n")
+    argv = ["validate", "--models", "zoo:deit", "--n-train", "60", "--n-test", "40", "--out", str(out)]
+    argv += ["--align-steps", "20"]
+    argv += ["--json", str(js), "--cache-dir", str(tmp_path / "c"), "--quiet", "--scores", "invariant", "ablation"]
+    monkeypatch.setattr("vitdecomp.evaluation.validate.load_model_for", _random_loader())
+    assert main(argv) == 0
+    text = out.read_text()
+    assert "zoo:deit" in text and "kept by hand" in text and "## Truths" in text
+    import json
+
+    r = json.loads(js.read_text())["results"][0]
+    assert set(r["agreement"]) == {"invariant", "ablation"}
+    assert "init" not in r["evaluated"] and all(is_branch(lab) for lab in r["evaluated"])
+    assert set(r["truths"]) == {"causal_mean", "causal_resample", "zero_shot_causal", "probe", "specificity"}
+
+
+def _random_loader():
+    from vitdecomp.pipeline.stages import load_model_for
+
+    def load(name, checkpoint=None, random_init=False, device="cpu"):
+        return load_model_for(name, checkpoint, True, device)
+
+    return load
+
+
+def test_planted_map_comes_from_the_card(tmp_path):
+    import json
+
+    from vitdecomp.zoo.cards import planted_map
+
+    assert planted_map("zoo:deit") is None and planted_map("deit_base_patch16_224") is None
+    card = {"name": "planted", "planted": {"map": {"color": ["L1.H0"], "shape": ["L2.H1", "L3.H0"]}}}
+    (tmp_path / "planted.json").write_text(json.dumps(card))
+    assert planted_map("zoo:planted@abc", tmp_path) == {"color": ["L1.H0"], "shape": ["L2.H1", "L3.H0"]}
+
+
+def test_analysis_confidence_stage_is_json_ready_and_in_results():
+    import dataclasses
+    import json
+
+    from vitdecomp.align import identity_aligner
+    from vitdecomp.pipeline.stages import N_NULL, SCORE_METHODS, confidence
+    from vitdecomp.report.results import AnalysisResult
+    from vitdecomp.store import ArrayRows
+
+    c, _ = known_stack(80, 6)
+    labels = ["L0.H0", "L0.H1", "L0.mlp", "init", "norm_bias"]
+    texts = {"f": torch.randn(3, 8, generator=torch.Generator().manual_seed(1))}
+    conf = confidence(ArrayRows(c.numpy(), labels=labels), identity_aligner(labels, 8), texts, progress=False)
+    assert set(conf) == set(SCORE_METHODS)
+    for d in conf.values():
+        assert d["n_null"] == N_NULL and set(d["scores"]["f"]) == set(labels)
+        cell = d["scores"]["f"]["L0.H0"]
+        assert cell["low"] <= cell["score"] + 1e-6 <= cell["high"] + 2e-6 and 0 < cell["p"] <= 1
+    json.dumps(conf)
+    assert "confidence" in {f.name for f in dataclasses.fields(AnalysisResult)}

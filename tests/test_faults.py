@@ -1,0 +1,365 @@
+"""The fault suite: bad inputs, damaged caches, a full disk, a held lock and kill -9, each meeting
+the error contract — exit status 2, one line on stderr naming what is wrong — and losing nothing
+that an earlier good run wrote (every file of its report and cache is still there, unchanged).
+
+One good run (16 scenes, random-init zoo models, 3 aligner steps) makes the state that every case
+must leave intact; most cases fail before a model is loaded, a few after; only the kill -9 cases
+and the entry-point checks start a process of their own.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitdecomp.cli import main
+from vitdecomp.world import make_scenes
+
+BASE = ["--random-init", "--n-images", "16", "--align-steps", "3", "--batch-size", "16", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under ``roots`` (lock files aside: their content is the holder)."""
+    out = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and p.name != "lock":
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def assert_nothing_lost(before: dict[str, str]) -> None:
+    now = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in before if Path(p).is_file()}
+    lost = sorted(set(before) - set(now))
+    changed = sorted(p for p in now if now[p] != before[p])
+    assert not lost and not changed, f"lost {lost[:3]}, changed {changed[:3]}"
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """A finished good run: its report folder, its cache and the snapshot of both."""
+    root = tmp_path_factory.mktemp("good")
+    out, cache = root / "out", root / "cache"
+    assert main(["analyze", *BASE, "--out", str(out), "--cache-dir", str(cache)]) == 0
+    files = _fixture_files(root / "files")
+    return {"out": out, "cache": cache, "files": files, "before": snapshot(out, cache)}
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _fixture_files(root: Path) -> dict[str, Path]:
+    """Files the cases point at: bad JSON, empty vocabulary, garbage weights, broken folders, a bomb."""
+    root.mkdir(parents=True)
+    scenes = make_scenes(3, seed=7).images
+    f = {
+        "file": root / "file.txt",
+        "bad_json": root / "bad.json",
+        "empty_vocab": root / "empty.txt",
+        "garbage": root / "garbage.safetensors",
+        "no_images": root / "no_images",
+        "broken": root / "broken",
+        "all_broken": root / "all_broken",
+        "bomb": root / "bomb",
+        "no_aligner": root / "no_aligner",
+        "model_dir": root / "model_dir",
+    }
+    f["file"].write_text("a file, not a folder\n")
+    f["bad_json"].write_text("{not json")
+    f["empty_vocab"].write_text("# nothing but a comment\n\n")
+    f["garbage"].write_bytes(b"\x00garbage, not a safetensors file" * 10)
+    for name in ("no_images", "no_aligner", "model_dir"):
+        f[name].mkdir()
+    (f["no_images"] / "notes.txt").write_text("no images here")
+    for i, im in enumerate(scenes[:2]):
+        _png(f["broken"] / f"ok{i}.png", im)
+        _png(f["bomb"] / f"ok{i}.png", im)
+    (f["broken"] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    f["all_broken"].mkdir()
+    for i in range(2):
+        (f["all_broken"] / f"bad{i}.jpg").write_bytes(b"not a jpeg")
+    Image.new("1", (8000, 8000)).save(f["bomb"] / "huge.png")  # 64 M pixels in a few kB
+    return f
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *expect: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, err[-2000:])
+    assert len(lines) == 1, err[-2000:]
+    assert "error:" in lines[0] and "Traceback" not in err
+    for e in expect:
+        assert e.lower() in lines[0].lower(), (e, lines[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# analyze: options, names and files refused before any heavy work (or right after loading)
+
+#: In a case's options: run with pretrained weights (drop ``--random-init`` from :data:`BASE`).
+PRETRAINED = "<pretrained>"
+
+ANALYZE_CASES = [
+    ("n-images-1", ["--n-images", "1"], ["--n-images 1", "at least 2"]),
+    ("n-images-0", ["--n-images", "0"], ["--n-images 0"]),
+    ("n-images-not-int", ["--n-images", "many"], ["--n-images", "invalid int"]),
+    ("batch-size-0", ["--batch-size", "0"], ["--batch-size 0"]),
+    ("align-batch-size-0", ["--align-batch-size", "0"], ["--align-batch-size 0"]),
+    ("align-steps-negative", ["--align-steps", "-1"], ["--align-steps -1"]),
+    ("val-fraction-0", ["--val-fraction", "0"], ["--val-fraction"]),
+    ("val-fraction-above-1", ["--val-fraction", "1.5"], ["--val-fraction"]),
+    ("top-k-0", ["--top-k", "0"], ["--top-k 0"]),
+    ("start-layer-negative", ["--start-layer", "-1"], ["--start-layer -1"]),
+    ("lam-negative", ["--lam", "-1"], ["--lam"]),
+    ("threads-0", ["--threads", "0"], ["--threads 0"]),
+    ("dtype-unknown", ["--dtype", "float8"], ["--dtype", "float8"]),
+    ("unknown-option", ["--colour", "red"], ["unrecognized arguments"]),
+    ("images-missing", ["--images", "{tmp}/nowhere"], ["nowhere", "no such folder"]),
+    ("images-is-a-file", ["--images", "{file}"], ["file.txt"]),
+    ("checkpoint-missing", ["--checkpoint", "{tmp}/w.safetensors"], ["--checkpoint", "w.safetensors"]),
+    ("clip-checkpoint-missing", ["--clip-checkpoint", "{tmp}/c.safetensors"], ["--clip-checkpoint"]),
+    ("aligner-folder-empty", ["--aligner", "{no_aligner}"], ["--aligner", "aligner.json"]),
+    ("device-unknown", ["--device", "tpu9"], ["--device tpu9"]),
+    ("out-is-a-file", ["--out", "{file}"], ["--out", "not a folder"]),
+    ("out-under-a-file", ["--out", "{file}/report"], ["file.txt"]),
+    ("cache-dir-is-a-file", ["--cache-dir", "{file}"], ["--cache-dir"]),
+    ("features-unknown", ["--features", "smells"], ["smells"]),
+    ("features-bad-json", ["--features", "{bad_json}"], ["bad.json"]),
+    ("vocabulary-unknown", ["--vocabulary", "klingon"], ["klingon"]),
+    ("vocabulary-empty", ["--vocabulary", "{empty_vocab}"], ["no entries"]),
+    ("model-unknown", ["--model", "not_a_model_at_all"], ["not_a_model_at_all"]),
+    ("model-zoo-unknown", ["--model", "zoo:nosuch"], ["zoo:nosuch", "zoo:deit"]),
+    ("open-clip-without-tag", [PRETRAINED, "--clip", "open_clip:ViT-B-16"], ["TAG", "--random-init"]),
+    ("open-clip-unknown-tag", [PRETRAINED, "--clip", "open_clip:ViT-B-16/nosuchtag"], ["nosuchtag"]),
+    ("open-clip-unknown-arch", ["--clip", "open_clip:NoSuchArch/x"], ["NoSuchArch"]),
+    ("local-dir-missing", ["--model", "local-dir:{tmp}/nowhere"], ["no such folder"]),
+    ("hf-hub-without-org", ["--model", "hf-hub:justaname"], ["hf-hub:ORG/REPO"]),
+    ("images-without-images", ["--images", "{no_images}"], ["no images"]),
+    ("images-broken-file", ["--images", "{broken}"], ["broken.png"]),
+    ("images-all-broken-skipped", ["--images", "{all_broken}", "--skip-bad-images"], ["at least 2 images"]),
+    ("images-decompression-bomb", ["--images", "{bomb}"], ["huge.png", "pixels"]),
+    ("clip-is-not-a-clip", ["--model", "zoo:swin", "--clip", "zoo:deit"], ["--clip zoo:deit", "not a CLIP"]),
+    ("subject-is-not-a-clip", ["--clip", "zoo:deit"], ["zoo:deit is not a CLIP", "--clip"]),
+    ("start-layer-past-depth", ["--start-layer", "99"], ["--start-layer 99"]),
+]
+if not torch.cuda.is_available():
+    ANALYZE_CASES.append(("device-cuda-missing", ["--device", "cuda"], ["--device cuda", "no CUDA"]))
+
+
+@pytest.mark.parametrize(("extra", "expect"), [c[1:] for c in ANALYZE_CASES], ids=[c[0] for c in ANALYZE_CASES])
+def test_analyze_refuses_with_one_line(good, tmp_path, capsys, extra, expect):
+    names = {k: str(v) for k, v in good["files"].items()} | {"tmp": str(tmp_path)}
+    base = [x for x in BASE if x != "--random-init"] if PRETRAINED in extra else BASE
+    extra = [x.format(**names) for x in extra if x != PRETRAINED]
+    argv = ["analyze", *base, "--out", str(good["out"]), "--cache-dir", str(good["cache"]), *extra]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, *expect)
+    assert_nothing_lost(good["before"])
+
+
+# ------------------------------------------------------------------------------------------------
+# decompose
+
+DECOMPOSE_CASES = [
+    ("out-is-a-file", ["--out", "{file}"], ["--out", "not a folder"]),
+    ("batch-size-0", ["--batch-size", "0"], ["--batch-size 0"]),
+    ("unknown-option", ["--model", "zoo:deit"], ["unrecognized arguments"]),
+    ("start-layer-past-depth", ["--start-layer", "99"], ["--start-layer 99"]),
+    ("images-missing", ["--images", "{tmp}/nowhere"], ["no such folder"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "expect"), [c[1:] for c in DECOMPOSE_CASES], ids=[c[0] for c in DECOMPOSE_CASES])
+def test_decompose_refuses_with_one_line(good, tmp_path, capsys, extra, expect):
+    names = {k: str(v) for k, v in good["files"].items()} | {"tmp": str(tmp_path)}
+    extra = [x.format(**names) for x in extra]
+    argv = ["decompose", "zoo:deit", "--random-init", "--n-images", "2", "--device", "cpu", "--quiet", *extra]
+    assert_one_line_error(*run_cli(argv, capsys), *expect)
+    assert_nothing_lost(good["before"])
+
+
+@pytest.mark.parametrize(
+    ("model", "expect"),
+    [("not_a_model_at_all", ["not_a_model_at_all"]), ("open_clip:ViT-B-16", ["TAG"]), ("zoo:nope", ["zoo:nope"])],
+    ids=["timm-unknown", "open-clip-no-tag", "zoo-unknown"],
+)
+def test_decompose_refuses_bad_model_names(good, capsys, model, expect):
+    assert_one_line_error(*run_cli(["decompose", model, "--quiet", "--device", "cpu"], capsys), *expect)
+    assert_nothing_lost(good["before"])
+
+
+@pytest.mark.parametrize("model", ["zoo:deit", "vit_tiny_patch16_224"])
+def test_corrupt_checkpoint_is_named(good, capsys, model):
+    garbage = str(good["files"]["garbage"])
+    code, err = run_cli(["decompose", model, "--checkpoint", garbage, "--quiet", "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, "garbage.safetensors")
+    assert_nothing_lost(good["before"])
+
+
+def test_offline_pretrained_fails_fast_naming_repo_file_and_flag(good, capsys, monkeypatch):
+    import time
+
+    from vitdecomp.models import loading
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loading.hub_offline.cache_clear()
+    t0 = time.time()
+    code, err = run_cli(["decompose", "vit_tiny_patch16_224", "--quiet", "--device", "cpu"], capsys)
+    loading.hub_offline.cache_clear()
+    assert time.time() - t0 < 20
+    assert_one_line_error(code, err, "timm/vit_tiny_patch16_224", "model.safetensors", "--checkpoint", "offline")
+    assert "pretrained=False" not in err
+
+
+def test_non_finite_images_are_named_not_blamed_on_the_model():
+    import vitdecomp as vd
+    from vitdecomp.errors import NonFiniteInputError
+
+    loaded = vd.load_model("zoo:deit", random_init=True)
+    x = torch.zeros(3, 3, *loaded.image_size)
+    x[2, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteInputError, match="batch position 2") as info:
+        vd.decompose(loaded, x)
+    assert "rules do not cover" not in str(info.value) and "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# damaged caches, a held lock, a full disk
+
+
+def _copy(good, tmp_path) -> tuple[Path, Path]:
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    shutil.copytree(good["out"], out)
+    shutil.copytree(good["cache"], cache)
+    return out, cache
+
+
+def _store_path(good, cache: Path) -> Path:
+    data = json.loads((good["out"] / "results.json").read_text())
+    return cache / Path(data["store"]["path"]).relative_to(good["cache"])
+
+
+@pytest.mark.parametrize("damage", ["state.json", "header.json", "ids.txt"])
+def test_damaged_store_is_named_with_the_fix(good, tmp_path, capsys, damage):
+    out, cache = _copy(good, tmp_path)
+    store = _store_path(good, cache)
+    if damage == "ids.txt":
+        (store / damage).write_text("only-one-id\n")
+    else:
+        (store / damage).write_text('{"committed": ')  # a write cut short
+    before = snapshot(out)
+    argv = ["analyze", *BASE, "--out", str(out), "--cache-dir", str(cache)]
+    assert_one_line_error(*run_cli(argv, capsys), str(store), "rm -r")
+    assert_nothing_lost(before)
+    assert_nothing_lost(good["before"])
+
+
+def test_damaged_aligner_is_named_with_the_fix(good, tmp_path, capsys):
+    out, cache = _copy(good, tmp_path)
+    (aligner,) = [p.parent for p in (cache / "aligners").rglob("aligner.json")]
+    (aligner / "aligner.json").write_text('{"mode": "compalign", "lam"')
+    before = snapshot(out)
+    argv = ["analyze", *BASE, "--out", str(out), "--cache-dir", str(cache)]
+    assert_one_line_error(*run_cli(argv, capsys), str(aligner), "rm -r")
+    assert_nothing_lost(before)
+
+
+def test_a_held_store_lock_names_its_holder(good, tmp_path, capsys):
+    from vitdecomp.store import StoreLock
+
+    out, cache = _copy(good, tmp_path)
+    before = snapshot(out, cache)
+    with StoreLock(_store_path(good, cache)):
+        argv = ["analyze", *BASE, "--out", str(out), "--cache-dir", str(cache)]
+        assert_one_line_error(*run_cli(argv, capsys), "another run", f"pid {os.getpid()}")
+    assert_nothing_lost(before)
+
+
+def test_full_disk_while_the_store_grows(good, tmp_path, capsys, monkeypatch):
+    from vitdecomp.store import ContributionStore
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ContributionStore, "_write_rows", full)
+    out, cache = _copy(good, tmp_path)
+    before = snapshot(out, cache)
+    argv = ["analyze", *BASE, "--out", str(out), "--cache-dir", str(cache), "--start-layer", "2"]  # a new store
+    assert_one_line_error(*run_cli(argv, capsys), "no space left", str(cache / "stores"))
+    assert_nothing_lost(before)
+
+
+def test_full_disk_while_writing_the_report(good, tmp_path, capsys, monkeypatch):
+    out, cache = _copy(good, tmp_path)
+    before = snapshot(out, cache)
+    real_fsync = os.fsync
+
+    def full(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(str(out)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    argv = ["analyze", *BASE, "--out", str(out), "--cache-dir", str(cache)]
+    assert_one_line_error(*run_cli(argv, capsys), "no space left", "index.html")
+    assert_nothing_lost(before)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no half files left behind
+
+
+# ------------------------------------------------------------------------------------------------
+# kill -9 at injected points (a process of its own)
+
+
+def _cli_process(argv: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VITDECOMP_WORKERS": "0"}
+    if kill_at:
+        env["VITDECOMP_KILL_AT"] = kill_at
+    return subprocess.run(
+        [sys.executable, "-m", "vitdecomp", *argv], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("point", ["before-replace:index.html", "store-before-commit"])
+def test_kill_9_leaves_the_previous_good_state(good, tmp_path, capsys, point):
+    out, cache = _copy(good, tmp_path)
+    before = snapshot(out, cache)
+    argv = ["analyze", *BASE, "--out", str(out), "--cache-dir", str(cache), "--threads", "1"]
+    if point == "store-before-commit":
+        argv += ["--start-layer", "3"]  # rows to write: a new store
+    proc = _cli_process(argv, kill_at=point)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert_nothing_lost(before)
+    # the next run finishes, and the interrupted store holds every row exactly once
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    ids = (Path(data["store"]["path"]) / "ids.txt").read_text().splitlines()
+    assert len(ids) == len(set(ids)) == 16
