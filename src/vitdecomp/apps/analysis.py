@@ -23,10 +23,11 @@ from vitdecomp.errors import VitDecompError
 from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.pipeline.stages import load_model_for
 from vitdecomp.report.results import AnalysisResult
+from vitdecomp.score import DEFAULT_METHOD
 from vitdecomp.text import WORLD_TEMPLATES, TextEncoder
 
 #: The score the applications rank components by.
-SCORE_METHOD = "invariant"
+SCORE_METHOD = DEFAULT_METHOD
 
 
 @dataclass

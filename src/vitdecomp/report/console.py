@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from vitdecomp.report.results import AnalysisResult
+from vitdecomp.score import DEFAULT_METHOD
 
 
 def summary(r: AnalysisResult, top: int = 3) -> str:
     """What was analysed, what was reused, and the ``top`` components of every feature."""
     a = r.alignment
+    method = DEFAULT_METHOD if DEFAULT_METHOD in r.scores else next(iter(r.scores), DEFAULT_METHOD)
     lines = [
         f"vitdecomp analyze: {r.model.name} ({r.model.weights_id}) read through {r.reader.name}",
         f"  images       {r.images.description}",
@@ -18,13 +20,13 @@ def summary(r: AnalysisResult, top: int = 3) -> str:
         f"  constant     {len(r.constant)} rank-1 components (no descriptions, no top images)",
         f"  cache        store rows computed {r.cache.store_rows_computed}, reused "
         f"{r.cache.store_rows_reused}; aligner {r.cache.aligner}",
-        "  top components per feature (rotation-invariant score; top description):",
+        f"  top components per feature ({method} score; top description):",
     ]
-    scores = r.scores["invariant"]
+    scores = r.scores[method]
     width = max((len(f) for f in scores), default=0)
     for f, row in scores.items():
         cells = []
-        for lab in r.rankings["invariant"][f][:top]:
+        for lab in r.rankings[method][f][:top]:
             picks = r.descriptions.get(lab) or []
             cells.append(f"{lab} {row[lab]:.2f} ({picks[0].text if picks else '-'})")
         lines.append(f"    {f:<{width}}  " + "; ".join(cells))

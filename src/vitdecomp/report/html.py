@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from vitdecomp.fsio import atomic_write_text
 from vitdecomp.report.results import AnalysisResult
+from vitdecomp.score import DEFAULT_METHOD
 
 #: The page's sections, in order: ``templates/sections/<name>.html.j2`` each.
 SECTIONS: list[str] = ["warnings", "features", "heads", "components", "other_methods", "about"]
@@ -99,7 +100,17 @@ def render_html(r: AnalysisResult, thumbs: Mapping[str, list[str]] | None = None
     """The whole page for an analysis result (``thumbs``: image data URIs per component)."""
     css = resources.files("vitdecomp.report").joinpath("templates/style.css").read_text(encoding="utf-8")
     page = environment().get_template("base.html.j2")
-    return page.render(r=r, thumbs=dict(thumbs or {}), stats=_stats(r), css=css, sections=SECTIONS)
+    method = DEFAULT_METHOD if DEFAULT_METHOD in r.scores else next(iter(r.scores), DEFAULT_METHOD)
+    confidence = r.confidence.get(method, {}).get("scores", {})
+    return page.render(
+        r=r,
+        thumbs=dict(thumbs or {}),
+        stats=_stats(r),
+        css=css,
+        sections=SECTIONS,
+        method=method,
+        confidence=confidence,
+    )
 
 
 def write_report(
