@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vitdecomp.errors import VitDecompError
 from vitdecomp.zoo.cards import is_up_to_date, list_zoo
 from vitdecomp.zoo.models import ZOO_NAMES
 from vitdecomp.zoo.recipes import RECIPES
@@ -101,10 +102,10 @@ def run_train(args: argparse.Namespace) -> int:
     names = args.names or list(TRAIN_ORDER)
     unknown = [n for n in names if n not in ZOO_NAMES]
     if unknown:
-        raise SystemExit(f"unknown zoo model(s) {unknown}; choose from {list(ZOO_NAMES)}")
+        raise VitDecompError(f"unknown zoo model(s) {unknown}; choose from {list(ZOO_NAMES)}")
     names = [n for n in TRAIN_ORDER if n in names]
     if args.replace_shipped and args.out:
-        raise SystemExit("give either --out or --replace-shipped, not both")
+        raise VitDecompError("give either --out or --replace-shipped, not both")
     out = None if args.replace_shipped else Path(args.out) if args.out else user_zoo_dir()
     if out is not None:
         print(f"zoo: writing weights and cards under {out} (the shipped ones stay; --replace-shipped replaces them)")
@@ -119,7 +120,6 @@ def run_train(args: argparse.Namespace) -> int:
         return _train_parallel(names, args, out)
     if args.threads:
         torch.set_num_threads(args.threads)
-
     for name in names:
         card = train_and_save(
             name, progress=not args.quiet, evaluate=not args.no_eval, weights_dir=weights_dir, cards_dir=cards_dir
