@@ -212,10 +212,6 @@ class HeadsPart:
         u = torch.einsum("dhe,bkhe->bhkd", w, pz)
         return u if const is None else torch.cat([u, const[:, None]], 1)
 
-    def contributions(self, ro: ReadoutMap) -> Tensor:
-        """``[B, len(labels), D_out]``."""
-        return ro.apply_pooled(self.pooled(ro))
-
     def token_parts_size(self) -> int:
         """Number of source tokens ``N`` (after the pass)."""
         return self.v.shape[2]
