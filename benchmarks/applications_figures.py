@@ -1,5 +1,6 @@
 """The world heatmap figure of docs/applications.md: per analysed zoo model (rows), the top colour heads'
-map for "a <true colour> object" on the same fresh scenes (columns); red positive, blue negative.
+map for "a(n) <true colour> object" on the same fresh scenes (columns), read as `vitdecomp heatmap` reads
+a feature's value (the text minus the mean of the other values' texts); red positive, blue negative.
 
     python benchmarks/applications_figures.py --analyses DIR [DIR ...] --out docs/figures/heatmaps_world.png
 """
@@ -15,7 +16,9 @@ import matplotlib.pyplot as plt
 import torch
 
 from vitdecomp.apps.analysis import auto_heads, load_analysis
+from vitdecomp.apps.heatmap import contrastive
 from vitdecomp.apps.token_maps import token_maps
+from vitdecomp.apps.world_eval import phrase
 from vitdecomp.world import make_scenes
 
 
@@ -35,7 +38,8 @@ def main() -> None:
     for row, folder in enumerate(args.analyses):
         a = load_analysis(folder)
         values = list(a.result.features[args.feature])
-        emb = a.embed([args.text.format(v) for v in values])
+        emb = a.embed([phrase(args.text, v) for v in values])
+        emb = contrastive(emb, emb)
         x = torch.stack([a.subject.preprocess(scenes.pil(i)) for i in range(args.n)])
         heads = auto_heads(a.scores(args.feature), a.result.labels)
         px = token_maps(a.subject, x, emb, aligner=a.aligner).pixels(heads)
@@ -47,7 +51,7 @@ def main() -> None:
             ax.imshow(scenes.images[i])
             ax.imshow(m, cmap="bwr", vmin=-lim, vmax=lim, alpha=0.55)
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(args.text.format(values[int(truth[i])]), fontsize=6)
+            ax.set_title(phrase(args.text, values[int(truth[i])]), fontsize=6)
             if i == 0:
                 ax.set_ylabel(f"{a.result.model.name}\n{len(heads)} heads", fontsize=7)
     fig.tight_layout()

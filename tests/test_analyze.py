@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 from vitdecomp.analyze import AnalysisConfig, run_analysis
 from vitdecomp.errors import MismatchError
 from vitdecomp.report import AnalysisResult
+from vitdecomp.score import DEFAULT_METHOD
 
 N = 64
 RUN = dict(
@@ -142,15 +145,7 @@ def _chromium() -> str | None:
     return None
 
 
-def test_report_renders_in_headless_chromium(first_run, tmp_path):
-    _, out, _ = first_run
-    html = (out / "index.html").read_text()
-    assert "<script" not in html and "http://" not in html and "https://" not in html  # self-contained
-    assert html.count("data:image/png;base64,") >= 10
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("no chromium / chrome on PATH: cannot screenshot the report (apt-get install chromium)")
-    shot = tmp_path / "shot.png"
+def _headless(browser: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [
         browser,
         "--headless",
@@ -161,11 +156,29 @@ def test_report_renders_in_headless_chromium(first_run, tmp_path):
         "--disable-sync",
         "--no-first-run",
         f"--user-data-dir={tmp_path / 'profile'}",
-        f"--screenshot={shot}",
-        "--window-size=1280,2000",
-        (out / "index.html").resolve().as_uri(),
+        *args,
     ]
-    subprocess.run(cmd, check=False, capture_output=True, timeout=120)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+
+
+def test_report_is_one_self_contained_file(first_run):
+    _, out, _ = first_run
+    html = (out / "index.html").read_text()
+    assert "http://" not in html and "https://" not in html  # nothing fetched
+    assert re.search(r"<(script|img|link)[^>]+(src|href)=\"(?!data:|#)", html) is None
+    assert html.count("<script>") == 1  # the table's own inline script
+    assert html.count("data:image/png;base64,") >= 10
+
+
+def test_report_renders_in_headless_chromium(first_run, tmp_path):
+    _, out, _ = first_run
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium / chrome on PATH: cannot screenshot the report (apt-get install chromium)")
+    shot = tmp_path / "shot.png"
+    _headless(
+        browser, tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", (out / "index.html").resolve().as_uri()
+    )
     assert shot.is_file(), "chromium wrote no screenshot"
     from PIL import Image
 
@@ -178,6 +191,133 @@ def test_report_renders_in_headless_chromium(first_run, tmp_path):
     # the heat table and thumbnails put many saturated pixels on the page
     sat = (px.max(-1) - px.min(-1)) > 60
     assert sat[200:].mean() > 0.02
+
+
+class _Rows(HTMLParser):
+    """The component table's header sort kinds and, per body row, its id, whether it is hidden and its
+    score cells' ``data-v``; the images in every ``data-images-of`` slot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head: list[str] = []
+        self.rows: list[dict] = []
+        self.slots: dict[str, int] = {}
+        self._where, self._slot = "", None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._where = "table" if a.get("id") == "component-table" else ""
+        elif self._where and tag == "tr" and "id" in a:
+            self.rows.append({"id": a["id"], "hidden": "hidden" in a, "v": []})
+        elif self._where and tag == "th":
+            self.head.append(a.get("data-sort", ""))
+        elif self._where and tag == "td" and self.rows and "data-v" in a:
+            self.rows[-1]["v"].append(a["data-v"])
+        if "data-images-of" in a:
+            self._slot = a["data-images-of"]
+            self.slots[self._slot] = 0
+        elif tag == "img" and self._slot:
+            self.slots[self._slot] += 1
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._where = ""
+        if tag == "div":
+            self._slot = None
+
+
+#: What a user does, scripted: sort by the colour column, then type "mlp" in the filter box.
+_SORT_AND_FILTER = """<script>
+var th = Array.from(document.querySelectorAll('#component-table thead th'))
+  .find(function (t) { return t.textContent.trim() === 'color'; });
+th.click();
+var box = document.getElementById('component-filter');
+box.value = 'mlp';
+box.dispatchEvent(new Event('input'));
+</script>"""
+
+
+def test_report_table_sorts_filters_and_opens_a_view_in_chromium(first_run, tmp_path):
+    """Clicking the colour column sorts the rows by their colour score, largest first; typing "mlp"
+    hides every row but the MLPs'; opening a head's view (#view-<label>) copies its top images in."""
+    results, out, _ = first_run
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium / chrome on PATH: cannot run the report's script (apt-get install chromium)")
+    page = tmp_path / "index.html"
+    page.write_text((out / "index.html").read_text().replace("</body>", _SORT_AND_FILTER + "</body>"))
+    head = next(lab for lab in results.labels if lab.split(".")[-1] == "H0" and results.top_images[lab])
+    done = _headless(browser, tmp_path, "--dump-dom", page.resolve().as_uri() + f"#view-{head}")
+    dom = _Rows()
+    dom.feed(done.stdout)
+    assert len(dom.rows) == len(results.labels), done.stderr[-2000:]
+    col = list(results.scores[DEFAULT_METHOD]).index("color")
+    got = [float(r["v"][col]) for r in dom.rows]
+    want = sorted((results.scores[DEFAULT_METHOD]["color"][lab] for lab in results.labels), reverse=True)
+    assert got == pytest.approx(want, abs=1e-9)  # the DOM rows are in the new order
+    shown = [r["id"] for r in dom.rows if not r["hidden"]]
+    assert shown and shown == [r["id"] for r in dom.rows if r["id"].endswith(".mlp")]
+    assert dom.slots[f"row-{head}"] == len(results.top_images[head]) > 0
+    assert all(n == 0 for slot, n in dom.slots.items() if slot != f"row-{head}")  # only the opened view
+
+
+def test_report_shows_head_grids_maps_views_and_galleries(first_run):
+    """analyze fills the report's views: a head grid and the top heads' maps per feature, each
+    viewed head's maps along its top description, and per feature its value texts' galleries."""
+    results, out, _ = first_run
+    v = results.views
+    assert [f.feature for f in v.features] == list(results.features)
+    for f in v.features:
+        assert f.grid.startswith("data:image/png;base64,") and len(f.heads) == 10  # 2 ceil(sqrt(20 heads))
+        assert len(f.maps) == 4 and all(m.data_uri.startswith("data:image/png") and m.heads == f.heads for m in f.maps)
+        assert all(m.text in results.features[f.feature] for m in f.maps)  # the value the model reads
+    assert v.components and all(lab.split(".")[-1].startswith("H") for lab in v.components)
+    for lab, c in v.components.items():
+        assert c.text == results.descriptions[lab][0].text
+        assert [m.image for m in c.maps] == [t.id for t in results.top_images[lab][:3]]
+    assert {g.feature for g in v.galleries} == set(results.features)
+    for g in v.galleries:
+        assert len(g.hits) == 8 and g.text in results.features[g.feature]
+        assert [h.score for h in g.hits] == sorted((h.score for h in g.hits), reverse=True)
+    html = (out / "index.html").read_text()
+    assert all(f.grid in html for f in v.features) and all(g.hits[0].id in html for g in v.galleries)
+    assert "report_views" in results.timings_s
+    assert AnalysisResult.load(out / "results.json").views == v
+
+
+def test_applications_render_from_their_sections(first_run):
+    """Any AppSection in the result is drawn: title, summary, table, figures, command and notes;
+    results.json keeps it, and a results.json without views or applications still loads."""
+    from vitdecomp.report import render_html
+    from vitdecomp.report.sections import AppFigure, AppSection
+
+    results, out, _ = first_run
+    fig = results.views.features[0].grid
+    app = AppSection(
+        name="debias",
+        title="Debiasing <by> ablation",
+        summary="Worst-group accuracy rises from 0.11 to 0.74.",
+        header=["split", "worst group"],
+        rows=[["before", "0.11"], ["after", "0.74"]],
+        figures=[AppFigure(fig, "groups before and after")],
+        command="vitdecomp debias --analysis out",
+        notes=["one seed"],
+    )
+    data = results.to_dict()
+    data["applications"] = [app.to_dict()]
+    again = AnalysisResult.from_dict(json.loads(json.dumps(data)))
+    assert again.applications == [app]
+    html = render_html(again)
+    assert 'id="app-debias"' in html and "Debiasing &lt;by&gt; ablation" in html
+    assert "<td>0.74</td>" in html and "vitdecomp debias --analysis out" in html and "<li>one seed</li>" in html
+    assert html.count(fig) >= 2  # the feature's grid and the application's figure
+    old = {
+        k: v for k, v in json.loads((out / "results.json").read_text()).items() if k not in ("views", "applications")
+    }
+    plain = AnalysisResult.from_dict(old)
+    assert plain.views is None and plain.applications == []
+    assert "Heads by layer" in render_html(plain)  # the score grid without the figures
 
 
 def test_rerun_reuses_store_aligner_and_text(first_run, monkeypatch):

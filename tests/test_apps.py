@@ -147,3 +147,42 @@ def test_head_grid_has_one_row_per_attention_layer(small_analysis, tmp_path):
     assert rows == ["L0", "L1", "L2", "L3", "L4"] and grid.shape == (5, 4)  # zoo:deit: 5 layers x 4 heads
     assert grid[3, 1] == result.scores["invariant"]["color"]["L3.H1"]
     assert draw_head_grids(result, tmp_path / "g.png").stat().st_size > 0
+
+
+def test_contrastive_direction_removes_what_every_value_shares():
+    """A value's contrastive direction is its text minus the mean of the other values' texts: what all
+    values share (here a common offset) cancels, the directions of a feature sum to zero, and a free
+    text is contrasted against the values other than its closest one."""
+    from vitdecomp.apps.heatmap import contrastive
+
+    g = torch.Generator().manual_seed(0)
+    own, common = torch.randn(4, 16, generator=g), torch.randn(16, generator=g)
+    values = own + 5 * common
+    d = contrastive(values, values)
+    torch.testing.assert_close(d, contrastive(own, own))  # the shared offset is gone
+    torch.testing.assert_close(d.sum(0), torch.zeros(16), atol=1e-5, rtol=0)
+    text = values[2] + 0.1 * torch.randn(16, generator=g)
+    torch.testing.assert_close(contrastive(text[None], values)[0], text - values[[0, 1, 3]].mean(0))
+
+
+def test_auto_rules_and_phrases():
+    from vitdecomp.apps.analysis import auto_heads, auto_k
+    from vitdecomp.apps.world_eval import phrase
+
+    heads = [f"L{layer}.H{h}" for layer in range(5) for h in range(4)] + ["L0.mlp", "init"]
+    scores = {lab: float(i) for i, lab in enumerate(heads)}
+    top = auto_heads(scores, heads)
+    assert len(top) == 10 and top[0] == "L4.H3" and "L0.mlp" not in top  # 2 ceil(sqrt(20)) heads, best first
+    assert len(auto_heads(scores, heads[:3])) == 3  # never more than there are
+    assert [auto_k(c) for c in (1, 4, 32, 160)] == [1, 4, 12, 26]
+    assert phrase("a {} object", "orange") == "an orange object" and phrase("a {}", "square") == "a square"
+
+
+def test_heatmap_rule_study_runs_on_a_small_analysis(small_analysis):
+    """``world_eval rules``: every head count x direction, each feature, a pointing share in [0, 1]."""
+    from vitdecomp.apps.analysis import load_analysis
+    from vitdecomp.apps.world_eval import MAP_FEATURES, RULE_HEADS, heatmap_rules
+
+    out = heatmap_rules(load_analysis(small_analysis / "out"), n=4, batch=4)
+    want = {f"{f} {r} {how}" for f in MAP_FEATURES for r in RULE_HEADS for how in ("text", "contrastive")}
+    assert set(out["pointing"]) == want and all(0.0 <= v <= 1.0 for v in out["pointing"].values())

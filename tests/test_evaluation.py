@@ -100,12 +100,43 @@ def test_specificity_and_planted_precision():
     assert np.isnan(top_k_precision(np.zeros(4), labels, []))
 
 
+def test_control_compares_the_random_scores_with_the_trained_truth():
+    from vitdecomp.evaluation.validate import control_agreement, control_null, magnitude
+
+    labels = ["init", "L0.H0", "L0.H1", "L0.mlp"]
+    attrs = ("shape", "color", "pattern", "background")
+
+    def per_label(values):
+        return {a: dict(zip(labels, values, strict=True)) for a in attrs}
+
+    trained = {"evaluated": labels[1:], "truths": {"causal_mean": per_label([9.0, 1.0, 2.0, 3.0])}}
+    control = {
+        "scores": {"same": per_label([0.0, 1.0, 2.0, 3.0]), "reversed": per_label([5.0, 3.0, 2.0, 1.0])},
+        "truths": {"causal_mean": per_label([0.0, 2.0, 1.0, 3.0])},
+    }
+    out = control_agreement(control, trained)
+    assert out["same"]["shape"] == pytest.approx(1.0) and out["reversed"]["color"] == pytest.approx(-1.0)
+    assert out["truth"]["pattern"] == pytest.approx(0.5)  # 'init' (not evaluated) is left out
+    null = control_null(control, trained, n_perm=500)
+    assert null["same"]["observed"] == pytest.approx(1.0) and null["reversed"]["observed"] == pytest.approx(-1.0)
+    # 3 components: 2 of the 6 orders reach |rho| = 1, so a perfect agreement has p ~ 1/3 (no evidence)
+    assert null["same"]["low"] < 0 < null["same"]["high"] and null["same"]["p"] == pytest.approx(1 / 3, abs=0.1)
+    c, _ = known_stack(50, 7)
+    mag = magnitude(c)
+    assert mag.shape == (5,) and mag[3] == pytest.approx(0.0, abs=1e-9) and mag[4] == 0.0 and mag[0] > mag[1]
+
+
 def _fake_result(model: str, random_init: bool) -> dict:
     attrs = ("shape", "color", "pattern", "background")
     truths = ("causal_mean", "causal_resample", "zero_shot_causal", "probe", "specificity")
     agree = {m: {t: dict.fromkeys(attrs, 0.5) for t in truths} for m in ("invariant", "ablation")}
     agree["ablation"]["causal_mean"] = dict.fromkeys(attrs, 0.9)
+    extra = {"magnitude": {t: dict.fromkeys(attrs, 0.25) for t in truths}}
+    if random_init:
+        extra["control_agreement"] = {m: dict.fromkeys(attrs, 0.05) for m in ("invariant", "ablation", "truth")}
+        extra["control_null"] = {m: {"observed": 0.05, "low": -0.3, "high": 0.3, "p": 0.7} for m in ("ablation",)}
     return {
+        **extra,
         "model": model,
         "random_init": random_init,
         "train_seed": 3000,
@@ -126,7 +157,12 @@ def test_document_has_every_table(monkeypatch):
 
     monkeypatch.setattr(document, "DEFAULT_METHOD", "ablation")
     text = document.markdown([_fake_result("zoo:deit", False)], [_fake_result("zoo:deit", True)], "cmd", {})
-    for part in ("causal truth", "| zoo:deit | 2 / 3 | 0.500 | 0.900 (met) |", "(random init)", "Planted", "5001"):
+    rows = (
+        "| zoo:deit | 2 / 3 | 0.500 | 0.900 (met) | 0.250 |",
+        "| zoo:deit | 0.050 | 0.050 | 0.050 | 0.500 | 0.900 |",
+    )
+    rows += ("| zoo:deit | 0.050 (null -0.30 … 0.30, p 0.700) |",)
+    for part in ("causal truth", *rows, "Random-init control", "Planted", "5001"):
         assert part in text, part
     assert score.DEFAULT_METHOD in score.METHODS
 

@@ -268,14 +268,14 @@ def _store_path(good, cache: Path) -> Path:
     return cache / Path(data["store"]["path"]).relative_to(good["cache"])
 
 
-@pytest.mark.parametrize("damage", ["state.json", "header.json", "ids.txt"])
+@pytest.mark.parametrize("damage", ["manifest.json", "zarr.json", "contributions/zarr.json", "ids"])
 def test_damaged_store_is_named_with_the_fix(good, tmp_path, capsys, damage):
     out, cache = _copy(good, tmp_path)
     store = _store_path(good, cache)
-    if damage == "ids.txt":
-        (store / damage).write_text("only-one-id\n")
+    if damage == "ids":
+        shutil.rmtree(store / "ids" / "c")  # the ids' chunks are gone
     else:
-        (store / damage).write_text('{"committed": ')  # a write cut short
+        (store / damage).write_text('{"chunks": ')  # a write cut short
     before = snapshot(out)
     argv = ["analyze", *BASE, "--out", str(out), "--cache-dir", str(cache)]
     assert_one_line_error(*run_cli(argv, capsys), str(store), "rm -r")
@@ -310,7 +310,7 @@ def test_full_disk_while_the_store_grows(good, tmp_path, capsys, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ContributionStore, "_write_rows", full)
+    monkeypatch.setattr(ContributionStore, "write_rows", full)
     out, cache = _copy(good, tmp_path)
     before = snapshot(out, cache)
     argv = ["analyze", *BASE, "--out", str(out), "--cache-dir", str(cache), "--start-layer", "2"]  # a new store
@@ -350,6 +350,8 @@ def _cli_process(argv: list[str], kill_at: str | None = None) -> subprocess.Comp
 
 @pytest.mark.parametrize("point", ["before-replace:index.html", "store-before-commit"])
 def test_kill_9_leaves_the_previous_good_state(good, tmp_path, capsys, point):
+    from vitdecomp.store import ContributionStore
+
     out, cache = _copy(good, tmp_path)
     before = snapshot(out, cache)
     argv = ["analyze", *BASE, "--out", str(out), "--cache-dir", str(cache), "--threads", "1"]
@@ -361,5 +363,5 @@ def test_kill_9_leaves_the_previous_good_state(good, tmp_path, capsys, point):
     # the next run finishes, and the interrupted store holds every row exactly once
     assert main(argv) == 0
     data = json.loads((out / "results.json").read_text())
-    ids = (Path(data["store"]["path"]) / "ids.txt").read_text().splitlines()
+    ids = ContributionStore(data["store"]["path"]).ids
     assert len(ids) == len(set(ids)) == 16

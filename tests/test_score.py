@@ -250,6 +250,47 @@ def test_score_features_ablation_uses_the_aligners_bias_in_the_whole():
     torch.testing.assert_close(got, score(stack, t, "ablation").float(), rtol=1e-5, atol=1e-7)
 
 
+# ------------------------------------------------------------------------------ text-probe score
+def test_text_probe_is_the_loss_rise_of_a_probe_taught_by_the_zero_shot_readings():
+    """Brute force: label every image by its zero-shot reading, fit the probe on the whole, mean-ablate
+    each component, the rise of the cross-entropy as a share of the sum of the rises."""
+    from vitdecomp.evaluation.probes import fit_probes
+
+    stack, t = planted_stack()
+    s = score(stack, t, "text_probe")
+    assert s.shape == (6,) and int(s.argmax()) == 2
+    assert float(s.sum()) == pytest.approx(1.0, abs=1e-6) and s[2] > 0.5
+    z = stack.double().sum(1)
+    y = (z @ torch.nn.functional.normalize(t.double(), dim=-1).T).argmax(1)
+    probe = fit_probes(z[None].float(), y, K)
+
+    def loss(x: torch.Tensor) -> float:
+        return float(torch.nn.functional.cross_entropy(probe.logits(x[None].float())[0].double(), y))
+
+    rises = torch.tensor([loss(z - stack[:, i] + stack[:, i].mean(0)) - loss(z) for i in range(6)])
+    torch.testing.assert_close(s, (rises / rises.abs().sum()).double(), rtol=1e-3, atol=1e-4)
+    # reordering the descriptions relabels the classes: the probe and the rises stay the same
+    torch.testing.assert_close(score(stack, t.flip(0), "text_probe"), s, rtol=1e-3, atol=1e-4)
+
+
+def test_score_features_text_probe_streams_and_ignores_big_parts_off_the_feature():
+    """Streamed over rows (probe fitted after one pass, readouts in a second) it equals the direct
+    score; a part that varies a lot but only outside the feature's span barely matters."""
+    g = torch.Generator().manual_seed(3)
+    n, t = 400, feature_dirs()
+    q = torch.linalg.qr(t.T).Q  # [D, K]
+    c = torch.zeros(n, 3, D)
+    c[:, 0] = torch.randn(n, K, generator=g) @ t  # the carrier
+    c[:, 1] = 0.1 * torch.randn(n, D, generator=g)  # small noise
+    off = 3.0 * torch.randn(n, D, generator=g)
+    c[:, 2] = off - off @ q @ q.T  # big, outside the span
+    names = ["L0.H0", "L0.H1", "L0.mlp"]
+    al = identity_aligner(names, D)
+    got = score_features(c, al, {"f": t}, "text_probe", batch_size=64, progress=False)["text_probe"]["f"]
+    assert int(got.argmax()) == 0 and got[0] > 5 * got[1:].abs().max(), got
+    torch.testing.assert_close(got, score(c, t, "text_probe").float(), rtol=1e-3, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------ confidence
 def test_null_features_keep_the_geometry_of_the_descriptions():
     from vitdecomp.score import null_features
@@ -262,7 +303,7 @@ def test_null_features_keep_the_geometry_of_the_descriptions():
         assert (n - t).abs().max() > 0.1  # but other directions
 
 
-@pytest.mark.parametrize("method", ["invariant", "paper", "ablation"])
+@pytest.mark.parametrize("method", ["invariant", "paper", "ablation", "text_probe"])
 def test_confidence_separates_the_planted_component_from_its_null(method):
     """Its interval lies above every null draw (p = 1/20). (In ``planted_stack`` every part varies
     three times more outside the span than the hot one inside: there the ablation score of the hot
@@ -270,7 +311,7 @@ def test_confidence_separates_the_planted_component_from_its_null(method):
     from vitdecomp.score import score_confidence
 
     stack, t = planted_stack(n=300)
-    if method == "ablation":  # a magnitude score: the hot part must vary more in the span than elsewhere
+    if method in ("ablation", "text_probe"):  # magnitude-aware: the hot part must vary more in the span
         g = torch.Generator().manual_seed(5)
         stack = torch.randn(300, 6, D, generator=g)
         stack[:, 2] += (torch.randn(300, K, generator=g) * 2.0) @ t
@@ -313,9 +354,12 @@ def test_null_in_several_passes_equals_one_pass(monkeypatch):
     stack, t = planted_stack(n=80)
     names = [f"L0.H{i}" for i in range(6)]
     al = identity_aligner(names, D)
-    one = score_module.score_confidence(stack, al, {"f": t}, ("invariant", "ablation"), n_boot=5, progress=False)
+    methods = ("invariant", "ablation", "text_probe")
+    one = score_module.score_confidence(stack, al, {"f": t}, methods, n_boot=5, progress=False)
     monkeypatch.setattr(score_module, "NULL_PASS_BYTES", 1)  # one null draw per pass
-    many = score_module.score_confidence(stack, al, {"f": t}, ("invariant", "ablation"), n_boot=5, progress=False)
+    many = score_module.score_confidence(stack, al, {"f": t}, methods, n_boot=5, progress=False)
     for m in one:
-        torch.testing.assert_close(one[m].null_high, many[m].null_high)
+        # text_probe fits the draws of a pass jointly: L-BFGS stops a little differently per grouping
+        tol = {"rtol": 1e-3, "atol": 1e-4} if m == "text_probe" else {}
+        torch.testing.assert_close(one[m].null_high, many[m].null_high, **tol)
         torch.testing.assert_close(one[m].p_value, many[m].p_value)

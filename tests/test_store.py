@@ -1,4 +1,5 @@
-"""The contribution store: exact round trip, resume after interruption, key refusal."""
+"""The contribution store: exact round trip, resume after interruption, key refusal (the zarr
+layout itself, foreign readers, URLs and concurrent writers: tests/test_zarr_store.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from vitdecomp.components import ComponentLabel, Decomposition
 from vitdecomp.errors import MismatchError
@@ -62,11 +64,15 @@ def test_round_trip_exact(tmp_path):
     assert torch.equal(b["contributions"], dec.contributions[[2, 7]])
     rows = torch.cat([x["clip"] for x in again.iter_batches(4)])
     assert torch.equal(rows, clip_fn(imgs))
-    header = json.loads((store.path / "header.json").read_text())
-    assert header["key"]["labels"] == NAMES and header["dim"] == D and header["clip_dim"] == K
+    header = json.loads((store.path / "zarr.json").read_text())["attributes"]["vitdecomp"]
+    assert header["key"]["labels"] == NAMES and again.shapes == {
+        "contributions": (C, D),
+        "representation": (D,),
+        "clip": (K,),
+    }
     whole = again.in_memory().batch(slice(None))
     assert torch.equal(whole["contributions"], dec.contributions) and torch.equal(whole["clip"], clip_fn(imgs))
-    nbytes = again.contributions.nbytes
+    nbytes = 23 * (C * D + D + K) * 4  # what in_memory holds: float32 rows
     assert again.in_memory(max_bytes=nbytes) is not None and again.in_memory(max_bytes=nbytes - 1) is None
 
 
@@ -82,7 +88,21 @@ def test_float16_option(tmp_path):
     assert store.contributions.dtype == np.float16
     want = decompose_fn(imgs).contributions.half().numpy()
     assert np.array_equal(np.asarray(store.contributions), want)
+    assert torch.equal(store.batch(slice(None))["contributions"], torch.from_numpy(want).float())
     assert store.path != store_dir(tmp_path, make_key(), "float32")  # a different dtype is a different store
+
+
+def test_bfloat16_is_stored_as_its_bits_and_read_back_exactly(tmp_path):
+    """zarr has no bfloat16: the store keeps its uint16 bit pattern and says so in an attribute."""
+    imgs = fake_images(9)
+    store = fill_store(
+        open_store(tmp_path, make_key(), dtype="bfloat16"), batches(imgs, 4), decompose_fn, clip_fn, progress=False
+    )
+    want = decompose_fn(imgs).contributions.bfloat16()
+    assert store.contributions.dtype == np.uint16 and store.contributions.attrs["vitdecomp_dtype"] == "bfloat16"
+    assert torch.equal(store.batch(slice(None))["contributions"], want.float())
+    assert torch.equal(store.component(3), want[:, 3].float())
+    assert not torch.equal(want.float(), decompose_fn(imgs).contributions)  # the rounding is real
 
 
 class Boom(RuntimeError):
@@ -100,9 +120,9 @@ def test_resume_after_interruption_no_duplicates_or_gaps(tmp_path):
             raise Boom
         return decompose_fn(images)
 
-    with pytest.raises(Boom):
-        fill_store(open_store(tmp_path, key), batches(imgs, 4), flaky, clip_fn, progress=False)
-    assert len(open_store(tmp_path, key)) == 12
+    with pytest.raises(Boom):  # chunks of 4 rows: each batch of 4 completes one and is committed
+        fill_store(open_store(tmp_path, key, chunk_rows=4), batches(imgs, 4), flaky, clip_fn, progress=False)
+    assert len(open_store(tmp_path, key)) == 12 and open_store(tmp_path, key).chunk_rows == 4
 
     # a crash between the flushed data and the commit: rows beyond 'committed' must not count
     store = open_store(tmp_path, key)
@@ -113,9 +133,9 @@ def test_resume_after_interruption_no_duplicates_or_gaps(tmp_path):
     store._commit = real_commit
     reopened = open_store(tmp_path, key)
     assert len(reopened) == 12 and len(reopened.ids) == 12
-    # the dangling ids are ignored on open (a reader never rewrites a file another run may be
-    # appending to) and cut before the next append
-    assert len((reopened.path / "ids.txt").read_text().splitlines()) == 16
+    # the rows of the uncommitted chunk are on disk but do not count; the next append overwrites them
+    raw_ids = zarr.open_array(str(reopened.path / "ids"), mode="r")
+    assert raw_ids.shape == (16,) and raw_ids[15] == "img0015"
 
     # resume with a different batch size, through the skip-aware callable form
     seen_starts = []
@@ -129,7 +149,7 @@ def test_resume_after_interruption_no_duplicates_or_gaps(tmp_path):
     final = ContributionStore(reopened.path)
     assert seen_starts == [12]
     assert final.ids == [f"img{i:04d}" for i in range(30)]
-    assert (final.path / "ids.txt").read_text().splitlines() == final.ids
+    assert zarr.open_array(str(final.path / "ids"), mode="r")[:].tolist() == final.ids
     assert np.array_equal(np.asarray(final.contributions), decompose_fn(imgs).contributions.numpy())
     # running again computes nothing
     calls["n"] = 0
@@ -210,16 +230,3 @@ def test_rows_read_the_same_from_disk_and_from_memory(tmp_path):
     kw = dict(batch_size=8, max_steps=12, eval_every=4, progress=False)
     a, b = train_aligner(store, **kw), train_aligner(memory, **kw)
     assert torch.equal(a.weight, b.weight) and a.metrics == b.metrics and a.key == b.key
-
-
-def test_store_arrays_open_with_plain_numpy(tmp_path):
-    """The arrays are .npy files whose header says the committed rows: np.load needs no vitdecomp."""
-    imgs = fake_images(10)
-    store = fill_store(
-        open_store(tmp_path, make_key(), dtype="float16"), batches(imgs, 4), decompose_fn, clip_fn, progress=False
-    )
-    c = np.load(store.path / "contributions.npy", mmap_mode="r")
-    assert c.shape == (10, *store.shapes["contributions"]) and c.dtype == np.float16
-    assert np.array_equal(c, store.contributions)
-    assert np.load(store.path / "clip.npy").shape == (10, *store.shapes["clip"])
-    assert (store.path / "ids.txt").read_text().splitlines() == store.ids

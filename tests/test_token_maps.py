@@ -42,6 +42,34 @@ def test_directional_maps_equal_projected_token_contributions(name):
             torch.testing.assert_close(t_dir.values, want, rtol=1e-9, atol=1e-9 * want.abs().max().item())
 
 
+def test_projected_token_heatmap_picks_a_direction(tmp_path):
+    """``TokenContributions.heatmap`` of values made with ``token_directions`` reads direction ``j``
+    by its index (equal to the full values' projection on it); a vector, or a bad index, is refused;
+    the mark survives save / load."""
+    from vitdecomp.errors import VitDecompError
+
+    model, size = SMALL_MODELS["vit-cls"]()
+    model = model.double()
+    x = _images(size)
+    full = vd.decompose(model, x, tokens=True)
+    u = torch.randn(2, full.representation.shape[-1], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    maps = vd.decompose(model, x, token_directions=u)
+    t_full, t_dir = full.tokens[0], maps.tokens[0]
+    assert t_dir.projected and not t_full.projected
+    for j in range(2):
+        torch.testing.assert_close(t_dir.heatmap(j), t_full.heatmap(u[j]), rtol=1e-9, atol=1e-12)
+    with pytest.raises(VitDecompError, match="projections on 2 directions"):
+        t_dir.heatmap(u[0])
+    with pytest.raises(VitDecompError):
+        t_dir.heatmap(2)
+    with pytest.raises(VitDecompError):
+        t_full.heatmap(0)
+    one = vd.decompose(model, x, token_directions=u[:1]).tokens[0]
+    torch.testing.assert_close(one.heatmap(), t_full.heatmap(u[0]), rtol=1e-9, atol=1e-12)
+    maps.save(tmp_path / "d")
+    assert vd.Decomposition.load(tmp_path / "d").tokens[0].projected
+
+
 def _single_token_stream(module, token: tuple[int, int] | int):
     """A pre-hook replacing ``module``'s input stream by zeros except one token (NHWC ``(r, c)`` or a
     flat index), a fixed random vector there."""

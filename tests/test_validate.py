@@ -86,6 +86,7 @@ def test_match_rate_counts_overlaps():
     assert match_rate(al, store, t, words, {"L0": ["a", "x", "y"], "L1": ["x", "y", "z"]}) == pytest.approx(1 / 6)
 
 
+@pytest.mark.slow
 def test_validate_runs_and_writes_the_document(tmp_path):
     from vitdecomp.validate import main
 
@@ -114,6 +115,7 @@ def _have(*names: str) -> bool:
     return all((WEIGHTS_DIR / f"{n}.safetensors").is_file() for n in names)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _have("deit", "clip"), reason="zoo weights deit/clip not shipped yet (vitdecomp zoo train)")
 def test_zoo_deit_figures_hold(tmp_path):
     """A smaller version of docs/validation.md's zoo:deit row (600 / 300 scenes, ~25 s) must stay

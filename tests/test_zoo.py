@@ -22,6 +22,7 @@ EXPECTED_CLASSES = {
     "swin": "SwinTransformer",
     "maxvit": "MaxxVit",
     "clip": "CLIP",
+    "planted": "VisionTransformer",
 }
 
 
@@ -131,6 +132,8 @@ def _tiny(name: str) -> dict:
         ("deit", "supervised", {}, 3),
         ("swin", "supervised", {"distill_from": "deit", "kd_weight": 1.0, "distill_weight": 0.0}, 3),
         ("dino", "simclr", {}, 3),
+        ("dino", "dino", {"dino_prototypes": 32}, 3),
+        ("deit", "planted", {"planted": {"color": ["L0.H0"], "shape": ["L0.H1"]}}, 3),
         # 96 scenes over 5 backgrounds: runs of 8 sharing a background, leftovers dropped -> 2 batches
         ("dino", "simclr", {"group_by": (("background",),), "group_size": 8}, 2),
         ("clip", "clip", {"distill_from": "deit", "kd_weight": 1.0}, 3),
@@ -246,6 +249,14 @@ def test_resume_check_follows_recipe_weights_and_teacher(tmp_path, monkeypatch):
     }
     zc.write_card("deit", card, cards)
     assert zc.is_up_to_date("deit", weights, cards)
+    # a card written before a recipe field existed still matches while the field holds its default
+    recorded = card["training"]["recipe"]
+    older = {k: v for k, v in recorded.items() if k != "planted"}
+    zc.write_card("deit", {**card, "training": {"recipe": older}}, cards)
+    assert zc.is_up_to_date("deit", weights, cards)
+    zc.write_card("deit", {**card, "training": {"recipe": {**recorded, "planted": {"color": ["L0.H0"]}}}}, cards)
+    assert not zc.is_up_to_date("deit", weights, cards)
+    zc.write_card("deit", card, cards)
     card["training"]["recipe"]["epochs"] += 1
     zc.write_card("deit", card, cards)
     assert not zc.is_up_to_date("deit", weights, cards)

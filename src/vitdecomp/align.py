@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vitdecomp.errors import MismatchError
-from vitdecomp.store import Rows, RowSource, StoreKey, as_rows, key_difference
+from vitdecomp.store import RowBatch, Rows, RowSource, StoreKey, as_rows, key_difference
 
 MODES = ("compalign", "shared", "identity")
 #: Key fields an aligner must agree on with the data it is applied to (the image set may differ).
@@ -158,12 +158,17 @@ def orthogonality_penalty(weight: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _evaluate(aligner: Aligner, rows: Rows, idx: np.ndarray, batch_size: int) -> float:
+    """Mean cosine of the aligned whole to the reader's embedding over rows ``idx`` (ascending);
+    chunked rows are read a chunk at a time (each chunk once), mapped ``batch_size`` at a time."""
     total, count = 0.0, 0
-    for s in range(0, len(idx), batch_size):
-        b = rows.batch(idx[s : s + batch_size])
-        z = b["clip"].to(aligner.device)
-        total += F.cosine_similarity(aligner.apply_sum(b["contributions"]), z, dim=-1).sum().item()
-        count += len(z)
+    block = max(batch_size, rows.chunk_rows) if rows.chunk_rows < len(rows) else batch_size
+    for start in range(0, len(idx), block):
+        data = rows.batch(idx[start : start + block])
+        for s in range(0, len(data["clip"]), batch_size):
+            z = data["clip"][s : s + batch_size].to(aligner.device)
+            c = data["contributions"][s : s + batch_size]
+            total += F.cosine_similarity(aligner.apply_sum(c), z, dim=-1).sum().item()
+            count += len(z)
     return total / max(count, 1)
 
 
@@ -191,29 +196,57 @@ class TrainConfig:
     min_delta: float = 1e-4
     val_fraction: float = 0.1
     seed: int = 0
+    window_bytes: int = 256 << 20
 
 
 @dataclass
 class _Split:
-    """Held-out and training rows, and the generator that shuffles the training rows."""
+    """Held-out and training rows, and the generator that shuffles the training rows.
+
+    Rows that fit ``window_bytes`` (as float32) are split row by row and shuffled as a whole each
+    epoch (``window`` is ``None``). Larger rows are split by chunk (``chunk_rows`` consecutive rows,
+    the store's unit of reading): whole chunks are held out, and each epoch visits the training
+    chunks in a random order, ``window`` chunks at a time, read once and shuffled row by row.
+    """
 
     val: np.ndarray
     train: np.ndarray
     gen: np.random.Generator
+    chunk_rows: int = 1
+    window: int | None = None
 
     @classmethod
-    def of(cls, n: int, cfg: TrainConfig) -> _Split:
-        gen = np.random.default_rng(cfg.seed)
-        perm = gen.permutation(n)
-        n_val = min(max(1, round(cfg.val_fraction * n)), n - 1)
-        return cls(np.sort(perm[:n_val]), perm[n_val:], gen)
+    def of(cls, rows: Rows, cfg: TrainConfig) -> _Split:
+        n, gen = len(rows), np.random.default_rng(cfg.seed)
+        row_bytes = 4 * sum(math.prod(s) for s in rows.shapes.values())
+        if n * row_bytes <= cfg.window_bytes or n <= rows.chunk_rows:
+            perm = gen.permutation(n)
+            n_val = min(max(1, round(cfg.val_fraction * n)), n - 1)
+            return cls(np.sort(perm[:n_val]), perm[n_val:], gen)
+        r = rows.chunk_rows
+        chunks = gen.permutation(math.ceil(n / r))
+        n_val = min(max(1, round(cfg.val_fraction * len(chunks))), len(chunks) - 1)
+        val, train = (
+            np.sort(np.concatenate([np.arange(k * r, min(n, (k + 1) * r)) for k in part]))
+            for part in (chunks[:n_val], chunks[n_val:])
+        )
+        return cls(val, train, gen, r, max(1, cfg.window_bytes // (r * row_bytes)))
 
-    def minibatches(self, batch_size: int) -> Iterator[np.ndarray]:
-        """Training rows in a fresh shuffled order each epoch, ``batch_size`` at a time, forever."""
+    def minibatches(self, rows: Rows, batch_size: int) -> Iterator[RowBatch]:
+        """Training batches in a fresh shuffled order each epoch, ``batch_size`` rows at a time, forever."""
         while True:
-            order = self.gen.permutation(self.train)
-            for s in range(0, len(order), batch_size):
-                yield order[s : s + batch_size]
+            if self.window is None:
+                order = self.gen.permutation(self.train)
+                for s in range(0, len(order), batch_size):
+                    yield rows.batch(order[s : s + batch_size])
+                continue
+            chunks = self.gen.permutation(np.unique(self.train // self.chunk_rows))
+            for w in range(0, len(chunks), self.window):
+                held = np.isin(self.train // self.chunk_rows, chunks[w : w + self.window])
+                data = rows.batch(self.train[held])  # the window, read once (ascending rows)
+                order = torch.from_numpy(self.gen.permutation(int(held.sum())))
+                for s in range(0, len(order), batch_size):
+                    yield {name: a[order[s : s + batch_size]] for name, a in data.items()}
 
 
 @dataclass
@@ -294,10 +327,12 @@ def train_aligner(
 ) -> Aligner:
     """Train CompAlign maps (or the shared-map baseline) from rows with the reader's embeddings.
 
-    ``source``: a :class:`~vitdecomp.store.Rows` (a store: mini-batches are read from its memmaps)
+    ``source``: a :class:`~vitdecomp.store.Rows` (a store: mini-batches are read from its chunks)
     or arrays ``(contributions [N, C, D], clip [N, d_clip])``; ``labels`` default to the rows'.
     ``config`` (a :class:`TrainConfig`; ``options`` override its fields, e.g. ``max_steps=500``)
-    sets the optimiser, the held-out split and early stopping; the best maps are returned.
+    sets the optimiser, the held-out split and early stopping; the best maps are returned. Rows
+    that take more than ``cfg.window_bytes`` as float32 are streamed (see :class:`_Split`): memory
+    holds one window of chunks, on ``device`` (default: CUDA when there is one).
     ``lam`` multiplies the ``1/(n * d_clip)``-normalised orthogonality penalty (``lam = 0``: the
     ablation without it).
     """
@@ -307,7 +342,7 @@ def train_aligner(
     rows = as_rows(source)
     labels = _labels_of(rows, labels)
     (c_count, d_in), d_clip = rows.shapes["contributions"], rows.shapes["clip"][0]
-    split = _Split.of(len(rows), cfg)
+    split = _Split.of(rows, cfg)
     eval_every = cfg.eval_every or min(math.ceil(len(split.train) / cfg.batch_size), 100)
     maps = _Maps.isometries(c_count if mode == "compalign" else 1, d_clip, d_in, cfg.seed, resolve_device(device))
     fit = _fit(rows, maps, split, labels, mode, lam, cfg, eval_every, progress)
@@ -350,10 +385,10 @@ def _fit(
     reg = lam / (maps.weight.shape[0] * maps.weight.shape[1])
     fit = _Fit(maps.snapshot(), held_out())
     fit.history.append((0, fit.val_cosine))
-    batches = split.minibatches(cfg.batch_size)
+    batches = split.minibatches(rows, cfg.batch_size)
     bar = tqdm(total=cfg.max_steps, desc=f"align ({mode}, lam={lam:g})", unit="step", disable=not progress)
     while fit.steps < cfg.max_steps:
-        b = rows.batch(next(batches))
+        b = next(batches)
         c, z = b["contributions"].to(maps.bias.device), b["clip"].to(maps.bias.device)
         cos = F.cosine_similarity(maps.predict(c, mode), z, dim=-1)
         loss = (1 - cos).mean()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from torch import Tensor, nn
 
@@ -47,4 +48,6 @@ def decompose(
 
     directions = None if token_directions is None else TokenDirections(token_directions)
     tokens = True if directions is not None and tokens is False else tokens
-    return decompose_plan(make_plan, target, images, heads=heads, tokens=tokens, check=check, directions=directions)
+    d = decompose_plan(make_plan, target, images, heads=heads, tokens=tokens, check=check, directions=directions)
+    d.tokens = [replace(t, projected=True) for t in d.tokens] if directions is not None else d.tokens
+    return d

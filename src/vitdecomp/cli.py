@@ -64,6 +64,21 @@ COMMANDS: list[Command] = [
         "search an analysed image set by text or by example, through a feature's components",
         "vitdecomp.apps.retrieval:add_retrieve_parser",
     ),
+    Command(
+        "debias",
+        "remove a spurious feature by mean-ablating the components that carry it (Waterbirds layout)",
+        "vitdecomp.apps.debias:add_debias_parser",
+    ),
+    Command(
+        "ablate",
+        "mean-ablate layers from the last, and each feature's top components vs random ones",
+        "vitdecomp.apps.ablate:add_ablate_parser",
+    ),
+    Command(
+        "segment",
+        "zero-shot segmentation from token contributions vs GradCAM and Chefer et al., scored on masks",
+        "vitdecomp.apps.segment:add_segment_parser",
+    ),
     Command("world", "the built-in generated world (scenes with ground truth)", "vitdecomp.world.cli:add_world_parser"),
     Command("zoo", "the shipped small models: list them, train them again", "vitdecomp.zoo.cli:add_zoo_parser"),
     Command(

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from vitdecomp import savefile
+from vitdecomp.errors import VitDecompError
 
 #: Component kinds, in the order they appear inside a block.
 KINDS = (
@@ -78,6 +79,8 @@ class TokenContributions:
     ``values [B, H, N, D]``: ``values[:, i].sum(1)`` equals the contribution of head ``labels[i]``.
     ``pixel_boxes [N, 4]`` gives ``(top, left, bottom, right)`` pixel bounds of each source token in
     the model's input image (``-1`` rows for tokens with no place: class / register tokens).
+    ``projected``: ``values [B, H, N, k]`` hold only the projections on the ``k`` directions given to
+    ``decompose(token_directions=)`` (the vectors themselves were never formed).
     """
 
     values: torch.Tensor
@@ -85,9 +88,24 @@ class TokenContributions:
     pixel_boxes: torch.Tensor
     grid_size: tuple[int, int]
     num_prefix_tokens: int = 0
+    projected: bool = False
 
-    def heatmap(self, direction: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token scores ``[B, H, N]`` (projection on ``direction [D]``, or the norm)."""
+    def heatmap(self, direction: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Per-token scores ``[B, H, N]``: the projection on ``direction [D]``, or the norm (``None``).
+        Projected values (``token_directions``) are already projections: ``direction`` is then the
+        index of one of the ``k`` directions (``None`` when ``k == 1``)."""
+        if self.projected:
+            k = self.values.shape[-1]
+            if direction is None and k == 1:
+                return self.values[..., 0]
+            if isinstance(direction, int) and -k <= direction < k:
+                return self.values[..., direction]
+            raise VitDecompError(
+                f"these token values are projections on {k} directions (decompose(token_directions=)): "
+                f"give the index of one (0..{k - 1}), not {'a vector' if torch.is_tensor(direction) else direction!r}"
+            )
+        if isinstance(direction, int):
+            raise VitDecompError("an index picks one of the token_directions; these values are vectors: give [D]")
         if direction is None:
             return self.values.norm(dim=-1)
         return self.values @ direction.to(self.values)
@@ -207,6 +225,7 @@ class Decomposition:
                     "components": [asdict(lab) for lab in tok.labels],
                     "grid_size": list(tok.grid_size),
                     "num_prefix_tokens": tok.num_prefix_tokens,
+                    "projected": tok.projected,
                 }
             )
         description = {
@@ -218,7 +237,7 @@ class Decomposition:
                 "contributions": ["image", "component", "dim"],
                 "representation": ["image", "dim"],
                 "error": ["image"],
-                **{s["array"]: ["image", "head", "token", "dim"] for s in stacks},
+                **{s["array"]: ["image", "head", "token", "direction" if s["projected"] else "dim"] for s in stacks},
             },
             "meta": {**{k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool))}, **(meta or {})},
         }
@@ -235,6 +254,7 @@ class Decomposition:
                 pixel_boxes=torch.from_numpy(arrays[s["array"] + ".pixel_boxes"]),
                 grid_size=tuple(s["grid_size"]),
                 num_prefix_tokens=s["num_prefix_tokens"],
+                projected=s.get("projected", False),
             )
             for s in doc["tokens"]
         ]

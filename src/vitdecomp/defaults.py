@@ -7,6 +7,6 @@ WORLD_SEED = 3000
 #: Number of generated scenes ``vitdecomp analyze`` reads by default.
 DEFAULT_N_IMAGES = 2000
 #: Storage types of a contribution store.
-STORE_DTYPES = ("float32", "float16")
+STORE_DTYPES = ("float32", "float16", "bfloat16")
 #: CompAlign's orthogonality weight (1: the published setting); equal to ``vitdecomp.align.DEFAULT_LAMBDA``.
 DEFAULT_LAMBDA = 1.0

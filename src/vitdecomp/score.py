@@ -25,14 +25,24 @@ projected on that subspace and centred over images (METHOD.md §3):
     attributed to component ``i`` (sums to 1 over the components; not scale-free: a component that
     varies little counts little). Basis-free as well.
 
-``"ablation"`` (:func:`score_ablation`, the default)
+``"ablation"`` (:func:`score_ablation`)
     What *removing* the component does to the feature's reading, label-free: the feature's
     descriptions read the aligned whole zero-shot (``scale * cos(z, t_k)``, :data:`ABLATION_SCALE`),
     the component's aligned contribution is replaced by its mean over the images, and the score is the
     mean KL divergence between the two distributions over the descriptions. Unlike the correlation
     scores it is magnitude-aware (a part that barely moves the whole along the feature's texts scores
-    little) and reads only the directions of the descriptions. On held-out scenes it agrees best with
-    the causal truth (docs/validation.md), so ``vitdecomp analyze`` ranks by it first.
+    little) and reads only the directions of the descriptions.
+
+``"text_probe"`` (:func:`score_text_probe`, the default)
+    What removing the component does to the feature *as the subject represents it*, label-free: every
+    image is labelled by the aligned whole's zero-shot reading (the description it is closest to); a
+    linear probe on the subject's own whole representation learns those labels
+    (:func:`fit_text_probes`); the component is mean-ablated and the score is the rise of the probe's
+    cross-entropy, as a share of the sum over the components. The texts say *what* the feature is, the
+    subject's own space says *where* it is read. It is built like the causal truth of
+    ``vitdecomp validate`` with the zero-shot readings in place of the true labels; on held-out scenes it
+    agrees best with the causal truths in the subject's space (mean and resample ablation) on every zoo
+    model (docs/validation.md), so ``vitdecomp analyze`` ranks by it first.
 
 Degenerate descriptions (near-duplicates) are dropped from the span by an SVD rank cut for the
 basis-free scores; the paper's QR keeps them (as published).
@@ -47,7 +57,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -56,15 +66,18 @@ import torch
 from tqdm.auto import tqdm
 
 from vitdecomp.align import Aligner
+from vitdecomp.evaluation.probes import Probe, fit_probes
 from vitdecomp.store import RowSource, as_rows
 from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
 
-METHODS = ("paper", "invariant", "share", "ablation")
+METHODS = ("paper", "invariant", "share", "ablation", "text_probe")
 #: The score ``vitdecomp analyze`` ranks by and shows first.
-DEFAULT_METHOD = "ablation"
+DEFAULT_METHOD = "text_probe"
 #: The zero-shot logit scale of the ablation score: a soft reading (CLIP itself uses 100), chosen on the
 #: development seed among 1, 3, 10, 30, 100 (docs/validation.md).
 ABLATION_SCALE = 3.0
+#: The L2 penalty of the text-taught probe of ``text_probe`` (as the truths' probes).
+PROBE_L2 = 1e-3
 
 
 # ------------------------------------------------------------------------------ features
@@ -170,6 +183,66 @@ def score_share(u: torch.Tensor, total: torch.Tensor | None = None) -> torch.Ten
     return (u * total[:, None]).sum((0, 2)) / total.square().sum().clamp_min(1e-300)
 
 
+def score_text_probe(
+    parts: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, per_image: bool = False
+) -> torch.Tensor:
+    """What removing each component does to a probe the feature's texts taught, label-free ``[C]``.
+
+    ``logits [N, K]``: the text-taught probe (:func:`fit_text_probes`) read on the whole representation;
+    ``parts [N, C, K]``: each component's share of those logits (its contribution through the probe's
+    standardised weights, so ``logits = sum_i parts_i + const``); ``labels [N]``: each image's zero-shot
+    reading, the probe's targets. The component is mean-ablated (``parts_i`` replaced by its mean over
+    the images) and the score is the rise of the probe's mean cross-entropy against the labels, as a share
+    of the sum of every component's rise (so a feature's scores sum to 1 over the components, and the
+    null compares shares rather than how confidently a probe reads a feature; ``per_image``: the
+    ``[N, C]`` rises divided by that sum).
+    """
+    logits, parts = logits.double(), parts.double()
+    shifted = logits[:, None] + parts.mean(0, keepdim=True) - parts  # [N, C, K]
+    y = labels.long()
+
+    def ce(z: torch.Tensor) -> torch.Tensor:  # [..., K] -> [...]
+        idx = y.reshape(-1, *([1] * (z.dim() - 2)), 1).expand(*z.shape[:-1], 1)
+        return -torch.log_softmax(z, -1).gather(-1, idx)[..., 0]
+
+    rise = ce(shifted) - ce(logits)[:, None]  # [N, C]
+    rise = rise / rise.mean(0).abs().sum().clamp_min(1e-30)
+    return rise if per_image else rise.mean(0)
+
+
+def probe_readout(contributions: torch.Tensor, probe: Probe) -> torch.Tensor:
+    """Each component's share of a probe's logits: ``contributions [N, C, D]`` -> ``[N, C, K]``
+    (``(c_i / sd) @ W``; the logits of the sum are the sum of the shares + a constant)."""
+    return (contributions.float() / probe.sd[0]) @ probe.weight[0]
+
+
+def _probe_logits(probe: Probe, whole: torch.Tensor) -> torch.Tensor:
+    """``whole [N, D]`` -> ``[N, K]``."""
+    return probe.logits(whole[None].float())[0]
+
+
+def fit_text_probes(
+    whole: torch.Tensor, readings: Mapping[str, torch.Tensor], l2: float = PROBE_L2
+) -> dict[str, tuple[Probe, torch.Tensor]]:
+    """For each feature, the probe its texts teach: every image labelled by its zero-shot reading
+    (``readings[f] [N, K]``, the aligned whole projected on the feature's unit description embeddings;
+    label = the argmax), a multinomial logistic regression on the whole representation in the subject's
+    own space (``whole [N, D]``, standardised, L-BFGS: :func:`vitdecomp.evaluation.probes.fit_probes`)
+    fitted to those labels; features with the same number of descriptions are fitted together (the
+    joint loss is the sum of theirs). Returns ``{feature: (probe, labels [N])}``."""
+    x = whole.float().cpu()
+    labels = {f: r.argmax(1).cpu() for f, r in readings.items()}
+    out = {}
+    for k in sorted({r.shape[1] for r in readings.values()}):
+        group = [f for f, r in readings.items() if r.shape[1] == k]
+        y = torch.stack([labels[f] for f in group])  # [G, N]
+        with torch.enable_grad():
+            p = fit_probes(x[None].expand(len(group), -1, -1), y, k, l2)
+        for g, f in enumerate(group):
+            out[f] = (Probe(p.mu[g : g + 1], p.sd[g : g + 1], p.weight[g : g + 1], p.bias[g : g + 1]), labels[f])
+    return {f: out[f] for f in readings}
+
+
 def score_ablation(
     u: torch.Tensor, whole: torch.Tensor, norm: torch.Tensor, scale: float | None = None, per_image: bool = False
 ) -> torch.Tensor:
@@ -192,7 +265,15 @@ def score_ablation(
     return kl if per_image else kl.mean(0)
 
 
-_SCORERS = {"paper": score_paper, "invariant": score_invariant, "share": score_share, "ablation": score_ablation}
+_SCORERS = {
+    "paper": score_paper,
+    "invariant": score_invariant,
+    "share": score_share,
+    "ablation": score_ablation,
+    "text_probe": score_text_probe,
+}
+#: The scores that are a mean over images of a per-image effect (bootstrapped by resampling those).
+_PER_IMAGE = ("ablation", "text_probe")
 
 
 def score(aligned: torch.Tensor, text_emb: torch.Tensor, method: str = "invariant") -> torch.Tensor:
@@ -203,6 +284,9 @@ def score(aligned: torch.Tensor, text_emb: torch.Tensor, method: str = "invarian
     u = aligned.double() @ _basis(text_emb, _KIND[method]).to(aligned.device)
     if method == "ablation":
         return score_ablation(u, u.sum(1), aligned.double().sum(1).norm(dim=-1))
+    if method == "text_probe":  # the stack is its own space: the probe reads its sum
+        ((probe, y),) = fit_text_probes(aligned.sum(1), {"": u.sum(1)}).values()
+        return score_text_probe(probe_readout(aligned.cpu(), probe), _probe_logits(probe, aligned.sum(1).cpu()), y)
     return _SCORERS[method](u)
 
 
@@ -245,7 +329,7 @@ class ScoreTable:
         return "\n".join(lines)
 
 
-_KIND = {"paper": "paper", "invariant": "span", "share": "span", "ablation": "text"}
+_KIND = {"paper": "paper", "invariant": "span", "share": "span", "ablation": "text", "text_probe": "text"}
 
 
 def _basis(text_emb: torch.Tensor, kind: str) -> torch.Tensor:
@@ -261,11 +345,14 @@ class Projections:
     """Every image's aligned components and aligned whole projected on the directions of each
     ``(kind, feature)`` (:func:`project_features`): ``parts[(kind, feature)] = (u [N, C, r], whole
     [N, r])`` (``whole`` = the sum of the parts + the aligner's bias, float64), ``norm [N]`` =
-    ``||aligned whole||``. Each part is its own contiguous tensor, so scoring one reads only its own."""
+    ``||aligned whole||``. Each part is its own contiguous tensor, so scoring one reads only its own.
+    ``probes[feature] = (parts [N, C, K], logits [N, K], labels [N])``: the text-taught probe's readout of
+    each component and of the whole, and its targets (:func:`score_text_probe`; only when asked for)."""
 
     parts: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
     norm: torch.Tensor
     labels: list[str]
+    probes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.norm.shape[0]
@@ -277,9 +364,17 @@ class Projections:
 
     def score(self, method: str, feature: str) -> torch.Tensor:
         """Scores ``[C]`` of ``method`` for ``feature``."""
+        return self.per_image(method, feature).mean(0) if method in _PER_IMAGE else self._score(method, feature)
+
+    def per_image(self, method: str, feature: str) -> torch.Tensor:
+        """``[N, C]`` per-image scores of a method that is a mean over images (:data:`_PER_IMAGE`)."""
+        if method == "text_probe":
+            return score_text_probe(*self.probes[feature], per_image=True)
         u, whole = self.of(method, feature)
-        if method == "ablation":
-            return score_ablation(u, whole, self.norm)
+        return score_ablation(u, whole, self.norm, per_image=True)
+
+    def _score(self, method: str, feature: str) -> torch.Tensor:
+        u, whole = self.of(method, feature)
         return _SCORERS[method](u, whole)
 
 
@@ -307,13 +402,15 @@ def project_features(
     bias = aligner.bias.double()
     rows = as_rows(source)
     parts: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in bases}
-    norms = []
+    norms, wholes = [], []
     with tqdm(total=len(rows), desc="score features", unit="img", disable=not progress) as bar:
         for b in rows.iter_batches(batch_size):
             a = aligner.apply(b["contributions"]).to(dtype)
             for key, y in zip(bases, torch.split(a @ basis, widths, dim=2), strict=True):
                 parts[key].append(y.contiguous())  # [b, C, r]
             norms.append((a.double().sum(1) + bias).norm(dim=-1))
+            if "text_probe" in methods:
+                wholes.append(b["contributions"].double().sum(1).cpu())
             bar.update(a.shape[0])
     if not norms:
         raise ValueError("no images to score")
@@ -321,7 +418,27 @@ def project_features(
     for key, chunks in parts.items():
         u = torch.cat(chunks)
         out[key] = (u, u.double().sum(1) + bias @ bases[key].double())
-    return Projections(out, torch.cat(norms), list(aligner.labels))
+    proj = Projections(out, torch.cat(norms), list(aligner.labels))
+    if "text_probe" in methods:
+        proj.probes = _text_probe_readouts(rows, proj, torch.cat(wholes), list(feature_emb), batch_size)
+    return proj
+
+
+def _text_probe_readouts(
+    rows: Any, proj: Projections, whole: torch.Tensor, features: list[str], batch_size: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Fit each feature's text-taught probe on the whole representation ``whole [N, D]`` (labels: the
+    zero-shot readings held in ``proj``), then one more pass over the rows for every component's share
+    of every probe's logits: ``{feature: (parts [N, C, K], logits [N, K], labels [N])}``."""
+    probes = fit_text_probes(whole, {f: proj.parts[("text", f)][1] for f in features})
+    weight = torch.cat([p.weight[0] / p.sd[0, 0][:, None] for p, _ in probes.values()], 1)  # [D, sum K]
+    widths = [p.weight.shape[-1] for p, _ in probes.values()]
+    chunks: dict[str, list[torch.Tensor]] = {f: [] for f in probes}
+    for b in rows.iter_batches(batch_size):
+        shares = b["contributions"].float().cpu() @ weight  # [b, C, sum K]
+        for f, part in zip(probes, torch.split(shares, widths, dim=2), strict=True):
+            chunks[f].append(part.contiguous())
+    return {f: (torch.cat(chunks[f]), _probe_logits(p, whole), y) for f, (p, y) in probes.items()}
 
 
 def score_features(
@@ -441,19 +558,19 @@ def _weighted_scores(method: str, u: torch.Tensor, t: torch.Tensor, w: torch.Ten
 
 def _bootstrap(proj: Projections, method: str, features: list[str], n_boot: int, level: float, seed: int):
     """Percentile interval ``(low, high) [F, C]`` over ``n_boot`` resamples of the images, each a
-    multinomial count per image. For the ablation score the mean an ablated part is replaced by is held
-    at its value over all images (the per-image KLs are resampled)."""
+    multinomial count per image. For the per-image scores (``ablation``, ``text_probe``) the mean an
+    ablated part is replaced by (and ``text_probe``'s probe and normaliser) is held at its value over all
+    images; the per-image effects are resampled."""
     g = torch.Generator().manual_seed(seed)
     n = len(proj)
     idx = torch.randint(0, n, (n_boot, n), generator=g)
     w = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
     draws = []
     for f in features:
-        u, t = proj.of(method, f)
-        if method == "ablation":
-            draws.append(w @ score_ablation(u, t, proj.norm, per_image=True) / n)
+        if method in _PER_IMAGE:
+            draws.append(w @ proj.per_image(method, f) / n)
         else:
-            draws.append(_weighted_scores(method, u, t, w))
+            draws.append(_weighted_scores(method, *proj.of(method, f), w))
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     lo_hi = torch.quantile(torch.stack(draws, 1), q, dim=0)  # over [B, F, C]
     return lo_hi[0], lo_hi[1]

@@ -1,11 +1,14 @@
 """Figures of an analysis for the report: per feature, a layer x head grid of the heads' scores.
 
 :func:`head_grid` gives the numbers (plain arrays plus labels); :func:`draw_head_grids` the PNG
-(matplotlib, one panel per feature, a diverging scale centred on 0).
+(matplotlib, one panel per feature, a diverging scale centred on 0); :func:`head_grid_uri` one
+feature's panel as a PNG ``data:`` URI (the report's per-feature view).
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 from pathlib import Path
 
@@ -57,3 +60,29 @@ def draw_head_grids(result: AnalysisResult, path: str | Path, method: str = "inv
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def head_grid_uri(result: AnalysisResult, feature: str, method: str = "invariant") -> str:
+    """One feature's layer x head grid (its own symmetric scale, each cell's score written in it) as
+    a ``data:image/png;base64,...`` URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid, rows = head_grid(result, feature, method)
+    fig, ax = plt.subplots(figsize=(0.42 * grid.shape[1] + 1.6, 0.26 * len(rows) + 0.9), dpi=110)
+    lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+    shown = ax.imshow(grid, cmap="RdBu_r", vmin=-(lim or 1.0), vmax=lim or 1.0, aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ink = "w" if abs(v) > 0.6 * (lim or 1.0) else "k"
+            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=5, color=ink)
+    ax.set_yticks(range(len(rows)), rows, fontsize=6)
+    ax.set_xticks(range(grid.shape[1]), [f"H{h}" for h in range(grid.shape[1])], fontsize=6)
+    ax.set_title(f"{feature}: {method} score per head", fontsize=8)
+    fig.colorbar(shown, ax=ax, fraction=0.05, pad=0.03).ax.tick_params(labelsize=6)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

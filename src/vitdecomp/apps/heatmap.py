@@ -6,7 +6,9 @@ in the model's input and mapped back onto the original image through the model's
 ``--feature F`` without ``--text`` uses, per image, the text of F's value that the aligned whole
 representation matches best (the model's own zero-shot reading, no labels). ``--heads auto``: the
 top heads for the feature (:func:`vitdecomp.apps.analysis.auto_heads`; with ``--text`` alone, the
-feature whose value texts come closest to the text).
+feature whose value texts come closest to the text). When a feature is known (``--feature`` or
+``--heads auto``) the map reads the text's direction minus the mean of the feature's other values'
+texts (:func:`contrastive`); with ``--text`` and named heads, the text's own direction.
 
 Writes per image ``<name>.png`` (the image with the map over it: red positive, blue negative, a
 symmetric scale; captioned with the text and the heads) and ``<name>.npy`` (the map ``[H, W]`` in
@@ -46,7 +48,17 @@ def whole_reading(maps: TokenMaps, analysis: Analysis, value_emb: torch.Tensor) 
     is closest to."""
     d = maps.decomposition
     whole = d.representation if analysis.aligner is None else analysis.aligner.apply_sum(d.contributions)
-    return (torch.nn.functional.normalize(whole.float(), dim=-1) @ value_emb.T).argmax(-1)
+    return (torch.nn.functional.normalize(whole.float().cpu(), dim=-1) @ value_emb.float().cpu().T).argmax(-1)
+
+
+def contrastive(emb: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``[k, d]``: each text of ``emb [k, d]`` minus the mean of its feature's value texts ``values
+    [V, d]`` other than the one closest to it: what tells the value apart from the feature's other
+    values, without what every value's text shares ("an object", "a photo")."""
+    unit = torch.nn.functional.normalize
+    closest = (unit(emb.float(), dim=-1) @ unit(values.float(), dim=-1).T).argmax(-1)  # [k], by cosine
+    others = (values.float().sum(0, keepdim=True) - values.float()[closest]) / max(1, len(values) - 1)
+    return emb.float() - others
 
 
 def heatmaps(
@@ -65,11 +77,14 @@ def heatmaps(
     if heads == "auto":
         feature = feature or analysis.feature_of(emb[0])
         heads = auto_heads(analysis.scores(feature), analysis.result.labels)
+    dirs = emb if feature is None else contrastive(emb, analysis.embed(list(analysis.result.features[feature])))
     subject = analysis.subject
     x = torch.stack([subject.preprocess(im.convert("RGB")) for im in images])
-    maps = token_maps(subject, x, emb, aligner=analysis.aligner, start_layer=analysis.result.start_layer or 0)
-    px = maps.pixels(heads)  # [B, k, H, W]
+    x = x.to(next(subject.model.parameters(), x).device)
+    maps = token_maps(subject, x, dirs, aligner=analysis.aligner, start_layer=analysis.result.start_layer or 0)
+    px = maps.pixels(heads).float().cpu()  # [B, k, H, W]
     pick = torch.zeros(len(images), dtype=torch.long) if text is not None else whole_reading(maps, analysis, emb)
+    pick = pick.cpu()
     out = []
     for i, im in enumerate(images):
         m = px[i, pick[i]]
@@ -91,12 +106,26 @@ def draw(image: Image.Image, hm: Heatmap, path: Path) -> None:
     ax.imshow(image.convert("RGB"))
     shown = ax.imshow(hm.original, cmap="bwr", vmin=-lim, vmax=lim, alpha=0.55, interpolation="nearest")
     ax.set_axis_off()
-    heads = ", ".join(hm.heads) if len(hm.heads) <= 6 else ", ".join(hm.heads[:6]) + f" +{len(hm.heads) - 6}"
+    names = hm.heads if len(hm.heads) <= 6 else [*hm.heads[:6], f"+{len(hm.heads) - 6}"]
+    heads = "\n".join(", ".join(names[i : i + 4]) for i in range(0, len(names), 4))
     ax.set_title(f'"{hm.text}"\nheads: {heads}', fontsize=8)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def overlay(image: Image.Image, m: np.ndarray, size: int = 128) -> Image.Image:
+    """The image with the map ``m [H0, W0]`` (original pixels) over it, as :func:`draw` shows it
+    (``bwr``, symmetric scale, 55 % opaque), without a figure; longest side ``size`` (nearest)."""
+    from matplotlib import colormaps
+
+    lim = float(np.abs(m).max()) or 1.0
+    colour = colormaps["bwr"](np.clip(m / lim, -1, 1) * 0.5 + 0.5)[..., :3]  # [H0, W0, 3]
+    base = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    mixed = Image.fromarray(np.round(255 * (0.45 * base + 0.55 * colour)).astype(np.uint8))
+    scale = size / max(mixed.size)
+    return mixed.resize((max(1, round(mixed.width * scale)), max(1, round(mixed.height * scale))), Image.NEAREST)
 
 
 def default_images(n: int = 4, seed: int = 7100) -> tuple[list[Image.Image], list[str]]:
@@ -140,7 +169,7 @@ def add_heatmap_parser(subparsers: argparse._SubParsersAction) -> argparse.Argum
     what.add_argument("--text", help='a description, e.g. "a red object"')
     what.add_argument("--feature", help="a feature of the analysis: per image, its best-matching value")
     p.add_argument(
-        "--heads", default="auto", help="auto (top ceil(sqrt(H)) heads by score) or L.H names, comma-separated"
+        "--heads", default="auto", help="auto (top 2 ceil(sqrt(H)) heads by score) or L.H names, comma-separated"
     )
     p.add_argument("--analysis", default="vitdecomp-out", help="folder of a finished `vitdecomp analyze`")
     p.add_argument("--checkpoint", default=None, help="local weights of the analysed model, if it was given one")

@@ -23,12 +23,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vitdecomp.apps.analysis import Analysis, auto_k, load_analysis
 from vitdecomp.errors import VitDecompError
+from vitdecomp.index import store_text_search
 
 TOP_N = 20
 
@@ -118,8 +118,23 @@ def analysis_gallery(analysis: Analysis) -> Gallery:
     from vitdecomp.store import ContributionStore
 
     store = ContributionStore(analysis.result.store.path)
-    contrib = torch.from_numpy(np.array(store.contributions, dtype=np.float32))
+    contrib = store.batch(slice(None))["contributions"]
     return gallery_of(analysis, contrib, list(store.ids))
+
+
+@torch.no_grad()
+def store_text_scores(
+    analysis: Analysis, text_emb: torch.Tensor, components: list[str] | None, batch_size: int = 1024
+) -> torch.Tensor:
+    """``[N, T]``: :func:`text_scores` of every image of the analysed store with each text of
+    ``text_emb [T, d_clip]``, read in batches of rows (the whole aligned store never in memory)."""
+    from vitdecomp.store import ContributionStore
+
+    out = []
+    for rows in ContributionStore(analysis.result.store.path).iter_batches(batch_size):
+        g = gallery_of(analysis, rows["contributions"], [])
+        out.append(torch.stack([text_scores(g, t, components) for t in text_emb], 1))
+    return torch.cat(out)
 
 
 def gallery_of(analysis: Analysis, contributions: torch.Tensor, ids: list[str]) -> Gallery:
@@ -155,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     k = args.k or auto_k(len(gallery.labels))
     comps = None if args.feature is None else top_components(analysis.scores(args.feature), k)
     if args.text is not None:
-        scores, exclude = text_scores(gallery, analysis.embed([args.text])[0], comps), None
+        query = analysis.embed([args.text])[0]  # FAISS index of the store, persisted beside it
+        scores, exclude = store_text_search(analysis.result.store.path, analysis.aligner, comps, query, args.n), None
         title = f'"{args.text}"' + (f" through {args.feature} (top {k})" if comps else " (whole representation)")
     else:
         if args.feature is None:
@@ -221,7 +237,7 @@ def add_retrieve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     what.add_argument("--text", help='a description, e.g. "a red object"')
     what.add_argument("--image", help="a reference image (path, or an id of the analysed set)")
     p.add_argument("--feature", help="read only this feature's top components (required with --image)")
-    p.add_argument("--k", type=int, default=None, help="number of components (default ceil(sqrt(C)))")
+    p.add_argument("--k", type=int, default=None, help="number of components (default 2 ceil(sqrt(C)))")
     p.add_argument("--n", type=int, default=TOP_N, help="images to return")
     p.add_argument("--analysis", default="vitdecomp-out", help="folder of a finished `vitdecomp analyze`")
     p.add_argument("--checkpoint", default=None, help="local weights of the analysed model, if it was given one")

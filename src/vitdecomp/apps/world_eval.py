@@ -1,9 +1,11 @@
 """The applications measured on the built-in world's ground truth (object masks, attributes), on a seed
 no analysis, aligner or zoo training used: ``python -m vitdecomp.apps.world_eval heatmaps|retrieval
---analysis DIR [--n 200] [--seed 7100] [--json FILE]``.
+--analysis DIR [--n 200] [--seed 7100] [--json FILE]`` (``rules``: the study behind the heatmap
+command's choice of heads and direction, :func:`heatmap_rules`).
 
 Heatmaps: for each image, the texts of its true colour and shape ("a <colour> object", "a <shape>")
-and of its background; per text, the map of the top heads (the heatmap command's rule), of all heads,
+and of its background, read as ``vitdecomp heatmap`` reads a feature's value (the text minus the mean
+of the feature's other values' texts); per text, the map of the top heads (the heatmap command's rule), of all heads,
 and of random heads (as many as the top ones, 5 draws): the share of positive relevance inside the
 object mask, the pointing game (argmax inside the mask); for the background, both outside the mask.
 The pointing game is reported on the signed map (argmax) and on its magnitude (argmax of ``|map|``):
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from vitdecomp.apps.analysis import Analysis, auto_heads, load_analysis
+from vitdecomp.apps.heatmap import contrastive
 from vitdecomp.apps.retrieval_eval import evaluate_world
 from vitdecomp.apps.token_maps import token_maps
 from vitdecomp.world import make_scenes
@@ -31,13 +36,19 @@ EVAL_SEED = 7100
 N_RANDOM = 5
 
 
+def phrase(template: str, value: str) -> str:
+    """``template`` filled with ``value``, "a" before a vowel sound made "an" ("an orange object")."""
+    return re.sub(r"\ba (?=[aeiouAEIOU])", "an ", template.format(value))
+
+
 def feature_directions(analysis: Analysis) -> tuple[torch.Tensor, dict[str, slice]]:
-    """The text embeddings of every value of :data:`MAP_FEATURES` ``[sum V_f, d_clip]`` and each
-    feature's rows."""
+    """The directions the maps read for every value of :data:`MAP_FEATURES` ``[sum V_f, d_clip]`` (the
+    value's text minus the mean of the feature's other values' texts, as ``vitdecomp heatmap`` reads a
+    feature's value) and each feature's rows."""
     rows, where, s = [], {}, 0
     for f, (text, _) in MAP_FEATURES.items():
-        emb = analysis.embed([text.format(v) for v in analysis.result.features[f]])
-        rows.append(emb)
+        emb = analysis.embed([phrase(text, v) for v in analysis.result.features[f]])
+        rows.append(contrastive(emb, emb))
         where[f] = slice(s, s + len(emb))
         s += len(emb)
     return torch.cat(rows), where
@@ -94,9 +105,49 @@ def heatmap_scores(analysis: Analysis, n: int = 200, seed: int = EVAL_SEED, batc
     }
 
 
+#: The head counts the rule study compares, in multiples of ``ceil(sqrt(H))`` (``None``: every head).
+RULE_HEADS = {"sqrt": 1, "2sqrt": 2, "all": None}
+
+
+def heatmap_rules(analysis: Analysis, n: int = 100, seed: int = EVAL_SEED, batch: int = 25) -> dict:
+    """Signed pointing game (hit: argmax in the target region) of every rule ``heads x direction``:
+    the top ``m ceil(sqrt(H))`` heads by score (:data:`RULE_HEADS`), each along the value's text
+    (``"text"``) or the text minus the mean of the feature's other values' texts (``"contrastive"``)."""
+    scenes = make_scenes(n, seed=seed)
+    masks = torch.from_numpy(scenes.masks)
+    labels = analysis.result.labels
+    heads_all = [lab for lab in labels if auto_heads({lab: 0.0}, [lab])]
+    root = math.ceil(math.sqrt(len(heads_all)))
+    texts, where, s0 = [], {}, 0
+    for f, (template, _) in MAP_FEATURES.items():
+        texts.append(analysis.embed([phrase(template, v) for v in analysis.result.features[f]]))
+        where[f], s0 = slice(s0, s0 + len(texts[-1])), s0 + len(texts[-1])
+    dirs = torch.cat(texts)
+    ranked = {f: sorted(heads_all, key=lambda h, f=f: -analysis.scores(f)[h]) for f in MAP_FEATURES}
+    hits: dict[str, list[float]] = {}
+    for s in range(0, n, batch):
+        idx = range(s, min(s + batch, n))
+        x = torch.stack([analysis.subject.preprocess(scenes.pil(i)) for i in idx])
+        maps = token_maps(
+            analysis.subject, x, dirs, aligner=analysis.aligner, start_layer=analysis.result.start_layer or 0
+        )
+        for f, (_, inside) in MAP_FEATURES.items():
+            truth, sl = scenes.labels(f), where[f]
+            for rule, m in RULE_HEADS.items():
+                text = maps.pixels(ranked[f] if m is None else ranked[f][: m * root])[:, sl]  # [B, V, H, W]
+                v = text.shape[1]
+                contrast = text - (text.sum(1, keepdim=True) - text) / (v - 1)
+                for how, px in (("text", text), ("contrastive", contrast)):
+                    for j, i in enumerate(idx):
+                        got = _map_scores(px[j, int(truth[i])], masks[i], inside)[1]
+                        hits.setdefault(f"{f} {rule} {how}", []).append(got)
+    pointing = {k: float(np.mean(v)) for k, v in hits.items()}
+    return {"model": analysis.result.model.name, "n": n, "seed": seed, "heads": len(heads_all), "pointing": pointing}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vitdecomp.apps.world_eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["heatmaps", "retrieval"])
+    p.add_argument("what", choices=["heatmaps", "rules", "retrieval"])
     p.add_argument("--analysis", required=True)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--seed", type=int, default=EVAL_SEED)
@@ -106,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     analysis = load_analysis(args.analysis)
     if args.what == "heatmaps":
         res = heatmap_scores(analysis, args.n, args.seed)
+    elif args.what == "rules":
+        res = heatmap_rules(analysis, args.n, args.seed)
     else:
         res = evaluate_world(analysis, args.n, args.seed)
     text = json.dumps(res, indent=1)

@@ -28,7 +28,12 @@ def add_validate_parser(sub) -> None:
     p.add_argument("--n-test", type=int, default=N_TEST)
     p.add_argument("--n-train", type=int, default=N_TRAIN)
     p.add_argument("--align-steps", type=int, default=3000, help="CompAlign training steps (when not cached)")
-    p.add_argument("--control", action="store_true", help="also run every model (and the CLIP) with random weights")
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="also run every model with random weights (the CLIP reader keeps its own) and compare its scores with "
+        "the trained model's causal truth",
+    )
     p.add_argument("--out", type=Path, default=Path("docs/validation.md"))
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     p.add_argument("--cache-dir", default=None)
@@ -42,7 +47,8 @@ def run_validate(args: argparse.Namespace) -> int:
     import torch
 
     from vitdecomp.evaluation.document import markdown
-    from vitdecomp.evaluation.validate import validate_model
+    from vitdecomp.evaluation.validate import control_agreement, control_null, validate_model
+    from vitdecomp.fsio import atomic_write_text
     from vitdecomp.zoo.cards import planted_map
 
     if args.threads:
@@ -67,9 +73,15 @@ def run_validate(args: argparse.Namespace) -> int:
             )
             if not random_init and planted_map(name):
                 r["planted_map"] = planted_map(name)
-            runs[random_init].append(r)
             means = {m: round(sum(v["causal_mean"].values()) / 4, 3) for m, v in r["agreement"].items()}
-            print(f"{name}{' (random init)' if random_init else ''}: Spearman vs causal truth {means}", flush=True)
+            if random_init:
+                trained = next(t for t in runs[False] if t["model"] == name)
+                r["control_agreement"] = control_agreement(r, trained)
+                r["control_null"] = control_null(r, trained)
+                means = {m: round(sum(v.values()) / 4, 3) for m, v in r["control_agreement"].items()}
+            runs[random_init].append(r)
+            what = " (random init) vs the trained model's causal truth" if random_init else " vs its causal truth"
+            print(f"{name}{what}: Spearman {means}", flush=True)
     meta = {"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     meta["time_s"] = time.time() - t0
     command = "vitdecomp validate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["validate"] else [])
@@ -77,8 +89,9 @@ def run_validate(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.is_file() and _NOTES in args.out.read_text():
         text = text.rstrip("\n") + "\n" + _NOTES + args.out.read_text().split(_NOTES, 1)[1]
-    args.out.write_text(text)
+    atomic_write_text(args.out, text)
     if args.json:
-        args.json.write_text(json.dumps({"results": runs[False], "control": runs[True]}, indent=1, default=float))
+        saved = {"results": runs[False], "control": runs[True]}
+        atomic_write_text(args.json, json.dumps(saved, indent=1, default=float))
     print(f"wrote {args.out}")
     return 0

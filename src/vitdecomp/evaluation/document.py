@@ -27,10 +27,11 @@ def _scores(results: list[dict[str, Any]]) -> list[str]:
 
 
 def summary_table(results: list[dict[str, Any]], truth: str = "causal_mean", target: bool = True) -> list[str]:
-    """One row per model: each score's Spearman with ``truth``, mean over the attributes."""
+    """One row per model: each score's Spearman with ``truth``, mean over the attributes, and the
+    magnitude baseline's."""
     scores = _scores(results)
-    head = "| model | evaluated / all components | " + " | ".join(f"`{m}`" for m in scores) + " |"
-    lines = [head, "|---|---|" + "---|" * len(scores)]
+    head = "| model | evaluated / all components | " + " | ".join(f"`{m}`" for m in scores) + " | magnitude alone |"
+    lines = [head, "|---|---|" + "---|" * (len(scores) + 1)]
     for r in results:
         tag = " (random init)" if r["random_init"] else ""
         cells = []
@@ -40,7 +41,30 @@ def summary_table(results: list[dict[str, Any]], truth: str = "causal_mean", tar
             if target and m == DEFAULT_METHOD and not r["random_init"]:
                 mark = " (met)" if v >= TARGET_SPEARMAN else f" (**missed** by {TARGET_SPEARMAN - v:.2f})"
             cells.append(f"{_f(v)}{mark}")
+        cells.append(_f(_mean(r["magnitude"][truth])) if "magnitude" in r else "-")
         lines.append(f"| {r['model']}{tag} | {len(r['evaluated'])} / {len(r['labels'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def control_table(control: list[dict[str, Any]]) -> list[str]:
+    """One row per random-init model: each score's Spearman with the *trained* model's causal truth
+    (the control), then with its own (a faithfulness check, not a control); means over the attributes."""
+    rows = [r for r in control if "control_agreement" in r]
+    if not rows:
+        return []
+    scores = _scores(rows)
+    lines = [
+        "| random-init model | "
+        + " | ".join(f"`{m}` vs trained truth" for m in scores)
+        + " | random truth vs trained truth | "
+        + " | ".join(f"`{m}` vs own truth" for m in scores)
+        + " |",
+        "|---|" + "---|" * (2 * len(scores) + 1),
+    ]
+    for r in rows:
+        ctrl = " | ".join(_f(_mean(r["control_agreement"][m])) for m in scores)
+        own = " | ".join(_f(_mean(r["agreement"][m]["causal_mean"])) for m in scores)
+        lines.append(f"| {r['model']} | {ctrl} | {_f(_mean(r['control_agreement']['truth']))} | {own} |")
     return lines
 
 
@@ -82,6 +106,23 @@ def planted_table(results: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def control_null_table(control: list[dict[str, Any]]) -> list[str]:
+    """One row per random-init model: each score's control figure with its permutation null (95 % range
+    of the mean Spearman with the components shuffled) and two-sided p."""
+    rows = [r for r in control if "control_null" in r]
+    if not rows:
+        return []
+    scores = list(rows[0]["control_null"])
+    lines = ["| random-init model | " + " | ".join(f"`{m}`" for m in scores) + " |", "|---|" + "---|" * len(scores)]
+    for r in rows:
+        cells = []
+        for m in scores:
+            c = r["control_null"][m]
+            cells.append(f"{_f(c['observed'])} (null {_f(c['low'], 2)} … {_f(c['high'], 2)}, p {_f(c['p'], 3)})")
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(results: list[dict[str, Any]], control: list[dict[str, Any]], command: str, meta: dict) -> str:
     """The whole page (a hand-written ``## Notes`` section is appended by the caller)."""
     r0 = results[0] if results else {"train_seed": "-", "test_seed": "-", "n_train": "-", "n_test": "-"}
@@ -108,7 +149,7 @@ def markdown(results: list[dict[str, Any]], control: list[dict[str, Any]], comma
         "",
         "## Agreement with the causal truth (mean-ablation), mean of the four attributes",
         "",
-        *summary_table(results + control),
+        *summary_table(results),
         "",
         "## Per attribute (causal truth, mean-ablation)",
         "",
@@ -119,6 +160,29 @@ def markdown(results: list[dict[str, Any]], control: list[dict[str, Any]], comma
         *truths_table(results),
         "",
     ]
+    ctrl = control_table(control)
+    if ctrl:
+        lines += [
+            "## Random-init control: the scores of a random-weight subject against the trained model's truth",
+            "",
+            "Same architecture, same reader CLIP, texts and images; only the subject's weights are random. "
+            "A score that finds what the trained model uses cannot be reproduced without its weights: the first "
+            "columns should be near 0. The last columns (the random model's scores against its own causal truth) "
+            "are a faithfulness check, not a control: a random network's parts matter to it too.",
+            "",
+            *ctrl,
+            "",
+        ]
+    null = control_null_table(control)
+    if null:
+        lines += [
+            "How far from 0 is noise: each control figure (score of the random-weight subject vs the trained "
+            "truth, mean over the attributes) beside a permutation null (the components shuffled, one "
+            "permutation for every attribute, 2000 draws): its 95 % range and the two-sided p.",
+            "",
+            *null,
+            "",
+        ]
     planted = planted_table(results)
     if planted:
         lines += ["## Planted roles: top-k precision (k = number of planted heads)", "", *planted, ""]

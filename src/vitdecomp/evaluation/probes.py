@@ -33,10 +33,11 @@ class Probe:
 
 
 def fit_probes(x_tr: torch.Tensor, y_tr: torch.Tensor, n_classes: int, l2: float = 1e-3) -> Probe:
-    """Fit one probe per component at once: ``x_tr [C, N, D]``, ``y_tr [N]``. The joint loss is the
-    sum of the components' separate losses (standardised features, mean cross-entropy +
-    ``l2 * ||W||^2``, as :func:`vitdecomp.zoo.evaluate.linear_probe`), so its minimiser is every
-    component's own probe (L-BFGS)."""
+    """Fit one probe per component at once: ``x_tr [C, N, D]``, ``y_tr [N]`` (or ``[C, N]``: each
+    probe its own labels). The joint loss is the sum of the components' separate losses
+    (standardised features, mean cross-entropy + ``l2 * ||W||^2``, as
+    :func:`vitdecomp.zoo.evaluate.linear_probe`), so its minimiser is every component's own probe
+    (L-BFGS)."""
     x_tr = x_tr.float()
     mu, sd = x_tr.mean(1, keepdim=True), x_tr.std(1, keepdim=True) + 1e-6
     a = (x_tr - mu) / sd
@@ -44,12 +45,12 @@ def fit_probes(x_tr: torch.Tensor, y_tr: torch.Tensor, n_classes: int, l2: float
     w = torch.zeros(c, d, n_classes, requires_grad=True)
     bias = torch.zeros(c, 1, n_classes, requires_grad=True)
     opt = torch.optim.LBFGS([w, bias], lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
-    target = y_tr.repeat(c)
+    target = y_tr.reshape(-1) if y_tr.dim() == 2 else y_tr.repeat(c)
 
     def closure():
         opt.zero_grad()
         logits = (a @ w + bias).reshape(-1, n_classes)
-        loss = F.cross_entropy(logits, target, reduction="sum") / len(y_tr) + l2 * (w * w).sum()
+        loss = F.cross_entropy(logits, target, reduction="sum") / y_tr.shape[-1] + l2 * (w * w).sum()
         loss.backward()
         return loss
 

@@ -81,6 +81,13 @@ def add_decompose_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images instead of stopping")
     p.add_argument("--top", type=int, default=10, help="print the N components with the largest norm")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--runner", choices=("local", "ray"), default="local", help="this process, or Ray actors (vitdecomp[scale])"
+    )
+    p.add_argument("--address", default=None, help="--runner ray: the Ray cluster to join (default: a local one)")
+    p.add_argument("--workers", type=int, default=2, help="--runner ray: actors, each with its own model")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="--runner ray: CPUs per actor")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="--runner ray: GPUs per actor")
     p.set_defaults(func=run_decompose)
     return p
 
@@ -92,6 +99,7 @@ def check_decompose_args(args: argparse.Namespace) -> None:
         ("--start-layer", args.start_layer, 0),
         ("--top", args.top, 0),
         ("--n-images", args.n_images, 1),
+        ("--workers", args.workers, 1),
     ):
         if value is not None and value < least:
             raise UsageError(f"{flag} {value}: must be at least {least}")
@@ -101,6 +109,12 @@ def check_decompose_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
     if args.out is not None:
         check_writable_dir(args.out, "--out")
+    if args.runner == "ray":
+        if args.tokens:
+            raise UsageError("--tokens with --runner ray: token splits are not gathered from workers; drop one")
+        from vitdecomp.pipeline.runners import require_ray
+
+        require_ray()
     check_device(args.device)
     check_model_name(args.model, pretrained=not args.random_init, checkpoint=args.checkpoint)
 

@@ -82,6 +82,19 @@ class AnalysisConfig:
         default="float32", metadata=_cli("storage type of the stored contributions", choices=STORE_DTYPES)
     )
     device: str | None = field(default=None, metadata=_cli("default: cuda when available, else cpu"))
+    runner: str = field(
+        default="local",
+        metadata=_cli(
+            "who decomposes the images into the store: this process, or Ray actors (pip install 'vitdecomp[scale]')",
+            choices=("local", "ray"),
+        ),
+    )
+    address: str | None = field(
+        default=None, metadata=_cli("--runner ray: the Ray cluster to join (default: start a local one)")
+    )
+    workers: int = field(default=2, metadata=_cli("--runner ray: actors, each with its own copy of the models"))
+    cpus_per_worker: float = field(default=1.0, metadata=_cli("--runner ray: CPUs per actor"))
+    gpus_per_worker: float = field(default=0.0, metadata=_cli("--runner ray: GPUs per actor (> 0: run on a GPU)"))
     checkpoint: str | Path | None = field(default=None, metadata=_cli("local weights file for --model"))
     reader_checkpoint: str | Path | None = field(
         default=None, metadata=_cli("local weights file for --clip", flag="--clip-checkpoint")
@@ -101,6 +114,10 @@ class AnalysisConfig:
     top_k: int = field(default=5, metadata=_cli("TextSpan descriptions per component"))
     n_top_images: int = field(default=4, metadata=_cli("images shown per component"))
     skip_bad_images: bool = field(default=False, metadata=_cli("skip unreadable images instead of stopping"))
+    apps: bool = field(
+        default=True,
+        metadata=_cli("skip the applications whose inputs are in --images (masks/, metadata.csv)", flag="--no-apps"),
+    )
     progress: bool = field(
         default=True, metadata=_cli("no progress bars, no summary: print the report path", flag="--quiet")
     )
@@ -116,12 +133,19 @@ class AnalysisConfig:
             ("top_k", 1),
             ("n_top_images", 0),
             ("start_layer", 0),
+            ("workers", 1),
         ):
             value = getattr(self, name)
             if value is not None and value < least:
                 raise UsageError(f"{_flag(name)} {value}: must be at least {least}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UsageError(f"--val-fraction {self.val_fraction}: must lie strictly between 0 and 1")
+        if self.runner == "ray":
+            from vitdecomp.pipeline.runners import require_ray
+
+            require_ray()
+        if not (self.cpus_per_worker > 0 and self.gpus_per_worker >= 0):
+            raise UsageError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
         if not self.lam >= 0.0:
             raise UsageError(f"--lam {self.lam}: must be a number >= 0")
         if self.images is not None and not Path(self.images).is_dir():

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from vitdecomp.api import decompose
 from vitdecomp.components import Decomposition
 from vitdecomp.errors import NonFiniteInputError, UsageError
-from vitdecomp.imageset import folder_source, skip_report, world_source
+from vitdecomp.imageset import ImageSource, folder_source, skip_report, world_source
+from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.pipeline.stages import load_model_for
 
 
@@ -28,6 +29,36 @@ def decompose_images(args: argparse.Namespace) -> int:
             print(f"vitdecomp: {skip_report(source)}", file=sys.stderr)
     else:
         source = world_source(args.n_images or 8, seed=0)
+    if args.runner == "ray":
+        from vitdecomp.pipeline.runners import RayRunner
+
+        runner = RayRunner(args.address, args.workers, args.cpus_per_worker, args.gpus_per_worker)
+        try:
+            whole = runner.decompose(
+                loaded, source, args.batch_size, start_layer=args.start_layer, representation=args.representation
+            )
+        except ValueError as err:
+            if str(err).startswith("start_layer"):
+                raise UsageError(f"--start-layer {args.start_layer}: {err}") from err
+            raise
+    else:
+        whole = _decompose_here(args, loaded, source, device)
+    meta = {
+        "model": loaded.name,
+        "weights_id": loaded.weights_id,
+        "start_layer": args.start_layer,
+        "representation": args.representation or "default",
+        "images": source.description,
+    }
+    if args.out:
+        whole.save(args.out, ids=source.ids, meta=meta)
+    _print_summary(whole, loaded.name, loaded.weights_id, args.top, args.out, quiet=args.quiet)
+    return 0
+
+
+def _decompose_here(args: argparse.Namespace, loaded: LoadedModel, source: ImageSource, device: str) -> Decomposition:
+    """Every image of ``source`` decomposed in this process, batch by batch (a folder's images decoded
+    by a ``DataLoader`` with workers)."""
     parts: list[Decomposition] = []
     with tqdm(total=len(source), unit="img", desc="decompose", disable=args.quiet) as bar:
         for ids, images in source.batches(args.batch_size)(0):
@@ -44,18 +75,7 @@ def decompose_images(args: argparse.Namespace) -> int:
                 raise
             parts.append(_to_cpu(d))
             bar.update(len(ids))
-    whole = _concat(parts)
-    meta = {
-        "model": loaded.name,
-        "weights_id": loaded.weights_id,
-        "start_layer": args.start_layer,
-        "representation": args.representation or "default",
-        "images": source.description,
-    }
-    if args.out:
-        whole.save(args.out, ids=source.ids, meta=meta)
-    _print_summary(whole, loaded.name, loaded.weights_id, args.top, args.out, quiet=args.quiet)
-    return 0
+    return _concat(parts)
 
 
 def _to_cpu(d: Decomposition) -> Decomposition:

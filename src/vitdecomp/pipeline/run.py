@@ -11,15 +11,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitdecomp.apps.report_views import report_views
 from vitdecomp.errors import UsageError
 from vitdecomp.fsio import writing
 from vitdecomp.imageset import ImageSource, image_source, skip_report
+from vitdecomp.pipeline.applications import run_applications
 from vitdecomp.pipeline.config import AnalysisConfig
 from vitdecomp.pipeline.honesty import rank_one_components, run_warnings
+from vitdecomp.pipeline.runners import RayRunner
 from vitdecomp.pipeline.stages import (
     SCORE_METHODS,
     BuiltStore,
     Models,
+    StoreFiller,
     align_components,
     build_store,
     collect_result,
@@ -72,6 +76,12 @@ def run_analysis(
     models, source, built = prepare(cfg, clock, device, source)
     result, top_idx = read_components(cfg, clock, device, models, source, built)
     result.warnings = run_warnings(result, models, random_init=cfg.random_init, seed=cfg.seed)
+    with clock("report_views"):
+        result.views = report_views(result, source, models.subject, models.reader, progress=cfg.progress)
+    if cfg.apps:
+        with clock("applications"):
+            result.applications, failed = run_applications(cfg, models, device)
+            result.warnings += failed
     write_outputs(result, source, top_idx, Path(cfg.out), clock, progress=cfg.progress)
     if cfg.verbose:
         print(summary(result))
@@ -113,8 +123,16 @@ def prepare(
             device=device,
             dtype=cfg.dtype,
             progress=cfg.progress,
+            fill=store_filler(cfg),
         )
     return models, source, built
+
+
+def store_filler(cfg: AnalysisConfig) -> StoreFiller | None:
+    """Who fills the store: ``None`` (this process) or a :class:`RayRunner` (``--runner ray``)."""
+    if cfg.runner != "ray":
+        return None
+    return RayRunner(cfg.address, cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker)
 
 
 def read_components(

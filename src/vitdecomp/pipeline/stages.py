@@ -7,7 +7,9 @@
 
 The *reader* is the CLIP model whose text space names the components (``--clip``). The stages
 after the store read rows through the :class:`~vitdecomp.store.Rows` protocol: a small store is read
-into memory once (:func:`readable_rows`), a large one is streamed from its memmaps. Caches live
+into memory once (:func:`readable_rows`), a large one is streamed chunk by chunk from its zarr
+arrays (training draws its batches from windows of chunks). The store is filled in this process
+(:func:`fill_in_process`) or by Ray actors (:mod:`vitdecomp.pipeline.runners`). Caches live
 under one root: ``stores/`` (one folder per store key: model + weights, reader, start layer,
 component layout, preprocessing, image set), ``aligners/`` (one folder per model setting, see
 :func:`vitdecomp.align.aligner_dir`) and ``text/`` (text embeddings per reader weights + templates).
@@ -23,7 +25,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +66,11 @@ from vitdecomp.score import ScoreTable, embed_features, load_features, score_con
 from vitdecomp.store import ContributionStore, Rows, StoreKey, StoreLock, open_store, store_dir
 from vitdecomp.text import DEFAULT_TEMPLATES, WORLD_TEMPLATES, Description, TextEncoder, load_vocabulary
 
-#: Stores smaller than this are read into memory for training, descriptions and scores.
+#: Stores smaller than this (as float32) are read into memory for training, descriptions and scores;
+#: larger ones are streamed.
 IN_MEMORY_BYTES = 1 << 30
 #: The scores ``vitdecomp analyze`` reports (see :mod:`vitdecomp.score`).
-SCORE_METHODS = ("paper", "invariant", "ablation")
+SCORE_METHODS = ("paper", "invariant", "ablation", "text_probe")
 #: Bootstrap resamples and null draws behind every score's interval and p-value (``results.json``
 #: ``confidence``); 19 null draws make "above every null draw" a test at p = 0.05.
 N_BOOT = 100
@@ -190,12 +193,15 @@ def fill_store(
     Decomposition`` (``contributions [B, C, D]``) and ``embed_fn(images) -> [B, d_clip]`` (the
     reader's image embedding), so each does its own preprocessing. Rows already committed are
     skipped (their ids must match, otherwise :class:`MismatchError`); pass a callable
-    ``batches(start)`` to let the source skip reading them. ``total`` sizes the progress bar.
+    ``batches(start)`` to let the source skip reading them. Rows are held until they complete the
+    store's current chunk (at most one chunk in memory), then written and committed together: an
+    interruption loses at most the chunk under way. ``total`` sizes the progress bar.
     """
     done = store.committed
     stored_ids = store.ids
     source = batches(done) if callable(batches) else batches
     position = done if callable(batches) else 0
+    pending = _PendingRows()
     bar = tqdm(total=total, initial=done, desc="decompose + CLIP", unit="img", disable=not progress)
     try:
         for ids, images in source:
@@ -219,12 +225,45 @@ def fill_store(
                 except NonFiniteInputError as err:
                     raise NonFiniteInputError.of([ids[i] for i in err.positions] or err.names) from err
                 emb = embed_fn(images)
-            store.append(ids, dec.contributions, dec.representation, emb, labels=dec.names)
-            bar.update(len(ids))
+            if not store.shapes:  # the first rows fix the arrays' dims and the chunk size
+                store.allocate(0, int(dec.contributions.shape[-1]), int(emb.shape[-1]), expected_rows=total)
+            pending.add(ids, dec, emb)
+            if pending.completes_chunk(store):
+                bar.update(pending.flush(store))
+        bar.update(pending.flush(store))
     finally:
         bar.close()
         store.close()
     return store
+
+
+@dataclass
+class _PendingRows:
+    """Decomposed rows not yet written: ids, ``contributions [b, C, D]``, ``representation [b, D]``,
+    reader embeddings ``[b, d_clip]`` (on the CPU), per batch."""
+
+    ids: list[str] = field(default_factory=list)
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    names: list[str] | None = None
+
+    def add(self, ids: list[str], dec: Decomposition, emb: torch.Tensor) -> None:
+        self.ids.extend(ids)
+        self.parts.append((dec.contributions.detach().cpu(), dec.representation.detach().cpu(), emb.detach().cpu()))
+        self.names = list(dec.names)
+
+    def completes_chunk(self, store: ContributionStore) -> bool:
+        """The held rows reach the end of the chunk that the store's next row falls in."""
+        r = store.chunk_rows
+        return store.committed + len(self.ids) >= (store.committed // r + 1) * r
+
+    def flush(self, store: ContributionStore) -> int:
+        """Append (write and commit) the held rows; how many there were."""
+        n = len(self.ids)
+        if n:
+            c, z, e = (torch.cat(x) for x in zip(*self.parts, strict=True))
+            store.append(self.ids, c, z, e, labels=self.names)
+        self.ids, self.parts = [], []
+        return n
 
 
 @dataclass
@@ -240,6 +279,12 @@ class BuiltStore:
         return self.store.committed - self.rows_computed
 
 
+#: Fills an opened store with the models' rows of an image set: ``fill(store, models, source,
+#: start_layer=, batch_size=, device=, progress=)``; :func:`fill_in_process` by default, Ray actors
+#: with :class:`vitdecomp.pipeline.runners.RayRunner`.
+StoreFiller = Callable[..., None]
+
+
 def build_store(
     models: Models,
     source: ImageSource,
@@ -250,31 +295,32 @@ def build_store(
     device: str = "cpu",
     dtype: str = "float32",
     progress: bool = True,
+    fill: StoreFiller | None = None,
+    chunk_rows: int | None = None,
 ) -> BuiltStore:
-    """Open (or resume) the keyed store under ``root`` of the subject's decompositions and the
-    reader's image embeddings of ``source`` and fill it; each model preprocesses the images its own
-    way. The models run here: the store only writes and reads rows."""
+    """Open (or resume) the keyed store under ``root`` (a folder or an fsspec URL) of the subject's
+    decompositions and the reader's image embeddings of ``source`` and fill it with ``fill``
+    (default: in this process); each model preprocesses the images its own way. The models run
+    here: the store only writes and reads rows. ``chunk_rows``: rows per chunk of a new store."""
     key = store_key(models, source, start_layer, device)
     with StoreLock(store_dir(root, key, dtype)):
-        store = open_store(root, key, dtype=dtype)
+        store = open_store(root, key, dtype=dtype, chunk_rows=chunk_rows)
         before = store.committed
-        _fill_from_models(store, models, source, start_layer, batch_size, device, progress)
+        (fill or fill_in_process)(
+            store, models, source, start_layer=start_layer, batch_size=batch_size, device=device, progress=progress
+        )
+        store = open_store(root, key, dtype=dtype)  # what is committed now, whoever wrote it
     if store.committed != len(source) or store.ids != source.ids:
         raise MismatchError(f"store {store.path} holds {store.committed} rows, expected {len(source)}")
     return BuiltStore(store, key, store.committed - before)
 
 
-def _fill_from_models(
-    store: ContributionStore,
-    models: Models,
-    source: ImageSource,
-    start_layer: int,
-    batch_size: int,
-    device: str,
-    progress: bool,
-) -> None:
-    """:func:`fill_store` with the subject's decompositions and the reader's embeddings; each model
-    preprocesses the images its own way."""
+def model_fns(
+    models: Models, start_layer: int, device: str
+) -> tuple[Callable[[list[Any]], Decomposition], Callable[[list[Any]], torch.Tensor]]:
+    """``(decompose_fn, embed_fn)`` of PIL images: the subject's decomposition (``contributions
+    [B, C, D]``) and the reader's image embedding ``[B, d_clip]``, each model preprocessing the
+    images its own way."""
     subject, reader = models.subject, models.reader
 
     def decompose_fn(ims: list[Any]) -> Decomposition:
@@ -283,11 +329,28 @@ def _fill_from_models(
     def embed_fn(ims: list[Any]) -> torch.Tensor:
         return reader.model.encode_image(_preprocess_batch(reader.preprocess, ims, device)).float()
 
+    return decompose_fn, embed_fn
+
+
+def fill_in_process(
+    store: ContributionStore,
+    models: Models,
+    source: ImageSource,
+    *,
+    start_layer: int = 0,
+    batch_size: int = 64,
+    device: str = "cpu",
+    progress: bool = True,
+) -> None:
+    """:func:`fill_store` in this process with the subject's decompositions and the reader's
+    embeddings (a folder's images decoded by a ``DataLoader`` with workers, see :mod:`vitdecomp.imageset`)."""
+    decompose_fn, embed_fn = model_fns(models, start_layer, device)
     fill_store(store, source.batches(batch_size), decompose_fn, embed_fn, total=len(source), progress=progress)
 
 
 def readable_rows(store: ContributionStore, max_bytes: int = IN_MEMORY_BYTES) -> Rows:
-    """The store's rows in memory when they take at most ``max_bytes``, else the store itself."""
+    """The store's rows in memory when they take at most ``max_bytes`` as float32, else the store
+    itself: every reader then streams it chunk by chunk, in bounded memory."""
     in_memory = store.in_memory(max_bytes)
     return store if in_memory is None else in_memory
 
@@ -475,13 +538,17 @@ def top_images(
     """Per component, the ``n`` images whose aligned contribution projects most on that component's
     direction ``directions [C, d_clip]`` (its top description): ``(indices [C, n], values [C, n])``."""
     dirs = torch.nn.functional.normalize(directions.float(), dim=-1).to(aligner.device)
-    proj = []
-    for b in rows.iter_batches(batch_size):
-        a = aligner.apply(b["contributions"])  # [b, C, d]
-        proj.append((a * dirs[None]).sum(-1).cpu())
-    p = torch.cat(proj)  # [N, C]
-    v, i = p.topk(min(n, p.shape[0]), dim=0)
-    return i.T.numpy(), v.T.numpy()
+    best_v = torch.empty(0, dirs.shape[0])
+    best_i = torch.empty(0, dirs.shape[0], dtype=torch.long)
+    start = 0
+    for b in rows.iter_batches(batch_size):  # a running top n: memory does not grow with the images
+        p = (aligner.apply(b["contributions"]) * dirs[None]).sum(-1).cpu()  # [b, C]
+        rows_i = torch.arange(start, start + len(p))[:, None].expand_as(p)
+        v, i = torch.cat([best_v, p]), torch.cat([best_i, rows_i])
+        best_v, keep = v.topk(min(n, len(v)), dim=0)
+        best_i = i.gather(0, keep)
+        start += len(p)
+    return best_i.T.numpy(), best_v.T.numpy()
 
 
 @torch.no_grad()

@@ -4,8 +4,10 @@ The page is built from Jinja2 templates in ``report/templates/``: ``base.html.j2
 then one partial per section), ``header.html.j2``, ``macros.html.j2`` (the heat table) and
 ``sections/<name>.html.j2``, one per entry of :data:`SECTIONS`, in that order. Every template reads
 ``r`` (the :class:`~vitdecomp.report.results.AnalysisResult` whose serialisation is ``results.json``,
-so a page can be rendered again from that file: ``render_html(AnalysisResult.load(path))``) and
-``thumbs`` (label → thumbnail data URIs). No script, nothing fetched.
+so a page can be rendered again from that file: ``render_html(AnalysisResult.load(path))``),
+``thumbs`` (label → thumbnail data URIs of its top images) and ``pictures`` (image id → thumbnail,
+for the retrieval galleries). One small inline script (``templates/table.js``) sorts and filters the
+component table; nothing is fetched.
 
 To add a section: write ``templates/sections/<name>.html.j2`` and put ``<name>`` in :data:`SECTIONS`.
 """
@@ -30,7 +32,16 @@ from vitdecomp.report.results import AnalysisResult
 from vitdecomp.score import DEFAULT_METHOD
 
 #: The page's sections, in order: ``templates/sections/<name>.html.j2`` each.
-SECTIONS: list[str] = ["warnings", "features", "heads", "components", "other_methods", "about"]
+SECTIONS: list[str] = [
+    "warnings",
+    "features",
+    "heads",
+    "components",
+    "retrieval",
+    "applications",
+    "other_methods",
+    "about",
+]
 
 
 def thumbnail_data_uri(image: Any, size: int = 96) -> str:
@@ -44,9 +55,9 @@ def thumbnail_data_uri(image: Any, size: int = 96) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _heat(v: float) -> str:
-    """Background / text colours for a score in [-1, 1] (blue positive, red negative)."""
-    a = float(min(1.0, abs(v)))
+def _heat(v: float, scale: float = 1.0) -> str:
+    """Background / text colours for a score in ``[-scale, scale]`` (blue positive, red negative)."""
+    a = float(min(1.0, abs(v) / scale)) if isinstance(v, (int, float)) and scale > 0 else 0.0
     rgb = "37,99,235" if v >= 0 else "220,38,38"
     fg = "#fff" if a > 0.55 else "#1f2933"
     return f"background:rgba({rgb},{a:.3f});color:{fg}"
@@ -96,17 +107,24 @@ def _cos(v: float | None) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
 
-def render_html(r: AnalysisResult, thumbs: Mapping[str, list[str]] | None = None) -> str:
-    """The whole page for an analysis result (``thumbs``: image data URIs per component)."""
-    css = resources.files("vitdecomp.report").joinpath("templates/style.css").read_text(encoding="utf-8")
+def render_html(
+    r: AnalysisResult, thumbs: Mapping[str, list[str]] | None = None, pictures: Mapping[str, str] | None = None
+) -> str:
+    """The whole page for an analysis result (``thumbs``: image data URIs per component;
+    ``pictures``: image id -> data URI, the retrieval galleries' thumbnails)."""
+    files = resources.files("vitdecomp.report").joinpath("templates")
+    css = files.joinpath("style.css").read_text(encoding="utf-8")
+    script = files.joinpath("table.js").read_text(encoding="utf-8")
     page = environment().get_template("base.html.j2")
-    method = DEFAULT_METHOD if DEFAULT_METHOD in r.scores else next(iter(r.scores), DEFAULT_METHOD)
+    method = r.method(DEFAULT_METHOD)
     confidence = r.confidence.get(method, {}).get("scores", {})
     return page.render(
         r=r,
         thumbs=dict(thumbs or {}),
+        pictures=dict(pictures or {}),
         stats=_stats(r),
         css=css,
+        script=script,
         sections=SECTIONS,
         method=method,
         confidence=confidence,
@@ -117,22 +135,24 @@ def write_report(
     result: AnalysisResult, source: Any, out: str | Path, top_idx: np.ndarray, progress: bool = True
 ) -> Path:
     """Write ``out/index.html`` (atomically); ``source.image(i)`` gives the images of rows
-    ``top_idx [C, n]`` (components without top images in ``result`` get none)."""
+    ``top_idx [C, n]`` (components without top images in ``result`` get none) and of the retrieval
+    galleries' hits (``source.ids``)."""
     out = Path(out)
     cache: dict[int, str] = {}
+
+    def thumb(j: int) -> str:
+        if j not in cache:
+            try:
+                cache[j] = thumbnail_data_uri(source.image(j))
+            except Exception:  # an unreadable image must not sink the whole report
+                cache[j] = ""
+        return cache[j]
+
     thumbs: dict[str, list[str]] = {}
     for c, lab in enumerate(tqdm(result.labels, desc="report", unit="comp", leave=False, disable=not progress)):
-        if not result.top_images.get(lab):
-            thumbs[lab] = []
-            continue
-        uris = []
-        for j in np.asarray(top_idx[c]).tolist():
-            if j not in cache:
-                try:
-                    cache[j] = thumbnail_data_uri(source.image(j))
-                except Exception:  # an unreadable image must not sink the whole report
-                    cache[j] = ""
-            if cache[j]:
-                uris.append(cache[j])
-        thumbs[lab] = uris
-    return atomic_write_text(out / "index.html", render_html(result, thumbs))
+        uris = [thumb(j) for j in np.asarray(top_idx[c]).tolist()] if result.top_images.get(lab) else []
+        thumbs[lab] = [u for u in uris if u]
+    hits = {h.id for g in (result.views.galleries if result.views else []) for h in g.hits}
+    rows = {i: j for j, i in enumerate(source.ids)} if hits else {}
+    pictures = {i: thumb(rows[i]) for i in hits if i in rows}
+    return atomic_write_text(out / "index.html", render_html(result, thumbs, pictures))

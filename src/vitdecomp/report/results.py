@@ -16,8 +16,12 @@ from typing import Any
 import numpy as np
 
 from vitdecomp.fsio import atomic_write_text
+from vitdecomp.report.sections import AppSection
+from vitdecomp.report.views import ReportViews
 
 FORMAT_VERSION = 1
+#: The scores earlier versions ranked by, newest first (results.json files they wrote lack today's).
+EARLIER_DEFAULTS = ("ablation", "invariant")
 
 
 @dataclass
@@ -161,7 +165,9 @@ class AnalysisResult:
     ``confidence[method]``: how sure each score is (:meth:`vitdecomp.score.ScoreConfidence.to_dict`):
     ``n_boot``, ``n_null``, ``level``, then ``scores[feature][label] = {score, low, high, null_mean,
     null_high, p}`` (bootstrap interval over images; null = random rotations of the feature's
-    descriptions; ``p <= 0.05`` with 19 null draws: the score beats every null draw).
+    descriptions; ``p <= 0.05`` with 19 null draws: the score beats every null draw);
+    ``views``: the report's heatmaps, head grids and retrieval galleries (``None``: not computed);
+    ``applications``: one :class:`~vitdecomp.report.sections.AppSection` per application run.
     """
 
     model: ModelInfo
@@ -186,11 +192,19 @@ class AnalysisResult:
     warnings: list[str] = field(default_factory=list)
     constant: dict[str, float] = field(default_factory=dict)
     confidence: dict[str, Any] = field(default_factory=dict)
+    views: ReportViews | None = None
+    applications: list[AppSection] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     @property
     def n_components(self) -> int:
         return len(self.labels)
+
+    def method(self, default: str) -> str:
+        """The score to rank by: ``default`` when this result has it, else the default of the analyses
+        that made it (:data:`EARLIER_DEFAULTS`, newest first), else its first method."""
+        have = [m for m in (default, *EARLIER_DEFAULTS) if m in self.scores]
+        return have[0] if have else next(iter(self.scores), default)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``results.json`` document."""
@@ -218,6 +232,8 @@ class AnalysisResult:
             "warnings": list(self.warnings),
             "constant": self.constant,
             "confidence": self.confidence,
+            "views": None if self.views is None else self.views.to_dict(),
+            "applications": [a.to_dict() for a in self.applications],
         }
         if self.paths is not None:
             d["paths"] = asdict(self.paths)
@@ -258,6 +274,8 @@ class AnalysisResult:
             warnings=list(d.get("warnings", [])),
             constant=d.get("constant", {}),
             confidence=d.get("confidence", {}),
+            views=ReportViews.from_dict(d["views"]) if d.get("views") else None,
+            applications=[AppSection.from_dict(a) for a in d.get("applications", [])],
             format_version=d["format_version"],
         )
 

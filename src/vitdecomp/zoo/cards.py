@@ -6,19 +6,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from vitdecomp.models.loaded import file_digest
 from vitdecomp.zoo.models import ZOO_CONFIGS, ZOO_NAMES
 from vitdecomp.zoo.recipes import RECIPES
 
 ZOO_DIR = Path(__file__).parent
 WEIGHTS_DIR = ZOO_DIR / "weights"
 CARDS_DIR = ZOO_DIR / "cards"
+
+if TYPE_CHECKING:  # torch is imported where weights are written, so ``vitdecomp zoo --help`` does not
+    from torch import nn
 
 
 def read_card(name: str, cards_dir: Path | None = None) -> dict[str, Any] | None:
@@ -55,6 +55,7 @@ def list_zoo() -> list[dict[str, Any]]:
 
 def save_checkpoint(model: nn.Module, name: str, weights_dir: Path | None = None) -> Path:
     """Write the state dict as fp16 safetensors (integer buffers kept as they are)."""
+    import torch
     from safetensors.torch import save_file
 
     weights_dir = Path(weights_dir or WEIGHTS_DIR)
@@ -71,7 +72,10 @@ def save_checkpoint(model: nn.Module, name: str, weights_dir: Path | None = None
 
 def is_up_to_date(name: str, weights_dir: Path | None = None, cards_dir: Path | None = None) -> bool:
     """Whether ``NAME``'s card and weights were made by the current recipe and config (and, for a
-    student, from the teacher weights now in place), so a resumed ``zoo train`` may skip it."""
+    student, from the teacher weights now in place), so a resumed ``zoo train`` may skip it. Recipe
+    fields newer than the card count as matching when they hold their default."""
+    from vitdecomp.models.loaded import file_digest
+
     card = read_card(name, cards_dir)
     weights = Path(weights_dir or WEIGHTS_DIR) / f"{name}.safetensors"
     if card is None or not weights.is_file():
@@ -83,9 +87,10 @@ def is_up_to_date(name: str, weights_dir: Path | None = None, cards_dir: Path | 
 
     if card.get("weights", {}).get("sha256_16") != file_digest(weights):
         return False
-    if not (
-        same(card.get("config"), ZOO_CONFIGS[name]) and same(card.get("training", {}).get("recipe"), asdict(recipe))
-    ):
+    recorded = card.get("training", {}).get("recipe") or {}
+    defaults = asdict(type(recipe)(recipe.objective, recipe.epochs))
+    expected = {k: v for k, v in asdict(recipe).items() if k in recorded or not same(v, defaults[k])}
+    if not (same(card.get("config"), ZOO_CONFIGS[name]) and same(recorded, expected)):
         return False
     if recipe.distill_from:
         teacher = Path(weights_dir or WEIGHTS_DIR) / f"{recipe.distill_from}.safetensors"

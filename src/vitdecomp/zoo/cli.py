@@ -14,18 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from vitdecomp.errors import VitDecompError
 from vitdecomp.zoo.cards import is_up_to_date, list_zoo
 from vitdecomp.zoo.models import ZOO_NAMES
 from vitdecomp.zoo.recipes import RECIPES
-from vitdecomp.zoo.train import train_and_save
 
 #: Training order: ``swin`` and ``clip`` distil from ``deit``, so ``deit`` comes first; with
-#: ``--jobs 2`` the longest trainings start first (deit beside maxvit, then swin, clip, dino).
-TRAIN_ORDER = ("deit", "maxvit", "swin", "clip", "dino")
+#: ``--jobs 2`` the longest trainings start first (deit beside maxvit, then swin, clip, dino, planted).
+TRAIN_ORDER = ("deit", "maxvit", "swin", "clip", "dino", "planted")
 
 
 def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
@@ -118,6 +116,8 @@ def run_train(args: argparse.Namespace) -> int:
         names = [n for n in names if n not in done]
     if args.jobs > 1:
         return _train_parallel(names, args, out)
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in names:
@@ -126,6 +126,13 @@ def run_train(args: argparse.Namespace) -> int:
         )
         print(f"zoo:{name} trained in {card['training']['train_time_s'] / 60:.1f} min")
     return 0
+
+
+def train_and_save(name: str, **kwargs):
+    """:func:`vitdecomp.zoo.train.train_and_save`, imported on first use (so ``--help`` needs no torch)."""
+    from vitdecomp.zoo.train import train_and_save as train_one
+
+    return train_one(name, **kwargs)
 
 
 def _train_command(name: str, args: argparse.Namespace, out) -> list[str]:

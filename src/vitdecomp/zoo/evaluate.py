@@ -7,6 +7,9 @@
   (seed 2001), accuracy on ``N_TEST`` other scenes (seed 2002); none of them was seen in training
   (training used seed 1000/1001).
 * Task accuracy (supervised models): the model's own heads on the test scenes, per attribute.
+* Planting (models trained with planted roles): the held-out accuracy of a probe (as above) on each
+  head's and MLP's direct contribution as :func:`vitdecomp.decompose` gives it, per core attribute
+  (:func:`planting_metrics`, ``N_PLANTING_TRAIN`` / ``N_PLANTING_TEST`` scenes of the probe seeds).
 * CLIP zero-shot: per attribute, the class whose prompt-averaged text embedding is nearest
   (prompts: :data:`vitdecomp.world.PROMPTS`). Image→caption R@1: each test image against the
   captions of all ``N_RETRIEVAL`` test images (a hit when the top caption is the image's own
@@ -36,6 +39,8 @@ from vitdecomp.zoo.models import HEAD_SIZES, IMAGE_SIZE, NUM_LOGITS, ZOO_NAMES, 
 N_PROBE_TRAIN = 4000
 N_TEST = 2000
 N_RETRIEVAL = 1000
+N_PLANTING_TRAIN = 2000
+N_PLANTING_TEST = 1000
 PROBE_SEEDS = (2001, 2002)
 TARGETS = {"probe": 0.90, "task": 0.95, "zero_shot": 0.90}
 
@@ -104,6 +109,68 @@ def evaluate_model(name: str, checkpoint=None, progress: bool = False, data=None
         out.update(clip_metrics(loaded, te, f_te))
     out["eval_time_s"] = round(time.time() - t0, 1)
     return out
+
+
+@torch.no_grad()
+def direct_branch_contributions(model, images: np.ndarray, batch: int = 250) -> tuple[list[str], torch.Tensor]:
+    """A timm ViT's heads and MLPs (labels as :func:`vitdecomp.decompose` names them) and their direct
+    contributions to the representation ``[N, M, D]`` as the decomposition gives them."""
+    from vitdecomp.api import decompose
+    from vitdecomp.evaluation.components import is_branch
+
+    x = to_tensor(images)
+    parts, labels = [], None
+    for i in range(0, len(x), batch):
+        d = decompose(model, normalize(x[i : i + batch]))
+        keep = [j for j, lab in enumerate(d.names) if is_branch(lab)]
+        labels = [d.names[j] for j in keep]
+        parts.append(d.contributions[:, keep].float())
+    return labels or [], torch.cat(parts)
+
+
+def planting_metrics(
+    name: str, planted: dict[str, list[str]], checkpoint=None, config=None, data=None, progress: bool = False
+) -> dict[str, Any]:
+    """How well a planted map held on held-out scenes: every head's and MLP's probe accuracy per core
+    attribute (``accuracy {label: {attribute: acc}}``), chance (the test set's majority share), and per
+    attribute the worst planted head's accuracy and the best other head's and other branch's."""
+    from vitdecomp.evaluation.probes import batched_probe
+
+    t0 = time.time()
+    model = load_zoo_model(name, checkpoint=checkpoint, config=config).model
+    tr, te = data or (
+        make_scenes(N_PLANTING_TRAIN, seed=PROBE_SEEDS[0], size=IMAGE_SIZE),
+        make_scenes(N_PLANTING_TEST, seed=PROBE_SEEDS[1], size=IMAGE_SIZE),
+    )
+    labels, c_tr = direct_branch_contributions(model, tr.images)
+    c_te = direct_branch_contributions(model, te.images)[1]
+    x_tr, x_te = c_tr.transpose(0, 1).contiguous(), c_te.transpose(0, 1).contiguous()
+    acc: dict[str, dict[str, float]] = {lab: {} for lab in labels}
+    summary: dict[str, dict[str, Any]] = {}
+    for a in CORE_ATTRIBUTES:
+        y_tr, y_te = torch.from_numpy(tr.attributes[a]).long(), torch.from_numpy(te.attributes[a]).long()
+        per = batched_probe(x_tr, y_tr, x_te, y_te)
+        for lab, v in zip(labels, per.tolist(), strict=True):
+            acc[lab][a] = round(v, 4)
+        mine = planted.get(a, [])
+        others = [(lab, acc[lab][a]) for lab in labels if lab not in mine]
+        other_heads = [o for o in others if not o[0].endswith("mlp")]
+        summary[a] = {
+            "chance": round(float(np.bincount(te.attributes[a]).max() / len(te)), 4),
+            "planted_min": min((acc[lab][a] for lab in mine), default=None),
+            "other_head_max": max((v for _, v in other_heads), default=None),
+            "other_head_argmax": max(other_heads, key=lambda o: o[1], default=(None,))[0],
+            "other_branch_max": max((v for _, v in others), default=None),
+        }
+        if progress:
+            print(f"[{name}] planting {a}: {json.dumps(summary[a])}", flush=True)
+    return {
+        "n_probe_train": len(tr),
+        "n_test": len(te),
+        "accuracy": acc,
+        "summary": summary,
+        "eval_time_s": round(time.time() - t0, 1),
+    }
 
 
 def multi_attribute_accuracy(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Architectures of the zoo: small configs of the real libraries' own model classes.
 
-* ``deit``, ``dino``: ``timm.models.vision_transformer.VisionTransformer`` (class token, standard
+* ``deit``, ``dino``, ``planted``: ``timm.models.vision_transformer.VisionTransformer`` (class token, standard
   ``Block``/``Attention``) whose patch embedding is timm's ``HybridEmbed`` over timm's ``ConvStem``
   (as in timm's ``vit_*_mci`` models); the stem is part of the decomposition's "init".
 * ``swin``: ``timm SwinTransformer`` (v1 blocks), window 4 (shifted) on an 8 × 8 grid, then one
@@ -16,11 +16,12 @@ from __future__ import annotations
 import copy
 import math
 from functools import partial
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from vitdecomp.world.attributes import ATTRIBUTES, CORE_ATTRIBUTES
+
+if TYPE_CHECKING:  # torch is imported where a model is built, so ``vitdecomp zoo --help`` does not
+    from torch import nn
 
 IMAGE_SIZE = 64
 #: Logits of the multi-attribute task: one block per core attribute, in this order.
@@ -44,6 +45,7 @@ _VIT = {
 ZOO_CONFIGS: dict[str, dict[str, Any]] = {
     "deit": {**_VIT, "num_classes": NUM_LOGITS},
     "dino": {**_VIT, "num_classes": 0},
+    "planted": {**_VIT, "num_classes": NUM_LOGITS},
     "swin": {
         "family": "timm.SwinTransformer",
         "img_size": IMAGE_SIZE,
@@ -140,6 +142,7 @@ def clip_tokenizer(context_length: int):
 def conv_stem(stem: dict[str, Any]) -> nn.Module:
     """timm's ``ConvStem`` (conv-BN-GELU layers, last conv plain with bias): [B,3,H,W] -> [B,C,H/s,W/s]."""
     from timm.models.vision_transformer_hybrid import ConvStem
+    from torch import nn
 
     return ConvStem(
         depth=len(stem["channels"]),

@@ -6,12 +6,18 @@ training scenes, it holds its training-only modules (``modules``, dropped after 
 batch's loss (:meth:`Objective.loss`), and checks the model after an epoch (:meth:`Objective.validate`).
 
 * :class:`Supervised` — one cross-entropy per core attribute over its slice of the logits.
+* :class:`Planted` — the supervised loss plus planted roles: per-component linear probes on the
+  direct contributions make designated heads carry designated attributes, and a variance penalty
+  with gradient-reversed probes makes every other head and MLP invariant to them.
 * :class:`SimCLR` — InfoNCE (NT-Xent) between two generator-rendered views of each scene.
+* :class:`Dino` — DINO's self-distillation: an EMA teacher's centred, sharpened prototype
+  distribution over two global crops is the target of the student's over every crop (multi-crop).
 * :class:`ClipContrastive` — open_clip's symmetric image-caption loss, a new phrasing every epoch.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, ClassVar
 
@@ -20,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitdecomp.world.attributes import ATTRIBUTES
+from vitdecomp.world.attributes import ATTRIBUTES, CORE_ATTRIBUTES
 from vitdecomp.world.captions import N_TEMPLATES, caption
 from vitdecomp.world.scenes import make_scenes
 from vitdecomp.zoo.data import flip, gray, labels_of, normalize, to_tensor
@@ -116,6 +122,9 @@ class Objective:
     def after_step(self) -> None:
         """Called after each optimiser step."""
 
+    def finish(self) -> None:
+        """Called once after the last epoch, before the model is saved."""
+
     def validate(self) -> dict[str, float] | None:
         """Per-attribute accuracy on the validation scenes after an epoch (None: no check)."""
         if self.val is None:
@@ -152,6 +161,144 @@ class Supervised(Objective):
         return multi_attribute_accuracy(self.model(normalize(x)), y)
 
 
+def direct_labels(model: nn.Module) -> list[str]:
+    """The labels of a timm ViT's direct branches as :func:`vitdecomp.decompose` names them: every
+    head ``L<l>.H<h>`` then the layer's ``L<l>.mlp``."""
+    out = []
+    for i, blk in enumerate(model.blocks):
+        out += [f"L{i}.H{h}" for h in range(blk.attn.num_heads)] + [f"L{i}.mlp"]
+    return out
+
+
+def direct_contributions(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm ViT's logits ``[B, NUM_LOGITS]`` and the direct contributions of its branches to the
+    class-token representation ``[B, M, D]`` (order of :func:`direct_labels`): each head's output at the
+    class token through its slice of ``attn.proj`` (no bias) and each MLP's output there, read through
+    the final norm with its statistics frozen (centred, divided by the stream's std, times gamma) —
+    what :func:`vitdecomp.decompose` gives for those components (the MLP's up to its constant bias)."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [model.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("norm", a[0][:, 0]))]
+    for i, blk in enumerate(model.blocks):
+        hooks.append(blk.attn.proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(f"a{i}", a[0][:, 0])))
+        hooks.append(blk.mlp.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(f"m{i}", out[:, 0])))
+    try:
+        logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    parts = []
+    for i, blk in enumerate(model.blocks):
+        heads, w = blk.attn.num_heads, blk.attn.proj.weight  # [D, H * dh]
+        u = seen[f"a{i}"].view(len(x), heads, -1)  # [B, H, dh]
+        parts += [torch.einsum("bhd,ohd->bho", u, w.view(w.shape[0], heads, -1)), seen[f"m{i}"][:, None]]
+    c = torch.cat(parts, 1)  # [B, M, D]
+    stream = seen["norm"]
+    sigma = (stream.var(-1, unbiased=False) + model.norm.eps).sqrt().detach()
+    return logits, (c - c.mean(-1, keepdim=True)) / sigma[:, None, None] * model.norm.weight
+
+
+def between_class_share(z: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Share of each component's variance explained by the class means, per dimension, averaged over
+    the dimensions (each dimension counts alike, as for a probe on standardised features):
+    ``z [B, M, D]``, labels ``y [B]`` -> ``[M]`` in [0, 1] (0: every class has the same mean)."""
+    onehot = F.one_hot(y, n_classes).to(z.dtype)  # [B, K]
+    counts = onehot.sum(0)  # [K]
+    mu = z.mean(0)  # [M, D]
+    means = torch.einsum("bk,bmd->kmd", onehot, z) / counts.clamp_min(1)[:, None, None]
+    between = (counts[:, None, None] / len(z) * (means - mu) ** 2).sum(0)  # [M, D]
+    total = ((z - mu) ** 2).mean(0)  # [M, D]
+    return (between / (total + 1e-3 * total.mean(-1, keepdim=True) + 1e-12)).mean(-1)
+
+
+def standardise(z: torch.Tensor) -> torch.Tensor:
+    """``z [B, M, D]`` centred and scaled per component and dimension by the batch's statistics
+    (detached: the gradient passes as through a fixed affine map)."""
+    mu, sd = z.mean(0).detach(), z.std(0).detach()
+    return (z - mu) / (sd + 1e-3 * sd.mean(-1, keepdim=True) + 1e-12)
+
+
+class Planted(Supervised):
+    """The supervised loss plus planted roles (``recipe.planted``, ``{attribute: [head labels]}``): for
+    every direct branch (head or MLP) and core attribute, a training-only linear probe reads the branch's
+    direct contribution (:func:`direct_contributions`, standardised over the batch). A planted pair adds
+    its probe's cross-entropy (``planted_weight``, averaged over the planted pairs), so the head carries
+    the attribute linearly.
+    Every other pair's probe learns to decode the attribute from the detached contribution (an
+    adversary), and the branch is pushed to make it unable to: the cross-entropy of the adversary's
+    prediction to the uniform distribution (``adversary_weight``; bounded, unlike a gradient reversal)
+    plus the share of the contribution's variance explained by the attribute's class means, per
+    dimension (``invariance_weight``), both summed over the branches, averaged over the attributes and ramped
+    in linearly over the warm-up steps."""
+
+    summary = "supervised multi-attribute classification with planted roles"
+    distillable = False
+
+    def __init__(self, recipe: Recipe, model: nn.Module, config: dict[str, Any], scenes) -> None:
+        super().__init__(recipe, model, config, scenes)
+        self.labels = direct_labels(model)
+        unknown = sorted({h for heads in recipe.planted.values() for h in heads} - set(self.labels))
+        if unknown or not set(recipe.planted) <= set(CORE_ATTRIBUTES):
+            raise ValueError(f"planted map names unknown heads {unknown} or attributes {sorted(recipe.planted)}")
+        # mask [M, A]: whether component m carries attribute a
+        self.mask = torch.tensor([[lab in recipe.planted.get(a, []) for a in CORE_ATTRIBUTES] for lab in self.labels])
+        m, d = len(self.labels), model.embed_dim
+        self.modules["probe_weight"] = nn.ParameterList([nn.Parameter(torch.zeros(m, d, NUM_LOGITS))])
+        self.modules["probe_bias"] = nn.ParameterList([nn.Parameter(torch.zeros(m, NUM_LOGITS))])
+        self.step = 0
+
+    @classmethod
+    def describe(cls, recipe: Recipe) -> str:
+        roles = "; ".join(f"{a}: {', '.join(h)}" for a, h in recipe.planted.items())
+        return cls.summary + f" ({roles}; every other head and MLP made invariant to these attributes)"
+
+    def probe_logits(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Every component's probe logits ``[B, M, NUM_LOGITS]`` from ``z [B, M, D]`` (``frozen``: the
+        probes' parameters detached, so the gradient reaches only ``z``)."""
+        w, b = self.modules["probe_weight"][0], self.modules["probe_bias"][0]
+        if frozen:
+            w, b = w.detach(), b.detach()
+        return torch.einsum("bmd,mdk->bmk", z, w) + b
+
+    def loss(self, idx: torch.Tensor, xb: torch.Tensor, g: torch.Generator) -> BatchLoss:
+        r, y = self.recipe, self.y[idx]
+        logits, z = direct_contributions(self.model, normalize(xb))
+        sizes = list(HEAD_SIZES.values())
+        zs = standardise(z)  # the probes read standardised contributions, as a held-out probe does
+        carried = torch.split(self.probe_logits(zs), sizes, -1)  # planted pairs: the gradient reaches z
+        adversaries = torch.split(self.probe_logits(zs.detach()), sizes, -1)  # other pairs: the probes only
+        frozen = torch.split(self.probe_logits(zs, frozen=True), sizes, -1)  # other pairs: z only
+        planted, adversary, confusion, invariance = [], [], [], []
+        for a, (carry, adv, attacked) in enumerate(zip(carried, adversaries, frozen, strict=True)):
+            keep = self.mask[:, a]  # [M]
+            part = torch.where(keep[None, :, None], carry, adv)
+            target = y[:, a, None].expand(-1, part.shape[1])  # [B, M]
+            ce = F.cross_entropy(part.transpose(1, 2), target, reduction="none").mean(0)  # [M]
+            planted.append(ce[keep])
+            adversary.append(ce[~keep])
+            confusion.append(-F.log_softmax(attacked[:, ~keep], -1).mean((0, 2)))
+            invariance.append(between_class_share(z[:, ~keep], y[:, a], part.shape[-1]))
+        n, ramp = len(CORE_ATTRIBUTES), min(1.0, (self.step + 1) / max(1, r.warmup_steps))
+        loss = multi_attribute_loss(logits, y) + r.planted_weight * torch.cat(planted).mean()
+        loss = loss + torch.cat(adversary).sum() / n  # trains the adversaries only (their input is detached)
+        other = r.adversary_weight * torch.cat(confusion).sum() + r.invariance_weight * torch.cat(invariance).sum()
+        return loss + ramp * other / n, None, logits
+
+    def after_step(self) -> None:
+        self.step += 1
+
+    @torch.no_grad()
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Task accuracy per attribute, and the online probes' accuracy: the worst planted pair's
+        (``planted_min``) and the best other pair's (``others_max``)."""
+        logits, z = direct_contributions(self.model, normalize(x))
+        acc = multi_attribute_accuracy(logits, y)
+        parts = torch.split(self.probe_logits(standardise(z)), list(HEAD_SIZES.values()), -1)
+        per = torch.stack([(p.argmax(-1) == y[:, a, None]).float().mean(0) for a, p in enumerate(parts)], 1)
+        acc["planted_min"] = per[self.mask].min().item() if self.mask.any() else float("nan")
+        acc["others_max"] = per[~self.mask].max().item()
+        return acc
+
+
 class SimCLR(Objective):
     """The second view of a scene is the same object (same shape, colour, pattern, background, size
     class) rendered again by the generator with a new position, rotation, radius, texture and noise,
@@ -183,6 +330,119 @@ class SimCLR(Objective):
         za = proj(self.model(normalize(xb)))
         zb = proj(self.model(normalize(xa)))
         return nt_xent(za, zb, self.recipe.temperature), None, None
+
+
+def random_crops(
+    x: torch.Tensor, scale: tuple[float, float], g: torch.Generator, size: int = IMAGE_SIZE
+) -> torch.Tensor:
+    """One random resized crop per image (area share in ``scale``, aspect ratio 3/4–4/3, bilinear),
+    resized to ``size``: float ``[B, 3, H, W]`` -> ``[B, 3, size, size]``."""
+    b = x.shape[0]
+    area = torch.empty(b).uniform_(*scale, generator=g)
+    ratio = torch.exp(torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    w, h = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)  # shares of the side
+    cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - w)
+    cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - h)
+    zero = torch.zeros(b)
+    theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)  # [B, 2, 3]
+    grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class DinoHead(nn.Module):
+    """DINO's projection head: a 3-layer MLP to a bottleneck, L2-normalised, then a weight-normalised
+    linear layer (its norm fixed to 1) onto the prototypes: ``[B, D] -> [B, prototypes]``."""
+
+    def __init__(self, dim: int, prototypes: int, hidden: int = 256, bottleneck: int = 64) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, bottleneck)
+        )
+        self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, prototypes, bias=False))
+        self.last.parametrizations.weight.original0.data.fill_(1.0)
+        self.last.parametrizations.weight.original0.requires_grad = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(F.normalize(self.mlp(x), dim=-1))
+
+
+def dino_loss(student: torch.Tensor, teacher: torch.Tensor, n_global: int, temperature: float) -> torch.Tensor:
+    """Cross-entropy of the student's prototype distributions (``student [V, B, K]`` logits, the first
+    ``n_global`` views global) to the teacher's (``teacher [n_global, B, K]`` probabilities), averaged
+    over every pair of a teacher view and a different student view."""
+    log_p = F.log_softmax(student / temperature, dim=-1)
+    terms = [-(teacher[i] * log_p[j]).sum(-1).mean() for i in range(n_global) for j in range(len(student)) if j != i]
+    return torch.stack(terms).mean()
+
+
+class Dino(Objective):
+    """DINO (Caron et al. 2021) on the world: the two global views of a scene are a crop of it and a
+    crop of the same object rendered again by the generator (as SimCLR's second view), the local
+    views smaller crops of either (all resized to the model's input, flips only: no colour
+    augmentation, colour is an attribute to keep). The teacher (backbone and head) is an EMA of the
+    student (momentum from ``dino_teacher_momentum`` to 1, cosine); its outputs are centred (EMA of
+    their batch mean) and sharpened (``dino_teacher_temperature``). The teacher's backbone is kept."""
+
+    summary = "self-supervised DINO self-distillation (EMA teacher, centring, sharpening, multi-crop)"
+    distillable = False
+
+    def __init__(self, recipe: Recipe, model: nn.Module, config: dict[str, Any], scenes) -> None:
+        super().__init__(recipe, model, config, scenes)
+        fixed = {k: scenes.attributes[k] for k in ATTRIBUTES}
+        alt = make_scenes(recipe.n_train, seed=recipe.data_seed + 1, size=IMAGE_SIZE, fixed=fixed)
+        self.x_alt = to_tensor(alt.images)
+        self.modules["head"] = DinoHead(model.embed_dim, recipe.dino_prototypes)
+        self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(model), "head": copy.deepcopy(self.modules["head"])})
+        self.teacher.requires_grad_(False).eval()
+        self.center = torch.zeros(recipe.dino_prototypes)
+        self.step, self.total = 0, max(1, recipe.n_train // recipe.batch_size * recipe.epochs)
+        self.val = self._validation_set()
+
+    def views(self, idx: torch.Tensor, xb: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
+        """Two global views then ``dino_local_crops`` local ones, each normalised ``[B, 3, H, W]``."""
+        r = self.recipe
+        sources = [normalize(xb), normalize(flip(self.x_alt[idx], g))]
+        out = [random_crops(x, r.dino_global_scale, g) for x in sources]
+        return out + [random_crops(sources[i % 2], r.dino_local_scale, g) for i in range(r.dino_local_crops)]
+
+    def loss(self, idx: torch.Tensor, xb: torch.Tensor, g: torch.Generator) -> BatchLoss:
+        r = self.recipe
+        views = self.views(idx, xb, g)
+        b = len(xb)
+        student = self.modules["head"](self.model(torch.cat(views))).view(len(views), b, -1)
+        with torch.no_grad():
+            t = self.teacher["head"](self.teacher["backbone"](torch.cat(views[:2]))).view(2, b, -1)
+            target = F.softmax((t - self.center) / r.dino_teacher_temperature, dim=-1)
+            m = r.dino_center_momentum
+            self.center = m * self.center + (1 - m) * t.reshape(-1, t.shape[-1]).mean(0)
+        return dino_loss(student, target, 2, r.dino_student_temperature), None, None
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """EMA update of the teacher's parameters; its buffers (BatchNorm statistics) are copied."""
+        self.step += 1
+        base = self.recipe.dino_teacher_momentum
+        m = 1 - (1 - base) * (math.cos(math.pi * min(self.step, self.total) / self.total) + 1) / 2
+        student = nn.ModuleDict({"backbone": self.model, "head": self.modules["head"]})
+        for ps, pt in zip(student.parameters(), self.teacher.parameters(), strict=True):
+            pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+        for bs, bt in zip(student.buffers(), self.teacher.buffers(), strict=True):
+            bt.copy_(bs)
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Nearest-class-mean accuracy (cosine) of the teacher's representation, means from the first
+        half of the validation scenes, accuracy on the second."""
+        f = F.normalize(self.teacher["backbone"](normalize(x)), dim=-1)
+        h = len(f) // 2
+        out = {}
+        for a, k in enumerate(HEAD_SIZES):
+            means = torch.stack([f[:h][y[:h, a] == c].mean(0) for c in range(HEAD_SIZES[k])])
+            out[k] = ((f[h:] @ F.normalize(means, dim=-1).t()).argmax(1) == y[h:, a]).float().mean().item()
+        return out
+
+    def finish(self) -> None:
+        """The teacher's backbone becomes the model (DINO evaluates and keeps the teacher)."""
+        self.model.load_state_dict(self.teacher["backbone"].state_dict())
 
 
 class ClipContrastive(Objective):
@@ -230,7 +490,13 @@ class ClipContrastive(Objective):
 
 
 #: The objectives by ``Recipe.objective``.
-OBJECTIVES: dict[str, type[Objective]] = {"supervised": Supervised, "simclr": SimCLR, "clip": ClipContrastive}
+OBJECTIVES: dict[str, type[Objective]] = {
+    "supervised": Supervised,
+    "planted": Planted,
+    "simclr": SimCLR,
+    "dino": Dino,
+    "clip": ClipContrastive,
+}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,12 +3,12 @@ resume check read. The objectives themselves are in :mod:`vitdecomp.zoo.objectiv
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class Recipe:
-    objective: str  # a key of vitdecomp.zoo.objectives.OBJECTIVES: "supervised" | "simclr" | "clip"
+    objective: str  # a key of vitdecomp.zoo.objectives.OBJECTIVES: supervised, planted, simclr, dino, clip
     epochs: int
     n_train: int = 30000
     batch_size: int = 128
@@ -27,6 +27,31 @@ class Recipe:
     # groupings (each epoch's scenes are split evenly between the groupings)
     group_by: tuple[tuple[str, ...], ...] = ()
     group_size: int = 32
+    # planted: {attribute: [head labels]} — the heads made to carry each attribute through their direct
+    # contribution; every other head and MLP, and each planted head for the other attributes, is made
+    # invariant to it (see vitdecomp.zoo.objectives.Planted)
+    planted: dict[str, list[str]] = field(default_factory=dict)
+    planted_weight: float = 1.0  # cross-entropy of the per-component probes of the planted pairs
+    invariance_weight: float = 0.5  # between-class / total variance of the other pairs' contributions
+    adversary_weight: float = 0.5  # the other pairs' adversary probes' cross-entropy to uniform (0: off)
+    # dino: prototypes, temperatures, centre and teacher momenta, crops (scale ranges of the image area)
+    dino_prototypes: int = 1024
+    dino_student_temperature: float = 0.1
+    dino_teacher_temperature: float = 0.04
+    dino_center_momentum: float = 0.9
+    dino_teacher_momentum: float = 0.99  # start of the cosine schedule to 1
+    dino_local_crops: int = 2
+    dino_global_scale: tuple[float, float] = (0.5, 1.0)
+    dino_local_scale: tuple[float, float] = (0.15, 0.45)
+
+
+#: The roles planted in ``zoo:planted`` (labels as ``vitdecomp.decompose`` names its components).
+PLANTED_MAP: dict[str, list[str]] = {
+    "color": ["L1.H1", "L3.H0"],
+    "shape": ["L3.H2", "L4.H1", "L4.H3"],
+    "pattern": ["L2.H3", "L4.H0"],
+    "background": ["L1.H2", "L3.H3"],
+}
 
 
 RECIPES: dict[str, Recipe] = {
@@ -43,5 +68,6 @@ RECIPES: dict[str, Recipe] = {
         group_by=(("color", "background"), ("shape", "background")),
         group_size=32,
     ),
+    "planted": Recipe("planted", epochs=6, planted=PLANTED_MAP),
     "clip": Recipe("clip", epochs=4, lr=5e-4, distill_from="deit", kd_weight=1.0),
 }

@@ -16,6 +16,10 @@ random horizontal flips; a fixed pool of generated scenes, re-used each epoch):
   share colour and background, or shape and background, so that telling a view's partner from
   the other scenes of its run takes the attributes the run does not share (hard negatives). No labels enter the loss;
   the projection head is dropped after training.
+* ``planted`` — deit's task plus planted roles (``PLANTED_MAP``): per-component linear probes on the
+  direct contributions make designated heads carry designated attributes; every other head and MLP
+  (and each planted head for the other attributes) is made invariant to them by a between-class
+  variance penalty and gradient-reversed probes. The card states the map and how well it held.
 * ``clip`` — open_clip's symmetric contrastive loss between images and their captions (a new
   phrasing every epoch), plus distillation from ``zoo:deit``: cosine on the representation and
   soft labels on a training-only linear head over the image embedding.
@@ -39,7 +43,7 @@ from vitdecomp.models.loaded import file_digest
 from vitdecomp.world.scenes import make_scenes
 from vitdecomp.zoo.cards import save_checkpoint, write_card
 from vitdecomp.zoo.data import epoch_order, flip, group_keys, to_tensor
-from vitdecomp.zoo.evaluate import evaluate_model
+from vitdecomp.zoo.evaluate import evaluate_model, planting_metrics
 from vitdecomp.zoo.hub import load_zoo_model
 from vitdecomp.zoo.models import IMAGE_SIZE, ZOO_CONFIGS, build_model
 from vitdecomp.zoo.objectives import OBJECTIVES, Distillation, Objective, objective_text
@@ -122,6 +126,7 @@ def train(
             entry["val_acc"] = {k: round(v, 4) for k, v in acc.items()}
         history.append(entry)
         log(f"[{name}] epoch {epoch + 1}: {json.dumps(entry)}")
+    objective.finish()
     model.eval()
     return model, {
         "recipe": asdict(recipe),
@@ -240,6 +245,12 @@ def train_and_save(
         card["metrics"] = metrics
         write_card(name, card, cards_dir)
         log(f"[{name}] metrics: {json.dumps(metrics)}")
+    planted = RECIPES[name].planted
+    if planted:
+        card["planted"] = {"map": planted}
+        if evaluate:
+            card["planted"].update(planting_metrics(name, planted, checkpoint=path, config=ZOO_CONFIGS[name]))
+        write_card(name, card, cards_dir)
     return card
 
 

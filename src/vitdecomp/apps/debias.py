@@ -1,0 +1,573 @@
+"""Removing a spurious feature by mean-ablating the components that carry it (``vitdecomp debias``).
+
+Waterbirds' recipe (Sagawa et al. 2020; the paper's section 5): a label ``y`` spuriously tied to a
+``place`` in the training split, balanced groups in validation and test. On the frozen
+representation ``z`` of the training images a linear head is fitted (:class:`LinearHead`). The
+components are ranked by ``score(spurious) - score(core)`` over the training images, with the
+feature set's two features (:data:`WORLD_FEATURES` on a world export, the shipped ``"waterbirds"``
+set otherwise, or a JSON file). The score is ``--score``, by default ``auto``: every score of
+:mod:`vitdecomp.score` is tried and the one whose validation curve is best at its chosen ``k`` is kept
+(:func:`choose_score`). The top ``k`` are mean-ablated (:class:`~vitdecomp.apps.ablation.MeanAblation`,
+means over the training split) and the same head reads the ablated representation.
+
+**Choice of k** (:func:`choose_k`, validation only): every ``k`` from 0 (no ablation) to ``C``
+(every component) is evaluated on the validation split; ``k`` is the one with the highest validation
+worst-group accuracy, ties broken by the higher validation average, then the smaller ``k``. The test
+split is read only after ``k`` is fixed (its curve is drawn, never used).
+
+In the same run: two controls at the chosen ``k`` — ``k`` random components (``n_random`` draws)
+and the top ``k`` by ``score(core)`` — and two baselines: for a CLIP subject (whose representation
+lives in the text space), the training-free projection of the spurious feature's text span out of
+the representation read by the same head; and DFR (the head refitted on the group-balanced
+validation split, :func:`~vitdecomp.apps.heads.dfr_head`), a trained upper bound.
+
+``vitdecomp debias --images DIR [--metadata DIR/metadata.csv] [--model M] [--clip C] [--out DIR]``
+writes ``debias.json``, ``debias.png`` (the k curve) and ``debias.section.json`` (the report's
+:class:`~vitdecomp.report.sections.AppSection`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import json
+import shlex
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitdecomp.apps.ablation import MeanAblation, analysed_components
+from vitdecomp.apps.analysis import SCORE_METHOD
+from vitdecomp.apps.heads import AveragedHead, GroupAccuracy, LinearHead, dfr_head, project_out
+from vitdecomp.errors import UsageError
+from vitdecomp.fsio import atomic_write_text, writing
+from vitdecomp.imageset import ImageSource, display_name, folder_source
+from vitdecomp.pipeline.config import AnalysisConfig
+from vitdecomp.report.attach import add_report_argument, attach_if_asked, check_report
+from vitdecomp.report.sections import AppFigure, AppSection
+from vitdecomp.score import METHODS, load_features
+from vitdecomp.world.waterbirds import PLACES, SPLIT_NAMES, WATERBIRD_SHAPES
+
+#: The built-in world's Waterbirds features: the places' backgrounds (spurious) and the two label
+#: families' shapes (core).
+WORLD_FEATURES: dict[str, list[str]] = {
+    "spurious": [*PLACES[0], *PLACES[1]],
+    "core": [*WATERBIRD_SHAPES[0], *WATERBIRD_SHAPES[1]],
+}
+METADATA_COLUMNS = ("img_filename", "y", "split", "place")
+TRAIN, VAL, TEST = 0, 1, 2
+#: How k is chosen (:func:`choose_k`), as the outputs state it.
+K_RULE = (
+    "k (0..C) maximises validation worst-group accuracy, ties broken by the higher validation average, "
+    "then the smaller k; the test split is read only after k is fixed"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# metadata
+
+
+@dataclass
+class Metadata:
+    """A Waterbirds-layout ``metadata.csv``: per listed image its file (relative to the images
+    folder), label ``y`` (0/1), ``split`` (0 train / 1 val / 2 test) and ``place`` (0/1)."""
+
+    files: list[str]
+    y: np.ndarray
+    split: np.ndarray
+    place: np.ndarray
+
+    def rows(self, split: int) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+    @property
+    def group(self) -> np.ndarray:
+        return 2 * self.y + self.place
+
+
+def read_metadata(path: str | Path) -> Metadata:
+    """Read and check ``metadata.csv``; every problem is one :class:`UsageError` line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no metadata file {display_name(path)} (give --metadata, Waterbirds layout)")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            table = list(reader)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UsageError(f"{display_name(path)}: not a readable CSV ({err})") from err
+    missing = [c for c in METADATA_COLUMNS if c not in header]
+    if missing:
+        raise UsageError(f"{display_name(path)}: missing column(s) {', '.join(missing)} (needs {METADATA_COLUMNS})")
+    if not table:
+        raise UsageError(f"{display_name(path)}: no rows")
+    codes = {"y": (0, 1), "split": (0, 1, 2), "place": (0, 1)}
+    arrays = {}
+    for name, allowed in codes.items():
+        try:
+            values = np.asarray([int(r[name]) for r in table])
+        except (TypeError, ValueError):
+            bad = next(i for i, r in enumerate(table) if not str(r[name] or "").strip().lstrip("-").isdigit())
+            raise UsageError(
+                f"{display_name(path)} row {bad + 2}: {name}={table[bad][name]!r} is not an integer"
+            ) from None
+        wrong = np.flatnonzero(~np.isin(values, allowed))
+        if wrong.size:
+            raise UsageError(
+                f"{display_name(path)} row {wrong[0] + 2}: {name}={values[wrong[0]]} (allowed: {list(allowed)})"
+            )
+        arrays[name] = values
+    meta = Metadata([r["img_filename"] for r in table], arrays["y"], arrays["split"], arrays["place"])
+    check_groups(meta, path)
+    return meta
+
+
+def check_groups(meta: Metadata, path: str | Path) -> None:
+    """Training needs both labels; validation and test need images of all four ``(y, place)`` groups."""
+    name = display_name(path)
+    for split in (TRAIN, VAL, TEST):
+        if not (meta.split == split).any():
+            raise UsageError(f"{name}: no images in the {SPLIT_NAMES[split]} split (split={split})")
+    train = meta.rows(TRAIN)
+    if len(np.unique(meta.y[train])) < 2:
+        raise UsageError(f"{name}: the train split has only y={meta.y[train][0]}; it needs both labels")
+    for split in (VAL, TEST):
+        rows = meta.rows(split)
+        for g in range(4):
+            if not (meta.group[rows] == g).any():
+                raise UsageError(
+                    f"{name}: the {SPLIT_NAMES[split]} split has no image with y={g // 2}, place={g % 2}; "
+                    "worst-group accuracy needs all four groups"
+                )
+
+
+def rows_in_source(meta: Metadata, source: ImageSource, path: str | Path) -> np.ndarray:
+    """The source rows of the metadata's images, in the metadata's order (missing files named)."""
+    where = {i: r for r, i in enumerate(source.ids)}
+    lost = [f for f in meta.files if f not in where]
+    if lost:
+        more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
+        raise UsageError(
+            f"{display_name(path)} lists {len(lost)} image(s) not found under the images folder: "
+            + ", ".join(lost[:3])
+            + more
+        )
+    return np.asarray([where[f] for f in meta.files])
+
+
+# ----------------------------------------------------------------------------------------------
+# the method on arrays
+
+
+@dataclass
+class Reading:
+    """One way of reading the validation and test images: its name, ``k`` and components, and the
+    group accuracies (``test_draws``: per random draw, for the random control)."""
+
+    name: str
+    val: GroupAccuracy
+    test: GroupAccuracy
+    k: int = 0
+    components: list[str] = field(default_factory=list)
+    test_draws: list[GroupAccuracy] = field(default_factory=list)
+
+
+@dataclass
+class CurvePoint:
+    k: int
+    val: GroupAccuracy
+    test: GroupAccuracy
+
+
+def choose_k(val: list[GroupAccuracy]) -> int:
+    """The documented rule: the ``k`` (index into ``val``, the validation accuracies for
+    ``k = 0, 1, ...``) with the highest worst-group accuracy, then the highest average, then the
+    smallest ``k``. Only validation figures go in."""
+    return min(range(len(val)), key=lambda k: (-val[k].worst, -val[k].average, k))
+
+
+#: ``--score auto``: the score is chosen on validation too (:func:`choose_score`).
+AUTO = "auto"
+
+
+def choose_score(ablation: MeanAblation, split: Split, scores: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """``--score auto``: the method (``scores``: ``{method: (spurious [C], core [C])}``) whose
+    validation curve is best at its own chosen ``k`` — highest validation worst-group accuracy, then
+    average; a tie goes to the method listed first. Only validation figures go in."""
+    head = LinearHead.fit(ablation.whole(split.rows[TRAIN]), split.y[TRAIN])
+    best: tuple[tuple[float, float], str] | None = None
+    for method, (spurious, core) in scores.items():
+        order = torch.argsort(spurious - core, descending=True, stable=True).tolist()
+        ks = list(range(ablation.n_components + 1))
+        val = [split.accuracy(head, z, VAL) for z in ablation.prefixes(order, ks, split.rows[VAL])]
+        k = choose_k(val)
+        if best is None or (val[k].worst, val[k].average) > best[0]:
+            best = ((val[k].worst, val[k].average), method)
+    assert best is not None, "no score to choose from"
+    return best[1]
+
+
+@dataclass
+class Split:
+    """Rows (into the ablation's images) and labels of the three splits."""
+
+    rows: dict[int, np.ndarray]
+    y: dict[int, np.ndarray]
+    place: dict[int, np.ndarray]
+
+    @classmethod
+    def of(cls, meta: Metadata, source_rows: np.ndarray) -> Split:
+        sel = {s: meta.rows(s) for s in (TRAIN, VAL, TEST)}
+        return cls(
+            {s: source_rows[i] for s, i in sel.items()},
+            {s: meta.y[i] for s, i in sel.items()},
+            {s: meta.place[i] for s, i in sel.items()},
+        )
+
+    def accuracy(self, head: LinearHead | AveragedHead, z: torch.Tensor, split: int) -> GroupAccuracy:
+        return GroupAccuracy.of(head.predict(z), self.y[split], self.place[split])
+
+
+def debias_arrays(
+    ablation: MeanAblation,
+    split: Split,
+    spurious: torch.Tensor,
+    core: torch.Tensor,
+    *,
+    spurious_text: torch.Tensor | None = None,
+    n_random: int = 5,
+    seed: int = 0,
+) -> tuple[list[Reading], list[CurvePoint]]:
+    """The method and its controls and baselines, given every component's ``spurious`` and ``core``
+    scores ``[C]``; ``ablation``'s means must come from the training rows. ``spurious_text [T, D]``
+    (only for a representation in the text space) adds the projection baseline. Returns the readings
+    (head, ablated, random, core, [projection], DFR) and the k curve."""
+    head = LinearHead.fit(ablation.whole(split.rows[TRAIN]), split.y[TRAIN])
+    order = torch.argsort(spurious - core, descending=True, stable=True).tolist()
+    ks = list(range(ablation.n_components + 1))
+    val_curve = [split.accuracy(head, z, VAL) for z in ablation.prefixes(order, ks, split.rows[VAL])]
+    k = choose_k(val_curve)
+    test_curve = [split.accuracy(head, z, TEST) for z in ablation.prefixes(order, ks, split.rows[TEST])]
+    curve = [CurvePoint(i, v, t) for i, v, t in zip(ks, val_curve, test_curve, strict=True)]
+
+    def read(name: str, comps: list[int]) -> Reading:
+        zs = [ablation.ablate(comps, split.rows[s]) for s in (VAL, TEST)]
+        names = [ablation.labels[i] for i in comps]
+        return Reading(name, split.accuracy(head, zs[0], VAL), split.accuracy(head, zs[1], TEST), len(comps), names)
+
+    readings = [read("linear head", []), read("ablate top k by score(spurious) - score(core)", order[:k])]
+    rng = np.random.default_rng(seed)
+    draws = [read("", sorted(rng.choice(ablation.n_components, k, replace=False).tolist())) for _ in range(n_random)]
+    readings.append(_pooled(f"ablate k random components ({n_random} draws)", draws, k))
+    core_order = torch.argsort(core, descending=True, stable=True).tolist()
+    readings.append(read("ablate top k by score(core)", core_order[:k]))
+    if spurious_text is not None:
+        zs = [project_out(ablation.whole(split.rows[s]), spurious_text) for s in (VAL, TEST)]
+        readings.append(
+            Reading(
+                "project the spurious texts out (training-free)",
+                split.accuracy(head, zs[0], VAL),
+                split.accuracy(head, zs[1], TEST),
+            )
+        )
+    dfr = dfr_head(ablation.whole(split.rows[VAL]), split.y[VAL], 2 * split.y[VAL] + split.place[VAL], seed=seed)
+    val, test = (split.accuracy(dfr, ablation.whole(split.rows[s]), s) for s in (VAL, TEST))
+    readings.append(Reading("DFR: head refitted on balanced val (upper bound)", val, test))
+    return readings, curve
+
+
+def _pooled(name: str, draws: list[Reading], k: int) -> Reading:
+    """The mean over random draws (group by group), keeping each draw's test accuracies."""
+
+    def mean(accs: list[GroupAccuracy]) -> GroupAccuracy:
+        groups = {g: float(np.mean([a.groups[g] for a in accs])) for g in accs[0].groups}
+        return GroupAccuracy(groups, float(np.mean([a.worst for a in accs])), float(np.mean([a.average for a in accs])))
+
+    if not draws:
+        nan = GroupAccuracy({}, float("nan"), float("nan"))
+        return Reading(name, nan, nan, k)
+    return Reading(
+        name, mean([d.val for d in draws]), mean([d.test for d in draws]), k, test_draws=[d.test for d in draws]
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+
+@dataclass
+class DebiasConfig:
+    """Options of ``vitdecomp debias``: the image folder and its ``metadata.csv`` (default
+    ``images/metadata.csv``), the subject and reader models, the feature set (``None``: the built-in
+    one for the folder), controls, output and cache folders."""
+
+    images: str | Path
+    metadata: str | Path | None = None
+    model: str = "zoo:deit"
+    reader: str | None = "zoo:clip"
+    features: str | Path | None = None
+    score: str = AUTO
+    n_random: int = 5
+    seed: int = 0
+    out: str | Path = "vitdecomp-debias"
+    cache_dir: str | Path | None = None
+    device: str | None = None
+    checkpoint: str | Path | None = None
+    align_steps: int = 3000
+    progress: bool = True
+
+    def command(self) -> str:
+        """The command line that reproduces this run (options left at their defaults omitted)."""
+        flags = {"--metadata": self.metadata, "--features": self.features, "--checkpoint": self.checkpoint}
+        flags |= {"--clip": self.reader if self.reader != "zoo:clip" else None}
+        flags |= {"--score": self.score if self.score != AUTO else None}
+        flags |= {"--align-steps": self.align_steps if self.align_steps != 3000 else None}
+        opts = [f"{k} {shlex.quote(str(v))}" for k, v in flags.items() if v is not None]
+        return " ".join(["vitdecomp debias --images", shlex.quote(str(self.images)), "--model", self.model, *opts])
+
+    @property
+    def metadata_path(self) -> Path:
+        return Path(self.metadata) if self.metadata is not None else Path(self.images) / "metadata.csv"
+
+    def analysis(self) -> AnalysisConfig:
+        """The pipeline's options for this run (store, aligner and caches as ``vitdecomp analyze``)."""
+        return AnalysisConfig(
+            model=self.model,
+            reader=self.reader,
+            images=self.images,
+            out=self.out,
+            cache_dir=self.cache_dir,
+            device=self.device,
+            checkpoint=self.checkpoint,
+            align_steps=self.align_steps,
+            progress=self.progress,
+            verbose=self.progress,
+        )
+
+
+@dataclass
+class DebiasResult:
+    """Everything ``debias.json`` holds; :meth:`section` is the report's view of it."""
+
+    model: str
+    images: str
+    corr: float | None
+    score: str
+    features: dict[str, list[str]]
+    n_images: dict[str, int]
+    k: int
+    rule: str
+    readings: list[Reading]
+    curve: list[CurvePoint]
+    ranking: list[tuple[str, float]]
+    figure: str | None = None
+    command: str = ""
+
+    def reading(self, prefix: str) -> Reading:
+        return next(r for r in self.readings if r.name.startswith(prefix))
+
+    @property
+    def before(self) -> Reading:
+        return self.readings[0]
+
+    @property
+    def after(self) -> Reading:
+        return self.readings[1]
+
+    @property
+    def gap_closed(self) -> float | None:
+        """Share of the test worst-group gap between the head and DFR that the ablation closed."""
+        dfr = self.reading("DFR").test.worst
+        gap = dfr - self.before.test.worst
+        return None if gap <= 0 else (self.after.test.worst - self.before.test.worst) / gap
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gap_closed"] = self.gap_closed
+        return d
+
+    def section(self) -> AppSection:
+        """The report's section: test figures of every reading, the k curve, the command."""
+        b, a = self.before.test, self.after.test
+        gap = self.gap_closed
+        summary = (
+            f"Mean-ablating the {self.k} components with the highest score(spurious) - score(core) moves "
+            f"test worst-group accuracy {b.worst:.3f} -> {a.worst:.3f} and average {b.average:.3f} -> {a.average:.3f}"
+            + (f" ({gap:.0%} of the gap to DFR closed)." if gap is not None else ".")
+        )
+        groups = list(b.groups)
+        rows = [
+            [
+                r.name,
+                str(r.k) if r.components or r.k else "-",
+                f"{r.test.worst:.3f}",
+                f"{r.test.average:.3f}",
+                *(f"{r.test.groups.get(g, float('nan')):.3f}" for g in groups),
+            ]
+            for r in self.readings
+        ]
+        figures = []
+        if self.figure and Path(self.figure).is_file():
+            uri = "data:image/png;base64," + base64.b64encode(Path(self.figure).read_bytes()).decode()
+            figures.append(AppFigure(uri, "Worst-group and average accuracy against k (k chosen on validation)."))
+        notes = [
+            self.rule,
+            f"Images: {self.n_images}; corr {self.corr}; {self.score} score; features {json.dumps(self.features)}.",
+            "Top components: " + ", ".join(f"{lab} {v:+.3f}" for lab, v in self.ranking[: max(self.k, 5)]),
+        ]
+        return AppSection(
+            "debias",
+            f"Removing a spurious feature ({self.model})",
+            summary,
+            ["reading (test split)", "k", "worst group", "average", *groups],
+            rows,
+            figures,
+            self.command,
+            notes,
+        )
+
+
+def default_features(source: ImageSource) -> dict[str, list[str]]:
+    """:data:`WORLD_FEATURES` for a world export, else the shipped ``"waterbirds"`` set."""
+    return dict(WORLD_FEATURES) if source.is_world else load_features("waterbirds")
+
+
+def run_debias(cfg: DebiasConfig, command: str = "") -> DebiasResult:
+    """Run ``vitdecomp debias``: check the metadata, analyse the images, ablate, write the outputs."""
+    meta = read_metadata(cfg.metadata_path)
+    acfg = cfg.analysis()
+    acfg.check()
+    source = folder_source(acfg.images, progress=cfg.progress)
+    source_rows = rows_in_source(meta, source, cfg.metadata_path)
+    features = _features(cfg.features, source)
+    comps = analysed_components(acfg, source)
+    split = Split.of(meta, source_rows)
+    ablation = MeanAblation.fit(comps.contributions, comps.labels, split.rows[TRAIN])
+    methods = [SCORE_METHOD, *(m for m in METHODS if m != SCORE_METHOD)] if cfg.score == AUTO else [cfg.score]
+    tables = comps.score_tables(features, split.rows[TRAIN], methods)
+    pairs = {m: (t["spurious"], t["core"]) for m, t in tables.items()}
+    score = choose_score(ablation, split, pairs) if cfg.score == AUTO else cfg.score
+    table = tables[score]
+    text = comps.embed(features["spurious"]) if comps.models.subject.is_clip else None
+    readings, curve = debias_arrays(
+        ablation, split, table["spurious"], table["core"], spurious_text=text, n_random=cfg.n_random, seed=cfg.seed
+    )
+    diff = table["spurious"] - table["core"]
+    order = torch.argsort(diff, descending=True, stable=True).tolist()
+    result = DebiasResult(
+        model=cfg.model,
+        images=str(cfg.images),
+        corr=_corr(Path(cfg.images)),
+        score=score + (" (auto: chosen on validation)" if cfg.score == AUTO else ""),
+        features=features,
+        n_images={SPLIT_NAMES[s]: len(r) for s, r in split.rows.items()},
+        k=readings[1].k,
+        rule=K_RULE,
+        readings=readings,
+        curve=curve,
+        ranking=[(ablation.labels[i], float(diff[i])) for i in order],
+        command=command or cfg.command(),
+    )
+    out = Path(cfg.out)
+    result.figure = str(draw_curve(result, out / "debias.png"))
+    atomic_write_text(out / "debias.json", json.dumps(result.to_dict(), indent=1))
+    atomic_write_text(out / "debias.section.json", json.dumps(result.section().to_dict()))
+    return result
+
+
+def _features(spec: str | Path | None, source: ImageSource) -> dict[str, list[str]]:
+    if spec is None:
+        return default_features(source)
+    try:
+        features = load_features(spec)
+    except (ValueError, OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"--features {spec}: {err}") from err
+    if not {"spurious", "core"} <= set(features):
+        raise UsageError(f"--features {spec}: needs the features 'spurious' and 'core', has {sorted(features)}")
+    return {"spurious": features["spurious"], "core": features["core"]}
+
+
+def _corr(folder: Path) -> float | None:
+    """The train correlation a world export was written with (``world.json``), if known."""
+    try:
+        return float(json.loads((folder / "world.json").read_text())["corr"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def draw_curve(result: DebiasResult, path: Path) -> Path:
+    """The k curve: validation and test worst-group / average accuracy, the chosen k, DFR's level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [p.k for p in result.curve]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    ax.plot(ks, [p.test.worst for p in result.curve], "-", color="C3", label="test worst group")
+    ax.plot(ks, [p.test.average for p in result.curve], "-", color="C0", label="test average")
+    ax.plot(ks, [p.val.worst for p in result.curve], ":", color="C3", label="val worst group (chooses k)")
+    ax.plot(ks, [p.val.average for p in result.curve], ":", color="C0", label="val average")
+    ax.axvline(result.k, color="0.3", lw=0.8, ls="--", label=f"chosen k = {result.k}")
+    ax.axhline(result.reading("DFR").test.worst, color="C2", lw=0.8, label="DFR test worst group")
+    ax.set_xlabel("k (top components by score(spurious) - score(core), mean-ablated)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{result.model}: debias (corr {result.corr})", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.report is not None:
+        check_report(args.report)
+    cfg = DebiasConfig(**{k: v for k, v in vars(args).items() if k in DebiasConfig.__dataclass_fields__})
+    cfg = replace(cfg, progress=not args.quiet)
+    result = run_debias(cfg)
+    b, a = result.before.test, result.after.test
+    print(
+        f"{result.model}: k={result.k}, test worst group {b.worst:.3f} -> {a.worst:.3f}, average "
+        f"{b.average:.3f} -> {a.average:.3f}; DFR {result.reading('DFR').test.worst:.3f}; "
+        f"{Path(cfg.out) / 'debias.json'}"
+    )
+    attach_if_asked(args.report, result.section())
+    return 0
+
+
+def add_debias_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "debias",
+        help="remove a spurious feature by mean-ablating the components that carry it (Waterbirds layout)",
+        description=__doc__.split("\n\n")[1],
+    )
+    p.add_argument("--images", required=True, help="folder the metadata's img_filename paths are relative to")
+    p.add_argument("--metadata", default=None, help="Waterbirds-layout CSV (default: IMAGES/metadata.csv)")
+    p.add_argument("--model", default="zoo:deit", help="subject: timm name, open_clip:ARCH/TAG or zoo:NAME")
+    p.add_argument("--clip", dest="reader", default="zoo:clip", help="CLIP model that reads the components")
+    p.add_argument("--features", default=None, help="JSON file {spurious: [...], core: [...]} (default: built-in)")
+    p.add_argument(
+        "--score",
+        choices=(AUTO, *METHODS),
+        default=AUTO,
+        help="score that ranks the components (default auto: every score, the best on validation)",
+    )
+    p.add_argument("--n-random", type=int, default=5, help="random draws of the k-random control")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random control and of DFR's subsamples")
+    p.add_argument("--out", default="vitdecomp-debias", help="output folder (debias.json, debias.png)")
+    p.add_argument("--cache-dir", default=None, help="stores, aligners and text embeddings (as analyze)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--checkpoint", default=None, help="local weights file for --model")
+    p.add_argument("--align-steps", type=int, default=3000, help="most CompAlign steps (as analyze)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_report_argument(p)
+    p.set_defaults(func=run)
+    return p

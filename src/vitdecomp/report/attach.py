@@ -1,0 +1,118 @@
+"""Add an application's section to an ``analyze`` report folder: :func:`attach_section`.
+
+The one way an application (``vitdecomp debias / segment / ablate --report DIR``) reaches the report:
+the section is added to (or replaces, by :attr:`AppSection.name`) ``DIR/results.json``'s
+``applications``, and ``DIR/index.html`` is brought up to date from that file. The page's
+applications part is rendered again from the template and put between its markers
+(``<!-- vitdecomp:applications -->``), so the rest of the page, thumbnails included, is kept as
+``analyze`` wrote it; a page without the markers (written before them) is rendered whole from
+``results.json`` (its thumbnails are then lost, as ``results.json`` holds no images).
+
+Both files are written atomically (:mod:`vitdecomp.fsio`) under an ``flock`` on ``DIR/.report.lock``,
+so two applications finishing at once do not lose each other's section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from vitdecomp.errors import UsageError
+from vitdecomp.fsio import atomic_write_text, writing
+from vitdecomp.report.html import environment, render_html
+from vitdecomp.report.results import AnalysisResult
+from vitdecomp.report.sections import AppSection
+
+BEGIN = "<!-- vitdecomp:applications -->"
+END = "<!-- /vitdecomp:applications -->"
+
+
+def check_report(folder: str | Path) -> Path:
+    """``folder`` if it is an ``analyze`` output folder (a readable ``results.json`` and an
+    ``index.html``), else a one-line :class:`UsageError` naming it. Call it before the long work."""
+    folder = Path(folder)
+    hint = "give the --out folder of a `vitdecomp analyze` run"
+    if not folder.is_dir():
+        raise UsageError(f"--report {folder}: no such folder; {hint}")
+    for name in ("results.json", "index.html"):
+        if not (folder / name).is_file():
+            raise UsageError(f"--report {folder}: no {name} in it; {hint}")
+    _load(folder)
+    return folder
+
+
+def _load(folder: Path) -> AnalysisResult:
+    try:
+        return AnalysisResult.load(folder / "results.json")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UsageError(f"--report {folder}: results.json is not an analyze result ({why})") from None
+
+
+@contextlib.contextmanager
+def report_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder/.report.lock`` (waits for another writer)."""
+    path = folder / ".report.lock"
+    with writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def with_section(result: AnalysisResult, section: AppSection) -> AnalysisResult:
+    """``result`` with ``section`` in place of the one of the same name, or appended (in place)."""
+    apps = [a for a in result.applications if a.name != section.name]
+    at = next((i for i, a in enumerate(result.applications) if a.name == section.name), len(apps))
+    apps.insert(at, section)
+    result.applications = apps
+    return result
+
+
+def applications_html(result: AnalysisResult) -> str:
+    """The page's applications part, from :data:`BEGIN` to :data:`END` (the template writes both)."""
+    html = environment().get_template("sections/applications.html.j2").render(r=result)
+    return html[html.index(BEGIN) : html.index(END) + len(END)]
+
+
+def updated_page(page: str, result: AnalysisResult) -> str:
+    """``page`` with its applications part rendered again from ``result``; the whole page from
+    ``result`` when ``page`` has no markers."""
+    start, end = page.find(BEGIN), page.find(END)
+    if start < 0 or end < start:
+        return render_html(result)
+    return page[:start] + applications_html(result) + page[end + len(END) :]
+
+
+def attach_section(folder: str | Path, section: AppSection) -> Path:
+    """Put ``section`` into the report in ``folder`` (``results.json`` and ``index.html``); returns
+    the page's path. A folder that is not an ``analyze`` output is a one-line :class:`UsageError`."""
+    folder = check_report(folder)
+    with report_lock(folder):
+        result = with_section(_load(folder), section)
+        page = (folder / "index.html").read_text(encoding="utf-8")
+        result.write(folder / "results.json")
+        return atomic_write_text(folder / "index.html", updated_page(page, result))
+
+
+def add_report_argument(p: argparse.ArgumentParser) -> None:
+    """The ``--report DIR`` option of an application command."""
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="an `analyze` output folder: add this run's section to its results.json and index.html",
+    )
+
+
+def attach_if_asked(report: str | Path | None, section: AppSection) -> None:
+    """:func:`attach_section` when ``--report`` was given, and say where."""
+    if report is not None:
+        print(f"section {section.name!r} added to {attach_section(report, section)}")

@@ -1,0 +1,65 @@
+// The component table (#component-table): click a column head to sort by it (numbers: largest
+// first, names: A to Z; click again for the other way); type words in #component-filter to keep the
+// rows whose text holds every word. A component's view (#view-<label>, shown by CSS :target) gets
+// its top images copied from its table row when it opens, so the page holds each image once.
+(function () {
+  "use strict";
+  var table = document.getElementById("component-table");
+  if (!table) return;
+  var body = table.tBodies[0];
+  var heads = table.tHead.rows[0].cells;
+  var each = function (list, fn) { Array.prototype.forEach.call(list, fn); };
+
+  function key(row, i) {
+    var cell = row.cells[i];
+    var v = cell.getAttribute("data-v");
+    return v === null ? cell.textContent.trim().toLowerCase() : parseFloat(v);
+  }
+
+  each(heads, function (th, i) {
+    if (!th.hasAttribute("data-sort")) return;
+    th.addEventListener("click", function () {
+      var numeric = th.getAttribute("data-sort") === "number";
+      var was = th.getAttribute("aria-sort");
+      var down = was ? was === "ascending" : numeric;
+      each(heads, function (h) { h.removeAttribute("aria-sort"); });
+      th.setAttribute("aria-sort", down ? "descending" : "ascending");
+      var rows = Array.prototype.slice.call(body.rows);
+      rows.sort(function (a, b) {
+        var x = key(a, i), y = key(b, i);
+        var c = x < y ? -1 : x > y ? 1 : 0;
+        return down ? -c : c;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+
+  var box = document.getElementById("component-filter");
+  var count = document.getElementById("component-count");
+  function filter() {
+    var words = box.value.toLowerCase().split(/\s+/).filter(Boolean);
+    var shown = 0;
+    each(body.rows, function (r) {
+      var text = r.textContent.toLowerCase();
+      var keep = words.every(function (w) { return text.indexOf(w) >= 0; });
+      r.hidden = !keep;
+      if (keep) shown += 1;
+    });
+    count.textContent = shown + " of " + body.rows.length + " components";
+  }
+  if (box) {
+    box.addEventListener("input", filter);
+    filter();
+  }
+
+  function openView() {
+    var view = document.getElementById(decodeURIComponent(location.hash.slice(1)));
+    if (!view || !view.classList.contains("compview")) return;
+    var slot = view.querySelector("[data-images-of]");
+    var row = slot && document.getElementById(slot.getAttribute("data-images-of"));
+    if (!row || slot.hasChildNodes()) return;
+    each(row.querySelectorAll("td.thumbs img"), function (img) { slot.appendChild(img.cloneNode()); });
+  }
+  window.addEventListener("hashchange", openView);
+  openView();
+})();
