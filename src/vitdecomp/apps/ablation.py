@@ -33,7 +33,8 @@ from vitdecomp.apps.analysis import SCORE_METHOD
 from vitdecomp.components import ComponentLabel
 from vitdecomp.imageset import ImageSource
 from vitdecomp.pipeline.config import AnalysisConfig
-from vitdecomp.pipeline.stages import Models, align_components, build_store, load_models, readable_rows
+from vitdecomp.pipeline.configured import configured_aligner, configured_models, configured_store
+from vitdecomp.pipeline.stages import Models, readable_rows
 from vitdecomp.score import ScoreTable, embed_features, score_features
 from vitdecomp.text import DEFAULT_TEMPLATES, WORLD_TEMPLATES, TextEncoder
 
@@ -142,39 +143,10 @@ def analysed_components(cfg: AnalysisConfig, source: ImageSource) -> AnalysedCom
     caches: the same cached store and aligner ``vitdecomp analyze`` uses (stages of
     :mod:`vitdecomp.pipeline.stages`), without the descriptions, confidence and report."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    models = load_models(
-        cfg.model,
-        cfg.reader,
-        checkpoint=cfg.checkpoint,
-        reader_checkpoint=cfg.reader_checkpoint,
-        random_init=cfg.random_init,
-        device=device,
-        seed=cfg.seed,
-    )
-    built = build_store(
-        models,
-        source,
-        cfg.cache_path / "stores",
-        start_layer=cfg.start_layer,
-        batch_size=cfg.batch_size,
-        device=device,
-        dtype=cfg.dtype,
-        progress=cfg.progress,
-    )
+    models = configured_models(cfg, device)
+    built = configured_store(cfg, models, source, device)
     rows = readable_rows(built.store)
-    aligned = align_components(
-        rows,
-        cfg.cache_path / "aligners",
-        identity=models.identity,
-        device=device,
-        given=cfg.aligner,
-        lam=cfg.lam,
-        val_fraction=cfg.val_fraction,
-        max_steps=cfg.align_steps,
-        batch_size=cfg.align_batch_size,
-        progress=cfg.progress,
-        log=print if cfg.verbose else (lambda *a, **k: None),
-    )
+    aligned = configured_aligner(cfg, rows, models, device)
     contributions = rows.batch(slice(None))["contributions"].float().cpu()
     with torch.no_grad():
         first = models.subject.preprocess(source.image(0))[None].to(device)

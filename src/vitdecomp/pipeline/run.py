@@ -17,6 +17,7 @@ from vitdecomp.fsio import writing
 from vitdecomp.imageset import ImageSource, image_source, skip_report
 from vitdecomp.pipeline.applications import run_applications
 from vitdecomp.pipeline.config import AnalysisConfig
+from vitdecomp.pipeline.configured import configured_aligner, configured_models, configured_store
 from vitdecomp.pipeline.honesty import rank_one_components, run_warnings
 from vitdecomp.pipeline.runners import RayRunner
 from vitdecomp.pipeline.stages import (
@@ -24,12 +25,9 @@ from vitdecomp.pipeline.stages import (
     BuiltStore,
     Models,
     StoreFiller,
-    align_components,
-    build_store,
     collect_result,
     completeness_errors,
     confidence,
-    load_models,
     mean_aligned_norms,
     readable_rows,
     text_space,
@@ -104,27 +102,9 @@ def prepare(
         if report:
             print(f"vitdecomp: {report}", file=sys.stderr)
     with clock("load_models"):
-        models = load_models(
-            cfg.model,
-            cfg.reader,
-            checkpoint=cfg.checkpoint,
-            reader_checkpoint=cfg.reader_checkpoint,
-            random_init=cfg.random_init,
-            device=device,
-            seed=cfg.seed,
-        )
+        models = configured_models(cfg, device)
     with clock("decompose_store"):
-        built = build_store(
-            models,
-            source,
-            cfg.cache_path / "stores",
-            start_layer=cfg.start_layer,
-            batch_size=cfg.batch_size,
-            device=device,
-            dtype=cfg.dtype,
-            progress=cfg.progress,
-            fill=store_filler(cfg),
-        )
+        built = configured_store(cfg, models, source, device, fill=store_filler(cfg))
     return models, source, built
 
 
@@ -144,19 +124,7 @@ def read_components(
     errors = completeness_errors(rows)
     rank1 = rank_one_components(rows)
     with clock("align"):
-        aligned = align_components(
-            rows,
-            cfg.cache_path / "aligners",
-            identity=models.identity,
-            device=device,
-            given=cfg.aligner,
-            lam=cfg.lam,
-            val_fraction=cfg.val_fraction,
-            max_steps=cfg.align_steps,
-            batch_size=cfg.align_batch_size,
-            progress=cfg.progress,
-            log=print if cfg.verbose else _silent,
-        )
+        aligned = configured_aligner(cfg, rows, models, device)
     al = aligned.aligner
     with clock("text"):
         space = text_space(
@@ -213,7 +181,3 @@ def write_outputs(
     result.timings_s = {k: round(v, 3) for k, v in clock.timings.items()}
     result.paths = OutputPaths(str(out), str(out / "results.json"), str(html))
     result.write(out / "results.json")
-
-
-def _silent(*args: object, **kwargs: object) -> None:
-    pass
