@@ -186,3 +186,35 @@ def test_heatmap_rule_study_runs_on_a_small_analysis(small_analysis):
     out = heatmap_rules(load_analysis(small_analysis / "out"), n=4, batch=4)
     want = {f"{f} {r} {how}" for f in MAP_FEATURES for r in RULE_HEADS for how in ("text", "contrastive")}
     assert set(out["pointing"]) == want and all(0.0 <= v <= 1.0 for v in out["pointing"].values())
+
+
+def test_retrieve_on_a_folder_analysis_reads_the_images_from_that_folder(tmp_path, monkeypatch):
+    """Store ids of a folder are relative to it: the gallery must find them from any working directory,
+    and ranking.json gives each image's path."""
+    from PIL import Image
+
+    from vitdecomp.cli import main
+    from vitdecomp.world import make_scenes
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, im in enumerate(make_scenes(6, seed=11).images):
+        Image.fromarray(im).save(folder / f"p{i}.png")
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        common = ["--model", "zoo:deit", "--random-init", "--align-steps", "10", "--quiet"]
+        assert (
+            main(["analyze", "--images", str(folder), "--out", str(out), "--cache-dir", str(tmp_path / "c"), *common])
+            == 0
+        )
+        monkeypatch.chdir(elsewhere)
+        assert main(["retrieve", "--text", "a red object", "--analysis", str(out), "--out", str(tmp_path / "r")]) == 0
+    finally:
+        torch.set_num_threads(n)
+    ranking = json.loads((tmp_path / "r" / "ranking.json").read_text())["ranking"]
+    assert sorted(r["id"] for r in ranking) == [f"p{i}.png" for i in range(6)]
+    assert all(r["path"] == str((folder / r["id"]).resolve()) for r in ranking)
+    assert (tmp_path / "r" / "gallery.html").read_text().count("<img") == 6

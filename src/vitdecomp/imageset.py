@@ -239,6 +239,7 @@ class ImageSource:
     attributes: dict[str, np.ndarray] | None = None
     errors: list[str] = field(default_factory=list)
     paths: list[Path] | None = None
+    root: str = ""  # the folder ``ids`` are relative to ("" for generated world scenes)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -325,6 +326,7 @@ def folder_source(
         attributes=attributes,
         errors=errors,
         paths=good,
+        root=str(folder),
     )
 
 

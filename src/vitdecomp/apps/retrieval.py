@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from vitdecomp.apps.analysis import Analysis, auto_k, load_analysis
 from vitdecomp.errors import VitDecompError
+from vitdecomp.fsio import atomic_write_text
 from vitdecomp.index import store_text_search
 
 TOP_N = 20
@@ -152,15 +153,17 @@ def _thumb(img) -> str:
 
 
 def write_gallery(path: Path, title: str, rows: list[dict], image_of) -> None:
+    """One self-contained HTML page of the ranked images (thumbnails inlined), written atomically."""
     cells = "".join(
         f'<figure><img src="data:image/png;base64,{_thumb(image_of(r["row"]))}">'
         f"<figcaption>{html.escape(r['id'])}<br>{r['score']:.3f}</figcaption></figure>"
         for r in rows
     )
     style = "figure{display:inline-block;margin:4px;font:11px sans-serif;text-align:center}"
-    path.write_text(
+    atomic_write_text(
+        path,
         f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{style}</style>"
-        f"<h3>{html.escape(title)}</h3>{cells}"
+        f"<h3>{html.escape(title)}</h3>{cells}",
     )
 
 
@@ -185,8 +188,12 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"query": title, "model": analysis.result.model.name, "components": comps, "k": k, "ranking": rows}
-    (out / "ranking.json").write_text(json.dumps(doc, indent=1))
-    load = _image_loader([r["id"] for r in rows])
+    root = analysis.result.images.root
+    for r in rows:
+        if root and not r["id"].startswith("world-"):
+            r["path"] = str(Path(root) / r["id"])
+    atomic_write_text(out / "ranking.json", json.dumps(doc, indent=1))
+    load = _image_loader([r["id"] for r in rows], root)
     write_gallery(out / "gallery.html", title, rows, lambda i: load(gallery.ids[i]))
     print(f"{len(rows)} images in {out / 'ranking.json'}, {out / 'gallery.html'}")
     return 0
@@ -205,9 +212,9 @@ def _append_reference(analysis: Analysis, gallery: Gallery, path: str) -> int:
     return len(gallery.ids) - 1
 
 
-def _image_loader(image_ids: list[str]):
-    """``row id -> PIL image`` for the ids shown: files, or generated world scenes ``world-SEED-ROW``
-    (each seed's scenes made once)."""
+def _image_loader(image_ids: list[str], root: str = ""):
+    """``row id -> PIL image`` for the ids shown: files (relative to the analysed folder ``root``), or
+    generated world scenes ``world-SEED-ROW`` (each seed's scenes made once)."""
     from vitdecomp.imageset import read_image
     from vitdecomp.world import make_scenes
 
@@ -222,7 +229,7 @@ def _image_loader(image_ids: list[str]):
         if image_id.startswith("world-"):
             _, seed, row = image_id.split("-")
             return scenes[int(seed)].pil(int(row))
-        return read_image(image_id)
+        return read_image(Path(root) / image_id if root else image_id)
 
     return load
 

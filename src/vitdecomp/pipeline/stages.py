@@ -598,7 +598,7 @@ def collect_result(
     return AnalysisResult(
         model=ModelInfo(subject.name, subject.weights_id, subject.is_clip),
         reader=ReaderInfo(reader.name, reader.weights_id),
-        images=ImagesInfo(source.description, source.key, len(source), list(source.errors)),
+        images=ImagesInfo(source.description, source.key, len(source), list(source.errors), source.root),
         start_layer=built.key.start_layer,
         labels=labels,
         features=space.features,

@@ -49,6 +49,7 @@ class ImagesInfo:
     key: str
     n: int
     skipped: list[str] = field(default_factory=list)
+    root: str = ""  # the folder the image ids are relative to ("" for generated world scenes)
 
 
 @dataclass
