@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitdecomp.apps.ablation import AnalysedComponents, MeanAblation, analysed_components
+from vitdecomp.apps.ablation import AnalysedComponents, MeanAblation, analysed_components, app_analysis
 from vitdecomp.apps.analysis import SCORE_METHOD
 from vitdecomp.apps.heads import LinearHead, ZeroShotHead, accuracy
 from vitdecomp.components import ComponentLabel
@@ -257,20 +257,7 @@ class AblateConfig:
         return " ".join(["vitdecomp ablate", *where, "--model", self.model, *opts])
 
     def analysis(self) -> AnalysisConfig:
-        return AnalysisConfig(
-            model=self.model,
-            reader=self.reader,
-            images=self.images,
-            n_images=None if self.images is not None else self.n_images,
-            seed=self.seed,
-            out=self.out,
-            cache_dir=self.cache_dir,
-            device=self.device,
-            checkpoint=self.checkpoint,
-            align_steps=self.align_steps,
-            progress=self.progress,
-            verbose=self.progress,
-        )
+        return app_analysis(self, n_images=None if self.images is not None else self.n_images, seed=self.seed)
 
 
 @dataclass

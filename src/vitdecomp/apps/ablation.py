@@ -138,6 +138,25 @@ class AnalysedComponents:
         return score_features(c, self.aligner, emb, methods=tuple(methods), progress=self.progress)
 
 
+def app_analysis(options, **extra) -> AnalysisConfig:
+    """The pipeline's options for an application run (``options``: its config, with the model, reader,
+    images, output, cache, device, checkpoint, CompAlign steps and progress of ``vitdecomp analyze``;
+    ``extra``: further :class:`AnalysisConfig` fields), so it reuses that analysis' store and aligner."""
+    return AnalysisConfig(
+        model=options.model,
+        reader=options.reader,
+        images=options.images,
+        out=options.out,
+        cache_dir=options.cache_dir,
+        device=options.device,
+        checkpoint=options.checkpoint,
+        align_steps=options.align_steps,
+        progress=options.progress,
+        verbose=options.progress,
+        **extra,
+    )
+
+
 def analysed_components(cfg: AnalysisConfig, source: ImageSource) -> AnalysedComponents:
     """The store, aligner and text encoder of an analysis of ``source`` with ``cfg``'s models and
     caches: the same cached store and aligner ``vitdecomp analyze`` uses (stages of

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitdecomp.apps.ablation import MeanAblation, analysed_components
+from vitdecomp.apps.ablation import MeanAblation, analysed_components, app_analysis
 from vitdecomp.apps.analysis import SCORE_METHOD
 from vitdecomp.apps.heads import AveragedHead, GroupAccuracy, LinearHead, dfr_head, project_out
 from vitdecomp.errors import UsageError
@@ -336,18 +336,7 @@ class DebiasConfig:
 
     def analysis(self) -> AnalysisConfig:
         """The pipeline's options for this run (store, aligner and caches as ``vitdecomp analyze``)."""
-        return AnalysisConfig(
-            model=self.model,
-            reader=self.reader,
-            images=self.images,
-            out=self.out,
-            cache_dir=self.cache_dir,
-            device=self.device,
-            checkpoint=self.checkpoint,
-            align_steps=self.align_steps,
-            progress=self.progress,
-            verbose=self.progress,
-        )
+        return app_analysis(self)
 
 
 @dataclass

@@ -299,6 +299,15 @@ class Planted(Supervised):
         return acc
 
 
+def second_views(recipe: Recipe, scenes) -> torch.Tensor:
+    """Every training scene's object (same shape, colour, pattern, background, size class) rendered
+    again by the generator with a new position, rotation, radius, texture and noise ``[N, 3, H, W]``:
+    the second view of the self-supervised objectives."""
+    fixed = {k: scenes.attributes[k] for k in ATTRIBUTES}
+    alt = make_scenes(recipe.n_train, seed=recipe.data_seed + 1, size=IMAGE_SIZE, fixed=fixed)
+    return to_tensor(alt.images)
+
+
 class SimCLR(Objective):
     """The second view of a scene is the same object (same shape, colour, pattern, background, size
     class) rendered again by the generator with a new position, rotation, radius, texture and noise,
@@ -309,9 +318,7 @@ class SimCLR(Objective):
 
     def __init__(self, recipe: Recipe, model: nn.Module, config: dict[str, Any], scenes) -> None:
         super().__init__(recipe, model, config, scenes)
-        fixed = {k: scenes.attributes[k] for k in ATTRIBUTES}
-        alt = make_scenes(recipe.n_train, seed=recipe.data_seed + 1, size=IMAGE_SIZE, fixed=fixed)
-        self.x_alt = to_tensor(alt.images)
+        self.x_alt = second_views(recipe, scenes)
         d = model.embed_dim
         self.modules["proj"] = nn.Sequential(nn.Linear(d, 256), nn.GELU(), nn.Linear(256, 128))
 
@@ -388,9 +395,7 @@ class Dino(Objective):
 
     def __init__(self, recipe: Recipe, model: nn.Module, config: dict[str, Any], scenes) -> None:
         super().__init__(recipe, model, config, scenes)
-        fixed = {k: scenes.attributes[k] for k in ATTRIBUTES}
-        alt = make_scenes(recipe.n_train, seed=recipe.data_seed + 1, size=IMAGE_SIZE, fixed=fixed)
-        self.x_alt = to_tensor(alt.images)
+        self.x_alt = second_views(recipe, scenes)
         self.modules["head"] = DinoHead(model.embed_dim, recipe.dino_prototypes)
         self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(model), "head": copy.deepcopy(self.modules["head"])})
         self.teacher.requires_grad_(False).eval()
