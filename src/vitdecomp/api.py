@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from torch import Tensor, nn
@@ -15,7 +15,7 @@ from vitdecomp.models.registry import adapter_for
 
 def decompose(
     model: nn.Module | object,
-    images: Tensor,
+    images: Tensor | Mapping[str, Tensor],
     *,
     heads: bool = True,
     tokens: bool | Sequence[int] = False,
@@ -27,6 +27,8 @@ def decompose(
     """Split ``model``'s representation of ``images [B, 3, H, W]`` into additive components.
 
     ``model``: what :func:`vitdecomp.load_model` returns, or a timm / open_clip model object.
+    ``images``: or the mapping of tensors the model's forward takes (timm ``NaFlexVit``'s ``patches`` /
+    ``patch_coord`` / ``patch_valid``: padding tokens contribute nothing).
     ``heads``: one component per attention head (else one per attention layer).
     ``tokens``: also split head contributions over source tokens (``True`` or a list of layer indices).
     ``start_layer``: blocks before it are folded into ``init``.

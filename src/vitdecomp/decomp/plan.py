@@ -131,6 +131,16 @@ class Shortcut:
     stage: int
 
 
+@dataclass
+class StreamNorm:
+    """A norm of the whole residual stream at the end of a block, after its branches (Swin V2-CR's
+    main-branch ``norm3``): with frozen statistics a linear map of every token; its beta is a component
+    of its own. ``layout``: how the norm's input is laid out."""
+
+    norm: nn.Module
+    layout: Layout = "tokens"
+
+
 Transition = Merge | Shortcut
 
 
@@ -141,7 +151,8 @@ Transition = Merge | Shortcut
 @dataclass
 class Block:
     """A block: its branches in order; ``module``'s input/output (``layout``) are its streams.
-    ``transition`` happens inside the block, before its branches (MaxViT's stride-2 shortcut)."""
+    ``transition`` happens inside the block, before its branches (MaxViT's stride-2 shortcut);
+    ``after``, a norm of the stream after them (its output is the block's output)."""
 
     path: str
     module: nn.Module
@@ -151,6 +162,7 @@ class Block:
     block: int | None = None
     transition: Transition | None = None
     layout: Layout = "tokens"
+    after: StreamNorm | None = None
 
 
 @dataclass
@@ -180,14 +192,20 @@ class TokenNorm:
     kind: str = "norm_bias"
 
 
+#: ``() -> [B, N - skip]`` (bool): which pooled tokens are real, read after the pass (``None``: all);
+#: padding tokens (NaFlex's ``patch_valid`` false) are left out of the pooling.
+Validity = Callable[[], Tensor | None]
+
+
 @dataclass
 class Pool:
     """Pooling of the stream: the tokens at ``positions`` (weighted by ``weights``, default 1 each), or
-    the average of tokens ``skip:``."""
+    the average of tokens ``skip:`` (only the ``valid`` ones, when given)."""
 
     positions: Sequence[int] | None = None
     weights: Sequence[float] | None = None
     skip: int = 0
+    valid: Validity | None = None
 
 
 @dataclass
@@ -195,19 +213,46 @@ class AttentionPool:
     """An attention-pooling head (timm ``AttentionPoolLatent``, SigLIP's MAP head) used as the pooling
     step: with its probabilities frozen it is linear in the values, one readout slot per pool head.
     Its position term (per pool head), value/projection biases and MLP are components of their own.
-    ``skip``: leading stream tokens the pool does not see (prefix tokens)."""
+    ``skip``: leading stream tokens the pool does not see (prefix tokens); ``valid``: the keys it may
+    attend to (the model's own key mask)."""
 
     module: nn.Module
     skip: int = 0
+    valid: Validity | None = None
+
+
+@dataclass
+class QueryPool:
+    """Attention pooling by learned queries that do not depend on the image, as an
+    ``nn.MultiheadAttention`` computes it (open_clip's ``AttentionalPooler``, CoCa): query ``l`` pools
+    the tokens ``x [B, N, D]`` seen at ``keys`` as ``W_O [sum_n p[h, l, n] (W_V,h x_n + b_V,h)]_h + b_O``.
+
+    With its probabilities frozen it is linear in the tokens: one readout slot per pool head. A norm
+    the pooler applies to its tokens first is the readout's :class:`TokenNorm` step before this one.
+    ``probs(x) -> [B, H, L, N]`` as the module computes them; ``query_weights [L]``: how the
+    representation weighs the queries' outputs (one-hot: the first query's token is the embedding);
+    ``value_weight [H*dh, D]``, ``value_bias [H*dh]``, ``out_weight [D_out, H*dh]``, ``out_bias [D_out]``.
+    The biases are the component ``pool_bias``."""
+
+    keys: Tap
+    probs: Callable[[Tensor], Tensor]
+    num_heads: int
+    query_weights: Sequence[float]
+    value_weight: Tensor
+    value_bias: Tensor | None
+    out_weight: Tensor
+    out_bias: Tensor | None
 
 
 @dataclass
 class VectorNorm:
-    """A norm applied to the pooled vector (timm ``fc_norm``, a head's norm); its input is at ``tap``."""
+    """A norm applied to the pooled vector (timm ``fc_norm``, a head's norm); its input is at ``tap``
+    (token ``position`` of it when the norm sees several tokens, e.g. every query of a pooler)."""
 
     norm: nn.Module
     kind: str = "fc_norm_bias"
     tap: Tap | None = None
+    position: int | None = None
 
 
 @dataclass
@@ -219,7 +264,7 @@ class Linear:
     kind: str = "head_bias"
 
 
-ReadoutStep = TokenNorm | Pool | AttentionPool | VectorNorm | Linear
+ReadoutStep = TokenNorm | Pool | AttentionPool | QueryPool | VectorNorm | Linear
 
 
 @dataclass

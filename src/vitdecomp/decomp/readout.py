@@ -17,15 +17,31 @@ from torch import Tensor, nn
 
 from vitdecomp.errors import UnsupportedModuleError
 
+#: Norms of other libraries, by exact class ``(module, name)`` (the library is not imported here):
+#: ``(centred numerator, statistic)``. timm's ``RmsNorm`` is ``x / rms(x)``; its ``SimpleNorm`` divides the
+#: uncentred ``x`` by the *unbiased* standard deviation. Both have a gain and no bias.
+OTHER_NORMS: dict[tuple[str, str], tuple[bool, str]] = {
+    ("timm.layers.norm", "RmsNorm"): (False, "rms"),
+    ("timm.layers.norm", "SimpleNorm"): (False, "var_unbiased"),
+}
+
 
 @dataclass
 class NormRule:
-    """A LayerNorm / RMSNorm over the last dim: ``y = gamma * C(x) / sigma(x) + beta``."""
+    """A LayerNorm / RMSNorm over the last dim: ``y = gamma * C(x) / sigma(x) + beta``.
+
+    ``centered``: ``C`` subtracts the mean (LayerNorm) or is the identity (RMS norms). ``stat``: what
+    ``sigma^2`` is — ``"var"`` (biased variance, LayerNorm), ``"rms"`` (mean square), ``"var_unbiased"``.
+    Bookkeeping with frozen statistics: a LayerNorm centres *each component* on its own (``C`` is
+    linear) and its beta is a component of its own; an RMS norm has no centring, so a component passes
+    through only scaled (``gamma / sigma`` of the full stream), and no beta unless the norm has a bias.
+    """
 
     centered: bool
     weight: Tensor | None
     bias: Tensor | None
     eps: float
+    stat: str = "var"
 
     @classmethod
     def of(cls, norm: nn.Module, path: str = "") -> NormRule:
@@ -34,13 +50,19 @@ class NormRule:
             return cls(True, norm.weight, norm.bias, norm.eps)
         if isinstance(norm, nn.RMSNorm):
             eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
-            return cls(False, norm.weight, None, eps)
+            return cls(False, norm.weight, None, eps, "rms")
+        other = OTHER_NORMS.get((type(norm).__module__, type(norm).__qualname__))
+        if other is not None and len(norm.normalized_shape) == 1:
+            return cls(other[0], norm.weight, getattr(norm, "bias", None), norm.eps, other[1])
         raise UnsupportedModuleError(path, norm, "no frozen-statistics rule for this normalisation")
 
     def inv_sigma(self, x: Tensor) -> Tensor:
-        """``1 / sigma`` of ``x [..., D]`` with the norm's own eps and the biased variance ``[...]``."""
+        """``1 / sigma`` of ``x [..., D]`` with the norm's own eps and statistic ``[...]``."""
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-        var = x.var(-1, unbiased=False) if self.centered else x.pow(2).mean(-1)
+        if self.stat == "rms":
+            var = x.pow(2).mean(-1)
+        else:
+            var = x.var(-1, unbiased=self.stat == "var_unbiased")
         return torch.rsqrt(var + self.eps)
 
     def left(self, m: Tensor) -> Tensor:
@@ -109,6 +131,12 @@ class ReadoutMap:
         factors = None if self.factors is None else (self.factors[0], fn(self.factors[1]))
         return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot, factors)
 
+    def before(self, fn) -> ReadoutMap:
+        """The map preceded by the same linear map of every token's vector, given as its action on the
+        stream side of a matrix: ``fn(m [..., D_s]) -> [..., D_s]`` (a frozen norm's ``right``)."""
+        factors = None if self.factors is None else (fn(self.factors[0]), self.factors[1])
+        return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot, factors)
+
     def pool(self, x: Tensor) -> Tensor:
         """``[B, S, E] -> [B, K, E]``: the weighted sum of tokens per slot."""
         x = x.to(self.weight.dtype)
@@ -157,7 +185,7 @@ class ReadoutMap:
 
     def const(self, vec: Tensor) -> Tensor:
         """Read out the same vector ``[D_s]`` added at every position -> ``[B, D_out]``."""
-        return self.apply_pooled(self.slot_weights()[:, :, None] * vec.to(self.mats))
+        return self.apply_pooled(self.const_pooled(vec))
 
 
 class ChainedReadoutMap(ReadoutMap):
@@ -201,3 +229,6 @@ class ChainedReadoutMap(ReadoutMap):
 
     def scaled(self, scale: Tensor) -> ReadoutMap:
         return ChainedReadoutMap(self.parent, self.local, self.weight * scale.to(self.weight), self.slot)
+
+    def before(self, fn) -> ReadoutMap:
+        return ChainedReadoutMap(self.parent, fn(self.local), self.weight, self.slot)

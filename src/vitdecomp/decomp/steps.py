@@ -8,12 +8,15 @@ slot matrices and on every constant collected so far.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from vitdecomp.components import ComponentLabel
 from vitdecomp.decomp.capture import Capture, take_positions, to_stream
-from vitdecomp.decomp.plan import AttentionPool, Linear, Pool, Readout, Tap, TokenNorm, VectorNorm
+from vitdecomp.decomp.plan import AttentionPool, Linear, Pool, QueryPool, Readout, Tap, TokenNorm, VectorNorm
 from vitdecomp.decomp.readout import NormRule, ReadoutMap
 from vitdecomp.errors import UnsupportedModuleError, VitDecompError
 
@@ -26,14 +29,56 @@ def read_positions(spec: Readout) -> Tensor | None:
     return None if pool is None or pool.positions is None else torch.tensor(list(pool.positions))
 
 
+def _pooled_vector(t: Tensor, tap: Tap, position: int | None) -> Tensor:
+    """``[B, E]``: the vector a pooled-vector norm sees at ``tap`` (token ``position`` of it, if given)."""
+    t = to_stream(t, tap.layout)
+    return t.reshape(t.shape[0], -1) if position is None else t[:, position]
+
+
+def key_mask(valid: Tensor | None, like: Tensor) -> Tensor | None:
+    """``[B, 1, 1, N]`` additive mask of ``valid [B, N]`` as timm builds it (``finfo.min`` on padding)."""
+    if valid is None:
+        return None
+    mask = torch.zeros(valid.shape, dtype=like.dtype, device=like.device)
+    return mask.masked_fill_(~valid.to(like.device, torch.bool), torch.finfo(like.dtype).min)[:, None, None]
+
+
+@dataclass
+class PoolHeads:
+    """An attention pool with its probabilities frozen:
+    ``out = W_p [sum_n p[n, h] (W_v,h (x_n + pos_n) + b_v,h)]_h + b_p``.
+
+    ``p_tok [B, N', H]`` (the queries already weighed), ``w_v [H, dh, D]``, ``b_v [H, dh]``,
+    ``w_p [D_out, H*dh]``, ``b_p [D_out]``, ``pos [N', D]`` (a position embedding added to the tokens)."""
+
+    p_tok: Tensor
+    w_v: Tensor
+    b_v: Tensor | None
+    w_p: Tensor
+    b_p: Tensor | None
+    pos: Tensor | None = None
+
+    def slot_matrices(self) -> Tensor:
+        """``[H, D_out, D]``: slot ``h`` reads ``W_p[:, h] W_v,h``."""
+        h, dh, _ = self.w_v.shape
+        return torch.einsum("ohe,hed->hod", self.w_p.view(-1, h, dh), self.w_v)
+
+    def bias(self) -> Tensor | None:
+        """``[D_out]``: ``W_p b_v + b_p``."""
+        out = None if self.b_v is None else self.w_p @ self.b_v.reshape(-1)
+        if self.b_p is not None:
+            out = self.b_p if out is None else out + self.b_p
+        return out
+
+
 class AttentionPoolState:
-    """What an attention pool needs from the pass: probabilities ``[B, H, L, N]`` and its MLP's output."""
+    """What timm's attention pool needs from the pass: probabilities ``[B, H, L, N]`` and its MLP's output."""
 
     def __init__(self, step: AttentionPool) -> None:
         m = step.module
         if getattr(m, "pool", None) not in ("token", "avg"):
             raise UnsupportedModuleError("attn_pool", m, f"pool={getattr(m, 'pool', None)!r}: only 'token'/'avg'")
-        self.module, self.skip = m, step.skip
+        self.module, self.skip, self.valid = m, step.skip, step.valid
         self.q: Tensor | None = None
         self.kv: Tensor | None = None
         self.mlp_out: Tensor | None = None
@@ -52,7 +97,9 @@ class AttentionPoolState:
         q = self.q.expand(b, -1, -1).reshape(b, -1, h, dh).transpose(1, 2)
         k = self.kv.reshape(b, n, 2, h, dh)[:, :, 0].transpose(1, 2)
         q, k = m.q_norm(q), m.k_norm(k)
-        return ((q * m.scale) @ k.transpose(-2, -1)).softmax(-1)
+        scores = (q * m.scale) @ k.transpose(-2, -1)
+        mask = key_mask(None if self.valid is None else self.valid(), scores)
+        return (scores if mask is None else scores + mask).softmax(-1)
 
     def latent_weights(self, like: Tensor) -> Tensor:
         """``[L]``: how the pooled output weighs the latents."""
@@ -64,6 +111,45 @@ class AttentionPoolState:
             lam[:] = 1.0 / n
         return lam
 
+    def heads(self, dt) -> tuple[PoolHeads, Consts]:
+        """The frozen pool, and its MLP's term (``pool_mlp``: not linear in the tokens)."""
+        m, h = self.module, self.module.num_heads
+        probs = self.probs().to(dt)  # [B, H, L, N']
+        lam = self.latent_weights(probs)
+        p_tok = torch.einsum("l,bhln->bnh", lam, probs)  # [B, N', H]
+        c = m.kv.weight.shape[0] // 2
+        w_v = m.kv.weight[c:].to(dt).view(h, -1, m.kv.weight.shape[1])
+        b_v = None if m.kv.bias is None else m.kv.bias[c:].to(dt).view(h, -1)
+        proj = m.proj if isinstance(m.proj, nn.Linear) else None
+        w_p = torch.eye(c, dtype=dt, device=w_v.device) if proj is None else proj.weight.to(dt)
+        b_p = None if proj is None or proj.bias is None else proj.bias.to(dt)
+        pos = None if m.pos_embed is None else m.pos_embed.to(dt)
+        extra: Consts = []
+        if self.mlp_out is not None:
+            extra.append((ComponentLabel("pool_mlp"), torch.einsum("l,bld->bd", lam, self.mlp_out.to(dt))))
+        return PoolHeads(p_tok, w_v, b_v, w_p, b_p, pos), extra
+
+
+class QueryPoolState:
+    """What a :class:`QueryPool` needs from the pass: the tokens its keys are made from."""
+
+    def __init__(self, step: QueryPool) -> None:
+        self.step = step
+        self.keys: Tensor | None = None
+
+    def attach(self, cap: Capture) -> None:
+        cap.tap(self.step.keys, lambda t: setattr(self, "keys", t))
+
+    def heads(self, dt) -> tuple[PoolHeads, Consts]:
+        st, h = self.step, self.step.num_heads
+        probs = st.probs(self.keys).to(dt)  # [B, H, L, N]
+        lam = torch.tensor(list(st.query_weights), dtype=dt, device=probs.device)
+        p_tok = torch.einsum("l,bhln->bnh", lam, probs)
+        w_v = st.value_weight.to(dt).view(h, -1, st.value_weight.shape[1])
+        b_v = None if st.value_bias is None else st.value_bias.to(dt).view(h, -1)
+        b_p = None if st.out_bias is None else st.out_bias.to(dt)
+        return PoolHeads(p_tok, w_v, b_v, st.out_weight.to(dt), b_p), []
+
 
 class ReadoutBuilder:
     """Captures what the steps of ``spec`` need during the pass; :meth:`build` composes them after it."""
@@ -71,11 +157,14 @@ class ReadoutBuilder:
     def __init__(self, spec: Readout) -> None:
         self.spec = spec
         self.positions = read_positions(spec)
-        self.seen: dict[int, Tensor] = {}
-        self._factors: tuple[Tensor, Tensor] | None = (
-            None  # low-rank slot matrices of an attention pool  # id(step) or -1 (stream) / -2 (output) -> tensor
-        )
-        self.attn_pool = next((AttentionPoolState(s) for s in spec.steps if isinstance(s, AttentionPool)), None)
+        self.seen: dict[int, Tensor] = {}  # id(step) or -1 (stream) / -2 (output) -> tensor
+        self._factors: tuple[Tensor, Tensor] | None = None  # low-rank slot matrices of an attention pool
+        self.attn_pool: AttentionPoolState | QueryPoolState | None = None
+        for step in spec.steps:
+            if isinstance(step, AttentionPool):
+                self.attn_pool = AttentionPoolState(step)
+            elif isinstance(step, QueryPool):
+                self.attn_pool = QueryPoolState(step)
 
     def attach(self, cap: Capture) -> None:
         pos = self.positions
@@ -89,7 +178,7 @@ class ReadoutBuilder:
         for step in self.spec.steps:
             if isinstance(step, VectorNorm):
                 tap = step.tap or Tap(step.norm, "input")
-                cap.tap(tap, keep(id(step), lambda t, tap=tap: to_stream(t, tap.layout).reshape(t.shape[0], -1)))
+                cap.tap(tap, keep(id(step), functools.partial(_pooled_vector, tap=tap, position=step.position)))
         if self.attn_pool is not None:
             self.attn_pool.attach(cap)
 
@@ -110,7 +199,7 @@ class ReadoutBuilder:
                 scale = scale * token_norm.inv_sigma(x).to(dt)
                 if token_norm.bias is not None:
                     token_consts.append((ComponentLabel(step.kind), token_norm.bias.to(dt)))
-            elif isinstance(step, (Pool, AttentionPool)):
+            elif isinstance(step, (Pool, AttentionPool, QueryPool)):
                 pool_w, raw_mats, consts = self._pool(step, x, dt)  # [B, S, K], [K, D_out, D]
                 slot_mats = raw_mats if token_norm is None else token_norm.right(raw_mats)
                 totals = pool_w.sum(1)  # [B, K]: a vector added at every token is pooled with these
@@ -132,53 +221,46 @@ class ReadoutBuilder:
     def _ro_positions(self, x: Tensor) -> Tensor | None:
         return None if self.positions is None else self.positions.to(x.device)
 
-    def _pool(self, step: Pool | AttentionPool, x: Tensor, dt) -> tuple[Tensor, Tensor, Consts]:
+    def _pool(self, step: Pool | AttentionPool | QueryPool, x: Tensor, dt) -> tuple[Tensor, Tensor, Consts]:
         """Pooling weights ``[B, S, K]``, slot matrices ``[K, D_out, D]`` and the pool's own constants."""
         b, n, d = x.shape
-        if isinstance(step, Pool):
-            if step.positions is not None:
-                w = torch.tensor(list(step.weights or [1.0] * len(step.positions)), dtype=dt, device=x.device)
-                pool_w = w.expand(b, -1)
-            else:
-                pool_w = torch.zeros(b, n, dtype=dt, device=x.device)
+        if not isinstance(step, Pool):
+            return self._attention_pool(x, dt, step.skip if isinstance(step, AttentionPool) else 0)
+        if step.positions is not None:
+            w = torch.tensor(list(step.weights or [1.0] * len(step.positions)), dtype=dt, device=x.device)
+            pool_w = w.expand(b, -1)
+        else:
+            pool_w = torch.zeros(b, n, dtype=dt, device=x.device)
+            valid = None if step.valid is None else step.valid()
+            if valid is None:
                 pool_w[:, step.skip :] = 1.0 / (n - step.skip)
-            return pool_w[..., None], torch.eye(d, dtype=dt, device=x.device)[None], []
-        return self._attention_pool(x, dt)
+            else:  # the average of the real tokens (NaFlex: padding left out)
+                valid = valid.to(x.device, dt)
+                pool_w[:, step.skip :] = valid / valid.sum(1, keepdim=True).clamp_min(1)
+        return pool_w[..., None], torch.eye(d, dtype=dt, device=x.device)[None], []
 
-    def _attention_pool(self, x: Tensor, dt) -> tuple[Tensor, Tensor, Consts]:
-        """Frozen attention pool: slot ``h`` is pool head ``h``, ``S_h = W_proj[:, h] W_v[h]``."""
-        st = self.attn_pool
-        m, h = st.module, st.module.num_heads
-        b, n, d = x.shape
-        probs = st.probs().to(dt)  # [B, H, L, N']
-        lam = st.latent_weights(probs)
-        p_tok = torch.einsum("l,bhln->bnh", lam, probs)  # [B, N', H]
+    def _attention_pool(self, x: Tensor, dt, skip: int) -> tuple[Tensor, Tensor, Consts]:
+        """Frozen attention pool: slot ``h`` is pool head ``h``, ``S_h = W_proj[:, h] W_v[h]``; its position
+        term per pool head (``pool_pos.H<h>``), biases (``pool_bias``) and MLP are components."""
+        pool, extra = self.attn_pool.heads(dt)
+        b, n, _ = x.shape
+        h = pool.w_v.shape[0]
         pool_w = x.new_zeros(b, n, h, dtype=dt)
-        pool_w[:, st.skip :] = p_tok
-        c = m.kv.weight.shape[0] // 2
-        w_v = m.kv.weight[c:].to(dt).view(h, -1, d)  # [H, dh, D]
-        w_p = m.proj.weight.to(dt) if isinstance(m.proj, nn.Linear) else torch.eye(c, dtype=dt, device=x.device)
-        w_p = w_p.view(w_p.shape[0], h, -1).transpose(0, 1)  # [H, D_out, dh]
-        raw_mats = torch.einsum("hoe,hed->hod", w_p, w_v)  # [H, D_out, D]
-        self._factors = (w_v, w_p.transpose(0, 1).reshape(w_p.shape[1], -1))  # [H, dh, D], [D_out, H*dh]
+        pool_w[:, skip:] = pool.p_tok
+        self._factors = (pool.w_v, pool.w_p)  # [H, dh, D], [D_out, H*dh]
+        mats = pool.slot_matrices()
         consts: Consts = []
-        if m.pos_embed is not None:
-            pos = torch.einsum("bnh,nd->bhd", p_tok, m.pos_embed.to(dt))  # per head
-            per_head = torch.einsum("hod,bhd->bho", raw_mats, pos)
+        if pool.pos is not None:
+            pos = torch.einsum("bnh,nd->bhd", pool.p_tok, pool.pos)  # per head
+            per_head = torch.einsum("hod,bhd->bho", mats, pos)
             consts += [(ComponentLabel("pool_pos", head=i), per_head[:, i]) for i in range(h)]
-        bias = None
-        if m.kv.bias is not None:
-            bias = torch.einsum("hoe,he->o", w_p, m.kv.bias[c:].to(dt).view(h, -1))
-        if isinstance(m.proj, nn.Linear) and m.proj.bias is not None:
-            bias = m.proj.bias.to(dt) + (0 if bias is None else bias)
+        bias = pool.bias()
         if bias is not None:
             consts.append((ComponentLabel("pool_bias"), bias.expand(b, -1)))
-        if st.mlp_out is not None:
-            consts.append((ComponentLabel("pool_mlp"), torch.einsum("l,bld->bd", lam, st.mlp_out.to(dt))))
-        return pool_w, raw_mats, consts
+        return pool_w, mats, consts + extra
 
     def _vector_norm(self, step: VectorNorm, ro: ReadoutMap, consts: Consts) -> tuple[ReadoutMap, Consts]:
-        norm = NormRule.of(step.norm, "fc_norm")
+        norm = NormRule.of(step.norm, "fc_norm" if step.position is None else "pooled vector norm")
         s = norm.inv_sigma(self.seen[id(step)]).to(ro.weight)  # [B]
         weight = ro.weight * (s[:, None, None] if ro.dense else s[:, None])
         consts = [(lab, s[:, None] * norm.left(c.T).T) for lab, c in consts]

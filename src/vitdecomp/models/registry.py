@@ -34,6 +34,9 @@ ADAPTERS: dict[tuple[str, str], tuple[str, str]] = {
     ("timm.models.swin_transformer_v2", "SwinTransformerV2"): ("vitdecomp.models.swin", "SwinV2Adapter"),
     ("timm.models.maxxvit", "MaxxVit"): ("vitdecomp.models.maxvit", "MaxViTAdapter"),
     ("open_clip.transformer", "VisionTransformer"): ("vitdecomp.models.openclip", "OpenClipAdapter"),
+    ("open_clip.timm_model", "TimmModel"): ("vitdecomp.models.openclip_timm", "OpenClipTimmAdapter"),
+    ("timm.models.naflexvit", "NaFlexVit"): ("vitdecomp.models.naflex", "NaFlexVitAdapter"),
+    ("timm.models.swin_transformer_v2_cr", "SwinTransformerV2Cr"): ("vitdecomp.models.swin", "SwinV2CrAdapter"),
 }
 
 
