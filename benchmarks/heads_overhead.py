@@ -1,15 +1,21 @@
 """Heads-only decomposition against the plain forward, timed side by side in one process (prints a table).
 
     python benchmarks/heads_overhead.py [--models deit_base_patch16_224 open_clip:ViT-B-16 ...] [--batch 8]
-        [--threads 2] [--rounds 5]
+        [--threads 2] [--rounds 5] [--set issue20]
 
 Forward and decomposition alternate on the same batch, so a shared machine's drift hits both alike; the
-ratio is the median over rounds of (decomposition time / forward time). Random-init weights.
+ratio is the median over rounds of (decomposition time / forward time), its spread the lowest and highest
+round. Random-init weights. A timm name may carry ``timm.create_model`` arguments:
+``aimv2_large_patch14_224[embed_dim=768,depth=12,num_heads=12]``. ``--set issue20``: base-size configs of
+the families added by issue 20 at 224 px (open_clip's timm towers and CoCa, an RmsNorm ViT, NaFlexVit on
+an image batch, Swin V2-CR with its stage norms).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import os
 import statistics
 import time
 
@@ -24,6 +30,24 @@ DEFAULT_MODELS = [
     "swinv2_tiny_window8_256",
     "maxvit_small_tf_224",
 ]
+ISSUE20_MODELS = [
+    "open_clip:ViT-B-16-SigLIP",
+    "open_clip:EVA02-B-16",
+    "open_clip:coca_ViT-B-32",
+    "aimv2_large_patch14_224[embed_dim=768,depth=12,num_heads=12]",
+    "naflexvit_base_patch16_gap[img_size=224]",
+    "swinv2_cr_base_ns_224",
+]
+SETS = {"default": DEFAULT_MODELS, "issue20": ISSUE20_MODELS}
+
+
+def timm_spec(name: str) -> tuple[str, dict]:
+    """``"name[k=v,...]"`` -> ``("name", {k: v})`` (values read as Python literals)."""
+    if not name.endswith("]"):
+        return name, {}
+    base, _, args = name[:-1].partition("[")
+    pairs = (item.split("=", 1) for item in args.split(",") if item)
+    return base, {k.strip(): ast.literal_eval(v.strip()) for k, v in pairs}
 
 
 def build(name: str):
@@ -36,11 +60,13 @@ def build(name: str):
         return model.visual, model, size if isinstance(size, tuple) else (size, size)
     import timm
 
-    model = timm.create_model(name, pretrained=False).eval()
-    return model, model, tuple(model.pretrained_cfg["input_size"][1:])
+    base, kwargs = timm_spec(name)
+    model = timm.create_model(base, pretrained=False, **kwargs).eval()
+    size = kwargs.get("img_size", model.pretrained_cfg["input_size"][1:])
+    return model, model, tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
-def measure(name: str, batch: int, rounds: int) -> tuple[float, float, float]:
+def measure(name: str, batch: int, rounds: int) -> tuple[float, float, list[float]]:
     import torch
 
     import vitdecomp as vd
@@ -66,12 +92,13 @@ def measure(name: str, batch: int, rounds: int) -> tuple[float, float, float]:
         fwd.append(t1 - t0)
         dec.append(t2 - t1)
         ratios.append((t2 - t1) / (t1 - t0))
-    return statistics.median(fwd), statistics.median(dec), statistics.median(ratios)
+    return statistics.median(fwd), statistics.median(dec), ratios
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    ap.add_argument("--models", nargs="+", default=None)
+    ap.add_argument("--set", choices=sorted(SETS), default="default", help="the models when --models is not given")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
@@ -80,11 +107,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(f"batch {args.batch}, {args.threads} threads, median of {args.rounds} alternating rounds")
-    print("| model | forward s | heads s | heads / forward |")
-    print("|---|---|---|---|")
-    for name in args.models:
-        f, d, r = measure(name, args.batch, args.rounds)
-        print(f"| {name} | {f:.3f} | {d:.3f} | {r:.2f}x |", flush=True)
+    print("| model | forward s | heads s | heads / forward | spread (rounds) | load average |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models or SETS[args.set]:
+        f, d, ratios = measure(name, args.batch, args.rounds)
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}x"
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+        print(f"| {name} | {f:.3f} | {d:.3f} | {statistics.median(ratios):.2f}x | {spread} | {load} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -86,27 +86,37 @@ class NormRule:
 class ReadoutMap:
     """Linear map from a stream ``[B, N, D_s]`` to the representation ``[B, D_out]``.
 
-    weight    [B, S] (one slot per token, ``slot [S]`` or all 0) or [B, S, K] (dense slot weights)
-    mats      [K, D_out, D_s]
-    positions the stream positions read (all N if None)
-    factors   optional low-rank form of ``mats`` (an attention pool: ``post = W_proj``, ``pre_k = W_v,k``),
-              which reads pooled vectors out in ``K*r*(D_s + D_out)`` instead of ``K*D_s*D_out``
+    weight      [B, S] (one slot per token, ``slot [S]`` or all 0) or [B, S, K] (dense slot weights)
+    stored_mats [K, D_out, D_s], or ``None`` when ``factors`` are given: ``mats`` is then built from them
+                only if something asks (token splits), never for heads-only readouts
+    positions   the stream positions read (all N if None)
+    factors     optional low-rank form of ``mats`` (an attention pool: ``post = W_proj``, ``pre_k = W_v,k``),
+                which reads pooled vectors out in ``K*r*(D_s + D_out)`` instead of ``K*D_s*D_out``
     """
 
     weight: Tensor
-    mats: Tensor
+    stored_mats: Tensor | None
     positions: Tensor | None = None
     slot: Tensor | None = None
     factors: tuple[Tensor, Tensor] | None = None  # (pre [K, r, D_s], post [D_out, K*r]): mats_k = post_k @ pre_k
 
+    @functools.cached_property
+    def mats(self) -> Tensor:
+        """``[K, D_out, D_s]``: the stored matrices, or ``post_k @ pre_k`` built on first use."""
+        if self.stored_mats is not None:
+            return self.stored_mats
+        pre, post = self.factors
+        k, r, _ = pre.shape
+        return torch.einsum("okr,krd->kod", post.view(post.shape[0], k, r), pre)
+
     @property
     def num_slots(self) -> int:
-        return self.mats.shape[0]
+        return (self.stored_mats if self.stored_mats is not None else self.factors[0]).shape[0]
 
     @property
     def like(self) -> Tensor:
         """A tensor of the map's dtype and device."""
-        return self.mats
+        return self.stored_mats if self.stored_mats is not None else self.factors[0]
 
     @property
     def dense(self) -> bool:
@@ -126,16 +136,20 @@ class ReadoutMap:
             return inner.reshape(*inner.shape[:-2], -1) @ post.T
         return pooled.reshape(*pooled.shape[:-2], -1).to(self.flat) @ self.flat
 
+    def _with(self, weight: Tensor, mats: Tensor | None, factors, positions=..., slot=...) -> ReadoutMap:
+        positions = self.positions if positions is ... else positions
+        return ReadoutMap(weight, mats, positions, self.slot if slot is ... else slot, factors)
+
     def then(self, fn) -> ReadoutMap:
         """The map followed by a linear map of the output, ``fn(m [..., D_out, X]) -> [..., D_new, X]``."""
         factors = None if self.factors is None else (self.factors[0], fn(self.factors[1]))
-        return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot, factors)
+        return self._with(self.weight, None if self.stored_mats is None else fn(self.stored_mats), factors)
 
     def before(self, fn) -> ReadoutMap:
         """The map preceded by the same linear map of every token's vector, given as its action on the
         stream side of a matrix: ``fn(m [..., D_s]) -> [..., D_s]`` (a frozen norm's ``right``)."""
         factors = None if self.factors is None else (fn(self.factors[0]), self.factors[1])
-        return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot, factors)
+        return self._with(self.weight, None if self.stored_mats is None else fn(self.stored_mats), factors)
 
     def pool(self, x: Tensor) -> Tensor:
         """``[B, S, E] -> [B, K, E]``: the weighted sum of tokens per slot."""
@@ -168,16 +182,17 @@ class ReadoutMap:
         index = index.to(self.weight.device)
         valid, safe = index >= 0, index.clamp_min(0)
         weight = self.weight[:, safe] * (valid[:, None] if self.dense else valid).to(self.weight)
-        return ReadoutMap(weight, self.mats, None, None if self.slot is None else self.slot[safe], self.factors)
+        slot = None if self.slot is None else self.slot[safe]
+        return self._with(weight, self.stored_mats, self.factors, positions=None, slot=slot)
 
     def scaled(self, scale: Tensor) -> ReadoutMap:
         """The same map after a per-position scale ``[B, S]`` of the stream."""
         weight = self.weight * (scale[..., None] if self.dense else scale).to(self.weight)
-        return ReadoutMap(weight, self.mats, self.positions, self.slot, self.factors)
+        return self._with(weight, self.stored_mats, self.factors)
 
     def const_pooled(self, vec: Tensor) -> Tensor:
         """The pooled form ``[B, K, D_s]`` of the same vector ``[D_s]`` added at every position."""
-        return self.slot_weights()[:, :, None] * vec.to(self.mats)
+        return self.slot_weights()[:, :, None] * vec.to(self.like)
 
     def field(self, x: Tensor) -> Tensor:
         """Read out a field ``[B, S, D_s]`` (already at ``positions``) -> ``[B, D_out]``."""
@@ -198,7 +213,7 @@ class ChainedReadoutMap(ReadoutMap):
 
     def __init__(self, parent: ReadoutMap, local: Tensor, weight: Tensor, slot: Tensor) -> None:
         self.parent, self.local, self.weight, self.slot = parent, local, weight, slot
-        self.positions, self.factors = None, None
+        self.positions, self.factors, self.stored_mats = None, None, None
 
     @property
     def num_slots(self) -> int:

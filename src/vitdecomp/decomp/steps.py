@@ -58,11 +58,6 @@ class PoolHeads:
     b_p: Tensor | None
     pos: Tensor | None = None
 
-    def slot_matrices(self) -> Tensor:
-        """``[H, D_out, D]``: slot ``h`` reads ``W_p[:, h] W_v,h``."""
-        h, dh, _ = self.w_v.shape
-        return torch.einsum("ohe,hed->hod", self.w_p.view(-1, h, dh), self.w_v)
-
     def bias(self) -> Tensor | None:
         """``[D_out]``: ``W_p b_v + b_p``."""
         out = None if self.b_v is None else self.w_p @ self.b_v.reshape(-1)
@@ -158,7 +153,6 @@ class ReadoutBuilder:
         self.spec = spec
         self.positions = read_positions(spec)
         self.seen: dict[int, Tensor] = {}  # id(step) or -1 (stream) / -2 (output) -> tensor
-        self._factors: tuple[Tensor, Tensor] | None = None  # low-rank slot matrices of an attention pool
         self.attn_pool: AttentionPoolState | QueryPoolState | None = None
         for step in spec.steps:
             if isinstance(step, AttentionPool):
@@ -200,16 +194,10 @@ class ReadoutBuilder:
                 if token_norm.bias is not None:
                     token_consts.append((ComponentLabel(step.kind), token_norm.bias.to(dt)))
             elif isinstance(step, (Pool, AttentionPool, QueryPool)):
-                pool_w, raw_mats, consts = self._pool(step, x, dt)  # [B, S, K], [K, D_out, D]
-                slot_mats = raw_mats if token_norm is None else token_norm.right(raw_mats)
-                totals = pool_w.sum(1)  # [B, K]: a vector added at every token is pooled with these
-                consts = [(lab, torch.einsum("bk,kod,d->bo", totals, raw_mats, c)) for lab, c in token_consts] + consts
-                weight = pool_w * scale[..., None]
-                factors = self._factors
-                if factors is not None and token_norm is not None:
-                    factors = (token_norm.right(factors[0]), factors[1])
-                weight = weight if weight.shape[2] > 1 else weight[..., 0]
-                ro = ReadoutMap(weight, slot_mats, self._ro_positions(x), None, factors)
+                raw, consts = self._pool(step, x, dt)  # the map of the stream entering the pool
+                # a vector added at every token (a token norm's beta) is pooled with the raw weights
+                consts = [(lab, raw.const(c)) for lab, c in token_consts] + consts
+                ro = raw.scaled(scale) if token_norm is None else raw.scaled(scale).before(token_norm.right)
             elif isinstance(step, VectorNorm):
                 ro, consts = self._vector_norm(step, ro, consts)
             elif isinstance(step, Linear):
@@ -218,14 +206,14 @@ class ReadoutBuilder:
             raise VitDecompError("the readout has no pooling step")
         return ro, consts, self.seen[-2]
 
-    def _ro_positions(self, x: Tensor) -> Tensor | None:
-        return None if self.positions is None else self.positions.to(x.device)
-
-    def _pool(self, step: Pool | AttentionPool | QueryPool, x: Tensor, dt) -> tuple[Tensor, Tensor, Consts]:
-        """Pooling weights ``[B, S, K]``, slot matrices ``[K, D_out, D]`` and the pool's own constants."""
+    def _pool(self, step: Pool | AttentionPool | QueryPool, x: Tensor, dt) -> tuple[ReadoutMap, Consts]:
+        """The pooling as a readout map of the stream (per-token weights ``[B, S]`` or ``[B, S, K]``, slot
+        matrices or their factors) and the pool's own constants."""
         b, n, d = x.shape
+        positions = None if self.positions is None else self.positions.to(x.device)
         if not isinstance(step, Pool):
-            return self._attention_pool(x, dt, step.skip if isinstance(step, AttentionPool) else 0)
+            pool_w, factors, consts = self._attention_pool(x, dt, step.skip if isinstance(step, AttentionPool) else 0)
+            return ReadoutMap(pool_w, None, positions, None, factors), consts
         if step.positions is not None:
             w = torch.tensor(list(step.weights or [1.0] * len(step.positions)), dtype=dt, device=x.device)
             pool_w = w.expand(b, -1)
@@ -237,40 +225,38 @@ class ReadoutBuilder:
             else:  # the average of the real tokens (NaFlex: padding left out)
                 valid = valid.to(x.device, dt)
                 pool_w[:, step.skip :] = valid / valid.sum(1, keepdim=True).clamp_min(1)
-        return pool_w[..., None], torch.eye(d, dtype=dt, device=x.device)[None], []
+        return ReadoutMap(pool_w, torch.eye(d, dtype=dt, device=x.device)[None], positions), []
 
-    def _attention_pool(self, x: Tensor, dt, skip: int) -> tuple[Tensor, Tensor, Consts]:
-        """Frozen attention pool: slot ``h`` is pool head ``h``, ``S_h = W_proj[:, h] W_v[h]``; its position
-        term per pool head (``pool_pos.H<h>``), biases (``pool_bias``) and MLP are components."""
+    def _attention_pool(self, x: Tensor, dt, skip: int) -> tuple[Tensor, tuple[Tensor, Tensor], Consts]:
+        """Frozen attention pool: slot ``h`` is pool head ``h``, ``S_h = W_proj[:, h] W_v[h]``, kept in
+        factored form; its position term per pool head (``pool_pos.H<h>``), biases (``pool_bias``) and
+        MLP are components. Returns weights ``[B, S, H]``, factors, constants."""
         pool, extra = self.attn_pool.heads(dt)
         b, n, _ = x.shape
-        h = pool.w_v.shape[0]
+        h, dh, _ = pool.w_v.shape
         pool_w = x.new_zeros(b, n, h, dtype=dt)
         pool_w[:, skip:] = pool.p_tok
-        self._factors = (pool.w_v, pool.w_p)  # [H, dh, D], [D_out, H*dh]
-        mats = pool.slot_matrices()
         consts: Consts = []
         if pool.pos is not None:
             pos = torch.einsum("bnh,nd->bhd", pool.p_tok, pool.pos)  # per head
-            per_head = torch.einsum("hod,bhd->bho", mats, pos)
+            per_head = torch.einsum("ohe,hed,bhd->bho", pool.w_p.view(-1, h, dh), pool.w_v, pos)
             consts += [(ComponentLabel("pool_pos", head=i), per_head[:, i]) for i in range(h)]
         bias = pool.bias()
         if bias is not None:
             consts.append((ComponentLabel("pool_bias"), bias.expand(b, -1)))
-        return pool_w, mats, consts + extra
+        return pool_w, (pool.w_v, pool.w_p), consts + extra
 
     def _vector_norm(self, step: VectorNorm, ro: ReadoutMap, consts: Consts) -> tuple[ReadoutMap, Consts]:
         norm = NormRule.of(step.norm, "fc_norm" if step.position is None else "pooled vector norm")
         s = norm.inv_sigma(self.seen[id(step)]).to(ro.weight)  # [B]
-        weight = ro.weight * (s[:, None, None] if ro.dense else s[:, None])
         consts = [(lab, s[:, None] * norm.left(c.T).T) for lab, c in consts]
         if norm.bias is not None:
-            consts.append((ComponentLabel(step.kind), norm.bias.to(ro.mats).expand(weight.shape[0], -1)))
-        return ReadoutMap(weight, ro.mats, ro.positions, ro.slot, ro.factors).then(norm.left), consts
+            consts.append((ComponentLabel(step.kind), norm.bias.to(ro.like).expand(s.shape[0], -1)))
+        return ro.scaled(s[:, None].expand(ro.weight.shape[:2])).then(norm.left), consts
 
     def _linear(self, step: Linear, ro: ReadoutMap, consts: Consts) -> tuple[ReadoutMap, Consts]:
-        w = step.weight.to(ro.mats)
+        w = step.weight.to(ro.like)
         consts = [(lab, c @ w.T) for lab, c in consts]
         if step.bias is not None:
-            consts.append((ComponentLabel(step.kind), step.bias.to(ro.mats).expand(ro.weight.shape[0], -1)))
+            consts.append((ComponentLabel(step.kind), step.bias.to(ro.like).expand(ro.weight.shape[0], -1)))
         return ro.then(lambda m: torch.einsum("od,...di->...oi", w, m)), consts
