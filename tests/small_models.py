@@ -120,6 +120,8 @@ MAXVIT = {
     "transformer_dim_head": 8,
     "num_classes": 5,
 }
+#: NaFlexVit with EVA blocks (axial rotary embeddings, SwiGLU), a class token the MAP head also sees
+NAFLEX_EVA_BLOCKS = {"rope_type": "axial", "swiglu_mlp": True, "class_token": True, "pool_include_prefix": True}
 SWIN = {"patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2, 2), "num_heads": (2, 2, 4)}
 
 #: name -> factory returning (model, image size); the families every test runs over.
@@ -176,16 +178,7 @@ SMALL_MODELS: dict[str, Callable[[], tuple[nn.Module, int]]] = {
     "openclip-timm-eva02-head-proj": _clip_timm("eva02_base_patch16_clip_224", 32, "token", None, **P8, **VIT_BODY),
     "openclip-timm-vit-linear-proj": _clip_timm("vit_medium_patch16_gap_256", 32, "", "linear", **P8, **VIT_BODY),
     "naflex-gap-reg": _timm("naflexvit_base_patch16_gap", 32, **P8, **VIT),
-    "naflex-map-rope-swiglu": _timm(
-        "naflexvit_base_patch16_map",
-        32,
-        **P8,
-        **VIT,
-        rope_type="axial",
-        swiglu_mlp=True,
-        class_token=True,
-        pool_include_prefix=True,
-    ),
+    "naflex-map-rope-swiglu": _timm("naflexvit_base_patch16_map", 32, **P8, **VIT, **NAFLEX_EVA_BLOCKS),
     "swinv2-cr-stage-norms": _timm("swinv2_cr_tiny_ns_224", 64, img_size=64, num_classes=5, **SWIN),
     "swinv2-cr-block-norms-padded": _timm(
         "swinv2_cr_tiny_ns_224", 56, img_size=56, num_classes=5, extra_norm_period=1, **SWIN

@@ -59,10 +59,9 @@ class NormRule:
     def inv_sigma(self, x: Tensor) -> Tensor:
         """``1 / sigma`` of ``x [..., D]`` with the norm's own eps and statistic ``[...]``."""
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-        if self.stat == "rms":
-            var = x.pow(2).mean(-1)
-        else:
-            var = x.var(-1, unbiased=self.stat == "var_unbiased")
+        if self.stat == "var":  # the kernel nn.LayerNorm runs: the model's own statistics, ~5x faster than var()
+            return torch.native_layer_norm(x, x.shape[-1:], None, None, self.eps)[2][..., 0]
+        var = x.pow(2).mean(-1) if self.stat == "rms" else x.var(-1, unbiased=True)
         return torch.rsqrt(var + self.eps)
 
     def left(self, m: Tensor) -> Tensor:
@@ -229,10 +228,16 @@ class ChainedReadoutMap(ReadoutMap):
         c = self.local.shape[-1]
         return torch.einsum("aod,kdc->akoc", self.parent.mats, self.local).reshape(-1, self.parent.mats.shape[1], c)
 
+    @functools.cached_property
+    def local_flat(self) -> Tensor:
+        """``local`` laid out once as ``[K_in*C, D_next]`` (each read is then one matmul, no copy of it)."""
+        k_in, d_next, c = self.local.shape
+        return self.local.permute(0, 2, 1).reshape(k_in * c, d_next)
+
     def apply_pooled(self, pooled: Tensor) -> Tensor:
-        k_in = self.local.shape[0]
-        p = pooled.reshape(*pooled.shape[:-2], -1, k_in, pooled.shape[-1]).to(self.local)
-        return self.parent.apply_pooled(torch.einsum("...akc,kdc->...ad", p, self.local))
+        k_in, _, c = self.local.shape
+        p = pooled.reshape(*pooled.shape[:-2], -1, k_in * c).to(self.local)
+        return self.parent.apply_pooled(p @ self.local_flat)  # [..., K_out, D_next]
 
     def const_pooled(self, vec: Tensor) -> Tensor:
         return self.slot_weights()[:, :, None] * vec.to(self.local)
