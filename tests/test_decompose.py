@@ -11,7 +11,7 @@ import torch
 from timm.models.vision_transformer import ResPostBlock
 
 import vitdecomp as vd
-from small_models import SMALL_MODELS, own_output, representations
+from small_models import P8, SMALL_MODELS, VIT, own_output, perturb, representations
 from vitdecomp.decomp.capture import to_stream
 from vitdecomp.errors import UnsupportedModuleError, VitDecompError
 
@@ -183,6 +183,20 @@ def test_rms_norm_scales_each_component_without_centring():
         expected = (model.norm.weight * seen["mlp"] / rms).mean(1)
     torch.testing.assert_close(d.sum("L2.mlp"), expected, rtol=0, atol=1e-12)
     assert not any("norm_bias" in name for name in d.names)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_simple_norm_rule_final_and_fc_norm(pool):
+    """timm's SimpleNorm (uncentred x over its unbiased std; only ConvNeXt variants ship it) as a ViT's final
+    norm (``token``) or ``fc_norm`` (``avg``): exact with its own statistic."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, norm_layer="simplenorm", global_pool=pool, **P8, **VIT
+    )
+    model = perturb(model).double()
+    x = images(32, dtype=torch.float64)
+    for rep in (None, "logits"):
+        assert vd.decompose(model, x, representation=rep).error.max().item() <= 1e-12
 
 
 def test_fused_attention_and_train_mode_are_restored_after_a_token_pass():
