@@ -1,4 +1,4 @@
-"""``vitdecomp debias`` with every score of :mod:`vitdecomp.score` on one split, in one process.
+"""``vitdecomp debias`` with every score of :mod:`vitdecomp.scores` on one split, in one process.
 
 The same run as the command (cached store and aligner, head, k chosen on validation), once per
 score method, printing test worst-group / average accuracy before -> after::
@@ -24,7 +24,9 @@ from vitdecomp.apps.debias import (
     rows_in_source,
 )
 from vitdecomp.imageset import folder_source
-from vitdecomp.score import METHODS, embed_features, score_features
+from vitdecomp.scores import embed_features, score_features, score_names
+
+METHODS = score_names()
 
 
 def main() -> None:

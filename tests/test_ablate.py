@@ -14,7 +14,7 @@ from vitdecomp.apps.ablate import AblateConfig, feature_effects, layer_curve, la
 from vitdecomp.apps.ablation import MeanAblation
 from vitdecomp.apps.heads import LinearHead, accuracy
 from vitdecomp.components import ComponentLabel
-from vitdecomp.report.sections import AppSection
+from vitdecomp.results import AppSection
 
 
 def toy(n: int = 600, seed: int = 0):

@@ -20,7 +20,7 @@ import pytest
 from vitdecomp.analyze import AnalysisConfig, run_analysis
 from vitdecomp.errors import MismatchError
 from vitdecomp.report import AnalysisResult
-from vitdecomp.score import DEFAULT_METHOD
+from vitdecomp.scores.registry import DEFAULT_SCORE
 
 N = 64
 RUN = dict(
@@ -252,9 +252,9 @@ def test_report_table_sorts_filters_and_opens_a_view_in_chromium(first_run, tmp_
     dom = _Rows()
     dom.feed(done.stdout)
     assert len(dom.rows) == len(results.labels), done.stderr[-2000:]
-    col = list(results.scores[DEFAULT_METHOD]).index("color")
+    col = list(results.scores[DEFAULT_SCORE]).index("color")
     got = [float(r["v"][col]) for r in dom.rows]
-    want = sorted((results.scores[DEFAULT_METHOD]["color"][lab] for lab in results.labels), reverse=True)
+    want = sorted((results.scores[DEFAULT_SCORE]["color"][lab] for lab in results.labels), reverse=True)
     assert got == pytest.approx(want, abs=1e-9)  # the DOM rows are in the new order
     shown = [r["id"] for r in dom.rows if not r["hidden"]]
     assert shown and shown == [r["id"] for r in dom.rows if r["id"].endswith(".mlp")]
@@ -290,7 +290,7 @@ def test_applications_render_from_their_sections(first_run):
     """Any AppSection in the result is drawn: title, summary, table, figures, command and notes;
     results.json keeps it, and a results.json without views or applications still loads."""
     from vitdecomp.report import render_html
-    from vitdecomp.report.sections import AppFigure, AppSection
+    from vitdecomp.results import AppFigure, AppSection
 
     results, out, _ = first_run
     fig = results.views.features[0].grid

@@ -16,7 +16,7 @@ from vitdecomp.cli import main
 from vitdecomp.errors import UsageError
 from vitdecomp.report import AnalysisResult
 from vitdecomp.report.attach import BEGIN, END, attach_section, updated_page
-from vitdecomp.report.sections import AppSection
+from vitdecomp.results import AppSection
 from vitdecomp.world.export import export_world
 
 

@@ -140,7 +140,7 @@ def test_heatmap_and_retrieve_commands_write_their_files(small_analysis, tmp_pat
 
 def test_head_grid_has_one_row_per_attention_layer(small_analysis, tmp_path):
     from vitdecomp.apps.figures import draw_head_grids, head_grid
-    from vitdecomp.report.results import AnalysisResult
+    from vitdecomp.results import AnalysisResult
 
     result = AnalysisResult.load(small_analysis / "out" / "results.json")
     grid, rows = head_grid(result, "color")

@@ -93,7 +93,7 @@ def test_decomposition_save_load_pandas_and_notebook_html(tmp_path):
 
 
 def _result():
-    from vitdecomp.report.results import (
+    from vitdecomp.results import (
         AlignerInfo,
         Alignment,
         AnalysisResult,

@@ -25,8 +25,8 @@ from vitdecomp.apps.debias import (
     run_debias,
 )
 from vitdecomp.apps.heads import GroupAccuracy
-from vitdecomp.report.sections import AppSection
-from vitdecomp.score import score_features
+from vitdecomp.results import AppSection
+from vitdecomp.scores import score_features
 
 LABELS = ["init", "core", "spurious", "noise"]
 

@@ -15,6 +15,7 @@ from vitdecomp.evaluation.truths import (
     top_k_precision,
     zero_shot_causal,
 )
+from vitdecomp.scores import DEFAULT_SCORE, score_names
 
 
 @pytest.fixture(autouse=True)
@@ -152,10 +153,9 @@ def _fake_result(model: str, random_init: bool) -> dict:
 
 
 def test_document_has_every_table(monkeypatch):
-    from vitdecomp import score
     from vitdecomp.evaluation import document
 
-    monkeypatch.setattr(document, "DEFAULT_METHOD", "ablation")
+    monkeypatch.setattr(document, "DEFAULT_SCORE", "ablation")
     text = document.markdown([_fake_result("zoo:deit", False)], [_fake_result("zoo:deit", True)], "cmd", {})
     rows = (
         "| zoo:deit | 2 / 3 | 0.500 | 0.900 (met) | 0.250 |",
@@ -164,7 +164,7 @@ def test_document_has_every_table(monkeypatch):
     rows += ("| zoo:deit | 0.050 (null -0.30 … 0.30, p 0.700) |",)
     for part in ("causal truth", *rows, "Random-init control", "Planted", "5001"):
         assert part in text, part
-    assert score.DEFAULT_METHOD in score.METHODS
+    assert DEFAULT_SCORE in score_names()
 
 
 @pytest.mark.slow
@@ -214,15 +214,16 @@ def test_analysis_confidence_stage_is_json_ready_and_in_results():
     import json
 
     from vitdecomp.align import identity_aligner
-    from vitdecomp.pipeline.stages import N_NULL, SCORE_METHODS, confidence
-    from vitdecomp.report.results import AnalysisResult
+    from vitdecomp.pipeline.stages import N_NULL, confidence
+    from vitdecomp.results import AnalysisResult
+    from vitdecomp.scores import analysis_scores
     from vitdecomp.store import ArrayRows
 
     c, _ = known_stack(80, 6)
     labels = ["L0.H0", "L0.H1", "L0.mlp", "init", "norm_bias"]
     texts = {"f": torch.randn(3, 8, generator=torch.Generator().manual_seed(1))}
     conf = confidence(ArrayRows(c.numpy(), labels=labels), identity_aligner(labels, 8), texts, progress=False)
-    assert set(conf) == set(SCORE_METHODS)
+    assert set(conf) == set(analysis_scores())
     for d in conf.values():
         assert d["n_null"] == N_NULL and set(d["scores"]["f"]) == set(labels)
         cell = d["scores"]["f"]["L0.H0"]

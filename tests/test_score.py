@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vitdecomp.align import Aligner, identity_aligner
-from vitdecomp.score import (
+from vitdecomp.scores import (
     ScoreTable,
     builtin_feature_sets,
     embed_features,
@@ -198,7 +198,7 @@ def test_feature_config_loading(tmp_path):
 
 
 def test_spearman():
-    from vitdecomp.score import spearman
+    from vitdecomp.evaluation.agreement import spearman
 
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -207,7 +207,7 @@ def test_spearman():
 
 
 def test_clip_retrieval_scores_find_the_component_that_tracks_clip():
-    from vitdecomp.score import clip_retrieval_scores
+    from vitdecomp.evaluation.agreement import clip_retrieval_scores
 
     g = torch.Generator().manual_seed(0)
     t = feature_dirs()
@@ -223,7 +223,7 @@ def test_clip_retrieval_scores_find_the_component_that_tracks_clip():
 
 # ------------------------------------------------------------------------------ ablation score
 def test_ablation_score_is_the_kl_of_mean_ablation_and_finds_the_planted_component():
-    from vitdecomp.score import ABLATION_SCALE, score_ablation
+    from vitdecomp.scores import ABLATION_SCALE, score_ablation
 
     stack, t = planted_stack()
     s = score(stack, t, "ablation")
@@ -254,7 +254,7 @@ def test_score_features_ablation_uses_the_aligners_bias_in_the_whole():
 def test_text_probe_is_the_loss_rise_of_a_probe_taught_by_the_zero_shot_readings():
     """Brute force: label every image by its zero-shot reading, fit the probe on the whole, mean-ablate
     each component, the rise of the cross-entropy as a share of the sum of the rises."""
-    from vitdecomp.evaluation.probes import fit_probes
+    from vitdecomp.probes import fit_probes
 
     stack, t = planted_stack()
     s = score(stack, t, "text_probe")
@@ -293,7 +293,7 @@ def test_score_features_text_probe_streams_and_ignores_big_parts_off_the_feature
 
 # ------------------------------------------------------------------------------ confidence
 def test_null_features_keep_the_geometry_of_the_descriptions():
-    from vitdecomp.score import null_features
+    from vitdecomp.scores import null_features
 
     t = feature_dirs()
     nulls = null_features({"f": t}, 5, seed=1)["f"]
@@ -308,7 +308,7 @@ def test_confidence_separates_the_planted_component_from_its_null(method):
     """Its interval lies above every null draw (p = 1/20). (In ``planted_stack`` every part varies
     three times more outside the span than the hot one inside: there the ablation score of the hot
     part is honestly *not* above random directions, which is what its null is for.)"""
-    from vitdecomp.score import score_confidence
+    from vitdecomp.scores import score_confidence
 
     stack, t = planted_stack(n=300)
     if method in ("ablation", "text_probe"):  # magnitude-aware: the hot part must vary more in the span
@@ -336,7 +336,7 @@ def test_confidence_separates_the_planted_component_from_its_null(method):
 
 
 def test_confidence_intervals_narrow_with_more_images():
-    from vitdecomp.score import score_confidence
+    from vitdecomp.scores import score_confidence
 
     names = [f"L0.H{i}" for i in range(6)]
     widths = []
@@ -349,7 +349,7 @@ def test_confidence_intervals_narrow_with_more_images():
 
 
 def test_null_in_several_passes_equals_one_pass(monkeypatch):
-    from vitdecomp import score as score_module
+    from vitdecomp.scores import confidence as score_module
 
     stack, t = planted_stack(n=80)
     names = [f"L0.H{i}" for i in range(6)]

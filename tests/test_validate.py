@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitdecomp.evaluation.probes import batched_probe
+from vitdecomp.probes import batched_probe
 from vitdecomp.store import ArrayRows
 from vitdecomp.validate import match_rate, retrieval_precision
 
@@ -47,7 +47,7 @@ def test_batched_probe_equals_separate_probes_and_ranks_planted_strength():
 
 def test_retrieval_precision_prefers_the_components_that_carry_the_attribute():
     from vitdecomp.align import identity_aligner
-    from vitdecomp.score import ScoreTable
+    from vitdecomp.scores import ScoreTable
 
     g = torch.Generator().manual_seed(0)
     n, d, k = 300, 12, 3

@@ -20,7 +20,7 @@ was used to train the zoo (1000, 1001, 1500) or by its probes (2001, 2002).
     ranked by held-out probe accuracy and the Spearman correlation with the score function's
     ranking is averaged over attributes (target >= 0.6 for every zoo model).
 (c) the paper's own check: Spearman between a CLIP-derived ranking
-    (:func:`vitdecomp.score.clip_retrieval_scores`) and the score.
+    (:func:`vitdecomp.evaluation.agreement.clip_retrieval_scores`) and the score.
 (d) text retrieval: precision@20 of images ranked by the cosine between a class text and the
     aligned sum of the attribute's top-3 components vs the full aligned representation vs 3 random
     components (mean over 20 draws), averaged over the classes of each attribute.
@@ -45,18 +45,12 @@ import torch
 import torch.nn.functional as F
 
 from vitdecomp.align import Aligner, aligned_component, evaluate, train_ablation
-from vitdecomp.evaluation.probes import probe_importance
+from vitdecomp.evaluation.agreement import clip_retrieval_scores, spearman
+from vitdecomp.evaluation.truths import probe_importance
 from vitdecomp.imageset import DEFAULT_N_IMAGES, WORLD_SEED, world_source
 from vitdecomp.pipeline.config import default_cache_dir
 from vitdecomp.pipeline.stages import Models, build_store, get_aligner, load_model_for, readable_rows
-from vitdecomp.score import (
-    ScoreTable,
-    clip_retrieval_scores,
-    embed_features,
-    load_features,
-    score_features,
-    spearman,
-)
+from vitdecomp.scores import ScoreTable, embed_features, load_features, score_features
 from vitdecomp.store import Rows
 from vitdecomp.text import WORLD_TEMPLATES, TextEncoder, text_span, world_class_embeddings
 from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES

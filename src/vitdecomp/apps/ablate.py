@@ -20,7 +20,7 @@ Labels: a world export folder's ``attributes.csv`` or generated world scenes (th
 attributes), or any folder with ``--labels CSV`` (``img_filename`` + one column per feature, its
 values the feature's descriptions). ``vitdecomp ablate [--images DIR [--labels CSV]] [--model M]``
 writes ``ablate.json``, ``ablate.png`` and ``ablate.section.json`` (the report's
-:class:`~vitdecomp.report.sections.AppSection`).
+:class:`~vitdecomp.results.AppSection`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from vitdecomp.fsio import atomic_write_text, writing
 from vitdecomp.imageset import ImageSource, display_name, image_source
 from vitdecomp.pipeline.config import AnalysisConfig
 from vitdecomp.report.attach import add_report_argument, attach_if_asked, check_report
-from vitdecomp.report.sections import AppFigure, AppSection
+from vitdecomp.results import AppFigure, AppSection
 from vitdecomp.text import world_class_embeddings
 from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
 from vitdecomp.zoo.models import HEAD_SIZES, NUM_LOGITS

@@ -35,7 +35,7 @@ from vitdecomp.imageset import ImageSource
 from vitdecomp.pipeline.config import AnalysisConfig
 from vitdecomp.pipeline.configured import configured_aligner, configured_models, configured_store
 from vitdecomp.pipeline.stages import Models, readable_rows
-from vitdecomp.score import ScoreTable, embed_features, score_features
+from vitdecomp.scores import ScoreTable, embed_features, score_features
 from vitdecomp.text import DEFAULT_TEMPLATES, WORLD_TEMPLATES, TextEncoder
 
 #: Row selection: a slice, integer indices or a boolean mask.
@@ -126,7 +126,7 @@ class AnalysedComponents:
         self, features: Mapping[str, Sequence[str]], rows: RowIndex | None = None, method: str = SCORE_METHOD
     ) -> ScoreTable:
         """Every component's score (``method``, default the applications' default) for every feature,
-        over the ``rows`` images (all by default): a :class:`~vitdecomp.score.ScoreTable` ``[F, C]``."""
+        over the ``rows`` images (all by default): a :class:`~vitdecomp.scores.ScoreTable` ``[F, C]``."""
         return self.score_tables(features, rows, (method,))[method]
 
     def score_tables(

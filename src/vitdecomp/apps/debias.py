@@ -6,7 +6,7 @@ representation ``z`` of the training images a linear head is fitted (:class:`Lin
 components are ranked by ``score(spurious) - score(core)`` over the training images, with the
 feature set's two features (:data:`WORLD_FEATURES` on a world export, the shipped ``"waterbirds"``
 set otherwise, or a JSON file). The score is ``--score``, by default ``auto``: every score of
-:mod:`vitdecomp.score` is tried and the one whose validation curve is best at its chosen ``k`` is kept
+:mod:`vitdecomp.scores` is tried and the one whose validation curve is best at its chosen ``k`` is kept
 (:func:`choose_score`). The top ``k`` are mean-ablated (:class:`~vitdecomp.apps.ablation.MeanAblation`,
 means over the training split) and the same head reads the ablated representation.
 
@@ -23,7 +23,7 @@ validation split, :func:`~vitdecomp.apps.heads.dfr_head`), a trained upper bound
 
 ``vitdecomp debias --images DIR [--metadata DIR/metadata.csv] [--model M] [--clip C] [--out DIR]``
 writes ``debias.json``, ``debias.png`` (the k curve) and ``debias.section.json`` (the report's
-:class:`~vitdecomp.report.sections.AppSection`).
+:class:`~vitdecomp.results.AppSection`).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from vitdecomp.fsio import atomic_write_text, writing
 from vitdecomp.imageset import ImageSource, display_name, folder_source
 from vitdecomp.pipeline.config import AnalysisConfig
 from vitdecomp.report.attach import add_report_argument, attach_if_asked, check_report
-from vitdecomp.report.sections import AppFigure, AppSection
-from vitdecomp.score import METHODS, load_features
+from vitdecomp.results import AppFigure, AppSection
+from vitdecomp.scores import load_features, score_names
 from vitdecomp.world.waterbirds import PLACES, SPLIT_NAMES, WATERBIRD_SHAPES
 
 #: The built-in world's Waterbirds features: the places' backgrounds (spurious) and the two label
@@ -437,7 +437,7 @@ def run_debias(cfg: DebiasConfig, command: str = "") -> DebiasResult:
     comps = analysed_components(acfg, source)
     split = Split.of(meta, source_rows)
     ablation = MeanAblation.fit(comps.contributions, comps.labels, split.rows[TRAIN])
-    methods = [SCORE_METHOD, *(m for m in METHODS if m != SCORE_METHOD)] if cfg.score == AUTO else [cfg.score]
+    methods = [SCORE_METHOD, *(m for m in score_names() if m != SCORE_METHOD)] if cfg.score == AUTO else [cfg.score]
     tables = comps.score_tables(features, split.rows[TRAIN], methods)
     pairs = {m: (t["spurious"], t["core"]) for m, t in tables.items()}
     score = choose_score(ablation, split, pairs) if cfg.score == AUTO else cfg.score
@@ -545,7 +545,7 @@ def add_debias_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--features", default=None, help="JSON file {spurious: [...], core: [...]} (default: built-in)")
     p.add_argument(
         "--score",
-        choices=(AUTO, *METHODS),
+        choices=(AUTO, *score_names()),
         default=AUTO,
         help="score that ranks the components (default auto: every score, the best on validation)",
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitdecomp.report.results import AnalysisResult
+from vitdecomp.results import AnalysisResult
 
 _HEAD = re.compile(r"^(?P<where>.+)\.H(?P<head>\d+)$")
 

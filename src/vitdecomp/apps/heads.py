@@ -1,7 +1,7 @@
 """Evaluation heads that read a (possibly ablated) representation, and group accuracies.
 
 * :class:`LinearHead` — a logistic regression on the frozen representation (the project's one
-  logistic regression, :func:`vitdecomp.evaluation.probes.fit_probes`: standardised features, L-BFGS,
+  logistic regression, :func:`vitdecomp.probes.fit_probes`: standardised features, L-BFGS,
   ``l2 * ||W||^2``), fitted once and then applied unchanged to edited representations.
 * :func:`dfr_head` — deep feature reweighting (Kirichenko et al. 2023): the same regression fitted
   on a *group-balanced* subset of the validation split (every group subsampled to the smallest
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitdecomp.evaluation.probes import Probe, fit_probes
-from vitdecomp.score import feature_basis
+from vitdecomp.probes import Probe, fit_probes
+from vitdecomp.scores.functions import feature_basis
 
 #: Strength of the heads' L2 penalty on standardised features (as the project's probes).
 HEAD_L2 = 1e-3

@@ -16,14 +16,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vitdecomp.apps.analysis import SCORE_METHOD, Analysis, analysis_of, auto_heads, auto_k
+from vitdecomp.apps.analysis import Analysis, analysis_of, auto_heads, auto_k
 from vitdecomp.apps.figures import head_grid_uri
 from vitdecomp.apps.heatmap import heatmaps, overlay
 from vitdecomp.apps.retrieval import store_text_scores, top_components
 from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.report.html import thumbnail_data_uri
-from vitdecomp.report.results import AnalysisResult
-from vitdecomp.report.views import ComponentView, FeatureView, Hit, ImageMap, ReportViews, RetrievalGallery
+from vitdecomp.results import AnalysisResult, ComponentView, FeatureView, Hit, ImageMap, ReportViews, RetrievalGallery
 
 #: Images per feature on which the feature's top heads are mapped.
 N_MAP_IMAGES = 4
@@ -60,13 +59,13 @@ def feature_views(analysis: Analysis, images: list[Image.Image], ids: list[str])
     for f in r.features:
         heads = auto_heads(analysis.scores(f), r.labels)
         maps = _maps(analysis, images, ids, feature=f, heads=heads) if images else []
-        out.append(FeatureView(f, head_grid_uri(r, f, r.method(SCORE_METHOD)), heads, maps))
+        out.append(FeatureView(f, head_grid_uri(r, f, r.method()), heads, maps))
     return out
 
 
 def view_heads(result: AnalysisResult, n: int = MAX_VIEW_HEADS) -> list[str]:
     """The heads with a description and top images, best score for any feature first, at most ``n``."""
-    table = result.scores[result.method(SCORE_METHOD)]
+    table = result.scores[result.method()]
     heads = [lab for lab in result.labels if auto_heads({lab: 0.0}, [lab])]
     heads = [h for h in heads if result.descriptions.get(h) and result.top_images.get(h)]
     return sorted(heads, key=lambda h: -max(row.get(h, float("-inf")) for row in table.values()))[:n]
@@ -112,7 +111,7 @@ def report_views(
     n = min(N_MAP_IMAGES, len(source))
     images, ids = [_pil(source.image(i)) for i in range(n)], list(source.ids[:n])
     heads = view_heads(result)
-    k, method = auto_k(len(result.labels)), result.method(SCORE_METHOD)
+    k, method = auto_k(len(result.labels)), result.method()
     return ReportViews(
         features=feature_views(analysis, images, ids),
         components=component_views(analysis, source, progress),

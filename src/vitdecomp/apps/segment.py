@@ -51,7 +51,7 @@ from vitdecomp.errors import VitDecompError
 from vitdecomp.fsio import atomic_write_bytes, atomic_write_text
 from vitdecomp.imageset import IMAGE_SUFFIXES, display_name, list_images, read_image
 from vitdecomp.report.attach import add_report_argument, attach_if_asked, check_report
-from vitdecomp.report.sections import AppFigure, AppSection
+from vitdecomp.results import AppFigure, AppSection
 
 #: Layers the decomposition's map sums, in words (``DecompositionMap(layers=None)``).
 LAYERS_RULE = (
@@ -295,7 +295,7 @@ class SegmentResult:
         return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
 
     def section(self) -> AppSection:
-        """This run as a section of the report (:class:`vitdecomp.report.sections.AppSection`)."""
+        """This run as a section of the report (:class:`vitdecomp.results.AppSection`)."""
         header, rows = self.table()
         scored = {m.name: m.metrics.miou for m in self.methods if m.metrics is not None}
         best = max(scored, key=scored.get) if scored else "none"

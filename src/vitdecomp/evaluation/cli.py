@@ -23,7 +23,7 @@ def add_validate_parser(sub) -> None:
     )
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--clip", default="zoo:clip", help="the CLIP that reads the components")
-    p.add_argument("--scores", nargs="+", default=list(SCORES), help="score methods (see vitdecomp.score)")
+    p.add_argument("--scores", nargs="+", default=list(SCORES), help="score methods (see vitdecomp.scores)")
     p.add_argument("--test-seed", type=int, default=HELD_OUT_SEED, help="world seed of the held-out scenes")
     p.add_argument("--n-test", type=int, default=N_TEST)
     p.add_argument("--n-train", type=int, default=N_TRAIN)

@@ -10,7 +10,7 @@ import numpy as np
 from vitdecomp.evaluation import truths as truths_module
 from vitdecomp.evaluation.components import CONSTANT_RTOL
 from vitdecomp.evaluation.settings import DEV_SEED, TARGET_PLANTED, TARGET_SPEARMAN, TRUTHS
-from vitdecomp.score import DEFAULT_METHOD
+from vitdecomp.scores.registry import DEFAULT_SCORE
 from vitdecomp.world import CORE_ATTRIBUTES
 
 
@@ -38,7 +38,7 @@ def summary_table(results: list[dict[str, Any]], truth: str = "causal_mean", tar
         for m in scores:
             v = _mean(r["agreement"][m][truth])
             mark = ""
-            if target and m == DEFAULT_METHOD and not r["random_init"]:
+            if target and m == DEFAULT_SCORE and not r["random_init"]:
                 mark = " (met)" if v >= TARGET_SPEARMAN else f" (**missed** by {TARGET_SPEARMAN - v:.2f})"
             cells.append(f"{_f(v)}{mark}")
         cells.append(_f(_mean(r["magnitude"][truth])) if "magnitude" in r else "-")
@@ -144,7 +144,7 @@ def markdown(results: list[dict[str, Any]], control: list[dict[str, Any]], comma
         f"scores were developed on seed {DEV_SEED}). Every figure is over the *evaluated* components only: attention "
         "heads, MLPs and convolutional branches whose contribution varies over the images (relative second "
         f"singular value s2/s1 >= {CONSTANT_RTOL:g}); `init`, biases and norm betas are left out. The default "
-        f"score is `{DEFAULT_METHOD}`; targets: Spearman with the causal truth >= {TARGET_SPEARMAN} for every "
+        f"score is `{DEFAULT_SCORE}`; targets: Spearman with the causal truth >= {TARGET_SPEARMAN} for every "
         f"model, planted heads recovered with top-k precision >= {TARGET_PLANTED}, random-init control near 0.",
         "",
         "## Agreement with the causal truth (mean-ablation), mean of the four attributes",

@@ -14,7 +14,7 @@ DEV_SEED = 3001
 HELD_OUT_SEED = 5001
 N_TRAIN = 2000
 N_TEST = 1000
-#: The scores compared (see :mod:`vitdecomp.score`).
+#: The scores compared (see :mod:`vitdecomp.scores`).
 SCORES = ("paper", "invariant", "share", "ablation", "text_probe")
 #: The truths every score is checked against (see :mod:`vitdecomp.evaluation.truths`).
 TRUTHS = ("causal_mean", "causal_resample", "zero_shot_causal", "probe", "specificity")

@@ -27,14 +27,20 @@ import torch
 from scipy.stats import rankdata
 
 from vitdecomp.align import evaluate
+from vitdecomp.evaluation.agreement import spearman
 from vitdecomp.evaluation.components import CONSTANT_RTOL, evaluated_components, relative_second_singular_value
-from vitdecomp.evaluation.probes import probe_importance
 from vitdecomp.evaluation.settings import HELD_OUT_SEED, N_TEST, N_TRAIN, SCORES, TRAIN_SEED
-from vitdecomp.evaluation.truths import causal_importance, specificity, top_k_precision, zero_shot_causal
+from vitdecomp.evaluation.truths import (
+    causal_importance,
+    probe_importance,
+    specificity,
+    top_k_precision,
+    zero_shot_causal,
+)
 from vitdecomp.imageset import world_source
 from vitdecomp.pipeline.config import default_cache_dir
 from vitdecomp.pipeline.stages import Models, build_store, get_aligner, load_model_for, readable_rows
-from vitdecomp.score import embed_features, load_features, score_features, spearman
+from vitdecomp.scores import embed_features, load_features, score_features
 from vitdecomp.store import Rows
 from vitdecomp.text import WORLD_TEMPLATES, TextEncoder, world_class_embeddings
 from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES

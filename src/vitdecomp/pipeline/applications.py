@@ -1,5 +1,5 @@
 """The ``applications`` stage of ``vitdecomp analyze``: the applications whose inputs are in the image
-folder, each run and turned into a section of the report (:class:`~vitdecomp.report.sections.AppSection`).
+folder, each run and turned into a section of the report (:class:`~vitdecomp.results.AppSection`).
 
 What is looked for (:func:`detect_applications`), and nothing else, so that no guess is made:
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from vitdecomp.errors import VitDecompError
 from vitdecomp.pipeline.config import AnalysisConfig
 from vitdecomp.pipeline.stages import Models, load_model_for
-from vitdecomp.report.sections import AppSection
+from vitdecomp.results import AppSection
 
 WATERBIRDS_COLUMNS = ("img_filename", "y", "split", "place")
 

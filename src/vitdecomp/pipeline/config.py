@@ -166,7 +166,7 @@ class AnalysisConfig:
 
     def _check_text(self) -> None:
         """The feature set and the vocabulary can be read (and are not empty)."""
-        from vitdecomp.score import load_features
+        from vitdecomp.scores.features import load_features
         from vitdecomp.text import load_vocabulary
 
         world = self.images is None

@@ -21,7 +21,6 @@ from vitdecomp.pipeline.configured import configured_aligner, configured_models,
 from vitdecomp.pipeline.honesty import rank_one_components, run_warnings
 from vitdecomp.pipeline.runners import RayRunner
 from vitdecomp.pipeline.stages import (
-    SCORE_METHODS,
     BuiltStore,
     Models,
     StoreFiller,
@@ -35,8 +34,8 @@ from vitdecomp.pipeline.stages import (
     top_images,
 )
 from vitdecomp.report import AnalysisResult, summary, write_report
-from vitdecomp.report.results import OutputPaths
-from vitdecomp.score import score_features
+from vitdecomp.results import OutputPaths
+from vitdecomp.scores import analysis_scores, score_features
 from vitdecomp.text import component_descriptions
 
 
@@ -142,7 +141,7 @@ def read_components(
         )
         descr = {lab: ([] if lab in rank1 else ds) for lab, ds in descr.items()}
     with clock("score"):
-        tables = score_features(rows, al, space.feature_emb, methods=SCORE_METHODS, progress=cfg.progress)
+        tables = score_features(rows, al, space.feature_emb, methods=analysis_scores(), progress=cfg.progress)
     with clock("confidence"):
         conf = confidence(rows, al, space.feature_emb, progress=cfg.progress)
     with clock("top_images"):

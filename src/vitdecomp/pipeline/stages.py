@@ -3,7 +3,7 @@
     image source ─▶ models (subject + reader) ─▶ store (decompositions + reader embeddings, keyed,
     resumable) ─▶ aligner (identity, given, cached or trained CompAlign) ─▶ text space (features and
     vocabulary embedded by the reader's text tower, cached) ─▶ descriptions (TextSpan) ─▶ scores
-    ─▶ top images ─▶ :class:`~vitdecomp.report.results.AnalysisResult`
+    ─▶ top images ─▶ :class:`~vitdecomp.results.AnalysisResult`
 
 The *reader* is the CLIP model whose text space names the components (``--clip``). The stages
 after the store read rows through the :class:`~vitdecomp.store.Rows` protocol: a small store is read
@@ -48,7 +48,7 @@ from vitdecomp.components import Decomposition
 from vitdecomp.errors import CacheError, MismatchError, NonFiniteInputError, UsageError, one_line
 from vitdecomp.fsio import writing
 from vitdecomp.imageset import ImageSource
-from vitdecomp.report.results import (
+from vitdecomp.results import (
     AlignerInfo,
     Alignment,
     AnalysisResult,
@@ -62,15 +62,13 @@ from vitdecomp.report.results import (
     TopImage,
     VocabularyInfo,
 )
-from vitdecomp.score import ScoreTable, embed_features, load_features, score_confidence
+from vitdecomp.scores import DEFAULT_SCORE, ScoreTable, analysis_scores, embed_features, load_features, score_confidence
 from vitdecomp.store import ContributionStore, Rows, StoreKey, StoreLock, open_store, store_dir
 from vitdecomp.text import DEFAULT_TEMPLATES, WORLD_TEMPLATES, Description, TextEncoder, load_vocabulary
 
 #: Stores smaller than this (as float32) are read into memory for training, descriptions and scores;
 #: larger ones are streamed.
 IN_MEMORY_BYTES = 1 << 30
-#: The scores ``vitdecomp analyze`` reports (see :mod:`vitdecomp.score`).
-SCORE_METHODS = ("paper", "invariant", "ablation", "text_probe")
 #: Bootstrap resamples and null draws behind every score's interval and p-value (``results.json``
 #: ``confidence``); 19 null draws make "above every null draw" a test at p = 0.05.
 N_BOOT = 100
@@ -567,9 +565,11 @@ def mean_aligned_norms(rows: Rows, aligner: Aligner, batch_size: int = 256) -> n
 def confidence(
     rows: Rows, aligner: Aligner, feature_emb: Mapping[str, torch.Tensor], progress: bool = True
 ) -> dict[str, Any]:
-    """Bootstrap intervals and a null for every score of :data:`SCORE_METHODS` (see
-    :func:`vitdecomp.score.score_confidence`), JSON-ready per method."""
-    conf = score_confidence(rows, aligner, feature_emb, SCORE_METHODS, n_boot=N_BOOT, n_null=N_NULL, progress=progress)
+    """Bootstrap intervals and a null for every score an analysis computes
+    (:func:`vitdecomp.scores.analysis_scores`; see :func:`vitdecomp.scores.score_confidence`), JSON-ready
+    per method."""
+    methods = analysis_scores()
+    conf = score_confidence(rows, aligner, feature_emb, methods, n_boot=N_BOOT, n_null=N_NULL, progress=progress)
     return {m: c.to_dict() for m, c in conf.items()}
 
 
@@ -620,4 +620,5 @@ def collect_result(
         cache=CacheInfo(str(cache_dir), built.rows_computed, built.rows_reused, aligned.state, space.encoder_batches),
         timings_s=timings,
         constant=constant,
+        ranked_by=DEFAULT_SCORE,
     )

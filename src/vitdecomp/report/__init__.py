@@ -3,6 +3,6 @@
 
 from vitdecomp.report.console import summary
 from vitdecomp.report.html import render_html, thumbnail_data_uri, write_report
-from vitdecomp.report.results import AnalysisResult
+from vitdecomp.results import AnalysisResult
 
 __all__ = ["AnalysisResult", "render_html", "summary", "thumbnail_data_uri", "write_report"]

@@ -24,8 +24,7 @@ from pathlib import Path
 from vitdecomp.errors import UsageError
 from vitdecomp.fsio import atomic_write_text, writing
 from vitdecomp.report.html import environment, render_html
-from vitdecomp.report.results import AnalysisResult
-from vitdecomp.report.sections import AppSection
+from vitdecomp.results import AnalysisResult, AppSection
 
 BEGIN = "<!-- vitdecomp:applications -->"
 END = "<!-- /vitdecomp:applications -->"

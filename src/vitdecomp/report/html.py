@@ -3,7 +3,7 @@
 The page is built from Jinja2 templates in ``report/templates/``: ``base.html.j2`` (head, header,
 then one partial per section), ``header.html.j2``, ``macros.html.j2`` (the heat table) and
 ``sections/<name>.html.j2``, one per entry of :data:`SECTIONS`, in that order. Every template reads
-``r`` (the :class:`~vitdecomp.report.results.AnalysisResult` whose serialisation is ``results.json``,
+``r`` (the :class:`~vitdecomp.results.AnalysisResult` whose serialisation is ``results.json``,
 so a page can be rendered again from that file: ``render_html(AnalysisResult.load(path))``),
 ``thumbs`` (label → thumbnail data URIs of its top images) and ``pictures`` (image id → thumbnail,
 for the retrieval galleries). One small inline script (``templates/table.js``) sorts and filters the
@@ -28,8 +28,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vitdecomp.fsio import atomic_write_text
-from vitdecomp.report.results import AnalysisResult
-from vitdecomp.score import DEFAULT_METHOD
+from vitdecomp.results import AnalysisResult
+from vitdecomp.scores.registry import score_about
 
 #: The page's sections, in order: ``templates/sections/<name>.html.j2`` each.
 SECTIONS: list[str] = [
@@ -116,7 +116,7 @@ def render_html(
     css = files.joinpath("style.css").read_text(encoding="utf-8")
     script = files.joinpath("table.js").read_text(encoding="utf-8")
     page = environment().get_template("base.html.j2")
-    method = r.method(DEFAULT_METHOD)
+    method = r.method()
     confidence = r.confidence.get(method, {}).get("scores", {})
     return page.render(
         r=r,
@@ -128,6 +128,7 @@ def render_html(
         sections=SECTIONS,
         method=method,
         confidence=confidence,
+        about={m: score_about(m) for m in r.scores},
     )
 
 

@@ -134,7 +134,7 @@ def planting_metrics(
     """How well a planted map held on held-out scenes: every head's and MLP's probe accuracy per core
     attribute (``accuracy {label: {attribute: acc}}``), chance (the test set's majority share), and per
     attribute the worst planted head's accuracy and the best other head's and other branch's."""
-    from vitdecomp.evaluation.probes import batched_probe
+    from vitdecomp.probes import batched_probe
 
     t0 = time.time()
     model = load_zoo_model(name, checkpoint=checkpoint, config=config).model

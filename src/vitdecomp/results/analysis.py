@@ -16,12 +16,15 @@ from typing import Any
 import numpy as np
 
 from vitdecomp.fsio import atomic_write_text
-from vitdecomp.report.sections import AppSection
-from vitdecomp.report.views import ReportViews
+from vitdecomp.results.sections import AppSection
+from vitdecomp.results.views import ReportViews
 
-FORMAT_VERSION = 1
-#: The scores earlier versions ranked by, newest first (results.json files they wrote lack today's).
-EARLIER_DEFAULTS = ("ablation", "invariant")
+#: The schema version ``results.json`` states (``format_version``). 2 added ``ranked_by``; version 1 files
+#: are still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+#: The scores earlier versions ranked by, newest first (version 1 files do not name theirs).
+EARLIER_DEFAULTS = ("text_probe", "ablation", "invariant")
 
 
 @dataclass
@@ -99,11 +102,6 @@ class Alignment:
     cosine_all_images: float
     metrics: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def held_out_cosine(self) -> float | None:
-        """The held-out cosine of training when there was one, else the cosine over every image."""
-        return self.metrics.get("val_cosine", self.cosine_all_images)
-
     def to_dict(self) -> dict[str, Any]:
         head = {"mode": self.mode, "lam": self.lam, "state": self.state, "cosine_all_images": self.cosine_all_images}
         return {**head, **self.metrics}
@@ -163,12 +161,12 @@ class AnalysisResult:
     weights, ...); ``constant[label]``: the relative second singular value of each component found
     rank-1 / constant over the images (below :data:`vitdecomp.pipeline.stages.RANK1_THRESHOLD`),
     which get neither descriptions nor top images;
-    ``confidence[method]``: how sure each score is (:meth:`vitdecomp.score.ScoreConfidence.to_dict`):
+    ``confidence[method]``: how sure each score is (:meth:`vitdecomp.scores.ScoreConfidence.to_dict`):
     ``n_boot``, ``n_null``, ``level``, then ``scores[feature][label] = {score, low, high, null_mean,
     null_high, p}`` (bootstrap interval over images; null = random rotations of the feature's
     descriptions; ``p <= 0.05`` with 19 null draws: the score beats every null draw);
     ``views``: the report's heatmaps, head grids and retrieval galleries (``None``: not computed);
-    ``applications``: one :class:`~vitdecomp.report.sections.AppSection` per application run.
+    ``applications``: one :class:`~vitdecomp.results.AppSection` per application run.
     """
 
     model: ModelInfo
@@ -195,22 +193,25 @@ class AnalysisResult:
     confidence: dict[str, Any] = field(default_factory=dict)
     views: ReportViews | None = None
     applications: list[AppSection] = field(default_factory=list)
+    ranked_by: str | None = None
     format_version: int = FORMAT_VERSION
 
     @property
     def n_components(self) -> int:
         return len(self.labels)
 
-    def method(self, default: str) -> str:
-        """The score to rank by: ``default`` when this result has it, else the default of the analyses
-        that made it (:data:`EARLIER_DEFAULTS`, newest first), else its first method."""
-        have = [m for m in (default, *EARLIER_DEFAULTS) if m in self.scores]
-        return have[0] if have else next(iter(self.scores), default)
+    def method(self) -> str:
+        """The score the tables are ranked by: ``ranked_by`` (stated since schema 2); for a version 1
+        file, the default of the analyses that wrote one (:data:`EARLIER_DEFAULTS`, newest first), else
+        its first score."""
+        have = [m for m in (self.ranked_by, *EARLIER_DEFAULTS) if m in self.scores]
+        return have[0] if have else next(iter(self.scores), "")
 
     def to_dict(self) -> dict[str, Any]:
         """The ``results.json`` document."""
         d = {
             "format_version": self.format_version,
+            "ranked_by": self.ranked_by,
             "model": asdict(self.model),
             "clip": asdict(self.reader),
             "images": asdict(self.images),
@@ -250,8 +251,8 @@ class AnalysisResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AnalysisResult:
         """The result a ``results.json`` document holds."""
-        if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"results format {d.get('format_version')}, this vitdecomp reads {FORMAT_VERSION}")
+        if d.get("format_version") not in READABLE_VERSIONS:
+            raise ValueError(f"results format {d.get('format_version')}, this vitdecomp reads {READABLE_VERSIONS}")
         return cls(
             model=ModelInfo(**d["model"]),
             reader=ReaderInfo(**d["clip"]),
@@ -277,6 +278,7 @@ class AnalysisResult:
             confidence=d.get("confidence", {}),
             views=ReportViews.from_dict(d["views"]) if d.get("views") else None,
             applications=[AppSection.from_dict(a) for a in d.get("applications", [])],
+            ranked_by=d.get("ranked_by"),
             format_version=d["format_version"],
         )
 

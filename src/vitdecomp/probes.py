@@ -1,7 +1,8 @@
-"""Linear probes: one multinomial logistic regression per component, all fitted at once
-(:func:`batched_probe`), each component's held-out accuracy per attribute
-(:func:`probe_importance`), and a probe on the whole representation that can be applied to
-edited representations (:class:`Probe`)."""
+"""Linear probes, the project's one logistic regression: many multinomial regressions fitted at once
+on standardised features (:func:`fit_probes`; L-BFGS, ``l2 * ||W||^2``), their held-out accuracy
+(:func:`batched_probe`), and the fitted :class:`Probe`, which can be applied to edited
+representations. Scores (``text_probe``), applications (probe heads) and the validation harness
+(probe truths) all fit theirs here."""
 
 from __future__ import annotations
 
@@ -10,10 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
-from vitdecomp.store import Rows
-from vitdecomp.world import CORE_ATTRIBUTES
 
 
 @dataclass
@@ -66,24 +63,3 @@ def batched_probe(
     k = int(max(y_tr.max(), y_te.max())) + 1
     probe = fit_probes(x_tr, y_tr, k, l2)
     return (probe.logits(x_te.float()).argmax(-1) == y_te[None]).float().mean(1).numpy()
-
-
-def probe_importance(
-    train: Rows,
-    test: Rows,
-    attrs_tr: dict[str, np.ndarray],
-    attrs_te: dict[str, np.ndarray],
-    max_train: int = 2000,
-    progress: bool = True,
-) -> dict[str, np.ndarray]:
-    """Held-out probe accuracy of each component alone for each attribute: ``{attr: [C]}``."""
-    n_tr = min(max_train, len(train))
-    c_tr = train.batch(slice(0, n_tr))["contributions"]
-    c_te = test.batch(slice(None))["contributions"]
-    x_tr, x_te = c_tr.transpose(0, 1).contiguous(), c_te.transpose(0, 1).contiguous()
-    out = {}
-    for a in tqdm(CORE_ATTRIBUTES, desc="probe components", disable=not progress):
-        y_tr = torch.from_numpy(attrs_tr[a][:n_tr]).long()
-        y_te = torch.from_numpy(attrs_te[a]).long()
-        out[a] = batched_probe(x_tr, y_tr, x_te, y_te)
-    return out
