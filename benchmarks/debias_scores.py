@@ -13,7 +13,6 @@ import argparse
 
 import torch
 
-from vitdecomp.apps.ablation import MeanAblation, analysed_components
 from vitdecomp.apps.debias import (
     TRAIN,
     DebiasConfig,
@@ -23,6 +22,7 @@ from vitdecomp.apps.debias import (
     read_metadata,
     rows_in_source,
 )
+from vitdecomp.apps.mean_ablation import MeanAblation, analysed_components
 from vitdecomp.imageset import folder_source
 from vitdecomp.scores import embed_features, score_features, score_names
 

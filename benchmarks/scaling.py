@@ -89,8 +89,9 @@ def bench_throughput(n_images: int, chunk_rows: int) -> None:
     import ray
 
     from vitdecomp.imageset import world_source
-    from vitdecomp.pipeline.runners import RayRunner
-    from vitdecomp.pipeline.stages import build_store, load_models
+    from vitdecomp.pipeline.fill import build_store
+    from vitdecomp.pipeline.model_pair import load_models
+    from vitdecomp.pipeline.ray_fill import RayRunner
 
     torch.set_num_threads(1)
     models = load_models("zoo:deit", "zoo:clip")
@@ -116,7 +117,8 @@ def bench_throughput(n_images: int, chunk_rows: int) -> None:
 def bench_store_bytes(n_images: int) -> None:
     """Bytes on disk of the store of ``n_images`` world scenes against the exact bytes of its rows."""
     from vitdecomp.imageset import world_source
-    from vitdecomp.pipeline.stages import build_store, load_models
+    from vitdecomp.pipeline.fill import build_store
+    from vitdecomp.pipeline.model_pair import load_models
 
     torch.set_num_threads(1)
     models = load_models("zoo:deit", "zoo:clip")

@@ -20,13 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitdecomp.aligner_cache import get_aligner
 from vitdecomp.evaluation.agreement import spearman
 from vitdecomp.evaluation.components import evaluated_components
 from vitdecomp.evaluation.settings import DEV_SEED, MODELS, N_TRAIN, TRAIN_SEED
 from vitdecomp.evaluation.truths import ablated_wholes, causal_importance
 from vitdecomp.imageset import world_source
 from vitdecomp.pipeline.config import default_cache_dir
-from vitdecomp.pipeline.stages import Models, build_store, get_aligner, load_model_for, readable_rows
+from vitdecomp.pipeline.fill import build_store, readable_rows
+from vitdecomp.pipeline.model_pair import Models, load_model_for
 from vitdecomp.probes import fit_probes
 from vitdecomp.scores import embed_features, load_features, score_ablation, score_features
 from vitdecomp.text import WORLD_TEMPLATES, TextEncoder

@@ -10,11 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from vitdecomp.apps.ablate import AblateConfig, feature_effects, layer_curve, layer_order, run_ablate
-from vitdecomp.apps.ablation import MeanAblation
-from vitdecomp.apps.heads import LinearHead, accuracy
+from vitdecomp.apps.classifiers import LinearHead, accuracy
+from vitdecomp.apps.layer_ablation import AblateConfig, LayerAblation, feature_effects, layer_curve, layer_order
+from vitdecomp.apps.mean_ablation import MeanAblation
 from vitdecomp.components import ComponentLabel
+from vitdecomp.report.outputs import write_app_outputs
 from vitdecomp.results import AppSection
+
+
+def run_ablate(cfg: AblateConfig, command: str = ""):
+    """What ``vitdecomp ablate`` does: run the application, write its files into ``cfg.out``."""
+    result = LayerAblation().run(cfg)
+    result.command = command or result.command
+    write_app_outputs(result, cfg.out)
+    return result
 
 
 def toy(n: int = 600, seed: int = 0):

@@ -9,7 +9,6 @@ from vitdecomp.align import (
     Aligner,
     aligned_component,
     aligned_stack,
-    aligner_dir,
     apply,
     evaluate,
     identity_aligner,
@@ -18,6 +17,7 @@ from vitdecomp.align import (
     save_aligner,
     train_aligner,
 )
+from vitdecomp.aligner_cache import aligner_dir
 from vitdecomp.errors import MismatchError
 from vitdecomp.store import StoreKey, open_store
 

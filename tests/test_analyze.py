@@ -19,7 +19,7 @@ import pytest
 
 from vitdecomp.analyze import AnalysisConfig, run_analysis
 from vitdecomp.errors import MismatchError
-from vitdecomp.report import AnalysisResult
+from vitdecomp.results import AnalysisResult
 from vitdecomp.scores.registry import DEFAULT_SCORE
 
 N = 64
@@ -107,12 +107,13 @@ def test_results_json_is_the_typed_result(first_run):
 
 def test_cli_is_built_from_the_config():
     from vitdecomp.cli import build_parser
+    from vitdecomp.commands.analyze import config_of
 
     argv = ["analyze", "--clip", "zoo:x", "--n-images", "7", "--quiet", "--clip-checkpoint", "w.safetensors"]
-    cfg = AnalysisConfig.from_args(build_parser().parse_args(argv))
+    cfg = config_of(build_parser().parse_args(argv))
     want = AnalysisConfig(reader="zoo:x", n_images=7, progress=False, verbose=False, reader_checkpoint="w.safetensors")
     assert cfg == want  # --quiet: no bars and no summary
-    assert AnalysisConfig.from_args(build_parser().parse_args(["analyze"])) == AnalysisConfig()
+    assert config_of(build_parser().parse_args(["analyze"])) == AnalysisConfig()
 
 
 def test_top_images_are_the_largest_projections(first_run):
@@ -126,7 +127,7 @@ def test_top_images_are_the_largest_projections(first_run):
     al = load_aligner(results.aligner.path)
     lab = next(lab for lab in results.labels if lab.endswith(".mlp"))
     c = results.labels.index(lab)
-    from vitdecomp.pipeline.stages import load_model_for
+    from vitdecomp.pipeline.model_pair import load_model_for
 
     reader = load_model_for("zoo:clip", random_init=True, seed=3001)  # the run's reader: seed + 1
     assert reader.weights_id == results.reader.weights_id
@@ -321,7 +322,7 @@ def test_applications_render_from_their_sections(first_run):
 
 
 def test_rerun_reuses_store_aligner_and_text(first_run, monkeypatch):
-    from vitdecomp.pipeline import stages
+    from vitdecomp import aligner_cache as stages
 
     results, out, cache = first_run
 

@@ -14,9 +14,8 @@ import torch
 from vitdecomp.analyze import AnalysisConfig, run_analysis
 from vitdecomp.cli import main
 from vitdecomp.errors import UsageError
-from vitdecomp.report import AnalysisResult
 from vitdecomp.report.attach import BEGIN, END, attach_section, updated_page
-from vitdecomp.results import AppSection
+from vitdecomp.results import AnalysisResult, AppSection
 from vitdecomp.world.export import export_world
 
 
@@ -167,7 +166,7 @@ def test_analyze_adds_a_segment_section_for_a_folder_with_masks(one_thread, tmp_
 
 
 def test_detection_finds_masks_inside_or_beside_and_waterbirds_metadata_only(tmp_path):
-    from vitdecomp.pipeline.applications import Found, detect_applications
+    from vitdecomp.apps.automatic import Found, detect_applications
 
     (tmp_path / "a" / "masks").mkdir(parents=True)
     (tmp_path / "b" / "images").mkdir(parents=True)
@@ -202,15 +201,17 @@ def test_debias_and_ablate_report_through_the_same_attach(command, folder, tmp_p
     """The commands' wiring, with their (tested elsewhere, slow) runs replaced by a result stub."""
     from types import SimpleNamespace as NS
 
-    import vitdecomp.apps.ablate as ablate
-    import vitdecomp.apps.debias as debias
+    from vitdecomp.apps.debias import Debias
+    from vitdecomp.apps.layer_ablation import LayerAblation
 
     section = _section(command, f"{command} title")
     acc = NS(test=NS(worst=0.5, average=0.7))
     stub = NS(model="zoo:deit", k=1, before=acc, after=acc, reading=lambda name: acc, section=lambda: section)
     stub.layers = [NS(probe={"shape": 1.0})]
-    monkeypatch.setattr(debias, "run_debias", lambda cfg: stub)
-    monkeypatch.setattr(ablate, "run_ablate", lambda cfg: stub)
+    stub.name = stub.json_name = command  # the rest of the result contract the command writes
+    stub.to_dict, stub.figures, stub.files = (lambda: {}), (lambda: []), (lambda: {})
+    monkeypatch.setattr(Debias, "run", lambda self, cfg: stub)
+    monkeypatch.setattr(LayerAblation, "run", lambda self, cfg: stub)
     argv = [command, "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--report", str(folder)]
     for _ in range(2):
         assert main(argv) == 0

@@ -133,8 +133,9 @@ def _result():
 
 
 def test_report_is_rendered_from_templates_with_every_section(tmp_path):
-    from vitdecomp.report import AnalysisResult, render_html
+    from vitdecomp.report import render_html
     from vitdecomp.report.html import SECTIONS, environment
+    from vitdecomp.results import AnalysisResult
 
     r = _result()
     page = render_html(r, {"L0.H0": ["data:image/png;base64,AA"]})
@@ -228,7 +229,7 @@ def test_skip_report_lists_bad_files_and_the_loader_uses_workers(tmp_path, monke
 
 
 def test_random_init_is_seeded_and_keyed_by_seed():
-    from vitdecomp.pipeline.stages import load_model_for
+    from vitdecomp.pipeline.model_pair import load_model_for
 
     a, b, c = (load_model_for("zoo:deit", random_init=True, seed=s) for s in (1, 1, 2))
     assert a.weights_id == b.weights_id != c.weights_id
@@ -237,7 +238,7 @@ def test_random_init_is_seeded_and_keyed_by_seed():
 
 
 def test_aligner_cache_is_keyed_by_image_set_and_training_options():
-    from vitdecomp.pipeline.stages import aligner_cache_dir
+    from vitdecomp.aligner_cache import aligner_cache_dir
     from vitdecomp.store import StoreKey
 
     key = StoreKey("m", "c", ("init",), 0, "p", "images-A")
@@ -250,17 +251,17 @@ def test_aligner_cache_is_keyed_by_image_set_and_training_options():
 
 
 def test_untrained_aligner_is_never_cached(tmp_path):
-    from vitdecomp.pipeline.stages import get_aligner
+    from vitdecomp.aligner_cache import AlignOptions, get_aligner
     from vitdecomp.store import ArrayRows, StoreKey
 
     key = StoreKey("m", "c", ("a", "b"), 0, "p", "imgs")
     rows = ArrayRows(torch.randn(20, 2, 4), torch.randn(20, 3), labels=["a", "b"], key=key)
-    stage = get_aligner(rows, tmp_path, max_steps=0, progress=False, log=lambda *a: None)
+    stage = get_aligner(rows, tmp_path, AlignOptions(max_steps=0), progress=False, log=lambda *a: None)
     assert stage.state == "untrained" and stage.path is None and not list(tmp_path.iterdir())
 
 
 def test_zoo_train_writes_to_a_user_folder_by_default(monkeypatch, tmp_path):
-    from vitdecomp.zoo import cli as zoo_cli
+    from vitdecomp.commands import zoo as zoo_cli
 
     monkeypatch.setenv("VITDECOMP_ZOO_DIR", str(tmp_path / "zoo"))
     assert zoo_cli.user_zoo_dir() == tmp_path / "zoo"

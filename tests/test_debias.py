@@ -10,25 +10,33 @@ import pytest
 import torch
 
 from vitdecomp.align import identity_aligner
-from vitdecomp.apps.ablation import MeanAblation
-from vitdecomp.apps.analysis import SCORE_METHOD
+from vitdecomp.apps.classifiers import GroupAccuracy
 from vitdecomp.apps.debias import (
     TEST,
     TRAIN,
     VAL,
+    Debias,
     DebiasConfig,
     Metadata,
     Split,
     choose_k,
     choose_score,
     debias_arrays,
-    run_debias,
 )
-from vitdecomp.apps.heads import GroupAccuracy
+from vitdecomp.apps.mean_ablation import MeanAblation
+from vitdecomp.report.outputs import write_app_outputs
 from vitdecomp.results import AppSection
+from vitdecomp.scores import DEFAULT_SCORE as SCORE_METHOD
 from vitdecomp.scores import score_features
 
 LABELS = ["init", "core", "spurious", "noise"]
+
+
+def run_debias(cfg: DebiasConfig):
+    """What ``vitdecomp debias`` does: run the application, write its files into ``cfg.out``."""
+    result = Debias().run(cfg)
+    write_app_outputs(result, cfg.out)
+    return result
 
 
 def planted(n_train: int = 400, n_val: int = 200, n_test: int = 400, seed: int = 0):

@@ -102,7 +102,7 @@ def test_specificity_and_planted_precision():
 
 
 def test_control_compares_the_random_scores_with_the_trained_truth():
-    from vitdecomp.evaluation.validate import control_agreement, control_null, magnitude
+    from vitdecomp.evaluation.score_validation import control_agreement, control_null, magnitude
 
     labels = ["init", "L0.H0", "L0.H1", "L0.mlp"]
     attrs = ("shape", "color", "pattern", "background")
@@ -153,7 +153,7 @@ def _fake_result(model: str, random_init: bool) -> dict:
 
 
 def test_document_has_every_table(monkeypatch):
-    from vitdecomp.evaluation import document
+    from vitdecomp.evaluation import score_document as document
 
     monkeypatch.setattr(document, "DEFAULT_SCORE", "ablation")
     text = document.markdown([_fake_result("zoo:deit", False)], [_fake_result("zoo:deit", True)], "cmd", {})
@@ -177,7 +177,7 @@ def test_validate_command_on_random_weights(tmp_path, monkeypatch):
     argv = ["validate", "--models", "zoo:deit", "--n-train", "60", "--n-test", "40", "--out", str(out)]
     argv += ["--align-steps", "20"]
     argv += ["--json", str(js), "--cache-dir", str(tmp_path / "c"), "--quiet", "--scores", "invariant", "ablation"]
-    monkeypatch.setattr("vitdecomp.evaluation.validate.load_model_for", _random_loader())
+    monkeypatch.setattr("vitdecomp.evaluation.world_runs.load_model_for", _random_loader())
     assert main(argv) == 0
     text = out.read_text()
     assert "zoo:deit" in text and "kept by hand" in text and "## Truths" in text
@@ -190,7 +190,7 @@ def test_validate_command_on_random_weights(tmp_path, monkeypatch):
 
 
 def _random_loader():
-    from vitdecomp.pipeline.stages import load_model_for
+    from vitdecomp.pipeline.model_pair import load_model_for
 
     def load(name, checkpoint=None, random_init=False, device="cpu"):
         return load_model_for(name, checkpoint, True, device)

@@ -13,8 +13,9 @@ import torch
 
 from vitdecomp.errors import UsageError
 from vitdecomp.imageset import world_source
-from vitdecomp.pipeline.runners import KILL_ONCE_ENV, RayRunner, require_ray
-from vitdecomp.pipeline.stages import build_store, load_models
+from vitdecomp.pipeline.fill import build_store
+from vitdecomp.pipeline.model_pair import load_models
+from vitdecomp.pipeline.ray_fill import KILL_ONCE_ENV, RayRunner, require_ray
 
 ray = pytest.importorskip("ray")
 

@@ -12,7 +12,7 @@ import zarr
 
 from vitdecomp.components import ComponentLabel, Decomposition
 from vitdecomp.errors import MismatchError
-from vitdecomp.pipeline.stages import fill_store
+from vitdecomp.pipeline.fill import fill_store
 from vitdecomp.store import ArrayRows, ContributionStore, StoreKey, open_store, store_dir
 
 C, D, K = 5, 6, 4

@@ -1,5 +1,5 @@
-"""`vitdecomp.validate`: its ground-truth probe, its figures on a tiny random-init run, and (with the
-shipped zoo checkpoints) guards on the §6 figures of docs/validation.md."""
+"""`vitdecomp.evaluation.alignment` (the first validation): its ground-truth probe, its figures on a tiny
+random-init run, and (with the shipped zoo checkpoints) guards on the §6 figures of docs/validation.md."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from vitdecomp.evaluation.alignment import match_rate, retrieval_precision
 from vitdecomp.probes import batched_probe
 from vitdecomp.store import ArrayRows
-from vitdecomp.validate import match_rate, retrieval_precision
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +88,7 @@ def test_match_rate_counts_overlaps():
 
 @pytest.mark.slow
 def test_validate_runs_and_writes_the_document(tmp_path):
-    from vitdecomp.validate import main
+    from vitdecomp.commands.validate_alignment import main
 
     out = tmp_path / "validation.md"
     argv = ["--models", "zoo:deit", "--control", "--n-train", "64", "--n-test", "48", "--align-steps", "10"]
@@ -121,10 +121,18 @@ def test_zoo_deit_figures_hold(tmp_path):
     """A smaller version of docs/validation.md's zoo:deit row (600 / 300 scenes, ~25 s) must stay
     above floors: the issue's Spearman target itself, and margins below the measured figures
     (2026-11-22: test cosine 0.923, Spearman 0.869, P@20 top-3 0.833 vs random-3 0.559)."""
-    from vitdecomp.validate import _mean, validate_model
+    from vitdecomp.evaluation.alignment import AlignmentRun, _mean, validate_alignment
 
-    r = validate_model(
-        "zoo:deit", n_train=600, n_test=300, align_steps=1500, cache_dir=tmp_path, progress=False, log=lambda *a: 0
+    r = validate_alignment(
+        AlignmentRun(
+            name="zoo:deit",
+            n_train=600,
+            n_test=300,
+            align_steps=1500,
+            cache_dir=tmp_path,
+            progress=False,
+            log=lambda *a: 0,
+        )
     )
     assert r["alignment"]["test_cosine"] > FLOORS["test_cosine"]
     assert _mean(r["spearman_probe"]["invariant"]) > FLOORS["spearman_probe"]

@@ -209,7 +209,7 @@ def test_export_world(tmp_path):
 def test_export_waterbirds_and_cli(tmp_path):
     import argparse
 
-    from vitdecomp.world.cli import add_world_parser
+    from vitdecomp.commands.world import add_parser as add_world_parser
 
     parser = argparse.ArgumentParser()
     add_world_parser(parser.add_subparsers(dest="command"))

@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from vitdecomp.errors import CacheError, MismatchError
-from vitdecomp.pipeline.stages import fill_store
+from vitdecomp.pipeline.fill import fill_store
 from vitdecomp.store import ContributionStore, StoreKey, open_store, store_dir
 
 C, D, K = 4, 6, 3

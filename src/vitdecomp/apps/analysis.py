@@ -24,13 +24,9 @@ import torch
 from vitdecomp.align import Aligner, load_aligner
 from vitdecomp.errors import VitDecompError
 from vitdecomp.models.loaded import LoadedModel
-from vitdecomp.pipeline.stages import load_model_for
+from vitdecomp.pipeline.model_pair import load_model_for
 from vitdecomp.results import AnalysisResult
-from vitdecomp.scores.registry import DEFAULT_SCORE
 from vitdecomp.text import WORLD_TEMPLATES, TextEncoder
-
-#: The score the applications rank components by.
-SCORE_METHOD = DEFAULT_SCORE
 
 
 @dataclass

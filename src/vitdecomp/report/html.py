@@ -14,9 +14,7 @@ To add a section: write ``templates/sections/<name>.html.j2`` and put ``<name>``
 
 from __future__ import annotations
 
-import base64
 import functools
-import io
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -24,9 +22,9 @@ from typing import Any
 
 import jinja2
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
+from vitdecomp.figures import thumbnail_data_uri
 from vitdecomp.fsio import atomic_write_text
 from vitdecomp.results import AnalysisResult
 from vitdecomp.scores.registry import score_about
@@ -42,17 +40,6 @@ SECTIONS: list[str] = [
     "other_methods",
     "about",
 ]
-
-
-def thumbnail_data_uri(image: Any, size: int = 96) -> str:
-    """A PIL image (or uint8 array) as a ``data:image/png;base64,...`` thumbnail (longest side ``size``)."""
-    im = Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image) else image
-    im = im.convert("RGB")
-    if max(im.size) > size:
-        im.thumbnail((size, size))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _heat(v: float, scale: float = 1.0) -> str:

@@ -23,7 +23,7 @@ from vitdecomp.results.analysis import (
     TopImage,
     VocabularyInfo,
 )
-from vitdecomp.results.sections import AppFigure, AppSection
+from vitdecomp.results.sections import AppFigure, AppResult, AppSection, Figure, ResultBase
 from vitdecomp.results.views import ComponentView, FeatureView, Hit, ImageMap, ReportViews, RetrievalGallery
 
 __all__ = [
@@ -32,11 +32,13 @@ __all__ = [
     "Alignment",
     "AnalysisResult",
     "AppFigure",
+    "AppResult",
     "AppSection",
     "CacheInfo",
     "Completeness",
     "ComponentView",
     "FeatureView",
+    "Figure",
     "Hit",
     "ImageMap",
     "ImagesInfo",
@@ -45,6 +47,7 @@ __all__ = [
     "Pick",
     "ReaderInfo",
     "ReportViews",
+    "ResultBase",
     "RetrievalGallery",
     "StoreInfo",
     "TopImage",

@@ -1,7 +1,7 @@
 """What the report shows beyond the scores: heatmaps, head grids and retrieval galleries, as figures.
 
 A leaf module (imports nothing from vitdecomp), like :mod:`vitdecomp.results`: the
-applications (:func:`vitdecomp.apps.report_views.report_views`) fill a :class:`ReportViews` during
+applications (:func:`vitdecomp.apps.report_figures.report_views`) fill a :class:`ReportViews` during
 ``vitdecomp analyze``, the renderer draws it, and ``results.json`` keeps it (``"views"``) so a page can
 be rendered again from that file. Figures are PNG ``data:`` URIs.
 """

@@ -170,7 +170,7 @@ def fit_text_probes(
     """For each feature, the probe its texts teach: every image labelled by its zero-shot reading
     (``readings[f] [N, K]``, the aligned whole projected on the feature's unit description embeddings;
     label = the argmax), a multinomial logistic regression on the whole representation in the subject's
-    own space (``whole [N, D]``, standardised, L-BFGS: :func:`vitdecomp.evaluation.probes.fit_probes`)
+    own space (``whole [N, D]``, standardised, L-BFGS: :func:`vitdecomp.probes.fit_probes`)
     fitted to those labels; features with the same number of descriptions are fitted together (the
     joint loss is the sum of theirs). Returns ``{feature: (probe, labels [N])}``."""
     x = whole.float().cpu()

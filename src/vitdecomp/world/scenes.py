@@ -81,18 +81,6 @@ class Scenes:
 
         return Image.fromarray(self.images[i])
 
-    def subset(self, idx: Sequence[int] | np.ndarray) -> Scenes:
-        idx = np.asarray(idx)
-        return Scenes(
-            images=self.images[idx],
-            masks=self.masks[idx],
-            attributes={k: v[idx] for k, v in self.attributes.items()},
-            captions=[self.captions[i] for i in idx],
-            seed=self.seed,
-            size=self.size,
-            meta=dict(self.meta),
-        )
-
 
 # ----------------------------------------------------------------------------------------------
 # parameters

@@ -1,8 +1,9 @@
 """Who runs the models that fill a store: this process (the default,
-:func:`vitdecomp.pipeline.stages.fill_in_process`) or a pool of Ray actors (``--runner ray``).
+:func:`vitdecomp.pipeline.fill.fill_in_process`) or a pool of Ray actors (``--runner ray``).
 
-Both write the same store the same way: chunk ``k`` holds rows ``k R .. (k+1) R`` (``R`` =
-``store.chunk_rows``). With Ray, the chunks the store does not list as committed become a Ray Data
+Both write the same store the same way, through its public write protocol
+(:class:`vitdecomp.store.StoreWriter`): chunk ``k`` holds rows ``k R .. (k+1) R`` (``R`` =
+``store.chunk_rows``). With Ray, the chunks the store does not list as committed (``missing_chunks``) become a Ray Data
 dataset that ``map_batches`` sends, one chunk at a time, to an actor pool (``workers`` actors, each
 with ``cpus_per_worker`` CPUs and ``gpus_per_worker`` GPUs and its own copy of the models, shipped
 once through the object store). An actor decodes its chunk's images, decomposes and embeds them and
@@ -30,10 +31,10 @@ from vitdecomp.components import Decomposition
 from vitdecomp.errors import UsageError
 from vitdecomp.imageset import ImageSource
 from vitdecomp.models.loaded import LoadedModel
-from vitdecomp.pipeline.stages import Models, model_fns
-from vitdecomp.store import ContributionStore
+from vitdecomp.pipeline.fill import model_fns
+from vitdecomp.pipeline.model_pair import Models
+from vitdecomp.store import StoreWriter
 
-RUNNERS = ("local", "ray")
 #: Fault injection for the tests: ``VITDECOMP_KILL_ONCE=<point>=<marker file>`` kills the process
 #: that reaches ``point`` with SIGKILL, once (the marker file records that it happened).
 KILL_ONCE_ENV = "VITDECOMP_KILL_ONCE"
@@ -53,7 +54,7 @@ def require_ray() -> Any:
 
 @dataclass(frozen=True)
 class RayRunner:
-    """Fill a store with a pool of Ray actors (a :data:`vitdecomp.pipeline.stages.StoreFiller`).
+    """Fill a store with a pool of Ray actors (a :data:`vitdecomp.pipeline.fill.StoreFiller`).
 
     ``address``: the cluster to join (``None``: the one this process already joined, else a local
     one started for the run); ``workers`` actors of ``cpus_per_worker`` CPUs and ``gpus_per_worker``
@@ -68,7 +69,7 @@ class RayRunner:
 
     def __call__(
         self,
-        store: ContributionStore,
+        store: StoreWriter,
         models: Models,
         source: ImageSource,
         *,
@@ -81,9 +82,10 @@ class RayRunner:
         n = len(source)
         store.allocate(n, *_dims(models, source, start_layer, device))
         r = store.chunk_rows
-        todo = [k for k in range(math.ceil(n / r)) if store.manifest["chunks"].get(str(k)) != min(r, n - k * r)]
+        todo = store.missing_chunks(n)
         if not todo:
             return
+        store.close()  # the job carries the store's handle to the actors, without open arrays
         started = not ray.is_initialized()
         if started:
             ray.init(address=self.address, include_dashboard=False, log_to_driver=progress)
@@ -93,7 +95,7 @@ class RayRunner:
                 _ChunkJob(
                     models=models,
                     source=source,
-                    store_path=store.path,
+                    store=store,
                     start_layer=start_layer,
                     batch_size=batch_size,
                     device="cuda" if self.gpus_per_worker > 0 else "cpu",
@@ -165,7 +167,7 @@ class _ChunkJob:
 
     models: Models
     source: ImageSource
-    store_path: str | Path
+    store: StoreWriter
     start_layer: int
     batch_size: int
     device: str
@@ -183,7 +185,7 @@ class _ChunkWriter:
         self.job.models.subject.to(self.job.device)
         self.job.models.reader.to(self.job.device)
         self.fns = model_fns(self.job.models, self.job.start_layer, self.job.device)
-        self.store = ContributionStore(self.job.store_path)
+        self.store = self.job.store.reopen()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         chunks = [int(k) for k in batch["chunk"]]

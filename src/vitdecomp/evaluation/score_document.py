@@ -1,5 +1,5 @@
 """The Markdown page of ``vitdecomp validate`` (docs/validation.md): tables built from the results of
-:func:`vitdecomp.evaluation.validate.validate_model`."""
+:func:`vitdecomp.evaluation.score_validation.validate_model`."""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""The first validation (alignment, per-component probe truth, retrieval, CompAlign ablation) on the built-in world.
+"""The first validation (alignment, per-component probe truth, retrieval, CompAlign ablation) on the built-in world:
+:func:`validate_alignment` for one model (:class:`AlignmentRun`), :func:`markdown` for the page.
 
 Superseded for the scores by ``vitdecomp validate`` (:mod:`vitdecomp.evaluation`: causal truths, non-constant
 components only, held-out seed); kept for its alignment, retrieval and ablation figures.
 
-``python -m vitdecomp.validate [--models zoo:deit zoo:dino zoo:swin zoo:maxvit] [--out docs/validation-alignment.md]``
+``python -m vitdecomp.commands.validate_alignment [--models zoo:deit zoo:dino zoo:swin zoo:maxvit]
+[--out docs/validation-alignment.md]``
 (a ``## Notes`` section already in the output file is carried over to the new version).
 
 Data: the aligner is trained (or loaded from the cache) on the analysis set of ``vitdecomp
@@ -32,12 +34,8 @@ against the top-3 classes read through the model's own linear head.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,14 +43,13 @@ import torch
 import torch.nn.functional as F
 
 from vitdecomp.align import Aligner, aligned_component, evaluate, train_ablation
+from vitdecomp.defaults import ALIGN_STEPS, DEFAULT_N_IMAGES, WORLD_SEED
 from vitdecomp.evaluation.agreement import clip_retrieval_scores, spearman
 from vitdecomp.evaluation.truths import probe_importance
-from vitdecomp.imageset import DEFAULT_N_IMAGES, WORLD_SEED, world_source
-from vitdecomp.pipeline.config import default_cache_dir
-from vitdecomp.pipeline.stages import Models, build_store, get_aligner, load_model_for, readable_rows
-from vitdecomp.scores import ScoreTable, embed_features, load_features, score_features
+from vitdecomp.evaluation.world_runs import WorldRun, prepare
+from vitdecomp.scores import ScoreTable, score_features
 from vitdecomp.store import Rows
-from vitdecomp.text import WORLD_TEMPLATES, TextEncoder, text_span, world_class_embeddings
+from vitdecomp.text import text_span
 from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
 
 MODELS = ("zoo:deit", "zoo:dino", "zoo:swin", "zoo:maxvit")
@@ -159,66 +156,61 @@ def _spearmans(tables: dict[str, ScoreTable], truth: dict[str, np.ndarray], meth
 # one model
 
 
-def validate_model(
-    name: str,
-    reader: str = "zoo:clip",
-    *,
-    cache_dir: str | Path | None = None,
-    n_train: int = DEFAULT_N_IMAGES,
-    n_test: int = N_TEST,
-    random_init: bool = False,
-    ablation: bool = False,
-    align_steps: int = 3000,
-    device: str = "cpu",
-    progress: bool = True,
-    log=print,
-) -> dict[str, Any]:
-    """Every §6 figure for one subject model read through ``reader`` (and the CompAlign ablation
-    when ``ablation``)."""
+@dataclass(kw_only=True)
+class AlignmentRun(WorldRun):
+    """One subject model's first validation (a :class:`~vitdecomp.evaluation.world_runs.WorldRun`
+    whose reader is random too with ``random_init``); ``ablation``: also the CompAlign ablation."""
+
+    n_test: int = N_TEST
+    test_seed: int = TEST_SEED
+    ablation: bool = False
+
+    def __post_init__(self) -> None:
+        self.random_reader = self.random_init
+
+
+def validate_alignment(run: AlignmentRun) -> dict[str, Any]:
+    """Every figure (a)-(d) for one subject model (and the CompAlign ablation when ``run.ablation``)."""
     t0 = time.time()
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    models = Models(load_model_for(name, None, random_init, device), load_model_for(reader, None, random_init, device))
-    src_tr = world_source(n_train, seed=WORLD_SEED)
-    src_te = world_source(n_test, seed=TEST_SEED)
-    stores = [
-        build_store(models, src, cache / "stores", device=device, progress=progress).store for src in (src_tr, src_te)
-    ]
-    train, test = (readable_rows(s) for s in stores)
-    aligned = get_aligner(train, cache / "aligners", max_steps=align_steps, device=device, progress=progress, log=log)
-    al = aligned.aligner
-    encoder = TextEncoder.from_loaded(models.reader, cache_dir=cache / "text", device=device)
-    feat_emb = embed_features(lambda t: encoder.encode(t, WORLD_TEMPLATES), load_features("world"))
-    classes = world_class_embeddings(lambda texts: encoder.encode(texts, ("{}",)))
-    attrs_te = src_te.attributes
-    res: dict[str, Any] = {"model": name, "weights_id": models.subject.weights_id, "clip": models.reader.weights_id}
+    p = prepare(run)
+    train, test, al, classes = p.train, p.test, p.aligned.aligner, p.classes
+    attrs_te = p.test_source.attributes
+    res: dict[str, Any] = {
+        "model": run.name,
+        "weights_id": p.models.subject.weights_id,
+        "clip": p.models.reader.weights_id,
+    }
     res["n_components"] = len(train.labels)
     res["n_train"], res["n_test"] = len(train), len(test)
-    # (a)
-    res["alignment"] = {
-        "state": aligned.state,
-        "aligner": str(aligned.path),
+    res["alignment"] = {  # (a)
+        "state": p.aligned.state,
+        "aligner": str(p.aligned.path),
         "val_cosine_early_stopping": al.metrics.get("val_cosine"),
         "test_cosine": evaluate(al, test)["cosine"],
         "zero_shot": zero_shot(al, test, classes, attrs_te),
     }
-    # scores on the test set
-    tables = score_features(test, al, feat_emb, methods=METHODS, progress=progress)
-    # (b)
-    truth = probe_importance(train, test, src_tr.attributes, attrs_te, progress=progress)
+    tables = score_features(test, al, p.features, methods=METHODS, progress=run.progress)  # scores on the test set
+    truth = probe_importance(train, test, p.train_source.attributes, attrs_te, progress=run.progress)  # (b)
     res["probe_accuracy"] = {a: dict(zip(train.labels, v.tolist(), strict=True)) for a, v in truth.items()}
     res["spearman_probe"] = {m: _spearmans(tables, truth, m) for m in METHODS}
-    # (c)
-    clip_rank = {a: clip_retrieval_scores(test, al, feat_emb[a]).numpy() for a in CORE_ATTRIBUTES}
+    clip_rank = {a: clip_retrieval_scores(test, al, p.features[a]).numpy() for a in CORE_ATTRIBUTES}  # (c)
     res["spearman_clip"] = {
         m: {a: spearman(tables[m][a], torch.from_numpy(clip_rank[a])) for a in CORE_ATTRIBUTES} for m in METHODS
     }
-    # (d)
-    res["retrieval_p20"] = retrieval_precision(al, test, classes, attrs_te, tables)
+    res["retrieval_p20"] = retrieval_precision(al, test, classes, attrs_te, tables)  # (d)
     res["top_components"] = {a: tables["invariant"].ranking(a, TOP_K) for a in CORE_ATTRIBUTES}
-    if ablation:
-        res["ablation"] = alignment_ablation(models.subject, train, test, classes, align_steps, device, progress)
+    if run.ablation:
+        subject = p.models.subject
+        res["ablation"] = alignment_ablation(subject, train, test, classes, run.align_steps, run.device, run.progress)
     res["time_s"] = round(time.time() - t0, 1)
     return res
+
+
+def summary_line(r: dict[str, Any], random_init: bool) -> str:
+    """One line per model run: its test cosine and its Spearman against the probe truth."""
+    sp = _mean(r["spearman_probe"]["invariant"])
+    tag = " (random init)" if random_init else ""
+    return f"{r['model']}{tag}: test cosine {r['alignment']['test_cosine']:.3f}, Spearman vs probe {sp:.3f}"
 
 
 def alignment_ablation(
@@ -226,7 +218,7 @@ def alignment_ablation(
     train: Rows,
     test: Rows,
     classes: dict[str, torch.Tensor],
-    align_steps: int = 3000,
+    align_steps: int = ALIGN_STEPS,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -288,13 +280,14 @@ _SUMMARY_HEAD = [
 
 
 def _intro_lines(results: list[dict[str, Any]], argv: list[str], meta: dict[str, Any]) -> list[str]:
-    cmd = "python -m vitdecomp.validate " + " ".join(argv)
+    cmd = "python -m vitdecomp.commands.validate_alignment " + " ".join(argv)
     n_train = results[0]["n_train"] if results else DEFAULT_N_IMAGES
     n_test = results[0]["n_test"] if results else N_TEST
     return [
         "# Validation on the built-in world",
         "",
-        "Measured by `vitdecomp.validate` (numbers below are written by the script; rerun it to refresh):",
+        "Measured by `python -m vitdecomp.commands.validate_alignment` (numbers below are written by the script; "
+        "rerun it to refresh):",
         "",
         "```",
         cmd.strip(),
@@ -385,74 +378,3 @@ def markdown(
     lines += _ablation_lines(results)
     lines += ["## Definitions", "", (__doc__ or "").split("\n\n", 2)[2].strip(), ""]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vitdecomp.validate", description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS))
-    ap.add_argument("--clip", default="zoo:clip")
-    ap.add_argument("--out", type=Path, default=Path("docs/validation-alignment.md"))
-    ap.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
-    ap.add_argument(
-        "--control", action="store_true", help="also run the same models (and CLIP) with random weights, as a control"
-    )
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--n-train", type=int, default=DEFAULT_N_IMAGES)
-    ap.add_argument("--n-test", type=int, default=N_TEST)
-    ap.add_argument("--ablation", nargs="*", default=["zoo:deit"], help="models to run the ablation on")
-    ap.add_argument("--align-steps", type=int, default=3000)
-    ap.add_argument("--random-init", action="store_true", help="random weights (smoke test of the script)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: fastest for the zoo)")
-    ap.add_argument("--quiet", action="store_true")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
-    runs = [False, True] if args.control and not args.random_init else [args.random_init]
-    by_run: dict[bool, list[dict]] = {}
-    for random_init in runs:
-        by_run[random_init] = []
-        for name in args.models:
-            r = validate_model(
-                name,
-                args.clip,
-                cache_dir=args.cache_dir,
-                n_train=args.n_train,
-                n_test=args.n_test,
-                random_init=random_init,
-                ablation=name in args.ablation and not (random_init and args.control),
-                align_steps=args.align_steps,
-                device=args.device,
-                progress=not args.quiet,
-            )
-            by_run[random_init].append(r)
-            sp = _mean(r["spearman_probe"]["invariant"])
-            tag = " (random init)" if random_init else ""
-            print(
-                f"{name}{tag}: test cosine {r['alignment']['test_cosine']:.3f}, Spearman vs probe {sp:.3f}", flush=True
-            )
-    results = by_run[runs[0]]
-    control = by_run.get(True) if args.control and not args.random_init else None
-    meta = {
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "time_s": time.time() - t0,
-    }
-    shown = list(argv if argv is not None else sys.argv[1:])
-    text = markdown(results, shown, meta, control)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.is_file():  # keep a hand-written "## Notes" section of the previous version
-        old = args.out.read_text()
-        if "\n## Notes" in old:
-            text = text.rstrip("\n") + "\n\n## Notes" + old.split("\n## Notes", 1)[1]
-    args.out.write_text(text)
-    if args.json:
-        args.json.write_text(json.dumps({"results": results, "control": control}, indent=1, default=float))
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,13 +7,12 @@ feature's panel as a PNG ``data:`` URI (the report's per-feature view).
 
 from __future__ import annotations
 
-import base64
-import io
 import re
 from pathlib import Path
 
 import numpy as np
 
+from vitdecomp.figures import figure_png, png_data_uri, pyplot
 from vitdecomp.results import AnalysisResult
 
 _HEAD = re.compile(r"^(?P<where>.+)\.H(?P<head>\d+)$")
@@ -38,11 +37,7 @@ def head_grid(result: AnalysisResult, feature: str, method: str = "invariant") -
 
 def draw_head_grids(result: AnalysisResult, path: str | Path, method: str = "invariant") -> Path:
     """One panel per feature: rows = attention layers, columns = heads, colour = the head's score."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     features = list(result.features)
     grids = [head_grid(result, f, method) for f in features]
     n_rows = max((len(rows) for _, rows in grids), default=1)
@@ -57,19 +52,14 @@ def draw_head_grids(result: AnalysisResult, path: str | Path, method: str = "inv
     fig.colorbar(shown, ax=list(axes), fraction=0.02, pad=0.02, label=f"{method} score")
     fig.suptitle(f"{result.model.name}: head scores per feature", fontsize=9, y=1.04)
     path = Path(path)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    path.write_bytes(figure_png(fig, bbox_inches="tight"))
     return path
 
 
 def head_grid_uri(result: AnalysisResult, feature: str, method: str = "invariant") -> str:
     """One feature's layer x head grid (its own symmetric scale, each cell's score written in it) as
     a ``data:image/png;base64,...`` URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     grid, rows = head_grid(result, feature, method)
     fig, ax = plt.subplots(figsize=(0.42 * grid.shape[1] + 1.6, 0.26 * len(rows) + 0.9), dpi=110)
     lim = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
@@ -82,7 +72,4 @@ def head_grid_uri(result: AnalysisResult, feature: str, method: str = "invariant
     ax.set_xticks(range(grid.shape[1]), [f"H{h}" for h in range(grid.shape[1])], fontsize=6)
     ax.set_title(f"{feature}: {method} score per head", fontsize=8)
     fig.colorbar(shown, ax=ax, fraction=0.05, pad=0.03).ax.tick_params(labelsize=6)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return png_data_uri(figure_png(fig, bbox_inches="tight"))

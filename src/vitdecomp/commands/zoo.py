@@ -1,7 +1,6 @@
-"""``vitdecomp zoo list`` and ``vitdecomp zoo train [NAME ...]``.
-
-The main CLI calls :func:`add_zoo_parser`.
-"""
+"""``vitdecomp zoo list``, ``vitdecomp zoo train [NAME ...]`` and ``vitdecomp zoo evaluate [NAME ...]``:
+the shipped models' cards, training them again (:mod:`vitdecomp.zoo.train`) and measuring them
+(:mod:`vitdecomp.zoo.evaluate`)."""
 
 from __future__ import annotations
 
@@ -16,27 +15,35 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vitdecomp.commands.options import Option, add_options, add_shared
 from vitdecomp.errors import VitDecompError
-from vitdecomp.zoo.cards import is_up_to_date, list_zoo
+from vitdecomp.zoo.cards import list_zoo
+from vitdecomp.zoo.freshness import is_up_to_date
 from vitdecomp.zoo.models import ZOO_NAMES
 from vitdecomp.zoo.recipes import RECIPES
+
+HELP = "the shipped small models: list them, train them again, measure them"
 
 #: Training order: ``swin`` and ``clip`` distil from ``deit``, so ``deit`` comes first; with
 #: ``--jobs 2`` the longest trainings start first (deit beside maxvit, then swin, clip, dino, planted).
 TRAIN_ORDER = ("deit", "maxvit", "swin", "clip", "dino", "planted")
 
 
-def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("zoo", help="the shipped small models trained on the built-in world")
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("zoo", help=HELP, description="The zoo: small models trained on the built-in world.")
     sub = p.add_subparsers(dest="zoo_command", required=True)
     ls = sub.add_parser("list", help="print the zoo models with their cards' headline numbers")
     ls.add_argument("--json", action="store_true", help="print the full cards as JSON")
     ls.set_defaults(func=run_list)
     tr = sub.add_parser("train", help="retrain zoo models from scratch (reproducible) into a user folder (--out)")
     tr.add_argument("names", nargs="*", help=f"models to train (default: all, in the order {' '.join(TRAIN_ORDER)})")
-    tr.add_argument("--no-eval", action="store_true", help="skip the held-out measurements")
-    tr.add_argument("--quiet", action="store_true", help="no progress bars")
-    tr.add_argument("--threads", type=int, help="torch CPU threads per training (default: torch's, 1 with --jobs)")
+    add_options(
+        tr,
+        Option("no_eval", "skip the held-out measurements", False, None),
+        # training's own thread count (not the analysis commands' rule): torch's choice, 1 per job with --jobs
+        Option("threads", "torch CPU threads per training (default: torch's, 1 with --jobs)", None, int, metavar="N"),
+    )
+    add_shared(tr, "quiet")
     tr.add_argument(
         "--jobs",
         type=int,
@@ -61,6 +68,12 @@ def add_zoo_parser(subparsers) -> argparse.ArgumentParser:
         help="write into the installed package instead, replacing the shipped weights and cards",
     )
     tr.set_defaults(func=run_train)
+    ev = sub.add_parser("evaluate", help="measure zoo models on held-out scenes and print the table of docs/zoo.md")
+    ev.add_argument("names", nargs="*", default=list(ZOO_NAMES), help="models to measure (default: all)")
+    ev.add_argument("--write-cards", action="store_true", help="store the numbers in the cards")
+    ev.add_argument("--json", default=None, metavar="FILE", help="also write all metrics to this JSON file")
+    ev.add_argument("--from-cards", action="store_true", help="print the table of the cards' stored numbers")
+    ev.set_defaults(func=run_evaluate)
     return p
 
 
@@ -136,7 +149,7 @@ def train_and_save(name: str, **kwargs):
 
 
 def _train_command(name: str, args: argparse.Namespace, out) -> list[str]:
-    cmd = [sys.executable, "-m", "vitdecomp.zoo.cli", "train", name, "--threads", str(args.threads or 1)]
+    cmd = [sys.executable, "-m", "vitdecomp", "zoo", "train", name, "--threads", str(args.threads or 1)]
     return cmd + ["--no-eval"] * args.no_eval + (["--out", str(out)] if out else ["--replace-shipped"])
 
 
@@ -194,14 +207,16 @@ def _last_progress(path) -> str:
     return f"epoch {hits[-1][0]} {hits[-1][1]}" if hits else "starting"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m vitdecomp.zoo.cli list``)."""
-    parser = argparse.ArgumentParser(prog="vitdecomp")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_zoo_parser(sub)
-    args = parser.parse_args(["zoo", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``vitdecomp zoo evaluate``: :func:`vitdecomp.zoo.evaluate.evaluate_zoo` and its table."""
+    from vitdecomp.zoo.cards import read_card
+    from vitdecomp.zoo.evaluate import evaluate_zoo, table
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    if args.from_cards:
+        print(table([read_card(n) or {"name": n} for n in args.names]))
+        return 0
+    cards, metrics = evaluate_zoo(list(args.names), write_cards=args.write_cards)
+    print(table(cards))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1))
+    return 0

@@ -1,4 +1,4 @@
-"""Retrieval measured on the built-in world's ground truth (see :mod:`vitdecomp.apps.world_eval`).
+"""Retrieval measured on the built-in world's ground truth (see :mod:`vitdecomp.evaluation.app_heatmaps`).
 
 Text retrieval: for every value of every core attribute, the precision@20 of ranking fresh scenes by
 the value's text through the feature's top-k components, the whole representation, and k random

@@ -1,4 +1,5 @@
-"""The report's figures, computed at the end of ``vitdecomp analyze``: :func:`report_views`.
+"""The report's figures, computed at the end of ``vitdecomp analyze``: :func:`report_views` (the data
+types they fill, :class:`~vitdecomp.results.ReportViews`, live in the results schema).
 
 Per feature, the layer x head grid of the heads' scores and the top heads' heatmaps on the first
 :data:`N_MAP_IMAGES` images; per head (the :data:`MAX_VIEW_HEADS` best-scored), its own map on its top
@@ -17,11 +18,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vitdecomp.apps.analysis import Analysis, analysis_of, auto_heads, auto_k
-from vitdecomp.apps.figures import head_grid_uri
+from vitdecomp.apps.head_grids import head_grid_uri
 from vitdecomp.apps.heatmap import heatmaps, overlay
 from vitdecomp.apps.retrieval import store_text_scores, top_components
+from vitdecomp.figures import thumbnail_data_uri
 from vitdecomp.models.loaded import LoadedModel
-from vitdecomp.report.html import thumbnail_data_uri
 from vitdecomp.results import AnalysisResult, ComponentView, FeatureView, Hit, ImageMap, ReportViews, RetrievalGallery
 
 #: Images per feature on which the feature's top heads are mapped.

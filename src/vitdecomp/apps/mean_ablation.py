@@ -16,7 +16,7 @@ decompositions and reader embeddings, the cached or trained aligner; see
 :mod:`vitdecomp.pipeline.stages`) and returns the contributions in memory, their labels (with the
 layer each part belongs to), and what scores them: :meth:`AnalysedComponents.scores` embeds a
 feature set with the reader's text tower and scores every component with the applications' default
-score (:data:`vitdecomp.apps.analysis.SCORE_METHOD`).
+score (:data:`vitdecomp.scores.DEFAULT_SCORE`).
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vitdecomp import decompose
 from vitdecomp.align import Aligner
-from vitdecomp.apps.analysis import SCORE_METHOD
+from vitdecomp.api import decompose
+from vitdecomp.checks import default_device
 from vitdecomp.components import ComponentLabel
 from vitdecomp.imageset import ImageSource
 from vitdecomp.pipeline.config import AnalysisConfig
-from vitdecomp.pipeline.configured import configured_aligner, configured_models, configured_store
-from vitdecomp.pipeline.stages import Models, readable_rows
-from vitdecomp.scores import ScoreTable, embed_features, score_features
+from vitdecomp.pipeline.fill import configured_store, readable_rows
+from vitdecomp.pipeline.model_pair import Models, configured_models
+from vitdecomp.pipeline.stages import configured_aligner
+from vitdecomp.scores import DEFAULT_SCORE, ScoreTable, embed_features, score_features
 from vitdecomp.text import DEFAULT_TEMPLATES, WORLD_TEMPLATES, TextEncoder
 
 #: Row selection: a slice, integer indices or a boolean mask.
@@ -123,7 +124,7 @@ class AnalysedComponents:
         return self.encoder.encode(list(texts), self.templates)
 
     def scores(
-        self, features: Mapping[str, Sequence[str]], rows: RowIndex | None = None, method: str = SCORE_METHOD
+        self, features: Mapping[str, Sequence[str]], rows: RowIndex | None = None, method: str = DEFAULT_SCORE
     ) -> ScoreTable:
         """Every component's score (``method``, default the applications' default) for every feature,
         over the ``rows`` images (all by default): a :class:`~vitdecomp.scores.ScoreTable` ``[F, C]``."""
@@ -138,30 +139,11 @@ class AnalysedComponents:
         return score_features(c, self.aligner, emb, methods=tuple(methods), progress=self.progress)
 
 
-def app_analysis(options, **extra) -> AnalysisConfig:
-    """The pipeline's options for an application run (``options``: its config, with the model, reader,
-    images, output, cache, device, checkpoint, CompAlign steps and progress of ``vitdecomp analyze``;
-    ``extra``: further :class:`AnalysisConfig` fields), so it reuses that analysis' store and aligner."""
-    return AnalysisConfig(
-        model=options.model,
-        reader=options.reader,
-        images=options.images,
-        out=options.out,
-        cache_dir=options.cache_dir,
-        device=options.device,
-        checkpoint=options.checkpoint,
-        align_steps=options.align_steps,
-        progress=options.progress,
-        verbose=options.progress,
-        **extra,
-    )
-
-
 def analysed_components(cfg: AnalysisConfig, source: ImageSource) -> AnalysedComponents:
     """The store, aligner and text encoder of an analysis of ``source`` with ``cfg``'s models and
     caches: the same cached store and aligner ``vitdecomp analyze`` uses (stages of
     :mod:`vitdecomp.pipeline.stages`), without the descriptions, confidence and report."""
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(cfg.device)
     models = configured_models(cfg, device)
     built = configured_store(cfg, models, source, device)
     rows = readable_rows(built.store)

@@ -1,7 +1,8 @@
 """The applications measured on the built-in world's ground truth (object masks, attributes), on a seed
-no analysis, aligner or zoo training used: ``python -m vitdecomp.apps.world_eval heatmaps|retrieval
---analysis DIR [--n 200] [--seed 7100] [--json FILE]`` (``rules``: the study behind the heatmap
-command's choice of heads and direction, :func:`heatmap_rules`).
+no analysis, aligner or zoo training used: ``python -m vitdecomp.commands.evaluate_apps
+heatmaps|retrieval --report DIR [--n-images 200] [--seed 7100] [--json FILE]`` (``rules``: the study
+behind the heatmap command's choice of heads and direction, :func:`heatmap_rules`; retrieval:
+:mod:`vitdecomp.evaluation.app_retrieval`).
 
 Heatmaps: for each image, the texts of its true colour and shape ("a <colour> object", "a <shape>")
 and of its background, read as ``vitdecomp heatmap`` reads a feature's value (the text minus the mean
@@ -14,19 +15,15 @@ a head may write a feature with either sign.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from vitdecomp.apps.analysis import Analysis, auto_heads, load_analysis
+from vitdecomp.apps.analysis import Analysis, auto_heads
 from vitdecomp.apps.heatmap import contrastive
-from vitdecomp.apps.retrieval_eval import evaluate_world
 from vitdecomp.apps.token_maps import token_maps
 from vitdecomp.world import make_scenes
 
@@ -143,30 +140,3 @@ def heatmap_rules(analysis: Analysis, n: int = 100, seed: int = EVAL_SEED, batch
                         hits.setdefault(f"{f} {rule} {how}", []).append(got)
     pointing = {k: float(np.mean(v)) for k, v in hits.items()}
     return {"model": analysis.result.model.name, "n": n, "seed": seed, "heads": len(heads_all), "pointing": pointing}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vitdecomp.apps.world_eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["heatmaps", "rules", "retrieval"])
-    p.add_argument("--analysis", required=True)
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--seed", type=int, default=EVAL_SEED)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
-    analysis = load_analysis(args.analysis)
-    if args.what == "heatmaps":
-        res = heatmap_scores(analysis, args.n, args.seed)
-    elif args.what == "rules":
-        res = heatmap_rules(analysis, args.n, args.seed)
-    else:
-        res = evaluate_world(analysis, args.n, args.seed)
-    text = json.dumps(res, indent=1)
-    if args.json:
-        Path(args.json).write_text(text)
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,14 +1,14 @@
 """Where the representation is formed, and what a feature's top components do (``vitdecomp ablate``).
 
-Both read the representation with parts mean-ablated (:class:`~vitdecomp.apps.ablation.MeanAblation`,
+Both read the representation with parts mean-ablated (:class:`~vitdecomp.apps.mean_ablation.MeanAblation`,
 means over the training half of the images):
 
 * **Layer ablation** (the paper's figure): every component of the last ``n`` layers (blocks) is
   mean-ablated, ``n = 0 .. L``, and the representation is read by a linear probe per feature fitted
-  on the unablated training half (:class:`~vitdecomp.apps.heads.LinearHead`); by the model's own
+  on the unablated training half (:class:`~vitdecomp.apps.classifiers.LinearHead`); by the model's own
   linear head where it has one that reads the representation (the zoo's multi-attribute heads,
   :func:`own_heads`); and for a CLIP subject zero-shot with the feature's class texts
-  (:class:`~vitdecomp.apps.heads.ZeroShotHead`).
+  (:class:`~vitdecomp.apps.classifiers.ZeroShotHead`).
   Components outside the blocks (``init``, norm biases) are never ablated; ``n = 0`` is the
   unablated accuracy.
 * **A feature's top components**: per feature, its top ``k`` components by the applications'
@@ -25,34 +25,32 @@ writes ``ablate.json``, ``ablate.png`` and ``ablate.section.json`` (the report's
 
 from __future__ import annotations
 
-import argparse
-import base64
 import csv
-import json
+import functools
 import shlex
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from vitdecomp.apps.ablation import AnalysedComponents, MeanAblation, analysed_components, app_analysis
-from vitdecomp.apps.analysis import SCORE_METHOD
-from vitdecomp.apps.heads import LinearHead, ZeroShotHead, accuracy
+from vitdecomp.apps.classifiers import LinearHead, ZeroShotHead, accuracy
+from vitdecomp.apps.contract import AnalysedConfig, ComponentApplication
+from vitdecomp.apps.mean_ablation import AnalysedComponents, MeanAblation
 from vitdecomp.components import ComponentLabel
-from vitdecomp.defaults import WORLD_SEED
+from vitdecomp.defaults import ABLATE_KS, ABLATE_N_IMAGES, ABLATE_OUT, ALIGN_STEPS, N_RANDOM, READER, WORLD_SEED
 from vitdecomp.errors import UsageError
-from vitdecomp.fsio import atomic_write_text, writing
-from vitdecomp.imageset import ImageSource, display_name, image_source
+from vitdecomp.figures import figure_png, pyplot
+from vitdecomp.imageset import ImageSource, display_name
 from vitdecomp.pipeline.config import AnalysisConfig
-from vitdecomp.report.attach import add_report_argument, attach_if_asked, check_report
-from vitdecomp.results import AppFigure, AppSection
+from vitdecomp.results import AppSection, Figure, ResultBase
+from vitdecomp.scores import DEFAULT_SCORE
 from vitdecomp.text import world_class_embeddings
 from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
-from vitdecomp.zoo.models import HEAD_SIZES, NUM_LOGITS
 
-DEFAULT_KS = (1, 2, 4, 8)
+DEFAULT_KS = ABLATE_KS
 
 
 @dataclass
@@ -114,22 +112,22 @@ class LogitBlockHead:
 @torch.no_grad()
 def own_heads(comps: AnalysedComponents) -> dict[str, LogitBlockHead]:
     """The subject's own classifier per world attribute, when it has one that reads the decomposed
-    representation: a linear ``get_classifier()`` with one logit block per core attribute
-    (:data:`vitdecomp.zoo.models.HEAD_SIZES`, the zoo's multi-attribute task) whose output on the
-    first image's summed parts equals the model's own logits. ``{}`` otherwise."""
-    model = comps.models.subject.model
+    representation: a linear ``get_classifier()`` with one logit block per attribute head the model
+    declares (:attr:`vitdecomp.models.loaded.LoadedModel.attribute_heads`, the zoo's multi-attribute
+    task) whose output on the first image's summed parts equals the model's own logits. ``{}``
+    otherwise."""
+    model, sizes = comps.models.subject.model, comps.models.subject.attribute_heads
+    n_logits = sum(sizes.values())
     fc = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not isinstance(fc, torch.nn.Linear) or fc.out_features != NUM_LOGITS:
+    if not sizes or not isinstance(fc, torch.nn.Linear) or fc.out_features != n_logits:
         return {}
     x = comps.models.subject.preprocess(comps.source.image(0))[None].to(fc.weight.device)
     logits = model(x).float().cpu()
     w, b = fc.weight.detach().float().cpu(), fc.bias.detach().float().cpu()
-    if logits.shape != (1, NUM_LOGITS) or not torch.allclose(
-        comps.contributions[:1].sum(1) @ w.T + b, logits, atol=1e-3
-    ):
+    if logits.shape != (1, n_logits) or not torch.allclose(comps.contributions[:1].sum(1) @ w.T + b, logits, atol=1e-3):
         return {}
-    ends = np.cumsum([0, *HEAD_SIZES.values()])
-    return {a: LogitBlockHead(w[s:e], b[s:e]) for a, s, e in zip(HEAD_SIZES, ends[:-1], ends[1:], strict=True)}
+    ends = np.cumsum([0, *sizes.values()])
+    return {a: LogitBlockHead(w[s:e], b[s:e]) for a, s, e in zip(sizes, ends[:-1], ends[1:], strict=True)}
 
 
 @dataclass
@@ -220,49 +218,47 @@ def feature_effects(
 
 
 # ----------------------------------------------------------------------------------------------
-# the command
+# the application
 
 
-@dataclass
-class AblateConfig:
+@dataclass(kw_only=True)
+class AblateConfig(AnalysedConfig):
     """Options of ``vitdecomp ablate``: the images (``None``: ``n_images`` generated world scenes from
-    ``seed``) and their labels, the models, the ``ks`` of the per-feature ablation, the random draws."""
+    ``seed``, which also draws the train/test halves and the random components) and their ``labels``
+    (a CSV, paths relative to the images folder), the ``ks`` of the per-feature ablation, the random
+    draws; the rest as :class:`AnalysedConfig`."""
 
-    images: str | Path | None = None
     labels: str | Path | None = None
-    n_images: int = 1000
+    n_images: int = ABLATE_N_IMAGES
     seed: int = WORLD_SEED
-    model: str = "zoo:deit"
-    reader: str | None = "zoo:clip"
     ks: tuple[int, ...] = DEFAULT_KS
-    n_random: int = 5
-    out: str | Path = "vitdecomp-ablate"
-    cache_dir: str | Path | None = None
-    device: str | None = None
-    checkpoint: str | Path | None = None
-    align_steps: int = 3000
-    progress: bool = True
+    n_random: int = N_RANDOM
+    out: str | Path = ABLATE_OUT
 
     def command(self) -> str:
         """The command line that reproduces this run (options left at their defaults omitted)."""
         where = ["--images", shlex.quote(str(self.images))] if self.images is not None else []
-        if self.images is None and self.n_images != 1000:
+        if self.images is None and self.n_images != ABLATE_N_IMAGES:
             where += ["--n-images", str(self.n_images)]
         flags = {"--labels": self.labels, "--checkpoint": self.checkpoint}
         flags |= {"--seed": self.seed if self.seed != WORLD_SEED else None}
-        flags |= {"--clip": self.reader if self.reader != "zoo:clip" else None}
+        flags |= {"--clip": self.reader if self.reader != READER else None}
+        flags |= {"--clip-checkpoint": self.reader_checkpoint}
         flags |= {"--ks": ",".join(map(str, self.ks)) if tuple(self.ks) != DEFAULT_KS else None}
-        flags |= {"--align-steps": self.align_steps if self.align_steps != 3000 else None}
+        flags |= {"--align-steps": self.align_steps if self.align_steps != ALIGN_STEPS else None}
         opts = [f"{k} {shlex.quote(str(v))}" for k, v in flags.items() if v is not None]
         return " ".join(["vitdecomp ablate", *where, "--model", self.model, *opts])
 
-    def analysis(self) -> AnalysisConfig:
-        return app_analysis(self, n_images=None if self.images is not None else self.n_images, seed=self.seed)
+    def analysis(self, **extra: Any) -> AnalysisConfig:
+        return super().analysis(n_images=None if self.images is not None else self.n_images, seed=self.seed, **extra)
 
 
 @dataclass
-class AblateResult:
-    """Everything ``ablate.json`` holds; :meth:`section` is the report's view of it."""
+class AblateResult(ResultBase):
+    """Everything ``ablate.json`` holds; :meth:`section` is the report's view of it, :meth:`figures`
+    the two curves."""
+
+    name: ClassVar[str] = "ablate"
 
     model: str
     images: str
@@ -271,11 +267,15 @@ class AblateResult:
     n_test: int
     layers: list[LayerPoint]
     features: list[FeatureEffect]
-    figure: str | None = None
     command: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def figures(self) -> list[Figure]:
+        caption = "Left: accuracy vs layers removed. Right: top-k vs random-k per feature."
+        return [Figure("ablate", self._png, caption)]
+
+    @functools.cached_property
+    def _png(self) -> bytes:
+        return draw_ablation(self)
 
     def section(self) -> AppSection:
         """Layer curve and per-feature top-k vs random, as a table plus the figure."""
@@ -296,10 +296,7 @@ class AblateResult:
             ]
             for e in self.features
         ]
-        figures = []
-        if self.figure and Path(self.figure).is_file():
-            uri = "data:image/png;base64," + base64.b64encode(Path(self.figure).read_bytes()).decode()
-            figures.append(AppFigure(uri, "Left: accuracy vs layers removed. Right: top-k vs random-k per feature."))
+        figures = [f.for_section() for f in self.figures()]
         notes = [
             "Layer curve, mean probe accuracy: "
             + ", ".join(f"{p.removed}: {np.mean(list(p.probe.values())):.3f}" for p in self.layers)
@@ -317,45 +314,39 @@ def ablation_labels(cfg: AblateConfig, source: ImageSource) -> dict[str, Feature
     raise UsageError(f"--images {cfg.images}: no labels; give --labels CSV (img_filename + one column per feature)")
 
 
-def run_ablate(cfg: AblateConfig, command: str = "") -> AblateResult:
-    """Run ``vitdecomp ablate``: analyse the images, fit the probes, ablate, write the outputs."""
-    if not cfg.ks or min(cfg.ks) < 1:
-        raise UsageError(f"--ks {cfg.ks}: give positive numbers of components")
-    acfg = cfg.analysis()
-    acfg.check()
-    source = image_source(acfg.images, acfg.n_images, acfg.seed, progress=cfg.progress)
-    labels = ablation_labels(cfg, source)
-    comps = analysed_components(acfg, source)
-    perm = np.random.default_rng(cfg.seed).permutation(len(source))
-    train, test = np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2 :])
-    ablation = MeanAblation.fit(comps.contributions, comps.labels, train)
-    probes = {f: LinearHead.fit(ablation.whole(train), lab.y[train]) for f, lab in labels.items()}
-    heads: dict[str, dict[str, Any]] = {"probe": probes}
-    if comps.models.subject.is_clip:
-        heads["zero_shot"] = {f: ZeroShotHead(t) for f, t in _class_texts(comps, labels, source).items()}
-    if cfg.labels is None:  # world labels: the zoo's heads use the same class order
-        heads["model_head"] = {f: h for f, h in own_heads(comps).items() if f in labels}
-    y_test = {f: lab.y[test] for f, lab in labels.items()}
-    layers = layer_curve(ablation, comps.parts, heads, y_test, test)
-    table = comps.scores({f: lab.values for f, lab in labels.items()}, train)
-    orders = {f: torch.argsort(table[f], descending=True, stable=True).tolist() for f in labels}
-    ks = sorted({min(k, ablation.n_components) for k in cfg.ks})
-    effects = feature_effects(ablation, orders, probes, y_test, test, ks, cfg.n_random, cfg.seed)
-    result = AblateResult(
-        cfg.model,
-        source.description,
-        SCORE_METHOD,
-        len(train),
-        len(test),
-        layers,
-        effects,
-        command=command or cfg.command(),
-    )
-    out = Path(cfg.out)
-    result.figure = str(draw_ablation(result, out / "ablate.png"))
-    atomic_write_text(out / "ablate.json", json.dumps(result.to_dict(), indent=1))
-    atomic_write_text(out / "ablate.section.json", json.dumps(result.section().to_dict()))
-    return result
+class LayerAblation(ComponentApplication[AblateConfig, AblateResult]):
+    """``vitdecomp ablate``: analyse the images, fit the probes, ablate layers and each feature's top
+    components (see the module text)."""
+
+    name = "ablate"
+
+    def check(self, cfg: AblateConfig) -> None:
+        if not cfg.ks or min(cfg.ks) < 1:
+            raise UsageError(f"--ks {cfg.ks}: give positive numbers of components")
+
+    def measure(
+        self, cfg: AblateConfig, source: ImageSource, analyse: Callable[[], AnalysedComponents]
+    ) -> AblateResult:
+        labels = ablation_labels(cfg, source)
+        comps = analyse()
+        perm = np.random.default_rng(cfg.seed).permutation(len(source))
+        train, test = np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2 :])
+        ablation = MeanAblation.fit(comps.contributions, comps.labels, train)
+        probes = {f: LinearHead.fit(ablation.whole(train), lab.y[train]) for f, lab in labels.items()}
+        heads: dict[str, dict[str, Any]] = {"probe": probes}
+        if comps.models.subject.is_clip:
+            heads["zero_shot"] = {f: ZeroShotHead(t) for f, t in _class_texts(comps, labels, source).items()}
+        if cfg.labels is None:  # world labels: the zoo's heads use the same class order
+            heads["model_head"] = {f: h for f, h in own_heads(comps).items() if f in labels}
+        y_test = {f: lab.y[test] for f, lab in labels.items()}
+        layers = layer_curve(ablation, comps.parts, heads, y_test, test)
+        table = comps.scores({f: lab.values for f, lab in labels.items()}, train)
+        orders = {f: torch.argsort(table[f], descending=True, stable=True).tolist() for f in labels}
+        ks = sorted({min(k, ablation.n_components) for k in cfg.ks})
+        effects = feature_effects(ablation, orders, probes, y_test, test, ks, cfg.n_random, cfg.seed)
+        return AblateResult(
+            cfg.model, source.description, DEFAULT_SCORE, len(train), len(test), layers, effects, cfg.command()
+        )
 
 
 def _class_texts(
@@ -366,13 +357,10 @@ def _class_texts(
     return {f: world[f] if f in world else comps.embed(lab.values) for f, lab in labels.items()}
 
 
-def draw_ablation(result: AblateResult, path: Path) -> Path:
-    """Two panels: accuracy vs layers removed; per feature, accuracy vs k for top-k and random-k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw_ablation(result: AblateResult) -> bytes:
+    """PNG bytes of two panels: accuracy vs layers removed; per feature, accuracy vs k for top-k and
+    random-k."""
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     removed = [p.removed for p in result.layers]
     for i, f in enumerate(result.layers[0].probe):
@@ -404,75 +392,4 @@ def draw_ablation(result: AblateResult, path: Path) -> Path:
     right.set_ylim(-0.02, 1.02)
     right.set_title("a feature's top-k components (solid) vs k random (dashed)", fontsize=10)
     right.legend(fontsize=6, ncol=2)
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.report is not None:
-        check_report(args.report)
-    cfg = AblateConfig(
-        images=args.images,
-        labels=args.labels,
-        n_images=args.n_images,
-        seed=args.seed,
-        model=args.model,
-        reader=args.reader,
-        ks=args.ks,
-        n_random=args.n_random,
-        out=args.out,
-        cache_dir=args.cache_dir,
-        device=args.device,
-        checkpoint=args.checkpoint,
-        align_steps=args.align_steps,
-        progress=not args.quiet,
-    )
-    result = run_ablate(cfg)
-    curve = ", ".join(f"{np.mean(list(p.probe.values())):.3f}" for p in result.layers)
-    print(
-        f"{result.model}: mean probe accuracy with 0..{len(result.layers) - 1} layers removed: {curve}; "
-        f"{Path(cfg.out) / 'ablate.json'}"
-    )
-    attach_if_asked(args.report, result.section())
-    return 0
-
-
-def _ks(text: str) -> tuple[int, ...]:
-    """``"1,2,4"`` -> ``(1, 2, 4)`` (positive integers)."""
-    try:
-        ks = tuple(int(k) for k in text.split(",") if k.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not ks or min(ks) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive numbers of components")
-    return ks
-
-
-def add_ablate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "ablate",
-        help="mean-ablate layers from the last, and each feature's top components vs random ones",
-        description=__doc__.split("\n\n")[1],
-    )
-    p.add_argument("--images", default=None, help="folder (default: generated world scenes)")
-    p.add_argument("--labels", default=None, help="CSV: img_filename + one column per feature")
-    p.add_argument("--n-images", type=int, default=1000, help="generated scenes when no --images (default 1000)")
-    p.add_argument(
-        "--seed", type=int, default=WORLD_SEED, help="seed of the scenes, the train/test halves, random draws"
-    )
-    p.add_argument("--model", default="zoo:deit", help="subject: timm name, open_clip:ARCH/TAG or zoo:NAME")
-    p.add_argument("--clip", dest="reader", default="zoo:clip", help="CLIP model that reads the components")
-    p.add_argument("--ks", type=_ks, default=DEFAULT_KS, help="numbers of top components (default 1,2,4,8)")
-    p.add_argument("--n-random", type=int, default=5, help="random draws per k")
-    p.add_argument("--out", default="vitdecomp-ablate", help="output folder (ablate.json, ablate.png)")
-    p.add_argument("--cache-dir", default=None, help="stores, aligners and text embeddings (as analyze)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--checkpoint", default=None, help="local weights file for --model")
-    p.add_argument("--align-steps", type=int, default=3000, help="most CompAlign steps (as analyze)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_report_argument(p)
-    p.set_defaults(func=run)
-    return p
+    return figure_png(fig, bbox_inches="tight")

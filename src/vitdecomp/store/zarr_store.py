@@ -1,84 +1,36 @@
-"""On-disk (or object-store), keyed, resumable store of decompositions and reader embeddings for one
-image set: a zarr v3 group that ``zarr`` (and xarray / dask) read without vitdecomp.
-
-Layout (row ``n`` = image ``n``; ``R`` = rows per chunk, see :func:`chunk_rows_for`)::
-
-    zarr.json          group; attribute "vitdecomp": format_version, key (everything that changes the
-                       numbers), key_digest, dtype, n_components
-    contributions/     [N, C, D]  float32 / float16 / bfloat16 (as uint16 bits); shards of [R, C, D]
-                       (uncompressed) made of inner chunks [R, 1, D] (one component's column)
-    representation/    [N, D]     float32, chunks [R, D]
-    clip/              [N, d]     float32, chunks [R, d] (the reader's image embedding)
-    ids/               [N]        image ids (variable-length UTF-8 strings), chunks [R]
-    manifest.json      {"chunk_rows": R, "chunks": {"<k>": rows of chunk k committed}}
-    lock               local stores: held by the run that writes (names it)
-
-A chunk ``k`` (rows ``k R .. (k+1) R``) is the unit of writing, committing and resuming: its rows
-are written to every array first, and only then is it listed in ``manifest.json`` (atomically
-replaced; an object store's single PUT). Rows of chunks the manifest does not list are garbage from
-an interrupted write and are overwritten on resume, so an interruption never leaves duplicate or
-missing rows; disjoint workers (:mod:`vitdecomp.pipeline.runners`) write disjoint chunks and one
-driver commits them. The committed rows are the leading run of listed chunks (``len(store)``); the
-arrays' shape may be larger while a run is under way.
-
-bfloat16 has no zarr data type: it is stored as its 16-bit pattern (``uint16``), the array's attribute
-``"vitdecomp_dtype": "bfloat16"`` says so, and a foreign reader gets float32 back with
-``(a.astype(np.uint32) << 16).view(np.float32)``.
-
-:func:`open_store` names the folder after a hash of the key, so a different model / CLIP / start
-layer / component layout / preprocessing / image set / dtype never reuses another setting's numbers;
-opening a folder holding a different key raises :class:`~vitdecomp.errors.MismatchError`. A folder
-of vitdecomp's older memmap format (``header.json``) is refused with the command that removes it.
-Paths are local folders or fsspec URLs (``memory://``, ``s3://``, ...). The store only writes and
-reads rows: running the models that produce them is the pipeline's job
-(:func:`vitdecomp.pipeline.stages.fill_store`).
-
-Readers (alignment, descriptions, scores, retrieval) take any :class:`Rows`: a store (streamed chunk
-by chunk), its rows read into memory (:meth:`ContributionStore.in_memory`) or arrays
-(:class:`ArrayRows`, :func:`as_rows`). The array called ``clip`` holds the reader's image embedding
-of each image (the reader is the CLIP model whose text space names the components).
-"""
+"""The zarr backend of the contribution store (see :mod:`vitdecomp.store` for the layout and the
+write protocol): :class:`ContributionStore`."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
 import math
-import os
-import re
-import socket
-import sys
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import Any
 
 import numpy as np
 import torch
 
-from vitdecomp.errors import CacheError, LockedError, MismatchError
+from vitdecomp.errors import CacheError, MismatchError
 from vitdecomp.fsio import atomic_write_bytes, fault_point, writing
+from vitdecomp.store.lock import is_url
+from vitdecomp.store.rows import ArrayRows, RowBatch, RowIndex, StoreKey, StorePath, _sorted_index, key_difference
 
 FORMAT_VERSION = 3
+
 #: Storage type of the contributions -> the zarr data type holding it (bfloat16: its uint16 bits).
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
 _ARRAYS = ("contributions", "representation", "clip")
+
 #: Target size of one chunk of contributions (rows written, committed and resumed together).
 CHUNK_BYTES = 64 << 20
+
 MANIFEST = "manifest.json"
+
 #: The group attribute holding the store's header.
 ATTRIBUTE = "vitdecomp"
-
-#: Rows as float32 tensors: ``"contributions" [b, C, D]``, ``"representation" [b, D]`` and
-#: ``"clip" [b, d_clip]`` (the reader's image embedding); arrays a source does not hold are absent.
-RowBatch: TypeAlias = dict[str, torch.Tensor]
-#: Which rows: a slice or integer positions (rows come back in ascending order).
-RowIndex: TypeAlias = slice | np.ndarray | Sequence[int]
-#: A store's location: a local folder or an fsspec URL (``memory://...``).
-StorePath: TypeAlias = str | Path
 
 
 def chunk_rows_for(row_bytes: int, expected_rows: int | None = None, target: int = CHUNK_BYTES) -> int:
@@ -90,236 +42,6 @@ def chunk_rows_for(row_bytes: int, expected_rows: int | None = None, target: int
     if expected_rows:
         rows = min(rows, max(1, expected_rows // 8))
     return int(min(4096, max(16, 2 ** int(math.log2(rows)))))
-
-
-@dataclass(frozen=True)
-class StoreKey:
-    """Everything that changes a store's numbers.
-
-    ``model`` / ``clip`` are weights ids (``LoadedModel.weights_id``), ``start_layer`` the cut layer
-    of the decomposition, ``labels`` the component names in order (the layout), ``preprocess`` a
-    description of the preprocessing (e.g. ``repr`` of the transforms), ``images`` an identifier of
-    the image set (folder + listing digest, generator seed, ...), ``extra`` any other setting.
-    """
-
-    model: str
-    clip: str
-    labels: tuple[str, ...]
-    start_layer: int | None = None
-    preprocess: str = ""
-    images: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "labels", tuple(self.labels))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["labels"] = list(self.labels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StoreKey:
-        return cls(**{**d, "labels": tuple(d["labels"])})
-
-    def digest(self, length: int = 16) -> str:
-        """A short sha256 of the canonical JSON of the key."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:length]
-
-
-def key_difference(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Human-readable list of the fields in which two key dicts differ."""
-    out = []
-    for name in sorted(set(a) | set(b)):
-        va, vb = a.get(name), b.get(name)
-        if va != vb:
-            if name == "labels" and isinstance(va, list) and isinstance(vb, list):
-                out.append(f"labels: {len(va)} components {va[:3]}... vs {len(vb)} components {vb[:3]}...")
-            else:
-                out.append(f"{name}: {str(va)[:80]!r} vs {str(vb)[:80]!r}")
-    return out
-
-
-class Rows(Protocol):
-    """Rows of a decomposed image set, read the same way wherever they are held.
-
-    Implemented by :class:`ContributionStore` (chunks of a zarr store) and :class:`ArrayRows`
-    (tensors in memory); :func:`as_rows` turns arrays into rows. ``labels``: component names
-    (``None`` for bare arrays); ``key``: the store key of the data (``None`` when unknown);
-    ``shapes``: per-row shape of each array held (``"contributions"``, and ``"representation"`` /
-    ``"clip"`` when held); ``chunk_rows``: how many consecutive rows are read together at the cost
-    of one (a store's chunk; every row for arrays in memory): streaming readers
-    (:func:`vitdecomp.align.train_aligner`) draw their random batches within windows of chunks.
-    """
-
-    @property
-    def labels(self) -> list[str] | None: ...
-
-    @property
-    def key(self) -> StoreKey | None: ...
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]: ...
-
-    @property
-    def chunk_rows(self) -> int: ...
-
-    def __len__(self) -> int: ...
-
-    def batch(self, index: RowIndex) -> RowBatch:
-        """Rows ``index`` (in ascending order) as float32 tensors."""
-        ...
-
-    def iter_batches(self, batch_size: int = 256) -> Iterator[RowBatch]:
-        """Every row in order, ``batch_size`` at a time."""
-        ...
-
-    def component(self, index: int, stop: int | None = None) -> torch.Tensor:
-        """Component ``index`` of the first ``stop`` rows (all by default): ``[n, D]`` float32."""
-        ...
-
-
-def _sorted_index(index: RowIndex) -> slice | np.ndarray:
-    return index if isinstance(index, slice) else np.sort(np.asarray(index, dtype=np.int64))
-
-
-def _tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-
-
-class ArrayRows:
-    """:class:`Rows` held in memory: ``contributions [N, C, D]`` and, when known, ``clip [N, d_clip]``
-    (the reader's image embeddings) and ``representation [N, D]``; tensors or numpy arrays.
-
-    Batches are float32 views where the arrays already are float32 (no copy). ``chunk_rows``: the
-    chunk size of the store the rows came from (default: all rows, one chunk)."""
-
-    def __init__(
-        self,
-        contributions: torch.Tensor | np.ndarray,
-        clip: torch.Tensor | np.ndarray | None = None,
-        representation: torch.Tensor | np.ndarray | None = None,
-        *,
-        labels: Sequence[str] | None = None,
-        key: StoreKey | None = None,
-        ids: Sequence[str] | None = None,
-        chunk_rows: int | None = None,
-    ) -> None:
-        arrays = {"contributions": contributions, "representation": representation, "clip": clip}
-        self.arrays = {name: _tensor(a) for name, a in arrays.items() if a is not None}
-        n = {name: int(a.shape[0]) for name, a in self.arrays.items()}
-        if len(set(n.values())) > 1:
-            raise ValueError(f"arrays differ in their number of rows: {n}")
-        if self.arrays["contributions"].ndim != 3:
-            raise ValueError(f"contributions must be [N, C, D], not {tuple(self.arrays['contributions'].shape)}")
-        if labels is not None and len(labels) != self.arrays["contributions"].shape[1]:
-            raise MismatchError(f"{len(labels)} labels for {self.arrays['contributions'].shape[1]} components")
-        self._labels = None if labels is None else list(labels)
-        self._key = key
-        self.ids = None if ids is None else list(ids)
-        self._chunk_rows = chunk_rows
-
-    @property
-    def labels(self) -> list[str] | None:
-        return self._labels
-
-    @property
-    def key(self) -> StoreKey | None:
-        return self._key
-
-    @property
-    def contributions(self) -> torch.Tensor:
-        return self.arrays["contributions"]
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(a.shape[1:]) for name, a in self.arrays.items()}
-
-    @property
-    def chunk_rows(self) -> int:
-        return self._chunk_rows or max(len(self), 1)
-
-    def __len__(self) -> int:
-        return int(self.arrays["contributions"].shape[0])
-
-    def batch(self, index: RowIndex) -> RowBatch:
-        i = _sorted_index(index)
-        i = i if isinstance(i, slice) else torch.from_numpy(i)
-        return {name: a[i].float() for name, a in self.arrays.items()}
-
-    def iter_batches(self, batch_size: int = 256) -> Iterator[RowBatch]:
-        for start in range(0, len(self), batch_size):
-            yield self.batch(slice(start, start + batch_size))
-
-    def component(self, index: int, stop: int | None = None) -> torch.Tensor:
-        return self.arrays["contributions"][:stop, index].float()
-
-    def __repr__(self) -> str:
-        return f"ArrayRows({len(self)} images x {self.shapes['contributions']})"
-
-
-#: What the readers (align, text, score) accept: :class:`Rows`, or arrays that :func:`as_rows` wraps.
-RowSource: TypeAlias = Rows | torch.Tensor | np.ndarray | tuple[Any, ...]
-
-
-def as_rows(source: RowSource) -> Rows:
-    """The one place where arrays become :class:`Rows`: a contributions array ``[N, C, D]`` or a
-    tuple ``(contributions, clip)`` becomes :class:`ArrayRows`; anything else is taken as rows."""
-    if isinstance(source, (torch.Tensor, np.ndarray)):
-        return ArrayRows(source)
-    if isinstance(source, tuple):
-        return ArrayRows(*source)
-    return source
-
-
-class StoreLock:
-    """An exclusive lock on a store folder (``lock``: an ``flock`` on that file, released by the
-    kernel when the process dies, even by ``kill -9``). The file names the holder (pid, host, command,
-    since); a second writer waits up to ``timeout`` seconds, then fails with
-    :class:`~vitdecomp.errors.LockedError` naming the holder. A store at a URL has no lock (object
-    stores have no ``flock``): one driver per store commits, workers write disjoint chunks."""
-
-    def __init__(self, folder: StorePath, timeout: float = 0.0) -> None:
-        self.url = is_url(folder)
-        self.path = Path("/") if self.url else Path(folder) / "lock"
-        self.timeout = timeout
-        self._fd: int | None = None
-
-    def __enter__(self) -> StoreLock:
-        if self.url:
-            return self
-        with writing(self.path):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
-                    os.close(fd)
-                    raise LockedError(
-                        f"the store {self.path.parent} is being written by another run ({holder}); wait for it "
-                        "to finish, or use another --cache-dir"
-                    ) from None
-                time.sleep(0.2)
-        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-        holder += " ".join(sys.argv)[:200]
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.encode(), 0)
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
 
 
 class _Place:
@@ -372,11 +94,6 @@ class _Place:
             return None
 
 
-def is_url(path: StorePath) -> bool:
-    """A store location given as an fsspec URL (``memory://``, ``s3://``, ``file://``...)."""
-    return "://" in str(path)
-
-
 def _damaged(place: _Place, what: str, err: BaseException) -> CacheError:
     return CacheError(
         f"cannot read {place.file(what)} ({type(err).__name__}: {str(err)[:80]}): the store is damaged; "
@@ -420,8 +137,9 @@ class ContributionStore:
     Read access (:class:`Rows`): :meth:`batch`, :meth:`iter_batches` (chunk by chunk) and
     :meth:`component` return float32 tensors of committed rows; ``ids`` the image ids, ``labels``
     the component names; ``contributions`` / ``representation`` / ``clip`` are the raw zarr arrays.
-    Write access: :meth:`append` (rows after the committed ones, committed at once), or
-    :meth:`allocate` + :meth:`write_rows` from any number of workers + :meth:`commit` by one driver.
+    Write access (:class:`vitdecomp.store.StoreWriter`): :meth:`append` (rows after the committed
+    ones, committed at once), or :meth:`allocate` + :meth:`write_rows` from any number of workers
+    (:meth:`reopen` in each) + :meth:`commit` by one driver, which asks :meth:`missing_chunks`.
     """
 
     def __init__(
@@ -694,6 +412,16 @@ class ContributionStore:
                 self._array(name)[start : start + b] = a
             self._array("ids")[start : start + b] = np.asarray([str(i) for i in ids], dtype=np.dtypes.StringDType())
 
+    def missing_chunks(self, rows: int) -> list[int]:
+        """The chunks of the first ``rows`` rows that are not committed in full (what a filler still
+        has to write)."""
+        r, done = self.chunk_rows, self.manifest["chunks"]
+        return [k for k in range(math.ceil(rows / r)) if done.get(str(k)) != min(r, rows - k * r)]
+
+    def reopen(self) -> ContributionStore:
+        """A fresh handle on this store (for another process: a worker writing its chunks)."""
+        return type(self)(self.path)
+
     def commit(self, chunks: dict[int, int]) -> None:
         """List chunks ``{k: rows written from the chunk's start}`` as committed (one atomic replace
         of the manifest): called once their rows are written."""
@@ -786,21 +514,3 @@ def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
             x = x.float()
         return x.numpy()
     return np.asarray(x)
-
-
-def store_dir(root: StorePath, key: StoreKey, dtype: str = "float32") -> StorePath:
-    """The key-named folder of a store under ``root``: ``<model slug>-<digest of key + dtype>`` (a
-    URL under a URL root)."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key.model)[:48].strip("_") or "store"
-    digest = hashlib.sha256(f"{key.digest(64)}|{dtype}".encode()).hexdigest()[:16]
-    if is_url(root):
-        return f"{str(root).rstrip('/')}/{slug}-{digest}"
-    return Path(root) / f"{slug}-{digest}"
-
-
-def open_store(
-    root: StorePath, key: StoreKey, dtype: str = "float32", chunk_rows: int | None = None
-) -> ContributionStore:
-    """Open (or create) the store for ``key`` under ``root``; an existing one is resumed.
-    ``chunk_rows``: rows per chunk of a new store (default: :func:`chunk_rows_for` its rows)."""
-    return ContributionStore(store_dir(root, key, dtype), key=key, dtype=dtype, chunk_rows=chunk_rows)

@@ -1,5 +1,6 @@
 """Validate component scores against ground truths on held-out world scenes, one model at a time
-(:func:`validate_model`; every model and the random-init control: :mod:`vitdecomp.evaluation.cli`).
+(:func:`validate_model` of a :class:`ScoreRun`; every model and the random-init control:
+:mod:`vitdecomp.commands.validate`).
 
 Data (seeds: :mod:`vitdecomp.evaluation.settings`): the aligner is trained (or loaded from the cache)
 on the ``vitdecomp analyze`` set; the probes behind the truths are fitted on that set too. Every score
@@ -19,7 +20,8 @@ random network's large parts still carry colour), so that figure is not a contro
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,13 +39,14 @@ from vitdecomp.evaluation.truths import (
     top_k_precision,
     zero_shot_causal,
 )
-from vitdecomp.imageset import world_source
-from vitdecomp.pipeline.config import default_cache_dir
-from vitdecomp.pipeline.stages import Models, build_store, get_aligner, load_model_for, readable_rows
-from vitdecomp.scores import embed_features, load_features, score_features
+from vitdecomp.evaluation.world_runs import WorldRun, prepare
+from vitdecomp.scores import score_features
 from vitdecomp.store import Rows
-from vitdecomp.text import WORLD_TEMPLATES, TextEncoder, world_class_embeddings
 from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """Say nothing (the score validation prints one line per model itself)."""
 
 
 def _per_label(values: dict[str, np.ndarray], labels: list[str]) -> dict[str, dict[str, float]]:
@@ -131,50 +134,42 @@ def agreement(
     }
 
 
-def validate_model(
-    name: str,
-    reader: str = "zoo:clip",
-    *,
-    scores: tuple[str, ...] = SCORES,
-    test_seed: int = HELD_OUT_SEED,
-    n_train: int = N_TRAIN,
-    n_test: int = N_TEST,
-    random_init: bool = False,
-    planted: dict[str, list[str]] | None = None,
-    cache_dir: str | Path | None = None,
-    align_steps: int = 3000,
-    device: str = "cpu",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Every score of ``scores`` against every truth for one model (see the module docstring);
-    ``random_init``: the subject's weights are random (the reader keeps its trained weights)."""
+@dataclass(kw_only=True)
+class ScoreRun(WorldRun):
+    """One model's score validation (a :class:`~vitdecomp.evaluation.world_runs.WorldRun`: the aligner
+    and the truths' probes fitted on the analysis set, everything else on the held-out seed): the
+    ``scores`` compared, and the ``planted`` heads of a planted-role model (``{attribute: [labels]}``)."""
+
+    n_train: int = N_TRAIN
+    n_test: int = N_TEST
+    train_seed: int = TRAIN_SEED
+    test_seed: int = HELD_OUT_SEED
+    scores: tuple[str, ...] = SCORES
+    planted: dict[str, list[str]] | None = None
+    log: Callable[..., Any] = _silent
+
+
+def validate_model(run: ScoreRun) -> dict[str, Any]:
+    """Every score of ``run.scores`` against every truth for one model (see the module docstring);
+    ``run.random_init``: the subject's weights are random (the reader keeps its trained weights)."""
     t0 = time.time()
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    models = Models(load_model_for(name, None, random_init, device), load_model_for(reader, None, False, device))
-    src_tr, src_te = world_source(n_train, seed=TRAIN_SEED), world_source(n_test, seed=test_seed)
-    train, test = (
-        readable_rows(build_store(models, s, cache / "stores", device=device, progress=progress).store)
-        for s in (src_tr, src_te)
-    )
-    al = get_aligner(
-        train, cache / "aligners", max_steps=align_steps, device=device, progress=progress, log=lambda *a, **k: None
-    ).aligner
-    encoder = TextEncoder.from_loaded(models.reader, cache_dir=cache / "text", device=device)
-    feat_emb = embed_features(lambda t: encoder.encode(t, WORLD_TEMPLATES), load_features("world"))
-    classes = world_class_embeddings(lambda texts: encoder.encode(texts, ("{}",)))
+    p = prepare(run)
+    train, test, al = p.train, p.test, p.aligned.aligner
     labels = list(train.labels)
     c_te = test.batch(slice(None))["contributions"]
     keep = evaluated_components(labels, c_te)
     rel = relative_second_singular_value(c_te)
-    tables = score_features(test, al, feat_emb, methods=scores, progress=progress)
-    truths = compute_truths(train, test, src_tr.attributes, src_te.attributes, al, classes, progress)
+    tables = score_features(test, al, p.features, methods=run.scores, progress=run.progress)
+    truths = compute_truths(
+        train, test, p.train_source.attributes, p.test_source.attributes, al, p.classes, run.progress
+    )
     mag = magnitude(c_te)
     res: dict[str, Any] = {
-        "model": name,
-        "weights_id": models.subject.weights_id,
-        "random_init": random_init,
-        "train_seed": TRAIN_SEED,
-        "test_seed": test_seed,
+        "model": run.name,
+        "weights_id": p.models.subject.weights_id,
+        "random_init": run.random_init,
+        "train_seed": run.train_seed,
+        "test_seed": run.test_seed,
         "n_train": len(train),
         "n_test": len(test),
         "labels": labels,
@@ -187,9 +182,9 @@ def validate_model(
         "magnitude": {t: {a: spearman(mag[keep], truths[t][a][keep]) for a in CORE_ATTRIBUTES} for t in truths},
         "top": {m: {a: [lab for lab, _ in t.ranking(a, 3)] for a in CORE_ATTRIBUTES} for m, t in tables.items()},
     }
-    if planted:
+    if run.planted:
         res["planted"] = {
-            m: {a: top_k_precision(t[a].numpy(), labels, heads) for a, heads in planted.items()}
+            m: {a: top_k_precision(t[a].numpy(), labels, heads) for a, heads in run.planted.items()}
             for m, t in tables.items()
         }
     res["time_s"] = round(time.time() - t0, 1)

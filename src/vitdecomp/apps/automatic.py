@@ -7,7 +7,7 @@ What is looked for (:func:`detect_applications`), and nothing else, so that no g
              export's), the ``masks/`` beside it: :func:`vitdecomp.apps.segment.segment` on the masked images with
              every map method (at most ``--n-images`` images), reusing the subject model ``analyze`` loaded.
 ``debias``   ``IMAGES/metadata.csv`` with the Waterbirds columns (``img_filename, y, split, place``):
-             :func:`vitdecomp.apps.debias.run_debias` with ``analyze``'s models, cache and CompAlign
+             :class:`vitdecomp.apps.debias.Debias` with ``analyze``'s models, cache and CompAlign
              steps; it reads the store and aligner ``analyze`` just cached when ``analyze`` ran on the
              whole folder with the default start layer and store type, else builds its own. Not with
              ``--random-init`` (debias reads pretrained weights). Its files go to ``OUT/debias/``.
@@ -20,7 +20,6 @@ analysis, so it is not run here: add it with ``vitdecomp ablate ... --report OUT
 from __future__ import annotations
 
 import csv
-import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ from pathlib import Path
 
 from vitdecomp.errors import VitDecompError
 from vitdecomp.pipeline.config import AnalysisConfig
-from vitdecomp.pipeline.stages import Models, load_model_for
-from vitdecomp.results import AppSection
+from vitdecomp.pipeline.model_pair import Models, load_model_for
+from vitdecomp.results import AppResult
 
 WATERBIRDS_COLUMNS = ("img_filename", "y", "split", "place")
 
@@ -43,7 +42,7 @@ class Found:
 
 
 def detect_applications(images: str | Path | None) -> Found:
-    """What :mod:`this stage <vitdecomp.pipeline.applications>` runs on ``images`` (``None``: the
+    """What :mod:`this stage <vitdecomp.apps.automatic>` runs on ``images`` (``None``: the
     generated world scenes, which carry no application inputs)."""
     if images is None:
         return Found()
@@ -63,57 +62,73 @@ def _waterbirds_header(path: Path) -> bool:
     return set(WATERBIRDS_COLUMNS) <= {h.strip() for h in header}
 
 
-def run_applications(cfg: AnalysisConfig, models: Models, device: str) -> tuple[list[AppSection], list[str]]:
-    """The sections of the applications found in ``cfg.images`` and a warning per one that failed."""
+@dataclass
+class AutomaticRun:
+    """An application ``analyze`` ran: its result and the folder its files go to (``None``: none)."""
+
+    result: AppResult
+    out: Path | None = None
+
+
+def run_applications(cfg: AnalysisConfig, models: Models, device: str) -> tuple[list[AutomaticRun], list[str]]:
+    """The applications found in ``cfg.images``, run, and a warning per one that failed."""
     found = detect_applications(cfg.images)
-    sections: list[AppSection] = []
+    runs: list[AutomaticRun] = []
     warnings: list[str] = []
     if found.masks is not None:
-        _attempt("segment", lambda: segment_section(cfg, models, found.masks, device), sections, warnings)
+        _attempt("segment", lambda: AutomaticRun(run_segment(cfg, models, found.masks, device)), runs, warnings)
     if found.metadata is not None:
         if cfg.random_init:
             warnings.append("debias not run: --random-init (debias reads the pretrained weights)")
         else:
-            _attempt("debias", lambda: debias_section(cfg, device), sections, warnings)
-    return sections, warnings
+            out = Path(cfg.out) / "debias"
+            _attempt("debias", lambda: AutomaticRun(run_debias(cfg, out, device), out), runs, warnings)
+    return runs, warnings
 
 
-def _attempt(name: str, run: Callable[[], AppSection], sections: list[AppSection], warnings: list[str]) -> None:
-    """``sections.append(run())``; a :class:`VitDecompError` becomes a warning naming ``name``."""
+def _attempt(name: str, run: Callable[[], AutomaticRun], runs: list[AutomaticRun], warnings: list[str]) -> None:
+    """``runs.append(run())``; a :class:`VitDecompError` becomes a warning naming ``name``."""
     print(f"vitdecomp: {name}: inputs found, running it for the report", file=sys.stderr)
     try:
-        sections.append(run())
+        runs.append(run())
     except VitDecompError as err:
         warnings.append(f"{name} not run: {err}")
 
 
-def segment_section(cfg: AnalysisConfig, models: Models, masks: Path, device: str) -> AppSection:
+def run_segment(cfg: AnalysisConfig, models: Models, masks: Path, device: str) -> AppResult:
     """``vitdecomp segment --images IMAGES --masks MASKS`` on the loaded subject (the maps run on the
-    CPU: a subject on another device is loaded again there), as a section."""
-    from vitdecomp.apps.segment import folder_set, segment
+    CPU: a subject on another device is loaded again there)."""
+    from vitdecomp.apps.masks import folder_set
+    from vitdecomp.apps.segment import Segment, SegmentConfig
 
     subject = models.subject
     if device != "cpu":
         subject = load_model_for(cfg.model, cfg.checkpoint, cfg.random_init, "cpu", cfg.seed)
-    result = segment(subject, folder_set(cfg.images, masks, cfg.n_images))  # type: ignore[arg-type]
-    parts = ["vitdecomp", "segment", "--model", cfg.model, "--images", str(cfg.images), "--masks", str(masks)]
-    result.command = shlex.join(parts + (["--n", str(cfg.n_images)] if cfg.n_images else []))
-    return result.section()
+    scfg = SegmentConfig(
+        model=cfg.model,
+        checkpoint=cfg.checkpoint,
+        images=cfg.images,
+        masks=masks,
+        n_images=cfg.n_images,
+        progress=cfg.progress,
+    )
+    return Segment().measure(scfg, subject, folder_set(cfg.images, masks, cfg.n_images))  # type: ignore[arg-type]
 
 
-def debias_section(cfg: AnalysisConfig, device: str) -> AppSection:
-    """``vitdecomp debias --images IMAGES`` with ``analyze``'s models and caches, as a section."""
-    from vitdecomp.apps.debias import DebiasConfig, run_debias
+def run_debias(cfg: AnalysisConfig, out: Path, device: str) -> AppResult:
+    """``vitdecomp debias --images IMAGES`` with ``analyze``'s models and caches."""
+    from vitdecomp.apps.debias import Debias, DebiasConfig
 
     dcfg = DebiasConfig(
         images=cfg.images,  # type: ignore[arg-type]
         model=cfg.model,
         reader=cfg.reader,
-        out=Path(cfg.out) / "debias",
+        checkpoint=cfg.checkpoint,
+        reader_checkpoint=cfg.reader_checkpoint,
+        out=out,
         cache_dir=cfg.cache_path,
         device=device,
-        checkpoint=cfg.checkpoint,
         align_steps=cfg.align_steps,
         progress=cfg.progress,
     )
-    return run_debias(dcfg).section()
+    return Debias().run(dcfg)
