@@ -1,7 +1,7 @@
-"""Conventional entry points and outputs: ``python -m vitdecomp``, ``--version``, ``--help`` without
-torch, ``decompose --out`` readable with plain numpy/safetensors, ``Decomposition.save/load/
-to_pandas/_repr_html_``, the report from templates, image folders read as users expect, caches keyed
-by what changes them, and ``zoo train`` writing to a user folder."""
+"""The command layer and conventional outputs: ``python -m vitdecomp``, ``--version``, ``--help``
+without torch and in plain words, one vocabulary of options, ``decompose --out`` readable with plain
+numpy/safetensors, ``Decomposition.save/load/to_pandas/_repr_html_``, the report from templates,
+random weights keyed by their seed, and ``zoo train`` writing to a user folder."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vitdecomp as vd
 from vitdecomp.cli import main
@@ -152,79 +151,6 @@ def test_report_is_rendered_from_templates_with_every_section(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# image folders
-
-
-def test_images_are_converted_as_a_viewer_shows_them(tmp_path):
-    from vitdecomp.imageset import BACKGROUND, read_image
-
-    ramp16 = (np.arange(64, dtype=np.uint16)[None].repeat(8, 0) * 1024).astype(np.uint16)
-    Image.fromarray(ramp16).save(tmp_path / "i16.png")
-    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32)[None].repeat(8, 0)).save(tmp_path / "f.tif")
-    pal = Image.new("P", (8, 8))
-    pal.putpalette([255, 0, 0] + [0, 0, 255] * 255)
-    pal.save(tmp_path / "p.png")
-    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
-    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "a.png")
-    for name in ("i16.png", "f.tif"):
-        a = np.asarray(read_image(tmp_path / name))
-        assert a.dtype == np.uint8 and a.shape[-1] == 3
-        assert a.min() < 10 and a.max() > 240 and len(np.unique(a)) > 30, name  # a ramp, not white/black
-    assert tuple(np.asarray(read_image(tmp_path / "p.png"))[0, 0]) == (255, 0, 0)
-    r, g, b = np.asarray(read_image(tmp_path / "c.jpg"))[0, 0].astype(int)
-    assert r > 200 and g < 60 and b < 60
-    assert tuple(np.asarray(read_image(tmp_path / "a.png"))[0, 0]) == BACKGROUND  # composited
-
-
-def test_world_export_folder_reads_images_not_masks_with_attributes(tmp_path):
-    from vitdecomp.imageset import folder_source
-    from vitdecomp.world import export_world
-
-    export_world(6, seed=1, out_dir=tmp_path / "w", progress=False)
-    src = folder_source(tmp_path / "w")
-    assert len(src) == 6 and all(i.startswith("images/") for i in src.ids)
-    assert src.is_world and set(src.attributes) >= {"shape", "color"}
-    assert "world export" in src.description
-
-
-def test_non_utf8_names_and_content_hash_key(tmp_path):
-    from vitdecomp.imageset import folder_source
-
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(2):
-        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"ok{i}.png")
-    weird = os.path.join(os.fsencode(folder), b"caf\xe9.png")
-    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(weird)
-    src = folder_source(folder)
-    assert "caf\\xe9.png" in src.ids and all(i.encode("utf-8") for i in src.ids)
-    assert np.asarray(src.image(src.ids.index("caf\\xe9.png"))).mean() == 200
-    # the same size and mtime, other bytes: another key (no stale rows)
-    path = folder / "ok1.png"
-    st = path.stat()
-    data = bytearray(path.read_bytes())
-    Image.fromarray(np.full((8, 8, 3), 41, np.uint8)).save(path)
-    assert len(path.read_bytes()) == len(data)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert folder_source(folder).key != src.key
-
-
-def test_skip_report_lists_bad_files_and_the_loader_uses_workers(tmp_path, monkeypatch):
-    from vitdecomp import imageset
-
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(folder / f"ok{i}.png")
-    (folder / "bad.png").write_bytes(b"nope")
-    monkeypatch.setenv("VITDECOMP_WORKERS", "2")
-    src = imageset.folder_source(folder, skip_bad=True)
-    assert len(src) == 3 and len(src.errors) == 1 and "bad.png" in imageset.skip_report(src)
-    batches = list(src.batches(2)(1))
-    assert [ids for ids, _ in batches] == [["ok1.png", "ok2.png"]]
-
-
-# ------------------------------------------------------------------------------------------------
 # caches keyed by what changes them; the zoo's default folder
 
 
@@ -235,29 +161,6 @@ def test_random_init_is_seeded_and_keyed_by_seed():
     assert a.weights_id == b.weights_id != c.weights_id
     pa, pb, pc = (next(m.model.parameters()) for m in (a, b, c))
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
-
-
-def test_aligner_cache_is_keyed_by_image_set_and_training_options():
-    from vitdecomp.aligner_cache import aligner_cache_dir
-    from vitdecomp.store import StoreKey
-
-    key = StoreKey("m", "c", ("init",), 0, "p", "images-A")
-    opts = {"val_fraction": 0.1, "max_steps": 50, "batch_size": 256}
-    base = aligner_cache_dir("/r", key, 1.0, opts)
-    assert base == aligner_cache_dir("/r", key, 1.0, dict(opts))
-    assert base != aligner_cache_dir("/r", StoreKey("m", "c", ("init",), 0, "p", "images-B"), 1.0, opts)
-    assert base != aligner_cache_dir("/r", key, 1.0, {**opts, "max_steps": 1500})
-    assert base != aligner_cache_dir("/r", key, 0.5, opts)
-
-
-def test_untrained_aligner_is_never_cached(tmp_path):
-    from vitdecomp.aligner_cache import AlignOptions, get_aligner
-    from vitdecomp.store import ArrayRows, StoreKey
-
-    key = StoreKey("m", "c", ("a", "b"), 0, "p", "imgs")
-    rows = ArrayRows(torch.randn(20, 2, 4), torch.randn(20, 3), labels=["a", "b"], key=key)
-    stage = get_aligner(rows, tmp_path, AlignOptions(max_steps=0), progress=False, log=lambda *a: None)
-    assert stage.state == "untrained" and stage.path is None and not list(tmp_path.iterdir())
 
 
 def test_zoo_train_writes_to_a_user_folder_by_default(monkeypatch, tmp_path):
