@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from typing import ClassVar  # at module level: dataclasses reads it there to tell a class variable
 
 import pytest
 import torch
@@ -217,3 +218,70 @@ def test_debias_and_ablate_report_through_the_same_attach(command, folder, tmp_p
         assert main(argv) == 0
     assert AnalysisResult.load(folder / "results.json").applications == [section]
     assert (folder / "index.html").read_text().count(f'id="app-{command}"') == 1
+
+
+# ------------------------------------------------------------------ adding an application
+
+
+def test_an_application_is_two_modules_and_one_row(folder, tmp_path, capsys):
+    """A toy application written here, as a user would: its algorithm (an AnalysisApplication with a
+    typed config and result), its command (parser + run) and one row of COMMANDS. Nothing else is
+    edited, and it shows in the CLI, in its own files, in results.json and in the report."""
+    from collections import Counter
+    from dataclasses import dataclass
+
+    from vitdecomp.apps.contract import AnalysisApplication
+    from vitdecomp.commands import COMMANDS, Command
+    from vitdecomp.commands._apps import run_application
+    from vitdecomp.commands.options import add_shared
+    from vitdecomp.results import ResultBase
+
+    # -- the algorithm module: config, result, application
+    @dataclass
+    class KindsConfig:
+        analysis: str
+        out: str
+        checkpoint: str | None = None
+        device: str | None = None
+
+    @dataclass
+    class KindsResult(ResultBase):
+        name: ClassVar[str] = "kinds"
+        model: str
+        counts: dict[str, int]
+
+        def section(self) -> AppSection:
+            rows = [[k, str(v)] for k, v in self.counts.items()]
+            return AppSection("kinds", f"Components by kind ({self.model})", "How many of each.", ["kind", "n"], rows)
+
+    class Kinds(AnalysisApplication[KindsConfig, KindsResult]):
+        name = "kinds"
+
+        def measure(self, cfg: KindsConfig, analysis) -> KindsResult:
+            counts = Counter("head" if ".H" in lab else lab.split(".")[-1] for lab in analysis.result.labels)
+            return KindsResult(analysis.result.model.name, dict(counts))
+
+    # -- the command module
+    def add_parser(sub):
+        p = sub.add_parser("kinds", help="count the analysed components by kind")
+        add_shared(p, "checkpoint", "device", "report", "out", "quiet", report=str(folder), out=str(tmp_path / "k"))
+        p.set_defaults(func=run)
+
+    def run(args) -> int:
+        cfg = KindsConfig(analysis=args.report, out=args.out, checkpoint=args.checkpoint, device=args.device)
+        return run_application(Kinds(), cfg, args, lambda result, paths: f"{result.counts} in {paths[0]}")
+
+    # -- one row
+    COMMANDS.append(Command("kinds", "count the analysed components by kind", add_parser))
+    try:
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert "count the analysed components by kind" in capsys.readouterr().out
+        assert main(["kinds", "--report", str(folder)]) == 0
+    finally:
+        COMMANDS.pop()
+    saved = json.loads((tmp_path / "k" / "kinds.json").read_text())
+    assert sum(saved["counts"].values()) == len(AnalysisResult.load(folder / "results.json").labels)
+    sections = AnalysisResult.load(folder / "results.json").applications
+    assert [s.name for s in sections] == ["kinds"] and sections[0].rows
+    assert 'id="app-kinds"' in (folder / "index.html").read_text()

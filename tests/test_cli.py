@@ -190,3 +190,81 @@ def test_low_precision_tolerance_scales_with_dtype():
         d = vd.decompose(loaded.model.to(dtype), x.to(dtype))  # no false "rules do not cover" alarm
         assert d.error.max() <= COMPLETENESS_TOLERANCE[dtype]
     loaded.model.float()
+
+
+# ------------------------------------------------------------------------------------------------
+# the command layer: help in plain words, fast; one vocabulary of options
+
+
+def _subcommand_parsers():
+    import argparse
+
+    from vitdecomp.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = {}
+    for name, p in sub.choices.items():
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        out |= {f"{name} {n}": q for a in nested for n, q in a.choices.items()} if nested else {name: p}
+    return out
+
+
+def test_every_help_is_plain_text_with_every_option_explained():
+    import re
+
+    markup = re.compile(r"``|:(func|class|mod|data|meth|attr):")
+    for name, p in _subcommand_parsers().items():
+        text = p.format_help()
+        assert not markup.search(text), f"{name} --help shows markup: {markup.search(text).group()}"
+        description = " ".join((p.description or "").split())
+        assert not description or description.endswith((".", ")")), f"{name}: description cut: {description[-40:]!r}"
+        for a in p._actions:
+            if a.option_strings and a.help != "==SUPPRESS==":
+                assert a.help and a.help.strip(), f"{name}: {a.option_strings} has no help"
+
+
+def test_no_help_imports_torch():
+    names = [n.split(" ") for n in _subcommand_parsers()]
+    probe = (
+        "import sys, contextlib, io\n"
+        "from vitdecomp.cli import main\n"
+        f"for argv in {[[*n, '--help'] for n in names]!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "print(sorted(m for m in ('torch', 'timm', 'open_clip', 'matplotlib') if m in sys.modules))\n"
+    )
+    proc = _run("-c", probe)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_one_option_has_one_flag_and_one_help_everywhere():
+    """Every option more than one command takes is the shared record's: same flag, same help (a
+    command's own default is stated in it); the old spellings are accepted and not shown."""
+    from dataclasses import fields
+
+    from vitdecomp.cli import build_parser
+    from vitdecomp.commands.options import SharedOptions, flag_of
+
+    shared = {f.name: f.metadata["help"] for f in fields(SharedOptions)}
+    seen: dict[str, set[str]] = {}
+    for name, p in _subcommand_parsers().items():
+        for a in p._actions:
+            if a.dest in shared and a.help != "==SUPPRESS==" and a.option_strings:
+                assert a.option_strings == [flag_of(a.dest)], (name, a.option_strings)
+                assert a.help.split(" (default: ")[0] == shared[a.dest].split(" (default: ")[0], (name, a.dest)
+                seen.setdefault(a.dest, set()).add(name)
+    assert {"model", "reader", "checkpoint", "device", "threads", "report", "out", "quiet"} <= set(seen)
+    assert seen["report"] >= {"heatmap", "retrieve", "segment", "debias", "ablate"}
+    assert seen["quiet"] >= {"heatmap", "retrieve", "segment"} and seen["device"] >= {"heatmap", "retrieve", "segment"}
+    assert seen["reader_checkpoint"] >= {"analyze", "debias", "ablate"}
+    old = {
+        "heatmap": ["heatmap", "--text", "x", "--analysis", "A"],
+        "segment": ["segment", "--n", "3", "--batch", "2", "--report", "A"],
+        "world": ["world", "export", "--n", "3", "--out", "W"],
+        "decompose": ["decompose", "zoo:dino"],
+    }
+    args = {k: build_parser(v).parse_args(v) for k, v in old.items()}
+    assert args["heatmap"].report == "A" and args["segment"].n_images == 3 and args["segment"].batch_size == 2
+    assert args["world"].n_images == 3 and args["decompose"].model_pos == "zoo:dino"

@@ -363,3 +363,78 @@ def test_null_in_several_passes_equals_one_pass(monkeypatch):
         tol = {"rtol": 1e-3, "atol": 1e-4} if m == "text_probe" else {}
         torch.testing.assert_close(one[m].null_high, many[m].null_high, **tol)
         torch.testing.assert_close(one[m].p_value, many[m].p_value)
+
+
+# ------------------------------------------------------------------ the registry
+
+
+def test_each_registered_score_is_its_formula():
+    """The registry routes every built-in name to its formula, on the directions of its kind: the
+    streamed tables, the one-stack ``score`` and the per-feature projections agree with the formulas
+    applied by hand (the scores of an analysis are these tables)."""
+    from vitdecomp.scores import analysis_scores, fit_text_probes, score_ablation, score_names, score_text_probe
+    from vitdecomp.scores.functions import probe_logits, probe_readout
+
+    stack, t = planted_stack(n=120)
+    names = [f"L0.H{i}" for i in range(6)]
+    tables = score_features(stack, identity_aligner(names, D), {"f": t}, list(score_names()), progress=False)
+    a = stack.double()
+    qr, span = (a @ feature_basis(t, m) for m in ("paper", "invariant"))
+    unit = a @ torch.nn.functional.normalize(t.double(), dim=-1).T
+    ((probe, y),) = fit_text_probes(stack.sum(1), {"": unit.sum(1)}).values()
+    by_hand = {
+        "paper": score_paper(qr),
+        "invariant": score_invariant(span),
+        "share": score_share(span),
+        "ablation": score_ablation(unit, unit.sum(1), a.sum(1).norm(dim=-1)),
+        "text_probe": score_text_probe(probe_readout(stack, probe), probe_logits(probe, stack.sum(1)), y),
+    }
+    assert set(by_hand) == set(score_names()) and "share" not in analysis_scores()
+    for m, want in by_hand.items():
+        torch.testing.assert_close(score(stack, t, m), want, rtol=1e-9, atol=1e-12, msg=m)
+        tol = {"rtol": 1e-3, "atol": 1e-4} if m == "text_probe" else {"rtol": 1e-5, "atol": 1e-7}
+        torch.testing.assert_close(tables[m]["f"].double(), want, **tol, msg=m)  # streamed in float32 parts
+
+
+def test_a_score_is_one_record_and_reaches_the_cli_the_results_and_the_report(tmp_path):
+    """A toy score registered here, as a user would, and nothing else edited: the command line offers it,
+    an analysis computes it (scores, rankings, confidence by resampling), and the report explains it."""
+    import json
+
+    from vitdecomp.analyze import AnalysisConfig, run_analysis
+    from vitdecomp.cli import build_parser
+    from vitdecomp.scores import Score, register_score, unregister_score
+
+    def spread(p):  # each component's variance in the feature's span, as a share of all components'
+        v = (p.u - p.u.mean(0)).square().sum((0, 2))
+        return v / v.sum()
+
+    register_score(Score("toy_spread", kind="span", about="toy: variance in the feature span", function=spread))
+    try:
+        argv = ["debias", "--images", str(tmp_path), "--score", "toy_spread"]
+        assert build_parser(argv).parse_args(argv).score == "toy_spread"
+        assert build_parser(["validate"]).parse_args(["validate", "--scores", "toy_spread"]).scores == ["toy_spread"]
+        cfg = AnalysisConfig(
+            model="zoo:deit",
+            n_images=16,
+            random_init=True,
+            batch_size=16,
+            align_steps=3,
+            device="cpu",
+            progress=False,
+            verbose=False,
+            out=tmp_path / "out",
+            cache_dir=tmp_path / "cache",
+        )
+        run_analysis(cfg)
+    finally:
+        unregister_score("toy_spread")
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["ranked_by"] == "text_probe" and list(data["scores"])[-1] == "toy_spread"
+    for feature, row in data["scores"]["toy_spread"].items():
+        assert sum(row.values()) == pytest.approx(1.0, abs=1e-5)
+        assert data["rankings"]["toy_spread"][feature][0] == max(row, key=row.get)
+    cell = next(iter(data["confidence"]["toy_spread"]["scores"]["color"].values()))
+    assert cell["low"] <= cell["high"]
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert "toy: variance in the feature span" in page and "Scores with the toy_spread method" in page

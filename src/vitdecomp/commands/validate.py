@@ -16,11 +16,16 @@ from vitdecomp.evaluation.settings import HELD_OUT_SEED, MODELS, N_TEST, N_TRAIN
 from vitdecomp.scores.registry import score_names
 
 HELP = "check every component score against causal, probe and planted ground truths (docs/validation.md)"
+DESCRIPTION = (
+    "Every score against every ground truth (causal, probe, zero-shot causal, specificity, planted heads) on "
+    "held-out scenes of the built-in world, for the zoo's models and, with --control, their random-weight "
+    "twins; writes the page docs/validation.md (keeping its hand-written Notes section)."
+)
 _NOTES = "\n## Notes"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("validate", help=HELP, description=(__doc__ or "").split("\n\n")[0].replace("``", ""))
+    p = sub.add_parser("validate", help=HELP, description=DESCRIPTION)
     p.add_argument("--models", nargs="+", default=list(MODELS), help="the models validated (default: the zoo's)")
     names = score_names()  # the registry's scores, read when the parser is built
     p.add_argument(
