@@ -27,7 +27,7 @@ from vitdecomp.evaluation.settings import DEV_SEED, MODELS, N_TRAIN, TRAIN_SEED
 from vitdecomp.evaluation.truths import ablated_wholes, causal_importance
 from vitdecomp.imageset import world_source
 from vitdecomp.pipeline.config import default_cache_dir
-from vitdecomp.pipeline.fill import build_store, readable_rows
+from vitdecomp.pipeline.fill import FillOptions, build_store, readable_rows
 from vitdecomp.pipeline.model_pair import Models, load_model_for
 from vitdecomp.probes import fit_probes
 from vitdecomp.scores import embed_features, load_features, score_ablation, score_features
@@ -71,7 +71,8 @@ def study(name: str, seed: int, n: int) -> dict[str, float]:
     models = Models(load_model_for(name), load_model_for("zoo:clip"))
     src_tr, src_te = world_source(N_TRAIN, seed=TRAIN_SEED), world_source(n, seed=seed)
     train, test = (
-        readable_rows(build_store(models, s, cache / "stores", progress=False).store) for s in (src_tr, src_te)
+        readable_rows(build_store(models, s, cache / "stores", FillOptions(progress=False)).store)
+        for s in (src_tr, src_te)
     )
     al = get_aligner(train, cache / "aligners", progress=False, log=lambda *a, **k: None).aligner
     encoder = TextEncoder.from_loaded(models.reader, cache_dir=cache / "text")

@@ -308,7 +308,7 @@ def test_confidence_separates_the_planted_component_from_its_null(method):
     """Its interval lies above every null draw (p = 1/20). (In ``planted_stack`` every part varies
     three times more outside the span than the hot one inside: there the ablation score of the hot
     part is honestly *not* above random directions, which is what its null is for.)"""
-    from vitdecomp.scores import score_confidence
+    from vitdecomp.scores import Resampling, score_confidence
 
     stack, t = planted_stack(n=300)
     if method in ("ablation", "text_probe"):  # magnitude-aware: the hot part must vary more in the span
@@ -316,7 +316,7 @@ def test_confidence_separates_the_planted_component_from_its_null(method):
         stack = torch.randn(300, 6, D, generator=g)
         stack[:, 2] += (torch.randn(300, K, generator=g) * 2.0) @ t
     names = [f"L0.H{i}" for i in range(6)]
-    conf = score_confidence(stack, identity_aligner(names, D), {"f": t}, method, n_boot=40, n_null=19, progress=False)
+    conf = score_confidence(stack, identity_aligner(names, D), {"f": t}, method, Resampling(40, 19), progress=False)
     c = conf[method]
     assert c.low.shape == (1, 6) and c.features == ["f"] and c.labels == names
     torch.testing.assert_close(c.score[0], score(stack, t, method).float(), rtol=1e-4, atol=1e-6)
@@ -336,28 +336,31 @@ def test_confidence_separates_the_planted_component_from_its_null(method):
 
 
 def test_confidence_intervals_narrow_with_more_images():
-    from vitdecomp.scores import score_confidence
+    from vitdecomp.scores import Resampling, score_confidence
 
     names = [f"L0.H{i}" for i in range(6)]
     widths = []
     for n in (60, 960):
         stack, t = planted_stack(n=n)
-        c = score_confidence(stack, identity_aligner(names, D), {"f": t}, n_boot=30, n_null=0, progress=False)
+        c = score_confidence(
+            stack, identity_aligner(names, D), {"f": t}, "invariant", Resampling(30, 0), progress=False
+        )
         widths.append(float((c["invariant"].high - c["invariant"].low).mean()))
         assert torch.isnan(c["invariant"].null_mean).all() and (c["invariant"].p_value == 1).all()
     assert widths[1] < 0.5 * widths[0]
 
 
 def test_null_in_several_passes_equals_one_pass(monkeypatch):
+    from vitdecomp.scores import Resampling
     from vitdecomp.scores import confidence as score_module
 
     stack, t = planted_stack(n=80)
     names = [f"L0.H{i}" for i in range(6)]
     al = identity_aligner(names, D)
     methods = ("invariant", "ablation", "text_probe")
-    one = score_module.score_confidence(stack, al, {"f": t}, methods, n_boot=5, progress=False)
+    one = score_module.score_confidence(stack, al, {"f": t}, methods, Resampling(n_boot=5), progress=False)
     monkeypatch.setattr(score_module, "NULL_PASS_BYTES", 1)  # one null draw per pass
-    many = score_module.score_confidence(stack, al, {"f": t}, methods, n_boot=5, progress=False)
+    many = score_module.score_confidence(stack, al, {"f": t}, methods, Resampling(n_boot=5), progress=False)
     for m in one:
         # text_probe fits the draws of a pass jointly: L-BFGS stops a little differently per grouping
         tol = {"rtol": 1e-3, "atol": 1e-4} if m == "text_probe" else {}

@@ -343,7 +343,7 @@ def train_aligner(
     split = _Split.of(rows, cfg)
     eval_every = cfg.eval_every or min(math.ceil(len(split.train) / cfg.batch_size), 100)
     maps = _Maps.isometries(c_count if mode == "compalign" else 1, d_clip, d_in, cfg.seed, resolve_device(device))
-    fit = _fit(rows, maps, split, labels, mode, lam, cfg, eval_every, progress)
+    fit = _fit(rows, maps, split, labels, mode, lam, replace(cfg, eval_every=eval_every), progress)
     w, b = fit.best
     metrics = {
         "val_cosine": fit.val_cosine,
@@ -370,10 +370,11 @@ def _fit(
     mode: str,
     lam: float,
     cfg: TrainConfig,
-    eval_every: int,
     progress: bool,
 ) -> _Fit:
-    """Adam on ``1 - cos`` (+ the penalty) until ``cfg.max_steps`` or early stopping."""
+    """Adam on ``1 - cos`` (+ the penalty) until ``cfg.max_steps`` or early stopping (held-out cosine
+    every ``cfg.eval_every`` steps)."""
+    eval_every = int(cfg.eval_every or 1)
 
     def held_out() -> float:
         current = Aligner(maps.weight.detach(), maps.bias.detach(), labels, mode=mode, lam=lam)

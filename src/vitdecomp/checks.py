@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from vitdecomp.errors import UsageError
 from vitdecomp.fsio import writing
@@ -73,3 +74,15 @@ def default_device(device: str | None) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def require_ray() -> Any:
+    """The ``ray`` module, or a one-line :class:`UsageError` saying what to install (``--runner ray``)."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as err:
+        raise UsageError(
+            f"--runner ray needs Ray ({err.name or 'ray'} is not installed): pip install 'vitdecomp[scale]'"
+        ) from None
+    return ray

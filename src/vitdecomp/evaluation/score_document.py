@@ -123,10 +123,10 @@ def control_null_table(control: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def markdown(results: list[dict[str, Any]], control: list[dict[str, Any]], command: str, meta: dict) -> str:
-    """The whole page (a hand-written ``## Notes`` section is appended by the caller)."""
+def _intro(results: list[dict[str, Any]], command: str, meta: dict) -> list[str]:
+    """The page's title, the command that wrote it, the machine and what the data are."""
     r0 = results[0] if results else {"train_seed": "-", "test_seed": "-", "n_train": "-", "n_test": "-"}
-    lines = [
+    return [
         "# Validation: do the scores find the parts that matter?",
         "",
         "Written by `vitdecomp validate` (rerun it to refresh; stores and aligners are cached):",
@@ -146,6 +146,13 @@ def markdown(results: list[dict[str, Any]], control: list[dict[str, Any]], comma
         f"singular value s2/s1 >= {CONSTANT_RTOL:g}); `init`, biases and norm betas are left out. The default "
         f"score is `{DEFAULT_SCORE}`; targets: Spearman with the causal truth >= {TARGET_SPEARMAN} for every "
         f"model, planted heads recovered with top-k precision >= {TARGET_PLANTED}, random-init control near 0.",
+    ]
+
+
+def markdown(results: list[dict[str, Any]], control: list[dict[str, Any]], command: str, meta: dict) -> str:
+    """The whole page (a hand-written ``## Notes`` section is appended by the caller)."""
+    lines = [
+        *_intro(results, command, meta),
         "",
         "## Agreement with the causal truth (mean-ablation), mean of the four attributes",
         "",

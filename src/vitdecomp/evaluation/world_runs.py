@@ -15,7 +15,7 @@ from vitdecomp.aligner_cache import AlignOptions, CachedAligner, get_aligner
 from vitdecomp.defaults import ALIGN_STEPS, DEFAULT_N_IMAGES, READER, WORLD_SEED
 from vitdecomp.imageset import ImageSource, world_source
 from vitdecomp.pipeline.config import default_cache_dir
-from vitdecomp.pipeline.fill import build_store, readable_rows
+from vitdecomp.pipeline.fill import FillOptions, build_store, readable_rows
 from vitdecomp.pipeline.model_pair import Models, load_model_for
 from vitdecomp.scores import embed_features, load_features
 from vitdecomp.store import Rows
@@ -70,7 +70,7 @@ def prepare(run: WorldRun) -> Prepared:
     )
     src_tr, src_te = world_source(run.n_train, seed=run.train_seed), world_source(run.n_test, seed=run.test_seed)
     train, test = (
-        readable_rows(build_store(models, s, cache / "stores", device=device, progress=run.progress).store)
+        readable_rows(build_store(models, s, cache / "stores", FillOptions(device=device, progress=run.progress)).store)
         for s in (src_tr, src_te)
     )
     options = AlignOptions(max_steps=run.align_steps)

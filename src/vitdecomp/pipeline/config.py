@@ -20,6 +20,7 @@ from vitdecomp.checks import (
     check_folder,
     check_model_name,
     check_writable_dir,
+    require_ray,
 )
 from vitdecomp.defaults import (
     ALIGN_BATCH_SIZE,
@@ -110,8 +111,6 @@ class AnalysisConfig:
         """Refuse options that cannot work, before anything heavy runs (:class:`UsageError`, one line)."""
         self._check_numbers()
         if self.runner == "ray":
-            from vitdecomp.pipeline.ray_fill import require_ray
-
             require_ray()
         check_folder("--images", self.images)
         for name in ("checkpoint", "reader_checkpoint"):
@@ -213,8 +212,6 @@ class DecomposeConfig:
         if self.runner == "ray":
             if self.tokens:
                 raise UsageError("--tokens with --runner ray: token splits are not gathered from workers; drop one")
-            from vitdecomp.pipeline.ray_fill import require_ray
-
             require_ray()
         check_device(self.device)
         check_model_name(self.model, pretrained=not self.random_init, checkpoint=self.checkpoint)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from vitdecomp.api import decompose
 from vitdecomp.components import Decomposition
+from vitdecomp.defaults import BATCH_SIZE
 from vitdecomp.errors import MismatchError, NonFiniteInputError, UsageError
 from vitdecomp.imageset import ImageSource
 from vitdecomp.pipeline.config import AnalysisConfig
@@ -162,36 +163,44 @@ class BuiltStore:
         return self.store.committed - self.rows_computed
 
 
+@dataclass(frozen=True)
+class FillOptions:
+    """How a store is filled: the decomposition's ``start_layer``, images per batch, the device the
+    models run on, progress bars."""
+
+    start_layer: int = 0
+    batch_size: int = BATCH_SIZE
+    device: str = "cpu"
+    progress: bool = True
+
+
 #: Fills an opened store with the models' rows of an image set: ``fill(store, models, source,
-#: start_layer=, batch_size=, device=, progress=)``; :func:`fill_in_process` by default, Ray actors
-#: with :class:`vitdecomp.pipeline.ray_fill.RayRunner`.
-StoreFiller = Callable[..., None]
+#: options)``; :func:`fill_in_process` by default, Ray actors with
+#: :class:`vitdecomp.pipeline.ray_fill.RayRunner`.
+StoreFiller = Callable[[StoreWriter, Models, ImageSource, FillOptions], None]
 
 
 def build_store(
     models: Models,
     source: ImageSource,
     root: str | Path,
+    options: FillOptions | None = None,
     *,
-    start_layer: int = 0,
-    batch_size: int = 64,
-    device: str = "cpu",
     dtype: str = "float32",
-    progress: bool = True,
     fill: StoreFiller | None = None,
     chunk_rows: int | None = None,
 ) -> BuiltStore:
     """Open (or resume) the keyed store under ``root`` (a folder or an fsspec URL) of the subject's
     decompositions and the reader's image embeddings of ``source`` and fill it with ``fill``
-    (default: in this process); each model preprocesses the images its own way. The models run
-    here: the store only writes and reads rows. ``chunk_rows``: rows per chunk of a new store."""
-    key = store_key(models, source, start_layer, device)
+    (default: in this process) as ``options`` say; each model preprocesses the images its own way.
+    The models run here: the store only writes and reads rows. ``dtype``: the contributions' storage
+    type; ``chunk_rows``: rows per chunk of a new store."""
+    options = options or FillOptions()
+    key = store_key(models, source, options.start_layer, options.device)
     with StoreLock(store_dir(root, key, dtype)):
         store = open_store(root, key, dtype=dtype, chunk_rows=chunk_rows)
         before = store.committed
-        (fill or fill_in_process)(
-            store, models, source, start_layer=start_layer, batch_size=batch_size, device=device, progress=progress
-        )
+        (fill or fill_in_process)(store, models, source, options)
         store = open_store(root, key, dtype=dtype)  # what is committed now, whoever wrote it
     if store.committed != len(source) or store.ids != source.ids:
         raise MismatchError(f"store {store.path} holds {store.committed} rows, expected {len(source)}")
@@ -215,20 +224,12 @@ def model_fns(
     return decompose_fn, embed_fn
 
 
-def fill_in_process(
-    store: StoreWriter,
-    models: Models,
-    source: ImageSource,
-    *,
-    start_layer: int = 0,
-    batch_size: int = 64,
-    device: str = "cpu",
-    progress: bool = True,
-) -> None:
+def fill_in_process(store: StoreWriter, models: Models, source: ImageSource, options: FillOptions) -> None:
     """:func:`fill_store` in this process with the subject's decompositions and the reader's
     embeddings (a folder's images decoded by a ``DataLoader`` with workers, see :mod:`vitdecomp.imageset`)."""
-    decompose_fn, embed_fn = model_fns(models, start_layer, device)
-    fill_store(store, source.batches(batch_size), decompose_fn, embed_fn, total=len(source), progress=progress)
+    decompose_fn, embed_fn = model_fns(models, options.start_layer, options.device)
+    batches = source.batches(options.batch_size)
+    fill_store(store, batches, decompose_fn, embed_fn, total=len(source), progress=options.progress)
 
 
 def readable_rows(store: StoreWriter, max_bytes: int = IN_MEMORY_BYTES) -> Rows:
@@ -254,14 +255,5 @@ def configured_store(
 ) -> BuiltStore:
     """The cached store of ``source`` under ``cfg``'s cache, filled where rows are missing (``fill``:
     who fills it; ``None``: this process)."""
-    return build_store(
-        models,
-        source,
-        cfg.cache_path / "stores",
-        start_layer=cfg.start_layer,
-        batch_size=cfg.batch_size,
-        device=device,
-        dtype=cfg.dtype,
-        progress=cfg.progress,
-        fill=fill,
-    )
+    options = FillOptions(cfg.start_layer, cfg.batch_size, device, cfg.progress)
+    return build_store(models, source, cfg.cache_path / "stores", options, dtype=cfg.dtype, fill=fill)

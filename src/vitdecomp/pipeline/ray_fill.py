@@ -27,29 +27,17 @@ import torch
 from tqdm.auto import tqdm
 
 from vitdecomp.api import decompose
+from vitdecomp.checks import require_ray
 from vitdecomp.components import Decomposition
-from vitdecomp.errors import UsageError
 from vitdecomp.imageset import ImageSource
 from vitdecomp.models.loaded import LoadedModel
-from vitdecomp.pipeline.fill import model_fns
+from vitdecomp.pipeline.fill import FillOptions, model_fns
 from vitdecomp.pipeline.model_pair import Models
 from vitdecomp.store import StoreWriter
 
 #: Fault injection for the tests: ``VITDECOMP_KILL_ONCE=<point>=<marker file>`` kills the process
 #: that reaches ``point`` with SIGKILL, once (the marker file records that it happened).
 KILL_ONCE_ENV = "VITDECOMP_KILL_ONCE"
-
-
-def require_ray() -> Any:
-    """The ``ray`` module, or a one-line :class:`UsageError` saying what to install."""
-    try:
-        import ray
-        import ray.data
-    except ImportError as err:
-        raise UsageError(
-            f"--runner ray needs Ray ({err.name or 'ray'} is not installed): pip install 'vitdecomp[scale]'"
-        ) from None
-    return ray
 
 
 @dataclass(frozen=True)
@@ -72,15 +60,11 @@ class RayRunner:
         store: StoreWriter,
         models: Models,
         source: ImageSource,
-        *,
-        start_layer: int = 0,
-        batch_size: int = 64,
-        device: str = "cpu",
-        progress: bool = True,
+        options: FillOptions,
     ) -> None:
         ray = require_ray()
-        n = len(source)
-        store.allocate(n, *_dims(models, source, start_layer, device))
+        n, progress = len(source), options.progress
+        store.allocate(n, *_dims(models, source, options.start_layer, options.device))
         r = store.chunk_rows
         todo = store.missing_chunks(n)
         if not todo:
@@ -96,8 +80,8 @@ class RayRunner:
                     models=models,
                     source=source,
                     store=store,
-                    start_layer=start_layer,
-                    batch_size=batch_size,
+                    start_layer=options.start_layer,
+                    batch_size=options.batch_size,
                     device="cuda" if self.gpus_per_worker > 0 else "cpu",
                     threads=self.threads or max(1, int(self.cpus_per_worker)),
                 )

@@ -44,7 +44,15 @@ from vitdecomp.results import (
     TopImage,
     VocabularyInfo,
 )
-from vitdecomp.scores import DEFAULT_SCORE, ScoreTable, analysis_scores, embed_features, load_features, score_confidence
+from vitdecomp.scores import (
+    DEFAULT_SCORE,
+    Resampling,
+    ScoreTable,
+    analysis_scores,
+    embed_features,
+    load_features,
+    score_confidence,
+)
 from vitdecomp.store import Rows
 from vitdecomp.text import DEFAULT_TEMPLATES, WORLD_TEMPLATES, Description, TextEncoder, load_vocabulary
 
@@ -183,7 +191,7 @@ def confidence(
     (:func:`vitdecomp.scores.analysis_scores`; see :func:`vitdecomp.scores.score_confidence`), JSON-ready
     per method."""
     methods = analysis_scores()
-    conf = score_confidence(rows, aligner, feature_emb, methods, n_boot=N_BOOT, n_null=N_NULL, progress=progress)
+    conf = score_confidence(rows, aligner, feature_emb, methods, Resampling(N_BOOT, N_NULL), progress=progress)
     return {m: c.to_dict() for m, c in conf.items()}
 
 

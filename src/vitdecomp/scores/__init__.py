@@ -41,6 +41,7 @@ _EXPORTS = {
     "project_features": "tables",
     "score": "tables",
     "score_features": "tables",
+    "Resampling": "confidence",
     "ScoreConfidence": "confidence",
     "null_features": "confidence",
     "score_confidence": "confidence",
@@ -51,6 +52,7 @@ __all__ = [
     "SCORES",
     "Projected",
     "Projections",
+    "Resampling",
     "Score",
     "ScoreConfidence",
     "ScoreTable",
@@ -78,7 +80,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from vitdecomp.scores.confidence import ScoreConfidence, null_features, score_confidence
+    from vitdecomp.scores.confidence import Resampling, ScoreConfidence, null_features, score_confidence
     from vitdecomp.scores.features import builtin_feature_sets, embed_features, load_features
     from vitdecomp.scores.functions import (
         ABLATION_SCALE,

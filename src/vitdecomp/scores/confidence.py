@@ -141,23 +141,33 @@ def _null_scores(
     return {m: torch.stack(v) for m, v in out.items() if v}
 
 
+@dataclass(frozen=True)
+class Resampling:
+    """How a score's confidence is measured: ``n_boot`` bootstrap resamples of the images, ``n_null``
+    null features, the interval's ``level`` and the ``seed`` of both draws."""
+
+    n_boot: int = 100
+    n_null: int = 19
+    level: float = 0.95
+    seed: int = 0
+
+
 def score_confidence(
     source: RowSource,
     aligner: Aligner,
     feature_emb: Mapping[str, torch.Tensor],
     methods: str | Sequence[str] = ("invariant",),
+    resampling: Resampling | None = None,
     *,
-    n_boot: int = 100,
-    n_null: int = 19,
-    level: float = 0.95,
-    seed: int = 0,
     batch_size: int = 256,
     progress: bool = True,
 ) -> dict[str, ScoreConfidence]:
     """Bootstrap intervals over images and a null for every component x feature score of each
-    method (:class:`ScoreConfidence`): one pass over the rows for the features themselves (their
-    projections held as float32, resampled in memory), then passes for the null features (bounded
-    memory, see :func:`_null_scores`)."""
+    method (:class:`ScoreConfidence`; how many draws: ``resampling``): one pass over the rows for the
+    features themselves (their projections held as float32, resampled in memory), then passes for the
+    null features (bounded memory, see :func:`_null_scores`)."""
+    r = resampling or Resampling()
+    n_boot, n_null, level, seed = r.n_boot, r.n_null, r.level, r.seed
     methods = [methods] if isinstance(methods, str) else list(methods)
     names = list(feature_emb)
     proj = project_features(
