@@ -262,8 +262,7 @@ def test_an_application_is_two_modules_and_one_row(folder, tmp_path, capsys):
             return KindsResult(analysis.result.model.name, dict(counts))
 
     # -- the command module
-    def add_parser(sub):
-        p = sub.add_parser("kinds", help="count the analysed components by kind")
+    def configure(p):
         add_shared(p, "checkpoint", "device", "report", "out", "quiet", report=str(folder), out=str(tmp_path / "k"))
         p.set_defaults(func=run)
 
@@ -272,7 +271,7 @@ def test_an_application_is_two_modules_and_one_row(folder, tmp_path, capsys):
         return run_application(Kinds(), cfg, args, lambda result, paths: f"{result.counts} in {paths[0]}")
 
     # -- one row
-    COMMANDS.append(Command("kinds", "count the analysed components by kind", add_parser))
+    COMMANDS.append(Command("kinds", "count the analysed components by kind", configure))
     try:
         with pytest.raises(SystemExit):
             main(["--help"])

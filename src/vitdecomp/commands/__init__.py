@@ -2,10 +2,10 @@
 the table of subcommands, :data:`COMMANDS`. Nothing below this package imports argparse; shared
 options are declared once in :mod:`vitdecomp.commands.options`.
 
-A subcommand is one row: its name, its one-line help and the function that adds its parser
-(``add_parser(subparsers)``, which sets ``func`` on its arguments), named as ``"module:function"``
-so that only the chosen subcommand's module is imported (``vitdecomp --help`` and ``vitdecomp
-COMMAND --help`` do not import torch). To add a subcommand, add a module and a row.
+A subcommand is one row: its name, its one-line help and the function that fills its parser
+(``configure(parser)``: its description and options, and ``func`` = its ``run(args)``), named as
+``"module:function"`` so that only the chosen subcommand's module is imported (``vitdecomp --help``
+and ``vitdecomp COMMAND --help`` do not import torch). To add a subcommand, add a module and a row.
 """
 
 from __future__ import annotations
@@ -18,23 +18,26 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: ``name``, one-line ``help`` and ``add_parser`` (``"module:function"`` or a callable
-    taking the subparsers object)."""
+    """A subcommand: ``name``, one-line ``help`` and ``configure`` (``"module:function"`` or a callable
+    that fills the subcommand's parser)."""
 
     name: str
     help: str
-    add_parser: str | Callable[[argparse._SubParsersAction], object]
+    configure: str | Callable[[argparse.ArgumentParser], object]
 
-    def register(self, subparsers: argparse._SubParsersAction) -> None:
-        add = self.add_parser
-        if isinstance(add, str):
-            module, _, function = add.partition(":")
-            add = getattr(importlib.import_module(module), function)
-        add(subparsers)
+    def register(self, subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+        """Add this subcommand's parser, filled by ``configure``."""
+        configure = self.configure
+        if isinstance(configure, str):
+            module, _, function = configure.partition(":")
+            configure = getattr(importlib.import_module(module), function)
+        parser = subparsers.add_parser(self.name, help=self.help)
+        configure(parser)
+        return parser
 
 
 def _row(name: str, help: str) -> Command:
-    return Command(name, help, f"vitdecomp.commands.{name}:add_parser")
+    return Command(name, help, f"vitdecomp.commands.{name}:configure")
 
 
 #: The subcommands, in the order ``--help`` lists them.

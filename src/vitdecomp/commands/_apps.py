@@ -5,6 +5,7 @@ say what was written, and add the result's section to the report when asked."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +13,15 @@ from typing import Any
 
 
 def run_application(
-    app: Any, cfg: Any, args: argparse.Namespace, describe: Callable[[Any, list[Path]], str], attach: bool = True
+    app: Any,
+    cfg: Any,
+    args: argparse.Namespace,
+    describe: Callable[[Any, list[Path]], str] | None = None,
+    attach: bool = True,
 ) -> int:
-    """``app.run(cfg)`` as a command: ``describe(result, paths)`` is what it prints (``--quiet``: only
-    the path of its JSON); with ``attach``, ``--report DIR`` names the ``analyze`` folder whose report
-    gets the result's section."""
+    """``app.run(cfg)`` as a command: prints ``describe(result, paths)`` (default: its section's summary
+    and the files written; ``--quiet``: only the path of its JSON); with ``attach``, ``--report DIR``
+    names the ``analyze`` folder whose report gets the result's section."""
     from vitdecomp.report.attach import attach_section, check_report
     from vitdecomp.report.outputs import write_app_outputs
 
@@ -25,10 +30,23 @@ def run_application(
         check_report(report)
     result = app.run(cfg)
     paths = write_app_outputs(result, cfg.out, section=attach)
-    print(paths[0] if args.quiet else describe(result, paths))
+    print(paths[0] if args.quiet else (describe or _written)(result, paths))
     if report is not None:
         print(f"section {result.name!r} added to {attach_section(report, result.section())}")
     return 0
+
+
+def _written(result: Any, paths: list[Path]) -> str:
+    """The result's summary and the files written."""
+    return f"{result.section().summary}\n{', '.join(p.name for p in paths)} in {paths[0].parent}"
+
+
+def config_of(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    """A typed config ``cls`` (a dataclass) of the parsed arguments named as its fields, ``progress``
+    the opposite of ``--quiet``, and ``extra`` fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in vars(args).items() if k in names} | extra
+    return cls(**kw, progress=not args.quiet) if "progress" in names else cls(**kw)
 
 
 def analysed(folder: str | Path) -> dict[str, Any]:

@@ -10,37 +10,28 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from vitdecomp.commands.options import RAY_OPTIONS, Option, add_options, add_shared, apply_threads, check_threads
+from vitdecomp.commands._apps import config_of as configured
+from vitdecomp.commands.options import (
+    DECOMPOSITION,
+    OUTPUT,
+    RAY_OPTIONS,
+    READER,
+    Option,
+    add_options,
+    add_shared,
+    apply_threads,
+    check_threads,
+)
 from vitdecomp.defaults import ANALYSIS_DIR, BATCH_SIZE, WORLD_SEED
 from vitdecomp.pipeline.config import AnalysisConfig
 
-HELP = "decompose, align to CLIP, describe and score every component; write an HTML + JSON report"
 DESCRIPTION = (
     "The main job: split MODEL's representation of an image set into components, map them into CLIP space "
     "(CompAlign, cached), name each with its top descriptions and score every component for every feature. "
     "With no options: the zoo's DeiT read through the zoo's CLIP on 2000 generated held-out scenes of the "
     "built-in world (offline)."
 )
-SHARED = (
-    "model",
-    "reader",
-    "checkpoint",
-    "reader_checkpoint",
-    "random_init",
-    "images",
-    "n_images",
-    "skip_bad_images",
-    "seed",
-    "batch_size",
-    "dtype",
-    "device",
-    "threads",
-    "cache_dir",
-    "align_steps",
-    "out",
-    "quiet",
-    *RAY_OPTIONS,
-)
+SHARED = (*DECOMPOSITION, *READER, "dtype", "cache_dir", "align_steps", *OUTPUT, *RAY_OPTIONS)
 
 
 def _own() -> list[Option]:
@@ -67,19 +58,16 @@ def _own() -> list[Option]:
     ]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("analyze", help=HELP, description=DESCRIPTION)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
     add_shared(p, *SHARED, out=ANALYSIS_DIR, seed=WORLD_SEED, batch_size=BATCH_SIZE)
     add_options(p, *_own())
     p.set_defaults(func=run)
-    return p
 
 
 def config_of(args: argparse.Namespace) -> AnalysisConfig:
     """The typed config of parsed arguments (``--quiet``: no progress bars and no summary)."""
-    names = {f.name for f in fields(AnalysisConfig)}
-    kw = {k: v for k, v in vars(args).items() if k in names}
-    return AnalysisConfig(**kw, progress=not args.quiet, verbose=not args.quiet)
+    return configured(AnalysisConfig, args, verbose=not args.quiet)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 from typing import TYPE_CHECKING
 
 from vitdecomp.checks import check_at_least
-from vitdecomp.commands.options import RAY_OPTIONS, Option, add_options, add_shared, apply_threads, check_threads
+from vitdecomp.commands._apps import config_of as configured
+from vitdecomp.commands.options import (
+    DECOMPOSITION,
+    OUTPUT,
+    RAY_OPTIONS,
+    Option,
+    add_options,
+    add_shared,
+    apply_threads,
+    check_threads,
+)
 
 if TYPE_CHECKING:
     from vitdecomp.components import Decomposition
@@ -17,28 +26,13 @@ from vitdecomp.defaults import DECOMPOSE_BATCH_SIZE, MODEL
 from vitdecomp.errors import UsageError
 from vitdecomp.pipeline.config import N_WORLD_IMAGES, DecomposeConfig
 
-HELP = "split a model's representation of some images into its parts; save them with --out"
 DESCRIPTION = (
     f"Decompose MODEL's representation of the images in --images (default: {N_WORLD_IMAGES} generated scenes). "
     "With --out DIR, writes DIR/decomposition.safetensors (contributions [N, C, D], representation [N, D], "
     "error [N], and tokens.<i> [N, H, T, D] with --tokens) and DIR/labels.json (component names, image ids, "
     "model); both open without vitdecomp (safetensors.numpy.load_file, json)."
 )
-SHARED = (
-    "model",
-    "checkpoint",
-    "random_init",
-    "images",
-    "n_images",
-    "skip_bad_images",
-    "seed",
-    "batch_size",
-    "device",
-    "threads",
-    "out",
-    "quiet",
-    *RAY_OPTIONS,
-)
+SHARED = (*DECOMPOSITION, *OUTPUT, *RAY_OPTIONS)
 OWN = (
     Option("tokens", "also split heads over source tokens", False, None),
     Option("start_layer", "first layer split into components (earlier layers stay in 'init')", 0, int),
@@ -47,22 +41,19 @@ OWN = (
 )
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("decompose", help=HELP, description=DESCRIPTION)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
     p.add_argument("model_pos", nargs="?", help=argparse.SUPPRESS, metavar=argparse.SUPPRESS)  # old spelling
     add_shared(p, *SHARED, seed=0, batch_size=DECOMPOSE_BATCH_SIZE)
     add_options(p, *OWN)
     p.set_defaults(func=run)
-    return p
 
 
 def config_of(args: argparse.Namespace) -> DecomposeConfig:
     """The typed config of parsed arguments (the model may still be given the old way, as a word)."""
     if args.model_pos is not None and args.model != MODEL:
         raise UsageError(f"the model is given twice ({args.model_pos} and --model {args.model}): give --model only")
-    names = {f.name for f in fields(DecomposeConfig)}
-    kw = {k: v for k, v in vars(args).items() if k in names}
-    return DecomposeConfig(**{**kw, "model": args.model_pos or args.model, "progress": not args.quiet})
+    return configured(DecomposeConfig, args, model=args.model_pos or args.model)
 
 
 def run(args: argparse.Namespace) -> int:

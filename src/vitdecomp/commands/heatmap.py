@@ -8,21 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from vitdecomp.commands._apps import analysed_model, run_application
-from vitdecomp.commands.options import Option, add_options, add_shared, apply_threads
+from vitdecomp.commands.options import OUTPUT, RUN, Option, add_options, add_shared, apply_threads
 from vitdecomp.defaults import ANALYSIS_DIR, HEATMAP_OUT
 
-HELP = "where in each image the chosen heads write along a text: PNG overlays + .npy maps"
 DESCRIPTION = (
     "For each image, the chosen heads' per-token contributions, aligned into CLIP space and projected on the "
     "text's embedding, placed on each token's pixels and mapped back onto the original image. --feature F "
     "without --text reads, per image, the value of F the whole representation matches best (no labels). "
     "Writes <image>.png, <image>.npy (the map in the original image's pixels) and heatmaps.json to --out."
 )
-SHARED = ("checkpoint", "device", "threads", "report", "out", "quiet")
+SHARED = ("checkpoint", *RUN, "report", *OUTPUT)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("heatmap", help=HELP, description=DESCRIPTION)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
     p.add_argument("images", nargs="*", help="image files (default: 4 generated world scenes)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help='a description, e.g. "a red object"')
@@ -32,7 +31,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add_shared(p, *SHARED, report=ANALYSIS_DIR, out=HEATMAP_OUT)
     p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

@@ -99,8 +99,16 @@ class SharedOptions:
     gpus_per_worker: float = _opt(0.0, "--runner ray: GPUs per actor (> 0: run on a GPU)", metavar="N")
 
 
-#: The Ray runner's options, which ``analyze`` and ``decompose`` take together.
+#: Options several commands take together.
 RAY_OPTIONS = ("runner", "address", "workers", "cpus_per_worker", "gpus_per_worker")
+SUBJECT = ("model", "checkpoint")
+READER = ("reader", "reader_checkpoint")
+RUN = ("device", "threads")
+OUTPUT = ("out", "quiet")
+#: What the commands that decompose an image set take (analyze, decompose).
+DECOMPOSITION = (*SUBJECT, "random_init", "images", "n_images", "skip_bad_images", "seed", "batch_size", *RUN)
+#: What the applications that analyse an image set take (debias, ablate): as ``analyze``.
+ANALYSED = (*SUBJECT, *READER, *RUN, "cache_dir", "align_steps", "report", *OUTPUT)
 
 
 #: A default that says "the command requires this option".

@@ -7,16 +7,15 @@ import argparse
 from pathlib import Path
 
 from vitdecomp.commands._apps import analysed, analysed_model
-from vitdecomp.commands.options import Option, add_options, add_shared, apply_threads
+from vitdecomp.commands.options import OUTPUT, RUN, Option, add_options, add_shared, apply_threads
 from vitdecomp.defaults import ANALYSIS_DIR, N_RESULTS, RETRIEVE_OUT
 
-HELP = "search an analysed image set by text or by example, through a feature's components"
 DESCRIPTION = (
     "By text: images ranked by the cosine between the text and the aligned sum of a feature's top-k components "
     "(or the whole representation). By example: images whose feature's components read as the same value as "
     "the reference's. Writes ranking.json (image ids best first, scores, the components used) and gallery.html."
 )
-SHARED = ("checkpoint", "device", "threads", "report", "out", "quiet")
+SHARED = ("checkpoint", *RUN, "report", *OUTPUT)
 OWN = (
     Option("feature", "read only this feature's top components (required with --image)"),
     Option("k", "number of components (default: 2 ceil(sqrt(C)))", None, int, metavar="K"),
@@ -24,15 +23,14 @@ OWN = (
 )
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("retrieve", help=HELP, description=DESCRIPTION)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help='a description, e.g. "a red object"')
     what.add_argument("--image", help="a reference image (a path, or an id of the analysed set)")
     add_options(p, *OWN)
     add_shared(p, *SHARED, report=ANALYSIS_DIR, out=RETRIEVE_OUT)
     p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

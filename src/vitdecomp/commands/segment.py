@@ -4,34 +4,20 @@ et al., scored on masks (:class:`vitdecomp.apps.segment.Segment`)."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from vitdecomp.commands._apps import run_application
-from vitdecomp.commands.options import Option, add_options, add_shared, apply_threads
+from vitdecomp.commands._apps import config_of, run_application
+from vitdecomp.commands.options import OUTPUT, RUN, SUBJECT, Option, add_options, add_shared, apply_threads
 from vitdecomp.defaults import SEGMENT_BATCH_SIZE, SEGMENT_OUT, SEGMENT_SHOW, SHOW_SEED
 
-HELP = "zero-shot segmentation from token contributions vs GradCAM and Chefer et al., scored on masks"
 DESCRIPTION = (
     "Relevance maps of the model's own prediction from the decomposition's token contributions, GradCAM and "
     "Chefer et al.'s rollout, scored against object masks (pixel accuracy, mIoU, cumulative foreground IoU, "
     "mAP). Masks: non-zero = object, matched to images by file stem. Writes segment.json, metrics.md, "
     "segment.png and segment.section.json to --out. See docs/applications.md."
 )
-SHARED = (
-    "model",
-    "checkpoint",
-    "images",
-    "n_images",
-    "seed",
-    "batch_size",
-    "device",
-    "threads",
-    "report",
-    "out",
-    "quiet",
-)
+SHARED = (*SUBJECT, "images", "n_images", "seed", "batch_size", *RUN, "report", *OUTPUT)
 METHODS = "decomposition,gradcam,chefer"
 OWN = (
     Option("masks", "folder of masks, matched to images by file stem; non-zero = object", metavar="DIR"),
@@ -43,21 +29,17 @@ OWN = (
 )
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("segment", help=HELP, description=DESCRIPTION)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
     add_shared(p, *SHARED, seed=SHOW_SEED, batch_size=SEGMENT_BATCH_SIZE, out=SEGMENT_OUT)
     add_options(p, *OWN)
     p.set_defaults(func=run)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
     from vitdecomp.apps.segment import Segment, SegmentConfig
 
-    names = {f.name for f in fields(SegmentConfig)}
-    kw = {k: v for k, v in vars(args).items() if k in names}
-    kw["methods"] = tuple(w.strip() for w in args.methods.split(",") if w.strip())
-    cfg = SegmentConfig(**kw, progress=not args.quiet)
+    cfg = config_of(SegmentConfig, args, methods=tuple(w.strip() for w in args.methods.split(",") if w.strip()))
     apply_threads(args.threads, cfg.model)
     return run_application(Segment(), cfg, args, _describe)
 

@@ -15,7 +15,6 @@ from vitdecomp.commands.options import Option, add_options, add_shared, apply_th
 from vitdecomp.evaluation.settings import HELD_OUT_SEED, MODELS, N_TEST, N_TRAIN
 from vitdecomp.scores.registry import score_names
 
-HELP = "check every component score against causal, probe and planted ground truths (docs/validation.md)"
 DESCRIPTION = (
     "Every score against every ground truth (causal, probe, zero-shot causal, specificity, planted heads) on "
     "held-out scenes of the built-in world, for the zoo's models and, with --control, their random-weight "
@@ -24,8 +23,8 @@ DESCRIPTION = (
 _NOTES = "\n## Notes"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("validate", help=HELP, description=DESCRIPTION)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
     p.add_argument("--models", nargs="+", default=list(MODELS), help="the models validated (default: the zoo's)")
     names = score_names()  # the registry's scores, read when the parser is built
     p.add_argument(
@@ -47,7 +46,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add_shared(p, "reader", "align_steps", "cache_dir", "device", "threads", "out", "quiet", out="docs/validation.md")
     p.set_defaults(func=run_validate)
-    return p
 
 
 def run_validate(args: argparse.Namespace) -> int:

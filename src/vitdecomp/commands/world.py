@@ -7,11 +7,9 @@ import argparse
 
 from vitdecomp.commands.options import REQUIRED, Option, add_options, add_shared
 
-HELP = "the built-in generated world (scenes with ground truth)"
 
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("world", help=HELP, description="The built-in world: generated scenes with ground truth.")
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = "The built-in world: generated scenes with ground truth."
     sub = p.add_subparsers(dest="world_command", required=True, metavar="COMMAND")
     e = sub.add_parser(
         "export",
@@ -28,7 +26,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         Option("corr", "label/place agreement in the train split (--waterbirds)", 0.95, float),
     )
     e.set_defaults(func=run_export)
-    return p
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -22,28 +22,39 @@ from vitdecomp.zoo.freshness import is_up_to_date
 from vitdecomp.zoo.models import ZOO_NAMES
 from vitdecomp.zoo.recipes import RECIPES
 
-HELP = "the shipped small models: list them, train them again, measure them"
-
 #: Training order: ``swin`` and ``clip`` distil from ``deit``, so ``deit`` comes first; with
 #: ``--jobs 2`` the longest trainings start first (deit beside maxvit, then swin, clip, dino, planted).
 TRAIN_ORDER = ("deit", "maxvit", "swin", "clip", "dino", "planted")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("zoo", help=HELP, description="The zoo: small models trained on the built-in world.")
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = "The zoo: small models trained on the built-in world."
     sub = p.add_subparsers(dest="zoo_command", required=True)
     ls = sub.add_parser("list", help="print the zoo models with their cards' headline numbers")
     ls.add_argument("--json", action="store_true", help="print the full cards as JSON")
     ls.set_defaults(func=run_list)
-    tr = sub.add_parser("train", help="retrain zoo models from scratch (reproducible) into a user folder (--out)")
+    tr = sub.add_parser(
+        "train",
+        help="retrain zoo models from scratch (reproducible) into a user folder (--out)",
+        description="Retrain zoo models from scratch. They are written as weights/ and cards/ under --out (default: "
+        "$VITDECOMP_ZOO_DIR, else $XDG_DATA_HOME/vitdecomp/zoo or ~/.local/share/vitdecomp/zoo; load them with "
+        "--checkpoint), or into the installed package with --replace-shipped.",
+    )
     tr.add_argument("names", nargs="*", help=f"models to train (default: all, in the order {' '.join(TRAIN_ORDER)})")
     add_options(
         tr,
         Option("no_eval", "skip the held-out measurements", False, None),
-        # training's own thread count (not the analysis commands' rule): torch's choice, 1 per job with --jobs
-        Option("threads", "torch CPU threads per training (default: torch's, 1 with --jobs)", None, int, metavar="N"),
+        # training's own thread count (tooling, not the analysis commands' rule): torch's choice, 1 per job with --jobs
+        Option(
+            "training_threads",
+            "torch CPU threads per training (default: torch's, 1 with --jobs)",
+            None,
+            int,
+            flag="--threads",
+            metavar="N",
+        ),
     )
-    add_shared(tr, "quiet")
+    add_shared(tr, "out", "quiet")
     tr.add_argument(
         "--jobs",
         type=int,
@@ -57,12 +68,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="skip models whose card and weights already match the current recipe, config and teacher",
     )
     tr.add_argument(
-        "--out",
-        default=None,
-        help="write weights/ and cards/ under this folder (default: $VITDECOMP_ZOO_DIR, else "
-        "$XDG_DATA_HOME/vitdecomp/zoo or ~/.local/share/vitdecomp/zoo; use one with --checkpoint)",
-    )
-    tr.add_argument(
         "--replace-shipped",
         action="store_true",
         help="write into the installed package instead, replacing the shipped weights and cards",
@@ -74,7 +79,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     ev.add_argument("--json", default=None, metavar="FILE", help="also write all metrics to this JSON file")
     ev.add_argument("--from-cards", action="store_true", help="print the table of the cards' stored numbers")
     ev.set_defaults(func=run_evaluate)
-    return p
 
 
 def user_zoo_dir() -> Path:
@@ -131,8 +135,8 @@ def run_train(args: argparse.Namespace) -> int:
         return _train_parallel(names, args, out)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.training_threads:
+        torch.set_num_threads(args.training_threads)
     for name in names:
         card = train_and_save(
             name, progress=not args.quiet, evaluate=not args.no_eval, weights_dir=weights_dir, cards_dir=cards_dir
@@ -149,7 +153,7 @@ def train_and_save(name: str, **kwargs):
 
 
 def _train_command(name: str, args: argparse.Namespace, out) -> list[str]:
-    cmd = [sys.executable, "-m", "vitdecomp", "zoo", "train", name, "--threads", str(args.threads or 1)]
+    cmd = [sys.executable, "-m", "vitdecomp", "zoo", "train", name, "--threads", str(args.training_threads or 1)]
     return cmd + ["--no-eval"] * args.no_eval + (["--out", str(out)] if out else ["--replace-shipped"])
 
 

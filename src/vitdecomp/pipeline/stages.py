@@ -30,20 +30,7 @@ from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.pipeline.config import AnalysisConfig
 from vitdecomp.pipeline.fill import BuiltStore
 from vitdecomp.pipeline.model_pair import Models
-from vitdecomp.results import (
-    AlignerInfo,
-    Alignment,
-    AnalysisResult,
-    CacheInfo,
-    Completeness,
-    ImagesInfo,
-    ModelInfo,
-    Pick,
-    ReaderInfo,
-    StoreInfo,
-    TopImage,
-    VocabularyInfo,
-)
+from vitdecomp.results import analysis as schema
 from vitdecomp.scores import (
     DEFAULT_SCORE,
     Resampling,
@@ -220,35 +207,39 @@ def collect_result(
     readings: Readings,
     cache_dir: Path,
     timings: dict[str, float],
-) -> AnalysisResult:
-    """Every stage's output as one :class:`AnalysisResult` (the content of ``results.json``), ranked by
-    :data:`vitdecomp.scores.DEFAULT_SCORE`."""
+) -> schema.AnalysisResult:
+    """Every stage's output as one :class:`~vitdecomp.results.AnalysisResult` (the content of
+    ``results.json``), ranked by :data:`vitdecomp.scores.DEFAULT_SCORE`."""
     r, subject, reader, al = readings, models.subject, models.reader, aligned.aligner
     labels, (idx, vals), tables = built.store.labels, r.top, r.tables
     metrics = {k: v for k, v in al.metrics.items() if k != "history"}
-    return AnalysisResult(
-        model=ModelInfo(subject.name, subject.weights_id, subject.is_clip),
-        reader=ReaderInfo(reader.name, reader.weights_id),
-        images=ImagesInfo(source.description, source.key, len(source), list(source.errors), source.root),
+    return schema.AnalysisResult(
+        model=schema.ModelInfo(subject.name, subject.weights_id, subject.is_clip),
+        reader=schema.ReaderInfo(reader.name, reader.weights_id),
+        images=schema.ImagesInfo(source.description, source.key, len(source), list(source.errors), source.root),
         start_layer=built.key.start_layer,
         labels=labels,
         features=space.features,
-        vocabulary=VocabularyInfo(space.vocabulary_name, len(space.vocabulary), list(space.templates)),
+        vocabulary=schema.VocabularyInfo(space.vocabulary_name, len(space.vocabulary), list(space.templates)),
         scores={m: t.to_dict() for m, t in tables.items()},
         rankings={m: {f: [lab for lab, _ in t.ranking(f)] for f in t.features} for m, t in tables.items()},
-        descriptions={lab: [Pick(d.text, d.explained, d.projection) for d in ds] for lab, ds in r.descriptions.items()},
+        descriptions={
+            lab: [schema.Pick(d.text, d.explained, d.projection) for d in ds] for lab, ds in r.descriptions.items()
+        },
         mean_aligned_norm={lab: float(v) for lab, v in zip(labels, r.norms, strict=True)},
         top_images={
             lab: []
             if lab in r.constant
-            else [TopImage(source.ids[j], float(v)) for j, v in zip(idx[c], vals[c], strict=True)]
+            else [schema.TopImage(source.ids[j], float(v)) for j, v in zip(idx[c], vals[c], strict=True)]
             for c, lab in enumerate(labels)
         },
-        completeness=Completeness(float(r.errors.max()), float(r.errors.mean()), float(np.median(r.errors))),
-        alignment=Alignment(al.mode, al.lam, aligned.state, aligned.cosine_all_images, metrics),
-        store=StoreInfo(str(built.store.path), built.key.to_dict(), built.key.digest()),
-        aligner=AlignerInfo(None if aligned.path is None else str(aligned.path), al.key),
-        cache=CacheInfo(str(cache_dir), built.rows_computed, built.rows_reused, aligned.state, space.encoder_batches),
+        completeness=schema.Completeness(float(r.errors.max()), float(r.errors.mean()), float(np.median(r.errors))),
+        alignment=schema.Alignment(al.mode, al.lam, aligned.state, aligned.cosine_all_images, metrics),
+        store=schema.StoreInfo(str(built.store.path), built.key.to_dict(), built.key.digest()),
+        aligner=schema.AlignerInfo(None if aligned.path is None else str(aligned.path), al.key),
+        cache=schema.CacheInfo(
+            str(cache_dir), built.rows_computed, built.rows_reused, aligned.state, space.encoder_batches
+        ),
         timings_s=timings,
         constant=dict(r.constant),
         confidence=r.confidence,
