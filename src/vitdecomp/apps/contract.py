@@ -110,8 +110,8 @@ class ComponentApplication(Application[C, R]):
 
 class ModelApplication(Application[C, R]):
     """Runs one model on a data set: :meth:`data` reads it first (its errors come before the model
-    loads), then the model ``cfg.model`` is loaded (``cfg.checkpoint``, on ``cfg.device``, default CUDA
-    when there is one) and :meth:`measure` runs."""
+    loads), then the model ``cfg.model`` is loaded (``cfg.checkpoint``, on ``cfg.device``; ``None``:
+    CUDA when there is one) and :meth:`measure` runs."""
 
     def run(self, cfg: C) -> R:
         self.check(cfg)
@@ -129,8 +129,8 @@ class ModelApplication(Application[C, R]):
 
 class AnalysisApplication(Application[C, R]):
     """Reads a finished analysis (``cfg.analysis``: an ``analyze`` output folder; its models loaded on
-    ``cfg.device``, default CUDA when there is one; the subject from ``cfg.checkpoint`` when it was given
-    one) and runs :meth:`measure`."""
+    ``cfg.device``, ``None``: CUDA when there is one; the subject from ``cfg.checkpoint`` when it was
+    given one) and runs :meth:`measure`."""
 
     def run(self, cfg: C) -> R:
         self.check(cfg)

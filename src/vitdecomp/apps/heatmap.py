@@ -153,7 +153,7 @@ class HeatmapConfig:
     heads: str | tuple[str, ...] = "auto"
     analysis: str | Path = ANALYSIS_DIR
     checkpoint: str | Path | None = None
-    device: str | None = None
+    device: str | None = "cpu"
     out: str | Path = HEATMAP_OUT
 
 

@@ -194,7 +194,7 @@ class RetrieveConfig:
     n_results: int = N_RESULTS
     analysis: str | Path = ANALYSIS_DIR
     checkpoint: str | Path | None = None
-    device: str | None = None
+    device: str | None = "cpu"
     out: str | Path = RETRIEVE_OUT
 
 

@@ -401,7 +401,7 @@ class SegmentConfig:
 
     model: str = MODEL
     checkpoint: str | Path | None = None
-    device: str | None = None
+    device: str | None = "cpu"
     world: str | Path | None = None
     images: str | Path | None = None
     masks: str | Path | None = None

@@ -29,7 +29,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_options(
         p, Option("heads", "auto (the top 2 ceil(sqrt(H)) heads by score) or head names, comma-separated", "auto")
     )
-    add_shared(p, *SHARED, report=ANALYSIS_DIR, out=HEATMAP_OUT)
+    add_shared(p, *SHARED, device="cpu", report=ANALYSIS_DIR, out=HEATMAP_OUT)
     p.set_defaults(func=run)
 
 

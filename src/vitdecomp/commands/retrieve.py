@@ -29,7 +29,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     what.add_argument("--text", help='a description, e.g. "a red object"')
     what.add_argument("--image", help="a reference image (a path, or an id of the analysed set)")
     add_options(p, *OWN)
-    add_shared(p, *SHARED, report=ANALYSIS_DIR, out=RETRIEVE_OUT)
+    add_shared(p, *SHARED, device="cpu", report=ANALYSIS_DIR, out=RETRIEVE_OUT)
     p.set_defaults(func=run)
 
 

@@ -31,7 +31,7 @@ OWN = (
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
-    add_shared(p, *SHARED, seed=SHOW_SEED, batch_size=SEGMENT_BATCH_SIZE, out=SEGMENT_OUT)
+    add_shared(p, *SHARED, device="cpu", seed=SHOW_SEED, batch_size=SEGMENT_BATCH_SIZE, out=SEGMENT_OUT)
     add_options(p, *OWN)
     p.set_defaults(func=run)
 
