@@ -53,7 +53,9 @@ class SharedOptions:
         None, "local weights file (safetensors) for --clip", flag="--clip-checkpoint", metavar="FILE"
     )
     random_init: bool = _opt(False, "random weights instead of pretrained ones (tests and smoke runs)")
-    device: str | None = _opt(None, "torch device, e.g. cpu, cuda, cuda:1 (when not given: cuda if available, else cpu)")
+    device: str | None = _opt(
+        None, "torch device, e.g. cpu, cuda, cuda:1 (when not given: cuda if available, else cpu)"
+    )
     dtype: str = _opt("float32", "storage type of the stored contributions", choices=STORE_DTYPES)
     threads: int | None = _opt(
         None,
