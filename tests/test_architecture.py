@@ -99,7 +99,7 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
             found += [(node.lineno, a.name) for a in node.names if a.name.startswith("vitdecomp")]
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_STRING.fullmatch(node.value):
             found.append((node.lineno, node.value.split(":")[0]))
-    return found
+    return sorted(set(found))
 
 
 def modules() -> list[Path]:

@@ -142,3 +142,23 @@ def test_ablate_needs_labels_for_a_plain_folder(tmp_path, capsys):
     assert main([*args, "--labels", str(tmp_path / "labels.csv"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "labels.csv: no row for 1 image(s)" in err and "\n" not in err
+
+
+def test_the_result_follows_the_application_contract(tmp_path):
+    """JSON both ways (layers and features included), a section with the curves as a figure, and the
+    files ``vitdecomp ablate`` writes: ablate.json, ablate.png, ablate.section.json."""
+    from vitdecomp.apps.layer_ablation import AblateResult
+
+    c, parts, y = toy()
+    train, test = np.arange(0, 600, 2), np.arange(1, 600, 2)
+    ab = MeanAblation.fit(c, [p.name for p in parts], train)
+    probes = {f: LinearHead.fit(ab.whole(train), v[train]) for f, v in y.items()}
+    y_test = {f: v[test] for f, v in y.items()}
+    layers = layer_curve(ab, parts, {"probe": probes}, y_test, test)
+    effects = feature_effects(ab, {"a": [1, 0, 2, 3], "b": [2, 0, 1, 3]}, probes, y_test, test, [1, 2], n_random=2)
+    result = AblateResult("toy", "arrays", "text_probe", len(train), len(test), layers, effects)
+    assert AblateResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+    names = sorted(p.name for p in write_app_outputs(result, tmp_path))
+    assert names == ["ablate.json", "ablate.png", "ablate.section.json"]
+    section = AppSection.from_dict(json.loads((tmp_path / "ablate.section.json").read_text()))
+    assert section == result.section() and section.figures[0].data_uri.startswith("data:image/png;base64,")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vitdecomp.commands.options import Option, add_options, add_shared, apply_threads
-from vitdecomp.defaults import DEFAULT_N_IMAGES
+from vitdecomp.defaults import DEFAULT_N_IMAGES, MODEL
 
 _NOTES = "\n## Notes"
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The first validation of the alignment, the scores and retrieval on the built-in world.",
     )
     p.add_argument("--models", nargs="+", default=None, help="the models validated (default: the zoo's four)")
-    p.add_argument("--ablation", nargs="*", default=["zoo:deit"], help="models to run the CompAlign ablation on")
+    p.add_argument("--ablation", nargs="*", default=[MODEL], help="models to run the CompAlign ablation on")
     add_options(
         p,
         Option("json", "also write every figure to this JSON file", metavar="FILE"),

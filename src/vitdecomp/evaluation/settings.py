@@ -8,10 +8,11 @@ The zoo trains on seeds 1000, 1001, 1500 and fits its own probes on 2001/2002.
 
 from __future__ import annotations
 
+from vitdecomp.defaults import WORLD_SEED
 from vitdecomp.scores.registry import score_names
 
 MODELS = ("zoo:deit", "zoo:dino", "zoo:swin", "zoo:maxvit", "zoo:planted")
-TRAIN_SEED = 3000
+TRAIN_SEED = WORLD_SEED
 DEV_SEED = 3001
 HELD_OUT_SEED = 5001
 N_TRAIN = 2000

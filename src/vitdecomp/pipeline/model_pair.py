@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from vitdecomp.defaults import READER
 from vitdecomp.errors import UsageError
 from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.models.loading import load_model
@@ -57,7 +58,7 @@ class Models:
 
 def load_models(
     model: str,
-    reader: str | None = "zoo:clip",
+    reader: str | None = READER,
     *,
     checkpoint: str | Path | None = None,
     reader_checkpoint: str | Path | None = None,
