@@ -34,6 +34,26 @@ ADAPTERS: dict[tuple[str, str], tuple[str, str]] = {
     ("timm.models.swin_transformer_v2", "SwinTransformerV2"): ("vitdecomp.models.swin", "SwinV2Adapter"),
     ("timm.models.maxxvit", "MaxxVit"): ("vitdecomp.models.maxvit", "MaxViTAdapter"),
     ("open_clip.transformer", "VisionTransformer"): ("vitdecomp.models.openclip", "OpenClipAdapter"),
+    ("transformers.models.vit.modeling_vit", "ViTModel"): ("vitdecomp.models.hf", "HFViTAdapter"),
+    ("transformers.models.deit.modeling_deit", "DeiTModel"): ("vitdecomp.models.hf", "HFDeiTAdapter"),
+    ("transformers.models.dinov2.modeling_dinov2", "Dinov2Model"): ("vitdecomp.models.hf", "HFDinov2Adapter"),
+    ("transformers.models.dinov2_with_registers.modeling_dinov2_with_registers", "Dinov2WithRegistersModel"): (
+        "vitdecomp.models.hf",
+        "HFDinov2RegistersAdapter",
+    ),
+    ("transformers.models.dinov3_vit.modeling_dinov3_vit", "DINOv3ViTModel"): (
+        "vitdecomp.models.hf",
+        "HFDINOv3Adapter",
+    ),
+    ("transformers.models.clip.modeling_clip", "CLIPVisionModel"): ("vitdecomp.models.hf", "HFCLIPVisionAdapter"),
+    ("transformers.models.clip.modeling_clip", "CLIPVisionModelWithProjection"): (
+        "vitdecomp.models.hf",
+        "HFCLIPVisionProjectionAdapter",
+    ),
+    ("transformers.models.siglip.modeling_siglip", "SiglipVisionModel"): (
+        "vitdecomp.models.hf",
+        "HFSiglipVisionAdapter",
+    ),
 }
 
 
