@@ -178,7 +178,7 @@ def representations(model: nn.Module) -> list[str | None]:
     if type(model).__module__.startswith("transformers."):
         from vitdecomp.models.registry import adapter_for
 
-        return [None, *adapter_for(model)[0].representations(model)[1:]]
+        return [None, *adapter_for(model)[0].representations_of(model)[1:]]
     if hasattr(model, "encode_image"):
         return [None]
     if isinstance(model, timm.models.deit.VisionTransformerDistilled):

@@ -163,7 +163,7 @@ class HFTowerAdapter:
     def readouts(self, model: nn.Module) -> dict[str, Callable[[], Readout]]:
         raise NotImplementedError
 
-    def representations(self, model: nn.Module) -> tuple[str, ...]:
+    def representations_of(self, model: nn.Module) -> tuple[str, ...]:
         """The representations this model offers, the default first."""
         return tuple(self.readouts(model))
 
