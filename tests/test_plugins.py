@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import vitdecomp as vd
-from vitdecomp.errors import UnsupportedModuleError, UsageError, VitDecompError
 from vitdecomp import testing
+from vitdecomp.errors import UnsupportedModuleError, UsageError, VitDecompError
 from vitdecomp.models import registry
 from vitdecomp.testing import check_adapter, unchecked_adapters
 
@@ -107,7 +107,7 @@ def test_a_run_time_registration_and_its_refusals(plugin_site):
     assert MyViT in registry.registered_types()
     with pytest.raises(UsageError, match="not an adapter"):
         vd.register_adapter(MyViT, object())
-    with pytest.raises(UsageError, match="not an nn.Module class"):
+    with pytest.raises(UsageError, match=r"not an nn\.Module class"):
         vd.register_adapter(int, ToyAdapter)
 
 

@@ -113,7 +113,8 @@ def _check_heads(adapter: Adapter, model: nn.Module, x: Tensor, rep: str | None)
     assert declared, f"{type(target).__name__}: the plan declares no attention heads"
     d = decompose(model, x, representation=rep)
     for layer, sub, n in declared:
-        idx = d.index(lambda lab, layer=layer, sub=sub: (lab.kind, lab.layer, lab.sublayer) == ("attn_head", layer, sub))
+        key = ("attn_head", layer, sub)
+        idx = d.index(lambda lab, key=key: (lab.kind, lab.layer, lab.sublayer) == key)
         heads = sorted(d.labels[i].head for i in idx)
         assert heads == list(range(n)), f"layer {layer}: head parts {heads}, expected one for each of {n} heads"
         assert bool((d.contributions[:, idx].abs().amax(dim=(0, 2)) > 0).all()), f"layer {layer}: a head part is 0"
