@@ -117,3 +117,29 @@ def test_a_broken_entry_point_is_named_in_one_line(plugin_site):
         vd.decompose(_toy(), images())
     message = str(err.value)
     assert "\n" not in message and "toyvit-plugin" in message and "toyvit_plugin.missing:Nothing" in message
+
+
+def test_the_worked_example_of_the_docs_is_exact(monkeypatch):
+    """docs/adding-a-family.md's adapter for transformers' ViTModel, run as written, registered at run
+    time: it passes check_adapter and gives the shipped adapter's parts."""
+    import re
+
+    import transformers
+
+    from small_models import SMALL_MODELS
+
+    text = (Path(__file__).parents[1] / "docs" / "adding-a-family.md").read_text()
+    section = text.split("## 2. Declare it", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "docs/adding-a-family.md", "exec"), namespace)
+    model, size = SMALL_MODELS["hf-vit"]()
+    x = images(seed=1)[:, :, :size, :size]
+    shipped = vd.decompose(model.double(), x.double())
+    monkeypatch.setattr(registry, "_PLUGINS", {})
+    vd.register_adapter(transformers.ViTModel, namespace["MyViTModelAdapter"])
+    report = check_adapter(model.float(), x)
+    assert report.family == "my-hf-vit" and report.heads == 3 * 3
+    mine = vd.decompose(model.double(), x.double())
+    assert mine.names == shipped.names
+    torch.testing.assert_close(mine.contributions, shipped.contributions, rtol=0, atol=1e-12)

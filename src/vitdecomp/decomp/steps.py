@@ -24,7 +24,7 @@ from vitdecomp.decomp.plan import (
     TokenNorm,
     VectorNorm,
 )
-from vitdecomp.decomp.readout import NormRule, ReadoutMap
+from vitdecomp.decomp.readout import FactoredReadoutMap, NormRule, ReadoutMap
 from vitdecomp.errors import UnsupportedModuleError, VitDecompError
 
 Consts = list[tuple[ComponentLabel, Tensor]]
@@ -152,6 +152,16 @@ def pool_state(steps: list[ReadoutStep]) -> PoolState | None:
     return None
 
 
+def _after_token_norm(raw: ReadoutMap, norm: NormRule | None, weight: Tensor) -> ReadoutMap:
+    """The slot maps of ``raw`` with a per-token norm's ``diag(gamma) C`` folded into their input side,
+    and the per-token ``weight`` (pooling times the norm's ``1/sigma``)."""
+    if isinstance(raw, FactoredReadoutMap):
+        pre, post = raw.factors
+        return FactoredReadoutMap(weight, (pre if norm is None else norm.right(pre), post), raw.positions)
+    mats = raw.mats if norm is None else norm.right(raw.mats)
+    return ReadoutMap(weight, mats, raw.positions)
+
+
 class ReadoutBuilder:
     """Captures what the steps of ``spec`` need during the pass; :meth:`build` composes them after it."""
 
@@ -159,7 +169,6 @@ class ReadoutBuilder:
         self.spec = spec
         self.positions = read_positions(spec)
         self.seen: dict[int, Tensor] = {}
-        self._factors: tuple[Tensor, Tensor] | None = None  # low-rank slot matrices of an attention pool
         self.attn_pool = pool_state(spec.steps)
 
     def attach(self, cap: Capture) -> None:
@@ -196,16 +205,11 @@ class ReadoutBuilder:
                 if token_norm.bias is not None:
                     token_consts.append((ComponentLabel(step.kind), token_norm.bias.to(dt)))
             elif isinstance(step, (Pool, AttentionPool, MultiheadPool)):
-                pool_w, raw_mats, consts = self._pool(step, x, dt)  # [B, S, K], [K, D_out, D]
-                slot_mats = raw_mats if token_norm is None else token_norm.right(raw_mats)
+                pool_w, raw, consts = self._pool(step, x, dt)  # [B, S, K], the slot maps, the pool's constants
                 totals = pool_w.sum(1)  # [B, K]: a vector added at every token is pooled with these
-                consts = [(lab, torch.einsum("bk,kod,d->bo", totals, raw_mats, c)) for lab, c in token_consts] + consts
+                consts = [(lab, raw.apply_pooled(totals[:, :, None] * c)) for lab, c in token_consts] + consts
                 weight = pool_w * scale[..., None]
-                factors = self._factors
-                if factors is not None and token_norm is not None:
-                    factors = (token_norm.right(factors[0]), factors[1])
-                weight = weight if weight.shape[2] > 1 else weight[..., 0]
-                ro = ReadoutMap(weight, slot_mats, self._ro_positions(x), None, factors)
+                ro = _after_token_norm(raw, token_norm, weight if weight.shape[2] > 1 else weight[..., 0])
             elif isinstance(step, VectorNorm):
                 ro, consts = self._vector_norm(step, ro, consts)
             elif isinstance(step, Linear):
@@ -214,12 +218,11 @@ class ReadoutBuilder:
             raise VitDecompError("the readout has no pooling step")
         return ro, consts, self.seen[-2]
 
-    def _ro_positions(self, x: Tensor) -> Tensor | None:
-        return None if self.positions is None else self.positions.to(x.device)
-
-    def _pool(self, step: Pool | AttentionPool | MultiheadPool, x: Tensor, dt) -> tuple[Tensor, Tensor, Consts]:
-        """Pooling weights ``[B, S, K]``, slot matrices ``[K, D_out, D]`` and the pool's own constants."""
+    def _pool(self, step: Pool | AttentionPool | MultiheadPool, x: Tensor, dt) -> tuple[Tensor, ReadoutMap, Consts]:
+        """Pooling weights ``[B, S, K]``, the slot maps (one matrix ``[D_out, D]`` per slot, at the read
+        positions) and the pool's own constants."""
         b, n, d = x.shape
+        positions = None if self.positions is None else self.positions.to(x.device)
         if isinstance(step, Pool):
             if step.positions is not None:
                 w = torch.tensor(list(step.weights or [1.0] * len(step.positions)), dtype=dt, device=x.device)
@@ -227,11 +230,12 @@ class ReadoutBuilder:
             else:
                 pool_w = torch.zeros(b, n, dtype=dt, device=x.device)
                 pool_w[:, step.skip :] = 1.0 / (n - step.skip)
-            return pool_w[..., None], torch.eye(d, dtype=dt, device=x.device)[None], []
+            return pool_w[..., None], ReadoutMap(pool_w, torch.eye(d, dtype=dt, device=x.device)[None], positions), []
         return self._attention_pool(x, dt)
 
-    def _attention_pool(self, x: Tensor, dt) -> tuple[Tensor, Tensor, Consts]:
-        """Frozen attention pool: slot ``h`` is pool head ``h``, ``S_h = W_O[:, h] W_v[h]``."""
+    def _attention_pool(self, x: Tensor, dt) -> tuple[Tensor, ReadoutMap, Consts]:
+        """Frozen attention pool: slot ``h`` is pool head ``h``, ``S_h = W_O[:, h] W_v[h]``, kept as its
+        two factors."""
         st = self.attn_pool
         h = st.num_heads
         b, n, d = x.shape
@@ -243,14 +247,13 @@ class ReadoutBuilder:
         w_v, b_v = st.value_map()
         w_v = w_v.to(dt).view(h, -1, d)  # [H, dh, D]
         w_o, b_o = st.out_map()
-        w_o = torch.eye(h * w_v.shape[1], dtype=dt, device=x.device) if w_o is None else w_o.to(dt)
+        w_o = torch.eye(h * w_v.shape[1], dtype=dt, device=x.device) if w_o is None else w_o.to(dt)  # [D_out, H*dh]
         w_p = w_o.view(w_o.shape[0], h, -1).transpose(0, 1)  # [H, D_out, dh]
-        raw_mats = torch.einsum("hoe,hed->hod", w_p, w_v)  # [H, D_out, D]
-        self._factors = (w_v, w_p.transpose(0, 1).reshape(w_p.shape[1], -1))  # [H, dh, D], [D_out, H*dh]
+        raw = FactoredReadoutMap(pool_w, (w_v, w_o))
         consts: Consts = []
         if st.pos_embed is not None:
             pos = torch.einsum("bnh,nd->bhd", p_tok, st.pos_embed.to(dt))  # per head
-            per_head = torch.einsum("hod,bhd->bho", raw_mats, pos)
+            per_head = torch.einsum("hoe,hed,bhd->bho", w_p, w_v, pos)
             consts += [(ComponentLabel("pool_pos", head=i), per_head[:, i]) for i in range(h)]
         bias = None if b_v is None else torch.einsum("hoe,he->o", w_p, b_v.to(dt).view(h, -1))
         if b_o is not None:
@@ -259,7 +262,7 @@ class ReadoutBuilder:
             consts.append((ComponentLabel("pool_bias"), bias.expand(b, -1)))
         if st.mlp_out is not None:
             consts.append((ComponentLabel("pool_mlp"), torch.einsum("l,bld->bd", lam, st.mlp_out.to(dt))))
-        return pool_w, raw_mats, consts
+        return pool_w, raw, consts
 
     def _vector_norm(self, step: VectorNorm, ro: ReadoutMap, consts: Consts) -> tuple[ReadoutMap, Consts]:
         norm = NormRule.of(step.norm, "fc_norm")
@@ -267,12 +270,12 @@ class ReadoutBuilder:
         weight = ro.weight * (s[:, None, None] if ro.dense else s[:, None])
         consts = [(lab, s[:, None] * norm.left(c.T).T) for lab, c in consts]
         if norm.bias is not None:
-            consts.append((ComponentLabel(step.kind), norm.bias.to(ro.mats).expand(weight.shape[0], -1)))
-        return ReadoutMap(weight, ro.mats, ro.positions, ro.slot, ro.factors).then(norm.left), consts
+            consts.append((ComponentLabel(step.kind), norm.bias.to(ro.like).expand(weight.shape[0], -1)))
+        return ro.reweighted(weight).then(norm.left), consts
 
     def _linear(self, step: Linear, ro: ReadoutMap, consts: Consts) -> tuple[ReadoutMap, Consts]:
-        w = step.weight.to(ro.mats)
+        w = step.weight.to(ro.like)
         consts = [(lab, c @ w.T) for lab, c in consts]
         if step.bias is not None:
-            consts.append((ComponentLabel(step.kind), step.bias.to(ro.mats).expand(ro.weight.shape[0], -1)))
+            consts.append((ComponentLabel(step.kind), step.bias.to(ro.like).expand(ro.weight.shape[0], -1)))
         return ro.then(lambda m: torch.einsum("od,...di->...oi", w, m)), consts
