@@ -152,16 +152,24 @@ def patch_mean_readout(stream: Tap, norm: nn.Module | None, skip: int) -> Readou
 class HFTowerAdapter:
     """The plan shared by the transformers towers: a subclass names its :class:`Tower`, its number of
     prefix tokens and its readouts (``readouts(model) -> {representation: Readout factory}``, default
-    first)."""
+    first; by default the class token after the final norm, named ``class_token``, and the patch mean)."""
 
     family = ""
     tower: Tower
+    class_token = "pooler_output"
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.layernorm
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
-        return 1
+        return 1 + getattr(model.config, "num_register_tokens", 0)
 
     def readouts(self, model: nn.Module) -> dict[str, Callable[[], Readout]]:
-        raise NotImplementedError
+        norm, npre = self.final_norm(model), self.num_prefix_tokens(model)
+        return {
+            self.class_token: lambda: token_readout(norm, (0,)),
+            PATCH_MEAN: lambda: patch_mean_readout(Tap(norm, "input"), norm, npre),
+        }
 
     def representations_of(self, model: nn.Module) -> tuple[str, ...]:
         """The representations this model offers, the default first."""
@@ -199,13 +207,7 @@ def _dinov2_tower(prefix: str, layers: str = "encoder.layer", conv: str = "embed
 class HFViTAdapter(HFTowerAdapter):
     family = "hf-vit"
     tower = _vit_tower("ViT")
-
-    def readouts(self, model: nn.Module) -> dict[str, Callable[[], Readout]]:
-        norm, npre = model.layernorm, self.num_prefix_tokens(model)
-        return {
-            "last_hidden_state[:, 0]": lambda: token_readout(norm, (0,)),
-            PATCH_MEAN: lambda: patch_mean_readout(Tap(norm, "input"), norm, npre),
-        }
+    class_token = "last_hidden_state[:, 0]"
 
 
 class HFDeiTAdapter(HFViTAdapter):
@@ -216,12 +218,12 @@ class HFDeiTAdapter(HFViTAdapter):
         return 2
 
     def readouts(self, model: nn.Module) -> dict[str, Callable[[], Readout]]:
-        norm = model.layernorm
+        norm, base = model.layernorm, super().readouts(model)
         return {
-            "last_hidden_state[:, 0]": lambda: token_readout(norm, (0,)),
+            self.class_token: base[self.class_token],
             "last_hidden_state[:, 1]": lambda: token_readout(norm, (1,)),
             "last_hidden_state[:, :2].mean(1)": lambda: token_readout(norm, (0, 1), (0.5, 0.5)),
-            PATCH_MEAN: lambda: patch_mean_readout(Tap(norm, "input"), norm, 2),
+            PATCH_MEAN: base[PATCH_MEAN],
         }
 
 
@@ -229,26 +231,13 @@ class HFDinov2Adapter(HFTowerAdapter):
     family = "hf-dinov2"
     tower = _dinov2_tower("Dinov2")
 
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.layernorm
 
-    def num_prefix_tokens(self, model: nn.Module) -> int:
-        return 1 + getattr(model.config, "num_register_tokens", 0)
-
-    def readouts(self, model: nn.Module) -> dict[str, Callable[[], Readout]]:
-        norm, npre = self.final_norm(model), self.num_prefix_tokens(model)
-        return {
-            "pooler_output": lambda: token_readout(norm, (0,)),
-            PATCH_MEAN: lambda: patch_mean_readout(Tap(norm, "input"), norm, npre),
-        }
-
-
-class HFDinov2RegistersAdapter(HFDinov2Adapter):
+class HFDinov2RegistersAdapter(HFTowerAdapter):
     family = "hf-dinov2-registers"
     tower = _dinov2_tower("Dinov2WithRegisters")
 
 
-class HFDINOv3Adapter(HFDinov2Adapter):
+class HFDINOv3Adapter(HFTowerAdapter):
     family = "hf-dinov3"
     tower = _dinov2_tower("DINOv3ViT", layers="model.layer", conv="embeddings.patch_embeddings")
 
