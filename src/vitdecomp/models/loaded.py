@@ -28,7 +28,7 @@ class LoadedModel:
     model: nn.Module
     preprocess: Callable[[Any], torch.Tensor]
     name: str
-    source: str  # "timm" | "open_clip" | "zoo"
+    source: str  # "timm" | "open_clip" | "transformers" | "zoo"
     weights_id: str
     tokenizer: Callable[..., torch.Tensor] | None = None
     info: dict = field(default_factory=dict)
