@@ -38,6 +38,12 @@ class LoadedModel:
         return self.tokenizer is not None
 
     @property
+    def attribute_heads(self) -> dict[str, int]:
+        """The model's own classifier as one logit block per attribute, ``{attribute: classes}`` in
+        logit order (the zoo's multi-attribute models, ``info["attribute_heads"]``); ``{}`` otherwise."""
+        return dict(self.info.get("attribute_heads", {}))
+
+    @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.info.get("image_size", (224, 224)))  # type: ignore[return-value]
 
