@@ -403,12 +403,12 @@ class DebiasResult(ResultBase):
         """Every reading of this run (test split; "before": the linear head) beside the published
         Waterbirds figures (:mod:`vitdecomp.apps.published`)."""
         head = self.before.test
-        settings = f"linear head on the representation; {self.score} score; k = {self.k} chosen on validation"
-        data = f"{self.images} ({', '.join(f'{k} {v}' for k, v in self.n_images.items())}), test"
+        settings = f"linear head on the representation; score {self.score}; k = {self.k} chosen on validation"
+        data = f"{self.images} ({_sizes(self.n_images)}), test"
         ours = []
         for r in self.readings:
             figs = dict(zip(WATERBIRDS_METRICS, (head.worst, r.test.worst, head.average, r.test.average), strict=True))
-            ours.append(Row(THIS_RUN, r.name + (f" (k = {r.k})" if r.k else ""), self.model, data, settings, figs))
+            ours.append(Row(THIS_RUN, r.name + (f", k = {r.k}" if r.k else ""), self.model, data, settings, figs))
         notes = [
             "Before: the linear head on the whole representation; after: the reading named in the method column.",
             "The paper's rows use its own split and k = 10 fixed by hand; TextSpan's and the text projection are "
@@ -416,7 +416,9 @@ class DebiasResult(ResultBase):
             "share this run's split and head.",
         ]
         if self.n_images != OFFICIAL_SIZES:
-            notes.append(f"This run's split ({self.n_images}) is not the official one ({OFFICIAL_SIZES}).")
+            notes.append(
+                f"This run's split ({_sizes(self.n_images)}) is not the official one ({_sizes(OFFICIAL_SIZES)})."
+            )
         title = "Waterbirds: this run beside the published figures"
         return BenchmarkTable(self.benchmark, title, WATERBIRDS_METRICS, ours, published_waterbirds(), notes)
 
@@ -449,6 +451,8 @@ class DebiasResult(ResultBase):
             f"Images: {self.n_images}; corr {self.corr}; {self.score} score; features {json.dumps(self.features)}.",
             "Top components: " + ", ".join(f"{lab} {v:+.3f}" for lab, v in self.ranking[: max(self.k, 5)]),
         ]
+        if self.benchmark:
+            notes.append(f"{self.benchmark}: the published figures beside these are in benchmark.json")
         return AppSection(
             "debias",
             f"Removing a spurious feature ({self.model})",
@@ -459,6 +463,10 @@ class DebiasResult(ResultBase):
             self.command,
             notes,
         )
+
+
+def _sizes(n_images: dict[str, int]) -> str:
+    return " / ".join(f"{k} {v:,}" for k, v in n_images.items())
 
 
 def default_features(source: ImageSource) -> dict[str, list[str]]:

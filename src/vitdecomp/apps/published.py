@@ -117,10 +117,11 @@ def _wb(source: str, method: str, model: str, data: str, settings: str, *values:
     return Row(source, method, model, data, settings, dict(zip(WATERBIRDS_METRICS, values, strict=False)))
 
 
-WATERBIRDS = "Waterbirds, official split (metadata.csv; 4,795 / 1,199 / 5,794 images), test"
+WATERBIRDS = "Waterbirds, official split (train 4,795 / val 1,199 / test 5,794), test"
 PAPER_WB_DATA = "its own Waterbirds split (train correlation 0.9, uncorrelated test)"
 PAPER_WB_SETTINGS = (
-    "linear head on the representation; mean-ablate the top 10 components by score(location) (k fixed by hand)"
+    "linear head on the representation; mean-ablate the top 10 components by score(spurious) - score(core) "
+    "(k fixed by hand)"
 )
 
 

@@ -277,6 +277,8 @@ class SegmentResult(ResultBase):
         figures = [f.for_section() for f in self.figures()]
         notes = [f"target: {self.target}", f"decomposition layers: {self.layers}", f"threshold: {self.threshold}"]
         notes += [f"speed: {self.timing}"]
+        if self.benchmark:
+            notes.append(f"{self.benchmark}: the published figures beside these are in benchmark.json")
         notes += [f"{m.name}: {m.note}" for m in self.methods if m.note]
         if self.skipped:
             notes.append(f"{len(self.skipped)} image(s) without a mask skipped, e.g. {self.skipped[0]}")
