@@ -11,6 +11,7 @@ import csv
 import json
 import re
 import shutil
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -19,10 +20,12 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
+from vitdecomp.apps.debias import DebiasResult
 from vitdecomp.apps.imagenet_seg import read_mat
-from vitdecomp.apps.masks import to_input
+from vitdecomp.apps.masks import SegmentSet, to_input
 from vitdecomp.apps.pixels import input_geometry, square_preprocess
 from vitdecomp.apps.seg_metrics import segmentation_metrics, two_class_ap
+from vitdecomp.apps.segment import SegmentResult, _batches
 from vitdecomp.cli import main
 
 #: The first 128 bytes of a MATLAB v7.3 file's 512-byte user block (text, subsystem offset, version, endian).
@@ -145,7 +148,9 @@ def test_two_class_ap_is_the_published_protocols_hand_value():
 
 def test_square_resize_feeds_the_whole_image_and_mask_at_the_input_size():
     """The published protocol: a 48 x 64 image becomes the model's 224 x 224 input with nothing cropped
-    (the model's interpolation and normalisation kept), and its mask the same 224 x 224 (nearest)."""
+    (the model's interpolation and normalisation kept), and its mask the same 224 x 224 (nearest); these are
+    what segment feeds the maps and scores against for a square set, where the model's own centre crop
+    would have cut most of a left-quarter object away."""
     import timm
 
     pre = timm.data.create_transform(input_size=(3, 224, 224), crop_pct=0.875, interpolation="bicubic")
@@ -159,9 +164,15 @@ def test_square_resize_feeds_the_whole_image_and_mask_at_the_input_size():
     geo = input_geometry(square, (48, 64))
     assert geo.resized == (224, 224) and geo.crop == (224, 224) and geo.offset == (0, 0)
     mask = np.zeros((48, 64), np.uint8)
-    mask[:24] = 255
-    assert (to_input(mask, geo, Image.NEAREST) > 0).sum() == 112 * 224
+    mask[:, :16] = 255  # the left quarter
+    assert (to_input(mask, geo, Image.NEAREST) > 0).sum() == 224 * 56
     assert input_geometry(pre, (48, 64)).crop == (224, 224) and input_geometry(pre, (48, 64)).resized != (224, 224)
+    data = SegmentSet(["a"], [Image.fromarray(rgb)], [mask > 0], "one image", square=True)
+    (batch,) = _batches(SimpleNamespace(preprocess=pre), data, 4)  # what segment feeds the maps
+    assert torch.equal(batch.x[0], x) and int(batch.masks[0].sum()) == 224 * 56
+    data.square = False
+    (batch,) = _batches(SimpleNamespace(preprocess=pre), data, 4)
+    assert int(batch.masks[0].sum()) < 224 * 30  # the model's centre crop cuts most of the left quarter away
 
 
 def test_square_resize_of_a_transformers_processor():
@@ -215,6 +226,7 @@ def test_the_segmentation_runner_equals_segment_on_the_same_images_and_prints_th
     for shown in ("TextSpan (Gandelsman et al., ICLR 2024)", "| 75.21 | 54.50 | 81.61 |", "LeGrad", "GradCAM"):
         assert shown in printed, shown
     assert "not the benchmark's 4,276" in printed
+    assert SegmentResult.from_dict(bench).benchmark_table().to_dict() == doc  # segment.json alone rebuilds it
     assert not (tmp_path / "plain" / "benchmark.json").exists()
 
 
@@ -281,4 +293,5 @@ def test_the_waterbirds_runner_equals_debias_on_the_same_folder_and_prints_the_p
     )
     for shown in ("| 73.30 | 81.50 | 87.40 | 91.30 |", "TextSpan", "Group DRO", "not the official one"):
         assert shown in printed, shown
+    assert DebiasResult.from_dict(bench).benchmark_table().to_dict() == doc  # debias.json alone rebuilds it
     assert not (tmp_path / "plain" / "benchmark.json").exists()
