@@ -88,7 +88,7 @@ def main() -> None:
                         "world",
                         "export",
                         "--waterbirds",
-                        "--n",
+                        "--n-images",
                         "1400",
                         "--seed",
                         "0",

@@ -19,8 +19,9 @@ import sys
 import torch
 
 from vitdecomp.apps.chefer import CheferMap
+from vitdecomp.apps.masks import world_set
 from vitdecomp.apps.relevance import RelevanceMap
-from vitdecomp.apps.segment import DecompositionMap, default_methods, segment, world_set
+from vitdecomp.apps.segment import DecompositionMap, default_methods, segment
 from vitdecomp.models.loading import load_model
 
 #: What each model explains: zoo heads' predicted colour / shape; zoo:dino has no classifier (self).

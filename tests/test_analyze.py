@@ -19,8 +19,8 @@ import pytest
 
 from vitdecomp.analyze import AnalysisConfig, run_analysis
 from vitdecomp.errors import MismatchError
-from vitdecomp.report import AnalysisResult
-from vitdecomp.score import DEFAULT_METHOD
+from vitdecomp.results import AnalysisResult
+from vitdecomp.scores.registry import DEFAULT_SCORE
 
 N = 64
 RUN = dict(
@@ -107,12 +107,13 @@ def test_results_json_is_the_typed_result(first_run):
 
 def test_cli_is_built_from_the_config():
     from vitdecomp.cli import build_parser
+    from vitdecomp.commands.analyze import config_of
 
     argv = ["analyze", "--clip", "zoo:x", "--n-images", "7", "--quiet", "--clip-checkpoint", "w.safetensors"]
-    cfg = AnalysisConfig.from_args(build_parser().parse_args(argv))
+    cfg = config_of(build_parser().parse_args(argv))
     want = AnalysisConfig(reader="zoo:x", n_images=7, progress=False, verbose=False, reader_checkpoint="w.safetensors")
     assert cfg == want  # --quiet: no bars and no summary
-    assert AnalysisConfig.from_args(build_parser().parse_args(["analyze"])) == AnalysisConfig()
+    assert config_of(build_parser().parse_args(["analyze"])) == AnalysisConfig()
 
 
 def test_top_images_are_the_largest_projections(first_run):
@@ -126,7 +127,7 @@ def test_top_images_are_the_largest_projections(first_run):
     al = load_aligner(results.aligner.path)
     lab = next(lab for lab in results.labels if lab.endswith(".mlp"))
     c = results.labels.index(lab)
-    from vitdecomp.pipeline.stages import load_model_for
+    from vitdecomp.pipeline.model_pair import load_model_for
 
     reader = load_model_for("zoo:clip", random_init=True, seed=3001)  # the run's reader: seed + 1
     assert reader.weights_id == results.reader.weights_id
@@ -252,9 +253,9 @@ def test_report_table_sorts_filters_and_opens_a_view_in_chromium(first_run, tmp_
     dom = _Rows()
     dom.feed(done.stdout)
     assert len(dom.rows) == len(results.labels), done.stderr[-2000:]
-    col = list(results.scores[DEFAULT_METHOD]).index("color")
+    col = list(results.scores[DEFAULT_SCORE]).index("color")
     got = [float(r["v"][col]) for r in dom.rows]
-    want = sorted((results.scores[DEFAULT_METHOD]["color"][lab] for lab in results.labels), reverse=True)
+    want = sorted((results.scores[DEFAULT_SCORE]["color"][lab] for lab in results.labels), reverse=True)
     assert got == pytest.approx(want, abs=1e-9)  # the DOM rows are in the new order
     shown = [r["id"] for r in dom.rows if not r["hidden"]]
     assert shown and shown == [r["id"] for r in dom.rows if r["id"].endswith(".mlp")]
@@ -290,7 +291,7 @@ def test_applications_render_from_their_sections(first_run):
     """Any AppSection in the result is drawn: title, summary, table, figures, command and notes;
     results.json keeps it, and a results.json without views or applications still loads."""
     from vitdecomp.report import render_html
-    from vitdecomp.report.sections import AppFigure, AppSection
+    from vitdecomp.results import AppFigure, AppSection
 
     results, out, _ = first_run
     fig = results.views.features[0].grid
@@ -321,7 +322,7 @@ def test_applications_render_from_their_sections(first_run):
 
 
 def test_rerun_reuses_store_aligner_and_text(first_run, monkeypatch):
-    from vitdecomp.pipeline import stages
+    from vitdecomp import aligner_cache as stages
 
     results, out, cache = first_run
 

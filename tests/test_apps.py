@@ -56,7 +56,7 @@ def test_image_retrieval_by_reading_matches_the_feature_and_ignores_the_leak():
 
 @pytest.fixture(scope="module")
 def small_analysis(tmp_path_factory):
-    from vitdecomp.pipeline import AnalysisConfig, run_analysis
+    from vitdecomp.analyze import AnalysisConfig, run_analysis
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -139,8 +139,8 @@ def test_heatmap_and_retrieve_commands_write_their_files(small_analysis, tmp_pat
 
 
 def test_head_grid_has_one_row_per_attention_layer(small_analysis, tmp_path):
-    from vitdecomp.apps.figures import draw_head_grids, head_grid
-    from vitdecomp.report.results import AnalysisResult
+    from vitdecomp.apps.head_grids import draw_head_grids, head_grid
+    from vitdecomp.results import AnalysisResult
 
     result = AnalysisResult.load(small_analysis / "out" / "results.json")
     grid, rows = head_grid(result, "color")
@@ -167,7 +167,7 @@ def test_contrastive_direction_removes_what_every_value_shares():
 
 def test_auto_rules_and_phrases():
     from vitdecomp.apps.analysis import auto_heads, auto_k
-    from vitdecomp.apps.world_eval import phrase
+    from vitdecomp.evaluation.app_heatmaps import phrase
 
     heads = [f"L{layer}.H{h}" for layer in range(5) for h in range(4)] + ["L0.mlp", "init"]
     scores = {lab: float(i) for i, lab in enumerate(heads)}
@@ -181,7 +181,7 @@ def test_auto_rules_and_phrases():
 def test_heatmap_rule_study_runs_on_a_small_analysis(small_analysis):
     """``world_eval rules``: every head count x direction, each feature, a pointing share in [0, 1]."""
     from vitdecomp.apps.analysis import load_analysis
-    from vitdecomp.apps.world_eval import MAP_FEATURES, RULE_HEADS, heatmap_rules
+    from vitdecomp.evaluation.app_heatmaps import MAP_FEATURES, RULE_HEADS, heatmap_rules
 
     out = heatmap_rules(load_analysis(small_analysis / "out"), n=4, batch=4)
     want = {f"{f} {r} {how}" for f in MAP_FEATURES for r in RULE_HEADS for how in ("text", "contrastive")}

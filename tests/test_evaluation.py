@@ -1,5 +1,7 @@
 """`vitdecomp.evaluation`: the causal truth on tiny stacks whose answer is known, the non-constant
-filter, specificity and planted top-k precision, the document, and the `vitdecomp validate` command."""
+filter, specificity and planted top-k precision, the document, and the `vitdecomp validate` command;
+the first validation (`vitdecomp.evaluation.alignment`): its ground-truth probe, its figures on a tiny
+random-init run, and (with the shipped zoo checkpoints) guards on the §6 figures of docs/validation.md."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from vitdecomp.evaluation.alignment import match_rate, retrieval_precision
 from vitdecomp.evaluation.components import evaluated_components, is_branch, relative_second_singular_value
 from vitdecomp.evaluation.truths import (
     ablated_wholes,
@@ -15,6 +18,9 @@ from vitdecomp.evaluation.truths import (
     top_k_precision,
     zero_shot_causal,
 )
+from vitdecomp.probes import batched_probe
+from vitdecomp.scores import DEFAULT_SCORE, score_names
+from vitdecomp.store import ArrayRows
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +107,7 @@ def test_specificity_and_planted_precision():
 
 
 def test_control_compares_the_random_scores_with_the_trained_truth():
-    from vitdecomp.evaluation.validate import control_agreement, control_null, magnitude
+    from vitdecomp.evaluation.score_validation import control_agreement, control_null, magnitude
 
     labels = ["init", "L0.H0", "L0.H1", "L0.mlp"]
     attrs = ("shape", "color", "pattern", "background")
@@ -152,10 +158,9 @@ def _fake_result(model: str, random_init: bool) -> dict:
 
 
 def test_document_has_every_table(monkeypatch):
-    from vitdecomp import score
-    from vitdecomp.evaluation import document
+    from vitdecomp.evaluation import score_document as document
 
-    monkeypatch.setattr(document, "DEFAULT_METHOD", "ablation")
+    monkeypatch.setattr(document, "DEFAULT_SCORE", "ablation")
     text = document.markdown([_fake_result("zoo:deit", False)], [_fake_result("zoo:deit", True)], "cmd", {})
     rows = (
         "| zoo:deit | 2 / 3 | 0.500 | 0.900 (met) | 0.250 |",
@@ -164,7 +169,7 @@ def test_document_has_every_table(monkeypatch):
     rows += ("| zoo:deit | 0.050 (null -0.30 … 0.30, p 0.700) |",)
     for part in ("causal truth", *rows, "Random-init control", "Planted", "5001"):
         assert part in text, part
-    assert score.DEFAULT_METHOD in score.METHODS
+    assert DEFAULT_SCORE in score_names()
 
 
 @pytest.mark.slow
@@ -177,7 +182,7 @@ def test_validate_command_on_random_weights(tmp_path, monkeypatch):
     argv = ["validate", "--models", "zoo:deit", "--n-train", "60", "--n-test", "40", "--out", str(out)]
     argv += ["--align-steps", "20"]
     argv += ["--json", str(js), "--cache-dir", str(tmp_path / "c"), "--quiet", "--scores", "invariant", "ablation"]
-    monkeypatch.setattr("vitdecomp.evaluation.validate.load_model_for", _random_loader())
+    monkeypatch.setattr("vitdecomp.evaluation.world_runs.load_model_for", _random_loader())
     assert main(argv) == 0
     text = out.read_text()
     assert "zoo:deit" in text and "kept by hand" in text and "## Truths" in text
@@ -190,7 +195,7 @@ def test_validate_command_on_random_weights(tmp_path, monkeypatch):
 
 
 def _random_loader():
-    from vitdecomp.pipeline.stages import load_model_for
+    from vitdecomp.pipeline.model_pair import load_model_for
 
     def load(name, checkpoint=None, random_init=False, device="cpu"):
         return load_model_for(name, checkpoint, True, device)
@@ -214,18 +219,144 @@ def test_analysis_confidence_stage_is_json_ready_and_in_results():
     import json
 
     from vitdecomp.align import identity_aligner
-    from vitdecomp.pipeline.stages import N_NULL, SCORE_METHODS, confidence
-    from vitdecomp.report.results import AnalysisResult
+    from vitdecomp.pipeline.stages import N_NULL, confidence
+    from vitdecomp.results import AnalysisResult
+    from vitdecomp.scores import analysis_scores
     from vitdecomp.store import ArrayRows
 
     c, _ = known_stack(80, 6)
     labels = ["L0.H0", "L0.H1", "L0.mlp", "init", "norm_bias"]
     texts = {"f": torch.randn(3, 8, generator=torch.Generator().manual_seed(1))}
     conf = confidence(ArrayRows(c.numpy(), labels=labels), identity_aligner(labels, 8), texts, progress=False)
-    assert set(conf) == set(SCORE_METHODS)
+    assert set(conf) == set(analysis_scores())
     for d in conf.values():
         assert d["n_null"] == N_NULL and set(d["scores"]["f"]) == set(labels)
         cell = d["scores"]["f"]["L0.H0"]
         assert cell["low"] <= cell["score"] + 1e-6 <= cell["high"] + 2e-6 and 0 < cell["p"] <= 1
     json.dumps(conf)
     assert "confidence" in {f.name for f in dataclasses.fields(AnalysisResult)}
+
+
+# ------------------------------------------------------------------ the first validation (alignment)
+
+
+def _planted(c: int = 5, n: int = 400, m: int = 300, d: int = 16, k: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    y, yt = torch.randint(0, k, (n,), generator=g), torch.randint(0, k, (m,), generator=g)
+    strength = torch.linspace(0.0, 2.0, c)[:, None, None]  # component i carries the label with strength i
+    proto = torch.randn(c, k, d, generator=g) * strength
+    x = proto[:, y] + torch.randn(c, n, d, generator=g)
+    xt = proto[:, yt] + torch.randn(c, m, d, generator=g)
+    return x, y, xt, yt
+
+
+def test_batched_probe_equals_separate_probes_and_ranks_planted_strength():
+    from vitdecomp.zoo.evaluate import linear_probe
+
+    x, y, xt, yt = _planted()
+    x[1], xt[1] = 3.0, 3.0  # a constant component: majority-class accuracy
+    acc = batched_probe(x, y, xt, yt)
+    sep = np.array([linear_probe(x[i], y, xt[i], yt) for i in range(len(x))])
+    np.testing.assert_allclose(acc, sep, atol=0.01)
+    assert acc[1] == pytest.approx((yt == torch.mode(y).values).float().mean().item())
+    assert acc[0] < 0.4 and acc[-1] > 0.9
+    assert np.all(np.diff(acc[2:]) >= -0.02)  # stronger planted signal, better probe
+
+
+def test_retrieval_precision_prefers_the_components_that_carry_the_attribute():
+    from vitdecomp.align import identity_aligner
+    from vitdecomp.scores import ScoreTable
+
+    g = torch.Generator().manual_seed(0)
+    n, d, k = 300, 12, 3
+    y = torch.randint(0, k, (n,), generator=g)
+    t = torch.linalg.qr(torch.randn(d, k, generator=g)).Q.T  # class texts, orthonormal
+    c = 0.3 * torch.randn(n, 6, d, generator=g)
+    c[:, :2] += 2 * t[y][:, None]  # components 0 and 1 carry the class, the others are noise
+    c[:, 2:] += 3 * torch.randn(n, 1, d, generator=g)  # and the noise dominates the whole
+    labels = [f"L{i}" for i in range(6)]
+    table = ScoreTable(torch.tensor([[1.0, 0.9, 0.0, 0.0, 0.0, 0.0]]), ["a"], labels, "invariant")
+    p = retrieval_precision(
+        identity_aligner(labels, d),
+        ArrayRows(c.numpy(), labels=labels),
+        {"a": t},
+        {"a": y.numpy()},
+        {"invariant": table},
+        k=2,
+    )
+    assert p["top"]["a"] == 1.0
+    assert p["random"]["a"] < 0.8 and p["full"]["a"] < p["top"]["a"]
+
+
+def test_match_rate_counts_overlaps():
+    g = torch.Generator().manual_seed(0)
+    words = ["a", "b", "c", "d", "e", "f"]
+    t = torch.eye(6)
+    c = torch.zeros(200, 2, 6)
+    c[:, 0, :3] = torch.randn(200, 3, generator=g) * torch.tensor([3.0, 2.0, 1.0])  # varies along a, b, c
+    c[:, 1, 3:] = torch.randn(200, 3, generator=g) * torch.tensor([3.0, 2.0, 1.0])  # along d, e, f
+    labels = ["L0", "L1"]
+    from vitdecomp.align import identity_aligner
+
+    al = identity_aligner(labels, 6)
+    store = ArrayRows(c.numpy(), labels=labels)
+    assert match_rate(al, store, t, words, {"L0": ["a", "b", "c"], "L1": ["d", "e", "f"]}) == 1.0
+    assert match_rate(al, store, t, words, {"L0": ["a", "x", "y"], "L1": ["x", "y", "z"]}) == pytest.approx(1 / 6)
+
+
+@pytest.mark.slow
+def test_validate_runs_and_writes_the_document(tmp_path):
+    from vitdecomp.commands.validate_alignment import main
+
+    out = tmp_path / "validation.md"
+    argv = ["--models", "zoo:deit", "--control", "--n-train", "64", "--n-test", "48", "--align-steps", "10"]
+    argv += ["--out", str(out), "--cache-dir", str(tmp_path / "c"), "--quiet", "--json", str(tmp_path / "v.json")]
+    assert main(argv) == 0
+    text = out.read_text()
+    for part in ("Summary against the targets", "zoo:deit", "CompAlign ablation", "P@20", "Spearman", "(random init)"):
+        assert part in text
+    import json
+
+    saved = json.loads((tmp_path / "v.json").read_text())
+    assert saved["control"][0]["weights_id"].endswith("@random-init")
+    assert not saved["results"][0]["weights_id"].endswith("@random-init")
+    r = saved["results"][0]
+    assert set(r["spearman_probe"]["invariant"]) == {"shape", "color", "pattern", "background"}
+    assert set(r["ablation"]) == {"shared", "lambda=0", "compalign"}
+    assert all(0.0 <= v <= 1.0 for v in r["probe_accuracy"]["shape"].values())
+
+
+# ---------------------------------------------------------------------------------------- shipped zoo
+def _have(*names: str) -> bool:
+    from vitdecomp.zoo.hub import WEIGHTS_DIR
+
+    return all((WEIGHTS_DIR / f"{n}.safetensors").is_file() for n in names)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have("deit", "clip"), reason="zoo weights deit/clip not shipped yet (vitdecomp zoo train)")
+def test_zoo_deit_figures_hold(tmp_path):
+    """A smaller version of docs/validation.md's zoo:deit row (600 / 300 scenes, ~25 s) must stay
+    above floors: the issue's Spearman target itself, and margins below the measured figures
+    (2026-11-22: test cosine 0.923, Spearman 0.869, P@20 top-3 0.833 vs random-3 0.559)."""
+    from vitdecomp.evaluation.alignment import AlignmentRun, _mean, validate_alignment
+
+    r = validate_alignment(
+        AlignmentRun(
+            name="zoo:deit",
+            n_train=600,
+            n_test=300,
+            align_steps=1500,
+            cache_dir=tmp_path,
+            progress=False,
+            log=lambda *a: 0,
+        )
+    )
+    assert r["alignment"]["test_cosine"] > FLOORS["test_cosine"]
+    assert _mean(r["spearman_probe"]["invariant"]) > FLOORS["spearman_probe"]
+    p = r["retrieval_p20"]
+    assert _mean(p["top"]) > _mean(p["random"]) + FLOORS["top_minus_random"]
+
+
+#: Floors for test_zoo_deit_figures_hold (measured figures minus a margin; see docs/validation.md).
+FLOORS = {"test_cosine": 0.85, "spearman_probe": 0.6, "top_minus_random": 0.15}

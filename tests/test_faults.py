@@ -192,7 +192,7 @@ def test_analyze_refuses_with_one_line(good, tmp_path, capsys, extra, expect):
 DECOMPOSE_CASES = [
     ("out-is-a-file", ["--out", "{file}"], ["--out", "not a folder"]),
     ("batch-size-0", ["--batch-size", "0"], ["--batch-size 0"]),
-    ("unknown-option", ["--model", "zoo:deit"], ["unrecognized arguments"]),
+    ("unknown-option", ["--no-such-option", "zoo:deit"], ["unrecognized arguments"]),
     ("start-layer-past-depth", ["--start-layer", "99"], ["--start-layer 99"]),
     ("images-missing", ["--images", "{tmp}/nowhere"], ["no such folder"]),
 ]

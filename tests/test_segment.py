@@ -14,9 +14,10 @@ from PIL import Image
 from small_models import SMALL_MODELS
 from vitdecomp.apps.chefer import CheferMap, rollout, token_relevance, why_not
 from vitdecomp.apps.gradcam import GradCamMap, cam_layer, tokens_to_grid
+from vitdecomp.apps.masks import folder_set
 from vitdecomp.apps.relevance import Representation
 from vitdecomp.apps.seg_metrics import binarize, segmentation_metrics
-from vitdecomp.apps.segment import DecompositionMap, choose_targets, folder_set
+from vitdecomp.apps.segment import DecompositionMap, choose_targets
 from vitdecomp.cli import main
 from vitdecomp.errors import VitDecompError
 from vitdecomp.world.export import export_world
@@ -177,7 +178,8 @@ def test_cli_on_an_exported_world(world, tmp_path, capsys):
 
 
 def test_section_follows_the_report_contract(world, tmp_path):
-    from vitdecomp.apps.segment import segment, world_set
+    from vitdecomp.apps.masks import world_set
+    from vitdecomp.apps.segment import segment
     from vitdecomp.models.loading import load_model
 
     res = segment(load_model("zoo:deit"), world_set(3, 7100), methods=[DecompositionMap()], show=2)

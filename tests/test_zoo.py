@@ -198,7 +198,7 @@ def test_parallel_training_waits_for_teachers_and_stops_students_of_failures(tmp
     import argparse
     import sys
 
-    from vitdecomp.zoo.cli import TRAIN_ORDER, _train_parallel
+    from vitdecomp.commands.zoo import TRAIN_ORDER, _train_parallel
     from vitdecomp.zoo.recipes import RECIPES
 
     stamp = tmp_path / "order.txt"
@@ -237,6 +237,7 @@ def test_resume_check_follows_recipe_weights_and_teacher(tmp_path, monkeypatch):
 
     from vitdecomp.models.loaded import file_digest
     from vitdecomp.zoo import cards as zc
+    from vitdecomp.zoo.freshness import is_up_to_date
     from vitdecomp.zoo.recipes import RECIPES
 
     weights, cards = tmp_path / "weights", tmp_path / "cards"
@@ -249,22 +250,22 @@ def test_resume_check_follows_recipe_weights_and_teacher(tmp_path, monkeypatch):
         "weights": {"sha256_16": file_digest(path)},
     }
     zc.write_card("deit", card, cards)
-    assert zc.is_up_to_date("deit", weights, cards)
+    assert is_up_to_date("deit", weights, cards)
     # a card written before a recipe field existed still matches while the field holds its default
     recorded = card["training"]["recipe"]
     older = {k: v for k, v in recorded.items() if k != "planted"}
     zc.write_card("deit", {**card, "training": {"recipe": older}}, cards)
-    assert zc.is_up_to_date("deit", weights, cards)
+    assert is_up_to_date("deit", weights, cards)
     zc.write_card("deit", {**card, "training": {"recipe": {**recorded, "planted": {"color": ["L0.H0"]}}}}, cards)
-    assert not zc.is_up_to_date("deit", weights, cards)
+    assert not is_up_to_date("deit", weights, cards)
     zc.write_card("deit", card, cards)
     card["training"]["recipe"]["epochs"] += 1
     zc.write_card("deit", card, cards)
-    assert not zc.is_up_to_date("deit", weights, cards)
+    assert not is_up_to_date("deit", weights, cards)
     card["training"]["recipe"]["epochs"] -= 1
     zc.write_card("deit", card, cards)
     path.write_bytes(path.read_bytes() + b" ")  # weights changed after the card was written
-    assert not zc.is_up_to_date("deit", weights, cards)
+    assert not is_up_to_date("deit", weights, cards)
     # a student is stale once its teacher's weights change
     zc.save_checkpoint(model, "deit", weights)
     zc.save_checkpoint(model, "swin", weights)  # any file: only digests are compared
@@ -274,11 +275,11 @@ def test_resume_check_follows_recipe_weights_and_teacher(tmp_path, monkeypatch):
         "weights": {"sha256_16": file_digest(weights / "swin.safetensors")},
     }
     zc.write_card("swin", student, cards)
-    assert zc.is_up_to_date("swin", weights, cards)
+    assert is_up_to_date("swin", weights, cards)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     zc.save_checkpoint(model, "deit", weights)
-    assert not zc.is_up_to_date("swin", weights, cards)
+    assert not is_up_to_date("swin", weights, cards)
     assert json.loads((cards / "swin.json").read_text())["config"]["family"] == "timm.SwinTransformer"
 
 
@@ -293,7 +294,7 @@ def test_grouped_epoch_order_skips_combinations_smaller_than_a_run():
 
 
 #: The zoo's modules from the bottom up: each may import only the ones before it.
-ZOO_LAYERS = ("recipes", "models", "data", "cards", "hub", "evaluate", "objectives", "train", "cli")
+ZOO_LAYERS = ("recipes", "models", "data", "cards", "hub", "freshness", "evaluate", "objectives", "train")
 
 
 def _project_imports(path) -> set[str]:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from vitdecomp.components import ComponentLabel, Decomposition
 from vitdecomp.decomp.directional import TokenDirections
 from vitdecomp.decomp.engine import decompose_plan
+from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.models.registry import adapter_for
 
 
@@ -26,7 +27,8 @@ def decompose(
 ) -> Decomposition:
     """Split ``model``'s representation of ``images [B, 3, H, W]`` into additive components.
 
-    ``model``: what :func:`vitdecomp.load_model` returns, or a timm / open_clip model object.
+    ``model``: what :func:`vitdecomp.load_model` returns, or the model object itself (timm, open_clip,
+    a transformers vision tower, or a class registered with :func:`vitdecomp.register_adapter`).
     ``heads``: one component per attention head (else one per attention layer).
     ``tokens``: also split head contributions over source tokens (``True`` or a list of layer indices).
     ``start_layer``: blocks before it are folded into ``init``.
@@ -41,7 +43,7 @@ def decompose(
     ``[B, heads, N, k]``, pulled back through the frozen readout at about the cost of the forward
     (see :mod:`vitdecomp.decomp.directional`).
     """
-    adapter, target = adapter_for(getattr(model, "model", model))
+    adapter, target = adapter_for(model.model if isinstance(model, LoadedModel) else model)
 
     def make_plan():
         return adapter.plan(target, start_layer=start_layer, representation=representation, heads=heads)

@@ -24,13 +24,9 @@ import torch
 from vitdecomp.align import Aligner, load_aligner
 from vitdecomp.errors import VitDecompError
 from vitdecomp.models.loaded import LoadedModel
-from vitdecomp.pipeline.stages import load_model_for
-from vitdecomp.report.results import AnalysisResult
-from vitdecomp.score import DEFAULT_METHOD
+from vitdecomp.pipeline.model_pair import load_model_for
+from vitdecomp.results import AnalysisResult
 from vitdecomp.text import WORLD_TEMPLATES, TextEncoder
-
-#: The score the applications rank components by.
-SCORE_METHOD = DEFAULT_METHOD
 
 
 @dataclass
@@ -54,7 +50,7 @@ class Analysis:
 
     def scores(self, feature: str) -> dict[str, float]:
         """Every component's score for ``feature`` (label -> score)."""
-        table = self.result.scores[self.result.method(SCORE_METHOD)]
+        table = self.result.scores[self.result.method()]
         if feature not in table:
             raise VitDecompError(f"no feature {feature!r} in this analysis; features: {sorted(table)}")
         return table[feature]

@@ -15,50 +15,53 @@ upsampled bilinearly to the input, as the published code and Chefer et al.'s do.
 the published code's later half (blocks 5-11 of 12): the zoo models have 3-5 blocks and their first
 ones carry most of the localised contribution (docs/applications.md has the measurement).
 
-Images and masks: ``--images DIR --masks DIR`` matched by file stem; ``--world DIR`` for a
-``vitdecomp world export`` folder (its ``masks/``); neither: ``--n`` fresh generated scenes. A mask is
-any image file where non-zero is object (greyscale, palette indices, or any RGB channel; alpha
-ignored). A mask of another size than its image is resized to it with nearest-neighbour sampling (and
-listed). Images without a mask are skipped and listed; unreadable masks stop the run with the file named.
-Masks are carried into the model's input through its own resize / crop; scores are on input pixels.
+Images and masks (:mod:`vitdecomp.apps.masks`): ``--images DIR --masks DIR`` matched by file stem;
+``--world DIR`` for a ``vitdecomp world export`` folder (its ``masks/``); neither: ``--n-images`` fresh
+generated scenes. Masks are carried into the model's input through its own resize / crop; scores are on
+input pixels. :class:`Segment` is a :class:`~vitdecomp.apps.contract.ModelApplication`.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
-import io
-import json
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
 from vitdecomp.apps.chefer import CheferMap, why_not
+from vitdecomp.apps.contract import ModelApplication
 from vitdecomp.apps.gradcam import GradCamMap, cam_layer
-from vitdecomp.apps.pixels import InputGeometry, input_geometry
+from vitdecomp.apps.masks import SegmentSet, folder_set, to_input, world_set
+from vitdecomp.apps.pixels import input_geometry
 from vitdecomp.apps.relevance import RelevanceMap, Representation, network
 from vitdecomp.apps.seg_metrics import THRESHOLD_RULE, SegAccumulator, SegMetrics, binarize
 from vitdecomp.apps.token_maps import TokenMaps, token_maps
+from vitdecomp.defaults import MODEL, SEGMENT_BATCH_SIZE, SEGMENT_OUT, SEGMENT_SHOW, SHOW_SEED
 from vitdecomp.errors import VitDecompError
-from vitdecomp.fsio import atomic_write_bytes, atomic_write_text
-from vitdecomp.imageset import IMAGE_SUFFIXES, display_name, list_images, read_image
-from vitdecomp.report.attach import add_report_argument, attach_if_asked, check_report
-from vitdecomp.report.sections import AppFigure, AppSection
+from vitdecomp.figures import figure_png, pyplot
+from vitdecomp.models.loaded import LoadedModel
+from vitdecomp.results import AppSection, Figure, ResultBase
 
 #: Layers the decomposition's map sums, in words (``DecompositionMap(layers=None)``).
 LAYERS_RULE = (
     "every attention head of every layer; positive part of each (head, token) term; summed; token grids upsampled "
     "bilinearly"
 )
-TIMING_RULE = "one process, methods alternating batch by batch, 1 thread, on a shared (loaded) machine"
+#: Generated scenes scored when no folder is given.
+N_WORLD_IMAGES = 200
+
+
+def timing_rule() -> str:
+    """How the maps' speed was measured, with this process' torch threads."""
+    return f"one process, methods alternating batch by batch, {torch.get_num_threads()} torch thread(s)"
 
 
 class DecompositionMap:
@@ -103,89 +106,6 @@ def bilinear_pixels(maps: TokenMaps) -> Tensor:
     return out
 
 
-# ---------------------------------------------------------------------------- images and masks
-
-
-@dataclass
-class SegmentSet:
-    """Images with their object masks ``[H0, W0]`` bool (original pixels); what was skipped / resized."""
-
-    names: list[str]
-    images: list[Image.Image]
-    masks: list[np.ndarray]
-    description: str
-    skipped: list[str] = field(default_factory=list)
-    resized: list[str] = field(default_factory=list)
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """``[H, W]`` bool: non-zero = object (any RGB channel; palette indices; alpha ignored)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            a = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "LA", "PA") else im)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise VitDecompError(f"mask {display_name(path)} cannot be read: {err}") from err
-    return a.any(-1) if a.ndim == 3 else a != 0
-
-
-def world_set(n: int, seed: int) -> SegmentSet:
-    """``n`` generated scenes of the built-in world with their object masks."""
-    from vitdecomp.world import make_scenes
-
-    s = make_scenes(n, seed=seed)
-    names = [f"world-{seed}-{i:06d}" for i in range(n)]
-    desc = f"{n} generated world scenes (seed {seed})"
-    return SegmentSet(names, [s.pil(i) for i in range(n)], list(s.masks.astype(bool)), desc)
-
-
-def folder_set(images: str | Path, masks: str | Path, n: int | None = None) -> SegmentSet:
-    """Images under ``images`` with the mask of the same file stem under ``masks`` (see the module text)."""
-    masks = Path(masks)
-    if not masks.is_dir():
-        raise VitDecompError(f"not a folder of masks: {display_name(masks)}")
-    by_stem: dict[str, Path] = {}
-    for p in sorted(masks.rglob("*")):
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."):
-            if p.stem in by_stem:
-                raise VitDecompError(f"two masks share the stem {p.stem!r}: {by_stem[p.stem]} and {display_name(p)}")
-            by_stem[p.stem] = p
-    out = SegmentSet([], [], [], f"images from {display_name(images)}, masks from {display_name(masks)}")
-    inside = masks.resolve()
-    for path in list_images(images):
-        if n is not None and len(out.names) >= n:
-            break
-        if inside in path.resolve().parents:  # a masks folder inside the images folder
-            continue
-        mask_path = by_stem.get(path.stem)
-        if mask_path is None:
-            out.skipped.append(display_name(path))
-            continue
-        im, mask = read_image(path), read_mask(mask_path)
-        if mask.shape != (im.height, im.width):
-            out.resized.append(f"{display_name(mask_path)} {mask.shape[1]}x{mask.shape[0]} -> {im.width}x{im.height}")
-            mask = np.asarray(Image.fromarray(mask).resize(im.size, Image.NEAREST))
-        out.names.append(path.stem)
-        out.images.append(im)
-        out.masks.append(mask)
-    if not out.names:
-        raise VitDecompError(f"no image under {display_name(images)} has a mask (same file stem) in {masks}")
-    return out
-
-
-def to_input(a: np.ndarray, geo: InputGeometry, resample: int) -> np.ndarray:
-    """An ``[H0, W0(, 3)]`` uint8 array of the original image's frame in the model's input frame
-    (resize then crop as the model's preprocessing does; zero where the input lies outside)."""
-    im = Image.fromarray(a).resize((geo.resized[1], geo.resized[0]), resample)
-    r = np.asarray(im)
-    out = np.zeros((*geo.crop, *r.shape[2:]), dtype=r.dtype)
-    top, left = geo.offset
-    ys, xs = max(top, 0), max(left, 0)
-    ye, xe = min(top + geo.crop[0], r.shape[0]), min(left + geo.crop[1], r.shape[1])
-    out[ys - top : ye - top, xs - left : xe - left] = r[ys:ye, xs:xe]
-    return out
-
-
 # ---------------------------------------------------------------------------- what is explained
 
 
@@ -226,17 +146,18 @@ def choose_targets(model: object, reps: Tensor, rule: str = "auto", feature: str
 
 
 def _block(model: object, head: torch.nn.Linear, feature: str) -> tuple[int, list[str], str | None]:
-    """The zoo's logit block of ``feature`` (start, value names, feature), or every class of another
-    classifier (feature ``None``)."""
+    """The logit block of ``feature`` (start, value names, feature) of a model with one block per
+    attribute (:attr:`~vitdecomp.models.loaded.LoadedModel.attribute_heads`, the zoo's), or every
+    class of another classifier (feature ``None``)."""
     from vitdecomp.world.attributes import ATTRIBUTES
-    from vitdecomp.zoo.models import HEAD_SIZES, NUM_LOGITS
 
-    if getattr(model, "source", "") != "zoo" or head.out_features != NUM_LOGITS:
+    sizes: dict[str, int] = getattr(model, "attribute_heads", {})
+    if not sizes or head.out_features != sum(sizes.values()):
         return 0, [str(i) for i in range(head.out_features)], None
-    order = list(HEAD_SIZES)
+    order = list(sizes)
     if feature not in order:
         raise VitDecompError(f"no logit block {feature!r} in this zoo model; blocks: {order}")
-    return sum(HEAD_SIZES[k] for k in order[: order.index(feature)]), list(ATTRIBUTES[feature]), feature
+    return sum(sizes[k] for k in order[: order.index(feature)]), list(ATTRIBUTES[feature]), feature
 
 
 # ---------------------------------------------------------------------------- running and scoring
@@ -253,8 +174,11 @@ class MethodScore:
 
 
 @dataclass
-class SegmentResult:
-    """What ``vitdecomp segment`` measured; ``section()`` is its part of the report."""
+class SegmentResult(ResultBase):
+    """What ``vitdecomp segment`` measured; ``section()`` is its part of the report, ``figures()`` the
+    maps of a few images, ``files()`` the metric table as ``metrics.md``."""
+
+    name: ClassVar[str] = "segment"
 
     model: str
     images: str
@@ -268,13 +192,19 @@ class SegmentResult:
     resized: list[str] = field(default_factory=list)
     targets: dict[str, int] = field(default_factory=dict)
     command: str = ""
-    figure: str | None = None
     figure_png: bytes | None = field(default=None, repr=False)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("figure_png")
         return d
+
+    def figures(self) -> list[Figure]:
+        png = self.figure_png
+        return [] if png is None else [Figure("segment", png, "image, mask outline, each method's map")]
+
+    def files(self) -> dict[str, bytes]:
+        return {"metrics.md": self.markdown().encode()}
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """The per-method metric table (header, formatted rows)."""
@@ -295,7 +225,7 @@ class SegmentResult:
         return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
 
     def section(self) -> AppSection:
-        """This run as a section of the report (:class:`vitdecomp.report.sections.AppSection`)."""
+        """This run as a section of the report (:class:`vitdecomp.results.AppSection`)."""
         header, rows = self.table()
         scored = {m.name: m.metrics.miou for m in self.methods if m.metrics is not None}
         best = max(scored, key=scored.get) if scored else "none"
@@ -304,20 +234,13 @@ class SegmentResult:
             + ", ".join(f"{k} {v:.3f}" for k, v in scored.items())
             + f" (best: {best})."
         )
-        png = self.figure_png
-        if png is None and self.figure and Path(self.figure).exists():
-            png = Path(self.figure).read_bytes()
-        figures = [] if png is None else [AppFigure(png_data_uri(png), "image, mask outline, each method's map")]
+        figures = [f.for_section() for f in self.figures()]
         notes = [f"target: {self.target}", f"decomposition layers: {self.layers}", f"threshold: {self.threshold}"]
         notes += [f"speed: {self.timing}"]
         notes += [f"{m.name}: {m.note}" for m in self.methods if m.note]
         if self.skipped:
             notes.append(f"{len(self.skipped)} image(s) without a mask skipped, e.g. {self.skipped[0]}")
         return AppSection("segment", "Zero-shot segmentation", summary, header, rows, figures, self.command, notes)
-
-
-def png_data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def default_methods() -> list[RelevanceMap]:
@@ -363,40 +286,37 @@ def segment(
     target: str = "auto",
     feature: str = "color",
     methods: list[RelevanceMap] | None = None,
-    batch: int = 25,
-    show: int = 4,
+    batch: int = SEGMENT_BATCH_SIZE,
+    show: int = SEGMENT_SHOW,
+    progress: bool = True,
 ) -> SegmentResult:
     """Every method's maps of ``data`` explaining the same per-image target, scored by the same metrics;
-    maps per second timed side by side (methods alternate batch by batch)."""
+    maps per second timed side by side (methods alternate batch by batch). The maps run on the model's
+    device; the scores are kept on the CPU."""
     methods = methods or default_methods()
     batches = _batches(model, data, batch)
+    device = next(network(model).parameters(), torch.empty(0)).device
     with torch.no_grad():
-        reps = torch.cat([Representation(network(model))(b.x) for b in batches]).float()
+        reps = torch.cat([Representation(network(model))(b.x.to(device)).cpu() for b in batches]).float()
     targets = choose_targets(model, reps, target, feature)
     notes = {m.name: _applies(m, model) for m in methods}
     live = [m for m in methods if not notes[m.name]]
-    acc = {m.name: SegAccumulator() for m in live}
-    seconds = dict.fromkeys(notes, 0.0)
-    kept: dict[str, list[Tensor]] = {m.name: [] for m in live}
+    run = _MethodRun({m.name: SegAccumulator() for m in live}, dict.fromkeys(notes, 0.0), {m.name: [] for m in live})
     start = 0
-    for i, b in enumerate(tqdm(batches, desc="segment", unit="batch")):
-        u = targets.directions[start : start + len(b.x)]
+    for i, b in enumerate(tqdm(batches, desc="segment", unit="batch", disable=not progress)):
+        u = targets.directions[start : start + len(b.x)].to(device)
         start += len(b.x)
         for m in live[i % len(live) :] + live[: i % len(live)]:
-            t0 = time.perf_counter()
-            maps = m(model, b.x, u).detach().float()
-            seconds[m.name] += time.perf_counter() - t0
-            acc[m.name].add(maps, b.masks)
-            if sum(len(k) for k in kept[m.name]) < show:
-                kept[m.name].append(maps[: show - sum(len(k) for k in kept[m.name])])
+            run.add(m, model, b, u, show)
     scores = [
-        MethodScore(m.name, acc[m.name].result() if not notes[m.name] else None, None, notes[m.name]) for m in methods
+        MethodScore(m.name, run.acc[m.name].result() if not notes[m.name] else None, None, notes[m.name])
+        for m in methods
     ]
     for s in scores:
-        s.maps_per_s = len(data.names) / seconds[s.name] if s.metrics is not None and seconds[s.name] else None
+        s.maps_per_s = len(data.names) / run.seconds[s.name] if s.metrics is not None and run.seconds[s.name] else None
     shown = [im for b in batches for im in b.shown][:show]
     shown_masks = torch.cat([b.masks for b in batches])[:show]
-    png = draw_grid(shown, shown_masks, {k: torch.cat(v) for k, v in kept.items()}, targets.what[:show])
+    png = draw_grid(shown, shown_masks, {k: torch.cat(v) for k, v in run.kept.items()}, targets.what[:show])
     counts: dict[str, int] = {}
     for w in targets.what:
         counts[w] = counts.get(w, 0) + 1
@@ -407,7 +327,7 @@ def segment(
         target=targets.rule,
         layers=LAYERS_RULE,
         threshold=THRESHOLD_RULE,
-        timing=TIMING_RULE,
+        timing=timing_rule(),
         methods=scores,
         skipped=data.skipped,
         resized=data.resized,
@@ -416,14 +336,28 @@ def segment(
     )
 
 
+@dataclass
+class _MethodRun:
+    """Per method: its metric accumulator, its seconds, and the first maps kept for the figure."""
+
+    acc: dict[str, SegAccumulator]
+    seconds: dict[str, float]
+    kept: dict[str, list[Tensor]]
+
+    def add(self, m: RelevanceMap, model: object, b: _Batch, u: Tensor, show: int) -> None:
+        """One batch of method ``m``'s maps, timed, scored against the masks, the first ``show`` kept."""
+        t0 = time.perf_counter()
+        maps = m(model, b.x.to(u.device), u).detach().float().cpu()
+        self.seconds[m.name] += time.perf_counter() - t0
+        self.acc[m.name].add(maps, b.masks)
+        if sum(len(k) for k in self.kept[m.name]) < show:
+            self.kept[m.name].append(maps[: show - sum(len(k) for k in self.kept[m.name])])
+
+
 def draw_grid(images: list[np.ndarray], masks: Tensor, maps: dict[str, Tensor], what: list[str]) -> bytes:
     """A PNG: one row per image — the image with the mask outline, then each method's map (min-max
     normalised, mask outline in cyan, the thresholded region hatched)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = 1 + len(maps)
     fig, axes = plt.subplots(len(images), cols, figsize=(2.1 * cols, 2.2 * len(images)), squeeze=False, dpi=100)
     for r, im in enumerate(images):
@@ -448,104 +382,83 @@ def draw_grid(images: list[np.ndarray], masks: Tensor, maps: dict[str, Tensor], 
     for ax in axes.flat:
         ax.set_axis_off()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
-# ---------------------------------------------------------------------------- command line
+# ---------------------------------------------------------------------------- the application
+
+#: The relevance-map methods by name, in the order they are compared.
+METHODS = ("decomposition", "gradcam", "chefer")
 
 
-def _data(args: argparse.Namespace) -> SegmentSet:
-    if args.world is not None:
-        if args.images is not None or args.masks is not None:
-            raise VitDecompError("give --world DIR, or --images DIR with --masks DIR, not both")
-        return folder_set(args.world, Path(args.world) / "masks", args.n)
-    if (args.images is None) != (args.masks is None):
-        raise VitDecompError("--images and --masks go together (masks matched to images by file stem)")
-    if args.images is not None:
-        return folder_set(args.images, args.masks, args.n)
-    return world_set(args.n or 200, args.seed)
+@dataclass(kw_only=True)
+class SegmentConfig:
+    """Options of ``vitdecomp segment``: the model (``checkpoint``, ``device``), the images and masks
+    (``world``: a world export folder; or ``images`` with ``masks``; neither: ``n_images`` generated
+    scenes from ``seed``; at most ``n_images`` in any case), what every map explains (``target``,
+    ``feature``), the ``methods`` compared, images per batch, images in the figure, and the folder the
+    command writes to."""
+
+    model: str = MODEL
+    checkpoint: str | Path | None = None
+    device: str | None = "cpu"
+    world: str | Path | None = None
+    images: str | Path | None = None
+    masks: str | Path | None = None
+    n_images: int | None = None
+    seed: int = SHOW_SEED
+    target: str = "auto"
+    feature: str = "color"
+    methods: tuple[str, ...] = METHODS
+    batch_size: int = SEGMENT_BATCH_SIZE
+    show: int = SEGMENT_SHOW
+    progress: bool = True
+    out: str | Path = SEGMENT_OUT
+
+    def command(self) -> str:
+        """The command line that reproduces this run (options that matter, defaults spelled out)."""
+        parts = ["vitdecomp", "segment", "--model", self.model]
+        for flag in ("checkpoint", "world", "images", "masks", "n_images"):
+            if getattr(self, flag) is not None:
+                parts += [f"--{flag.replace('_', '-')}", str(getattr(self, flag))]
+        if self.world is None and self.images is None:
+            parts += ["--seed", str(self.seed)]
+        parts += ["--target", self.target, "--feature", self.feature, "--methods", ",".join(self.methods)]
+        return shlex.join(parts)
 
 
-def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces this run (options that matter, defaults spelled out)."""
-    parts = ["vitdecomp", "segment", "--model", args.model]
-    for flag in ("checkpoint", "world", "images", "masks", "n"):
-        if getattr(args, flag) is not None:
-            parts += [f"--{flag}", str(getattr(args, flag))]
-    if args.world is None and args.images is None:
-        parts += ["--seed", str(args.seed)]
-    parts += ["--target", args.target, "--feature", args.feature, "--methods", args.methods]
-    return shlex.join(parts)
+class Segment(ModelApplication[SegmentConfig, SegmentResult]):
+    """``vitdecomp segment``: every relevance-map method on the same images and targets, scored on masks."""
 
+    name = "segment"
 
-def run(args: argparse.Namespace) -> int:
-    from vitdecomp.pipeline.stages import load_model_for
+    def check(self, cfg: SegmentConfig) -> None:
+        unknown = [w for w in cfg.methods if w not in METHODS]
+        if unknown or not cfg.methods:
+            raise VitDecompError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
 
-    if args.report is not None:
-        check_report(args.report)
-    data = _data(args)
-    model = load_model_for(args.model, args.checkpoint)
-    names = {m.name: m for m in default_methods()}
-    wanted = [w.strip() for w in args.methods.split(",") if w.strip()]
-    unknown = [w for w in wanted if w not in names]
-    if unknown or not wanted:
-        raise VitDecompError(f"unknown method(s) {unknown}: choose from {', '.join(names)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = segment(
-        model,
-        data,
-        target=args.target,
-        feature=args.feature,
-        methods=[names[w] for w in wanted],
-        batch=args.batch,
-        show=args.show,
-    )
-    result.command = _command(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if result.figure_png is not None:
-        atomic_write_bytes(out / "segment.png", result.figure_png)
-        result.figure = str(out / "segment.png")
-    atomic_write_text(out / "segment.json", json.dumps(result.to_dict(), indent=1))
-    atomic_write_text(out / "metrics.md", result.markdown())
-    print(result.markdown(), end="")
-    if data.skipped:
-        print(f"skipped {len(data.skipped)} image(s) without a mask: {', '.join(data.skipped[:3])}")
-    if data.resized:
-        print(f"resized {len(data.resized)} mask(s) to their image (nearest): {data.resized[0]}")
-    print(f"segment.json, metrics.md, segment.png in {out}")
-    attach_if_asked(args.report, result.section())
-    return 0
+    def data(self, cfg: SegmentConfig) -> SegmentSet:
+        if cfg.world is not None:
+            if cfg.images is not None or cfg.masks is not None:
+                raise VitDecompError("give --world DIR, or --images DIR with --masks DIR, not both")
+            return folder_set(cfg.world, Path(cfg.world) / "masks", cfg.n_images)
+        if (cfg.images is None) != (cfg.masks is None):
+            raise VitDecompError("--images and --masks go together (masks matched to images by file stem)")
+        if cfg.images is not None:
+            return folder_set(cfg.images, cfg.masks, cfg.n_images)  # type: ignore[arg-type]
+        return world_set(cfg.n_images or N_WORLD_IMAGES, cfg.seed)
 
-
-def add_segment_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "segment",
-        help="zero-shot segmentation from token contributions vs GradCAM and Chefer et al., scored on masks",
-        description=(
-            "Relevance maps of the model's own prediction from the decomposition's token contributions, GradCAM "
-            "and Chefer et al.'s rollout, scored against object masks (pixel accuracy, mIoU, cumulative foreground "
-            "IoU, mAP). Masks: non-zero = object, matched to images by file stem. See docs/applications.md."
-        ),
-    )
-    p.add_argument("--model", default="zoo:deit", help="model name (as for analyze)")
-    p.add_argument("--checkpoint", default=None, help="local weights for the model")
-    p.add_argument("--images", default=None, help="folder of images (with --masks)")
-    p.add_argument("--masks", default=None, help="folder of masks, matched to images by file stem; non-zero = object")
-    p.add_argument("--world", default=None, help="a `vitdecomp world export` folder (images/ and masks/)")
-    p.add_argument("--n", type=int, default=None, help="at most this many images (generated world: default 200)")
-    p.add_argument("--seed", type=int, default=7100, help="seed of the generated scenes (no folder given)")
-    p.add_argument("--target", default="auto", choices=["auto", "predicted", "self"], help="what every map explains")
-    p.add_argument("--feature", default="color", help="zoo models: the logit block --target predicted explains")
-    p.add_argument("--methods", default="decomposition,gradcam,chefer", help="comma-separated")
-    p.add_argument("--batch", type=int, default=25)
-    p.add_argument("--show", type=int, default=4, help="images in the figure")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", default="vitdecomp-segment", help="output folder")
-    add_report_argument(p)
-    p.set_defaults(func=run)
-    return p
+    def measure(self, cfg: SegmentConfig, model: LoadedModel, data: SegmentSet) -> SegmentResult:
+        maps = {m.name: m for m in default_methods()}
+        result = segment(
+            model,
+            data,
+            target=cfg.target,
+            feature=cfg.feature,
+            methods=[maps[w] for w in cfg.methods],
+            batch=cfg.batch_size,
+            show=cfg.show,
+            progress=cfg.progress,
+        )
+        result.command = cfg.command()
+        return result

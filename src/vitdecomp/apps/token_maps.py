@@ -73,10 +73,6 @@ class TokenMaps:
     def heads(self) -> list[str]:
         return [lab.name for labs in self.labels for lab in labs]
 
-    def head_totals(self) -> Tensor:
-        """``[B, heads, k]``: each head's whole contribution projected (its tokens summed)."""
-        return torch.cat([v.sum(2) for v in self.values], 1)
-
     def select(self, heads: HeadSelection) -> list[Tensor]:
         """Per stage, the selected heads' projections summed ``[B, N_s, k]``."""
         out = []

@@ -22,11 +22,14 @@ Layout = Literal["tokens", "nchw", "seq_first"]
 
 @dataclass(frozen=True)
 class Tap:
-    """A tensor seen during the forward pass: the first input or the output of ``module``."""
+    """A tensor seen during the forward pass: a positional input or the output of ``module``.
+    ``item``: which positional input, or which element of a tuple output (a transformers attention
+    returns ``(output, probabilities)``)."""
 
     module: nn.Module
     where: Literal["input", "output"] = "output"
     layout: Layout = "tokens"
+    item: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +75,10 @@ class Heads:
 
     ``z``: where the concatenated head outputs ``[B', N', H*dh]`` are (usually the input of the output
     projection); ``proj_weight [D, H*dh]``, ``proj_bias [D]``. For token splits: ``probs`` (attention
-    probabilities ``[B', H, S, N]``, read with the module's ``fused_attn`` switched off) and ``values``.
+    probabilities ``[B', H, S, N]``, read with the module's ``fused_attn`` switched off) and ``values``;
+    ``explicit``: ``(object, attribute, value)`` set for a token pass so that the module computes its
+    probabilities explicitly where a fused kernel never shows them (transformers: the config's
+    ``_attn_implementation_internal`` set to ``"eager"``), restored after it.
     ``inner_norm``: a norm between the heads and the projection (``z`` is then its input; frozen
     statistics make it linear per head). ``post_norm``: a norm applied to the branch output (Swin V2's
     and EVA's residual post-norm), frozen likewise. ``windows``: window partition of the stream.
@@ -94,6 +100,7 @@ class Heads:
     windows: Windows | None = None
     replace: Replacement | None = None
     sublayer: str | None = None
+    explicit: Sequence[tuple[object, str, object]] = ()
 
 
 Branch = Field | Heads
@@ -219,7 +226,22 @@ class Linear:
     kind: str = "head_bias"
 
 
-ReadoutStep = TokenNorm | Pool | AttentionPool | VectorNorm | Linear
+@dataclass
+class MultiheadPool:
+    """Attention pooling by an ``nn.MultiheadAttention`` called as ``attention(queries, x, x)`` with
+    learned queries (the SigLIP head of transformers): like :class:`AttentionPool`, linear in its
+    values once its probabilities are frozen, one readout slot per pool head (value/projection biases:
+    ``pool_bias``). ``mlp``: a residual MLP on the pooled queries (``a + mlp(norm(a))``), whose output
+    is a component of its own (``pool_mlp``); ``query``: which query is the representation; ``skip``:
+    leading stream tokens the pool does not see."""
+
+    attention: nn.MultiheadAttention
+    mlp: nn.Module | None = None
+    query: int = 0
+    skip: int = 0
+
+
+ReadoutStep = TokenNorm | Pool | AttentionPool | MultiheadPool | VectorNorm | Linear
 
 
 @dataclass

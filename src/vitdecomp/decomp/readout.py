@@ -109,6 +109,10 @@ class ReadoutMap:
         factors = None if self.factors is None else (self.factors[0], fn(self.factors[1]))
         return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot, factors)
 
+    def reweighted(self, weight: Tensor) -> ReadoutMap:
+        """The same map with other per-token weights (same shape)."""
+        return ReadoutMap(weight, self.mats, self.positions, self.slot, self.factors)
+
     def pool(self, x: Tensor) -> Tensor:
         """``[B, S, E] -> [B, K, E]``: the weighted sum of tokens per slot."""
         x = x.to(self.weight.dtype)
@@ -144,12 +148,11 @@ class ReadoutMap:
 
     def scaled(self, scale: Tensor) -> ReadoutMap:
         """The same map after a per-position scale ``[B, S]`` of the stream."""
-        weight = self.weight * (scale[..., None] if self.dense else scale).to(self.weight)
-        return ReadoutMap(weight, self.mats, self.positions, self.slot, self.factors)
+        return self.reweighted(self.weight * (scale[..., None] if self.dense else scale).to(self.weight))
 
     def const_pooled(self, vec: Tensor) -> Tensor:
         """The pooled form ``[B, K, D_s]`` of the same vector ``[D_s]`` added at every position."""
-        return self.slot_weights()[:, :, None] * vec.to(self.mats)
+        return self.slot_weights()[:, :, None] * vec.to(self.like)
 
     def field(self, x: Tensor) -> Tensor:
         """Read out a field ``[B, S, D_s]`` (already at ``positions``) -> ``[B, D_out]``."""
@@ -157,7 +160,42 @@ class ReadoutMap:
 
     def const(self, vec: Tensor) -> Tensor:
         """Read out the same vector ``[D_s]`` added at every position -> ``[B, D_out]``."""
-        return self.apply_pooled(self.slot_weights()[:, :, None] * vec.to(self.mats))
+        return self.apply_pooled(self.const_pooled(vec))
+
+
+class FactoredReadoutMap(ReadoutMap):
+    """A readout map whose slot matrices stay low-rank factors (an attention pool: ``mats_k = post_k @
+    pre_k`` with ``pre [K, r, D_s]``, ``post [D_out, K*r]``): pooled vectors are read through the factors,
+    and the full ``[K, D_out, D_s]`` is built only when something asks for ``mats`` (token splits)."""
+
+    def __init__(self, weight: Tensor, factors: tuple[Tensor, Tensor], positions: Tensor | None = None) -> None:
+        self.weight, self.factors, self.positions, self.slot = weight, factors, positions, None
+
+    @property
+    def num_slots(self) -> int:
+        return self.factors[0].shape[0]
+
+    @property
+    def like(self) -> Tensor:
+        return self.factors[0]
+
+    @functools.cached_property
+    def mats(self) -> Tensor:  # type: ignore[override]
+        pre, post = self.factors
+        k, r, _ = pre.shape
+        return torch.einsum("okr,krd->kod", post.view(post.shape[0], k, r), pre)
+
+    def then(self, fn) -> ReadoutMap:
+        return FactoredReadoutMap(self.weight, (self.factors[0], fn(self.factors[1])), self.positions)
+
+    def reweighted(self, weight: Tensor) -> ReadoutMap:
+        return FactoredReadoutMap(weight, self.factors, self.positions)
+
+    def gathered(self, index: Tensor) -> ReadoutMap:
+        index = index.to(self.weight.device)
+        valid, safe = index >= 0, index.clamp_min(0)
+        weight = self.weight[:, safe] * (valid[:, None] if self.dense else valid).to(self.weight)
+        return FactoredReadoutMap(weight, self.factors)
 
 
 class ChainedReadoutMap(ReadoutMap):
@@ -200,4 +238,7 @@ class ChainedReadoutMap(ReadoutMap):
         return ChainedReadoutMap(self.parent, self.local, self.weight[:, safe] * valid.to(self.weight), self.slot[safe])
 
     def scaled(self, scale: Tensor) -> ReadoutMap:
-        return ChainedReadoutMap(self.parent, self.local, self.weight * scale.to(self.weight), self.slot)
+        return self.reweighted(self.weight * scale.to(self.weight))
+
+    def reweighted(self, weight: Tensor) -> ReadoutMap:
+        return ChainedReadoutMap(self.parent, self.local, weight, self.slot)

@@ -13,8 +13,18 @@ from torch import Tensor, nn
 
 from vitdecomp.components import ComponentLabel
 from vitdecomp.decomp.capture import Capture, take_positions, to_stream
-from vitdecomp.decomp.plan import AttentionPool, Linear, Pool, Readout, Tap, TokenNorm, VectorNorm
-from vitdecomp.decomp.readout import NormRule, ReadoutMap
+from vitdecomp.decomp.plan import (
+    AttentionPool,
+    Linear,
+    MultiheadPool,
+    Pool,
+    Readout,
+    ReadoutStep,
+    Tap,
+    TokenNorm,
+    VectorNorm,
+)
+from vitdecomp.decomp.readout import FactoredReadoutMap, NormRule, ReadoutMap
 from vitdecomp.errors import UnsupportedModuleError, VitDecompError
 
 Consts = list[tuple[ComponentLabel, Tensor]]
@@ -27,13 +37,15 @@ def read_positions(spec: Readout) -> Tensor | None:
 
 
 class AttentionPoolState:
-    """What an attention pool needs from the pass: probabilities ``[B, H, L, N]`` and its MLP's output."""
+    """What a timm ``AttentionPoolLatent`` needs from the pass (its q and kv outputs, its MLP's output)
+    and where its value / output weights are."""
 
     def __init__(self, step: AttentionPool) -> None:
         m = step.module
         if getattr(m, "pool", None) not in ("token", "avg"):
             raise UnsupportedModuleError("attn_pool", m, f"pool={getattr(m, 'pool', None)!r}: only 'token'/'avg'")
-        self.module, self.skip = m, step.skip
+        self.module, self.skip, self.num_heads = m, step.skip, m.num_heads
+        self.pos_embed: Tensor | None = m.pos_embed
         self.q: Tensor | None = None
         self.kv: Tensor | None = None
         self.mlp_out: Tensor | None = None
@@ -64,6 +76,91 @@ class AttentionPoolState:
             lam[:] = 1.0 / n
         return lam
 
+    def value_map(self) -> tuple[Tensor, Tensor | None]:
+        """``(W_v [H*dh, D], b_v [H*dh] | None)``."""
+        kv = self.module.kv
+        c = kv.weight.shape[0] // 2
+        return kv.weight[c:], None if kv.bias is None else kv.bias[c:]
+
+    def out_map(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(W_O [D_out, H*dh] | None (identity), b_O [D_out] | None)``."""
+        proj = self.module.proj
+        return (proj.weight, proj.bias) if isinstance(proj, nn.Linear) else (None, None)
+
+
+class MultiheadPoolState:
+    """What a :class:`~vitdecomp.decomp.plan.MultiheadPool` needs from the pass: its queries and keys
+    as the ``nn.MultiheadAttention`` sees them (positional inputs 0 and 1) and its MLP's output."""
+
+    def __init__(self, step: MultiheadPool) -> None:
+        mha = step.attention
+        if type(mha) is not nn.MultiheadAttention or mha.bias_k is not None or mha.add_zero_attn:
+            raise UnsupportedModuleError("attention pool", mha, "only a plain nn.MultiheadAttention")
+        self.mha, self.step, self.skip, self.num_heads = mha, step, step.skip, mha.num_heads
+        self.pos_embed: Tensor | None = None
+        self.query: Tensor | None = None
+        self.key: Tensor | None = None
+        self.mlp_out: Tensor | None = None
+
+    def attach(self, cap: Capture) -> None:
+        layout = "tokens" if self.mha.batch_first else "seq_first"
+        cap.tap(Tap(self.mha, "input", layout, 0), lambda t: setattr(self, "query", to_stream(t, layout)))
+        cap.tap(Tap(self.mha, "input", layout, 1), lambda t: setattr(self, "key", to_stream(t, layout)))
+        if self.step.mlp is not None:
+            cap.tap(Tap(self.step.mlp), lambda t: setattr(self, "mlp_out", t))
+
+    def _proj(self, i: int, x: Tensor) -> Tensor:
+        """Projection ``i`` (0 query, 1 key, 2 value) of ``x [B, L, E_i]`` -> ``[B, H, L, dh]``."""
+        mha = self.mha
+        if mha._qkv_same_embed_dim:
+            w = mha.in_proj_weight.chunk(3)[i]
+        else:
+            w = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)[i]
+        b = None if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)[i]
+        y = nn.functional.linear(x, w, b)
+        return y.view(y.shape[0], y.shape[1], self.num_heads, -1).transpose(1, 2)
+
+    def probs(self) -> Tensor:
+        """``[B, H, L, N']``: each query's attention over the pooled tokens, from the module's weights."""
+        q, k = self._proj(0, self.query), self._proj(1, self.key)
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+
+    def latent_weights(self, like: Tensor) -> Tensor:
+        lam = torch.zeros(self.query.shape[1], dtype=like.dtype, device=like.device)
+        lam[self.step.query] = 1.0
+        return lam
+
+    def value_map(self) -> tuple[Tensor, Tensor | None]:
+        mha = self.mha
+        w = mha.in_proj_weight.chunk(3)[2] if mha._qkv_same_embed_dim else mha.v_proj_weight
+        return w, None if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)[2]
+
+    def out_map(self) -> tuple[Tensor | None, Tensor | None]:
+        return self.mha.out_proj.weight, self.mha.out_proj.bias
+
+
+PoolState = AttentionPoolState | MultiheadPoolState
+
+
+def pool_state(steps: list[ReadoutStep]) -> PoolState | None:
+    """The state of the readout's attention pool, if it has one."""
+    for s in steps:
+        if isinstance(s, AttentionPool):
+            return AttentionPoolState(s)
+        if isinstance(s, MultiheadPool):
+            return MultiheadPoolState(s)
+    return None
+
+
+def _after_token_norm(raw: ReadoutMap, norm: NormRule | None, weight: Tensor) -> ReadoutMap:
+    """The slot maps of ``raw`` with a per-token norm's ``diag(gamma) C`` folded into their input side,
+    and the per-token ``weight`` (pooling times the norm's ``1/sigma``)."""
+    if isinstance(raw, FactoredReadoutMap):
+        pre, post = raw.factors
+        return FactoredReadoutMap(weight, (pre if norm is None else norm.right(pre), post), raw.positions)
+    mats = raw.mats if norm is None else norm.right(raw.mats)
+    return ReadoutMap(weight, mats, raw.positions)
+
 
 class ReadoutBuilder:
     """Captures what the steps of ``spec`` need during the pass; :meth:`build` composes them after it."""
@@ -72,10 +169,7 @@ class ReadoutBuilder:
         self.spec = spec
         self.positions = read_positions(spec)
         self.seen: dict[int, Tensor] = {}
-        self._factors: tuple[Tensor, Tensor] | None = (
-            None  # low-rank slot matrices of an attention pool  # id(step) or -1 (stream) / -2 (output) -> tensor
-        )
-        self.attn_pool = next((AttentionPoolState(s) for s in spec.steps if isinstance(s, AttentionPool)), None)
+        self.attn_pool = pool_state(spec.steps)
 
     def attach(self, cap: Capture) -> None:
         pos = self.positions
@@ -110,17 +204,12 @@ class ReadoutBuilder:
                 scale = scale * token_norm.inv_sigma(x).to(dt)
                 if token_norm.bias is not None:
                     token_consts.append((ComponentLabel(step.kind), token_norm.bias.to(dt)))
-            elif isinstance(step, (Pool, AttentionPool)):
-                pool_w, raw_mats, consts = self._pool(step, x, dt)  # [B, S, K], [K, D_out, D]
-                slot_mats = raw_mats if token_norm is None else token_norm.right(raw_mats)
+            elif isinstance(step, (Pool, AttentionPool, MultiheadPool)):
+                pool_w, raw, consts = self._pool(step, x, dt)  # [B, S, K], the slot maps, the pool's constants
                 totals = pool_w.sum(1)  # [B, K]: a vector added at every token is pooled with these
-                consts = [(lab, torch.einsum("bk,kod,d->bo", totals, raw_mats, c)) for lab, c in token_consts] + consts
+                consts = [(lab, raw.apply_pooled(totals[:, :, None] * c)) for lab, c in token_consts] + consts
                 weight = pool_w * scale[..., None]
-                factors = self._factors
-                if factors is not None and token_norm is not None:
-                    factors = (token_norm.right(factors[0]), factors[1])
-                weight = weight if weight.shape[2] > 1 else weight[..., 0]
-                ro = ReadoutMap(weight, slot_mats, self._ro_positions(x), None, factors)
+                ro = _after_token_norm(raw, token_norm, weight if weight.shape[2] > 1 else weight[..., 0])
             elif isinstance(step, VectorNorm):
                 ro, consts = self._vector_norm(step, ro, consts)
             elif isinstance(step, Linear):
@@ -129,12 +218,11 @@ class ReadoutBuilder:
             raise VitDecompError("the readout has no pooling step")
         return ro, consts, self.seen[-2]
 
-    def _ro_positions(self, x: Tensor) -> Tensor | None:
-        return None if self.positions is None else self.positions.to(x.device)
-
-    def _pool(self, step: Pool | AttentionPool, x: Tensor, dt) -> tuple[Tensor, Tensor, Consts]:
-        """Pooling weights ``[B, S, K]``, slot matrices ``[K, D_out, D]`` and the pool's own constants."""
+    def _pool(self, step: Pool | AttentionPool | MultiheadPool, x: Tensor, dt) -> tuple[Tensor, ReadoutMap, Consts]:
+        """Pooling weights ``[B, S, K]``, the slot maps (one matrix ``[D_out, D]`` per slot, at the read
+        positions) and the pool's own constants."""
         b, n, d = x.shape
+        positions = None if self.positions is None else self.positions.to(x.device)
         if isinstance(step, Pool):
             if step.positions is not None:
                 w = torch.tensor(list(step.weights or [1.0] * len(step.positions)), dtype=dt, device=x.device)
@@ -142,40 +230,39 @@ class ReadoutBuilder:
             else:
                 pool_w = torch.zeros(b, n, dtype=dt, device=x.device)
                 pool_w[:, step.skip :] = 1.0 / (n - step.skip)
-            return pool_w[..., None], torch.eye(d, dtype=dt, device=x.device)[None], []
+            return pool_w[..., None], ReadoutMap(pool_w, torch.eye(d, dtype=dt, device=x.device)[None], positions), []
         return self._attention_pool(x, dt)
 
-    def _attention_pool(self, x: Tensor, dt) -> tuple[Tensor, Tensor, Consts]:
-        """Frozen attention pool: slot ``h`` is pool head ``h``, ``S_h = W_proj[:, h] W_v[h]``."""
+    def _attention_pool(self, x: Tensor, dt) -> tuple[Tensor, ReadoutMap, Consts]:
+        """Frozen attention pool: slot ``h`` is pool head ``h``, ``S_h = W_O[:, h] W_v[h]``, kept as its
+        two factors."""
         st = self.attn_pool
-        m, h = st.module, st.module.num_heads
+        h = st.num_heads
         b, n, d = x.shape
         probs = st.probs().to(dt)  # [B, H, L, N']
         lam = st.latent_weights(probs)
         p_tok = torch.einsum("l,bhln->bnh", lam, probs)  # [B, N', H]
         pool_w = x.new_zeros(b, n, h, dtype=dt)
         pool_w[:, st.skip :] = p_tok
-        c = m.kv.weight.shape[0] // 2
-        w_v = m.kv.weight[c:].to(dt).view(h, -1, d)  # [H, dh, D]
-        w_p = m.proj.weight.to(dt) if isinstance(m.proj, nn.Linear) else torch.eye(c, dtype=dt, device=x.device)
-        w_p = w_p.view(w_p.shape[0], h, -1).transpose(0, 1)  # [H, D_out, dh]
-        raw_mats = torch.einsum("hoe,hed->hod", w_p, w_v)  # [H, D_out, D]
-        self._factors = (w_v, w_p.transpose(0, 1).reshape(w_p.shape[1], -1))  # [H, dh, D], [D_out, H*dh]
+        w_v, b_v = st.value_map()
+        w_v = w_v.to(dt).view(h, -1, d)  # [H, dh, D]
+        w_o, b_o = st.out_map()
+        w_o = torch.eye(h * w_v.shape[1], dtype=dt, device=x.device) if w_o is None else w_o.to(dt)  # [D_out, H*dh]
+        w_p = w_o.view(w_o.shape[0], h, -1).transpose(0, 1)  # [H, D_out, dh]
+        raw = FactoredReadoutMap(pool_w, (w_v, w_o))
         consts: Consts = []
-        if m.pos_embed is not None:
-            pos = torch.einsum("bnh,nd->bhd", p_tok, m.pos_embed.to(dt))  # per head
-            per_head = torch.einsum("hod,bhd->bho", raw_mats, pos)
+        if st.pos_embed is not None:
+            pos = torch.einsum("bnh,nd->bhd", p_tok, st.pos_embed.to(dt))  # per head
+            per_head = torch.einsum("hoe,hed,bhd->bho", w_p, w_v, pos)
             consts += [(ComponentLabel("pool_pos", head=i), per_head[:, i]) for i in range(h)]
-        bias = None
-        if m.kv.bias is not None:
-            bias = torch.einsum("hoe,he->o", w_p, m.kv.bias[c:].to(dt).view(h, -1))
-        if isinstance(m.proj, nn.Linear) and m.proj.bias is not None:
-            bias = m.proj.bias.to(dt) + (0 if bias is None else bias)
+        bias = None if b_v is None else torch.einsum("hoe,he->o", w_p, b_v.to(dt).view(h, -1))
+        if b_o is not None:
+            bias = b_o.to(dt) + (0 if bias is None else bias)
         if bias is not None:
             consts.append((ComponentLabel("pool_bias"), bias.expand(b, -1)))
         if st.mlp_out is not None:
             consts.append((ComponentLabel("pool_mlp"), torch.einsum("l,bld->bd", lam, st.mlp_out.to(dt))))
-        return pool_w, raw_mats, consts
+        return pool_w, raw, consts
 
     def _vector_norm(self, step: VectorNorm, ro: ReadoutMap, consts: Consts) -> tuple[ReadoutMap, Consts]:
         norm = NormRule.of(step.norm, "fc_norm")
@@ -183,12 +270,12 @@ class ReadoutBuilder:
         weight = ro.weight * (s[:, None, None] if ro.dense else s[:, None])
         consts = [(lab, s[:, None] * norm.left(c.T).T) for lab, c in consts]
         if norm.bias is not None:
-            consts.append((ComponentLabel(step.kind), norm.bias.to(ro.mats).expand(weight.shape[0], -1)))
-        return ReadoutMap(weight, ro.mats, ro.positions, ro.slot, ro.factors).then(norm.left), consts
+            consts.append((ComponentLabel(step.kind), norm.bias.to(ro.like).expand(weight.shape[0], -1)))
+        return ro.reweighted(weight).then(norm.left), consts
 
     def _linear(self, step: Linear, ro: ReadoutMap, consts: Consts) -> tuple[ReadoutMap, Consts]:
-        w = step.weight.to(ro.mats)
+        w = step.weight.to(ro.like)
         consts = [(lab, c @ w.T) for lab, c in consts]
         if step.bias is not None:
-            consts.append((ComponentLabel(step.kind), step.bias.to(ro.mats).expand(ro.weight.shape[0], -1)))
+            consts.append((ComponentLabel(step.kind), step.bias.to(ro.like).expand(ro.weight.shape[0], -1)))
         return ro.then(lambda m: torch.einsum("od,...di->...oi", w, m)), consts

@@ -8,6 +8,9 @@ Names (one scheme table, :data:`_SCHEMES`; :func:`check_name` checks a name with
   ``open_clip:ViT-B-16/laion2b_s34b_b88k`` (or ``open_clip:ViT-B-16`` with ``pretrained=False``),
       ``open_clip:hf-hub:ORG/REPO``, ``open_clip:local-dir:PATH``
   ``zoo:deit``, ``zoo:clip``, ...           the models shipped with vitdecomp
+  ``hf:ORG/REPO`` / ``hf:PATH``             a transformers vision tower (ViT, DeiT, DINOv2/v3, CLIP, SigLIP)
+      from the Hub or a ``save_pretrained`` folder, with its own image processor
+      (:mod:`vitdecomp.models.hf_load`)
 A local checkpoint (safetensors, or a torch file read with ``weights_only``) is given with
 ``checkpoint=PATH`` and is loaded through timm's / open_clip's own pretrained-loading code.
 
@@ -29,6 +32,7 @@ from urllib.parse import urlparse
 import torch
 
 from vitdecomp.errors import CheckpointError, UsageError, VitDecompError, WeightsUnavailableError, one_line
+from vitdecomp.models.hf_load import HF_PREFIX, check_hf_name, is_local, load_hf
 from vitdecomp.models.loaded import LoadedModel, file_digest
 from vitdecomp.zoo.hub import load_zoo_model
 
@@ -95,7 +99,12 @@ def check_name(name: str, pretrained: bool = True, checkpoint: str | Path | None
     an unknown zoo / timm / open_clip name, an open_clip name without its weights tag, a missing
     ``local-dir:`` folder."""
     if not name or not name.strip():
-        raise UsageError("empty model name: give a timm name, hf-hub:ORG/REPO, open_clip:ARCH/TAG or zoo:NAME")
+        raise UsageError(
+            "empty model name: give a timm name, hf-hub:ORG/REPO, open_clip:ARCH/TAG, hf:ORG/REPO or zoo:NAME"
+        )
+    if name.startswith(HF_PREFIX):
+        check_hf_name(name[len(HF_PREFIX) :])
+        return
     if name.startswith(ZOO_PREFIX):
         from vitdecomp.zoo.models import ZOO_NAMES
 
@@ -176,6 +185,15 @@ def _offline_error(what: str, repo: str | None, file: str, err: Exception) -> We
         f"copy it here and pass it with --checkpoint FILE (Python: checkpoint=FILE), or use --random-init "
         f"for random weights ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
     )
+
+
+def _load_hf(spec: str, pretrained: bool, checkpoint: Path | None, **kwargs: Any) -> LoadedModel:
+    """A transformers vision tower (offline: from a folder or the local cache only; the config and the
+    image processor come from there even for random or ``checkpoint`` weights)."""
+    offline = not is_local(spec) and hub_offline()
+    if offline:
+        _go_offline()
+    return load_hf(spec, pretrained, checkpoint, offline=offline, **kwargs)
 
 
 def _load_zoo(spec: str, pretrained: bool, checkpoint: Path | None, **kwargs: Any) -> LoadedModel:
@@ -316,6 +334,7 @@ def _looks_like_download_failure(err: Exception) -> bool:
 _SCHEMES: dict[str, tuple[Callable[..., LoadedModel], bool]] = {
     ZOO_PREFIX: (_load_zoo, True),
     OPEN_CLIP_PREFIX: (_load_open_clip, True),
+    HF_PREFIX: (_load_hf, True),
     HF_HUB_PREFIX: (_load_timm, False),
     LOCAL_DIR_PREFIX: (_load_timm, False),
 }

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from vitdecomp.report.results import AnalysisResult
+from vitdecomp.results import AnalysisResult
 from vitdecomp.store import Rows
 
 RANK1_THRESHOLD = 1e-4

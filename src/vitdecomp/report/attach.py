@@ -14,7 +14,6 @@ so two applications finishing at once do not lose each other's section.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import os
@@ -24,8 +23,7 @@ from pathlib import Path
 from vitdecomp.errors import UsageError
 from vitdecomp.fsio import atomic_write_text, writing
 from vitdecomp.report.html import environment, render_html
-from vitdecomp.report.results import AnalysisResult
-from vitdecomp.report.sections import AppSection
+from vitdecomp.results import AnalysisResult, AppSection
 
 BEGIN = "<!-- vitdecomp:applications -->"
 END = "<!-- /vitdecomp:applications -->"
@@ -100,19 +98,3 @@ def attach_section(folder: str | Path, section: AppSection) -> Path:
         page = (folder / "index.html").read_text(encoding="utf-8")
         result.write(folder / "results.json")
         return atomic_write_text(folder / "index.html", updated_page(page, result))
-
-
-def add_report_argument(p: argparse.ArgumentParser) -> None:
-    """The ``--report DIR`` option of an application command."""
-    p.add_argument(
-        "--report",
-        default=None,
-        metavar="DIR",
-        help="an `analyze` output folder: add this run's section to its results.json and index.html",
-    )
-
-
-def attach_if_asked(report: str | Path | None, section: AppSection) -> None:
-    """:func:`attach_section` when ``--report`` was given, and say where."""
-    if report is not None:
-        print(f"section {section.name!r} added to {attach_section(report, section)}")

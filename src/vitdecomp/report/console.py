@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from vitdecomp.report.results import AnalysisResult
-from vitdecomp.score import DEFAULT_METHOD
+from vitdecomp.results import AnalysisResult
 
 
 def summary(r: AnalysisResult, top: int = 3) -> str:
     """What was analysed, what was reused, and the ``top`` components of every feature."""
     a = r.alignment
-    method = DEFAULT_METHOD if DEFAULT_METHOD in r.scores else next(iter(r.scores), DEFAULT_METHOD)
+    method = r.method()
     lines = [
         f"vitdecomp analyze: {r.model.name} ({r.model.weights_id}) read through {r.reader.name}",
         f"  images       {r.images.description}",

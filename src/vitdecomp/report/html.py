@@ -3,7 +3,7 @@
 The page is built from Jinja2 templates in ``report/templates/``: ``base.html.j2`` (head, header,
 then one partial per section), ``header.html.j2``, ``macros.html.j2`` (the heat table) and
 ``sections/<name>.html.j2``, one per entry of :data:`SECTIONS`, in that order. Every template reads
-``r`` (the :class:`~vitdecomp.report.results.AnalysisResult` whose serialisation is ``results.json``,
+``r`` (the :class:`~vitdecomp.results.AnalysisResult` whose serialisation is ``results.json``,
 so a page can be rendered again from that file: ``render_html(AnalysisResult.load(path))``),
 ``thumbs`` (label → thumbnail data URIs of its top images) and ``pictures`` (image id → thumbnail,
 for the retrieval galleries). One small inline script (``templates/table.js``) sorts and filters the
@@ -14,9 +14,7 @@ To add a section: write ``templates/sections/<name>.html.j2`` and put ``<name>``
 
 from __future__ import annotations
 
-import base64
 import functools
-import io
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -24,12 +22,12 @@ from typing import Any
 
 import jinja2
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
+from vitdecomp.figures import thumbnail_data_uri
 from vitdecomp.fsio import atomic_write_text
-from vitdecomp.report.results import AnalysisResult
-from vitdecomp.score import DEFAULT_METHOD
+from vitdecomp.results import AnalysisResult
+from vitdecomp.scores.registry import score_about
 
 #: The page's sections, in order: ``templates/sections/<name>.html.j2`` each.
 SECTIONS: list[str] = [
@@ -42,17 +40,6 @@ SECTIONS: list[str] = [
     "other_methods",
     "about",
 ]
-
-
-def thumbnail_data_uri(image: Any, size: int = 96) -> str:
-    """A PIL image (or uint8 array) as a ``data:image/png;base64,...`` thumbnail (longest side ``size``)."""
-    im = Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image) else image
-    im = im.convert("RGB")
-    if max(im.size) > size:
-        im.thumbnail((size, size))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _heat(v: float, scale: float = 1.0) -> str:
@@ -116,7 +103,7 @@ def render_html(
     css = files.joinpath("style.css").read_text(encoding="utf-8")
     script = files.joinpath("table.js").read_text(encoding="utf-8")
     page = environment().get_template("base.html.j2")
-    method = r.method(DEFAULT_METHOD)
+    method = r.method()
     confidence = r.confidence.get(method, {}).get("scores", {})
     return page.render(
         r=r,
@@ -128,6 +115,7 @@ def render_html(
         sections=SECTIONS,
         method=method,
         confidence=confidence,
+        about={m: score_about(m) for m in r.scores},
     )
 
 
