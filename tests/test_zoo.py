@@ -363,7 +363,8 @@ def test_dino_diagnostics_tell_uniform_from_collapsed_teachers():
 
 
 def test_simclr_is_the_renamed_self_supervised_model_and_up_to_date():
-    from vitdecomp.zoo.cards import is_up_to_date, read_card
+    from vitdecomp.zoo.cards import read_card
+    from vitdecomp.zoo.freshness import is_up_to_date
 
     card = read_card("simclr")
     assert card["name"] == "simclr" and card["training"]["recipe"]["objective"] == "simclr"
