@@ -175,10 +175,10 @@ def test_zoo_train_writes_to_a_user_folder_by_default(monkeypatch, tmp_path):
         return {"training": {"train_time_s": 0.0}}
 
     monkeypatch.setattr(zoo_cli, "train_and_save", fake_train)
-    assert main(["zoo", "train", "dino", "--quiet", "--no-eval"]) == 0
-    assert seen["dino"]["weights_dir"] == tmp_path / "zoo" / "weights"
-    assert main(["zoo", "train", "dino", "--quiet", "--no-eval", "--replace-shipped"]) == 0
-    assert seen["dino"]["weights_dir"] is None  # the package's own folder
+    assert main(["zoo", "train", "simclr", "--quiet", "--no-eval"]) == 0
+    assert seen["simclr"]["weights_dir"] == tmp_path / "zoo" / "weights"
+    assert main(["zoo", "train", "simclr", "--quiet", "--no-eval", "--replace-shipped"]) == 0
+    assert seen["simclr"]["weights_dir"] is None  # the package's own folder
 
 
 def test_low_precision_tolerance_scales_with_dtype():

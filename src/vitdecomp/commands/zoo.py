@@ -23,8 +23,8 @@ from vitdecomp.zoo.models import ZOO_NAMES
 from vitdecomp.zoo.recipes import RECIPES
 
 #: Training order: ``swin`` and ``clip`` distil from ``deit``, so ``deit`` comes first; with
-#: ``--jobs 2`` the longest trainings start first (deit beside maxvit, then swin, clip, dino, planted).
-TRAIN_ORDER = ("deit", "maxvit", "swin", "clip", "dino", "planted")
+#: ``--jobs 2`` the longest trainings start first (deit beside maxvit, then swin, clip, simclr, planted).
+TRAIN_ORDER = ("deit", "maxvit", "swin", "clip", "simclr", "planted")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
