@@ -263,8 +263,8 @@ def test_one_option_has_one_flag_and_one_help_everywhere():
         "heatmap": ["heatmap", "--text", "x", "--analysis", "A"],
         "segment": ["segment", "--n", "3", "--batch", "2", "--report", "A"],
         "world": ["world", "export", "--n", "3", "--out", "W"],
-        "decompose": ["decompose", "zoo:dino"],
+        "decompose": ["decompose", "zoo:simclr"],
     }
     args = {k: build_parser(v).parse_args(v) for k, v in old.items()}
     assert args["heatmap"].report == "A" and args["segment"].n_images == 3 and args["segment"].batch_size == 2
-    assert args["world"].n_images == 3 and args["decompose"].model_pos == "zoo:dino"
+    assert args["world"].n_images == 3 and args["decompose"].model_pos == "zoo:simclr"

@@ -20,7 +20,7 @@ used (they use 1000, 1001, 1500 and 2001, 2002). With ``images=DIR`` it reads an
 scores the paper's features with the general vocabulary::
 
     from vitdecomp.analyze import AnalysisConfig, run_analysis
-    result = run_analysis(AnalysisConfig(model="zoo:dino", n_images=500, out="out"))
+    result = run_analysis(AnalysisConfig(model="zoo:simclr", n_images=500, out="out"))
     result.scores["invariant"]["color"]        # {component label: score}
 
 The top floor of the library: it joins the pipeline's stages (:mod:`vitdecomp.pipeline`), the report's

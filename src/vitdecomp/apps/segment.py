@@ -5,7 +5,7 @@ metrics (:mod:`vitdecomp.apps.seg_metrics`).
 What is explained (label-free, the same for every method): ``--target predicted`` (models with a
 classifier) — the logit of the model's own predicted value; for the zoo's multi-attribute heads, of
 ``--feature`` (default colour); for other classifiers, the top class. ``--target self`` (models without
-a classifier, e.g. zoo:dino) — the image's own representation, centred on the set's mean: the scalar
+a classifier, e.g. zoo:simclr) — the image's own representation, centred on the set's mean: the scalar
 ``<r(x), r(x) - mean r>``. Both are a direction ``u`` on the representation, one per image.
 
 The decomposition's map: every attention head of every layer, each source token's contribution

@@ -11,7 +11,7 @@ from __future__ import annotations
 from vitdecomp.defaults import WORLD_SEED
 from vitdecomp.scores.registry import score_names
 
-MODELS = ("zoo:deit", "zoo:dino", "zoo:swin", "zoo:maxvit", "zoo:planted")
+MODELS = ("zoo:deit", "zoo:simclr", "zoo:swin", "zoo:maxvit", "zoo:planted")
 TRAIN_SEED = WORLD_SEED
 DEV_SEED = 3001
 HELD_OUT_SEED = 5001
