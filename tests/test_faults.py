@@ -164,7 +164,7 @@ ANALYZE_CASES = [
     ("local-dir-missing", ["--model", "local-dir:{tmp}/nowhere"], ["no such folder"]),
     ("hf-hub-without-org", ["--model", "hf-hub:justaname"], ["hf-hub:ORG/REPO"]),
     ("images-without-images", ["--images", "{no_images}"], ["no images"]),
-    ("images-broken-file", ["--images", "{broken}"], ["broken.png"]),
+    ("images-broken-file", ["--images", "{broken}"], ["broken.png", "--skip-bad-images"]),
     ("images-all-broken-skipped", ["--images", "{all_broken}", "--skip-bad-images"], ["at least 2 images"]),
     ("images-decompression-bomb", ["--images", "{bomb}"], ["huge.png", "pixels"]),
     ("clip-is-not-a-clip", ["--model", "zoo:swin", "--clip", "zoo:deit"], ["--clip zoo:deit", "not a CLIP"]),
@@ -195,6 +195,7 @@ DECOMPOSE_CASES = [
     ("unknown-option", ["--no-such-option", "zoo:deit"], ["unrecognized arguments"]),
     ("start-layer-past-depth", ["--start-layer", "99"], ["--start-layer 99"]),
     ("images-missing", ["--images", "{tmp}/nowhere"], ["no such folder"]),
+    ("images-broken-file", ["--images", "{broken}"], ["broken.png", "--skip-bad-images"]),
 ]
 
 
@@ -240,6 +241,27 @@ def test_offline_pretrained_fails_fast_naming_repo_file_and_flag(good, capsys, m
     assert "pretrained=False" not in err
 
 
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if any model is loaded (the input must be refused before)."""
+    from vitdecomp.models import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    import vitdecomp
+    from vitdecomp.pipeline import model_pair
+
+    for module in (loading, model_pair, vitdecomp):
+        monkeypatch.setattr(module, "load_model", refuse)
+
+
+@pytest.mark.parametrize("command", ["analyze", "decompose"])
+def test_a_broken_image_is_refused_before_any_model_loads(good, tmp_path, capsys, no_model_loads, command):
+    argv = [command, "--images", str(good["files"]["broken"]), "--out", str(tmp_path / "o"), "--quiet"]
+    assert_one_line_error(*run_cli(argv, capsys), "broken.png", "--skip-bad-images")
+
+
 def test_non_finite_images_are_named_not_blamed_on_the_model():
     import vitdecomp as vd
     from vitdecomp.errors import NonFiniteInputError
@@ -250,6 +272,112 @@ def test_non_finite_images_are_named_not_blamed_on_the_model():
     with pytest.raises(NonFiniteInputError, match="batch position 2") as info:
         vd.decompose(loaded, x)
     assert "rules do not cover" not in str(info.value) and "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# a world export out of step with its attributes.csv; --skip-bad-images everywhere
+
+
+@pytest.fixture(scope="module")
+def drifted(tmp_path_factory):
+    """A world export of 18 scenes, one PNG converted to JPEG by hand (attributes.csv still lists it)."""
+    from vitdecomp.world import export_world
+
+    root = export_world(18, seed=11, out_dir=tmp_path_factory.mktemp("drift") / "w", progress=False)
+    png = root / "images" / "000003.png"
+    Image.open(png).convert("RGB").save(png.with_suffix(".jpg"))
+    png.unlink()
+    return root
+
+
+def test_a_world_export_out_of_step_with_its_csv_is_named(drifted, tmp_path, capsys, no_model_loads):
+    for argv in (
+        ["analyze", *BASE, "--images", str(drifted), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path)],
+        ["segment", "--world", str(drifted), "--out", str(tmp_path / "s"), "--quiet"],
+    ):
+        assert_one_line_error(*run_cli(argv, capsys), "attributes.csv", "000003.png", "000003.jpg", "--skip-bad-images")
+
+
+def test_skip_bad_images_reaches_the_automatic_segment_step(drifted, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["analyze", *BASE, "--images", str(drifted), "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    code, err = run_cli([*argv, "--skip-bad-images"], capsys)
+    assert code == 0 and "Traceback" not in err, err[-2000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["images"]["n"] == 15 and len(data["images"]["skipped"]) == 2  # 16 listed, 1 missing; 1 unlisted
+    assert [a["name"] for a in data["applications"]] == ["segment"]
+    assert not [w for w in data["warnings"] if "segment" in w]
+    seg = ["segment", "--world", str(drifted), "--n-images", "6", "--out", str(tmp_path / "s"), "--quiet"]
+    assert run_cli([*seg, "--skip-bad-images"], capsys)[0] == 0
+    assert any("000003" in name for name in json.loads((tmp_path / "s" / "segment.json").read_text())["skipped"])
+
+
+def test_a_failing_application_is_a_warning_of_the_run(drifted, tmp_path, capsys, monkeypatch):
+    from vitdecomp.apps import automatic
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "somewhere.png")
+
+    monkeypatch.setattr(automatic, "run_segment", broken)
+    out = tmp_path / "out"
+    argv = ["analyze", *BASE, "--images", str(drifted), "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    code, err = run_cli([*argv, "--skip-bad-images"], capsys)
+    assert code == 0 and (out / "index.html").is_file()
+    data = json.loads((out / "results.json").read_text())
+    assert data["applications"] == [] and any(w.startswith("segment failed") for w in data["warnings"])
+
+
+@pytest.mark.parametrize(
+    ("heads", "expect"),
+    [
+        ("L9.H1", ["no head L9.H1", "L0.H0 ... L4.H3"]),
+        ("L2.H9", ["no head L2.H9"]),
+        ("L3H1", ["no head L3H1"]),
+        ("L2.mlp", ["L2.mlp is a component, not an attention head"]),
+        (",", ["give head names"]),
+    ],
+)
+def test_heatmap_refuses_heads_that_do_not_exist(good, tmp_path, capsys, no_model_loads, heads, expect):
+    argv = ["heatmap", "--report", str(good["out"]), "--text", "a red object", "--heads", heads]
+    assert_one_line_error(*run_cli([*argv, "--out", str(tmp_path / "h"), "--quiet"], capsys), "--heads", *expect)
+    assert not (tmp_path / "h").exists()
+
+
+def test_heatmap_checks_its_images_up_front_and_can_skip(good, tmp_path, capsys, monkeypatch):
+    files = good["files"]["broken"]
+    argv = ["heatmap", str(files / "ok0.png"), str(files / "broken.png"), "--report", str(good["out"])]
+    argv += ["--text", "a red object", "--heads", "L0.H1", "--out", str(tmp_path / "h"), "--quiet"]
+    with monkeypatch.context() as m:
+        m.setattr("vitdecomp.apps.contract.load_analysis", lambda *a, **k: pytest.fail("models loaded first"))
+        assert_one_line_error(*run_cli(argv, capsys), "broken.png", "--skip-bad-images")
+    code, err = run_cli([*argv, "--skip-bad-images"], capsys)
+    assert code == 0 and "broken.png" in err
+    maps = json.loads((tmp_path / "h" / "heatmaps.json").read_text())["maps"]
+    assert [m["image"] for m in maps] == ["ok0"] and maps[0]["heads"] == ["L0.H1"]
+
+
+def test_debias_and_ablate_skip_unreadable_images(good, tmp_path):
+    """Both read their images through ComponentApplication: refused with the hint, or skipped."""
+    from vitdecomp.apps.contract import AnalysedConfig, ComponentApplication
+    from vitdecomp.errors import ImageReadError
+
+    class Sets(ComponentApplication):
+        name = "sets"
+
+        def measure(self, cfg, source, analyse):
+            return source
+
+    folder = good["files"]["broken"]
+    with pytest.raises(ImageReadError, match="--skip-bad-images"):
+        Sets().run(AnalysedConfig(images=folder, out=tmp_path))
+    source = Sets().run(AnalysedConfig(images=folder, out=tmp_path, skip_bad_images=True))
+    assert source.ids == ["ok0.png", "ok1.png"] and "broken.png" in source.errors[0]
+    for command in ("debias", "ablate", "segment", "heatmap", "analyze", "decompose"):
+        from vitdecomp.cli import build_parser
+
+        argv = [command, "--skip-bad-images", "--images", "I", *(["--text", "x"] if command == "heatmap" else [])]
+        argv = [a for a in argv if command != "heatmap" or a not in ("--images", "I")]
+        assert build_parser(argv).parse_args(argv).skip_bad_images is True
 
 
 # ------------------------------------------------------------------------------------------------

@@ -83,6 +83,13 @@ class Metadata:
     def rows(self, split: int) -> np.ndarray:
         return np.flatnonzero(self.split == split)
 
+    def only(self, files: set[str]) -> Metadata:
+        """The images of ``files`` only (those left after skipping unreadable ones)."""
+        keep = np.asarray([f in files for f in self.files], dtype=bool)
+        return Metadata(
+            [f for f, k in zip(self.files, keep, strict=True) if k], self.y[keep], self.split[keep], self.place[keep]
+        )
+
     @property
     def group(self) -> np.ndarray:
         return 2 * self.y + self.place
@@ -436,6 +443,9 @@ class Debias(ComponentApplication[DebiasConfig, DebiasResult]):
         self, cfg: DebiasConfig, source: ImageSource, analyse: Callable[[], AnalysedComponents]
     ) -> DebiasResult:
         meta = read_metadata(cfg.metadata_path)
+        if source.errors:  # --skip-bad-images: the skipped images leave the splits
+            meta = meta.only(set(source.ids))
+            check_groups(meta, cfg.metadata_path)
         split = Split.of(meta, rows_in_source(meta, source, cfg.metadata_path))
         features = _features(cfg.features, source)
         comps = analyse()

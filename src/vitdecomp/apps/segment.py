@@ -239,7 +239,7 @@ class SegmentResult(ResultBase):
         notes += [f"speed: {self.timing}"]
         notes += [f"{m.name}: {m.note}" for m in self.methods if m.note]
         if self.skipped:
-            notes.append(f"{len(self.skipped)} image(s) without a mask skipped, e.g. {self.skipped[0]}")
+            notes.append(f"{len(self.skipped)} image(s) skipped (no mask, or unreadable), e.g. {self.skipped[0]}")
         return AppSection("segment", "Zero-shot segmentation", summary, header, rows, figures, self.command, notes)
 
 
@@ -395,7 +395,8 @@ METHODS = ("decomposition", "gradcam", "chefer")
 class SegmentConfig:
     """Options of ``vitdecomp segment``: the model (``checkpoint``, ``device``), the images and masks
     (``world``: a world export folder; or ``images`` with ``masks``; neither: ``n_images`` generated
-    scenes from ``seed``; at most ``n_images`` in any case), what every map explains (``target``,
+    scenes from ``seed``; at most ``n_images`` in any case; ``skip_bad_images``: skip unreadable
+    files), what every map explains (``target``,
     ``feature``), the ``methods`` compared, images per batch, images in the figure, and the folder the
     command writes to."""
 
@@ -406,6 +407,7 @@ class SegmentConfig:
     images: str | Path | None = None
     masks: str | Path | None = None
     n_images: int | None = None
+    skip_bad_images: bool = False
     seed: int = SHOW_SEED
     target: str = "auto"
     feature: str = "color"
@@ -441,11 +443,11 @@ class Segment(ModelApplication[SegmentConfig, SegmentResult]):
         if cfg.world is not None:
             if cfg.images is not None or cfg.masks is not None:
                 raise VitDecompError("give --world DIR, or --images DIR with --masks DIR, not both")
-            return folder_set(cfg.world, Path(cfg.world) / "masks", cfg.n_images)
+            return folder_set(cfg.world, Path(cfg.world) / "masks", cfg.n_images, cfg.skip_bad_images)
         if (cfg.images is None) != (cfg.masks is None):
             raise VitDecompError("--images and --masks go together (masks matched to images by file stem)")
         if cfg.images is not None:
-            return folder_set(cfg.images, cfg.masks, cfg.n_images)  # type: ignore[arg-type]
+            return folder_set(cfg.images, cfg.masks, cfg.n_images, cfg.skip_bad_images)  # type: ignore[arg-type]
         return world_set(cfg.n_images or N_WORLD_IMAGES, cfg.seed)
 
     def measure(self, cfg: SegmentConfig, model: LoadedModel, data: SegmentSet) -> SegmentResult:
