@@ -235,7 +235,8 @@ def test_skipped_images_leave_the_splits(waterbirds, tmp_path):
 
     folder = tmp_path / "wb"
     shutil.copytree(waterbirds, folder)
-    first = next(csv.DictReader(open(folder / "metadata.csv")))["img_filename"]
+    with open(folder / "metadata.csv", newline="") as f:
+        first = next(csv.DictReader(f))["img_filename"]
     (folder / first).write_bytes(b"not an image any more")
     with pytest.raises(ImageReadError, match="--skip-bad-images"):
         image_source(folder)
