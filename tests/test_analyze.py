@@ -105,6 +105,21 @@ def test_results_json_is_the_typed_result(first_run):
     assert data["clip"]["name"] == results.reader.name == "zoo:clip"
 
 
+def test_a_model_outside_the_zoo_read_through_the_toy_clip_is_warned_about(first_run):
+    """The default reader is the zoo's small CLIP: reading any other model through it gets a warning
+    naming the aligner's held-out cosine and how to give a real CLIP; a zoo subject does not."""
+    import copy
+
+    from vitdecomp.pipeline.honesty import run_warnings
+
+    r = copy.deepcopy(first_run[0])
+    assert not [w for w in run_warnings(r, None, random_init=False, seed=0) if "zoo's small CLIP" in w]
+    r.model.name = "deit_base_patch16_224"
+    r.alignment.metrics["val_cosine"] = 0.39
+    (w,) = [w for w in run_warnings(r, None, random_init=False, seed=0) if "zoo's small CLIP" in w]
+    assert "held-out cosine: 0.39" in w and "--clip open_clip:" in w and "--clip-checkpoint" in w
+
+
 def test_cli_is_built_from_the_config():
     from vitdecomp.cli import build_parser
     from vitdecomp.commands.analyze import config_of

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -475,7 +476,7 @@ def _cli_process(argv: list[str], kill_at: str | None = None) -> subprocess.Comp
     )
 
 
-@pytest.mark.parametrize("point", ["before-replace:index.html", "store-before-commit"])
+@pytest.mark.parametrize("point", ["before-replace:results.json", "store-before-commit"])
 def test_kill_9_leaves_the_previous_good_state(good, tmp_path, capsys, point):
     from vitdecomp.store import ContributionStore
 
@@ -492,3 +493,54 @@ def test_kill_9_leaves_the_previous_good_state(good, tmp_path, capsys, point):
     data = json.loads((out / "results.json").read_text())
     ids = ContributionStore(data["store"]["path"]).ids
     assert len(ids) == len(set(ids)) == 16
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # what the killed run left is gone
+
+
+def test_kill_9_between_results_and_page_is_told_apart_and_healed(good, tmp_path, capsys):
+    """results.json is written first, then index.html, each carrying the run's id: a kill between the
+    two leaves a complete new results.json and the previous page (ids differ, so a reader can tell);
+    adding a section renders the page again from results.json; no temporary file survives."""
+    from vitdecomp.report import page_run_id
+    from vitdecomp.report.attach import attach_section
+    from vitdecomp.results import AnalysisResult, AppSection
+
+    out, cache = _copy(good, tmp_path)
+    old_page = (out / "index.html").read_text()
+    old_id = json.loads((out / "results.json").read_text())["run_id"]
+    assert old_id and page_run_id(old_page) == old_id
+    argv = ["analyze", *BASE, "--out", str(out), "--cache-dir", str(cache), "--threads", "1", "--top-k", "2"]
+    proc = _cli_process(argv, kill_at="before-replace:index.html")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    new = AnalysisResult.load(out / "results.json")  # complete, and the killed run's
+    assert new.run_id != old_id and (out / "index.html").read_text() == old_page
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # the kill left its page's temp file
+    attach_section(out, AppSection("toy", "Toy", "a toy section", ["a"], [["1"]]))
+    page = (out / "index.html").read_text()
+    assert page_run_id(page) == new.run_id and "a toy section" in page
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".report")]
+
+
+def test_a_killed_writer_s_store_lock_is_free_while_it_is_unreaped(tmp_path):
+    """The store lock is the kernel's (flock): a writer killed with -9 and not yet reaped (a zombie)
+    holds nothing; while it lived, a second writer was refused naming its pid."""
+    from vitdecomp.errors import LockedError
+    from vitdecomp.store import StoreLock
+
+    hold = "import sys, time; from vitdecomp.store import StoreLock; StoreLock(sys.argv[1]).__enter__(); "
+    hold += "print('held', flush=True); time.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=f"pid {proc.pid} "):
+            StoreLock(tmp_path).__enter__()
+        os.kill(proc.pid, signal.SIGKILL)
+        for _ in range(100):  # dead, not reaped: its state is Z (zombie)
+            if Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1].startswith("Z"):
+                break
+            time.sleep(0.05)
+        assert Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1].startswith("Z")
+        with StoreLock(tmp_path):  # at once, no timeout
+            assert f"pid {os.getpid()} " in (tmp_path / "lock").read_text()
+    finally:
+        proc.kill()
+        proc.wait()
