@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -78,6 +79,7 @@ def _fixture_files(root: Path) -> dict[str, Path]:
     f = {
         "file": root / "file.txt",
         "bad_json": root / "bad.json",
+        "empty_json": root / "empty.json",
         "empty_vocab": root / "empty.txt",
         "garbage": root / "garbage.safetensors",
         "no_images": root / "no_images",
@@ -89,6 +91,7 @@ def _fixture_files(root: Path) -> dict[str, Path]:
     }
     f["file"].write_text("a file, not a folder\n")
     f["bad_json"].write_text("{not json")
+    f["empty_json"].write_text("{}")
     f["empty_vocab"].write_text("# nothing but a comment\n\n")
     f["garbage"].write_bytes(b"\x00garbage, not a safetensors file" * 10)
     for name in ("no_images", "no_aligner", "model_dir"):
@@ -155,6 +158,9 @@ ANALYZE_CASES = [
     ("cache-dir-is-a-file", ["--cache-dir", "{file}"], ["--cache-dir"]),
     ("features-unknown", ["--features", "smells"], ["smells"]),
     ("features-bad-json", ["--features", "{bad_json}"], ["bad.json"]),
+    ("features-empty-inline", ["--features", "{{}}"], ["--features {}", "no features"]),
+    ("features-empty-file", ["--features", "{empty_json}"], ["empty.json", "no features"]),
+    ("seed-negative", ["--seed", "-1"], ["--seed -1"]),
     ("vocabulary-unknown", ["--vocabulary", "klingon"], ["klingon"]),
     ("vocabulary-empty", ["--vocabulary", "{empty_vocab}"], ["no entries"]),
     ("model-unknown", ["--model", "not_a_model_at_all"], ["not_a_model_at_all"]),
@@ -253,7 +259,7 @@ def no_model_loads(monkeypatch):
     import vitdecomp
     from vitdecomp.pipeline import model_pair
 
-    for module in (loading, model_pair, vitdecomp):
+    for module in (vitdecomp, model_pair, loading):  # vitdecomp's lazy attribute read before loading's is patched
         monkeypatch.setattr(module, "load_model", refuse)
 
 
@@ -273,6 +279,93 @@ def test_non_finite_images_are_named_not_blamed_on_the_model():
     with pytest.raises(NonFiniteInputError, match="batch position 2") as info:
         vd.decompose(loaded, x)
     assert "rules do not cover" not in str(info.value) and "\n" not in str(info.value)
+
+
+WORLD_EXPORT_CASES = [
+    ("n-negative", ["--n", "-5"], ["--n-images -5", "at least 1"]),
+    ("n-zero", ["--n-images", "0"], ["--n-images 0"]),
+    ("size-8", ["--size", "8"], ["--size 8", "at least 16"]),
+    ("seed-negative", ["--seed", "-1"], ["--seed -1"]),
+    ("distractors-negative", ["--distractors", "-1"], ["--distractors -1"]),
+    ("corr-above-1", ["--waterbirds", "--n-images", "7", "--corr", "2"], ["--corr 2.0"]),
+    ("waterbirds-too-few", ["--waterbirds", "--n-images", "3"], ["--n-images 3", "at least 7"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"), [c[1:] for c in WORLD_EXPORT_CASES], ids=[c[0] for c in WORLD_EXPORT_CASES]
+)
+def test_world_export_refuses_with_one_line(tmp_path, capsys, extra, expect):
+    argv = ["world", "export", "--n-images", "3", "--out", str(tmp_path / "w"), "--quiet", *extra]
+    assert_one_line_error(*run_cli(argv, capsys), *expect)
+    assert not (tmp_path / "w").exists()  # refused before writing anything
+
+
+SEGMENT_CASES = [
+    ("n-images-negative", ["--n-images", "-1"], ["--n-images -1"]),
+    ("batch-size-0", ["--batch-size", "0"], ["--batch-size 0"]),
+    ("show-negative", ["--show", "-1"], ["--show -1"]),
+    ("seed-negative", ["--seed", "-1"], ["--seed -1"]),
+    ("method-unknown", ["--methods", "decomposition,magic"], ["magic"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "expect"), [c[1:] for c in SEGMENT_CASES], ids=[c[0] for c in SEGMENT_CASES])
+def test_segment_refuses_with_one_line_before_any_model_loads(tmp_path, capsys, no_model_loads, extra, expect):
+    argv = ["segment", "--out", str(tmp_path / "s"), "--quiet", *extra]
+    assert_one_line_error(*run_cli(argv, capsys), *expect)
+
+
+def test_an_untrained_aligner_gives_a_report_and_a_clear_refusal(good, tmp_path, capsys):
+    """``--align-steps 0``: the run finishes with its report (no figures that need a saved aligner, and
+    a warning saying so); heatmap and retrieve on that folder refuse in one line, before loading."""
+    out = tmp_path / "out"
+    argv = ["analyze", *[a for a in BASE if a != "3"], "--out", str(out), "--cache-dir", str(good["cache"])]
+    argv[argv.index("--align-steps") + 1 : argv.index("--align-steps") + 1] = ["0"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err[-2000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["alignment"]["state"] == "untrained" and data["views"] is None
+    assert any("trained aligner" in w for w in data["warnings"])
+    for command in (["heatmap", "--text", "red"], ["retrieve", "--text", "red"]):
+        argv = [*command, "--report", str(out), "--out", str(tmp_path / command[0]), "--quiet"]
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("vitdecomp.pipeline.model_pair.load_model", lambda *a, **k: pytest.fail("a model loaded"))
+            assert_one_line_error(*run_cli(argv, capsys), "untrained aligner", "--align-steps")
+
+
+@pytest.mark.parametrize(
+    ("case", "expect"),
+    [
+        ("empty", "empty batch"),
+        ("size", "72x64 pixels"),
+        ("channels", "1 channel(s)"),
+        ("rank-3", "images[None]"),
+        ("rank-5", "give a batch [B, 3, 64, 64]"),
+        ("list", "not a list"),
+        ("meta", "meta device"),
+    ],
+)
+def test_decompose_names_the_input_it_expects(case, expect):
+    import vitdecomp as vd
+    from vitdecomp.errors import InputError
+
+    loaded = vd.load_model("zoo:deit", random_init=True)
+    h, w = loaded.image_size
+    images = {
+        "empty": torch.zeros(0, 3, h, w),
+        "size": torch.zeros(2, 3, h + 8, w),
+        "channels": torch.zeros(2, 1, h, w),
+        "rank-3": torch.zeros(3, h, w),
+        "rank-5": torch.zeros(1, 2, 3, h, w),
+        "list": [torch.zeros(3, h, w)],
+    }.get(case, torch.zeros(2, 3, h, w))
+    if case == "meta":
+        loaded.model.to("meta")
+    with pytest.raises(InputError, match=re.escape(expect)) as info:
+        vd.decompose(loaded, images)
+    assert "[B, 3, 64, 64]" in str(info.value) or case == "meta"
+    assert "\n" not in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,6 +434,23 @@ def test_heatmap_refuses_heads_that_do_not_exist(good, tmp_path, capsys, no_mode
     argv = ["heatmap", "--report", str(good["out"]), "--text", "a red object", "--heads", heads]
     assert_one_line_error(*run_cli([*argv, "--out", str(tmp_path / "h"), "--quiet"], capsys), "--heads", *expect)
     assert not (tmp_path / "h").exists()
+
+
+RETRIEVE_CASES = [
+    ("k-0", ["--text", "red", "--k", "0"], ["--k 0"]),
+    ("k-above-components", ["--text", "red", "--k", "999"], ["--k 999", "32 components"]),
+    ("n-results-0", ["--text", "red", "--n-results", "0"], ["--n-results 0"]),
+    ("feature-unknown", ["--text", "red", "--feature", "smell"], ["--feature smell", "color"]),
+    ("image-nowhere", ["--image", "nowhere.png", "--feature", "color"], ["--image nowhere.png"]),
+    ("image-without-feature", ["--image", "nowhere.png"], ["--image needs --feature"]),
+    ("report-missing", ["--text", "red", "--report", "{tmp}/nothing"], ["no analysis at"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "expect"), [c[1:] for c in RETRIEVE_CASES], ids=[c[0] for c in RETRIEVE_CASES])
+def test_retrieve_refuses_bad_arguments_before_any_model_loads(good, tmp_path, capsys, no_model_loads, extra, expect):
+    argv = ["retrieve", "--report", str(good["out"]), *[x.format(tmp=tmp_path) for x in extra]]
+    assert_one_line_error(*run_cli([*argv, "--out", str(tmp_path / "r"), "--quiet"], capsys), *expect)
 
 
 def test_heatmap_checks_its_images_up_front_and_can_skip(good, tmp_path, capsys, monkeypatch):

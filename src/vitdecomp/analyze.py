@@ -73,8 +73,11 @@ def run_analysis(
     models, source, built = prepare(cfg, clock, device, source)
     result, top_idx = read_components(cfg, clock, device, models, source, built)
     result.warnings = run_warnings(result, models, random_init=cfg.random_init, seed=cfg.seed)
-    with clock("report_views"):
-        result.views = report_views(result, source, models.subject, models.reader, progress=cfg.progress)
+    if result.alignment.state == "untrained":  # not saved: the figures that read it again have none
+        result.warnings.append("no heatmaps, head views or galleries: they need a trained aligner (--align-steps > 0)")
+    else:
+        with clock("report_views"):
+            result.views = report_views(result, source, models.subject, models.reader, progress=cfg.progress)
     if cfg.apps:
         with clock("applications"):
             runs, failed = run_applications(cfg, models, device)

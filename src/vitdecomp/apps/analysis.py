@@ -114,6 +114,7 @@ def load_analysis(out: str | Path, device: str = "cpu", checkpoint: str | Path |
     """Read ``out/results.json`` and load what it names (models, aligner, text encoder)."""
     out = Path(out)
     result = analysis_result(out)
+    refuse_untrained(result, out)
     subject = _load_as(result.model.name, result.model.weights_id, checkpoint, device)
     same = result.reader.name == result.model.name and result.reader.weights_id == result.model.weights_id
     reader = subject if same else _load_as(result.reader.name, result.reader.weights_id, None, device)
@@ -131,11 +132,21 @@ def analysis_result(out: str | Path) -> AnalysisResult:
         raise VitDecompError(f"{path} is not the results.json of an analysis ({one_line(err)})") from err
 
 
+def refuse_untrained(result: AnalysisResult, out: str | Path) -> None:
+    """An analysis made with ``--align-steps 0`` has no saved aligner to read its components with."""
+    if result.alignment.state == "untrained":
+        raise VitDecompError(
+            f"the analysis in {out} has an untrained aligner (--align-steps 0), which is not saved: run "
+            "`vitdecomp analyze` again with --align-steps > 0 to make heatmaps and retrievals"
+        )
+
+
 def analysis_of(
     result: AnalysisResult, subject: LoadedModel, reader: LoadedModel, out: str | Path, device: str = "cpu"
 ) -> Analysis:
     """An analysis from models already loaded (as ``vitdecomp analyze`` holds them): the aligner and
     the text encoder's cache are read from where ``result`` says they are."""
+    refuse_untrained(result, out)
     aligner = None
     if result.aligner.path is not None:
         aligner = load_aligner(result.aligner.path, labels=result.labels, device="cpu")

@@ -43,6 +43,7 @@ import torch
 from vitdecomp.apps.classifiers import AveragedHead, GroupAccuracy, LinearHead, dfr_head, project_out
 from vitdecomp.apps.contract import AnalysedConfig, ComponentApplication
 from vitdecomp.apps.mean_ablation import AnalysedComponents, MeanAblation
+from vitdecomp.checks import check_at_least
 from vitdecomp.defaults import ALIGN_STEPS, DEBIAS_OUT, N_RANDOM, READER
 from vitdecomp.errors import UsageError
 from vitdecomp.figures import figure_png, pyplot
@@ -437,6 +438,7 @@ class Debias(ComponentApplication[DebiasConfig, DebiasResult]):
     name = "debias"
 
     def check(self, cfg: DebiasConfig) -> None:
+        check_at_least("--n-random", cfg.n_random, 1)
         read_metadata(cfg.metadata_path)
 
     def measure(

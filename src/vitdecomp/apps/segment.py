@@ -44,6 +44,7 @@ from vitdecomp.apps.pixels import input_geometry
 from vitdecomp.apps.relevance import RelevanceMap, Representation, network
 from vitdecomp.apps.seg_metrics import THRESHOLD_RULE, SegAccumulator, SegMetrics, binarize
 from vitdecomp.apps.token_maps import TokenMaps, token_maps
+from vitdecomp.checks import check_at_least
 from vitdecomp.defaults import MODEL, SEGMENT_BATCH_SIZE, SEGMENT_OUT, SEGMENT_SHOW, SHOW_SEED
 from vitdecomp.errors import VitDecompError
 from vitdecomp.figures import figure_png, pyplot
@@ -435,6 +436,8 @@ class Segment(ModelApplication[SegmentConfig, SegmentResult]):
     name = "segment"
 
     def check(self, cfg: SegmentConfig) -> None:
+        for name, least in (("n_images", 1), ("batch_size", 1), ("show", 0), ("seed", 0)):
+            check_at_least("--" + name.replace("_", "-"), getattr(cfg, name), least)
         unknown = [w for w in cfg.methods if w not in METHODS]
         if unknown or not cfg.methods:
             raise VitDecompError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
