@@ -269,6 +269,22 @@ def test_a_broken_image_is_refused_before_any_model_loads(good, tmp_path, capsys
     assert_one_line_error(*run_cli(argv, capsys), "broken.png", "--skip-bad-images")
 
 
+def test_offline_open_clip_reader_is_one_line_naming_its_own_flag(tmp_path):
+    """open_clip logs its failed download on the root logger (naming another file it tried): that line
+    is held back, and the one error names the reader's flag, --clip-checkpoint."""
+    argv = ["analyze", "--clip", "open_clip:ViT-B-16/laion2b_s34b_b88k", "--n-images", "16", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VITDECOMP_CACHE": str(tmp_path / "c")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitdecomp", *argv, "--out", str(tmp_path / "o")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_one_line_error(proc.returncode, proc.stderr, "open_clip_model.safetensors", "--clip-checkpoint FILE")
+    assert "ERROR:root" not in proc.stderr and "open_clip_pytorch_model.bin" not in proc.stderr
+
+
 def test_non_finite_images_are_named_not_blamed_on_the_model():
     import vitdecomp as vd
     from vitdecomp.errors import NonFiniteInputError
