@@ -120,6 +120,24 @@ def test_a_model_outside_the_zoo_read_through_the_toy_clip_is_warned_about(first
     assert "held-out cosine: 0.39" in w and "--clip open_clip:" in w and "--clip-checkpoint" in w
 
 
+def test_about_these_numbers_explains_every_score_and_names_the_default(first_run):
+    """Every score of the run, the default (text_probe, the score of every bar and grid) and ablation
+    included, is explained on the page in its registry record's words, and the page says which one the
+    tables rank by."""
+    import html
+    import re
+
+    from vitdecomp.scores.registry import score_about
+
+    r, out, _ = first_run
+    page = (out / "index.html").read_text()
+    about = html.unescape(re.sub(r"<[^>]+>", "", page[page.index("<h2>About these numbers") :].split("<h2>")[1]))
+    assert {"text_probe", "ablation", "paper", "invariant"} <= set(r.scores)
+    for m in r.scores:
+        assert score_about(m) and " ".join(score_about(m).split()) in " ".join(about.split()), m
+    assert f"rank by the {DEFAULT_SCORE} score" in " ".join(about.split())
+
+
 def test_cli_is_built_from_the_config():
     from vitdecomp.cli import build_parser
     from vitdecomp.commands.analyze import config_of
