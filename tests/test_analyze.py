@@ -167,8 +167,9 @@ def test_top_images_are_the_largest_projections(first_run):
     enc = TextEncoder.from_loaded(reader, cache_dir=cache / "text")
     t = enc.encode([results.descriptions[lab][0].text], WORLD_TEMPLATES)[0]
     proj = (aligned_component(store, al, c) @ t).numpy()
-    want = [store.ids[j] for j in np.argsort(-proj)[:4]]
-    assert [x.id for x in results.top_images[lab]] == want
+    rows = [store.ids.index(x.id) for x in results.top_images[lab]]
+    # the four largest projections, in order (ids of near-equal ones may swap with the batching: compare values)
+    np.testing.assert_allclose(proj[rows], np.sort(proj)[::-1][:4], rtol=1e-5, atol=1e-6)
 
 
 def _chromium() -> str | None:
