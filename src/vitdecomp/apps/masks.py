@@ -23,7 +23,11 @@ from vitdecomp.imageset import IMAGE_SUFFIXES, display_name, list_images, read_i
 
 @dataclass
 class SegmentSet:
-    """Images with their object masks ``[H0, W0]`` bool (original pixels); what was skipped / resized."""
+    """Images with their object masks ``[H0, W0]`` bool (original pixels); what was skipped / resized.
+    ``square``: images and masks enter the model resized to its input square, no crop (the published
+    ImageNet-segmentation protocol, :func:`vitdecomp.apps.pixels.square_preprocess`), instead of
+    through the model's own resize / crop; ``benchmark``: the published benchmark the set is (``""``:
+    none)."""
 
     names: list[str]
     images: list[Image.Image]
@@ -31,6 +35,8 @@ class SegmentSet:
     description: str
     skipped: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
+    benchmark: str = ""
+    square: bool = False
 
 
 def read_mask(path: Path) -> np.ndarray:
