@@ -99,9 +99,8 @@ class Metadata:
     def only(self, files: set[str]) -> Metadata:
         """The images of ``files`` only (those left after skipping unreadable ones)."""
         keep = np.asarray([f in files for f in self.files], dtype=bool)
-        return Metadata(
-            [f for f, k in zip(self.files, keep, strict=True) if k], self.y[keep], self.split[keep], self.place[keep]
-        )
+        kept = [f for f, k in zip(self.files, keep, strict=True) if k]
+        return Metadata(kept, self.y[keep], self.split[keep], self.place[keep], self.official)
 
     @property
     def group(self) -> np.ndarray:
