@@ -46,6 +46,7 @@ from vitdecomp.apps.classifiers import AveragedHead, GroupAccuracy, LinearHead, 
 from vitdecomp.apps.contract import AnalysedConfig, ComponentApplication
 from vitdecomp.apps.mean_ablation import AnalysedComponents, MeanAblation
 from vitdecomp.apps.published import THIS_RUN, WATERBIRDS_METRICS, BenchmarkTable, Row, published_waterbirds
+from vitdecomp.checks import check_at_least
 from vitdecomp.defaults import ALIGN_STEPS, DEBIAS_OUT, N_RANDOM, READER
 from vitdecomp.errors import UsageError
 from vitdecomp.figures import figure_png, pyplot
@@ -94,6 +95,12 @@ class Metadata:
 
     def rows(self, split: int) -> np.ndarray:
         return np.flatnonzero(self.split == split)
+
+    def only(self, files: set[str]) -> Metadata:
+        """The images of ``files`` only (those left after skipping unreadable ones)."""
+        keep = np.asarray([f in files for f in self.files], dtype=bool)
+        kept = [f for f, k in zip(self.files, keep, strict=True) if k]
+        return Metadata(kept, self.y[keep], self.split[keep], self.place[keep], self.official)
 
     @property
     def group(self) -> np.ndarray:
@@ -481,12 +488,16 @@ class Debias(ComponentApplication[DebiasConfig, DebiasResult]):
     name = "debias"
 
     def check(self, cfg: DebiasConfig) -> None:
+        check_at_least("--n-random", cfg.n_random, 1)
         read_metadata(cfg.metadata_path)
 
     def measure(
         self, cfg: DebiasConfig, source: ImageSource, analyse: Callable[[], AnalysedComponents]
     ) -> DebiasResult:
         meta = read_metadata(cfg.metadata_path)
+        if source.errors:  # --skip-bad-images: the skipped images leave the splits
+            meta = meta.only(set(source.ids))
+            check_groups(meta, cfg.metadata_path)
         split = Split.of(meta, rows_in_source(meta, source, cfg.metadata_path))
         features = _features(cfg.features, source)
         comps = analyse()

@@ -23,10 +23,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from vitdecomp.apps.analysis import Analysis, auto_k
+from vitdecomp.apps.analysis import Analysis, analysis_result, auto_k, refuse_untrained
 from vitdecomp.apps.contract import AnalysisApplication
+from vitdecomp.checks import check_at_least
 from vitdecomp.defaults import ANALYSIS_DIR, N_RESULTS, RETRIEVE_OUT
-from vitdecomp.errors import VitDecompError
+from vitdecomp.errors import UsageError, VitDecompError
 from vitdecomp.index import store_text_search
 from vitdecomp.results import AppSection, ResultBase
 from vitdecomp.store import reopen_store
@@ -224,10 +225,28 @@ class Retrieve(AnalysisApplication[RetrieveConfig, RetrievalResult]):
     name = "retrieve"
 
     def check(self, cfg: RetrieveConfig) -> None:
+        """Every argument against the analysis folder's ``results.json`` (and its store's ids, for a
+        reference image given by id), before any model loads."""
         if (cfg.text is None) == (cfg.image is None):
             raise VitDecompError("give a text (--text) or a reference image (--image), one of the two")
         if cfg.image is not None and cfg.feature is None:
             raise VitDecompError("--image needs --feature: the feature the images should share")
+        check_at_least("--n-results", cfg.n_results, 1)
+        check_at_least("--k", cfg.k, 1)
+        result = analysis_result(cfg.analysis)
+        refuse_untrained(result, cfg.analysis)
+        if cfg.feature is not None and cfg.feature not in result.features:
+            raise UsageError(
+                f"--feature {cfg.feature}: not a feature of this analysis; its features: {sorted(result.features)}"
+            )
+        if cfg.k is not None and cfg.k > len(result.labels):
+            raise UsageError(f"--k {cfg.k}: the analysis has {len(result.labels)} components")
+        if (
+            cfg.image is not None
+            and not Path(cfg.image).is_file()
+            and cfg.image not in reopen_store(result.store.path).ids
+        ):
+            raise UsageError(f"--image {cfg.image}: no such file, nor an image id of the analysed set")
 
     def measure(self, cfg: RetrieveConfig, analysis: Analysis) -> RetrievalResult:
         gallery = analysis_gallery(analysis)

@@ -51,6 +51,7 @@ from vitdecomp.apps.published import SEGMENTATION_METRICS, THIS_RUN, BenchmarkTa
 from vitdecomp.apps.relevance import RelevanceMap, Representation, network
 from vitdecomp.apps.seg_metrics import THRESHOLD_RULE, SegAccumulator, SegMetrics, binarize
 from vitdecomp.apps.token_maps import TokenMaps, token_maps
+from vitdecomp.checks import check_at_least
 from vitdecomp.defaults import MODEL, SEGMENT_BATCH_SIZE, SEGMENT_OUT, SEGMENT_SHOW, SHOW_SEED
 from vitdecomp.errors import VitDecompError
 from vitdecomp.figures import figure_png, pyplot
@@ -281,7 +282,7 @@ class SegmentResult(ResultBase):
             notes.append(f"{self.benchmark}: the published figures beside these are in benchmark.json")
         notes += [f"{m.name}: {m.note}" for m in self.methods if m.note]
         if self.skipped:
-            notes.append(f"{len(self.skipped)} image(s) without a mask skipped, e.g. {self.skipped[0]}")
+            notes.append(f"{len(self.skipped)} image(s) skipped (no mask, or unreadable), e.g. {self.skipped[0]}")
         return AppSection("segment", "Zero-shot segmentation", summary, header, rows, figures, self.command, notes)
 
 
@@ -464,9 +465,9 @@ class SegmentConfig:
     """Options of ``vitdecomp segment``: the model (``checkpoint``, ``device``), the images and masks
     (``world``: a world export folder; or ``images`` with ``masks``; or ``mat``: ImageNet-segmentation's
     ``gtsegs_ijcv.mat``; none: ``n_images`` generated scenes from ``seed``; at most ``n_images`` in any
-    case), how they enter the model (``resize``: :data:`RESIZES`), what every map explains
-    (``target``, ``feature``), the ``methods`` compared, images per batch, images in the figure, and
-    the folder the command writes to."""
+    case; ``skip_bad_images``: skip unreadable files), how they enter the model (``resize``:
+    :data:`RESIZES`), what every map explains (``target``, ``feature``), the ``methods`` compared,
+    images per batch, images in the figure, and the folder the command writes to."""
 
     model: str = MODEL
     checkpoint: str | Path | None = None
@@ -477,6 +478,7 @@ class SegmentConfig:
     mat: str | Path | None = None
     resize: str = "auto"
     n_images: int | None = None
+    skip_bad_images: bool = False
     seed: int = SHOW_SEED
     target: str = "auto"
     feature: str = "color"
@@ -506,6 +508,8 @@ class Segment(ModelApplication[SegmentConfig, SegmentResult]):
     name = "segment"
 
     def check(self, cfg: SegmentConfig) -> None:
+        for name, least in (("n_images", 1), ("batch_size", 1), ("show", 0), ("seed", 0)):
+            check_at_least("--" + name.replace("_", "-"), getattr(cfg, name), least)
         unknown = [w for w in cfg.methods if w not in METHODS]
         if unknown or not cfg.methods:
             raise VitDecompError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
@@ -527,11 +531,11 @@ class Segment(ModelApplication[SegmentConfig, SegmentResult]):
         if cfg.world is not None:
             if cfg.images is not None or cfg.masks is not None:
                 raise VitDecompError("give --world DIR, or --images DIR with --masks DIR, not both")
-            return folder_set(cfg.world, Path(cfg.world) / "masks", cfg.n_images)
+            return folder_set(cfg.world, Path(cfg.world) / "masks", cfg.n_images, cfg.skip_bad_images)
         if (cfg.images is None) != (cfg.masks is None):
             raise VitDecompError("--images and --masks go together (masks matched to images by file stem)")
         if cfg.images is not None:
-            return folder_set(cfg.images, cfg.masks, cfg.n_images)  # type: ignore[arg-type]
+            return folder_set(cfg.images, cfg.masks, cfg.n_images, cfg.skip_bad_images)  # type: ignore[arg-type]
         return world_set(cfg.n_images or N_WORLD_IMAGES, cfg.seed)
 
     def measure(self, cfg: SegmentConfig, model: LoadedModel, data: SegmentSet) -> SegmentResult:

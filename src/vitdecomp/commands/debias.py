@@ -40,7 +40,7 @@ def _own() -> tuple[Option, ...]:
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
-    add_shared(p, "images", "seed", *ANALYSED, images=REQUIRED, seed=0, out=DEBIAS_OUT)
+    add_shared(p, "images", "skip_bad_images", "seed", *ANALYSED, images=REQUIRED, seed=0, out=DEBIAS_OUT)
     add_options(p, *_own())
     p.set_defaults(func=run)
 

@@ -18,7 +18,7 @@ DESCRIPTION = (
     "gtsegs_ijcv.mat and prints the published figures beside this run's (also benchmark.json). Writes "
     "segment.json, metrics.md, segment.png and segment.section.json to --out. See docs/applications.md."
 )
-SHARED = (*SUBJECT, "images", "n_images", "seed", "batch_size", *RUN, "report", *OUTPUT)
+SHARED = (*SUBJECT, "images", "n_images", "skip_bad_images", "seed", "batch_size", *RUN, "report", *OUTPUT)
 METHODS = "decomposition,gradcam,chefer"
 OWN = (
     Option("masks", "folder of masks, matched to images by file stem; non-zero = object", metavar="DIR"),
@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
 def _describe(result: Any, paths: list[Path]) -> str:
     lines = [result.markdown().rstrip("\n")]
     if result.skipped:
-        lines.append(f"skipped {len(result.skipped)} image(s) without a mask: {', '.join(result.skipped[:3])}")
+        lines.append(
+            f"skipped {len(result.skipped)} image(s) (no mask, or unreadable): {', '.join(result.skipped[:3])}"
+        )
     if result.resized:
         lines.append(f"resized {len(result.resized)} mask(s) to their image (nearest): {result.resized[0]}")
     if result.benchmark:

@@ -1,6 +1,7 @@
 """``vitdecomp validate``: every score against every ground truth on held-out world scenes, for the
-zoo's models and their random-init control (:mod:`vitdecomp.evaluation.score_validation`); writes
-docs/validation.md (keeping its ``## Notes``)."""
+zoo's models and their random-init control (:mod:`vitdecomp.evaluation.score_validation`); writes the
+page ``validation.md`` into ``--out`` (a folder; keeping a ``## Notes`` section already there). It never
+writes into the current folder's ``docs/`` unless asked: ``--out docs`` updates the project's page."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import time
 from pathlib import Path
 
 from vitdecomp.commands.options import Option, add_options, add_shared, apply_threads
+from vitdecomp.defaults import VALIDATE_OUT
 from vitdecomp.evaluation.settings import HELD_OUT_SEED, MODELS, N_TEST, N_TRAIN
 from vitdecomp.scores.registry import score_names
 
 DESCRIPTION = (
     "Every score against every ground truth (causal, probe, zero-shot causal, specificity, planted heads) on "
     "held-out scenes of the built-in world, for the zoo's models and, with --control, their random-weight "
-    "twins; writes the page docs/validation.md (keeping its hand-written Notes section)."
+    "twins; writes the page validation.md into --out (keeping a hand-written Notes section already there); "
+    "--out docs updates a checkout's docs/validation.md."
 )
 _NOTES = "\n## Notes"
 
@@ -44,8 +47,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         ),
         Option("json", "also write every figure to this JSON file", metavar="FILE"),
     )
-    add_shared(p, "reader", "align_steps", "cache_dir", "device", "threads", "out", "quiet", out="docs/validation.md")
+    add_shared(p, "reader", "align_steps", "cache_dir", "device", "threads", "out", "quiet", out=VALIDATE_OUT)
     p.set_defaults(func=run_validate)
+
+
+def page_path(out: str) -> Path:
+    """The page ``--out`` names: ``OUT/validation.md`` (``OUT`` a folder), or ``OUT`` itself when it
+    names a ``.md`` file."""
+    return Path(out) if out.endswith(".md") else Path(out) / "validation.md"
 
 
 def run_validate(args: argparse.Namespace) -> int:
@@ -91,7 +100,7 @@ def run_validate(args: argparse.Namespace) -> int:
     meta["time_s"] = time.time() - t0
     command = "vitdecomp validate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["validate"] else [])
     text = markdown(runs[False], runs[True], command.strip(), meta)
-    out = Path(args.out)
+    out = page_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_file() and _NOTES in out.read_text():
         text = text.rstrip("\n") + "\n" + _NOTES + out.read_text().split(_NOTES, 1)[1]

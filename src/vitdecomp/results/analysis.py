@@ -166,7 +166,9 @@ class AnalysisResult:
     null_high, p}`` (bootstrap interval over images; null = random rotations of the feature's
     descriptions; ``p <= 0.05`` with 19 null draws: the score beats every null draw);
     ``views``: the report's heatmaps, head grids and retrieval galleries (``None``: not computed);
-    ``applications``: one :class:`~vitdecomp.results.AppSection` per application run.
+    ``applications``: one :class:`~vitdecomp.results.AppSection` per application run;
+    ``run_id``: which run wrote it (``index.html`` carries the same id, so a reader can tell a page
+    and a ``results.json`` of different runs apart).
     """
 
     model: ModelInfo
@@ -194,6 +196,7 @@ class AnalysisResult:
     views: ReportViews | None = None
     applications: list[AppSection] = field(default_factory=list)
     ranked_by: str | None = None
+    run_id: str = ""
     format_version: int = FORMAT_VERSION
 
     @property
@@ -212,6 +215,7 @@ class AnalysisResult:
         d = {
             "format_version": self.format_version,
             "ranked_by": self.ranked_by,
+            "run_id": self.run_id,
             "model": asdict(self.model),
             "clip": asdict(self.reader),
             "images": asdict(self.images),
@@ -279,6 +283,7 @@ class AnalysisResult:
             views=ReportViews.from_dict(d["views"]) if d.get("views") else None,
             applications=[AppSection.from_dict(a) for a in d.get("applications", [])],
             ranked_by=d.get("ranked_by"),
+            run_id=d.get("run_id", ""),
             format_version=d["format_version"],
         )
 
