@@ -209,15 +209,9 @@ def _intro(results: list[dict[str, Any]], command: str, meta: dict) -> list[str]
     ]
 
 
-def _pair_seed(r: dict[str, Any]) -> Any:
-    return r.get("pair_seed", "-")
-
-
-def markdown(results: list[dict[str, Any]], control: list[dict[str, Any]], command: str, meta: dict) -> str:
-    """The whole page (a hand-written ``## Notes`` section is appended by the caller)."""
-    lines = [
-        *_intro(results, command, meta),
-        "",
+def _agreement_sections(results: list[dict[str, Any]]) -> list[str]:
+    """The flow share's and the causal truth's tables, signed and unsigned, and the flow truth's own."""
+    return [
         "## Agreement with the counterfactual flow share, mean of the four attributes",
         "",
         *summary_table(results, "flow", TARGET_FLOW),
@@ -246,6 +240,19 @@ def markdown(results: list[dict[str, Any]], control: list[dict[str, Any]], comma
         "",
         *flow_truth_table(results),
         "",
+    ]
+
+
+def _pair_seed(r: dict[str, Any]) -> Any:
+    return r.get("pair_seed", "-")
+
+
+def markdown(results: list[dict[str, Any]], control: list[dict[str, Any]], command: str, meta: dict) -> str:
+    """The whole page (a hand-written ``## Notes`` section is appended by the caller)."""
+    lines = [
+        *_intro(results, command, meta),
+        "",
+        *_agreement_sections(results),
         "## Every score against every truth (mean of the four attributes)",
         "",
         *truths_table(results),
