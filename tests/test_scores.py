@@ -349,6 +349,8 @@ def test_confidence_intervals_narrow_with_more_images():
         widths.append(float((c["invariant"].high - c["invariant"].low).mean()))
         assert torch.isnan(c["invariant"].null_mean).all() and (c["invariant"].p_value == 1).all()
     assert widths[1] < 0.5 * widths[0]
+    none = score_confidence(stack, identity_aligner(names, D), {"f": t}, "flow", Resampling(0, 3), progress=False)
+    assert torch.isnan(none["flow"].low).all() and none["flow"].p_value.shape == (1, 6)  # a null, no interval
 
 
 def test_null_in_several_passes_equals_one_pass(monkeypatch):

@@ -115,7 +115,10 @@ def _bootstrap(proj: Projections, method: str, features: list[str], n_boot: int,
     multinomial count per image. For the per-image scores (``ablation``, ``text_probe``) the mean an
     ablated part is replaced by (and ``text_probe``'s probe and normaliser) is held at its value over all
     images; the per-image effects are resampled. A score with neither per-image effects nor a
-    ``resample`` function is computed again on every resample (:func:`_recomputed`)."""
+    ``resample`` function is computed again on every resample (:func:`_recomputed`). No resamples: NaN."""
+    if n_boot == 0:
+        nan = torch.full((len(features), len(proj.labels)), float("nan"), dtype=torch.float64)
+        return nan, nan
     g = torch.Generator().manual_seed(seed)
     n = len(proj)
     idx = torch.randint(0, n, (n_boot, n), generator=g)
