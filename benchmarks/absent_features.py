@@ -8,8 +8,8 @@ shape and pattern), then per feature: the presence test (R^2 of the reader's ima
 feature's zero-shot labels, the largest of the null's 99 groups of real texts, p) and, per score, the
 components marked significant (``significant``: above the null of real texts *and* the feature present),
 beside those above that null alone (``p <= 0.05``, the feature's presence set aside) and the flow score's
-components above the old null (random rotations of the descriptions, no presence test). Prints one
-Markdown table per model. One thread.
+components above the old null (random rotations of the descriptions, no presence test) for the flow score
+and for the previous default, text_probe. Prints one Markdown table per model. One thread.
 """
 
 from __future__ import annotations
@@ -29,14 +29,19 @@ from vitdecomp.store import reopen_store
 SCORES = ("flow", "text_probe", "ablation", "invariant", "paper")
 
 
-def rotation_null_counts(data: dict, feature_emb: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Per feature, the flow score's components above the old null (random rotations, no presence test)."""
+#: The scores whose components above the old null (random rotations) are counted.
+OLD_NULL = ("flow", "text_probe")
+
+
+def rotation_null_counts(data: dict, feature_emb: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
+    """Per score of :data:`OLD_NULL` and feature, the components above the old null (random rotations of
+    the descriptions, no presence test)."""
     from vitdecomp.align import load_aligner
 
     rows = readable_rows(reopen_store(data["store"]["path"]))
     aligner = load_aligner(data["aligner"]["path"], labels=data["labels"])
-    conf = score_confidence(rows, aligner, feature_emb, "flow", Resampling(0, 19), progress=False)["flow"]
-    return {f: int(n) for f, n in zip(conf.features, (conf.p_value <= 0.05 + 1e-9).sum(1).tolist(), strict=True)}
+    conf = score_confidence(rows, aligner, feature_emb, OLD_NULL, Resampling(0, 19), progress=False)
+    return {m: dict(zip(c.features, (c.p_value <= 0.05 + 1e-9).sum(1).tolist(), strict=True)) for m, c in conf.items()}
 
 
 def study(model: str, seed: int, n: int, out: Path) -> list[str]:
@@ -53,8 +58,9 @@ def study(model: str, seed: int, n: int, out: Path) -> list[str]:
     emb = embed_features(lambda t: encoder.encode(t, WORLD_TEMPLATES), load_features(["paper", "world"]))
     old = rotation_null_counts(data, emb)
     cols = " | ".join(f"`{m}` significant (above null)" for m in SCORES)
-    head = f"| feature | present (R², null's largest, p) | {cols} | `flow` above the rotation null |"
-    lines = [head, "|---|---|" + "---|" * (len(SCORES) + 1)]
+    rot = " | ".join(f"`{m}` above the rotation null" for m in OLD_NULL)
+    head = f"| feature | present (R², null's largest, p) | {cols} | {rot} |"
+    lines = [head, "|---|---|" + "---|" * (len(SCORES) + len(OLD_NULL))]
     for f, pres in data["presence"]["features"].items():
         cells = []
         for m in SCORES:
@@ -64,7 +70,8 @@ def study(model: str, seed: int, n: int, out: Path) -> list[str]:
         lines.append(
             f"| {f} | {verdict} ({pres['r2']:.3f}, {pres['null_high']:.3f}, {pres['p']:.2f}) | "
             + " | ".join(cells)
-            + f" | {old[f]} |"
+            + "".join(f" | {old[m][f]}" for m in OLD_NULL)
+            + " |"
         )
     return lines
 
