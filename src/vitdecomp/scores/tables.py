@@ -8,7 +8,7 @@ text-taught probe all come from its record (:mod:`vitdecomp.scores.registry`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +110,7 @@ class Projections:
             p.value_batches = lambda: self._value_batches(feature)
         return p
 
-    def _value_batches(self, feature: str):
+    def _value_batches(self, feature: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The rows again, ``(contributions [b, C, D], values [b])`` batch by batch."""
         assert self.rows is not None and self.values is not None
         labels, start = self.values.labels(feature), 0
