@@ -437,3 +437,29 @@ def test_cli_on_an_image_folder(tmp_path, capsys):
     assert (out / "index.html").is_file()
     assert main([a for a in argv if a != "--quiet"] + ["--skip-bad-images"]) == 0
     assert "top components per feature" in capsys.readouterr().out
+
+
+def test_report_ranks_by_flow_marks_suppressors_and_absent_features(first_run):
+    """results.json names the default score it ranks by (``flow``), tests every feature's presence and
+    marks each confidence cell significant or not; the page shows a feature's suppressors (negative
+    scores) below its carriers, and a feature the images do not show with a warning and no
+    significant component."""
+    import copy
+
+    from vitdecomp.report.html import render_html
+
+    results, out, _ = first_run
+    data = json.loads((out / "results.json").read_text())
+    assert data["ranked_by"] == "flow" and "flow" in data["scores"]
+    assert set(data["presence"]["features"]) == set(data["features"])
+    assert all("significant" in cell for row in data["confidence"]["flow"]["scores"].values() for cell in row.values())
+    assert "real texts" in data["confidence"]["flow"]["null"]
+    r = copy.deepcopy(results)
+    ranking = r.rankings["flow"]["shape"]
+    r.scores["flow"]["shape"][ranking[-1]] = -0.25  # a suppressor
+    r.presence["features"]["color"]["present"] = False
+    page = render_html(r)
+    card = page.split("<h3>shape")[1].split('<div class="card">')[0]
+    assert "suppresses" in card and ranking[-1] in card
+    colour = page.split("<h3>color")[1].split('<div class="card">')[0]
+    assert "not in these images" in colour and colour.count("opacity:.45") == colour.count('<div class="rank') >= 5

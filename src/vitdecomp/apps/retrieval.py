@@ -6,7 +6,10 @@
 * By example: images that share a reference's feature F, compared on F's top-k components only,
   through their zero-shot reading of F (the cosines with F's value texts, z-scored over the image
   set, a softmax at temperature 0.1): images whose F components read as the same value, so that what
-  the components also carry about other features does not count.
+  the components also carry about other features does not count. That agreement saturates (every
+  image of the reference's value reads it at ~1.000), so images whose agreement ties at the printed
+  precision are ordered by the cosine of their whole representation with the reference's
+  (``full_cosine`` in the ranking, shown beside the score).
 
 :class:`Retrieve` is an :class:`~vitdecomp.apps.contract.AnalysisApplication`: ``vitdecomp retrieve
 (--text T [--feature F] | --image PATH --feature F) [--k K] [--analysis DIR]`` writes its result as
@@ -108,10 +111,32 @@ def image_scores(
     return p @ p[ref]
 
 
-def ranking(scores: torch.Tensor, ids: list[str], n: int = TOP_N, exclude: int | None = None) -> list[dict]:
-    order = scores.argsort(descending=True).tolist()
+#: Scores closer than this (the printed precision) tie; a tie-break then orders them.
+TIE_RESOLUTION = 1e-3
+
+
+def ranking(
+    scores: torch.Tensor,
+    ids: list[str],
+    n: int = TOP_N,
+    exclude: int | None = None,
+    tie_break: torch.Tensor | None = None,
+) -> list[dict]:
+    """The ``n`` best images (``exclude``: the reference's row left out), best first: ``[{id, row,
+    score}]``; with ``tie_break [N]``, scores equal at :data:`TIE_RESOLUTION` are ordered by it (kept
+    in each row as ``full_cosine``)."""
+    if tie_break is None:
+        order = scores.argsort(descending=True, stable=True).tolist()
+    else:
+        order = tie_break.argsort(descending=True, stable=True)
+        level = torch.round(scores.double() / TIE_RESOLUTION)[order]
+        order = order[level.argsort(descending=True, stable=True)].tolist()
     order = [i for i in order if i != exclude][:n]
-    return [{"id": ids[i], "row": i, "score": float(scores[i])} for i in order]
+    rows = [{"id": ids[i], "row": i, "score": float(scores[i])} for i in order]
+    if tie_break is not None:
+        for r in rows:
+            r["full_cosine"] = float(tie_break[r["row"]])
+    return rows
 
 
 @torch.no_grad()
@@ -214,8 +239,12 @@ class RetrievalResult(ResultBase):
     ranking: list[dict[str, Any]]
 
     def section(self) -> AppSection:
-        rows = [[r["id"], f"{r['score']:.3f}"] for r in self.ranking]
         summary = f"{self.query}: the {len(self.ranking)} best images of the analysed set ({self.model})."
+        if self.ranking and "full_cosine" in self.ranking[0]:
+            rows = [[r["id"], f"{r['score']:.3f}", f"{r['full_cosine']:.3f}"] for r in self.ranking]
+            summary += " Equal scores are ordered by the whole representation's cosine with the reference."
+            return AppSection("retrieve", f"Retrieval: {self.query}", summary, ["image", "score", "full cosine"], rows)
+        rows = [[r["id"], f"{r['score']:.3f}"] for r in self.ranking]
         return AppSection("retrieve", f"Retrieval: {self.query}", summary, ["image", "score"], rows)
 
 
@@ -255,7 +284,7 @@ class Retrieve(AnalysisApplication[RetrieveConfig, RetrievalResult]):
         if cfg.text is not None:
             query = analysis.embed([cfg.text])[0]  # FAISS index of the store, persisted beside it
             path, n = analysis.result.store.path, cfg.n_results
-            scores, exclude = store_text_search(path, analysis.aligner, comps, query, n), None
+            scores, exclude, tie_break = store_text_search(path, analysis.aligner, comps, query, n), None, None
             title = f'"{cfg.text}"' + (f" through {cfg.feature} (top {k})" if comps else " (whole representation)")
         else:
             assert cfg.image is not None and cfg.feature is not None
@@ -263,8 +292,9 @@ class Retrieve(AnalysisApplication[RetrieveConfig, RetrievalResult]):
             exclude = gallery.ids.index(cfg.image) if in_set else _append_reference(analysis, gallery, cfg.image)
             texts = analysis.embed(list(analysis.result.features[cfg.feature]))
             scores = image_scores(gallery, exclude, comps, texts)
+            tie_break = image_scores(gallery, exclude, None, how="cosine")
             title = f"same {cfg.feature} as {cfg.image} (top {k} components, read as {cfg.feature}'s values)"
-        rows = ranking(scores, gallery.ids, cfg.n_results, exclude)
+        rows = ranking(scores, gallery.ids, cfg.n_results, exclude, tie_break)
         root = analysis.result.images.root
         for r in rows:
             if root and not r["id"].startswith("world-"):

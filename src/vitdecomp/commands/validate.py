@@ -14,14 +14,14 @@ from pathlib import Path
 
 from vitdecomp.commands.options import Option, add_options, add_shared, apply_threads
 from vitdecomp.defaults import VALIDATE_OUT
-from vitdecomp.evaluation.settings import HELD_OUT_SEED, MODELS, N_TEST, N_TRAIN
+from vitdecomp.evaluation.settings import HELD_OUT_SEED, MODELS, N_PAIRS, N_TEST, N_TRAIN
 from vitdecomp.scores.registry import score_names
 
 DESCRIPTION = (
-    "Every score against every ground truth (causal, probe, zero-shot causal, specificity, planted heads) on "
-    "held-out scenes of the built-in world, for the zoo's models and, with --control, their random-weight "
-    "twins; writes the page validation.md into --out (keeping a hand-written Notes section already there); "
-    "--out docs updates a checkout's docs/validation.md."
+    "Every score against every ground truth (the counterfactual flow share and response, causal, probe, "
+    "zero-shot causal, specificity, planted heads) on held-out scenes of the built-in world, for the zoo's models "
+    "and, with --control, their random-weight twins; writes the page validation.md into --out (keeping a "
+    "hand-written Notes section already there); --out docs updates a checkout's docs/validation.md."
 )
 _NOTES = "\n## Notes"
 
@@ -38,6 +38,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         Option("test_seed", "world seed of the held-out scenes", HELD_OUT_SEED, int, metavar="N"),
         Option("n_test", "held-out scenes", N_TEST, int, metavar="N"),
         Option("n_train", "scenes the aligner and the truths' probes are fitted on", N_TRAIN, int, metavar="N"),
+        Option(
+            "n_pairs",
+            "counterfactual pairs per attribute (the flow truth; drawn from the world seed after --test-seed)",
+            N_PAIRS,
+            int,
+            metavar="N",
+        ),
         Option(
             "control",
             "also run every model with random weights (the CLIP reader keeps its own) and compare its scores with "
@@ -77,6 +84,7 @@ def run_validate(args: argparse.Namespace) -> int:
                 test_seed=args.test_seed,
                 n_train=args.n_train,
                 n_test=args.n_test,
+                n_pairs=args.n_pairs,
                 random_init=random_init,
                 planted=None if random_init else planted_map(name),
                 cache_dir=args.cache_dir,

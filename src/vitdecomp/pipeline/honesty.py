@@ -72,6 +72,14 @@ def run_warnings(r: AnalysisResult, models: object, *, random_init: bool, seed: 
         out.append(f"the aligner was trained on another image set ({trained_on}), not on these images")
     if r.images.skipped:
         out.append(f"{len(r.images.skipped)} unreadable file(s) were skipped (listed in results.json: images.skipped)")
+    absent = r.absent_features()
+    if absent:
+        names = ", ".join(repr(f) for f in absent)
+        out.append(
+            f"feature(s) {names}: the images do not show them (their zero-shot readings separate the images no "
+            "more than random groups of real texts do; results.json: presence), so no component is marked "
+            "significant for them"
+        )
     if a.state == "untrained":
         out.append("the aligner is untrained (--align-steps 0): the mapping into CLIP space is its initial value")
     return out
