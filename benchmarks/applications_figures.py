@@ -18,7 +18,7 @@ import torch
 from vitdecomp.apps.analysis import auto_heads, load_analysis
 from vitdecomp.apps.heatmap import contrastive
 from vitdecomp.apps.token_maps import token_maps
-from vitdecomp.apps.world_eval import phrase
+from vitdecomp.evaluation.app_heatmaps import phrase
 from vitdecomp.world import make_scenes
 
 

@@ -1,6 +1,6 @@
 """Completeness of the decomposition per family: max relative error ||sum of parts - output|| / ||output||.
 
-    python benchmarks/completeness.py [--base] [--batch 2] [--names vit-cls swin ...]
+    python benchmarks/completeness.py [--base] [--batch 2] [--models hf-vit hf-clip ...]
 
 Small random-init configs of every family in float64 and float32 (the test configs), and with
 ``--base`` the paper's base-size architectures (random init) in float32 at their native size.
@@ -35,14 +35,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", action="store_true", help="also the base-size models (slow)")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--names", nargs="+", help="only these test configs (default: all)")
+    ap.add_argument("--models", nargs="+", default=None, help="test configs to run (default: all)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from small_models import SMALL_MODELS, representations
 
     print(f"{'model':34s} {'representation':14s} {'float64':>9s} {'float32':>9s} {'tokens f64':>10s}")
     for name, make in SMALL_MODELS.items():
-        if args.names and name not in args.names:
+        if args.models is not None and name not in args.models:
             continue
         model, size = make()
         x = torch.randn(args.batch, 3, size, size)

@@ -1,4 +1,4 @@
-"""``vitdecomp debias`` with every score of :mod:`vitdecomp.score` on one split, in one process.
+"""``vitdecomp debias`` with every score of :mod:`vitdecomp.scores` on one split, in one process.
 
 The same run as the command (cached store and aligner, head, k chosen on validation), once per
 score method, printing test worst-group / average accuracy before -> after::
@@ -13,7 +13,6 @@ import argparse
 
 import torch
 
-from vitdecomp.apps.ablation import MeanAblation, analysed_components
 from vitdecomp.apps.debias import (
     TRAIN,
     DebiasConfig,
@@ -23,15 +22,18 @@ from vitdecomp.apps.debias import (
     read_metadata,
     rows_in_source,
 )
+from vitdecomp.apps.mean_ablation import MeanAblation, analysed_components
 from vitdecomp.imageset import folder_source
-from vitdecomp.score import METHODS, embed_features, score_features
+from vitdecomp.scores import embed_features, score_features, score_names
+
+METHODS = score_names()
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images", required=True)
     p.add_argument("--cache-dir", required=True)
-    p.add_argument("--models", nargs="+", default=["deit", "dino", "swin", "maxvit", "clip"])
+    p.add_argument("--models", nargs="+", default=["deit", "simclr", "swin", "maxvit", "clip"])
     a = p.parse_args()
     torch.set_num_threads(1)
     print("| model | " + " | ".join(METHODS) + " |")

@@ -89,8 +89,9 @@ def bench_throughput(n_images: int, chunk_rows: int) -> None:
     import ray
 
     from vitdecomp.imageset import world_source
-    from vitdecomp.pipeline.runners import RayRunner
-    from vitdecomp.pipeline.stages import build_store, load_models
+    from vitdecomp.pipeline.fill import FillOptions, build_store
+    from vitdecomp.pipeline.model_pair import load_models
+    from vitdecomp.pipeline.ray_fill import RayRunner
 
     torch.set_num_threads(1)
     models = load_models("zoo:deit", "zoo:clip")
@@ -98,15 +99,16 @@ def bench_throughput(n_images: int, chunk_rows: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="vitdecomp-ray-"))
     print("| runner | images | wall s | images / s |")
     print("|---|---|---|---|")
-    kw = dict(batch_size=32, chunk_rows=chunk_rows, progress=False)
+    kw = dict(chunk_rows=chunk_rows)
+    options = FillOptions(batch_size=32, progress=False)
     t0 = time.perf_counter()
-    build_store(models, source, work / "local", **kw)
+    build_store(models, source, work / "local", options, **kw)
     wall = time.perf_counter() - t0
     print(f"| in-process | {n_images} | {wall:.1f} | {n_images / wall:.1f} |")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     for workers in (1, 2):
         t0 = time.perf_counter()
-        build_store(models, source, work / f"ray{workers}", fill=RayRunner(workers=workers), **kw)
+        build_store(models, source, work / f"ray{workers}", options, fill=RayRunner(workers=workers), **kw)
         wall = time.perf_counter() - t0
         print(f"| ray, {workers} worker(s) | {n_images} | {wall:.1f} | {n_images / wall:.1f} |")
     ray.shutdown()
@@ -116,7 +118,8 @@ def bench_throughput(n_images: int, chunk_rows: int) -> None:
 def bench_store_bytes(n_images: int) -> None:
     """Bytes on disk of the store of ``n_images`` world scenes against the exact bytes of its rows."""
     from vitdecomp.imageset import world_source
-    from vitdecomp.pipeline.stages import build_store, load_models
+    from vitdecomp.pipeline.fill import FillOptions, build_store
+    from vitdecomp.pipeline.model_pair import load_models
 
     torch.set_num_threads(1)
     models = load_models("zoo:deit", "zoo:clip")
@@ -124,7 +127,7 @@ def bench_store_bytes(n_images: int) -> None:
     print("|---|---|---|---|---|---|")
     for dtype, size in (("float32", 4), ("float16", 2)):
         work = Path(tempfile.mkdtemp(prefix="vitdecomp-bytes-"))
-        store = build_store(models, world_source(n_images), work, dtype=dtype, progress=False).store
+        store = build_store(models, world_source(n_images), work, FillOptions(progress=False), dtype=dtype).store
         disk = sum(p.stat().st_size for p in Path(store.path).rglob("*") if p.is_file())
         (c, d), (k,) = store.shapes["contributions"], store.shapes["clip"]
         rows = n_images * (c * d * size + d * 4 + k * 4)

@@ -1,6 +1,6 @@
 """Which score agrees best with the causal truth: the candidates of docs/validation.md on the development seed.
 
-    python benchmarks/score_candidates.py [--models zoo:deit zoo:dino zoo:swin zoo:maxvit] [--seed 3001]
+    python benchmarks/score_candidates.py [--models zoo:deit zoo:simclr zoo:swin zoo:maxvit] [--seed 3001]
         [--n 1000]
 
 For each zoo model: aligner and truth probes on the ``vitdecomp analyze`` set (seed 3000, 2000 scenes, as
@@ -20,14 +20,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitdecomp.aligner_cache import get_aligner
+from vitdecomp.evaluation.agreement import spearman
 from vitdecomp.evaluation.components import evaluated_components
-from vitdecomp.evaluation.probes import fit_probes
 from vitdecomp.evaluation.settings import DEV_SEED, MODELS, N_TRAIN, TRAIN_SEED
 from vitdecomp.evaluation.truths import ablated_wholes, causal_importance
 from vitdecomp.imageset import world_source
 from vitdecomp.pipeline.config import default_cache_dir
-from vitdecomp.pipeline.stages import Models, build_store, get_aligner, load_model_for, readable_rows
-from vitdecomp.score import embed_features, load_features, score_ablation, score_features, spearman
+from vitdecomp.pipeline.fill import FillOptions, build_store, readable_rows
+from vitdecomp.pipeline.model_pair import Models, load_model_for
+from vitdecomp.probes import fit_probes
+from vitdecomp.scores import embed_features, load_features, score_ablation, score_features
 from vitdecomp.text import WORLD_TEMPLATES, TextEncoder
 from vitdecomp.world import CORE_ATTRIBUTES
 
@@ -68,7 +71,8 @@ def study(name: str, seed: int, n: int) -> dict[str, float]:
     models = Models(load_model_for(name), load_model_for("zoo:clip"))
     src_tr, src_te = world_source(N_TRAIN, seed=TRAIN_SEED), world_source(n, seed=seed)
     train, test = (
-        readable_rows(build_store(models, s, cache / "stores", progress=False).store) for s in (src_tr, src_te)
+        readable_rows(build_store(models, s, cache / "stores", FillOptions(progress=False)).store)
+        for s in (src_tr, src_te)
     )
     al = get_aligner(train, cache / "aligners", progress=False, log=lambda *a, **k: None).aligner
     encoder = TextEncoder.from_loaded(models.reader, cache_dir=cache / "text")

@@ -91,6 +91,28 @@ def _zoo(name: str, **changes) -> Callable[[], tuple[nn.Module, int]]:
     return make
 
 
+def _hf(config_cls: str, model_cls: str, size: int = 32, **config) -> Callable[[], tuple[nn.Module, int]]:
+    """A transformers vision tower from a small config (random init); every vector parameter (norm
+    gains and biases, projection biases, layer scales, class / register tokens) is perturbed, since
+    transformers initialises them to 1 or 0."""
+
+    def make() -> tuple[nn.Module, int]:
+        import transformers
+
+        torch.manual_seed(0)
+        base = {"hidden_size": 48, "num_hidden_layers": 3, "num_attention_heads": 3, "image_size": size}
+        cfg = getattr(transformers, config_cls)(**{**base, "patch_size": 8, **config})
+        model = getattr(transformers, model_cls)(cfg)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 1 or p.shape[:-1].numel() <= 4:
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        return model.eval(), size
+
+    return make
+
+
 def _map_pool_variant() -> Callable[[], tuple[nn.Module, int]]:
     """A class-token ViT whose MAP head has a position embedding, two averaged latents and q/k norms."""
 
@@ -183,11 +205,27 @@ SMALL_MODELS: dict[str, Callable[[], tuple[nn.Module, int]]] = {
     "swinv2-cr-block-norms-padded": _timm(
         "swinv2_cr_tiny_ns_224", 56, img_size=56, num_classes=5, extra_norm_period=1, **SWIN
     ),
+    "hf-vit": _hf("ViTConfig", "ViTModel", intermediate_size=96),
+    "hf-deit-eager": _hf("DeiTConfig", "DeiTModel", intermediate_size=96, attn_implementation="eager"),
+    "hf-dinov2-swiglu": _hf("Dinov2Config", "Dinov2Model", use_swiglu_ffn=True, layerscale_value=0.5),
+    "hf-dinov2-registers": _hf("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", num_register_tokens=2),
+    "hf-dinov3-rope-gated": _hf(
+        "DINOv3ViTConfig", "DINOv3ViTModel", intermediate_size=96, num_register_tokens=2, use_gated_mlp=True
+    ),
+    "hf-clip": _hf("CLIPVisionConfig", "CLIPVisionModel", intermediate_size=96),
+    "hf-clip-projection": _hf(
+        "CLIPVisionConfig", "CLIPVisionModelWithProjection", intermediate_size=96, projection_dim=24
+    ),
+    "hf-siglip-map": _hf("SiglipVisionConfig", "SiglipVisionModel", intermediate_size=96),
 }
 
 
 def representations(model: nn.Module) -> list[str | None]:
     """Every representation a test model offers (None = the default)."""
+    if type(model).__module__.startswith("transformers."):
+        from vitdecomp.models.registry import adapter_for
+
+        return [None, *adapter_for(model)[0].representations_of(model)[1:]]
     if hasattr(model, "encode_image"):
         return [None]
     if isinstance(model, timm.models.deit.VisionTransformerDistilled):
@@ -200,6 +238,8 @@ def representations(model: nn.Module) -> list[str | None]:
 def own_output(model: nn.Module, x: torch.Tensor, rep: str | None) -> torch.Tensor:
     """The model's own output for a representation, computed through its own forward methods."""
     with torch.no_grad():
+        if type(model).__module__.startswith("transformers."):
+            return hf_output(model, model(x), x, rep)
         if hasattr(model, "encode_image"):
             return model.encode_image(x, normalize=False)
         if rep == "logits":
@@ -211,3 +251,27 @@ def own_output(model: nn.Module, x: torch.Tensor, rep: str | None) -> torch.Tens
             pooled = model.head.global_pool(feats)
             return (model.head.norm(pooled) if rep == "pooled_norm" else pooled).flatten(1)
         return model.forward_head(feats, pre_logits=True)
+
+
+#: The documented default representation of each transformers tower (README's family table).
+HF_DEFAULTS = {
+    "ViTModel": "last_hidden_state[:, 0]",
+    "DeiTModel": "last_hidden_state[:, 0]",
+    "CLIPVisionModelWithProjection": "image_embeds",
+}
+
+
+def hf_output(model: nn.Module, out, x: torch.Tensor, rep: str | None) -> torch.Tensor:
+    """A transformers tower's own output for a representation name, read off its output object."""
+    hidden, patch = out.last_hidden_state, model.config.patch_size
+    prefix = hidden.shape[1] - (x.shape[2] // patch) * (x.shape[3] // patch)
+    rep = rep or HF_DEFAULTS.get(type(model).__name__, "pooler_output")
+    return {
+        "image_embeds": lambda: out.image_embeds,
+        "pooler_output": lambda: out.pooler_output,
+        "vision_model.pooler_output": lambda: model.vision_model(x).pooler_output,
+        "last_hidden_state[:, 0]": lambda: hidden[:, 0],
+        "last_hidden_state[:, 1]": lambda: hidden[:, 1],
+        "last_hidden_state[:, :2].mean(1)": lambda: hidden[:, :2].mean(1),
+        "patch_mean": lambda: hidden[:, prefix:].mean(1),
+    }[rep]()

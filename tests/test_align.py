@@ -1,4 +1,5 @@
-"""CompAlign: linearity, recovery of planted maps, the orthogonality penalty, save/load refusal."""
+"""CompAlign: linearity, recovery of planted maps, the orthogonality penalty, save/load refusal; the
+aligner cache: keyed by the image set and the training options, an untrained aligner never cached."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from vitdecomp.align import (
     Aligner,
     aligned_component,
     aligned_stack,
-    aligner_dir,
     apply,
     evaluate,
     identity_aligner,
@@ -18,6 +18,7 @@ from vitdecomp.align import (
     save_aligner,
     train_aligner,
 )
+from vitdecomp.aligner_cache import aligner_dir
 from vitdecomp.errors import MismatchError
 from vitdecomp.store import StoreKey, open_store
 
@@ -143,3 +144,29 @@ def test_ablation_helper_trains_the_three_variants():
     assert out["shared"].mode == "shared" and out["shared"].weight.shape == (1, E, D)
     assert out["lambda=0"].lam == 0.0 and out["compalign"].lam == 1.0
     assert out["shared"].metrics["val_cosine"] < out["compalign"].metrics["val_cosine"]
+
+
+# ------------------------------------------------------------------ the aligner cache
+
+
+def test_aligner_cache_is_keyed_by_image_set_and_training_options():
+    from vitdecomp.aligner_cache import aligner_cache_dir
+    from vitdecomp.store import StoreKey
+
+    key = StoreKey("m", "c", ("init",), 0, "p", "images-A")
+    opts = {"val_fraction": 0.1, "max_steps": 50, "batch_size": 256}
+    base = aligner_cache_dir("/r", key, 1.0, opts)
+    assert base == aligner_cache_dir("/r", key, 1.0, dict(opts))
+    assert base != aligner_cache_dir("/r", StoreKey("m", "c", ("init",), 0, "p", "images-B"), 1.0, opts)
+    assert base != aligner_cache_dir("/r", key, 1.0, {**opts, "max_steps": 1500})
+    assert base != aligner_cache_dir("/r", key, 0.5, opts)
+
+
+def test_untrained_aligner_is_never_cached(tmp_path):
+    from vitdecomp.aligner_cache import AlignOptions, get_aligner
+    from vitdecomp.store import ArrayRows, StoreKey
+
+    key = StoreKey("m", "c", ("a", "b"), 0, "p", "imgs")
+    rows = ArrayRows(torch.randn(20, 2, 4), torch.randn(20, 3), labels=["a", "b"], key=key)
+    stage = get_aligner(rows, tmp_path, AlignOptions(max_steps=0), progress=False, log=lambda *a: None)
+    assert stage.state == "untrained" and stage.path is None and not list(tmp_path.iterdir())

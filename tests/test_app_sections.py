@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from typing import ClassVar  # at module level: dataclasses reads it there to tell a class variable
 
 import pytest
 import torch
@@ -14,9 +15,8 @@ import torch
 from vitdecomp.analyze import AnalysisConfig, run_analysis
 from vitdecomp.cli import main
 from vitdecomp.errors import UsageError
-from vitdecomp.report import AnalysisResult
 from vitdecomp.report.attach import BEGIN, END, attach_section, updated_page
-from vitdecomp.report.sections import AppSection
+from vitdecomp.results import AnalysisResult, AppSection
 from vitdecomp.world.export import export_world
 
 
@@ -167,7 +167,7 @@ def test_analyze_adds_a_segment_section_for_a_folder_with_masks(one_thread, tmp_
 
 
 def test_detection_finds_masks_inside_or_beside_and_waterbirds_metadata_only(tmp_path):
-    from vitdecomp.pipeline.applications import Found, detect_applications
+    from vitdecomp.apps.automatic import Found, detect_applications
 
     (tmp_path / "a" / "masks").mkdir(parents=True)
     (tmp_path / "b" / "images").mkdir(parents=True)
@@ -202,17 +202,86 @@ def test_debias_and_ablate_report_through_the_same_attach(command, folder, tmp_p
     """The commands' wiring, with their (tested elsewhere, slow) runs replaced by a result stub."""
     from types import SimpleNamespace as NS
 
-    import vitdecomp.apps.ablate as ablate
-    import vitdecomp.apps.debias as debias
+    from vitdecomp.apps.debias import Debias
+    from vitdecomp.apps.layer_ablation import LayerAblation
 
     section = _section(command, f"{command} title")
     acc = NS(test=NS(worst=0.5, average=0.7))
     stub = NS(model="zoo:deit", k=1, before=acc, after=acc, reading=lambda name: acc, section=lambda: section)
+    stub.benchmark = ""  # not the official Waterbirds folder: no published figures to print
     stub.layers = [NS(probe={"shape": 1.0})]
-    monkeypatch.setattr(debias, "run_debias", lambda cfg: stub)
-    monkeypatch.setattr(ablate, "run_ablate", lambda cfg: stub)
+    stub.name = stub.json_name = command  # the rest of the result contract the command writes
+    stub.to_dict, stub.figures, stub.files = (lambda: {}), (lambda: []), (lambda: {})
+    monkeypatch.setattr(Debias, "run", lambda self, cfg: stub)
+    monkeypatch.setattr(LayerAblation, "run", lambda self, cfg: stub)
     argv = [command, "--images", str(tmp_path), "--out", str(tmp_path / "o"), "--report", str(folder)]
     for _ in range(2):
         assert main(argv) == 0
     assert AnalysisResult.load(folder / "results.json").applications == [section]
     assert (folder / "index.html").read_text().count(f'id="app-{command}"') == 1
+
+
+# ------------------------------------------------------------------ adding an application
+
+
+def test_an_application_is_two_modules_and_one_row(folder, tmp_path, capsys):
+    """A toy application written here, as a user would: its algorithm (an AnalysisApplication with a
+    typed config and result), its command (parser + run) and one row of COMMANDS. Nothing else is
+    edited, and it shows in the CLI, in its own files, in results.json and in the report."""
+    from collections import Counter
+    from dataclasses import dataclass
+
+    from vitdecomp.apps.contract import AnalysisApplication
+    from vitdecomp.commands import COMMANDS, Command
+    from vitdecomp.commands._apps import run_application
+    from vitdecomp.commands.options import add_shared
+    from vitdecomp.results import ResultBase
+
+    # -- the algorithm module: config, result, application
+    @dataclass
+    class KindsConfig:
+        analysis: str
+        out: str
+        checkpoint: str | None = None
+        device: str | None = None
+
+    @dataclass
+    class KindsResult(ResultBase):
+        name: ClassVar[str] = "kinds"
+        model: str
+        counts: dict[str, int]
+
+        def section(self) -> AppSection:
+            rows = [[k, str(v)] for k, v in self.counts.items()]
+            return AppSection("kinds", f"Components by kind ({self.model})", "How many of each.", ["kind", "n"], rows)
+
+    class Kinds(AnalysisApplication[KindsConfig, KindsResult]):
+        name = "kinds"
+
+        def measure(self, cfg: KindsConfig, analysis) -> KindsResult:
+            counts = Counter("head" if ".H" in lab else lab.split(".")[-1] for lab in analysis.result.labels)
+            return KindsResult(analysis.result.model.name, dict(counts))
+
+    # -- the command module
+    def configure(p):
+        add_shared(p, "checkpoint", "device", "report", "out", "quiet", report=str(folder), out=str(tmp_path / "k"))
+        p.set_defaults(func=run)
+
+    def run(args) -> int:
+        cfg = KindsConfig(analysis=args.report, out=args.out, checkpoint=args.checkpoint, device=args.device)
+        return run_application(Kinds(), cfg, args, lambda result, paths: f"{result.counts} in {paths[0]}")
+
+    # -- one row
+    COMMANDS.append(Command("kinds", "count the analysed components by kind", configure))
+    try:
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert "count the analysed components by kind" in capsys.readouterr().out
+        assert main(["kinds", "--report", str(folder)]) == 0
+    finally:
+        COMMANDS.pop()
+    saved = json.loads((tmp_path / "k" / "kinds.json").read_text())
+    assert sum(saved["counts"].values()) == len(AnalysisResult.load(folder / "results.json").labels)
+    sections = AnalysisResult.load(folder / "results.json").applications
+    assert [s.name for s in sections] == ["kinds"] and sections[0].rows
+    assert 'id="app-kinds"' in (folder / "index.html").read_text()

@@ -56,7 +56,7 @@ def test_image_retrieval_by_reading_matches_the_feature_and_ignores_the_leak():
 
 @pytest.fixture(scope="module")
 def small_analysis(tmp_path_factory):
-    from vitdecomp.pipeline import AnalysisConfig, run_analysis
+    from vitdecomp.analyze import AnalysisConfig, run_analysis
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -139,8 +139,8 @@ def test_heatmap_and_retrieve_commands_write_their_files(small_analysis, tmp_pat
 
 
 def test_head_grid_has_one_row_per_attention_layer(small_analysis, tmp_path):
-    from vitdecomp.apps.figures import draw_head_grids, head_grid
-    from vitdecomp.report.results import AnalysisResult
+    from vitdecomp.apps.head_grids import draw_head_grids, head_grid
+    from vitdecomp.results import AnalysisResult
 
     result = AnalysisResult.load(small_analysis / "out" / "results.json")
     grid, rows = head_grid(result, "color")
@@ -167,7 +167,7 @@ def test_contrastive_direction_removes_what_every_value_shares():
 
 def test_auto_rules_and_phrases():
     from vitdecomp.apps.analysis import auto_heads, auto_k
-    from vitdecomp.apps.world_eval import phrase
+    from vitdecomp.evaluation.app_heatmaps import phrase
 
     heads = [f"L{layer}.H{h}" for layer in range(5) for h in range(4)] + ["L0.mlp", "init"]
     scores = {lab: float(i) for i, lab in enumerate(heads)}
@@ -181,7 +181,7 @@ def test_auto_rules_and_phrases():
 def test_heatmap_rule_study_runs_on_a_small_analysis(small_analysis):
     """``world_eval rules``: every head count x direction, each feature, a pointing share in [0, 1]."""
     from vitdecomp.apps.analysis import load_analysis
-    from vitdecomp.apps.world_eval import MAP_FEATURES, RULE_HEADS, heatmap_rules
+    from vitdecomp.evaluation.app_heatmaps import MAP_FEATURES, RULE_HEADS, heatmap_rules
 
     out = heatmap_rules(load_analysis(small_analysis / "out"), n=4, batch=4)
     want = {f"{f} {r} {how}" for f in MAP_FEATURES for r in RULE_HEADS for how in ("text", "contrastive")}
@@ -218,3 +218,24 @@ def test_retrieve_on_a_folder_analysis_reads_the_images_from_that_folder(tmp_pat
     assert sorted(r["id"] for r in ranking) == [f"p{i}.png" for i in range(6)]
     assert all(r["path"] == str((folder / r["id"]).resolve()) for r in ranking)
     assert (tmp_path / "r" / "gallery.html").read_text().count("<img") == 6
+
+
+def test_image_retrieval_keeps_its_order_readable_where_the_reading_saturates():
+    """Every image of the reference's colour reads it at ~1.000; those ties are ordered by the whole
+    representation's cosine with the reference, which the ranking shows beside the score."""
+    from vitdecomp.apps.retrieval import RetrievalResult, ranking
+
+    gallery, truth, texts = _world_like()
+    ref = 0
+    scores = image_scores(gallery, ref, ["C"], texts[:3])
+    cosine = image_scores(gallery, ref, None, how="cosine")
+    same = truth["colour"] == truth["colour"][ref]
+    assert (scores[torch.from_numpy(same)] > 0.999).float().mean() > 0.9  # the reading saturates
+    rows = ranking(scores, gallery.ids, 20, ref, cosine)
+    assert all(truth["colour"][r["row"]] == truth["colour"][ref] for r in rows)
+    shown = [(round(r["score"], 3), round(r["full_cosine"], 3)) for r in rows]
+    assert shown == sorted(shown, reverse=True) and len(set(shown)) > 15  # readable: not all 1.000
+    best = [i for i in cosine.argsort(descending=True).tolist() if same[i] and i != ref and scores[i] > 0.9995]
+    assert [r["row"] for r in rows][:5] == best[:5]
+    section = RetrievalResult("q", "m", ["C"], 1, rows).section()
+    assert section.header == ["image", "score", "full cosine"] and section.rows[0][2] == f"{rows[0]['full_cosine']:.3f}"

@@ -1,7 +1,7 @@
-"""Conventional entry points and outputs: ``python -m vitdecomp``, ``--version``, ``--help`` without
-torch, ``decompose --out`` readable with plain numpy/safetensors, ``Decomposition.save/load/
-to_pandas/_repr_html_``, the report from templates, image folders read as users expect, caches keyed
-by what changes them, and ``zoo train`` writing to a user folder."""
+"""The command layer and conventional outputs: ``python -m vitdecomp``, ``--version``, ``--help``
+without torch and in plain words, one vocabulary of options, ``decompose --out`` readable with plain
+numpy/safetensors, ``Decomposition.save/load/to_pandas/_repr_html_``, the report from templates,
+random weights keyed by their seed, and ``zoo train`` writing to a user folder."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vitdecomp as vd
 from vitdecomp.cli import main
@@ -74,6 +73,29 @@ def test_decompose_out_is_readable_with_plain_numpy_and_safetensors(tmp_path, ca
     torch.testing.assert_close(tok.values.sum(2), d.contributions[:, heads], rtol=1e-4, atol=1e-5)
 
 
+def test_the_readme_numpy_snippet_runs_on_the_readme_command(tmp_path, monkeypatch, capsys):
+    """The README's ``decompose --out`` command on a folder of photos, then its plain-numpy snippet,
+    as written (the component it indexes exists in zoo:deit; the parts add up)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from PIL import Image
+
+    from vitdecomp.world import make_scenes
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    command = re.search(r"```bash\n(vitdecomp decompose --model zoo:deit --images photos/[^\n]*)\n```", readme)
+    snippet = re.search(r"```python\n(import json\nfrom safetensors\.numpy import load_file\n.*?)```", readme, re.S)
+    assert command and snippet, "the README's decompose --out example moved: update this test"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    for i, im in enumerate(make_scenes(3, seed=4).images):
+        Image.fromarray(im).save(tmp_path / "photos" / f"p{i}.png")
+    assert main([*shlex.split(command.group(1))[1:], "--device", "cpu", "--quiet"]) == 0
+    exec(compile(snippet.group(1), "README.md", "exec"), {})
+
+
 def test_decomposition_save_load_pandas_and_notebook_html(tmp_path):
     loaded = vd.load_model("zoo:deit", random_init=True)
     d = vd.decompose(loaded, torch.randn(2, 3, *loaded.image_size))
@@ -93,7 +115,7 @@ def test_decomposition_save_load_pandas_and_notebook_html(tmp_path):
 
 
 def _result():
-    from vitdecomp.report.results import (
+    from vitdecomp.results import (
         AlignerInfo,
         Alignment,
         AnalysisResult,
@@ -133,8 +155,9 @@ def _result():
 
 
 def test_report_is_rendered_from_templates_with_every_section(tmp_path):
-    from vitdecomp.report import AnalysisResult, render_html
+    from vitdecomp.report import render_html
     from vitdecomp.report.html import SECTIONS, environment
+    from vitdecomp.results import AnalysisResult
 
     r = _result()
     page = render_html(r, {"L0.H0": ["data:image/png;base64,AA"]})
@@ -151,84 +174,11 @@ def test_report_is_rendered_from_templates_with_every_section(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# image folders
-
-
-def test_images_are_converted_as_a_viewer_shows_them(tmp_path):
-    from vitdecomp.imageset import BACKGROUND, read_image
-
-    ramp16 = (np.arange(64, dtype=np.uint16)[None].repeat(8, 0) * 1024).astype(np.uint16)
-    Image.fromarray(ramp16).save(tmp_path / "i16.png")
-    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32)[None].repeat(8, 0)).save(tmp_path / "f.tif")
-    pal = Image.new("P", (8, 8))
-    pal.putpalette([255, 0, 0] + [0, 0, 255] * 255)
-    pal.save(tmp_path / "p.png")
-    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
-    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "a.png")
-    for name in ("i16.png", "f.tif"):
-        a = np.asarray(read_image(tmp_path / name))
-        assert a.dtype == np.uint8 and a.shape[-1] == 3
-        assert a.min() < 10 and a.max() > 240 and len(np.unique(a)) > 30, name  # a ramp, not white/black
-    assert tuple(np.asarray(read_image(tmp_path / "p.png"))[0, 0]) == (255, 0, 0)
-    r, g, b = np.asarray(read_image(tmp_path / "c.jpg"))[0, 0].astype(int)
-    assert r > 200 and g < 60 and b < 60
-    assert tuple(np.asarray(read_image(tmp_path / "a.png"))[0, 0]) == BACKGROUND  # composited
-
-
-def test_world_export_folder_reads_images_not_masks_with_attributes(tmp_path):
-    from vitdecomp.imageset import folder_source
-    from vitdecomp.world import export_world
-
-    export_world(6, seed=1, out_dir=tmp_path / "w", progress=False)
-    src = folder_source(tmp_path / "w")
-    assert len(src) == 6 and all(i.startswith("images/") for i in src.ids)
-    assert src.is_world and set(src.attributes) >= {"shape", "color"}
-    assert "world export" in src.description
-
-
-def test_non_utf8_names_and_content_hash_key(tmp_path):
-    from vitdecomp.imageset import folder_source
-
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(2):
-        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"ok{i}.png")
-    weird = os.path.join(os.fsencode(folder), b"caf\xe9.png")
-    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(weird)
-    src = folder_source(folder)
-    assert "caf\\xe9.png" in src.ids and all(i.encode("utf-8") for i in src.ids)
-    assert np.asarray(src.image(src.ids.index("caf\\xe9.png"))).mean() == 200
-    # the same size and mtime, other bytes: another key (no stale rows)
-    path = folder / "ok1.png"
-    st = path.stat()
-    data = bytearray(path.read_bytes())
-    Image.fromarray(np.full((8, 8, 3), 41, np.uint8)).save(path)
-    assert len(path.read_bytes()) == len(data)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert folder_source(folder).key != src.key
-
-
-def test_skip_report_lists_bad_files_and_the_loader_uses_workers(tmp_path, monkeypatch):
-    from vitdecomp import imageset
-
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(folder / f"ok{i}.png")
-    (folder / "bad.png").write_bytes(b"nope")
-    monkeypatch.setenv("VITDECOMP_WORKERS", "2")
-    src = imageset.folder_source(folder, skip_bad=True)
-    assert len(src) == 3 and len(src.errors) == 1 and "bad.png" in imageset.skip_report(src)
-    batches = list(src.batches(2)(1))
-    assert [ids for ids, _ in batches] == [["ok1.png", "ok2.png"]]
-
-
-# ------------------------------------------------------------------------------------------------
 # caches keyed by what changes them; the zoo's default folder
 
 
 def test_random_init_is_seeded_and_keyed_by_seed():
-    from vitdecomp.pipeline.stages import load_model_for
+    from vitdecomp.pipeline.model_pair import load_model_for
 
     a, b, c = (load_model_for("zoo:deit", random_init=True, seed=s) for s in (1, 1, 2))
     assert a.weights_id == b.weights_id != c.weights_id
@@ -236,31 +186,8 @@ def test_random_init_is_seeded_and_keyed_by_seed():
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
 
 
-def test_aligner_cache_is_keyed_by_image_set_and_training_options():
-    from vitdecomp.pipeline.stages import aligner_cache_dir
-    from vitdecomp.store import StoreKey
-
-    key = StoreKey("m", "c", ("init",), 0, "p", "images-A")
-    opts = {"val_fraction": 0.1, "max_steps": 50, "batch_size": 256}
-    base = aligner_cache_dir("/r", key, 1.0, opts)
-    assert base == aligner_cache_dir("/r", key, 1.0, dict(opts))
-    assert base != aligner_cache_dir("/r", StoreKey("m", "c", ("init",), 0, "p", "images-B"), 1.0, opts)
-    assert base != aligner_cache_dir("/r", key, 1.0, {**opts, "max_steps": 1500})
-    assert base != aligner_cache_dir("/r", key, 0.5, opts)
-
-
-def test_untrained_aligner_is_never_cached(tmp_path):
-    from vitdecomp.pipeline.stages import get_aligner
-    from vitdecomp.store import ArrayRows, StoreKey
-
-    key = StoreKey("m", "c", ("a", "b"), 0, "p", "imgs")
-    rows = ArrayRows(torch.randn(20, 2, 4), torch.randn(20, 3), labels=["a", "b"], key=key)
-    stage = get_aligner(rows, tmp_path, max_steps=0, progress=False, log=lambda *a: None)
-    assert stage.state == "untrained" and stage.path is None and not list(tmp_path.iterdir())
-
-
 def test_zoo_train_writes_to_a_user_folder_by_default(monkeypatch, tmp_path):
-    from vitdecomp.zoo import cli as zoo_cli
+    from vitdecomp.commands import zoo as zoo_cli
 
     monkeypatch.setenv("VITDECOMP_ZOO_DIR", str(tmp_path / "zoo"))
     assert zoo_cli.user_zoo_dir() == tmp_path / "zoo"
@@ -271,10 +198,10 @@ def test_zoo_train_writes_to_a_user_folder_by_default(monkeypatch, tmp_path):
         return {"training": {"train_time_s": 0.0}}
 
     monkeypatch.setattr(zoo_cli, "train_and_save", fake_train)
-    assert main(["zoo", "train", "dino", "--quiet", "--no-eval"]) == 0
-    assert seen["dino"]["weights_dir"] == tmp_path / "zoo" / "weights"
-    assert main(["zoo", "train", "dino", "--quiet", "--no-eval", "--replace-shipped"]) == 0
-    assert seen["dino"]["weights_dir"] is None  # the package's own folder
+    assert main(["zoo", "train", "simclr", "--quiet", "--no-eval"]) == 0
+    assert seen["simclr"]["weights_dir"] == tmp_path / "zoo" / "weights"
+    assert main(["zoo", "train", "simclr", "--quiet", "--no-eval", "--replace-shipped"]) == 0
+    assert seen["simclr"]["weights_dir"] is None  # the package's own folder
 
 
 def test_low_precision_tolerance_scales_with_dtype():
@@ -286,3 +213,132 @@ def test_low_precision_tolerance_scales_with_dtype():
         d = vd.decompose(loaded.model.to(dtype), x.to(dtype))  # no false "rules do not cover" alarm
         assert d.error.max() <= COMPLETENESS_TOLERANCE[dtype]
     loaded.model.float()
+
+
+# ------------------------------------------------------------------------------------------------
+# the command layer: help in plain words, fast; one vocabulary of options
+
+
+def _subcommand_parsers():
+    import argparse
+
+    from vitdecomp.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = {}
+    for name, p in sub.choices.items():
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        out |= {f"{name} {n}": q for a in nested for n, q in a.choices.items()} if nested else {name: p}
+    return out
+
+
+def test_every_help_is_plain_text_with_every_option_explained():
+    import re
+
+    markup = re.compile(r"``|:(func|class|mod|data|meth|attr):")
+    for name, p in _subcommand_parsers().items():
+        text = p.format_help()
+        assert not markup.search(text), f"{name} --help shows markup: {markup.search(text).group()}"
+        description = " ".join((p.description or "").split())
+        assert not description or description.endswith((".", ")")), f"{name}: description cut: {description[-40:]!r}"
+        for a in p._actions:
+            if a.option_strings and a.help != "==SUPPRESS==":
+                assert a.help and a.help.strip(), f"{name}: {a.option_strings} has no help"
+
+
+def test_no_help_imports_torch():
+    """``--help`` of every subcommand in well under a second (``benchmarks/help_times.py`` prints the
+    times): it imports none of the heavy libraries, not even numpy (0.1-0.5 s each on a busy machine)."""
+    names = [n.split(" ") for n in _subcommand_parsers()]
+    probe = (
+        "import sys, contextlib, io\n"
+        "from vitdecomp.cli import main\n"
+        f"for argv in {[[*n, '--help'] for n in names]!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "heavy = ('torch', 'timm', 'open_clip', 'matplotlib', 'numpy', 'tqdm', 'PIL', 'transformers', 'zarr')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    proc = _run("-c", probe)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_one_option_has_one_flag_and_one_help_everywhere():
+    """Every option more than one command takes is the shared record's: same flag, same help (a
+    command's own default is stated in it); the old spellings are accepted and not shown."""
+    from dataclasses import fields
+
+    from vitdecomp.cli import build_parser
+    from vitdecomp.commands.options import SharedOptions, flag_of
+
+    shared = {f.name: f.metadata["help"] for f in fields(SharedOptions)}
+    seen: dict[str, set[str]] = {}
+    for name, p in _subcommand_parsers().items():
+        for a in p._actions:
+            if a.dest in shared and a.help != "==SUPPRESS==" and a.option_strings:
+                assert a.option_strings == [flag_of(a.dest)], (name, a.option_strings)
+                assert a.help.split(" (default: ")[0] == shared[a.dest].split(" (default: ")[0], (name, a.dest)
+                seen.setdefault(a.dest, set()).add(name)
+    assert {"model", "reader", "checkpoint", "device", "threads", "report", "out", "quiet"} <= set(seen)
+    assert seen["report"] >= {"heatmap", "retrieve", "segment", "debias", "ablate"}
+    assert seen["quiet"] >= {"heatmap", "retrieve", "segment"} and seen["device"] >= {"heatmap", "retrieve", "segment"}
+    assert seen["reader_checkpoint"] >= {"analyze", "debias", "ablate"}
+    old = {
+        "heatmap": ["heatmap", "--text", "x", "--analysis", "A"],
+        "segment": ["segment", "--n", "3", "--batch", "2", "--report", "A"],
+        "world": ["world", "export", "--n", "3", "--out", "W"],
+        "decompose": ["decompose", "zoo:simclr"],
+    }
+    args = {k: build_parser(v).parse_args(v) for k, v in old.items()}
+    assert args["heatmap"].report == "A" and args["segment"].n_images == 3 and args["segment"].batch_size == 2
+    assert args["world"].n_images == 3 and args["decompose"].model_pos == "zoo:simclr"
+
+
+#: Shared options a command may give its own default (the meaning needs it), shown in its help line.
+OWN_DEFAULTS = {"out", "seed", "batch_size", "n_images", "device", "report"}
+
+
+def test_a_command_s_own_default_is_one_of_few_and_its_help_says_it():
+    """One default per option: where a command keeps its own (which folder --out is, the seed it draws
+    from, ...), the option is one of :data:`OWN_DEFAULTS` and its help line states the value."""
+    from dataclasses import fields
+
+    from vitdecomp.commands.options import SharedOptions
+
+    shared = {f.name: f.default for f in fields(SharedOptions)}
+    for name, p in _subcommand_parsers().items():
+        for a in p._actions:
+            if a.dest in shared and a.option_strings and a.help != "==SUPPRESS==" and a.default != shared[a.dest]:
+                assert a.dest in OWN_DEFAULTS, (name, a.dest, a.default)
+                assert f"(default: {a.default})" in " ".join(a.help.split()), (name, a.dest, a.help)
+            if a.dest == "device":
+                assert "(default: " in a.help and a.help.count("(default") == 1, (name, a.help)
+
+
+def test_ablate_labels_help_says_paths_are_relative_to_images():
+    p = _subcommand_parsers()["ablate"]
+    (labels,) = [a for a in p._actions if a.dest == "labels"]
+    assert "relative to --images" in labels.help and "relative to --images" in " ".join(p.description.split())
+
+
+def test_validate_writes_into_its_own_folder_not_the_checkout_s_docs(tmp_path, monkeypatch, capsys):
+    """Run from a checkout, ``vitdecomp validate`` leaves ``docs/validation.md`` alone unless
+    ``--out docs`` asks for it (the measurements are replaced by a stub: this is about the file)."""
+    from vitdecomp.evaluation import score_document, score_validation
+
+    def measured(run):
+        return {"model": run.name, "agreement": {"text_probe": {"causal_mean": dict.fromkeys("abcd", 0.5)}}}
+
+    monkeypatch.setattr(score_validation, "validate_model", measured)
+    monkeypatch.setattr(score_document, "markdown", lambda runs, *a: f"# validation of {len(runs)} model(s)\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "validation.md"
+    page.write_text("# the project's page\n\n## Notes\nkept\n")
+    assert main(["validate", "--models", "zoo:deit", "--quiet"]) == 0
+    assert page.read_text() == "# the project's page\n\n## Notes\nkept\n"
+    assert (tmp_path / "vitdecomp-validation" / "validation.md").read_text() == "# validation of 1 model(s)\n"
+    assert main(["validate", "--models", "zoo:deit", "--quiet", "--out", "docs"]) == 0
+    assert page.read_text() == "# validation of 1 model(s)\n\n## Notes\nkept\n"  # asked: updated, Notes kept

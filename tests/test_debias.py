@@ -10,25 +10,33 @@ import pytest
 import torch
 
 from vitdecomp.align import identity_aligner
-from vitdecomp.apps.ablation import MeanAblation
-from vitdecomp.apps.analysis import SCORE_METHOD
+from vitdecomp.apps.classifiers import GroupAccuracy
 from vitdecomp.apps.debias import (
     TEST,
     TRAIN,
     VAL,
+    Debias,
     DebiasConfig,
     Metadata,
     Split,
     choose_k,
     choose_score,
     debias_arrays,
-    run_debias,
 )
-from vitdecomp.apps.heads import GroupAccuracy
-from vitdecomp.report.sections import AppSection
-from vitdecomp.score import score_features
+from vitdecomp.apps.mean_ablation import MeanAblation
+from vitdecomp.report.outputs import write_app_outputs
+from vitdecomp.results import AppSection
+from vitdecomp.scores import DEFAULT_SCORE as SCORE_METHOD
+from vitdecomp.scores import score_features
 
 LABELS = ["init", "core", "spurious", "noise"]
+
+
+def run_debias(cfg: DebiasConfig):
+    """What ``vitdecomp debias`` does: run the application, write its files into ``cfg.out``."""
+    result = Debias().run(cfg)
+    write_app_outputs(result, cfg.out)
+    return result
 
 
 def planted(n_train: int = 400, n_val: int = 200, n_test: int = 400, seed: int = 0):
@@ -215,6 +223,36 @@ def test_debias_runs_on_a_plain_folder_with_its_own_features(waterbirds, tmp_pat
     ]
 
 
+def test_skipped_images_leave_the_splits(waterbirds, tmp_path):
+    """With --skip-bad-images an unreadable image leaves its split (the metadata still lists it);
+    without it, the folder is refused naming the file before anything is analysed."""
+    import csv
+    import shutil
+
+    from vitdecomp.apps.debias import Debias
+    from vitdecomp.errors import ImageReadError
+    from vitdecomp.imageset import image_source
+
+    folder = tmp_path / "wb"
+    shutil.copytree(waterbirds, folder)
+    with open(folder / "metadata.csv", newline="") as f:
+        first = next(csv.DictReader(f))["img_filename"]
+    (folder / first).write_bytes(b"not an image any more")
+    with pytest.raises(ImageReadError, match="--skip-bad-images"):
+        image_source(folder)
+
+    class Analysed(Exception):
+        pass
+
+    def analyse():
+        raise Analysed  # the checks before the analysis passed
+
+    source = image_source(folder, skip_bad=True)
+    assert first not in source.ids and len(source.errors) == 1
+    with pytest.raises(Analysed):
+        Debias().measure(DebiasConfig(images=folder, skip_bad_images=True, out=tmp_path / "o"), source, analyse)
+
+
 def _write(path, header, rows):
     path.write_text("\n".join([",".join(header), *(",".join(map(str, r)) for r in rows)]) + "\n")
 
@@ -276,3 +314,26 @@ def test_bad_metadata_is_one_line_naming_the_file(waterbirds, tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and err.startswith("vitdecomp: error:")
     assert expect in err and "metadata.csv" in err
+
+
+def test_the_result_follows_the_application_contract():
+    """JSON both ways (nested readings and curve included), a section with the k curve as a figure, and
+    the files ``vitdecomp debias`` writes: debias.json, debias.png, debias.section.json."""
+    import json
+
+    from vitdecomp.apps.debias import K_RULE, DebiasResult
+
+    c, meta = planted(n_train=200, n_val=100, n_test=100)
+    split = Split.of(meta, np.arange(len(meta.y)))
+    s = scores_of(c, split.rows[TRAIN])
+    ablation = MeanAblation.fit(c, LABELS, split.rows[TRAIN])
+    readings, curve = debias_arrays(ablation, split, s["spurious"], s["core"], n_random=2)
+    ranking = [(lab, float(v)) for lab, v in zip(LABELS, (s["spurious"] - s["core"]).tolist(), strict=True)]
+    result = DebiasResult(
+        "toy", "arrays", None, SCORE_METHOD, {}, {"train": 200}, readings[1].k, K_RULE, readings, curve, ranking
+    )
+    back = DebiasResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert back == result and back.reading("DFR").test.groups == result.reading("DFR").test.groups
+    (fig,) = result.figures()
+    assert fig.name == "debias" and fig.png[:4] == b"\x89PNG"
+    assert result.section().figures == [fig.for_section()]

@@ -85,7 +85,7 @@ def test_planted_map_is_the_recipe_and_the_card():
 def fresh_probe_accuracy():
     """Held-out probe accuracy of every head and MLP of the shipped model on every core attribute,
     on scenes of a seed nobody used (400 to fit, 300 to test)."""
-    from vitdecomp.evaluation.probes import batched_probe
+    from vitdecomp.probes import batched_probe
     from vitdecomp.zoo.evaluate import direct_branch_contributions
 
     assert (WEIGHTS_DIR / "planted.safetensors").is_file(), "vitdecomp zoo train planted"

@@ -13,8 +13,9 @@ import torch
 
 from vitdecomp.errors import UsageError
 from vitdecomp.imageset import world_source
-from vitdecomp.pipeline.runners import KILL_ONCE_ENV, RayRunner, require_ray
-from vitdecomp.pipeline.stages import build_store, load_models
+from vitdecomp.pipeline.fill import FillOptions, build_store
+from vitdecomp.pipeline.model_pair import load_models
+from vitdecomp.pipeline.ray_fill import KILL_ONCE_ENV, RayRunner, require_ray
 
 ray = pytest.importorskip("ray")
 
@@ -34,9 +35,9 @@ def test_ray_fills_the_same_store_even_when_a_worker_is_killed(cluster, tmp_path
     torch.set_num_threads(1)
     models = load_models("zoo:deit", "zoo:clip", random_init=True, seed=0)
     source = world_source(10, seed=5)
-    kw = dict(batch_size=4, chunk_rows=4, progress=False)
-    local = build_store(models, source, tmp_path / "local", **kw).store
-    built = build_store(models, source, tmp_path / "ray", fill=RayRunner(workers=2, cpus_per_worker=1), **kw)
+    options, kw = FillOptions(batch_size=4, progress=False), dict(chunk_rows=4)
+    local = build_store(models, source, tmp_path / "local", options, **kw).store
+    built = build_store(models, source, tmp_path / "ray", options, fill=RayRunner(workers=2, cpus_per_worker=1), **kw)
     assert cluster.exists()  # an actor really died after writing chunk 1 (its chunk was redone)
     store = built.store
     assert store.ids == source.ids and len(set(store.ids)) == 10 and built.rows_computed == 10
@@ -44,7 +45,7 @@ def test_ray_fills_the_same_store_even_when_a_worker_is_killed(cluster, tmp_path
     a, b = local.batch(slice(None)), store.batch(slice(None))
     for name in ("contributions", "representation", "clip"):
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5)
-    again = build_store(models, source, tmp_path / "ray", fill=RayRunner(workers=2), **kw)
+    again = build_store(models, source, tmp_path / "ray", options, fill=RayRunner(workers=2), **kw)
     assert again.rows_computed == 0 and again.store.ids == source.ids
 
 

@@ -14,9 +14,10 @@ from PIL import Image
 from small_models import SMALL_MODELS
 from vitdecomp.apps.chefer import CheferMap, rollout, token_relevance, why_not
 from vitdecomp.apps.gradcam import GradCamMap, cam_layer, tokens_to_grid
+from vitdecomp.apps.masks import folder_set
 from vitdecomp.apps.relevance import Representation
 from vitdecomp.apps.seg_metrics import binarize, segmentation_metrics
-from vitdecomp.apps.segment import DecompositionMap, choose_targets, folder_set
+from vitdecomp.apps.segment import DecompositionMap, choose_targets
 from vitdecomp.cli import main
 from vitdecomp.errors import VitDecompError
 from vitdecomp.world.export import export_world
@@ -101,11 +102,31 @@ def test_chefer_on_a_two_layer_vit_equals_the_hand_computation():
     assert maps.shape == (2, size, size)
 
 
-@pytest.mark.parametrize("name", ["swin", "maxvit-tf", "vit-noclass"])
-def test_chefer_says_where_it_does_not_apply(name):
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("swin", "windowed"),
+        ("maxvit-tf", "partitioned"),
+        ("vit-noclass", "class token"),
+        ("openclip-tok", "nn.MultiheadAttention"),  # global attention and a class token: not the reason
+    ],
+)
+def test_chefer_says_where_it_does_not_apply_and_why(name, reason):
     model, _ = SMALL_MODELS[name]()
-    assert why_not(model) is not None
+    assert reason in why_not(model)
     assert why_not(SMALL_MODELS["vit-cls"]()[0]) is None
+
+
+def test_segment_notes_state_this_process_threads():
+    from vitdecomp.apps.segment import timing_rule
+
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            assert f"{threads} torch thread(s)" in timing_rule()
+    finally:
+        torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name", ["vit-cls", "dinov2-reg-ls", "swin", "maxvit-tf", "maxvit-rw-nchw", "openclip-tok"])
@@ -177,7 +198,8 @@ def test_cli_on_an_exported_world(world, tmp_path, capsys):
 
 
 def test_section_follows_the_report_contract(world, tmp_path):
-    from vitdecomp.apps.segment import segment, world_set
+    from vitdecomp.apps.masks import world_set
+    from vitdecomp.apps.segment import segment
     from vitdecomp.models.loading import load_model
 
     res = segment(load_model("zoo:deit"), world_set(3, 7100), methods=[DecompositionMap()], show=2)

@@ -209,10 +209,10 @@ def test_export_world(tmp_path):
 def test_export_waterbirds_and_cli(tmp_path):
     import argparse
 
-    from vitdecomp.world.cli import add_world_parser
+    from vitdecomp.commands.world import configure
 
     parser = argparse.ArgumentParser()
-    add_world_parser(parser.add_subparsers(dest="command"))
+    configure(parser.add_subparsers(dest="command").add_parser("world"))
     args = parser.parse_args(
         [
             "world",

@@ -19,13 +19,23 @@ _EXPORTS = {
     "TokenContributions": "vitdecomp.components",
     "LoadedModel": "vitdecomp.models.loading",
     "load_model": "vitdecomp.models.loading",
+    "register_adapter": "vitdecomp.models.registry",
 }
-__all__ = ["ComponentLabel", "Decomposition", "LoadedModel", "TokenContributions", "decompose", "load_model"]
+__all__ = [
+    "ComponentLabel",
+    "Decomposition",
+    "LoadedModel",
+    "TokenContributions",
+    "decompose",
+    "load_model",
+    "register_adapter",
+]
 
 if TYPE_CHECKING:
     from vitdecomp.api import decompose
     from vitdecomp.components import ComponentLabel, Decomposition, TokenContributions
     from vitdecomp.models.loading import LoadedModel, load_model
+    from vitdecomp.models.registry import register_adapter
 
 
 def __getattr__(name: str) -> Any:

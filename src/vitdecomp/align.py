@@ -16,10 +16,8 @@ component maps), ``"shared"`` (one map for every component: the paper's baseline
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from vitdecomp.defaults import ALIGN_BATCH_SIZE, ALIGN_STEPS, DEFAULT_LAMBDA, VAL_FRACTION
 from vitdecomp.errors import MismatchError
 from vitdecomp.store import RowBatch, Rows, RowSource, StoreKey, as_rows, key_difference
 
 MODES = ("compalign", "shared", "identity")
 #: Key fields an aligner must agree on with the data it is applied to (the image set may differ).
 MODEL_FIELDS = ("model", "clip", "start_layer", "labels", "preprocess")
-DEFAULT_LAMBDA = 1.0
 DEFAULT_LR = 3e-4
 
 
@@ -189,12 +187,12 @@ class TrainConfig:
     """
 
     lr: float = DEFAULT_LR
-    batch_size: int = 256
-    max_steps: int = 5000
+    batch_size: int = ALIGN_BATCH_SIZE
+    max_steps: int = ALIGN_STEPS
     eval_every: int | None = None
     patience: int = 5
     min_delta: float = 1e-4
-    val_fraction: float = 0.1
+    val_fraction: float = VAL_FRACTION
     seed: int = 0
     window_bytes: int = 256 << 20
 
@@ -345,7 +343,7 @@ def train_aligner(
     split = _Split.of(rows, cfg)
     eval_every = cfg.eval_every or min(math.ceil(len(split.train) / cfg.batch_size), 100)
     maps = _Maps.isometries(c_count if mode == "compalign" else 1, d_clip, d_in, cfg.seed, resolve_device(device))
-    fit = _fit(rows, maps, split, labels, mode, lam, cfg, eval_every, progress)
+    fit = _fit(rows, maps, split, labels, mode, lam, replace(cfg, eval_every=eval_every), progress)
     w, b = fit.best
     metrics = {
         "val_cosine": fit.val_cosine,
@@ -372,10 +370,11 @@ def _fit(
     mode: str,
     lam: float,
     cfg: TrainConfig,
-    eval_every: int,
     progress: bool,
 ) -> _Fit:
-    """Adam on ``1 - cos`` (+ the penalty) until ``cfg.max_steps`` or early stopping."""
+    """Adam on ``1 - cos`` (+ the penalty) until ``cfg.max_steps`` or early stopping (held-out cosine
+    every ``cfg.eval_every`` steps)."""
+    eval_every = int(cfg.eval_every or 1)
 
     def held_out() -> float:
         current = Aligner(maps.weight.detach(), maps.bias.detach(), labels, mode=mode, lam=lam)
@@ -460,14 +459,6 @@ def load_aligner(
     )
     aligner.check(key=key, labels=labels)
     return aligner.to(resolve_device(device))
-
-
-def aligner_dir(root: str | Path, key: StoreKey, mode: str = "compalign", lam: float = DEFAULT_LAMBDA) -> Path:
-    """A cache folder for the aligner of ``key``'s model setting (the image set is not part of it)."""
-    fields = {k: key.to_dict()[k] for k in MODEL_FIELDS}
-    blob = json.dumps({"key": fields, "mode": mode, "lam": lam}, sort_keys=True, default=str)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", key.model)[:48].strip("_") or "aligner"
-    return Path(root) / f"{slug}-{mode}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
 @torch.no_grad()

@@ -1,9 +1,5 @@
-"""The ``vitdecomp`` command: one entry point, one subcommand per job.
-
-Every subcommand is one row of :data:`COMMANDS`: its name, its one-line help and the function that
-adds its parser (``add_parser(subparsers)``, which sets ``func`` on its arguments), named as
-``"module:function"`` so that only the chosen subcommand's module is imported (``vitdecomp
---help`` and ``vitdecomp analyze --help`` do not import torch). To add a subcommand, add a row.
+"""The ``vitdecomp`` command: one entry point, one subcommand per row of
+:data:`vitdecomp.commands.COMMANDS`; :func:`main` parses and runs.
 
 The error contract (see :mod:`vitdecomp.errors`): a :class:`~vitdecomp.errors.VitDecompError`
 prints ``vitdecomp: error: <one line>`` and exits with 2, as argparse does for a bad option; an
@@ -15,78 +11,15 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import NoReturn
 
 from vitdecomp import __version__
+from vitdecomp.commands import COMMANDS, Command
 from vitdecomp.errors import VitDecompError, one_line
 
-
-@dataclass(frozen=True)
-class Command:
-    """A subcommand: ``name``, one-line ``help`` and ``add_parser`` (``"module:function"`` or a callable
-    taking the subparsers object)."""
-
-    name: str
-    help: str
-    add_parser: str | Callable[[argparse._SubParsersAction], object]
-
-    def register(self, subparsers: argparse._SubParsersAction) -> None:
-        add = self.add_parser
-        if isinstance(add, str):
-            module, _, function = add.partition(":")
-            add = getattr(importlib.import_module(module), function)
-        add(subparsers)
-
-
-#: The subcommands, in the order ``--help`` lists them.
-COMMANDS: list[Command] = [
-    Command(
-        "analyze",
-        "decompose, align to CLIP, describe and score every component; write an HTML + JSON report",
-        "vitdecomp.pipeline.cli:add_analyze_parser",
-    ),
-    Command(
-        "decompose",
-        "split a model's representation of some images into its parts; save them with --out",
-        "vitdecomp.pipeline.cli:add_decompose_parser",
-    ),
-    Command(
-        "heatmap",
-        "where in each image the chosen heads write along a text: PNG overlays + .npy maps",
-        "vitdecomp.apps.heatmap:add_heatmap_parser",
-    ),
-    Command(
-        "retrieve",
-        "search an analysed image set by text or by example, through a feature's components",
-        "vitdecomp.apps.retrieval:add_retrieve_parser",
-    ),
-    Command(
-        "debias",
-        "remove a spurious feature by mean-ablating the components that carry it (Waterbirds layout)",
-        "vitdecomp.apps.debias:add_debias_parser",
-    ),
-    Command(
-        "ablate",
-        "mean-ablate layers from the last, and each feature's top components vs random ones",
-        "vitdecomp.apps.ablate:add_ablate_parser",
-    ),
-    Command(
-        "segment",
-        "zero-shot segmentation from token contributions vs GradCAM and Chefer et al., scored on masks",
-        "vitdecomp.apps.segment:add_segment_parser",
-    ),
-    Command("world", "the built-in generated world (scenes with ground truth)", "vitdecomp.world.cli:add_world_parser"),
-    Command("zoo", "the shipped small models: list them, train them again", "vitdecomp.zoo.cli:add_zoo_parser"),
-    Command(
-        "validate",
-        "check every component score against causal, probe and planted ground truths (docs/validation.md)",
-        "vitdecomp.evaluation.cli:add_validate_parser",
-    ),
-]
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
 
 class Parser(argparse.ArgumentParser):

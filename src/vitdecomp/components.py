@@ -18,24 +18,6 @@ import torch
 from vitdecomp import savefile
 from vitdecomp.errors import VitDecompError
 
-#: Component kinds, in the order they appear inside a block.
-KINDS = (
-    "init",  # everything before the first decomposed block (embeddings, stem, folded layers)
-    "attn_head",  # one attention head's output-projection slice (times layer scale)
-    "attn_bias",  # the attention output-projection bias (times layer scale)
-    "attn",  # a whole attention branch (with heads=False)
-    "mlp",  # a whole MLP branch (non-linear, one component)
-    "conv",  # a whole convolutional branch (MaxViT MBConv), one component
-    "transition_bias",  # constants added between stages (patch-merging norm beta, downsample bias)
-    "norm_bias",  # the beta of the final norm
-    "fc_norm_bias",  # the beta of a norm applied to the pooled vector (timm fc_norm)
-    "head_norm_bias",  # the beta of a classifier head's norm (MaxViT)
-    "head_bias",  # the bias of a linear head / projection applied to the representation
-    "pool_pos",  # an attention-pool head's position term (one per pool head)
-    "pool_bias",  # an attention pool's value and projection biases
-    "pool_mlp",  # an attention pool's MLP (non-linear, one component)
-)
-
 
 @dataclass(frozen=True)
 class ComponentLabel:
@@ -298,8 +280,3 @@ class Decomposition:
 def _np(x: torch.Tensor) -> np.ndarray:
     x = x.detach().cpu()
     return (x.float() if x.dtype == torch.bfloat16 else x).contiguous().numpy()
-
-
-def stack_labels(parts: Sequence[tuple[ComponentLabel, torch.Tensor]]) -> tuple[torch.Tensor, list[ComponentLabel]]:
-    """Stack ``(label, [B, D])`` pairs into ``([B, C, D], labels)``."""
-    return torch.stack([t for _, t in parts], 1), [lab for lab, _ in parts]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from vitdecomp.align import Aligner
-from vitdecomp.store import ContributionStore, Rows
+from vitdecomp.store import Rows, StoreWriter, reopen_store
 
 #: Up to this many rows the index is exact (a flat inner-product scan).
 EXACT_MAX_ROWS = 1_000_000
@@ -167,9 +167,7 @@ def build_index(
     return ComponentIndex(index, plan, None if components is None else list(components), len(rows))
 
 
-def index_name(
-    store: ContributionStore, aligner: Aligner | None, components: Sequence[str] | None, plan: IndexPlan
-) -> str:
+def index_name(store: StoreWriter, aligner: Aligner | None, components: Sequence[str] | None, plan: IndexPlan) -> str:
     """The file, beside the store, of the index of this store's rows, aligner, subset and plan."""
     h = hashlib.sha256()
     meta = {"key": store.key.digest(64), "rows": len(store), "components": components, "plan": asdict(plan)}
@@ -182,7 +180,7 @@ def index_name(
 
 
 def open_index(
-    store: ContributionStore,
+    store: StoreWriter,
     aligner: Aligner | None,
     components: Sequence[str] | None = None,
     *,
@@ -215,4 +213,4 @@ def store_text_search(
 ) -> torch.Tensor:
     """``[N]`` cosine of the ``k`` rows of the store at ``store_path`` nearest to ``query [d_clip]``
     through ``components`` (``-inf`` elsewhere), from its persisted index (built on first use)."""
-    return open_index(ContributionStore(store_path), aligner, components).scores(query, k)
+    return open_index(reopen_store(store_path), aligner, components).scores(query, k)

@@ -271,22 +271,20 @@ def component_descriptions(
     texts: Sequence[str],
     k: int = 5,
     *,
-    components: Sequence[int] | None = None,
     max_images: int | None = 4096,
     center_texts: bool = False,
     progress: bool = True,
 ) -> dict[str, list[Description]]:
-    """TextSpan for every component (or ``components``) of rows / contributions ``[N, C, D]``.
+    """TextSpan for every component of rows / contributions ``[N, C, D]``.
 
     Reads one component column at a time and maps it with ``aligner`` (see
     :func:`vitdecomp.align.aligned_component`); uses at most ``max_images`` images (the first ones).
     Returns ``{component name: [Description, ...]}`` in component order.
     """
     rows = as_rows(source)
-    idx = range(aligner.n_components) if components is None else components
     text_emb = text_emb.to(aligner.device)
     out: dict[str, list[Description]] = {}
-    for i in tqdm(list(idx), desc="describe components", unit="comp", disable=not progress):
+    for i in tqdm(range(aligner.n_components), desc="describe components", unit="comp", disable=not progress):
         outputs = aligned_component(rows, aligner, i, stop=max_images)
         out[aligner.labels[i]] = text_span(outputs, text_emb, texts, k, center_texts=center_texts)
     return out

@@ -6,8 +6,8 @@ representation ``z`` of the training images a linear head is fitted (:class:`Lin
 components are ranked by ``score(spurious) - score(core)`` over the training images, with the
 feature set's two features (:data:`WORLD_FEATURES` on a world export, the shipped ``"waterbirds"``
 set otherwise, or a JSON file). The score is ``--score``, by default ``auto``: every score of
-:mod:`vitdecomp.score` is tried and the one whose validation curve is best at its chosen ``k`` is kept
-(:func:`choose_score`). The top ``k`` are mean-ablated (:class:`~vitdecomp.apps.ablation.MeanAblation`,
+:mod:`vitdecomp.scores` is tried and the one whose validation curve is best at its chosen ``k`` is kept
+(:func:`choose_score`). The top ``k`` are mean-ablated (:class:`~vitdecomp.apps.mean_ablation.MeanAblation`,
 means over the training split) and the same head reads the ablated representation.
 
 **Choice of k** (:func:`choose_k`, validation only): every ``k`` from 0 (no ablation) to ``C``
@@ -19,37 +19,40 @@ In the same run: two controls at the chosen ``k`` — ``k`` random components (`
 and the top ``k`` by ``score(core)`` — and two baselines: for a CLIP subject (whose representation
 lives in the text space), the training-free projection of the spurious feature's text span out of
 the representation read by the same head; and DFR (the head refitted on the group-balanced
-validation split, :func:`~vitdecomp.apps.heads.dfr_head`), a trained upper bound.
+validation split, :func:`~vitdecomp.apps.classifiers.dfr_head`), a trained upper bound.
 
 ``vitdecomp debias --images DIR [--metadata DIR/metadata.csv] [--model M] [--clip C] [--out DIR]``
 writes ``debias.json``, ``debias.png`` (the k curve) and ``debias.section.json`` (the report's
-:class:`~vitdecomp.report.sections.AppSection`).
+:class:`~vitdecomp.results.AppSection`). On the official Waterbirds folder (its ``metadata.csv`` has
+every column of :data:`OFFICIAL_COLUMNS`) the result also holds the published figures beside its own
+(:meth:`DebiasResult.benchmark_table`, ``benchmark.json``).
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
 import csv
+import functools
 import json
 import shlex
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from vitdecomp.apps.ablation import MeanAblation, analysed_components, app_analysis
-from vitdecomp.apps.analysis import SCORE_METHOD
-from vitdecomp.apps.heads import AveragedHead, GroupAccuracy, LinearHead, dfr_head, project_out
+from vitdecomp.apps.classifiers import AveragedHead, GroupAccuracy, LinearHead, dfr_head, project_out
+from vitdecomp.apps.contract import AnalysedConfig, ComponentApplication
+from vitdecomp.apps.mean_ablation import AnalysedComponents, MeanAblation
+from vitdecomp.apps.published import THIS_RUN, WATERBIRDS_METRICS, BenchmarkTable, Row, published_waterbirds
+from vitdecomp.checks import check_at_least
+from vitdecomp.defaults import ALIGN_STEPS, DEBIAS_OUT, N_RANDOM, READER
 from vitdecomp.errors import UsageError
-from vitdecomp.fsio import atomic_write_text, writing
-from vitdecomp.imageset import ImageSource, display_name, folder_source
-from vitdecomp.pipeline.config import AnalysisConfig
-from vitdecomp.report.attach import add_report_argument, attach_if_asked, check_report
-from vitdecomp.report.sections import AppFigure, AppSection
-from vitdecomp.score import METHODS, load_features
+from vitdecomp.figures import figure_png, pyplot
+from vitdecomp.imageset import ImageSource, display_name
+from vitdecomp.results import AppSection, Figure, ResultBase
+from vitdecomp.scores import DEFAULT_SCORE, load_features, score_names
 from vitdecomp.world.waterbirds import PLACES, SPLIT_NAMES, WATERBIRD_SHAPES
 
 #: The built-in world's Waterbirds features: the places' backgrounds (spurious) and the two label
@@ -59,6 +62,13 @@ WORLD_FEATURES: dict[str, list[str]] = {
     "core": [*WATERBIRD_SHAPES[0], *WATERBIRD_SHAPES[1]],
 }
 METADATA_COLUMNS = ("img_filename", "y", "split", "place")
+#: The columns of the official Waterbirds ``metadata.csv`` (Sagawa et al.'s
+#: ``waterbird_complete95_forest2water2``): a file with all of them is that benchmark.
+OFFICIAL_COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_filename")
+#: The benchmark such a run is (the name its published figures are filed under).
+BENCHMARK = "waterbirds"
+#: The official split's sizes (train, val, test).
+OFFICIAL_SIZES = {"train": 4795, "val": 1199, "test": 5794}
 TRAIN, VAL, TEST = 0, 1, 2
 #: How k is chosen (:func:`choose_k`), as the outputs state it.
 K_RULE = (
@@ -74,15 +84,23 @@ K_RULE = (
 @dataclass
 class Metadata:
     """A Waterbirds-layout ``metadata.csv``: per listed image its file (relative to the images
-    folder), label ``y`` (0/1), ``split`` (0 train / 1 val / 2 test) and ``place`` (0/1)."""
+    folder), label ``y`` (0/1), ``split`` (0 train / 1 val / 2 test) and ``place`` (0/1);
+    ``official``: the file has every column of the official Waterbirds file (:data:`OFFICIAL_COLUMNS`)."""
 
     files: list[str]
     y: np.ndarray
     split: np.ndarray
     place: np.ndarray
+    official: bool = False
 
     def rows(self, split: int) -> np.ndarray:
         return np.flatnonzero(self.split == split)
+
+    def only(self, files: set[str]) -> Metadata:
+        """The images of ``files`` only (those left after skipping unreadable ones)."""
+        keep = np.asarray([f in files for f in self.files], dtype=bool)
+        kept = [f for f, k in zip(self.files, keep, strict=True) if k]
+        return Metadata(kept, self.y[keep], self.split[keep], self.place[keep], self.official)
 
     @property
     def group(self) -> np.ndarray:
@@ -122,7 +140,8 @@ def read_metadata(path: str | Path) -> Metadata:
                 f"{display_name(path)} row {wrong[0] + 2}: {name}={values[wrong[0]]} (allowed: {list(allowed)})"
             )
         arrays[name] = values
-    meta = Metadata([r["img_filename"] for r in table], arrays["y"], arrays["split"], arrays["place"])
+    official = set(OFFICIAL_COLUMNS) <= set(header)
+    meta = Metadata([r["img_filename"] for r in table], arrays["y"], arrays["split"], arrays["place"], official)
     check_groups(meta, path)
     return meta
 
@@ -297,36 +316,31 @@ def _pooled(name: str, draws: list[Reading], k: int) -> Reading:
 
 
 # ----------------------------------------------------------------------------------------------
-# the command
+# the application
 
 
-@dataclass
-class DebiasConfig:
+@dataclass(kw_only=True)
+class DebiasConfig(AnalysedConfig):
     """Options of ``vitdecomp debias``: the image folder and its ``metadata.csv`` (default
-    ``images/metadata.csv``), the subject and reader models, the feature set (``None``: the built-in
-    one for the folder), controls, output and cache folders."""
+    ``images/metadata.csv``), the feature set (``None``: the built-in one for the folder), the score
+    that ranks the components (``auto``: chosen on validation), the random control's draws and the
+    seed of the control and of DFR's subsamples; the rest as :class:`AnalysedConfig`."""
 
     images: str | Path
     metadata: str | Path | None = None
-    model: str = "zoo:deit"
-    reader: str | None = "zoo:clip"
     features: str | Path | None = None
     score: str = AUTO
-    n_random: int = 5
+    n_random: int = N_RANDOM
     seed: int = 0
-    out: str | Path = "vitdecomp-debias"
-    cache_dir: str | Path | None = None
-    device: str | None = None
-    checkpoint: str | Path | None = None
-    align_steps: int = 3000
-    progress: bool = True
+    out: str | Path = DEBIAS_OUT
 
     def command(self) -> str:
         """The command line that reproduces this run (options left at their defaults omitted)."""
         flags = {"--metadata": self.metadata, "--features": self.features, "--checkpoint": self.checkpoint}
-        flags |= {"--clip": self.reader if self.reader != "zoo:clip" else None}
+        flags |= {"--clip": self.reader if self.reader != READER else None}
+        flags |= {"--clip-checkpoint": self.reader_checkpoint}
         flags |= {"--score": self.score if self.score != AUTO else None}
-        flags |= {"--align-steps": self.align_steps if self.align_steps != 3000 else None}
+        flags |= {"--align-steps": self.align_steps if self.align_steps != ALIGN_STEPS else None}
         opts = [f"{k} {shlex.quote(str(v))}" for k, v in flags.items() if v is not None]
         return " ".join(["vitdecomp debias --images", shlex.quote(str(self.images)), "--model", self.model, *opts])
 
@@ -334,14 +348,13 @@ class DebiasConfig:
     def metadata_path(self) -> Path:
         return Path(self.metadata) if self.metadata is not None else Path(self.images) / "metadata.csv"
 
-    def analysis(self) -> AnalysisConfig:
-        """The pipeline's options for this run (store, aligner and caches as ``vitdecomp analyze``)."""
-        return app_analysis(self)
-
 
 @dataclass
-class DebiasResult:
-    """Everything ``debias.json`` holds; :meth:`section` is the report's view of it."""
+class DebiasResult(ResultBase):
+    """Everything ``debias.json`` holds; :meth:`section` is the report's view of it, :meth:`figures`
+    the k curve."""
+
+    name: ClassVar[str] = "debias"
 
     model: str
     images: str
@@ -354,8 +367,8 @@ class DebiasResult:
     readings: list[Reading]
     curve: list[CurvePoint]
     ranking: list[tuple[str, float]]
-    figure: str | None = None
     command: str = ""
+    benchmark: str = ""
 
     def reading(self, prefix: str) -> Reading:
         return next(r for r in self.readings if r.name.startswith(prefix))
@@ -380,6 +393,46 @@ class DebiasResult:
         d["gap_closed"] = self.gap_closed
         return d
 
+    def figures(self) -> list[Figure]:
+        return [
+            Figure("debias", self._curve_png, "Worst-group and average accuracy against k (k chosen on validation).")
+        ]
+
+    def files(self) -> dict[str, bytes]:
+        """On the official Waterbirds folder: ``benchmark.json`` (:meth:`benchmark_table`)."""
+        return (
+            {"benchmark.json": json.dumps(self.benchmark_table().to_dict(), indent=1).encode()}
+            if self.benchmark
+            else {}
+        )
+
+    def benchmark_table(self) -> BenchmarkTable:
+        """Every reading of this run (test split; "before": the linear head) beside the published
+        Waterbirds figures (:mod:`vitdecomp.apps.published`)."""
+        head = self.before.test
+        settings = f"linear head on the representation; score {self.score}; k = {self.k} chosen on validation"
+        data = f"{self.images} ({_sizes(self.n_images)}), test"
+        ours = []
+        for r in self.readings:
+            figs = dict(zip(WATERBIRDS_METRICS, (head.worst, r.test.worst, head.average, r.test.average), strict=True))
+            ours.append(Row(THIS_RUN, r.name + (f", k = {r.k}" if r.k else ""), self.model, data, settings, figs))
+        notes = [
+            "Before: the linear head on the whole representation; after: the reading named in the method column.",
+            "The paper's rows use its own split and k = 10 fixed by hand; TextSpan's and the text projection are "
+            "zero-shot CLIP; the trained references are ResNet-50s trained on Waterbirds. Only this run's rows "
+            "share this run's split and head.",
+        ]
+        if self.n_images != OFFICIAL_SIZES:
+            notes.append(
+                f"This run's split ({_sizes(self.n_images)}) is not the official one ({_sizes(OFFICIAL_SIZES)})."
+            )
+        title = "Waterbirds: this run beside the published figures"
+        return BenchmarkTable(self.benchmark, title, WATERBIRDS_METRICS, ours, published_waterbirds(), notes)
+
+    @functools.cached_property
+    def _curve_png(self) -> bytes:
+        return draw_curve(self)
+
     def section(self) -> AppSection:
         """The report's section: test figures of every reading, the k curve, the command."""
         b, a = self.before.test, self.after.test
@@ -400,25 +453,27 @@ class DebiasResult:
             ]
             for r in self.readings
         ]
-        figures = []
-        if self.figure and Path(self.figure).is_file():
-            uri = "data:image/png;base64," + base64.b64encode(Path(self.figure).read_bytes()).decode()
-            figures.append(AppFigure(uri, "Worst-group and average accuracy against k (k chosen on validation)."))
         notes = [
             self.rule,
             f"Images: {self.n_images}; corr {self.corr}; {self.score} score; features {json.dumps(self.features)}.",
             "Top components: " + ", ".join(f"{lab} {v:+.3f}" for lab, v in self.ranking[: max(self.k, 5)]),
         ]
+        if self.benchmark:
+            notes.append(f"{self.benchmark}: the published figures beside these are in benchmark.json")
         return AppSection(
             "debias",
             f"Removing a spurious feature ({self.model})",
             summary,
             ["reading (test split)", "k", "worst group", "average", *groups],
             rows,
-            figures,
+            [f.for_section() for f in self.figures()],
             self.command,
             notes,
         )
+
+
+def _sizes(n_images: dict[str, int]) -> str:
+    return " / ".join(f"{k} {v:,}" for k, v in n_images.items())
 
 
 def default_features(source: ImageSource) -> dict[str, list[str]]:
@@ -426,47 +481,55 @@ def default_features(source: ImageSource) -> dict[str, list[str]]:
     return dict(WORLD_FEATURES) if source.is_world else load_features("waterbirds")
 
 
-def run_debias(cfg: DebiasConfig, command: str = "") -> DebiasResult:
-    """Run ``vitdecomp debias``: check the metadata, analyse the images, ablate, write the outputs."""
-    meta = read_metadata(cfg.metadata_path)
-    acfg = cfg.analysis()
-    acfg.check()
-    source = folder_source(acfg.images, progress=cfg.progress)
-    source_rows = rows_in_source(meta, source, cfg.metadata_path)
-    features = _features(cfg.features, source)
-    comps = analysed_components(acfg, source)
-    split = Split.of(meta, source_rows)
-    ablation = MeanAblation.fit(comps.contributions, comps.labels, split.rows[TRAIN])
-    methods = [SCORE_METHOD, *(m for m in METHODS if m != SCORE_METHOD)] if cfg.score == AUTO else [cfg.score]
-    tables = comps.score_tables(features, split.rows[TRAIN], methods)
-    pairs = {m: (t["spurious"], t["core"]) for m, t in tables.items()}
-    score = choose_score(ablation, split, pairs) if cfg.score == AUTO else cfg.score
-    table = tables[score]
-    text = comps.embed(features["spurious"]) if comps.models.subject.is_clip else None
-    readings, curve = debias_arrays(
-        ablation, split, table["spurious"], table["core"], spurious_text=text, n_random=cfg.n_random, seed=cfg.seed
-    )
-    diff = table["spurious"] - table["core"]
-    order = torch.argsort(diff, descending=True, stable=True).tolist()
-    result = DebiasResult(
-        model=cfg.model,
-        images=str(cfg.images),
-        corr=_corr(Path(cfg.images)),
-        score=score + (" (auto: chosen on validation)" if cfg.score == AUTO else ""),
-        features=features,
-        n_images={SPLIT_NAMES[s]: len(r) for s, r in split.rows.items()},
-        k=readings[1].k,
-        rule=K_RULE,
-        readings=readings,
-        curve=curve,
-        ranking=[(ablation.labels[i], float(diff[i])) for i in order],
-        command=command or cfg.command(),
-    )
-    out = Path(cfg.out)
-    result.figure = str(draw_curve(result, out / "debias.png"))
-    atomic_write_text(out / "debias.json", json.dumps(result.to_dict(), indent=1))
-    atomic_write_text(out / "debias.section.json", json.dumps(result.section().to_dict()))
-    return result
+class Debias(ComponentApplication[DebiasConfig, DebiasResult]):
+    """``vitdecomp debias``: check the metadata, analyse the images, rank, ablate, read (see the module
+    text)."""
+
+    name = "debias"
+
+    def check(self, cfg: DebiasConfig) -> None:
+        check_at_least("--n-random", cfg.n_random, 1)
+        read_metadata(cfg.metadata_path)
+
+    def measure(
+        self, cfg: DebiasConfig, source: ImageSource, analyse: Callable[[], AnalysedComponents]
+    ) -> DebiasResult:
+        meta = read_metadata(cfg.metadata_path)
+        if source.errors:  # --skip-bad-images: the skipped images leave the splits
+            meta = meta.only(set(source.ids))
+            check_groups(meta, cfg.metadata_path)
+        split = Split.of(meta, rows_in_source(meta, source, cfg.metadata_path))
+        features = _features(cfg.features, source)
+        comps = analyse()
+        ablation = MeanAblation.fit(comps.contributions, comps.labels, split.rows[TRAIN])
+        methods = (
+            [DEFAULT_SCORE, *(m for m in score_names() if m != DEFAULT_SCORE)] if cfg.score == AUTO else [cfg.score]
+        )
+        tables = comps.score_tables(features, split.rows[TRAIN], methods)
+        pairs = {m: (t["spurious"], t["core"]) for m, t in tables.items()}
+        score = choose_score(ablation, split, pairs) if cfg.score == AUTO else cfg.score
+        table = tables[score]
+        text = comps.embed(features["spurious"]) if comps.models.subject.is_clip else None
+        readings, curve = debias_arrays(
+            ablation, split, table["spurious"], table["core"], spurious_text=text, n_random=cfg.n_random, seed=cfg.seed
+        )
+        diff = table["spurious"] - table["core"]
+        order = torch.argsort(diff, descending=True, stable=True).tolist()
+        return DebiasResult(
+            model=cfg.model,
+            images=str(cfg.images),
+            corr=_corr(Path(cfg.images)),
+            score=score + (" (auto: chosen on validation)" if cfg.score == AUTO else ""),
+            features=features,
+            n_images={SPLIT_NAMES[s]: len(r) for s, r in split.rows.items()},
+            k=readings[1].k,
+            rule=K_RULE,
+            readings=readings,
+            curve=curve,
+            ranking=[(ablation.labels[i], float(diff[i])) for i in order],
+            command=cfg.command(),
+            benchmark=BENCHMARK if meta.official else "",
+        )
 
 
 def _features(spec: str | Path | None, source: ImageSource) -> dict[str, list[str]]:
@@ -489,13 +552,10 @@ def _corr(folder: Path) -> float | None:
         return None
 
 
-def draw_curve(result: DebiasResult, path: Path) -> Path:
-    """The k curve: validation and test worst-group / average accuracy, the chosen k, DFR's level."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw_curve(result: DebiasResult) -> bytes:
+    """The k curve as PNG bytes: validation and test worst-group / average accuracy, the chosen k,
+    DFR's level."""
+    plt = pyplot()
     ks = [p.k for p in result.curve]
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     ax.plot(ks, [p.test.worst for p in result.curve], "-", color="C3", label="test worst group")
@@ -509,54 +569,4 @@ def draw_curve(result: DebiasResult, path: Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{result.model}: debias (corr {result.corr})", fontsize=10)
     ax.legend(fontsize=7, loc="best")
-    with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.report is not None:
-        check_report(args.report)
-    cfg = DebiasConfig(**{k: v for k, v in vars(args).items() if k in DebiasConfig.__dataclass_fields__})
-    cfg = replace(cfg, progress=not args.quiet)
-    result = run_debias(cfg)
-    b, a = result.before.test, result.after.test
-    print(
-        f"{result.model}: k={result.k}, test worst group {b.worst:.3f} -> {a.worst:.3f}, average "
-        f"{b.average:.3f} -> {a.average:.3f}; DFR {result.reading('DFR').test.worst:.3f}; "
-        f"{Path(cfg.out) / 'debias.json'}"
-    )
-    attach_if_asked(args.report, result.section())
-    return 0
-
-
-def add_debias_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "debias",
-        help="remove a spurious feature by mean-ablating the components that carry it (Waterbirds layout)",
-        description=__doc__.split("\n\n")[1],
-    )
-    p.add_argument("--images", required=True, help="folder the metadata's img_filename paths are relative to")
-    p.add_argument("--metadata", default=None, help="Waterbirds-layout CSV (default: IMAGES/metadata.csv)")
-    p.add_argument("--model", default="zoo:deit", help="subject: timm name, open_clip:ARCH/TAG or zoo:NAME")
-    p.add_argument("--clip", dest="reader", default="zoo:clip", help="CLIP model that reads the components")
-    p.add_argument("--features", default=None, help="JSON file {spurious: [...], core: [...]} (default: built-in)")
-    p.add_argument(
-        "--score",
-        choices=(AUTO, *METHODS),
-        default=AUTO,
-        help="score that ranks the components (default auto: every score, the best on validation)",
-    )
-    p.add_argument("--n-random", type=int, default=5, help="random draws of the k-random control")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random control and of DFR's subsamples")
-    p.add_argument("--out", default="vitdecomp-debias", help="output folder (debias.json, debias.png)")
-    p.add_argument("--cache-dir", default=None, help="stores, aligners and text embeddings (as analyze)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--checkpoint", default=None, help="local weights file for --model")
-    p.add_argument("--align-steps", type=int, default=3000, help="most CompAlign steps (as analyze)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_report_argument(p)
-    p.set_defaults(func=run)
-    return p
+    return figure_png(fig, bbox_inches="tight")

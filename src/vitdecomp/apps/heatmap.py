@@ -10,26 +10,33 @@ feature whose value texts come closest to the text). When a feature is known (``
 ``--heads auto``) the map reads the text's direction minus the mean of the feature's other values'
 texts (:func:`contrastive`); with ``--text`` and named heads, the text's own direction.
 
-Writes per image ``<name>.png`` (the image with the map over it: red positive, blue negative, a
-symmetric scale; captioned with the text and the heads) and ``<name>.npy`` (the map ``[H, W]`` in
-the original image's pixels), and ``heatmaps.json`` (what was used).
+:class:`Heatmaps` is an :class:`~vitdecomp.apps.contract.AnalysisApplication`; its result holds, per
+image, a figure ``<name>.png`` (the image with the map over it: red positive, blue negative, a
+symmetric scale; captioned with the text and the heads) and a file ``<name>.npy`` (the map ``[H, W]``
+in the original image's pixels), and ``heatmaps.json`` says what was used.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import dataclass
+import functools
+import io
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vitdecomp.apps.analysis import Analysis, auto_heads, load_analysis
+from vitdecomp.apps.analysis import Analysis, analysis_result, auto_heads, check_heads
+from vitdecomp.apps.contract import AnalysisApplication
 from vitdecomp.apps.pixels import input_geometry
 from vitdecomp.apps.token_maps import TokenMaps, token_maps
-from vitdecomp.errors import VitDecompError
+from vitdecomp.defaults import ANALYSIS_DIR, HEATMAP_OUT, SHOW_SEED
+from vitdecomp.errors import ImageReadError, UsageError, VitDecompError
+from vitdecomp.figures import figure_png, pyplot
+from vitdecomp.results import AppSection, Figure, ResultBase
 
 
 @dataclass
@@ -77,6 +84,8 @@ def heatmaps(
     if heads == "auto":
         feature = feature or analysis.feature_of(emb[0])
         heads = auto_heads(analysis.scores(feature), analysis.result.labels)
+    else:
+        check_heads(heads, analysis.result.labels, analysis.result.model.name)
     dirs = emb if feature is None else contrastive(emb, analysis.embed(list(analysis.result.features[feature])))
     subject = analysis.subject
     x = torch.stack([subject.preprocess(im.convert("RGB")) for im in images])
@@ -94,13 +103,9 @@ def heatmaps(
     return out
 
 
-def draw(image: Image.Image, hm: Heatmap, path: Path) -> None:
-    """The image with the map over it (diverging colours, symmetric scale), captioned."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw(image: Image.Image, hm: Heatmap) -> bytes:
+    """The image with the map over it (diverging colours, symmetric scale), captioned: PNG bytes."""
+    plt = pyplot()
     lim = float(np.abs(hm.original).max()) or 1.0
     fig, ax = plt.subplots(figsize=(4, 4.6), dpi=100)
     ax.imshow(image.convert("RGB"))
@@ -111,8 +116,7 @@ def draw(image: Image.Image, hm: Heatmap, path: Path) -> None:
     ax.set_title(f'"{hm.text}"\nheads: {heads}', fontsize=8)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return figure_png(fig)
 
 
 def overlay(image: Image.Image, m: np.ndarray, size: int = 128) -> Image.Image:
@@ -128,7 +132,7 @@ def overlay(image: Image.Image, m: np.ndarray, size: int = 128) -> Image.Image:
     return mixed.resize((max(1, round(mixed.width * scale)), max(1, round(mixed.height * scale))), Image.NEAREST)
 
 
-def default_images(n: int = 4, seed: int = 7100) -> tuple[list[Image.Image], list[str]]:
+def default_images(n: int = 4, seed: int = SHOW_SEED) -> tuple[list[Image.Image], list[str]]:
     """A few generated scenes of the built-in world (a seed no analysis default uses)."""
     from vitdecomp.world import make_scenes
 
@@ -136,43 +140,126 @@ def default_images(n: int = 4, seed: int = 7100) -> tuple[list[Image.Image], lis
     return [scenes.pil(i) for i in range(n)], [f"world-{seed}-{i:03d}" for i in range(n)]
 
 
-def run(args: argparse.Namespace) -> int:
-    analysis = load_analysis(args.analysis, checkpoint=args.checkpoint)
-    if args.images:
-        from vitdecomp.imageset import read_image
-
-        images, names = [read_image(p) for p in args.images], [Path(p).stem for p in args.images]
-    else:
-        images, names = default_images()
-    heads = args.heads if args.heads == "auto" else [h.strip() for h in args.heads.split(",") if h.strip()]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    maps = heatmaps(analysis, images, text=args.text, feature=args.feature, heads=heads)
-    record = []
-    for im, name, hm in zip(images, names, maps, strict=True):
-        np.save(out / f"{name}.npy", hm.original.astype(np.float32))
-        draw(im, hm, out / f"{name}.png")
-        record.append({"image": name, "text": hm.text, "heads": hm.heads, "png": f"{name}.png", "npy": f"{name}.npy"})
-    (out / "heatmaps.json").write_text(json.dumps({"model": analysis.result.model.name, "maps": record}, indent=1))
-    print(f"{len(record)} heatmaps in {out}")
-    return 0
+# ---------------------------------------------------------------------------- the application
 
 
-def add_heatmap_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "heatmap",
-        help="where in each image the chosen heads write along a text: PNG overlays + .npy maps",
-        description=__doc__.split("\n\n")[1],
-    )
-    p.add_argument("images", nargs="*", help="image files (default: 4 generated world scenes)")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text", help='a description, e.g. "a red object"')
-    what.add_argument("--feature", help="a feature of the analysis: per image, its best-matching value")
-    p.add_argument(
-        "--heads", default="auto", help="auto (top 2 ceil(sqrt(H)) heads by score) or L.H names, comma-separated"
-    )
-    p.add_argument("--analysis", default="vitdecomp-out", help="folder of a finished `vitdecomp analyze`")
-    p.add_argument("--checkpoint", default=None, help="local weights of the analysed model, if it was given one")
-    p.add_argument("--out", default="vitdecomp-heatmaps", help="output folder")
-    p.set_defaults(func=run)
-    return p
+@dataclass(kw_only=True)
+class HeatmapConfig:
+    """Options of ``vitdecomp heatmap``: the image files (none: 4 generated scenes; ``skip_bad_images``:
+    skip the unreadable ones), the ``text`` or the ``feature`` the maps read, the ``heads`` (``"auto"``
+    or names), the analysis folder (its models loaded on ``device``, the subject from ``checkpoint``
+    when it was given one) and the folder the command writes to."""
+
+    images: tuple[str, ...] = ()
+    skip_bad_images: bool = False
+    text: str | None = None
+    feature: str | None = None
+    heads: str | tuple[str, ...] = "auto"
+    analysis: str | Path = ANALYSIS_DIR
+    checkpoint: str | Path | None = None
+    device: str | None = "cpu"
+    out: str | Path = HEATMAP_OUT
+
+
+def read_images(cfg: HeatmapConfig) -> tuple[list[Image.Image], list[str], list[str]]:
+    """``(images, names, skipped)`` of ``cfg.images`` (none: a few generated scenes); an unreadable
+    file stops with its name, or is skipped with ``cfg.skip_bad_images``."""
+    if not cfg.images:
+        return (*default_images(), [])
+    from vitdecomp.imageset import read_image, with_skip_hint
+
+    images, names, skipped = [], [], []
+    for p in cfg.images:
+        try:
+            images.append(read_image(p))
+        except ImageReadError as err:
+            if not cfg.skip_bad_images:
+                raise ImageReadError(with_skip_hint(str(err))) from err
+            skipped.append(str(err))
+            continue
+        names.append(Path(p).stem)
+    if not images:
+        raise ImageReadError(f"none of the {len(cfg.images)} image(s) could be read: {skipped[0]}")
+    return images, names, skipped
+
+
+@dataclass
+class HeatmapRecord:
+    """One image's map as ``heatmaps.json`` lists it (the arrays go to ``<image>.png`` / ``.npy``)."""
+
+    image: str
+    text: str
+    heads: list[str]
+    png: str
+    npy: str
+
+
+@dataclass
+class HeatmapResult(ResultBase):
+    """The maps of ``vitdecomp heatmap``: ``maps`` as ``heatmaps.json`` lists them, the arrays and
+    pictures behind them (``figures()``: one PNG per image, ``files()``: one ``.npy`` per image)."""
+
+    name: ClassVar[str] = "heatmap"
+    json_name: ClassVar[str] = "heatmaps"
+
+    model: str
+    maps: list[HeatmapRecord]
+    arrays: list[np.ndarray] = field(default_factory=list, repr=False)
+    images: list[Image.Image] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "maps": [vars(m).copy() for m in self.maps]}
+
+    def figures(self) -> list[Figure]:
+        return [Figure(Path(m.png).stem, png, f'"{m.text}"') for m, png in zip(self.maps, self._pngs, strict=True)]
+
+    @functools.cached_property
+    def _pngs(self) -> list[bytes]:
+        return [
+            draw(im, Heatmap(a, a, m.text, m.heads))
+            for im, a, m in zip(self.images, self.arrays, self.maps, strict=True)
+        ]
+
+    def files(self) -> dict[str, bytes]:
+        out = {}
+        for m, a in zip(self.maps, self.arrays, strict=True):
+            buf = io.BytesIO()
+            np.save(buf, a.astype(np.float32))
+            out[m.npy] = buf.getvalue()
+        return out
+
+    def section(self) -> AppSection:
+        rows = [[m.image, m.text, ", ".join(m.heads)] for m in self.maps]
+        summary = f"{len(self.maps)} heatmap(s) of {self.model}: where the chosen heads write along each text."
+        figures = [f.for_section() for f in self.figures()]
+        return AppSection("heatmap", f"Heatmaps ({self.model})", summary, ["image", "text", "heads"], rows, figures)
+
+
+class Heatmaps(AnalysisApplication[HeatmapConfig, HeatmapResult]):
+    """``vitdecomp heatmap``: the maps of the given images (or a few generated scenes)."""
+
+    name = "heatmap"
+
+    def check(self, cfg: HeatmapConfig) -> None:
+        """The text or feature, the named heads (against the analysis' components) and the images,
+        before any model loads."""
+        if cfg.text is None and cfg.feature is None:
+            raise VitDecompError("give a text (--text) or a feature (--feature)")
+        result = analysis_result(cfg.analysis)
+        if cfg.feature is not None and cfg.feature not in result.features:
+            raise UsageError(
+                f"--feature {cfg.feature}: not a feature of this analysis; its features: {sorted(result.features)}"
+            )
+        if cfg.heads != "auto":
+            check_heads(cfg.heads, result.labels, result.model.name)
+        for skipped in read_images(cfg)[2]:
+            print(f"vitdecomp: skipped: {skipped}", file=sys.stderr)
+
+    def measure(self, cfg: HeatmapConfig, analysis: Analysis) -> HeatmapResult:
+        images, names, _ = read_images(cfg)
+        heads = cfg.heads if cfg.heads == "auto" else list(cfg.heads)
+        maps = heatmaps(analysis, images, text=cfg.text, feature=cfg.feature, heads=heads)
+        records = [
+            HeatmapRecord(n, hm.text, hm.heads, f"{n}.png", f"{n}.npy") for n, hm in zip(names, maps, strict=True)
+        ]
+        return HeatmapResult(analysis.result.model.name, records, [hm.original for hm in maps], images)

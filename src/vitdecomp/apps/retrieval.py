@@ -6,32 +6,36 @@
 * By example: images that share a reference's feature F, compared on F's top-k components only,
   through their zero-shot reading of F (the cosines with F's value texts, z-scored over the image
   set, a softmax at temperature 0.1): images whose F components read as the same value, so that what
-  the components also carry about other features does not count.
+  the components also carry about other features does not count. That agreement saturates (every
+  image of the reference's value reads it at ~1.000), so images whose agreement ties at the printed
+  precision are ordered by the cosine of their whole representation with the reference's
+  (``full_cosine`` in the ranking, shown beside the score).
 
-``vitdecomp retrieve (--text T [--feature F] | --image PATH --feature F) [--k K] [--analysis DIR]``
-writes ``ranking.json`` (image ids best first with scores, the components used) and
-``gallery.html``.
+:class:`Retrieve` is an :class:`~vitdecomp.apps.contract.AnalysisApplication`: ``vitdecomp retrieve
+(--text T [--feature F] | --image PATH --feature F) [--k K] [--analysis DIR]`` writes its result as
+``ranking.json`` (image ids best first with scores, the components used) and a ``gallery.html`` page.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
-import html
-import io
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from vitdecomp.apps.analysis import Analysis, auto_k, load_analysis
-from vitdecomp.errors import VitDecompError
-from vitdecomp.fsio import atomic_write_text
+from vitdecomp.apps.analysis import Analysis, analysis_result, auto_k, refuse_untrained
+from vitdecomp.apps.contract import AnalysisApplication
+from vitdecomp.checks import check_at_least
+from vitdecomp.defaults import ANALYSIS_DIR, N_RESULTS, RETRIEVE_OUT
+from vitdecomp.errors import UsageError, VitDecompError
 from vitdecomp.index import store_text_search
+from vitdecomp.results import AppSection, ResultBase
+from vitdecomp.store import reopen_store
 
-TOP_N = 20
+TOP_N = N_RESULTS
 
 
 @dataclass
@@ -107,18 +111,38 @@ def image_scores(
     return p @ p[ref]
 
 
-def ranking(scores: torch.Tensor, ids: list[str], n: int = TOP_N, exclude: int | None = None) -> list[dict]:
-    order = scores.argsort(descending=True).tolist()
+#: Scores closer than this (the printed precision) tie; a tie-break then orders them.
+TIE_RESOLUTION = 1e-3
+
+
+def ranking(
+    scores: torch.Tensor,
+    ids: list[str],
+    n: int = TOP_N,
+    exclude: int | None = None,
+    tie_break: torch.Tensor | None = None,
+) -> list[dict]:
+    """The ``n`` best images (``exclude``: the reference's row left out), best first: ``[{id, row,
+    score}]``; with ``tie_break [N]``, scores equal at :data:`TIE_RESOLUTION` are ordered by it (kept
+    in each row as ``full_cosine``)."""
+    if tie_break is None:
+        order = scores.argsort(descending=True, stable=True).tolist()
+    else:
+        order = tie_break.argsort(descending=True, stable=True)
+        level = torch.round(scores.double() / TIE_RESOLUTION)[order]
+        order = order[level.argsort(descending=True, stable=True)].tolist()
     order = [i for i in order if i != exclude][:n]
-    return [{"id": ids[i], "row": i, "score": float(scores[i])} for i in order]
+    rows = [{"id": ids[i], "row": i, "score": float(scores[i])} for i in order]
+    if tie_break is not None:
+        for r in rows:
+            r["full_cosine"] = float(tie_break[r["row"]])
+    return rows
 
 
 @torch.no_grad()
 def analysis_gallery(analysis: Analysis) -> Gallery:
     """The analysed image set's aligned contributions, read from its store."""
-    from vitdecomp.store import ContributionStore
-
-    store = ContributionStore(analysis.result.store.path)
+    store = reopen_store(analysis.result.store.path)
     contrib = store.batch(slice(None))["contributions"]
     return gallery_of(analysis, contrib, list(store.ids))
 
@@ -129,10 +153,8 @@ def store_text_scores(
 ) -> torch.Tensor:
     """``[N, T]``: :func:`text_scores` of every image of the analysed store with each text of
     ``text_emb [T, d_clip]``, read in batches of rows (the whole aligned store never in memory)."""
-    from vitdecomp.store import ContributionStore
-
     out = []
-    for rows in ContributionStore(analysis.result.store.path).iter_batches(batch_size):
+    for rows in reopen_store(analysis.result.store.path).iter_batches(batch_size):
         g = gallery_of(analysis, rows["contributions"], [])
         out.append(torch.stack([text_scores(g, t, components) for t in text_emb], 1))
     return torch.cat(out)
@@ -144,59 +166,6 @@ def gallery_of(analysis: Analysis, contributions: torch.Tensor, ids: list[str]) 
     if al is None:
         return Gallery(contributions.float(), torch.zeros(contributions.shape[-1]), analysis.result.labels, ids)
     return Gallery(al.apply(contributions), al.bias.float().cpu(), analysis.result.labels, ids)
-
-
-def _thumb(img) -> str:
-    buf = io.BytesIO()
-    img.convert("RGB").resize((96, 96)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def write_gallery(path: Path, title: str, rows: list[dict], image_of) -> None:
-    """One self-contained HTML page of the ranked images (thumbnails inlined), written atomically."""
-    cells = "".join(
-        f'<figure><img src="data:image/png;base64,{_thumb(image_of(r["row"]))}">'
-        f"<figcaption>{html.escape(r['id'])}<br>{r['score']:.3f}</figcaption></figure>"
-        for r in rows
-    )
-    style = "figure{display:inline-block;margin:4px;font:11px sans-serif;text-align:center}"
-    atomic_write_text(
-        path,
-        f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{style}</style>"
-        f"<h3>{html.escape(title)}</h3>{cells}",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    analysis = load_analysis(args.analysis, checkpoint=args.checkpoint)
-    gallery = analysis_gallery(analysis)
-    k = args.k or auto_k(len(gallery.labels))
-    comps = None if args.feature is None else top_components(analysis.scores(args.feature), k)
-    if args.text is not None:
-        query = analysis.embed([args.text])[0]  # FAISS index of the store, persisted beside it
-        scores, exclude = store_text_search(analysis.result.store.path, analysis.aligner, comps, query, args.n), None
-        title = f'"{args.text}"' + (f" through {args.feature} (top {k})" if comps else " (whole representation)")
-    else:
-        if args.feature is None:
-            raise VitDecompError("--image needs --feature: the feature the images should share")
-        in_set = args.image in gallery.ids
-        exclude = gallery.ids.index(args.image) if in_set else _append_reference(analysis, gallery, args.image)
-        texts = analysis.embed(list(analysis.result.features[args.feature]))
-        scores = image_scores(gallery, exclude, comps, texts)
-        title = f"same {args.feature} as {args.image} (top {k} components, read as {args.feature}'s values)"
-    rows = ranking(scores, gallery.ids, args.n, exclude)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"query": title, "model": analysis.result.model.name, "components": comps, "k": k, "ranking": rows}
-    root = analysis.result.images.root
-    for r in rows:
-        if root and not r["id"].startswith("world-"):
-            r["path"] = str(Path(root) / r["id"])
-    atomic_write_text(out / "ranking.json", json.dumps(doc, indent=1))
-    load = _image_loader([r["id"] for r in rows], root)
-    write_gallery(out / "gallery.html", title, rows, lambda i: load(gallery.ids[i]))
-    print(f"{len(rows)} images in {out / 'ranking.json'}, {out / 'gallery.html'}")
-    return 0
 
 
 def _append_reference(analysis: Analysis, gallery: Gallery, path: str) -> int:
@@ -234,20 +203,107 @@ def _image_loader(image_ids: list[str], root: str = ""):
     return load
 
 
-def add_retrieve_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "retrieve",
-        help="search an analysed image set by text or by example, through a feature's components",
-        description=__doc__.split("\n\n")[1],
-    )
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text", help='a description, e.g. "a red object"')
-    what.add_argument("--image", help="a reference image (path, or an id of the analysed set)")
-    p.add_argument("--feature", help="read only this feature's top components (required with --image)")
-    p.add_argument("--k", type=int, default=None, help="number of components (default 2 ceil(sqrt(C)))")
-    p.add_argument("--n", type=int, default=TOP_N, help="images to return")
-    p.add_argument("--analysis", default="vitdecomp-out", help="folder of a finished `vitdecomp analyze`")
-    p.add_argument("--checkpoint", default=None, help="local weights of the analysed model, if it was given one")
-    p.add_argument("--out", default="vitdecomp-retrieval", help="output folder")
-    p.set_defaults(func=run)
-    return p
+# ---------------------------------------------------------------------------- the application
+
+
+@dataclass(kw_only=True)
+class RetrieveConfig:
+    """Options of ``vitdecomp retrieve``: a ``text`` or a reference ``image`` (a path, or an id of the
+    analysed set; needs ``feature``), the ``feature`` whose top ``k`` components are read (default
+    ``2 ceil(sqrt(C))``), how many images to return, the analysis folder (models on ``device``, the
+    subject from ``checkpoint``), and the folder the command writes to."""
+
+    text: str | None = None
+    image: str | None = None
+    feature: str | None = None
+    k: int | None = None
+    n_results: int = N_RESULTS
+    analysis: str | Path = ANALYSIS_DIR
+    checkpoint: str | Path | None = None
+    device: str | None = "cpu"
+    out: str | Path = RETRIEVE_OUT
+
+
+@dataclass
+class RetrievalResult(ResultBase):
+    """What ``ranking.json`` holds: the query in words, the model, the components read and ``k``, and
+    the ranking (``id``, ``row``, ``score``, and ``path`` for files of an analysed folder)."""
+
+    name: ClassVar[str] = "retrieve"
+    json_name: ClassVar[str] = "ranking"
+
+    query: str
+    model: str
+    components: list[str] | None
+    k: int
+    ranking: list[dict[str, Any]]
+
+    def section(self) -> AppSection:
+        summary = f"{self.query}: the {len(self.ranking)} best images of the analysed set ({self.model})."
+        if self.ranking and "full_cosine" in self.ranking[0]:
+            rows = [[r["id"], f"{r['score']:.3f}", f"{r['full_cosine']:.3f}"] for r in self.ranking]
+            summary += " Equal scores are ordered by the whole representation's cosine with the reference."
+            return AppSection("retrieve", f"Retrieval: {self.query}", summary, ["image", "score", "full cosine"], rows)
+        rows = [[r["id"], f"{r['score']:.3f}"] for r in self.ranking]
+        return AppSection("retrieve", f"Retrieval: {self.query}", summary, ["image", "score"], rows)
+
+
+class Retrieve(AnalysisApplication[RetrieveConfig, RetrievalResult]):
+    """``vitdecomp retrieve``: rank the analysed image set by a text or by a reference image."""
+
+    name = "retrieve"
+
+    def check(self, cfg: RetrieveConfig) -> None:
+        """Every argument against the analysis folder's ``results.json`` (and its store's ids, for a
+        reference image given by id), before any model loads."""
+        if (cfg.text is None) == (cfg.image is None):
+            raise VitDecompError("give a text (--text) or a reference image (--image), one of the two")
+        if cfg.image is not None and cfg.feature is None:
+            raise VitDecompError("--image needs --feature: the feature the images should share")
+        check_at_least("--n-results", cfg.n_results, 1)
+        check_at_least("--k", cfg.k, 1)
+        result = analysis_result(cfg.analysis)
+        refuse_untrained(result, cfg.analysis)
+        if cfg.feature is not None and cfg.feature not in result.features:
+            raise UsageError(
+                f"--feature {cfg.feature}: not a feature of this analysis; its features: {sorted(result.features)}"
+            )
+        if cfg.k is not None and cfg.k > len(result.labels):
+            raise UsageError(f"--k {cfg.k}: the analysis has {len(result.labels)} components")
+        if (
+            cfg.image is not None
+            and not Path(cfg.image).is_file()
+            and cfg.image not in reopen_store(result.store.path).ids
+        ):
+            raise UsageError(f"--image {cfg.image}: no such file, nor an image id of the analysed set")
+
+    def measure(self, cfg: RetrieveConfig, analysis: Analysis) -> RetrievalResult:
+        gallery = analysis_gallery(analysis)
+        k = cfg.k or auto_k(len(gallery.labels))
+        comps = None if cfg.feature is None else top_components(analysis.scores(cfg.feature), k)
+        if cfg.text is not None:
+            query = analysis.embed([cfg.text])[0]  # FAISS index of the store, persisted beside it
+            path, n = analysis.result.store.path, cfg.n_results
+            scores, exclude, tie_break = store_text_search(path, analysis.aligner, comps, query, n), None, None
+            title = f'"{cfg.text}"' + (f" through {cfg.feature} (top {k})" if comps else " (whole representation)")
+        else:
+            assert cfg.image is not None and cfg.feature is not None
+            in_set = cfg.image in gallery.ids
+            exclude = gallery.ids.index(cfg.image) if in_set else _append_reference(analysis, gallery, cfg.image)
+            texts = analysis.embed(list(analysis.result.features[cfg.feature]))
+            scores = image_scores(gallery, exclude, comps, texts)
+            tie_break = image_scores(gallery, exclude, None, how="cosine")
+            title = f"same {cfg.feature} as {cfg.image} (top {k} components, read as {cfg.feature}'s values)"
+        rows = ranking(scores, gallery.ids, cfg.n_results, exclude, tie_break)
+        root = analysis.result.images.root
+        for r in rows:
+            if root and not r["id"].startswith("world-"):
+                r["path"] = str(Path(root) / r["id"])
+        return RetrievalResult(title, analysis.result.model.name, comps, k, rows)
+
+
+def ranked_images(result: RetrievalResult, root: str = "") -> Callable[[int], Any]:
+    """``position in the ranking -> PIL image`` of a result's images (files under the analysed folder
+    ``root``, or generated world scenes)."""
+    load = _image_loader([r["id"] for r in result.ranking], root)
+    return lambda i: load(result.ranking[i]["id"])

@@ -5,7 +5,7 @@ metrics (:mod:`vitdecomp.apps.seg_metrics`).
 What is explained (label-free, the same for every method): ``--target predicted`` (models with a
 classifier) — the logit of the model's own predicted value; for the zoo's multi-attribute heads, of
 ``--feature`` (default colour); for other classifiers, the top class. ``--target self`` (models without
-a classifier, e.g. zoo:dino) — the image's own representation, centred on the set's mean: the scalar
+a classifier, e.g. zoo:simclr) — the image's own representation, centred on the set's mean: the scalar
 ``<r(x), r(x) - mean r>``. Both are a direction ``u`` on the representation, one per image.
 
 The decomposition's map: every attention head of every layer, each source token's contribution
@@ -15,50 +15,63 @@ upsampled bilinearly to the input, as the published code and Chefer et al.'s do.
 the published code's later half (blocks 5-11 of 12): the zoo models have 3-5 blocks and their first
 ones carry most of the localised contribution (docs/applications.md has the measurement).
 
-Images and masks: ``--images DIR --masks DIR`` matched by file stem; ``--world DIR`` for a
-``vitdecomp world export`` folder (its ``masks/``); neither: ``--n`` fresh generated scenes. A mask is
-any image file where non-zero is object (greyscale, palette indices, or any RGB channel; alpha
-ignored). A mask of another size than its image is resized to it with nearest-neighbour sampling (and
-listed). Images without a mask are skipped and listed; unreadable masks stop the run with the file named.
-Masks are carried into the model's input through its own resize / crop; scores are on input pixels.
+Images and masks (:mod:`vitdecomp.apps.masks`): ``--images DIR --masks DIR`` matched by file stem;
+``--world DIR`` for a ``vitdecomp world export`` folder (its ``masks/``); ``--mat FILE`` for
+ImageNet-segmentation's ``gtsegs_ijcv.mat`` (:mod:`vitdecomp.apps.imagenet_seg`); none: ``--n-images``
+fresh generated scenes. Masks are carried into the model's input through its own resize / crop, or
+(``--resize square``, the default for ``--mat``: the published protocol) image and mask are resized to
+the model's input square with no crop; scores are on input pixels. On ``--mat`` the result also holds
+the published figures beside its own (:meth:`SegmentResult.benchmark_table`, ``benchmark.json``).
+:class:`Segment` is a :class:`~vitdecomp.apps.contract.ModelApplication`.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
-import io
 import json
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
 from vitdecomp.apps.chefer import CheferMap, why_not
+from vitdecomp.apps.contract import ModelApplication
 from vitdecomp.apps.gradcam import GradCamMap, cam_layer
-from vitdecomp.apps.pixels import InputGeometry, input_geometry
+from vitdecomp.apps.imagenet_seg import N_PUBLISHED, read_mat
+from vitdecomp.apps.masks import SegmentSet, folder_set, to_input, world_set
+from vitdecomp.apps.pixels import input_geometry, input_size, square_preprocess
+from vitdecomp.apps.published import SEGMENTATION_METRICS, THIS_RUN, BenchmarkTable, Row, published_segmentation
 from vitdecomp.apps.relevance import RelevanceMap, Representation, network
 from vitdecomp.apps.seg_metrics import THRESHOLD_RULE, SegAccumulator, SegMetrics, binarize
 from vitdecomp.apps.token_maps import TokenMaps, token_maps
+from vitdecomp.checks import check_at_least
+from vitdecomp.defaults import MODEL, SEGMENT_BATCH_SIZE, SEGMENT_OUT, SEGMENT_SHOW, SHOW_SEED
 from vitdecomp.errors import VitDecompError
-from vitdecomp.fsio import atomic_write_bytes, atomic_write_text
-from vitdecomp.imageset import IMAGE_SUFFIXES, display_name, list_images, read_image
-from vitdecomp.report.attach import add_report_argument, attach_if_asked, check_report
-from vitdecomp.report.sections import AppFigure, AppSection
+from vitdecomp.figures import figure_png, pyplot
+from vitdecomp.models.loaded import LoadedModel
+from vitdecomp.results import AppSection, Figure, ResultBase
 
 #: Layers the decomposition's map sums, in words (``DecompositionMap(layers=None)``).
 LAYERS_RULE = (
     "every attention head of every layer; positive part of each (head, token) term; summed; token grids upsampled "
     "bilinearly"
 )
-TIMING_RULE = "one process, methods alternating batch by batch, 1 thread, on a shared (loaded) machine"
+#: Generated scenes scored when no folder is given.
+N_WORLD_IMAGES = 200
+#: ``--resize``: how images and masks enter the model (``auto``: ``square`` for ``--mat``, else ``model``).
+RESIZES = ("auto", "model", "square")
+
+
+def timing_rule() -> str:
+    """How the maps' speed was measured, with this process' torch threads."""
+    return f"one process, methods alternating batch by batch, {torch.get_num_threads()} torch thread(s)"
 
 
 class DecompositionMap:
@@ -103,89 +116,6 @@ def bilinear_pixels(maps: TokenMaps) -> Tensor:
     return out
 
 
-# ---------------------------------------------------------------------------- images and masks
-
-
-@dataclass
-class SegmentSet:
-    """Images with their object masks ``[H0, W0]`` bool (original pixels); what was skipped / resized."""
-
-    names: list[str]
-    images: list[Image.Image]
-    masks: list[np.ndarray]
-    description: str
-    skipped: list[str] = field(default_factory=list)
-    resized: list[str] = field(default_factory=list)
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """``[H, W]`` bool: non-zero = object (any RGB channel; palette indices; alpha ignored)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            a = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "LA", "PA") else im)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise VitDecompError(f"mask {display_name(path)} cannot be read: {err}") from err
-    return a.any(-1) if a.ndim == 3 else a != 0
-
-
-def world_set(n: int, seed: int) -> SegmentSet:
-    """``n`` generated scenes of the built-in world with their object masks."""
-    from vitdecomp.world import make_scenes
-
-    s = make_scenes(n, seed=seed)
-    names = [f"world-{seed}-{i:06d}" for i in range(n)]
-    desc = f"{n} generated world scenes (seed {seed})"
-    return SegmentSet(names, [s.pil(i) for i in range(n)], list(s.masks.astype(bool)), desc)
-
-
-def folder_set(images: str | Path, masks: str | Path, n: int | None = None) -> SegmentSet:
-    """Images under ``images`` with the mask of the same file stem under ``masks`` (see the module text)."""
-    masks = Path(masks)
-    if not masks.is_dir():
-        raise VitDecompError(f"not a folder of masks: {display_name(masks)}")
-    by_stem: dict[str, Path] = {}
-    for p in sorted(masks.rglob("*")):
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith("."):
-            if p.stem in by_stem:
-                raise VitDecompError(f"two masks share the stem {p.stem!r}: {by_stem[p.stem]} and {display_name(p)}")
-            by_stem[p.stem] = p
-    out = SegmentSet([], [], [], f"images from {display_name(images)}, masks from {display_name(masks)}")
-    inside = masks.resolve()
-    for path in list_images(images):
-        if n is not None and len(out.names) >= n:
-            break
-        if inside in path.resolve().parents:  # a masks folder inside the images folder
-            continue
-        mask_path = by_stem.get(path.stem)
-        if mask_path is None:
-            out.skipped.append(display_name(path))
-            continue
-        im, mask = read_image(path), read_mask(mask_path)
-        if mask.shape != (im.height, im.width):
-            out.resized.append(f"{display_name(mask_path)} {mask.shape[1]}x{mask.shape[0]} -> {im.width}x{im.height}")
-            mask = np.asarray(Image.fromarray(mask).resize(im.size, Image.NEAREST))
-        out.names.append(path.stem)
-        out.images.append(im)
-        out.masks.append(mask)
-    if not out.names:
-        raise VitDecompError(f"no image under {display_name(images)} has a mask (same file stem) in {masks}")
-    return out
-
-
-def to_input(a: np.ndarray, geo: InputGeometry, resample: int) -> np.ndarray:
-    """An ``[H0, W0(, 3)]`` uint8 array of the original image's frame in the model's input frame
-    (resize then crop as the model's preprocessing does; zero where the input lies outside)."""
-    im = Image.fromarray(a).resize((geo.resized[1], geo.resized[0]), resample)
-    r = np.asarray(im)
-    out = np.zeros((*geo.crop, *r.shape[2:]), dtype=r.dtype)
-    top, left = geo.offset
-    ys, xs = max(top, 0), max(left, 0)
-    ye, xe = min(top + geo.crop[0], r.shape[0]), min(left + geo.crop[1], r.shape[1])
-    out[ys - top : ye - top, xs - left : xe - left] = r[ys:ye, xs:xe]
-    return out
-
-
 # ---------------------------------------------------------------------------- what is explained
 
 
@@ -226,17 +156,18 @@ def choose_targets(model: object, reps: Tensor, rule: str = "auto", feature: str
 
 
 def _block(model: object, head: torch.nn.Linear, feature: str) -> tuple[int, list[str], str | None]:
-    """The zoo's logit block of ``feature`` (start, value names, feature), or every class of another
-    classifier (feature ``None``)."""
+    """The logit block of ``feature`` (start, value names, feature) of a model with one block per
+    attribute (:attr:`~vitdecomp.models.loaded.LoadedModel.attribute_heads`, the zoo's), or every
+    class of another classifier (feature ``None``)."""
     from vitdecomp.world.attributes import ATTRIBUTES
-    from vitdecomp.zoo.models import HEAD_SIZES, NUM_LOGITS
 
-    if getattr(model, "source", "") != "zoo" or head.out_features != NUM_LOGITS:
+    sizes: dict[str, int] = getattr(model, "attribute_heads", {})
+    if not sizes or head.out_features != sum(sizes.values()):
         return 0, [str(i) for i in range(head.out_features)], None
-    order = list(HEAD_SIZES)
+    order = list(sizes)
     if feature not in order:
         raise VitDecompError(f"no logit block {feature!r} in this zoo model; blocks: {order}")
-    return sum(HEAD_SIZES[k] for k in order[: order.index(feature)]), list(ATTRIBUTES[feature]), feature
+    return sum(sizes[k] for k in order[: order.index(feature)]), list(ATTRIBUTES[feature]), feature
 
 
 # ---------------------------------------------------------------------------- running and scoring
@@ -253,8 +184,11 @@ class MethodScore:
 
 
 @dataclass
-class SegmentResult:
-    """What ``vitdecomp segment`` measured; ``section()`` is its part of the report."""
+class SegmentResult(ResultBase):
+    """What ``vitdecomp segment`` measured; ``section()`` is its part of the report, ``figures()`` the
+    maps of a few images, ``files()`` the metric table as ``metrics.md``."""
+
+    name: ClassVar[str] = "segment"
 
     model: str
     images: str
@@ -268,26 +202,63 @@ class SegmentResult:
     resized: list[str] = field(default_factory=list)
     targets: dict[str, int] = field(default_factory=dict)
     command: str = ""
-    figure: str | None = None
     figure_png: bytes | None = field(default=None, repr=False)
+    resize: str = ""
+    benchmark: str = ""
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("figure_png")
         return d
 
+    def figures(self) -> list[Figure]:
+        png = self.figure_png
+        return [] if png is None else [Figure("segment", png, "image, mask outline, each method's map")]
+
+    def files(self) -> dict[str, bytes]:
+        """``metrics.md``; on a published benchmark also ``benchmark.json`` (:meth:`benchmark_table`)."""
+        files = {"metrics.md": self.markdown().encode()}
+        if self.benchmark:
+            files["benchmark.json"] = json.dumps(self.benchmark_table().to_dict(), indent=1).encode()
+        return files
+
     def table(self) -> tuple[list[str], list[list[str]]]:
         """The per-method metric table (header, formatted rows)."""
-        header = ["method", "pixel acc.", "mIoU", "IoU object (cum. foreground)", "IoU background", "mAP", "maps/s"]
+        header = ["method", "pixel acc.", "mIoU", "IoU object (cum. foreground)", "IoU background", "mAP"]
+        header += ["mAP (object + background)", "maps/s"]
         rows = []
         for m in self.methods:
             if m.metrics is None:
-                rows.append([m.name, *["n/a"] * 5, "-"])
+                rows.append([m.name, *["n/a"] * 6, "-"])
                 continue
             s = m.metrics
             vals = [s.pixel_accuracy, s.miou, s.cumulative_foreground_iou, s.iou_background, s.mean_ap]
-            rows.append([m.name, *(f"{v:.3f}" for v in vals), f"{m.maps_per_s:.1f}"])
+            two = "-" if s.mean_ap_two_class is None else f"{s.mean_ap_two_class:.3f}"
+            rows.append([m.name, *(f"{v:.3f}" for v in vals), two, f"{m.maps_per_s:.1f}"])
         return header, rows
+
+    def benchmark_table(self) -> BenchmarkTable:
+        """This run's methods beside the published ImageNet-segmentation figures (mAP: the published
+        protocol's, object + background; see :mod:`vitdecomp.apps.published`)."""
+        settings = f"{self.resize}; {self.threshold}; explains: {self.target}"
+        ours = [
+            Row(THIS_RUN, METHOD_TITLES[m.name], self.model, self.images, settings, _benchmark_figures(m.metrics))
+            for m in self.methods
+            if m.metrics is not None
+        ]
+        notes = [
+            "mIoU: the mean over object and background of the dataset-level IoU (Chefer et al.'s and TextSpan's "
+            "code); the paper's 'mIoU' is the cumulative foreground IoU, in its own column.",
+            "mAP: the published protocol's (per image, the normalised map ranks the object pixels and one minus it "
+            "the background pixels, pooled; averaged over every image); this run's object-only mAP is mean_ap in "
+            "segment.json.",
+            "Rows with other data (the paper's 5,000-image subset) or other settings (resolution, threshold, what "
+            "is explained) do not compare number for number.",
+        ]
+        if self.n_images < N_PUBLISHED:
+            notes.append(f"This run read {self.n_images} images, not the benchmark's {N_PUBLISHED:,}.")
+        title = "ImageNet-segmentation: this run beside the published figures"
+        return BenchmarkTable(self.benchmark, title, SEGMENTATION_METRICS, ours, published_segmentation(), notes)
 
     def markdown(self) -> str:
         header, rows = self.table()
@@ -295,7 +266,7 @@ class SegmentResult:
         return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)]) + "\n"
 
     def section(self) -> AppSection:
-        """This run as a section of the report (:class:`vitdecomp.report.sections.AppSection`)."""
+        """This run as a section of the report (:class:`vitdecomp.results.AppSection`)."""
         header, rows = self.table()
         scored = {m.name: m.metrics.miou for m in self.methods if m.metrics is not None}
         best = max(scored, key=scored.get) if scored else "none"
@@ -304,20 +275,15 @@ class SegmentResult:
             + ", ".join(f"{k} {v:.3f}" for k, v in scored.items())
             + f" (best: {best})."
         )
-        png = self.figure_png
-        if png is None and self.figure and Path(self.figure).exists():
-            png = Path(self.figure).read_bytes()
-        figures = [] if png is None else [AppFigure(png_data_uri(png), "image, mask outline, each method's map")]
+        figures = [f.for_section() for f in self.figures()]
         notes = [f"target: {self.target}", f"decomposition layers: {self.layers}", f"threshold: {self.threshold}"]
         notes += [f"speed: {self.timing}"]
+        if self.benchmark:
+            notes.append(f"{self.benchmark}: the published figures beside these are in benchmark.json")
         notes += [f"{m.name}: {m.note}" for m in self.methods if m.note]
         if self.skipped:
-            notes.append(f"{len(self.skipped)} image(s) without a mask skipped, e.g. {self.skipped[0]}")
+            notes.append(f"{len(self.skipped)} image(s) skipped (no mask, or unreadable), e.g. {self.skipped[0]}")
         return AppSection("segment", "Zero-shot segmentation", summary, header, rows, figures, self.command, notes)
-
-
-def png_data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def default_methods() -> list[RelevanceMap]:
@@ -344,7 +310,7 @@ class _Batch:
 
 
 def _batches(model: object, data: SegmentSet, batch: int) -> list[_Batch]:
-    pre = model.preprocess
+    pre = square_preprocess(model.preprocess) if data.square else model.preprocess
     out = []
     for s in range(0, len(data.names), batch):
         ims, mks = data.images[s : s + batch], data.masks[s : s + batch]
@@ -363,40 +329,37 @@ def segment(
     target: str = "auto",
     feature: str = "color",
     methods: list[RelevanceMap] | None = None,
-    batch: int = 25,
-    show: int = 4,
+    batch: int = SEGMENT_BATCH_SIZE,
+    show: int = SEGMENT_SHOW,
+    progress: bool = True,
 ) -> SegmentResult:
     """Every method's maps of ``data`` explaining the same per-image target, scored by the same metrics;
-    maps per second timed side by side (methods alternate batch by batch)."""
+    maps per second timed side by side (methods alternate batch by batch). The maps run on the model's
+    device; the scores are kept on the CPU."""
     methods = methods or default_methods()
     batches = _batches(model, data, batch)
+    device = next(network(model).parameters(), torch.empty(0)).device
     with torch.no_grad():
-        reps = torch.cat([Representation(network(model))(b.x) for b in batches]).float()
+        reps = torch.cat([Representation(network(model))(b.x.to(device)).cpu() for b in batches]).float()
     targets = choose_targets(model, reps, target, feature)
     notes = {m.name: _applies(m, model) for m in methods}
     live = [m for m in methods if not notes[m.name]]
-    acc = {m.name: SegAccumulator() for m in live}
-    seconds = dict.fromkeys(notes, 0.0)
-    kept: dict[str, list[Tensor]] = {m.name: [] for m in live}
+    run = _MethodRun({m.name: SegAccumulator() for m in live}, dict.fromkeys(notes, 0.0), {m.name: [] for m in live})
     start = 0
-    for i, b in enumerate(tqdm(batches, desc="segment", unit="batch")):
-        u = targets.directions[start : start + len(b.x)]
+    for i, b in enumerate(tqdm(batches, desc="segment", unit="batch", disable=not progress)):
+        u = targets.directions[start : start + len(b.x)].to(device)
         start += len(b.x)
         for m in live[i % len(live) :] + live[: i % len(live)]:
-            t0 = time.perf_counter()
-            maps = m(model, b.x, u).detach().float()
-            seconds[m.name] += time.perf_counter() - t0
-            acc[m.name].add(maps, b.masks)
-            if sum(len(k) for k in kept[m.name]) < show:
-                kept[m.name].append(maps[: show - sum(len(k) for k in kept[m.name])])
+            run.add(m, model, b, u, show)
     scores = [
-        MethodScore(m.name, acc[m.name].result() if not notes[m.name] else None, None, notes[m.name]) for m in methods
+        MethodScore(m.name, run.acc[m.name].result() if not notes[m.name] else None, None, notes[m.name])
+        for m in methods
     ]
     for s in scores:
-        s.maps_per_s = len(data.names) / seconds[s.name] if s.metrics is not None and seconds[s.name] else None
+        s.maps_per_s = len(data.names) / run.seconds[s.name] if s.metrics is not None and run.seconds[s.name] else None
     shown = [im for b in batches for im in b.shown][:show]
     shown_masks = torch.cat([b.masks for b in batches])[:show]
-    png = draw_grid(shown, shown_masks, {k: torch.cat(v) for k, v in kept.items()}, targets.what[:show])
+    png = draw_grid(shown, shown_masks, {k: torch.cat(v) for k, v in run.kept.items()}, targets.what[:show])
     counts: dict[str, int] = {}
     for w in targets.what:
         counts[w] = counts.get(w, 0) + 1
@@ -407,23 +370,47 @@ def segment(
         target=targets.rule,
         layers=LAYERS_RULE,
         threshold=THRESHOLD_RULE,
-        timing=TIMING_RULE,
+        timing=timing_rule(),
         methods=scores,
         skipped=data.skipped,
         resized=data.resized,
         targets=counts,
         figure_png=png,
+        resize=resize_rule(model, data.square),
+        benchmark=data.benchmark,
     )
+
+
+def resize_rule(model: object, square: bool) -> str:
+    """How the images and masks entered ``model``, in words."""
+    h, w = input_size(model.preprocess)
+    if square:
+        return f"image and mask resized to {h} x {w}, no crop (masks nearest)"
+    return f"the model's own resize / crop to {h} x {w} (masks carried through it, nearest)"
+
+
+@dataclass
+class _MethodRun:
+    """Per method: its metric accumulator, its seconds, and the first maps kept for the figure."""
+
+    acc: dict[str, SegAccumulator]
+    seconds: dict[str, float]
+    kept: dict[str, list[Tensor]]
+
+    def add(self, m: RelevanceMap, model: object, b: _Batch, u: Tensor, show: int) -> None:
+        """One batch of method ``m``'s maps, timed, scored against the masks, the first ``show`` kept."""
+        t0 = time.perf_counter()
+        maps = m(model, b.x.to(u.device), u).detach().float().cpu()
+        self.seconds[m.name] += time.perf_counter() - t0
+        self.acc[m.name].add(maps, b.masks)
+        if sum(len(k) for k in self.kept[m.name]) < show:
+            self.kept[m.name].append(maps[: show - sum(len(k) for k in self.kept[m.name])])
 
 
 def draw_grid(images: list[np.ndarray], masks: Tensor, maps: dict[str, Tensor], what: list[str]) -> bytes:
     """A PNG: one row per image — the image with the mask outline, then each method's map (min-max
     normalised, mask outline in cyan, the thresholded region hatched)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = 1 + len(maps)
     fig, axes = plt.subplots(len(images), cols, figsize=(2.1 * cols, 2.2 * len(images)), squeeze=False, dpi=100)
     for r, im in enumerate(images):
@@ -448,104 +435,120 @@ def draw_grid(images: list[np.ndarray], masks: Tensor, maps: dict[str, Tensor], 
     for ax in axes.flat:
         ax.set_axis_off()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
 
 
-# ---------------------------------------------------------------------------- command line
+# ---------------------------------------------------------------------------- the application
+
+#: The relevance-map methods by name, in the order they are compared.
+METHODS = ("decomposition", "gradcam", "chefer")
+#: Their names in a benchmark table.
+METHOD_TITLES = {
+    "decomposition": "decomposition (every head's token contributions)",
+    "gradcam": "GradCAM (pytorch-grad-cam)",
+    "chefer": "Chefer et al. (gradient-weighted rollout)",
+}
 
 
-def _data(args: argparse.Namespace) -> SegmentSet:
-    if args.world is not None:
-        if args.images is not None or args.masks is not None:
-            raise VitDecompError("give --world DIR, or --images DIR with --masks DIR, not both")
-        return folder_set(args.world, Path(args.world) / "masks", args.n)
-    if (args.images is None) != (args.masks is None):
-        raise VitDecompError("--images and --masks go together (masks matched to images by file stem)")
-    if args.images is not None:
-        return folder_set(args.images, args.masks, args.n)
-    return world_set(args.n or 200, args.seed)
+def _benchmark_figures(m: SegMetrics) -> dict[str, float | None]:
+    """A method's figures under the published protocol's names (mAP: object + background)."""
+    return {
+        "pixel_accuracy": m.pixel_accuracy,
+        "miou": m.miou,
+        "mean_ap": m.mean_ap_two_class,
+        "cumulative_foreground_iou": m.cumulative_foreground_iou,
+    }
 
 
-def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces this run (options that matter, defaults spelled out)."""
-    parts = ["vitdecomp", "segment", "--model", args.model]
-    for flag in ("checkpoint", "world", "images", "masks", "n"):
-        if getattr(args, flag) is not None:
-            parts += [f"--{flag}", str(getattr(args, flag))]
-    if args.world is None and args.images is None:
-        parts += ["--seed", str(args.seed)]
-    parts += ["--target", args.target, "--feature", args.feature, "--methods", args.methods]
-    return shlex.join(parts)
+@dataclass(kw_only=True)
+class SegmentConfig:
+    """Options of ``vitdecomp segment``: the model (``checkpoint``, ``device``), the images and masks
+    (``world``: a world export folder; or ``images`` with ``masks``; or ``mat``: ImageNet-segmentation's
+    ``gtsegs_ijcv.mat``; none: ``n_images`` generated scenes from ``seed``; at most ``n_images`` in any
+    case; ``skip_bad_images``: skip unreadable files), how they enter the model (``resize``:
+    :data:`RESIZES`), what every map explains (``target``, ``feature``), the ``methods`` compared,
+    images per batch, images in the figure, and the folder the command writes to."""
+
+    model: str = MODEL
+    checkpoint: str | Path | None = None
+    device: str | None = "cpu"
+    world: str | Path | None = None
+    images: str | Path | None = None
+    masks: str | Path | None = None
+    mat: str | Path | None = None
+    resize: str = "auto"
+    n_images: int | None = None
+    skip_bad_images: bool = False
+    seed: int = SHOW_SEED
+    target: str = "auto"
+    feature: str = "color"
+    methods: tuple[str, ...] = METHODS
+    batch_size: int = SEGMENT_BATCH_SIZE
+    show: int = SEGMENT_SHOW
+    progress: bool = True
+    out: str | Path = SEGMENT_OUT
+
+    def command(self) -> str:
+        """The command line that reproduces this run (options that matter, defaults spelled out)."""
+        parts = ["vitdecomp", "segment", "--model", self.model]
+        for flag in ("checkpoint", "world", "images", "masks", "mat", "n_images"):
+            if getattr(self, flag) is not None:
+                parts += [f"--{flag.replace('_', '-')}", str(getattr(self, flag))]
+        if self.world is None and self.images is None and self.mat is None:
+            parts += ["--seed", str(self.seed)]
+        if self.resize != "auto":
+            parts += ["--resize", self.resize]
+        parts += ["--target", self.target, "--feature", self.feature, "--methods", ",".join(self.methods)]
+        return shlex.join(parts)
 
 
-def run(args: argparse.Namespace) -> int:
-    from vitdecomp.pipeline.stages import load_model_for
+class Segment(ModelApplication[SegmentConfig, SegmentResult]):
+    """``vitdecomp segment``: every relevance-map method on the same images and targets, scored on masks."""
 
-    if args.report is not None:
-        check_report(args.report)
-    data = _data(args)
-    model = load_model_for(args.model, args.checkpoint)
-    names = {m.name: m for m in default_methods()}
-    wanted = [w.strip() for w in args.methods.split(",") if w.strip()]
-    unknown = [w for w in wanted if w not in names]
-    if unknown or not wanted:
-        raise VitDecompError(f"unknown method(s) {unknown}: choose from {', '.join(names)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = segment(
-        model,
-        data,
-        target=args.target,
-        feature=args.feature,
-        methods=[names[w] for w in wanted],
-        batch=args.batch,
-        show=args.show,
-    )
-    result.command = _command(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if result.figure_png is not None:
-        atomic_write_bytes(out / "segment.png", result.figure_png)
-        result.figure = str(out / "segment.png")
-    atomic_write_text(out / "segment.json", json.dumps(result.to_dict(), indent=1))
-    atomic_write_text(out / "metrics.md", result.markdown())
-    print(result.markdown(), end="")
-    if data.skipped:
-        print(f"skipped {len(data.skipped)} image(s) without a mask: {', '.join(data.skipped[:3])}")
-    if data.resized:
-        print(f"resized {len(data.resized)} mask(s) to their image (nearest): {data.resized[0]}")
-    print(f"segment.json, metrics.md, segment.png in {out}")
-    attach_if_asked(args.report, result.section())
-    return 0
+    name = "segment"
 
+    def check(self, cfg: SegmentConfig) -> None:
+        for name, least in (("n_images", 1), ("batch_size", 1), ("show", 0), ("seed", 0)):
+            check_at_least("--" + name.replace("_", "-"), getattr(cfg, name), least)
+        unknown = [w for w in cfg.methods if w not in METHODS]
+        if unknown or not cfg.methods:
+            raise VitDecompError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+        if cfg.resize not in RESIZES:
+            raise VitDecompError(f"unknown --resize {cfg.resize!r}: choose from {', '.join(RESIZES)}")
+        given = [f"--{k}" for k in ("world", "images", "masks", "mat") if getattr(cfg, k) is not None]
+        if cfg.mat is not None and len(given) > 1:
+            raise VitDecompError(f"give one image source, not {' and '.join(given)}")
 
-def add_segment_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "segment",
-        help="zero-shot segmentation from token contributions vs GradCAM and Chefer et al., scored on masks",
-        description=(
-            "Relevance maps of the model's own prediction from the decomposition's token contributions, GradCAM "
-            "and Chefer et al.'s rollout, scored against object masks (pixel accuracy, mIoU, cumulative foreground "
-            "IoU, mAP). Masks: non-zero = object, matched to images by file stem. See docs/applications.md."
-        ),
-    )
-    p.add_argument("--model", default="zoo:deit", help="model name (as for analyze)")
-    p.add_argument("--checkpoint", default=None, help="local weights for the model")
-    p.add_argument("--images", default=None, help="folder of images (with --masks)")
-    p.add_argument("--masks", default=None, help="folder of masks, matched to images by file stem; non-zero = object")
-    p.add_argument("--world", default=None, help="a `vitdecomp world export` folder (images/ and masks/)")
-    p.add_argument("--n", type=int, default=None, help="at most this many images (generated world: default 200)")
-    p.add_argument("--seed", type=int, default=7100, help="seed of the generated scenes (no folder given)")
-    p.add_argument("--target", default="auto", choices=["auto", "predicted", "self"], help="what every map explains")
-    p.add_argument("--feature", default="color", help="zoo models: the logit block --target predicted explains")
-    p.add_argument("--methods", default="decomposition,gradcam,chefer", help="comma-separated")
-    p.add_argument("--batch", type=int, default=25)
-    p.add_argument("--show", type=int, default=4, help="images in the figure")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--out", default="vitdecomp-segment", help="output folder")
-    add_report_argument(p)
-    p.set_defaults(func=run)
-    return p
+    def data(self, cfg: SegmentConfig) -> SegmentSet:
+        data = self._source(cfg)
+        if cfg.resize != "auto":
+            data.square = cfg.resize == "square"
+        return data
+
+    def _source(self, cfg: SegmentConfig) -> SegmentSet:
+        if cfg.mat is not None:
+            return read_mat(cfg.mat, cfg.n_images)
+        if cfg.world is not None:
+            if cfg.images is not None or cfg.masks is not None:
+                raise VitDecompError("give --world DIR, or --images DIR with --masks DIR, not both")
+            return folder_set(cfg.world, Path(cfg.world) / "masks", cfg.n_images, cfg.skip_bad_images)
+        if (cfg.images is None) != (cfg.masks is None):
+            raise VitDecompError("--images and --masks go together (masks matched to images by file stem)")
+        if cfg.images is not None:
+            return folder_set(cfg.images, cfg.masks, cfg.n_images, cfg.skip_bad_images)  # type: ignore[arg-type]
+        return world_set(cfg.n_images or N_WORLD_IMAGES, cfg.seed)
+
+    def measure(self, cfg: SegmentConfig, model: LoadedModel, data: SegmentSet) -> SegmentResult:
+        maps = {m.name: m for m in default_methods()}
+        result = segment(
+            model,
+            data,
+            target=cfg.target,
+            feature=cfg.feature,
+            methods=[maps[w] for w in cfg.methods],
+            batch=cfg.batch_size,
+            show=cfg.show,
+            progress=cfg.progress,
+        )
+        result.command = cfg.command()
+        return result

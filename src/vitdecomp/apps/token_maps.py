@@ -23,6 +23,7 @@ from vitdecomp.align import Aligner
 from vitdecomp.api import decompose
 from vitdecomp.apps.pixels import place_tokens
 from vitdecomp.components import ComponentLabel, Decomposition
+from vitdecomp.errors import UsageError
 
 #: Head selection: ``None`` = every head, else a predicate on labels or a collection of names.
 HeadSelection = Callable[[ComponentLabel], bool] | Sequence[str] | None
@@ -73,12 +74,17 @@ class TokenMaps:
     def heads(self) -> list[str]:
         return [lab.name for labs in self.labels for lab in labs]
 
-    def head_totals(self) -> Tensor:
-        """``[B, heads, k]``: each head's whole contribution projected (its tokens summed)."""
-        return torch.cat([v.sum(2) for v in self.values], 1)
-
     def select(self, heads: HeadSelection) -> list[Tensor]:
-        """Per stage, the selected heads' projections summed ``[B, N_s, k]``."""
+        """Per stage, the selected heads' projections summed ``[B, N_s, k]``; a head name these maps do
+        not hold is a :class:`~vitdecomp.errors.UsageError`."""
+        if isinstance(heads, str):
+            heads = [heads]
+        if heads is not None and not callable(heads):
+            have = self.heads
+            unknown = [h for h in heads if h not in have]
+            if unknown:
+                held = f"{have[0]} ... {have[-1]}" if have else "no head"
+                raise UsageError(f"no token maps of head(s) {unknown}: these maps hold {held}")
         out = []
         for v, labs in zip(self.values, self.labels, strict=True):
             keep = [i for i, lab in enumerate(labs) if _wanted(lab, heads)]

@@ -137,6 +137,8 @@ class HeadsPart:
                 raise VitDecompError(f"per-token contributions are not available for '{self.path}'")
             if hasattr(spec.module, "fused_attn"):
                 cap.set_attr(spec.module, "fused_attn", False)
+            for obj, name, value in spec.explicit:
+                cap.set_attr(obj, name, value)
             cap.tap(spec.probs, self._keep_probs(positions))
             cap.tap(spec.values.tap, self._keep_values)
 

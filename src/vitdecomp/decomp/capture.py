@@ -24,8 +24,9 @@ def grid_of(x: Tensor, layout: Layout) -> tuple[int, int]:
     return (x.shape[2], x.shape[3]) if layout == "nchw" else (x.shape[1], x.shape[2])
 
 
-def first_tensor(out: object) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+def item_of(out: object, item: int = 0) -> Tensor:
+    """Element ``item`` of a tuple / list output (the output itself when it is a tensor)."""
+    return out[item] if isinstance(out, (tuple, list)) else out
 
 
 def take_positions(x: Tensor, positions: Tensor | None, dim: int = 1) -> Tensor:
@@ -47,10 +48,11 @@ class Capture:
 
     def tap(self, tap: Tap, fn: Callable[[Tensor], None]) -> None:
         """Call ``fn`` with the tensor ``tap`` names, as it is seen (layout untouched)."""
+        i = tap.item
         if tap.where == "input":
-            self.handles.append(tap.module.register_forward_pre_hook(lambda m, a: fn(a[0])))
+            self.handles.append(tap.module.register_forward_pre_hook(lambda m, a: fn(a[i])))
         else:
-            self.handles.append(tap.module.register_forward_hook(lambda m, a, out: fn(first_tensor(out))))
+            self.handles.append(tap.module.register_forward_hook(lambda m, a, out: fn(item_of(out, i))))
 
     def stream(self, tap: Tap, fn: Callable[[Tensor], None]) -> None:
         """Call ``fn`` with the tensor ``tap`` names in stream order ``[B, N, D]``."""

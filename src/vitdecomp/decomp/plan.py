@@ -22,11 +22,14 @@ Layout = Literal["tokens", "nchw", "seq_first"]
 
 @dataclass(frozen=True)
 class Tap:
-    """A tensor seen during the forward pass: the first input or the output of ``module``."""
+    """A tensor seen during the forward pass: a positional input or the output of ``module``.
+    ``item``: which positional input, or which element of a tuple output (a transformers attention
+    returns ``(output, probabilities)``)."""
 
     module: nn.Module
     where: Literal["input", "output"] = "output"
     layout: Layout = "tokens"
+    item: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +75,10 @@ class Heads:
 
     ``z``: where the concatenated head outputs ``[B', N', H*dh]`` are (usually the input of the output
     projection); ``proj_weight [D, H*dh]``, ``proj_bias [D]``. For token splits: ``probs`` (attention
-    probabilities ``[B', H, S, N]``, read with the module's ``fused_attn`` switched off) and ``values``.
+    probabilities ``[B', H, S, N]``, read with the module's ``fused_attn`` switched off) and ``values``;
+    ``explicit``: ``(object, attribute, value)`` set for a token pass so that the module computes its
+    probabilities explicitly where a fused kernel never shows them (transformers: the config's
+    ``_attn_implementation_internal`` set to ``"eager"``), restored after it.
     ``inner_norm``: a norm between the heads and the projection (``z`` is then its input; frozen
     statistics make it linear per head). ``post_norm``: a norm applied to the branch output (Swin V2's
     and EVA's residual post-norm), frozen likewise. ``windows``: window partition of the stream.
@@ -94,6 +100,7 @@ class Heads:
     windows: Windows | None = None
     replace: Replacement | None = None
     sublayer: str | None = None
+    explicit: Sequence[tuple[object, str, object]] = ()
 
 
 Branch = Field | Heads
@@ -222,29 +229,6 @@ class AttentionPool:
 
 
 @dataclass
-class QueryPool:
-    """Attention pooling by learned queries that do not depend on the image, as an
-    ``nn.MultiheadAttention`` computes it (open_clip's ``AttentionalPooler``, CoCa): query ``l`` pools
-    the tokens ``x [B, N, D]`` seen at ``keys`` as ``W_O [sum_n p[h, l, n] (W_V,h x_n + b_V,h)]_h + b_O``.
-
-    With its probabilities frozen it is linear in the tokens: one readout slot per pool head. A norm
-    the pooler applies to its tokens first is the readout's :class:`TokenNorm` step before this one.
-    ``probs(x) -> [B, H, L, N]`` as the module computes them; ``query_weights [L]``: how the
-    representation weighs the queries' outputs (one-hot: the first query's token is the embedding);
-    ``value_weight [H*dh, D]``, ``value_bias [H*dh]``, ``out_weight [D_out, H*dh]``, ``out_bias [D_out]``.
-    The biases are the component ``pool_bias``."""
-
-    keys: Tap
-    probs: Callable[[Tensor], Tensor]
-    num_heads: int
-    query_weights: Sequence[float]
-    value_weight: Tensor
-    value_bias: Tensor | None
-    out_weight: Tensor
-    out_bias: Tensor | None
-
-
-@dataclass
 class VectorNorm:
     """A norm applied to the pooled vector (timm ``fc_norm``, a head's norm); its input is at ``tap``
     (token ``position`` of it when the norm sees several tokens, e.g. every query of a pooler)."""
@@ -264,7 +248,22 @@ class Linear:
     kind: str = "head_bias"
 
 
-ReadoutStep = TokenNorm | Pool | AttentionPool | QueryPool | VectorNorm | Linear
+@dataclass
+class MultiheadPool:
+    """Attention pooling by an ``nn.MultiheadAttention`` called as ``attention(queries, x, x)`` with
+    learned queries (the SigLIP head of transformers, open_clip's ``AttentionalPooler`` of CoCa): like
+    :class:`AttentionPool`, linear in its values once its probabilities are frozen, one readout slot per
+    pool head (value/projection biases: ``pool_bias``). ``mlp``: a residual MLP on the pooled queries
+    (``a + mlp(norm(a))``), whose output is a component of its own (``pool_mlp``); ``query``: which query
+    is the representation; ``skip``: leading stream tokens the pool does not see."""
+
+    attention: nn.MultiheadAttention
+    mlp: nn.Module | None = None
+    query: int = 0
+    skip: int = 0
+
+
+ReadoutStep = TokenNorm | Pool | AttentionPool | MultiheadPool | VectorNorm | Linear
 
 
 @dataclass

@@ -85,37 +85,26 @@ class NormRule:
 class ReadoutMap:
     """Linear map from a stream ``[B, N, D_s]`` to the representation ``[B, D_out]``.
 
-    weight      [B, S] (one slot per token, ``slot [S]`` or all 0) or [B, S, K] (dense slot weights)
-    stored_mats [K, D_out, D_s], or ``None`` when ``factors`` are given: ``mats`` is then built from them
-                only if something asks (token splits), never for heads-only readouts
-    positions   the stream positions read (all N if None)
-    factors     optional low-rank form of ``mats`` (an attention pool: ``post = W_proj``, ``pre_k = W_v,k``),
-                which reads pooled vectors out in ``K*r*(D_s + D_out)`` instead of ``K*D_s*D_out``
+    weight    [B, S] (one slot per token, ``slot [S]`` or all 0) or [B, S, K] (dense slot weights)
+    mats      [K, D_out, D_s]
+    positions the stream positions read (all N if None)
+
+    :class:`FactoredReadoutMap` keeps ``mats`` as low-rank factors, :class:`ChainedReadoutMap` as a chain.
     """
 
     weight: Tensor
-    stored_mats: Tensor | None
+    mats: Tensor
     positions: Tensor | None = None
     slot: Tensor | None = None
-    factors: tuple[Tensor, Tensor] | None = None  # (pre [K, r, D_s], post [D_out, K*r]): mats_k = post_k @ pre_k
-
-    @functools.cached_property
-    def mats(self) -> Tensor:
-        """``[K, D_out, D_s]``: the stored matrices, or ``post_k @ pre_k`` built on first use."""
-        if self.stored_mats is not None:
-            return self.stored_mats
-        pre, post = self.factors
-        k, r, _ = pre.shape
-        return torch.einsum("okr,krd->kod", post.view(post.shape[0], k, r), pre)
 
     @property
     def num_slots(self) -> int:
-        return (self.stored_mats if self.stored_mats is not None else self.factors[0]).shape[0]
+        return self.mats.shape[0]
 
     @property
     def like(self) -> Tensor:
         """A tensor of the map's dtype and device."""
-        return self.stored_mats if self.stored_mats is not None else self.factors[0]
+        return self.mats
 
     @property
     def dense(self) -> bool:
@@ -129,26 +118,20 @@ class ReadoutMap:
 
     def apply_pooled(self, pooled: Tensor) -> Tensor:
         """``[..., K, D_s] -> [..., D_out]``: the slot matrices applied to slot-pooled vectors."""
-        if self.factors is not None:
-            pre, post = self.factors
-            inner = torch.einsum("...kd,krd->...kr", pooled.to(pre), pre)
-            return inner.reshape(*inner.shape[:-2], -1) @ post.T
         return pooled.reshape(*pooled.shape[:-2], -1).to(self.flat) @ self.flat
-
-    def _with(self, weight: Tensor, mats: Tensor | None, factors, positions=..., slot=...) -> ReadoutMap:
-        positions = self.positions if positions is ... else positions
-        return ReadoutMap(weight, mats, positions, self.slot if slot is ... else slot, factors)
 
     def then(self, fn) -> ReadoutMap:
         """The map followed by a linear map of the output, ``fn(m [..., D_out, X]) -> [..., D_new, X]``."""
-        factors = None if self.factors is None else (self.factors[0], fn(self.factors[1]))
-        return self._with(self.weight, None if self.stored_mats is None else fn(self.stored_mats), factors)
+        return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot)
 
     def before(self, fn) -> ReadoutMap:
         """The map preceded by the same linear map of every token's vector, given as its action on the
         stream side of a matrix: ``fn(m [..., D_s]) -> [..., D_s]`` (a frozen norm's ``right``)."""
-        factors = None if self.factors is None else (fn(self.factors[0]), self.factors[1])
-        return self._with(self.weight, None if self.stored_mats is None else fn(self.stored_mats), factors)
+        return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot)
+
+    def reweighted(self, weight: Tensor) -> ReadoutMap:
+        """The same map with other per-token weights (same shape)."""
+        return ReadoutMap(weight, self.mats, self.positions, self.slot)
 
     def pool(self, x: Tensor) -> Tensor:
         """``[B, S, E] -> [B, K, E]``: the weighted sum of tokens per slot."""
@@ -181,13 +164,11 @@ class ReadoutMap:
         index = index.to(self.weight.device)
         valid, safe = index >= 0, index.clamp_min(0)
         weight = self.weight[:, safe] * (valid[:, None] if self.dense else valid).to(self.weight)
-        slot = None if self.slot is None else self.slot[safe]
-        return self._with(weight, self.stored_mats, self.factors, positions=None, slot=slot)
+        return ReadoutMap(weight, self.mats, None, None if self.slot is None else self.slot[safe])
 
     def scaled(self, scale: Tensor) -> ReadoutMap:
         """The same map after a per-position scale ``[B, S]`` of the stream."""
-        weight = self.weight * (scale[..., None] if self.dense else scale).to(self.weight)
-        return self._with(weight, self.stored_mats, self.factors)
+        return self.reweighted(self.weight * (scale[..., None] if self.dense else scale).to(self.weight))
 
     def const_pooled(self, vec: Tensor) -> Tensor:
         """The pooled form ``[B, K, D_s]`` of the same vector ``[D_s]`` added at every position."""
@@ -202,6 +183,50 @@ class ReadoutMap:
         return self.apply_pooled(self.const_pooled(vec))
 
 
+class FactoredReadoutMap(ReadoutMap):
+    """A readout map whose slot matrices stay low-rank factors (an attention pool: ``mats_k = post_k @
+    pre_k`` with ``pre [K, r, D_s]``, ``post [D_out, K*r]``): pooled vectors are read through the factors in
+    ``K*r*(D_s + D_out)`` instead of ``K*D_s*D_out``, and the full ``[K, D_out, D_s]`` is built only when
+    something asks for ``mats`` (token splits)."""
+
+    def __init__(self, weight: Tensor, factors: tuple[Tensor, Tensor], positions: Tensor | None = None) -> None:
+        self.weight, self.factors, self.positions, self.slot = weight, factors, positions, None
+
+    @property
+    def num_slots(self) -> int:
+        return self.factors[0].shape[0]
+
+    @property
+    def like(self) -> Tensor:
+        return self.factors[0]
+
+    @functools.cached_property
+    def mats(self) -> Tensor:  # type: ignore[override]
+        pre, post = self.factors
+        k, r, _ = pre.shape
+        return torch.einsum("okr,krd->kod", post.view(post.shape[0], k, r), pre)
+
+    def apply_pooled(self, pooled: Tensor) -> Tensor:
+        pre, post = self.factors
+        inner = torch.einsum("...kd,krd->...kr", pooled.to(pre), pre)
+        return inner.reshape(*inner.shape[:-2], -1) @ post.T
+
+    def then(self, fn) -> ReadoutMap:
+        return FactoredReadoutMap(self.weight, (self.factors[0], fn(self.factors[1])), self.positions)
+
+    def before(self, fn) -> ReadoutMap:
+        return FactoredReadoutMap(self.weight, (fn(self.factors[0]), self.factors[1]), self.positions)
+
+    def reweighted(self, weight: Tensor) -> ReadoutMap:
+        return FactoredReadoutMap(weight, self.factors, self.positions)
+
+    def gathered(self, index: Tensor) -> ReadoutMap:
+        index = index.to(self.weight.device)
+        valid, safe = index >= 0, index.clamp_min(0)
+        weight = self.weight[:, safe] * (valid[:, None] if self.dense else valid).to(self.weight)
+        return FactoredReadoutMap(weight, self.factors)
+
+
 class ChainedReadoutMap(ReadoutMap):
     """A readout map pulled back through a patch merging, kept as a chain instead of multiplied out.
 
@@ -212,7 +237,7 @@ class ChainedReadoutMap(ReadoutMap):
 
     def __init__(self, parent: ReadoutMap, local: Tensor, weight: Tensor, slot: Tensor) -> None:
         self.parent, self.local, self.weight, self.slot = parent, local, weight, slot
-        self.positions, self.factors, self.stored_mats = None, None, None
+        self.positions = None
 
     @property
     def num_slots(self) -> int:
@@ -248,7 +273,10 @@ class ChainedReadoutMap(ReadoutMap):
         return ChainedReadoutMap(self.parent, self.local, self.weight[:, safe] * valid.to(self.weight), self.slot[safe])
 
     def scaled(self, scale: Tensor) -> ReadoutMap:
-        return ChainedReadoutMap(self.parent, self.local, self.weight * scale.to(self.weight), self.slot)
+        return self.reweighted(self.weight * scale.to(self.weight))
+
+    def reweighted(self, weight: Tensor) -> ReadoutMap:
+        return ChainedReadoutMap(self.parent, self.local, weight, self.slot)
 
     def before(self, fn) -> ReadoutMap:
         return ChainedReadoutMap(self.parent, fn(self.local), self.weight, self.slot)

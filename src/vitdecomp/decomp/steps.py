@@ -9,15 +9,24 @@ slot matrices and on every constant collected so far.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from vitdecomp.components import ComponentLabel
 from vitdecomp.decomp.capture import Capture, take_positions, to_stream
-from vitdecomp.decomp.plan import AttentionPool, Linear, Pool, QueryPool, Readout, Tap, TokenNorm, VectorNorm
-from vitdecomp.decomp.readout import NormRule, ReadoutMap
+from vitdecomp.decomp.plan import (
+    AttentionPool,
+    Linear,
+    MultiheadPool,
+    Pool,
+    Readout,
+    ReadoutStep,
+    Tap,
+    TokenNorm,
+    VectorNorm,
+)
+from vitdecomp.decomp.readout import FactoredReadoutMap, NormRule, ReadoutMap
 from vitdecomp.errors import UnsupportedModuleError, VitDecompError
 
 Consts = list[tuple[ComponentLabel, Tensor]]
@@ -43,37 +52,16 @@ def key_mask(valid: Tensor | None, like: Tensor) -> Tensor | None:
     return mask.masked_fill_(~valid.to(like.device, torch.bool), torch.finfo(like.dtype).min)[:, None, None]
 
 
-@dataclass
-class PoolHeads:
-    """An attention pool with its probabilities frozen:
-    ``out = W_p [sum_n p[n, h] (W_v,h (x_n + pos_n) + b_v,h)]_h + b_p``.
-
-    ``p_tok [B, N', H]`` (the queries already weighed), ``w_v [H, dh, D]``, ``b_v [H, dh]``,
-    ``w_p [D_out, H*dh]``, ``b_p [D_out]``, ``pos [N', D]`` (a position embedding added to the tokens)."""
-
-    p_tok: Tensor
-    w_v: Tensor
-    b_v: Tensor | None
-    w_p: Tensor
-    b_p: Tensor | None
-    pos: Tensor | None = None
-
-    def bias(self) -> Tensor | None:
-        """``[D_out]``: ``W_p b_v + b_p``."""
-        out = None if self.b_v is None else self.w_p @ self.b_v.reshape(-1)
-        if self.b_p is not None:
-            out = self.b_p if out is None else out + self.b_p
-        return out
-
-
 class AttentionPoolState:
-    """What timm's attention pool needs from the pass: probabilities ``[B, H, L, N]`` and its MLP's output."""
+    """What a timm ``AttentionPoolLatent`` needs from the pass (its q and kv outputs, its MLP's output)
+    and where its value / output weights are."""
 
     def __init__(self, step: AttentionPool) -> None:
         m = step.module
         if getattr(m, "pool", None) not in ("token", "avg"):
             raise UnsupportedModuleError("attn_pool", m, f"pool={getattr(m, 'pool', None)!r}: only 'token'/'avg'")
-        self.module, self.skip, self.valid = m, step.skip, step.valid
+        self.module, self.skip, self.num_heads, self.valid = m, step.skip, m.num_heads, step.valid
+        self.pos_embed: Tensor | None = m.pos_embed
         self.q: Tensor | None = None
         self.kv: Tensor | None = None
         self.mlp_out: Tensor | None = None
@@ -106,44 +94,80 @@ class AttentionPoolState:
             lam[:] = 1.0 / n
         return lam
 
-    def heads(self, dt) -> tuple[PoolHeads, Consts]:
-        """The frozen pool, and its MLP's term (``pool_mlp``: not linear in the tokens)."""
-        m, h = self.module, self.module.num_heads
-        probs = self.probs().to(dt)  # [B, H, L, N']
-        lam = self.latent_weights(probs)
-        p_tok = torch.einsum("l,bhln->bnh", lam, probs)  # [B, N', H]
-        c = m.kv.weight.shape[0] // 2
-        w_v = m.kv.weight[c:].to(dt).view(h, -1, m.kv.weight.shape[1])
-        b_v = None if m.kv.bias is None else m.kv.bias[c:].to(dt).view(h, -1)
-        proj = m.proj if isinstance(m.proj, nn.Linear) else None
-        w_p = torch.eye(c, dtype=dt, device=w_v.device) if proj is None else proj.weight.to(dt)
-        b_p = None if proj is None or proj.bias is None else proj.bias.to(dt)
-        pos = None if m.pos_embed is None else m.pos_embed.to(dt)
-        extra: Consts = []
-        if self.mlp_out is not None:
-            extra.append((ComponentLabel("pool_mlp"), torch.einsum("l,bld->bd", lam, self.mlp_out.to(dt))))
-        return PoolHeads(p_tok, w_v, b_v, w_p, b_p, pos), extra
+    def value_map(self) -> tuple[Tensor, Tensor | None]:
+        """``(W_v [H*dh, D], b_v [H*dh] | None)``."""
+        kv = self.module.kv
+        c = kv.weight.shape[0] // 2
+        return kv.weight[c:], None if kv.bias is None else kv.bias[c:]
+
+    def out_map(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(W_O [D_out, H*dh] | None (identity), b_O [D_out] | None)``."""
+        proj = self.module.proj
+        return (proj.weight, proj.bias) if isinstance(proj, nn.Linear) else (None, None)
 
 
-class QueryPoolState:
-    """What a :class:`QueryPool` needs from the pass: the tokens its keys are made from."""
+class MultiheadPoolState:
+    """What a :class:`~vitdecomp.decomp.plan.MultiheadPool` needs from the pass: its queries and keys
+    as the ``nn.MultiheadAttention`` sees them (positional inputs 0 and 1) and its MLP's output."""
 
-    def __init__(self, step: QueryPool) -> None:
-        self.step = step
-        self.keys: Tensor | None = None
+    def __init__(self, step: MultiheadPool) -> None:
+        mha = step.attention
+        if type(mha) is not nn.MultiheadAttention or mha.bias_k is not None or mha.add_zero_attn:
+            raise UnsupportedModuleError("attention pool", mha, "only a plain nn.MultiheadAttention")
+        self.mha, self.step, self.skip, self.num_heads = mha, step, step.skip, mha.num_heads
+        self.pos_embed: Tensor | None = None
+        self.query: Tensor | None = None
+        self.key: Tensor | None = None
+        self.mlp_out: Tensor | None = None
 
     def attach(self, cap: Capture) -> None:
-        cap.tap(self.step.keys, lambda t: setattr(self, "keys", t))
+        layout = "tokens" if self.mha.batch_first else "seq_first"
+        cap.tap(Tap(self.mha, "input", layout, 0), lambda t: setattr(self, "query", to_stream(t, layout)))
+        cap.tap(Tap(self.mha, "input", layout, 1), lambda t: setattr(self, "key", to_stream(t, layout)))
+        if self.step.mlp is not None:
+            cap.tap(Tap(self.step.mlp), lambda t: setattr(self, "mlp_out", t))
 
-    def heads(self, dt) -> tuple[PoolHeads, Consts]:
-        st, h = self.step, self.step.num_heads
-        probs = st.probs(self.keys).to(dt)  # [B, H, L, N]
-        lam = torch.tensor(list(st.query_weights), dtype=dt, device=probs.device)
-        p_tok = torch.einsum("l,bhln->bnh", lam, probs)
-        w_v = st.value_weight.to(dt).view(h, -1, st.value_weight.shape[1])
-        b_v = None if st.value_bias is None else st.value_bias.to(dt).view(h, -1)
-        b_p = None if st.out_bias is None else st.out_bias.to(dt)
-        return PoolHeads(p_tok, w_v, b_v, st.out_weight.to(dt), b_p), []
+    def _proj(self, i: int, x: Tensor) -> Tensor:
+        """Projection ``i`` (0 query, 1 key, 2 value) of ``x [B, L, E_i]`` -> ``[B, H, L, dh]``."""
+        mha = self.mha
+        if mha._qkv_same_embed_dim:
+            w = mha.in_proj_weight.chunk(3)[i]
+        else:
+            w = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)[i]
+        b = None if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)[i]
+        y = nn.functional.linear(x, w, b)
+        return y.view(y.shape[0], y.shape[1], self.num_heads, -1).transpose(1, 2)
+
+    def probs(self) -> Tensor:
+        """``[B, H, L, N']``: each query's attention over the pooled tokens, from the module's weights."""
+        q, k = self._proj(0, self.query), self._proj(1, self.key)
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+
+    def latent_weights(self, like: Tensor) -> Tensor:
+        lam = torch.zeros(self.query.shape[1], dtype=like.dtype, device=like.device)
+        lam[self.step.query] = 1.0
+        return lam
+
+    def value_map(self) -> tuple[Tensor, Tensor | None]:
+        mha = self.mha
+        w = mha.in_proj_weight.chunk(3)[2] if mha._qkv_same_embed_dim else mha.v_proj_weight
+        return w, None if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)[2]
+
+    def out_map(self) -> tuple[Tensor | None, Tensor | None]:
+        return self.mha.out_proj.weight, self.mha.out_proj.bias
+
+
+PoolState = AttentionPoolState | MultiheadPoolState
+
+
+def pool_state(steps: list[ReadoutStep]) -> PoolState | None:
+    """The state of the readout's attention pool, if it has one."""
+    for s in steps:
+        if isinstance(s, AttentionPool):
+            return AttentionPoolState(s)
+        if isinstance(s, MultiheadPool):
+            return MultiheadPoolState(s)
+    return None
 
 
 class ReadoutBuilder:
@@ -152,13 +176,8 @@ class ReadoutBuilder:
     def __init__(self, spec: Readout) -> None:
         self.spec = spec
         self.positions = read_positions(spec)
-        self.seen: dict[int, Tensor] = {}  # id(step) or -1 (stream) / -2 (output) -> tensor
-        self.attn_pool: AttentionPoolState | QueryPoolState | None = None
-        for step in spec.steps:
-            if isinstance(step, AttentionPool):
-                self.attn_pool = AttentionPoolState(step)
-            elif isinstance(step, QueryPool):
-                self.attn_pool = QueryPoolState(step)
+        self.seen: dict[int, Tensor] = {}
+        self.attn_pool = pool_state(spec.steps)
 
     def attach(self, cap: Capture) -> None:
         pos = self.positions
@@ -193,8 +212,8 @@ class ReadoutBuilder:
                 scale = scale * token_norm.inv_sigma(x).to(dt)
                 if token_norm.bias is not None:
                     token_consts.append((ComponentLabel(step.kind), token_norm.bias.to(dt)))
-            elif isinstance(step, (Pool, AttentionPool, QueryPool)):
-                raw, consts = self._pool(step, x, dt)  # the map of the stream entering the pool
+            elif isinstance(step, (Pool, AttentionPool, MultiheadPool)):
+                raw, consts = self._pool(step, x, dt)  # the map of the stream entering the pool, its constants
                 # a vector added at every token (a token norm's beta) is pooled with the raw weights
                 consts = [(lab, raw.const(c)) for lab, c in token_consts] + consts
                 ro = raw.scaled(scale) if token_norm is None else raw.scaled(scale).before(token_norm.right)
@@ -206,53 +225,65 @@ class ReadoutBuilder:
             raise VitDecompError("the readout has no pooling step")
         return ro, consts, self.seen[-2]
 
-    def _pool(self, step: Pool | AttentionPool | QueryPool, x: Tensor, dt) -> tuple[ReadoutMap, Consts]:
-        """The pooling as a readout map of the stream (per-token weights ``[B, S]`` or ``[B, S, K]``, slot
-        matrices or their factors) and the pool's own constants."""
+    def _pool(self, step: Pool | AttentionPool | MultiheadPool, x: Tensor, dt) -> tuple[ReadoutMap, Consts]:
+        """The pooling as a readout map of the stream (per-token weights ``[B, S]`` or ``[B, S, K]``, one
+        matrix ``[D_out, D]`` per slot or their factors, at the read positions) and the pool's constants."""
         b, n, d = x.shape
         positions = None if self.positions is None else self.positions.to(x.device)
-        if not isinstance(step, Pool):
-            pool_w, factors, consts = self._attention_pool(x, dt, step.skip if isinstance(step, AttentionPool) else 0)
-            return ReadoutMap(pool_w, None, positions, None, factors), consts
-        if step.positions is not None:
-            w = torch.tensor(list(step.weights or [1.0] * len(step.positions)), dtype=dt, device=x.device)
-            pool_w = w.expand(b, -1)
-        else:
-            pool_w = torch.zeros(b, n, dtype=dt, device=x.device)
-            valid = None if step.valid is None else step.valid()
-            if valid is None:
-                pool_w[:, step.skip :] = 1.0 / (n - step.skip)
-            else:  # the average of the real tokens (NaFlex: padding left out)
-                valid = valid.to(x.device, dt)
-                pool_w[:, step.skip :] = valid / valid.sum(1, keepdim=True).clamp_min(1)
-        return ReadoutMap(pool_w, torch.eye(d, dtype=dt, device=x.device)[None], positions), []
+        if isinstance(step, Pool):
+            if step.positions is not None:
+                w = torch.tensor(list(step.weights or [1.0] * len(step.positions)), dtype=dt, device=x.device)
+                pool_w = w.expand(b, -1)
+            else:
+                pool_w = torch.zeros(b, n, dtype=dt, device=x.device)
+                valid = None if step.valid is None else step.valid()
+                if valid is None:
+                    pool_w[:, step.skip :] = 1.0 / (n - step.skip)
+                else:  # the average of the real tokens (NaFlex: padding left out)
+                    valid = valid.to(x.device, dt)
+                    pool_w[:, step.skip :] = valid / valid.sum(1, keepdim=True).clamp_min(1)
+            return ReadoutMap(pool_w, torch.eye(d, dtype=dt, device=x.device)[None], positions), []
+        return self._attention_pool(x, dt)
 
-    def _attention_pool(self, x: Tensor, dt, skip: int) -> tuple[Tensor, tuple[Tensor, Tensor], Consts]:
-        """Frozen attention pool: slot ``h`` is pool head ``h``, ``S_h = W_proj[:, h] W_v[h]``, kept in
-        factored form; its position term per pool head (``pool_pos.H<h>``), biases (``pool_bias``) and
-        MLP are components. Returns weights ``[B, S, H]``, factors, constants."""
-        pool, extra = self.attn_pool.heads(dt)
-        b, n, _ = x.shape
-        h, dh, _ = pool.w_v.shape
+    def _attention_pool(self, x: Tensor, dt) -> tuple[ReadoutMap, Consts]:
+        """Frozen attention pool: slot ``h`` is pool head ``h``, ``S_h = W_O[:, h] W_v[h]``, kept as its
+        two factors."""
+        st = self.attn_pool
+        h = st.num_heads
+        b, n, d = x.shape
+        probs = st.probs().to(dt)  # [B, H, L, N']
+        lam = st.latent_weights(probs)
+        p_tok = torch.einsum("l,bhln->bnh", lam, probs)  # [B, N', H]
         pool_w = x.new_zeros(b, n, h, dtype=dt)
-        pool_w[:, skip:] = pool.p_tok
+        pool_w[:, st.skip :] = p_tok
+        w_v, b_v = st.value_map()
+        w_v = w_v.to(dt).view(h, -1, d)  # [H, dh, D]
+        w_o, b_o = st.out_map()
+        w_o = torch.eye(h * w_v.shape[1], dtype=dt, device=x.device) if w_o is None else w_o.to(dt)  # [D_out, H*dh]
+        w_p = w_o.view(w_o.shape[0], h, -1).transpose(0, 1)  # [H, D_out, dh]
+        raw = FactoredReadoutMap(pool_w, (w_v, w_o))
         consts: Consts = []
-        if pool.pos is not None:
-            pos = torch.einsum("bnh,nd->bhd", pool.p_tok, pool.pos)  # per head
-            per_head = torch.einsum("ohe,hed,bhd->bho", pool.w_p.view(-1, h, dh), pool.w_v, pos)
+        if st.pos_embed is not None:
+            pos = torch.einsum("bnh,nd->bhd", p_tok, st.pos_embed.to(dt))  # per head
+            per_head = torch.einsum("hoe,hed,bhd->bho", w_p, w_v, pos)
             consts += [(ComponentLabel("pool_pos", head=i), per_head[:, i]) for i in range(h)]
-        bias = pool.bias()
+        bias = None if b_v is None else torch.einsum("hoe,he->o", w_p, b_v.to(dt).view(h, -1))
+        if b_o is not None:
+            bias = b_o.to(dt) + (0 if bias is None else bias)
         if bias is not None:
             consts.append((ComponentLabel("pool_bias"), bias.expand(b, -1)))
-        return pool_w, (pool.w_v, pool.w_p), consts + extra
+        if st.mlp_out is not None:
+            consts.append((ComponentLabel("pool_mlp"), torch.einsum("l,bld->bd", lam, st.mlp_out.to(dt))))
+        return raw, consts
 
     def _vector_norm(self, step: VectorNorm, ro: ReadoutMap, consts: Consts) -> tuple[ReadoutMap, Consts]:
         norm = NormRule.of(step.norm, "fc_norm" if step.position is None else "pooled vector norm")
         s = norm.inv_sigma(self.seen[id(step)]).to(ro.weight)  # [B]
+        weight = ro.weight * (s[:, None, None] if ro.dense else s[:, None])
         consts = [(lab, s[:, None] * norm.left(c.T).T) for lab, c in consts]
         if norm.bias is not None:
-            consts.append((ComponentLabel(step.kind), norm.bias.to(ro.like).expand(s.shape[0], -1)))
-        return ro.scaled(s[:, None].expand(ro.weight.shape[:2])).then(norm.left), consts
+            consts.append((ComponentLabel(step.kind), norm.bias.to(ro.like).expand(weight.shape[0], -1)))
+        return ro.reweighted(weight).then(norm.left), consts
 
     def _linear(self, step: Linear, ro: ReadoutMap, consts: Consts) -> tuple[ReadoutMap, Consts]:
         w = step.weight.to(ro.like)

@@ -3,7 +3,7 @@
 
 ``probe``
     Decodability: the held-out accuracy of a linear probe on the component's contribution alone
-    (:func:`vitdecomp.evaluation.probes.probe_importance`). Saturates (many components decode colour at
+    (:func:`probe_importance`). Saturates (many components decode colour at
     1.00) and says what a part *encodes*, not what the representation *uses*.
 ``specificity``
     Decodability of one attribute relative to the others: the component's chance-normalised probe
@@ -29,8 +29,11 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from vitdecomp.evaluation.probes import fit_probes
+from vitdecomp.probes import batched_probe, fit_probes
+from vitdecomp.store import Rows
+from vitdecomp.world import CORE_ATTRIBUTES
 
 ABLATIONS = ("mean", "resample")
 ZERO_SHOT_SCALE = 100.0
@@ -133,3 +136,24 @@ def top_k_precision(scores: np.ndarray, labels: list[str], planted: list[str], k
         return float("nan")
     order = np.argsort(-np.asarray(scores), kind="stable")[:k]
     return float(np.mean([labels[i] in planted for i in order]))
+
+
+def probe_importance(
+    train: Rows,
+    test: Rows,
+    attrs_tr: dict[str, np.ndarray],
+    attrs_te: dict[str, np.ndarray],
+    max_train: int = 2000,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Held-out probe accuracy of each component alone for each attribute: ``{attr: [C]}``."""
+    n_tr = min(max_train, len(train))
+    c_tr = train.batch(slice(0, n_tr))["contributions"]
+    c_te = test.batch(slice(None))["contributions"]
+    x_tr, x_te = c_tr.transpose(0, 1).contiguous(), c_te.transpose(0, 1).contiguous()
+    out = {}
+    for a in tqdm(CORE_ATTRIBUTES, desc="probe components", disable=not progress):
+        y_tr = torch.from_numpy(attrs_tr[a][:n_tr]).long()
+        y_te = torch.from_numpy(attrs_te[a]).long()
+        out[a] = batched_probe(x_tr, y_tr, x_te, y_te)
+    return out

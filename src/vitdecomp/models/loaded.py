@@ -28,7 +28,7 @@ class LoadedModel:
     model: nn.Module
     preprocess: Callable[[Any], torch.Tensor]
     name: str
-    source: str  # "timm" | "open_clip" | "zoo"
+    source: str  # "timm" | "open_clip" | "transformers" | "zoo"
     weights_id: str
     tokenizer: Callable[..., torch.Tensor] | None = None
     info: dict = field(default_factory=dict)
@@ -36,6 +36,12 @@ class LoadedModel:
     @property
     def is_clip(self) -> bool:
         return self.tokenizer is not None
+
+    @property
+    def attribute_heads(self) -> dict[str, int]:
+        """The model's own classifier as one logit block per attribute, ``{attribute: classes}`` in
+        logit order (the zoo's multi-attribute models, ``info["attribute_heads"]``); ``{}`` otherwise."""
+        return dict(self.info.get("attribute_heads", {}))
 
     @property
     def image_size(self) -> tuple[int, int]:

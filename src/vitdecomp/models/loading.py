@@ -8,6 +8,9 @@ Names (one scheme table, :data:`_SCHEMES`; :func:`check_name` checks a name with
   ``open_clip:ViT-B-16/laion2b_s34b_b88k`` (or ``open_clip:ViT-B-16`` with ``pretrained=False``),
       ``open_clip:hf-hub:ORG/REPO``, ``open_clip:local-dir:PATH``
   ``zoo:deit``, ``zoo:clip``, ...           the models shipped with vitdecomp
+  ``hf:ORG/REPO`` / ``hf:PATH``             a transformers vision tower (ViT, DeiT, DINOv2/v3, CLIP, SigLIP)
+      from the Hub or a ``save_pretrained`` folder, with its own image processor
+      (:mod:`vitdecomp.models.hf_load`)
 A local checkpoint (safetensors, or a torch file read with ``weights_only``) is given with
 ``checkpoint=PATH`` and is loaded through timm's / open_clip's own pretrained-loading code.
 
@@ -18,10 +21,12 @@ is not retried: weights come from the local Hugging Face cache or the load fails
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -29,6 +34,7 @@ from urllib.parse import urlparse
 import torch
 
 from vitdecomp.errors import CheckpointError, UsageError, VitDecompError, WeightsUnavailableError, one_line
+from vitdecomp.models.hf_load import HF_PREFIX, check_hf_name, is_local, load_hf
 from vitdecomp.models.loaded import LoadedModel, file_digest
 from vitdecomp.zoo.hub import load_zoo_model
 
@@ -95,7 +101,12 @@ def check_name(name: str, pretrained: bool = True, checkpoint: str | Path | None
     an unknown zoo / timm / open_clip name, an open_clip name without its weights tag, a missing
     ``local-dir:`` folder."""
     if not name or not name.strip():
-        raise UsageError("empty model name: give a timm name, hf-hub:ORG/REPO, open_clip:ARCH/TAG or zoo:NAME")
+        raise UsageError(
+            "empty model name: give a timm name, hf-hub:ORG/REPO, open_clip:ARCH/TAG, hf:ORG/REPO or zoo:NAME"
+        )
+    if name.startswith(HF_PREFIX):
+        check_hf_name(name[len(HF_PREFIX) :])
+        return
     if name.startswith(ZOO_PREFIX):
         from vitdecomp.zoo.models import ZOO_NAMES
 
@@ -169,13 +180,48 @@ def _go_offline() -> None:
 
 
 def _offline_error(what: str, repo: str | None, file: str, err: Exception) -> WeightsUnavailableError:
+    """Offline: where to get the weights and the flag that loads them; online, the download's own error too."""
     where = f"file '{file}' of the Hugging Face repository '{repo}'" if repo else f"the weights file of {what}"
-    state = "this machine is offline (no network or HF_HUB_OFFLINE)" if hub_offline() else "the download failed"
+    offline = hub_offline()
+    state = "this machine is offline (no network or HF_HUB_OFFLINE)" if offline else "the download failed"
+    cause = "" if offline else f" ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
     return WeightsUnavailableError(
         f"pretrained weights of {what} are not in the local cache and {state}: download {where} elsewhere, "
         f"copy it here and pass it with --checkpoint FILE (Python: checkpoint=FILE), or use --random-init "
-        f"for random weights ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+        f"for random weights{cause}"
     )
+
+
+@contextlib.contextmanager
+def _download_logs_held() -> Iterator[None]:
+    """Hold the root logger's error records (open_clip logs a failed download there, naming a file it
+    tried) while in the context: dropped when the block raises (its error says what to do), emitted
+    as they came when it succeeds."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            held.append(record)
+            return False
+        return True
+
+    root = logging.getLogger()
+    root.addFilter(hold)
+    try:
+        yield
+    finally:
+        root.removeFilter(hold)
+    for record in held:  # reached only without an exception
+        root.handle(record)
+
+
+def _load_hf(spec: str, pretrained: bool, checkpoint: Path | None, **kwargs: Any) -> LoadedModel:
+    """A transformers vision tower (offline: from a folder or the local cache only; the config and the
+    image processor come from there even for random or ``checkpoint`` weights)."""
+    offline = not is_local(spec) and hub_offline()
+    if offline:
+        _go_offline()
+    return load_hf(spec, pretrained, checkpoint, offline=offline, **kwargs)
 
 
 def _load_zoo(spec: str, pretrained: bool, checkpoint: Path | None, **kwargs: Any) -> LoadedModel:
@@ -261,7 +307,8 @@ def _load_open_clip(spec: str, pretrained: bool, checkpoint: Path | None, **kwar
     else:
         source = tag if pretrained else None
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
+        with _download_logs_held():
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
     except Exception as err:
         if checkpoint is not None and isinstance(err, RuntimeError):
             raise CheckpointError(f"checkpoint {checkpoint} does not fit open_clip {arch!r}: {err}") from err
@@ -299,7 +346,8 @@ def _load_open_clip_named(spec: str, pretrained: bool, checkpoint: Path | None, 
     import open_clip
 
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(spec, **kwargs)
+        with _download_logs_held():
+            model, _, preprocess = open_clip.create_model_and_transforms(spec, **kwargs)
     except Exception as err:
         if spec.startswith(HF_HUB_PREFIX) and _looks_like_download_failure(err):
             repo = spec[len(HF_HUB_PREFIX) :]
@@ -338,6 +386,7 @@ def _looks_like_download_failure(err: Exception) -> bool:
 _SCHEMES: dict[str, tuple[Callable[..., LoadedModel], bool]] = {
     ZOO_PREFIX: (_load_zoo, True),
     OPEN_CLIP_PREFIX: (_load_open_clip, True),
+    HF_PREFIX: (_load_hf, True),
     HF_HUB_PREFIX: (_load_timm, False),
     LOCAL_DIR_PREFIX: (_load_timm, False),
 }

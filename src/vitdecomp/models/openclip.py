@@ -31,9 +31,9 @@ from vitdecomp.decomp.plan import (
     Field,
     Heads,
     Linear,
+    MultiheadPool,
     Plan,
     Pool,
-    QueryPool,
     Readout,
     Tap,
     TokenNorm,
@@ -84,31 +84,6 @@ def mha_replacement(mha: nn.MultiheadAttention, batch_first: bool):
     return forward
 
 
-def pooler_probs(pooler: AttentionalPooler):
-    """``keys [B, N, D_k] (ln_k's output) -> [B, H, L, N]``: the attention of the pooler's queries, as its
-    ``nn.MultiheadAttention`` computes it."""
-    mha = pooler.attn
-    heads = mha.num_heads
-
-    def probs(keys: Tensor) -> Tensor:
-        w_q, w_k, _ = _mha_weights(mha)
-        b_q, b_k, _ = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
-        q = F.linear(pooler.ln_q(pooler.query.to(keys)), w_q.to(keys), None if b_q is None else b_q.to(keys))
-        k = F.linear(keys, w_k.to(keys), None if b_k is None else b_k.to(keys))
-        q = q.view(q.shape[0], heads, -1).transpose(0, 1)  # [H, L, dh]
-        k = k.view(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)  # [B, H, N, dh]
-        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
-
-    return probs
-
-
-def _mha_weights(mha: nn.MultiheadAttention) -> tuple[Tensor, Tensor, Tensor]:
-    """``(W_q, W_k, W_v)`` of an ``nn.MultiheadAttention``, packed or separate."""
-    if mha._qkv_same_embed_dim:
-        return tuple(mha.in_proj_weight.chunk(3))  # type: ignore[return-value]
-    return mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
-
-
 def pooler_steps(model: VisionTransformer) -> list:
     """CoCa's readout: ``ln_k`` on every token, the pooler (first query), ``ln_post`` on that token."""
     pooler = model.attn_pool
@@ -116,15 +91,7 @@ def pooler_steps(model: VisionTransformer) -> list:
         raise UnsupportedModuleError("attn_pool", pooler, "only CoCa's single AttentionalPooler")
     if model.pool_type != "tok":
         raise UnsupportedModuleError("", model, f"pool_type={model.pool_type!r} over the pooler's queries")
-    mha = pooler.attn
-    if type(mha) is not nn.MultiheadAttention or mha.bias_k is not None or not mha.batch_first:
-        raise UnsupportedModuleError("attn_pool.attn", mha, "only plain batch-first nn.MultiheadAttention")
-    weights = [1.0] + [0.0] * (pooler.query.shape[0] - 1)
-    b_v = None if mha.in_proj_bias is None else mha.in_proj_bias.chunk(3)[2]
-    pool = QueryPool(
-        Tap(pooler.ln_k), pooler_probs(pooler), mha.num_heads, weights,
-        _mha_weights(mha)[2], b_v, mha.out_proj.weight, mha.out_proj.bias,
-    )  # fmt: skip
+    pool = MultiheadPool(pooler.attn, query=0)  # its queries ln_q(query) and keys ln_k(x) are read in the pass
     return [TokenNorm(pooler.ln_k, "pool_norm_bias"), pool, VectorNorm(model.ln_post, "norm_bias", position=0)]
 
 

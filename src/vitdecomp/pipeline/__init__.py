@@ -1,10 +1,12 @@
-"""The main job, ``vitdecomp analyze``, as stages over plain data driven by a typed config.
+"""The main job's stages over plain data, driven by typed configs.
 
-``config`` (:class:`AnalysisConfig`, from which the command line is built) · ``stages`` (one
-function per stage: image source, models, store, aligner, text space, descriptions, scores, top
-images, result) · ``run`` (:func:`run_analysis`: every stage in order, then the report) · ``cli``
-(the ``analyze`` and ``decompose`` subcommands). Names are imported on first use, so that the
-command line's parser does not import torch.
+``config`` (:class:`AnalysisConfig`, :class:`DecomposeConfig`) · ``model_pair`` (the subject and the
+reader) · ``fill`` (the store stage, filled in this process) · ``ray_fill`` (or by Ray actors) ·
+``stages`` (aligner, text space, descriptions, scores, top images, the result) · ``sequence`` (the
+stages in order) · ``honesty`` (rank-1 components and the run's warnings) · ``decompose_set``
+(``vitdecomp decompose`` as a function). The whole job with its report is
+:func:`vitdecomp.analyze.run_analysis`. Names are imported on first use, so that the command line's
+parser does not import torch.
 """
 
 from __future__ import annotations
@@ -14,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "AnalysisConfig": "vitdecomp.pipeline.config",
+    "DecomposeConfig": "vitdecomp.pipeline.config",
     "default_cache_dir": "vitdecomp.pipeline.config",
-    "run_analysis": "vitdecomp.pipeline.run",
 }
-__all__ = ["AnalysisConfig", "default_cache_dir", "run_analysis"]
+__all__ = ["AnalysisConfig", "DecomposeConfig", "default_cache_dir"]
 
 if TYPE_CHECKING:
-    from vitdecomp.pipeline.config import AnalysisConfig, default_cache_dir
-    from vitdecomp.pipeline.run import run_analysis
+    from vitdecomp.pipeline.config import AnalysisConfig, DecomposeConfig, default_cache_dir
 
 
 def __getattr__(name: str) -> Any:

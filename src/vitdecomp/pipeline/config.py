@@ -1,25 +1,43 @@
-"""The options of one analysis as one typed value: :class:`AnalysisConfig`.
+"""The pipeline's jobs' options as typed values: :class:`AnalysisConfig` (``vitdecomp analyze``) and
+:class:`DecomposeConfig` (``vitdecomp decompose``).
 
-The ``vitdecomp analyze`` command is built from it: :meth:`AnalysisConfig.add_arguments` adds one
-flag per field (name, type, default and help taken from the field) and
-:meth:`AnalysisConfig.from_args` reads them back, so no option is listed twice. Fields whose
-metadata says ``cli=False`` are for the Python API only.
+Defaults come from :mod:`vitdecomp.defaults`; the ``vitdecomp analyze`` command builds its flags
+from the shared options record and these fields (:mod:`vitdecomp.commands.analyze`), and
+:meth:`AnalysisConfig.check` refuses what cannot work before anything heavy runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import types
-import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from vitdecomp.defaults import DEFAULT_LAMBDA, STORE_DTYPES, WORLD_SEED
+from vitdecomp.checks import (
+    check_at_least,
+    check_device,
+    check_file,
+    check_folder,
+    check_model_name,
+    check_writable_dir,
+    require_ray,
+)
+from vitdecomp.defaults import (
+    ALIGN_BATCH_SIZE,
+    ALIGN_STEPS,
+    ANALYSIS_DIR,
+    BATCH_SIZE,
+    DECOMPOSE_BATCH_SIZE,
+    DEFAULT_LAMBDA,
+    MODEL,
+    READER,
+    VAL_FRACTION,
+    WORLD_SEED,
+)
 from vitdecomp.errors import UsageError
-from vitdecomp.fsio import writing
+
+#: The command-line flags whose names are not ``--`` + the field name.
+FLAGS = {"reader": "--clip", "reader_checkpoint": "--clip-checkpoint", "progress": "--quiet"}
 
 
 def default_cache_dir() -> Path:
@@ -31,129 +49,72 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "vitdecomp"
 
 
-def _cli(help: str, *, flag: str | None = None, cli: bool = True, choices: Sequence[str] = ()) -> dict[str, Any]:
-    """A field's command-line metadata: its ``--help`` text, its flag (default ``--field-name``;
-    for a bool, a flag flips the default), whether it has one at all, and its choices."""
-    return {"help": help, "flag": flag, "cli": cli, "choices": tuple(choices)}
+def flag(name: str) -> str:
+    """The command-line flag of field ``name``."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 @dataclass(frozen=True)
 class AnalysisConfig:
-    """Every option of ``vitdecomp analyze`` / :func:`vitdecomp.pipeline.run_analysis`.
+    """Every option of ``vitdecomp analyze`` / :func:`vitdecomp.analyze.run_analysis`.
 
-    ``reader`` is the CLIP model whose text space names the components (``--clip``; ``None``: the
-    subject must itself be a CLIP model, read through itself). ``images=None`` reads ``n_images``
-    (default 2000) generated world scenes from ``seed``; otherwise a folder. ``features`` /
-    ``vocabulary`` default to the world's attributes and vocabulary for world scenes, the paper's
-    features and the general vocabulary for folders. CompAlign is trained from the store with a
-    seeded ``val_fraction`` held out unless an aligner is cached for this model setting or given
-    as ``aligner`` (refused if it was trained for another setting).
+    ``model`` is the subject; ``reader`` the CLIP model whose text space names the components
+    (``--clip``; ``None``: the subject must itself be a CLIP model, read through itself).
+    ``images=None`` reads ``n_images`` (default 2000) generated world scenes from ``seed`` (which also
+    seeds ``random_init`` weights); otherwise a folder. ``features`` (a set name, a JSON file or a
+    dict) and ``vocabulary`` (a name or a .txt file) default to the world's attributes and vocabulary
+    for world scenes, the paper's features and the general vocabulary for folders; ``templates`` are
+    the descriptions' prompt templates. ``start_layer``: earlier layers stay in ``init``. The store
+    (``dtype``, filled by this process or Ray actors: ``runner``, ``address``, ``workers``,
+    ``cpus_per_worker``, ``gpus_per_worker``) and CompAlign (``lam``, ``align_steps``,
+    ``align_batch_size``, ``val_fraction``; trained unless cached for this setting or given as
+    ``aligner``, refused if trained for another) are cached under ``cache_dir``. ``top_k``
+    descriptions and ``n_top_images`` images per component; ``apps``: run the applications whose
+    inputs are in the folder; ``progress`` bars and a ``verbose`` summary.
     """
 
-    model: str = field(default="zoo:deit", metadata=_cli("subject: timm name, open_clip:ARCH/TAG or zoo:NAME"))
-    reader: str | None = field(
-        default="zoo:clip",
-        metadata=_cli("CLIP model that reads the components (supplies the text space)", flag="--clip"),
-    )
-    images: str | Path | None = field(
-        default=None, metadata=_cli("folder of images (default: generated held-out scenes of the built-in world)")
-    )
-    n_images: int | None = field(default=None, metadata=_cli("number of images (default: 2000 scenes / all)"))
-    seed: int = field(default=WORLD_SEED, metadata=_cli("seed of the generated image set and of --random-init weights"))
-    out: str | Path = field(default="vitdecomp-out", metadata=_cli("report folder (results.json, index.html)"))
-    cache_dir: str | Path | None = field(
-        default=None,
-        metadata=_cli("stores, aligners and text embeddings (default $VITDECOMP_CACHE or ~/.cache/vitdecomp)"),
-    )
-    features: str | Path | Mapping[str, Sequence[str]] | None = field(
-        default=None, metadata=_cli("feature set name (paper, world, waterbirds) or a JSON file")
-    )
-    vocabulary: str | Path | None = field(
-        default=None, metadata=_cli("vocabulary name (world, general) or a .txt file")
-    )
-    templates: tuple[str, ...] | None = field(
-        default=None, metadata=_cli("prompt templates of descriptions", cli=False)
-    )
-    start_layer: int = field(
-        default=0, metadata=_cli("first layer split into components (earlier layers stay in 'init')")
-    )
-    batch_size: int = field(default=64, metadata=_cli("images per decomposition batch"))
-    dtype: str = field(
-        default="float32", metadata=_cli("storage type of the stored contributions", choices=STORE_DTYPES)
-    )
-    device: str | None = field(default=None, metadata=_cli("default: cuda when available, else cpu"))
-    runner: str = field(
-        default="local",
-        metadata=_cli(
-            "who decomposes the images into the store: this process, or Ray actors (pip install 'vitdecomp[scale]')",
-            choices=("local", "ray"),
-        ),
-    )
-    address: str | None = field(
-        default=None, metadata=_cli("--runner ray: the Ray cluster to join (default: start a local one)")
-    )
-    workers: int = field(default=2, metadata=_cli("--runner ray: actors, each with its own copy of the models"))
-    cpus_per_worker: float = field(default=1.0, metadata=_cli("--runner ray: CPUs per actor"))
-    gpus_per_worker: float = field(default=0.0, metadata=_cli("--runner ray: GPUs per actor (> 0: run on a GPU)"))
-    checkpoint: str | Path | None = field(default=None, metadata=_cli("local weights file for --model"))
-    reader_checkpoint: str | Path | None = field(
-        default=None, metadata=_cli("local weights file for --clip", flag="--clip-checkpoint")
-    )
-    random_init: bool = field(default=False, metadata=_cli("random weights (tests and smoke runs)"))
-    aligner: str | Path | None = field(
-        default=None, metadata=_cli("folder of a saved aligner to use instead of the cached / trained one")
-    )
-    lam: float = field(
-        default=DEFAULT_LAMBDA, metadata=_cli("weight of CompAlign's orthogonality penalty (1: the published setting)")
-    )
-    align_steps: int = field(default=3000, metadata=_cli("most CompAlign steps (early-stopped)"))
-    align_batch_size: int = field(default=256, metadata=_cli("images per CompAlign step"))
-    val_fraction: float = field(
-        default=0.1, metadata=_cli("share of the images held out for CompAlign's early stopping")
-    )
-    top_k: int = field(default=5, metadata=_cli("TextSpan descriptions per component"))
-    n_top_images: int = field(default=4, metadata=_cli("images shown per component"))
-    skip_bad_images: bool = field(default=False, metadata=_cli("skip unreadable images instead of stopping"))
-    apps: bool = field(
-        default=True,
-        metadata=_cli("skip the applications whose inputs are in --images (masks/, metadata.csv)", flag="--no-apps"),
-    )
-    progress: bool = field(
-        default=True, metadata=_cli("no progress bars, no summary: print the report path", flag="--quiet")
-    )
-    verbose: bool = field(default=True, metadata=_cli("print what is trained and a summary at the end", cli=False))
+    model: str = MODEL
+    reader: str | None = READER
+    images: str | Path | None = None
+    n_images: int | None = None
+    seed: int = WORLD_SEED
+    out: str | Path = ANALYSIS_DIR
+    cache_dir: str | Path | None = None
+    features: str | Path | Mapping[str, Sequence[str]] | None = None
+    vocabulary: str | Path | None = None
+    templates: tuple[str, ...] | None = None
+    start_layer: int = 0
+    batch_size: int = BATCH_SIZE
+    dtype: str = "float32"
+    device: str | None = None
+    runner: str = "local"
+    address: str | None = None
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    checkpoint: str | Path | None = None
+    reader_checkpoint: str | Path | None = None
+    random_init: bool = False
+    aligner: str | Path | None = None
+    lam: float = DEFAULT_LAMBDA
+    align_steps: int = ALIGN_STEPS
+    align_batch_size: int = ALIGN_BATCH_SIZE
+    val_fraction: float = VAL_FRACTION
+    top_k: int = 5
+    n_top_images: int = 4
+    skip_bad_images: bool = False
+    apps: bool = True
+    progress: bool = True
+    verbose: bool = True
 
     def check(self) -> None:
         """Refuse options that cannot work, before anything heavy runs (:class:`UsageError`, one line)."""
-        for name, least in (
-            ("n_images", 2),
-            ("batch_size", 1),
-            ("align_batch_size", 1),
-            ("align_steps", 0),
-            ("top_k", 1),
-            ("n_top_images", 0),
-            ("start_layer", 0),
-            ("workers", 1),
-        ):
-            value = getattr(self, name)
-            if value is not None and value < least:
-                raise UsageError(f"{_flag(name)} {value}: must be at least {least}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise UsageError(f"--val-fraction {self.val_fraction}: must lie strictly between 0 and 1")
+        self._check_numbers()
         if self.runner == "ray":
-            from vitdecomp.pipeline.runners import require_ray
-
             require_ray()
-        if not (self.cpus_per_worker > 0 and self.gpus_per_worker >= 0):
-            raise UsageError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
-        if not self.lam >= 0.0:
-            raise UsageError(f"--lam {self.lam}: must be a number >= 0")
-        if self.images is not None and not Path(self.images).is_dir():
-            raise UsageError(f"--images {self.images}: no such folder")
+        check_folder("--images", self.images)
         for name in ("checkpoint", "reader_checkpoint"):
-            value = getattr(self, name)
-            if value is not None and not Path(value).is_file():
-                raise UsageError(f"{_flag(name)} {value}: no such file")
+            check_file(flag(name), getattr(self, name))
         if self.aligner is not None and not (Path(self.aligner) / "aligner.json").is_file():
             raise UsageError(f"--aligner {self.aligner}: no saved aligner there (aligner.json missing)")
         check_device(self.device)
@@ -164,9 +125,29 @@ class AnalysisConfig:
         if self.reader is not None:
             check_model_name(self.reader, pretrained=not self.random_init, checkpoint=self.reader_checkpoint)
 
+    def _check_numbers(self) -> None:
+        for name, least in (
+            ("n_images", 2),
+            ("batch_size", 1),
+            ("align_batch_size", 1),
+            ("align_steps", 0),
+            ("top_k", 1),
+            ("n_top_images", 0),
+            ("start_layer", 0),
+            ("workers", 1),
+            ("seed", 0),
+        ):
+            check_at_least(flag(name), getattr(self, name), least)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction {self.val_fraction}: must lie strictly between 0 and 1")
+        if not (self.cpus_per_worker > 0 and self.gpus_per_worker >= 0):
+            raise UsageError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
+        if not self.lam >= 0.0:
+            raise UsageError(f"--lam {self.lam}: must be a number >= 0")
+
     def _check_text(self) -> None:
         """The feature set and the vocabulary can be read (and are not empty)."""
-        from vitdecomp.score import load_features
+        from vitdecomp.scores.features import load_features
         from vitdecomp.text import load_vocabulary
 
         world = self.images is None
@@ -188,82 +169,50 @@ class AnalysisConfig:
         """The cache folder: ``cache_dir`` or :func:`default_cache_dir`."""
         return Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One flag per field (``--n-images`` for ``n_images``, or the field's own ``flag``)."""
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            if not f.metadata.get("cli", True):
-                continue
-            flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-            kw: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata["help"]}
-            if hints[f.name] is bool:  # a flag that flips the default
-                kw["action"] = "store_false" if f.default else "store_true"
-            else:
-                kw["type"] = _cli_type(hints[f.name])
-                kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
-                if f.metadata["choices"]:
-                    kw["choices"] = f.metadata["choices"]
-            parser.add_argument(flag, **kw)
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> AnalysisConfig:
-        """The config of parsed arguments (fields without a flag keep their defaults; ``--quiet`` also
-        turns the summary off)."""
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in vars(args).items() if k in names}
-        if kw.get("progress") is False:
-            kw["verbose"] = False
-        return cls(**kw)
+#: Generated scenes decomposed when no folder is given.
+N_WORLD_IMAGES = 8
 
 
-def _flag(name: str) -> str:
-    f = next((f for f in fields(AnalysisConfig) if f.name == name), None)
-    return (f.metadata.get("flag") if f is not None else None) or "--" + name.replace("_", "-")
+@dataclass(frozen=True)
+class DecomposeConfig:
+    """The options of ``vitdecomp decompose``: the ``model`` (``random_init`` weights drawn from
+    ``seed``, or a local ``checkpoint``), the ``images`` (default: 8 generated scenes; the first
+    ``n_images``; ``skip_bad_images``), what is split (``tokens``, ``start_layer``,
+    ``representation``), how (``batch_size``, ``device``; ``runner="ray"`` with ``address``,
+    ``workers``, ``cpus_per_worker``, ``gpus_per_worker``), and where it is saved (``out``)."""
 
+    model: str = MODEL
+    images: str | Path | None = None
+    n_images: int | None = None
+    out: str | Path | None = None
+    random_init: bool = False
+    seed: int = 0
+    checkpoint: str | Path | None = None
+    tokens: bool = False
+    start_layer: int = 0
+    representation: str | None = None
+    batch_size: int = DECOMPOSE_BATCH_SIZE
+    device: str | None = None
+    skip_bad_images: bool = False
+    progress: bool = True
+    runner: str = "local"
+    address: str | None = None
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
 
-def check_device(device: str | None) -> None:
-    """Refuse a device torch does not know or this machine does not have."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise UsageError(f"--device {device}: not a device torch knows ({err})") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: this machine has no CUDA device; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device}: MPS is not available here; use --device cpu")
-
-
-def check_writable_dir(path: str | Path, flag: str) -> None:
-    """Make sure ``path`` is (or can be made) a folder this process can write to."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path}: exists and is not a folder")
-    with writing(path):
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".vitdecomp-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-
-
-def check_model_name(name: str, *, pretrained: bool, checkpoint: str | Path | None = None) -> None:
-    """:func:`vitdecomp.models.loading.check_name` (imports timm / open_clip only for their names)."""
-    from vitdecomp.models.loading import check_name
-
-    check_name(name, pretrained=pretrained, checkpoint=checkpoint)
-
-
-def _cli_type(hint: Any) -> type:
-    """The command-line type of a field: the first non-``None`` member of its union."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    origin = typing.get_origin(hint) or hint
-    if origin not in (str, int, float):
-        raise TypeError(f"no command-line type for {hint!r}: mark the field cli=False")
-    return origin
+    def check(self) -> None:
+        """Every option that can be checked before loading the model (one-line :class:`UsageError`)."""
+        for name, least in (("batch_size", 1), ("start_layer", 0), ("n_images", 1), ("workers", 1), ("seed", 0)):
+            check_at_least("--" + name.replace("_", "-"), getattr(self, name), least)
+        check_folder("--images", self.images)
+        check_file("--checkpoint", self.checkpoint)
+        if self.out is not None:
+            check_writable_dir(self.out, "--out")
+        if self.runner == "ray":
+            if self.tokens:
+                raise UsageError("--tokens with --runner ray: token splits are not gathered from workers; drop one")
+            require_ray()
+        check_device(self.device)
+        check_model_name(self.model, pretrained=not self.random_init, checkpoint=self.checkpoint)

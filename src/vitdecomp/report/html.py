@@ -3,7 +3,7 @@
 The page is built from Jinja2 templates in ``report/templates/``: ``base.html.j2`` (head, header,
 then one partial per section), ``header.html.j2``, ``macros.html.j2`` (the heat table) and
 ``sections/<name>.html.j2``, one per entry of :data:`SECTIONS`, in that order. Every template reads
-``r`` (the :class:`~vitdecomp.report.results.AnalysisResult` whose serialisation is ``results.json``,
+``r`` (the :class:`~vitdecomp.results.AnalysisResult` whose serialisation is ``results.json``,
 so a page can be rendered again from that file: ``render_html(AnalysisResult.load(path))``),
 ``thumbs`` (label → thumbnail data URIs of its top images) and ``pictures`` (image id → thumbnail,
 for the retrieval galleries). One small inline script (``templates/table.js``) sorts and filters the
@@ -14,22 +14,19 @@ To add a section: write ``templates/sections/<name>.html.j2`` and put ``<name>``
 
 from __future__ import annotations
 
-import base64
 import functools
-import io
+import re
 from collections.abc import Mapping
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import jinja2
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from vitdecomp.fsio import atomic_write_text
-from vitdecomp.report.results import AnalysisResult
-from vitdecomp.score import DEFAULT_METHOD
+from vitdecomp.figures import thumbnail_data_uri
+from vitdecomp.results import AnalysisResult
+from vitdecomp.scores.registry import score_about
 
 #: The page's sections, in order: ``templates/sections/<name>.html.j2`` each.
 SECTIONS: list[str] = [
@@ -42,17 +39,6 @@ SECTIONS: list[str] = [
     "other_methods",
     "about",
 ]
-
-
-def thumbnail_data_uri(image: Any, size: int = 96) -> str:
-    """A PIL image (or uint8 array) as a ``data:image/png;base64,...`` thumbnail (longest side ``size``)."""
-    im = Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image) else image
-    im = im.convert("RGB")
-    if max(im.size) > size:
-        im.thumbnail((size, size))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _heat(v: float, scale: float = 1.0) -> str:
@@ -116,7 +102,7 @@ def render_html(
     css = files.joinpath("style.css").read_text(encoding="utf-8")
     script = files.joinpath("table.js").read_text(encoding="utf-8")
     page = environment().get_template("base.html.j2")
-    method = r.method(DEFAULT_METHOD)
+    method = r.method()
     confidence = r.confidence.get(method, {}).get("scores", {})
     return page.render(
         r=r,
@@ -128,16 +114,14 @@ def render_html(
         sections=SECTIONS,
         method=method,
         confidence=confidence,
+        about={m: score_about(m) for m in r.scores},
     )
 
 
-def write_report(
-    result: AnalysisResult, source: Any, out: str | Path, top_idx: np.ndarray, progress: bool = True
-) -> Path:
-    """Write ``out/index.html`` (atomically); ``source.image(i)`` gives the images of rows
-    ``top_idx [C, n]`` (components without top images in ``result`` get none) and of the retrieval
-    galleries' hits (``source.ids``)."""
-    out = Path(out)
+def report_page(result: AnalysisResult, source: Any, top_idx: np.ndarray, progress: bool = True) -> str:
+    """The page ``index.html`` holds; ``source.image(i)`` gives the images of rows ``top_idx [C, n]``
+    (components without top images in ``result`` get none) and of the retrieval galleries' hits
+    (``source.ids``)."""
     cache: dict[int, str] = {}
 
     def thumb(j: int) -> str:
@@ -155,4 +139,14 @@ def write_report(
     hits = {h.id for g in (result.views.galleries if result.views else []) for h in g.hits}
     rows = {i: j for j, i in enumerate(source.ids)} if hits else {}
     pictures = {i: thumb(rows[i]) for i in hits if i in rows}
-    return atomic_write_text(out / "index.html", render_html(result, thumbs, pictures))
+    return render_html(result, thumbs, pictures)
+
+
+#: The page's record of the run it shows (``results.json``'s ``run_id``).
+RUN_ID = re.compile(r'<meta name="vitdecomp-run" content="([^"]*)">')
+
+
+def page_run_id(page: str) -> str | None:
+    """The ``run_id`` of the analysis a page shows (``None``: a page written before run ids)."""
+    found = RUN_ID.search(page[:4096])
+    return found.group(1) if found else None

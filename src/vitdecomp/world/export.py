@@ -87,9 +87,9 @@ def export_waterbirds(
     n_train: int = 4000,
     n_val: int = 1000,
     n_test: int = 2000,
+    corr: float = 0.95,
     seed: int = 0,
     size: int = 64,
-    corr: float = 0.95,
     progress: bool = True,
 ) -> Path:
     """Write the Waterbirds-like split: images, masks, ``metadata.csv`` (``img_id, img_filename, y,

@@ -81,18 +81,6 @@ class Scenes:
 
         return Image.fromarray(self.images[i])
 
-    def subset(self, idx: Sequence[int] | np.ndarray) -> Scenes:
-        idx = np.asarray(idx)
-        return Scenes(
-            images=self.images[idx],
-            masks=self.masks[idx],
-            attributes={k: v[idx] for k, v in self.attributes.items()},
-            captions=[self.captions[i] for i in idx],
-            seed=self.seed,
-            size=self.size,
-            meta=dict(self.meta),
-        )
-
 
 # ----------------------------------------------------------------------------------------------
 # parameters
@@ -246,25 +234,28 @@ def _background(kind: int, rng: np.random.Generator, m: int, size: int) -> np.nd
 # rendering
 
 
-def _draw_object(
-    canvas: np.ndarray,
-    sel: np.ndarray,
-    shape: np.ndarray,
-    pattern: np.ndarray,
-    rgb: np.ndarray,
-    cx: np.ndarray,
-    cy: np.ndarray,
-    radius: np.ndarray,
-    angle: np.ndarray,
-    size: int,
-    outline: bool = True,
-) -> np.ndarray:
+@dataclass(frozen=True)
+class _Objects:
+    """Objects to paint, one per selected image: shape and pattern indices, colour ``rgb [k, 3]``,
+    centre (``cx``, ``cy``), radius and rotation ``angle`` (radians), each ``[k]``."""
+
+    shape: np.ndarray
+    pattern: np.ndarray
+    rgb: np.ndarray
+    cx: np.ndarray
+    cy: np.ndarray
+    radius: np.ndarray
+    angle: np.ndarray
+
+
+def _draw_object(canvas: np.ndarray, sel: np.ndarray, obj: _Objects, size: int, outline: bool = True) -> np.ndarray:
     """Paint objects on ``canvas[sel]`` (in place); returns their masks [len(sel), H, W]."""
+    shape, pattern, rgb = obj.shape, obj.pattern, obj.rgb
     grid = np.arange(size, dtype=np.float32) + 0.5
-    dx = grid[None, None, :] - cx[:, None, None].astype(np.float32)
-    dy = grid[None, :, None] - cy[:, None, None].astype(np.float32)
-    c, s = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
-    r = radius[:, None, None].astype(np.float32)
+    dx = grid[None, None, :] - obj.cx[:, None, None].astype(np.float32)
+    dy = grid[None, :, None] - obj.cy[:, None, None].astype(np.float32)
+    c, s = np.cos(obj.angle)[:, None, None], np.sin(obj.angle)[:, None, None]
+    r = obj.radius[:, None, None].astype(np.float32)
     u = ((dx * c + dy * s) / r).astype(np.float32)
     v = ((-dx * s + dy * c) / r).astype(np.float32)
     masks = np.zeros((len(sel), size, size), dtype=bool)
@@ -306,36 +297,32 @@ def _render_chunk(params: dict[str, np.ndarray], rng: np.random.Generator, size:
         dang = rng.uniform(0, 2 * np.pi, m)
         j = np.nonzero(nd > t)[0]
         if len(j):
-            _draw_object(
-                canvas,
-                j,
-                dshape[j],
-                np.zeros(len(j), int),
-                _RGB[dcol[j]],
-                dcx[j],
-                dcy[j],
-                drad[j],
-                dang[j],
-                size,
-                outline=True,
-            )
+            objects = _Objects(dshape[j], np.zeros(len(j), int), _RGB[dcol[j]], dcx[j], dcy[j], drad[j], dang[j])
+            _draw_object(canvas, j, objects, size, outline=True)
     rgb = np.clip(_RGB[params["color"]] + params["color_jitter"], 0, 255).astype(np.float32)
     idx = np.arange(m)
-    masks = _draw_object(
-        canvas,
-        idx,
-        params["shape"],
-        params["pattern"],
-        rgb,
-        params["cx"],
-        params["cy"],
-        params["radius"],
-        params["angle"],
-        size,
+    objects = _Objects(
+        *(params[k] for k in ("shape", "pattern")), rgb, *(params[k] for k in ("cx", "cy", "radius", "angle"))
     )
+    masks = _draw_object(canvas, idx, objects, size)
     canvas += rng.normal(0.0, 3.0, canvas.shape).astype(np.float32)
     images = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
     return images, masks
+
+
+def _fix(params: dict[str, np.ndarray], fixed: Mapping[str, Sequence[int] | np.ndarray], rows: slice, n: int) -> None:
+    """Override the chunk's first images' categorical attributes by ``fixed``'s labels of ``rows``."""
+    m = rows.stop - rows.start
+    for k, v in fixed.items():
+        if k not in ATTRIBUTES:
+            raise KeyError(f"unknown attribute {k!r}; one of {list(ATTRIBUTES)}")
+        vals = np.asarray(v, dtype=np.int64)[rows]
+        if len(vals) != m:
+            raise ValueError(f"fixed[{k!r}] must have n={n} entries")
+        if vals.min(initial=0) < 0 or vals.max(initial=0) >= len(ATTRIBUTES[k]):
+            raise ValueError(f"fixed[{k!r}] out of range")
+        params[k] = params[k].copy()
+        params[k][:m] = vals
 
 
 def make_scenes(
@@ -374,16 +361,7 @@ def make_scenes(
         rng = _chunk_rng(seed, c)
         params = _sample_params(rng, CHUNK, size, max_distractors)
         if fixed is not None:
-            for k, v in fixed.items():
-                if k not in ATTRIBUTES:
-                    raise KeyError(f"unknown attribute {k!r}; one of {list(ATTRIBUTES)}")
-                vals = np.asarray(v, dtype=np.int64)[c0 : c0 + m]
-                if len(vals) != m:
-                    raise ValueError(f"fixed[{k!r}] must have n={n} entries")
-                if vals.min(initial=0) < 0 or vals.max(initial=0) >= len(ATTRIBUTES[k]):
-                    raise ValueError(f"fixed[{k!r}] out of range")
-                params[k] = params[k].copy()
-                params[k][:m] = vals
+            _fix(params, fixed, slice(c0, c0 + m), n)
         _place(params, size, max_rotation)
         # always render the whole chunk, so an image never depends on n
         im, mk = _render_chunk(params, _chunk_rng(seed, c, 1), size)

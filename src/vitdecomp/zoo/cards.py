@@ -1,17 +1,16 @@
 """The zoo's files: ``weights/NAME.safetensors`` (fp16) and ``cards/NAME.json`` (config, recipe,
-training record, measurements), and whether a pair is up to date with the current recipe."""
+training record, measurements). Part of the zoo as a model source: imports no training module
+(whether a pair is up to date with the current recipe: :mod:`vitdecomp.zoo.freshness`)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vitdecomp.zoo.models import ZOO_CONFIGS, ZOO_NAMES
-from vitdecomp.zoo.recipes import RECIPES
 
 ZOO_DIR = Path(__file__).parent
 WEIGHTS_DIR = ZOO_DIR / "weights"
@@ -30,11 +29,11 @@ def write_card(name: str, card: dict[str, Any], cards_dir: Path | None = None) -
     cards_dir = Path(cards_dir or CARDS_DIR)
     cards_dir.mkdir(parents=True, exist_ok=True)
     path = cards_dir / f"{name}.json"
-    path.write_text(json.dumps(card, indent=1, default=_json_default) + "\n")
+    path.write_text(json.dumps(card, indent=1, default=json_default) + "\n")
     return path
 
 
-def _json_default(o):
+def json_default(o):
     if isinstance(o, (np.integer, np.floating)):
         return o.item()
     if isinstance(o, tuple):
@@ -68,39 +67,6 @@ def save_checkpoint(model: nn.Module, name: str, weights_dir: Path | None = None
     save_file(sd, str(path), metadata={"name": name, "format": "pt", "dtype": "float16"})
     path.chmod(0o644)
     return path
-
-
-def is_up_to_date(name: str, weights_dir: Path | None = None, cards_dir: Path | None = None) -> bool:
-    """Whether ``NAME``'s card and weights were made by the current recipe and config (and, for a
-    student, from the teacher weights now in place), so a resumed ``zoo train`` may skip it. Recipe
-    fields newer than the card count as matching when they hold their default."""
-    from vitdecomp.models.loaded import file_digest
-
-    card = read_card(name, cards_dir)
-    weights = Path(weights_dir or WEIGHTS_DIR) / f"{name}.safetensors"
-    if card is None or not weights.is_file():
-        return False
-    recipe = RECIPES[name]
-
-    def same(a: Any, b: Any) -> bool:
-        return json.loads(json.dumps(a, default=_json_default)) == json.loads(json.dumps(b, default=_json_default))
-
-    if card.get("weights", {}).get("sha256_16") != file_digest(weights):
-        return False
-    recorded = card.get("training", {}).get("recipe") or {}
-    defaults = asdict(type(recipe)(recipe.objective, recipe.epochs))
-    expected = {k: v for k, v in asdict(recipe).items() if k in recorded or not same(v, defaults[k])}
-    if not (same(card.get("config"), ZOO_CONFIGS[name]) and same(recorded, expected)):
-        return False
-    if recipe.distill_from:
-        teacher = Path(weights_dir or WEIGHTS_DIR) / f"{recipe.distill_from}.safetensors"
-        teacher = teacher if teacher.is_file() else WEIGHTS_DIR / f"{recipe.distill_from}.safetensors"
-        if (
-            not teacher.is_file()
-            or card["training"].get("distill_teacher") != f"zoo:{recipe.distill_from}@{file_digest(teacher)}"
-        ):
-            return False
-    return True
 
 
 def planted_map(name: str, cards_dir: Path | None = None) -> dict[str, list[str]] | None:

@@ -1,6 +1,6 @@
 """Measure the zoo on held-out generated scenes: linear probes, task accuracy, CLIP zero-shot, R@1.
 
-``python -m vitdecomp.zoo.evaluate [NAME ...] [--write-cards]`` prints the table of docs/zoo.md.
+``vitdecomp zoo evaluate [NAME ...] [--write-cards]`` prints the table of docs/zoo.md.
 
 * Probe: multinomial logistic regression (L-BFGS, L2 1e-3, standardised features) on the
   representation (:func:`vitdecomp.zoo.models.representation`) of ``N_PROBE_TRAIN`` scenes
@@ -18,10 +18,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +32,7 @@ from vitdecomp.world.scenes import make_scenes
 from vitdecomp.zoo.cards import read_card, write_card
 from vitdecomp.zoo.data import labels_of, normalize, to_tensor
 from vitdecomp.zoo.hub import load_zoo_model
-from vitdecomp.zoo.models import HEAD_SIZES, IMAGE_SIZE, NUM_LOGITS, ZOO_NAMES, representation
+from vitdecomp.zoo.models import HEAD_SIZES, IMAGE_SIZE, NUM_LOGITS, representation
 
 N_PROBE_TRAIN = 4000
 N_TEST = 2000
@@ -42,7 +40,6 @@ N_RETRIEVAL = 1000
 N_PLANTING_TRAIN = 2000
 N_PLANTING_TEST = 1000
 PROBE_SEEDS = (2001, 2002)
-TARGETS = {"probe": 0.90, "task": 0.95, "zero_shot": 0.90}
 
 
 @torch.no_grad()
@@ -134,7 +131,7 @@ def planting_metrics(
     """How well a planted map held on held-out scenes: every head's and MLP's probe accuracy per core
     attribute (``accuracy {label: {attribute: acc}}``), chance (the test set's majority share), and per
     attribute the worst planted head's accuracy and the best other head's and other branch's."""
-    from vitdecomp.evaluation.probes import batched_probe
+    from vitdecomp.probes import batched_probe
 
     t0 = time.time()
     model = load_zoo_model(name, checkpoint=checkpoint, config=config).model
@@ -251,33 +248,19 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vitdecomp.zoo.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("names", nargs="*", default=list(ZOO_NAMES))
-    ap.add_argument("--write-cards", action="store_true", help="store the numbers in the cards")
-    ap.add_argument("--json", type=Path, help="also write all metrics to this JSON file")
-    ap.add_argument("--from-cards", action="store_true", help="print the table of the cards' stored numbers")
-    args = ap.parse_args(argv)
-    if args.from_cards:
-        print(table([read_card(n) or {"name": n} for n in args.names]))
-        return 0
+def evaluate_zoo(names: list[str], write_cards: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every measurement of the zoo models ``names`` on the same held-out scenes, printed as they come:
+    ``(cards with the new metrics, {name: metrics})``; ``write_cards``: store them in the cards."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = _data()
     cards, allm = [], {}
-    for name in args.names:
+    for name in names:
         card = read_card(name) or {"name": name}
         metrics = evaluate_model(name, data=data)
         allm[name] = metrics
         card["metrics"] = metrics
-        if args.write_cards:
+        if write_cards:
             write_card(name, card)
         cards.append(card)
         print(name, json.dumps(metrics), flush=True)
-    print(table(cards))
-    if args.json:
-        args.json.write_text(json.dumps(allm, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return cards, allm

@@ -12,8 +12,7 @@ from torch import nn
 from vitdecomp.errors import CheckpointError
 from vitdecomp.models.loaded import LoadedModel, file_digest
 from vitdecomp.zoo.cards import WEIGHTS_DIR, read_card
-from vitdecomp.zoo.data import OPENAI_MEAN, OPENAI_STD
-from vitdecomp.zoo.models import IMAGE_SIZE, ZOO_CONFIGS, ZOO_NAMES, build_model, clip_tokenizer
+from vitdecomp.zoo.models import HEAD_SIZES, IMAGE_SIZE, NUM_LOGITS, ZOO_CONFIGS, ZOO_NAMES, build_model, clip_tokenizer
 
 __all__ = ["WEIGHTS_DIR", "load_state_dict_file", "load_zoo_model"]
 
@@ -35,7 +34,7 @@ def load_zoo_model(
     config: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> LoadedModel:
-    """A zoo model (``deit``, ``dino``, ``swin``, ``maxvit``, ``clip``) in eval mode.
+    """A zoo model (a name of :data:`~vitdecomp.zoo.models.ZOO_NAMES`) in eval mode.
 
     ``checkpoint`` overrides the shipped ``weights/NAME.safetensors``; ``config`` the architecture
     recorded in the shipped card (for checkpoints trained with another config);
@@ -56,6 +55,8 @@ def load_zoo_model(
         weights_id = f"zoo:{name}@{file_digest(path)}"
     model.eval()
     preprocess, tokenizer, info = _preprocessing(name, model, config)
+    if config.get("num_classes") == NUM_LOGITS:  # the multi-attribute task: one logit block per attribute
+        info["attribute_heads"] = dict(HEAD_SIZES)
     return LoadedModel(
         model=model,
         preprocess=preprocess,
@@ -84,9 +85,10 @@ def _preprocessing(name: str, model: nn.Module, config: dict[str, Any]) -> tuple
     """The model's own preprocessing (open_clip's image transform for CLIP, timm's from the model's
     data config otherwise), its tokenizer (CLIP only) and what goes into ``LoadedModel.info``."""
     if name == "clip":
+        from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
         from open_clip.transform import image_transform
 
-        preprocess = image_transform(IMAGE_SIZE, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD)
+        preprocess = image_transform(IMAGE_SIZE, is_train=False, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
         return preprocess, clip_tokenizer(config["text_cfg"]["context_length"]), {"arch": "zoo-clip"}
     import timm
 

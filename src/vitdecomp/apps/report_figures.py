@@ -1,0 +1,131 @@
+"""The report's figures, computed at the end of ``vitdecomp analyze``: :func:`report_views` (the data
+types they fill, :class:`~vitdecomp.results.ReportViews`, live in the results schema).
+
+Per feature, the layer x head grid of the heads' scores and the top heads' heatmaps on the first
+:data:`N_MAP_IMAGES` images; per head (the :data:`MAX_VIEW_HEADS` best-scored), its own map on its top
+images along its top description; per feature, the images :data:`N_QUERIES` of its value texts find
+through its top-k components. Every map is a directional token map (one decomposition of the few
+images shown, at about the cost of a forward pass); retrieval reads the store already written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vitdecomp.apps.analysis import Analysis, analysis_of, auto_heads, auto_k
+from vitdecomp.apps.head_grids import head_grid_uri
+from vitdecomp.apps.heatmap import heatmaps, overlay
+from vitdecomp.apps.retrieval import store_text_scores, top_components
+from vitdecomp.figures import thumbnail_data_uri
+from vitdecomp.models.loaded import LoadedModel
+from vitdecomp.results import AnalysisResult, ComponentView, FeatureView, Hit, ImageMap, ReportViews, RetrievalGallery
+
+#: Images per feature on which the feature's top heads are mapped.
+N_MAP_IMAGES = 4
+#: Top images per head view.
+N_VIEW_IMAGES = 3
+#: Heads that get their own view: those with the highest score for any feature.
+MAX_VIEW_HEADS = 48
+#: Text queries per feature (its first values) and images shown per query.
+N_QUERIES = 3
+N_HITS = 8
+#: Longest side of a map figure, in pixels (smaller images are kept at their size).
+MAP_SIZE = 128
+
+
+def _pil(image: Any) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+
+def _maps(analysis: Analysis, images: list[Image.Image], ids: list[str], **how: Any) -> list[ImageMap]:
+    """The maps of :func:`vitdecomp.apps.heatmap.heatmaps` as report figures."""
+    return [
+        ImageMap(
+            i, hm.text, hm.heads, thumbnail_data_uri(overlay(im, hm.original, min(MAP_SIZE, max(im.size))), MAP_SIZE)
+        )
+        for im, i, hm in zip(images, ids, heatmaps(analysis, images, **how), strict=True)
+    ]
+
+
+def feature_views(analysis: Analysis, images: list[Image.Image], ids: list[str]) -> list[FeatureView]:
+    """Per feature: its head grid and its top heads' maps along, per image, the value of the feature
+    the aligned whole representation reads best (no labels)."""
+    r = analysis.result
+    out = []
+    for f in r.features:
+        heads = auto_heads(analysis.scores(f), r.labels)
+        maps = _maps(analysis, images, ids, feature=f, heads=heads) if images else []
+        out.append(FeatureView(f, head_grid_uri(r, f, r.method()), heads, maps))
+    return out
+
+
+def view_heads(result: AnalysisResult, n: int = MAX_VIEW_HEADS) -> list[str]:
+    """The heads with a description and top images, best score for any feature first, at most ``n``."""
+    table = result.scores[result.method()]
+    heads = [lab for lab in result.labels if auto_heads({lab: 0.0}, [lab])]
+    heads = [h for h in heads if result.descriptions.get(h) and result.top_images.get(h)]
+    return sorted(heads, key=lambda h: -max(row.get(h, float("-inf")) for row in table.values()))[:n]
+
+
+def component_views(analysis: Analysis, source: Any, progress: bool = True) -> dict[str, ComponentView]:
+    """Each of :func:`view_heads`' heads alone on its top images, along its top description."""
+    r, rows = analysis.result, {i: j for j, i in enumerate(source.ids)}
+    out = {}
+    for lab in tqdm(view_heads(r), desc="head views", unit="head", leave=False, disable=not progress):
+        ids = [t.id for t in r.top_images[lab][:N_VIEW_IMAGES] if t.id in rows]
+        text = r.descriptions[lab][0].text
+        images = [_pil(source.image(rows[i])) for i in ids]
+        out[lab] = ComponentView(lab, text, _maps(analysis, images, ids, text=text, heads=[lab]) if ids else [])
+    return out
+
+
+def retrieval_galleries(analysis: Analysis, source: Any) -> list[RetrievalGallery]:
+    """Per feature, its first :data:`N_QUERIES` values as texts, searched through its top
+    ``auto_k(C)`` components over the whole analysed set; the :data:`N_HITS` best images each."""
+    r = analysis.result
+    k = auto_k(len(r.labels))
+    out = []
+    for f, values in r.features.items():
+        comps = top_components(analysis.scores(f), k)
+        texts = list(values)[:N_QUERIES]
+        scores = store_text_scores(analysis, analysis.embed(texts), comps)  # [N, T]
+        for t, text in enumerate(texts):
+            best = scores[:, t].argsort(descending=True)[:N_HITS].tolist()
+            hits = [Hit(source.ids[j], float(scores[j, t])) for j in best]
+            out.append(RetrievalGallery(f, text, comps, hits))
+    return out
+
+
+@torch.no_grad()
+def report_views(
+    result: AnalysisResult, source: Any, subject: LoadedModel, reader: LoadedModel, progress: bool = True
+) -> ReportViews:
+    """Every figure of the report for an analysis just made (``source``: its image set, rows in
+    store order; ``subject`` / ``reader``: the models it loaded)."""
+    device = str(next(subject.model.parameters(), torch.empty(0)).device)
+    analysis = analysis_of(result, subject, reader, out=".", device=device)
+    n = min(N_MAP_IMAGES, len(source))
+    images, ids = [_pil(source.image(i)) for i in range(n)], list(source.ids[:n])
+    heads = view_heads(result)
+    k, method = auto_k(len(result.labels)), result.method()
+    return ReportViews(
+        features=feature_views(analysis, images, ids),
+        components=component_views(analysis, source, progress),
+        galleries=retrieval_galleries(analysis, source),
+        rules=[
+            f"Head grids: the {method} score of every attention head for the feature.",
+            f"Top heads: the 2 ceil(sqrt(H)) heads with the highest {method} score (vitdecomp heatmap "
+            "--heads auto); their maps on the first images of the set, along the value the aligned whole "
+            "representation reads best (no labels), read as its text minus the mean of the feature's other "
+            "values' texts. Red: the heads write along it; blue: against it; each map on its own symmetric scale.",
+            f"Head views: the {len(heads)} heads with the highest score for any feature, each alone on its "
+            f"top {N_VIEW_IMAGES} images along its top description.",
+            f"Retrieval: cosine between a value's text and the aligned sum of the feature's top k = "
+            f"2 ceil(sqrt(C)) = {k} components, over all {len(source)} images.",
+        ],
+    )

@@ -1,0 +1,259 @@
+"""The store stage: the keyed store of the subject's decompositions and the reader's image
+embeddings of an image set, filled where rows are missing (:func:`build_store`).
+
+The store (:mod:`vitdecomp.store`) only writes and reads rows; the models run here. Who fills it is a
+:data:`StoreFiller`: this process (:func:`fill_in_process`, which appends through the store's public
+write protocol) or a pool of Ray actors (:class:`vitdecomp.pipeline.ray_fill.RayRunner`). A small
+store is then read into memory once (:func:`readable_rows`), a large one streamed chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vitdecomp.api import decompose
+from vitdecomp.components import Decomposition
+from vitdecomp.defaults import BATCH_SIZE
+from vitdecomp.errors import MismatchError, NonFiniteInputError, UsageError
+from vitdecomp.imageset import ImageSource
+from vitdecomp.pipeline.config import AnalysisConfig
+from vitdecomp.pipeline.model_pair import Models
+from vitdecomp.store import Rows, StoreKey, StoreLock, StoreWriter, open_store, store_dir
+
+#: Stores smaller than this (as float32) are read into memory for training, descriptions and scores;
+#: larger ones are streamed.
+IN_MEMORY_BYTES = 1 << 30
+
+
+#: One batch from an image source: ``(image ids, images)``; ``images`` is whatever the callables take.
+Batch = tuple[Sequence[str], Any]
+
+
+def _preprocess_batch(preprocess: Callable, images: Sequence[Any], device: str) -> torch.Tensor:
+    return torch.stack([preprocess(im) for im in images]).to(device)
+
+
+def store_key(models: Models, source: ImageSource, start_layer: int = 0, device: str = "cpu") -> StoreKey:
+    """Everything that changes the stored numbers; the component layout is read off a
+    decomposition of the first image."""
+    subject, reader = models.subject, models.reader
+    first = _preprocess_batch(subject.preprocess, [source.image(0)], device)
+    try:
+        labels = decompose(subject, first, start_layer=start_layer).names
+    except ValueError as err:
+        if str(err).startswith("start_layer"):
+            raise UsageError(f"--start-layer {start_layer}: {err}") from err
+        raise
+    return StoreKey(
+        model=subject.weights_id,
+        clip=reader.weights_id,
+        labels=tuple(labels),
+        start_layer=start_layer,
+        preprocess=repr(subject.preprocess) + "\n--clip--\n" + repr(reader.preprocess),
+        images=source.key,
+        extra={"representation": "default", "heads": True},
+    )
+
+
+def fill_store(
+    store: StoreWriter,
+    batches: Iterable[Batch] | Callable[[int], Iterable[Batch]],
+    decompose_fn: Callable[[Any], Decomposition],
+    embed_fn: Callable[[Any], torch.Tensor],
+    *,
+    total: int | None = None,
+    progress: bool = True,
+) -> StoreWriter:
+    """Decompose and embed every image of ``batches`` into ``store``, resuming where it stopped.
+
+    ``batches`` yields ``(ids, images)``; ``images`` goes unchanged to ``decompose_fn(images) ->
+    Decomposition`` (``contributions [B, C, D]``) and ``embed_fn(images) -> [B, d_clip]`` (the
+    reader's image embedding), so each does its own preprocessing. Rows already committed are
+    skipped (their ids must match, otherwise :class:`MismatchError`); pass a callable
+    ``batches(start)`` to let the source skip reading them. Rows are held until they complete the
+    store's current chunk (at most one chunk in memory), then written and committed together: an
+    interruption loses at most the chunk under way. ``total`` sizes the progress bar.
+    """
+    done = store.committed
+    stored_ids = store.ids
+    source = batches(done) if callable(batches) else batches
+    position = done if callable(batches) else 0
+    pending = _PendingRows()
+    bar = tqdm(total=total, initial=done, desc="decompose + CLIP", unit="img", disable=not progress)
+    try:
+        for ids, images in source:
+            ids = [str(i) for i in ids]
+            b = len(ids)
+            skip = min(max(done - position, 0), b)
+            if skip and ids[:skip] != stored_ids[position : position + skip]:
+                raise MismatchError(
+                    f"image ids {ids[:skip][:3]} differ from the store's rows {position}..{position + skip} "
+                    f"({stored_ids[position : position + skip][:3]}): the image source changed since the "
+                    "store was written"
+                )
+            position += b
+            if skip == b:
+                continue
+            if skip:
+                images, ids = images[skip:], ids[skip:]
+            with torch.no_grad():
+                try:
+                    dec = decompose_fn(images)
+                except NonFiniteInputError as err:
+                    raise NonFiniteInputError.of([ids[i] for i in err.positions] or err.names) from err
+                emb = embed_fn(images)
+            if not store.shapes:  # the first rows fix the arrays' dims and the chunk size
+                store.allocate(0, int(dec.contributions.shape[-1]), int(emb.shape[-1]), expected_rows=total)
+            pending.add(ids, dec, emb)
+            if pending.completes_chunk(store):
+                bar.update(pending.flush(store))
+        bar.update(pending.flush(store))
+    finally:
+        bar.close()
+        store.close()
+    return store
+
+
+@dataclass
+class _PendingRows:
+    """Decomposed rows not yet written: ids, ``contributions [b, C, D]``, ``representation [b, D]``,
+    reader embeddings ``[b, d_clip]`` (on the CPU), per batch."""
+
+    ids: list[str] = field(default_factory=list)
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    names: list[str] | None = None
+
+    def add(self, ids: list[str], dec: Decomposition, emb: torch.Tensor) -> None:
+        self.ids.extend(ids)
+        self.parts.append((dec.contributions.detach().cpu(), dec.representation.detach().cpu(), emb.detach().cpu()))
+        self.names = list(dec.names)
+
+    def completes_chunk(self, store: StoreWriter) -> bool:
+        """The held rows reach the end of the chunk that the store's next row falls in."""
+        r = store.chunk_rows
+        return store.committed + len(self.ids) >= (store.committed // r + 1) * r
+
+    def flush(self, store: StoreWriter) -> int:
+        """Append (write and commit) the held rows; how many there were."""
+        n = len(self.ids)
+        if n:
+            c, z, e = (torch.cat(x) for x in zip(*self.parts, strict=True))
+            store.append(self.ids, c, z, e, labels=self.names)
+        self.ids, self.parts = [], []
+        return n
+
+
+@dataclass
+class BuiltStore:
+    """A filled store, its key, and how many of its rows this run computed."""
+
+    store: StoreWriter
+    key: StoreKey
+    rows_computed: int
+
+    @property
+    def rows_reused(self) -> int:
+        return self.store.committed - self.rows_computed
+
+
+@dataclass(frozen=True)
+class FillOptions:
+    """How a store is filled: the decomposition's ``start_layer``, images per batch, the device the
+    models run on, progress bars."""
+
+    start_layer: int = 0
+    batch_size: int = BATCH_SIZE
+    device: str = "cpu"
+    progress: bool = True
+
+
+#: Fills an opened store with the models' rows of an image set: ``fill(store, models, source,
+#: options)``; :func:`fill_in_process` by default, Ray actors with
+#: :class:`vitdecomp.pipeline.ray_fill.RayRunner`.
+StoreFiller = Callable[[StoreWriter, Models, ImageSource, FillOptions], None]
+
+
+def build_store(
+    models: Models,
+    source: ImageSource,
+    root: str | Path,
+    options: FillOptions | None = None,
+    *,
+    dtype: str = "float32",
+    fill: StoreFiller | None = None,
+    chunk_rows: int | None = None,
+) -> BuiltStore:
+    """Open (or resume) the keyed store under ``root`` (a folder or an fsspec URL) of the subject's
+    decompositions and the reader's image embeddings of ``source`` and fill it with ``fill``
+    (default: in this process) as ``options`` say; each model preprocesses the images its own way.
+    The models run here: the store only writes and reads rows. ``dtype``: the contributions' storage
+    type; ``chunk_rows``: rows per chunk of a new store."""
+    options = options or FillOptions()
+    key = store_key(models, source, options.start_layer, options.device)
+    with StoreLock(store_dir(root, key, dtype)):
+        store = open_store(root, key, dtype=dtype, chunk_rows=chunk_rows)
+        before = store.committed
+        (fill or fill_in_process)(store, models, source, options)
+        store = open_store(root, key, dtype=dtype)  # what is committed now, whoever wrote it
+    if store.committed != len(source) or store.ids != source.ids:
+        raise MismatchError(f"store {store.path} holds {store.committed} rows, expected {len(source)}")
+    return BuiltStore(store, key, store.committed - before)
+
+
+def model_fns(
+    models: Models, start_layer: int, device: str
+) -> tuple[Callable[[list[Any]], Decomposition], Callable[[list[Any]], torch.Tensor]]:
+    """``(decompose_fn, embed_fn)`` of PIL images: the subject's decomposition (``contributions
+    [B, C, D]``) and the reader's image embedding ``[B, d_clip]``, each model preprocessing the
+    images its own way."""
+    subject, reader = models.subject, models.reader
+
+    def decompose_fn(ims: list[Any]) -> Decomposition:
+        return decompose(subject, _preprocess_batch(subject.preprocess, ims, device), start_layer=start_layer)
+
+    def embed_fn(ims: list[Any]) -> torch.Tensor:
+        return reader.model.encode_image(_preprocess_batch(reader.preprocess, ims, device)).float()
+
+    return decompose_fn, embed_fn
+
+
+def fill_in_process(store: StoreWriter, models: Models, source: ImageSource, options: FillOptions) -> None:
+    """:func:`fill_store` in this process with the subject's decompositions and the reader's
+    embeddings (a folder's images decoded by a ``DataLoader`` with workers, see :mod:`vitdecomp.imageset`)."""
+    decompose_fn, embed_fn = model_fns(models, options.start_layer, options.device)
+    batches = source.batches(options.batch_size)
+    fill_store(store, batches, decompose_fn, embed_fn, total=len(source), progress=options.progress)
+
+
+def readable_rows(store: StoreWriter, max_bytes: int = IN_MEMORY_BYTES) -> Rows:
+    """The store's rows in memory when they take at most ``max_bytes`` as float32, else the store
+    itself: every reader then streams it chunk by chunk, in bounded memory."""
+    in_memory = store.in_memory(max_bytes)
+    return store if in_memory is None else in_memory
+
+
+@torch.no_grad()
+def completeness_errors(rows: Rows, batch_size: int = 512) -> np.ndarray:
+    """Relative error ``||sum_i c_i - z|| / ||z||`` of every image ``[N]``."""
+    out = []
+    for b in rows.iter_batches(batch_size):
+        total = b["contributions"].double().sum(1)
+        ref = b["representation"].double()
+        out.append(((total - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def configured_store(
+    cfg: AnalysisConfig, models: Models, source: ImageSource, device: str, fill: StoreFiller | None = None
+) -> BuiltStore:
+    """The cached store of ``source`` under ``cfg``'s cache, filled where rows are missing (``fill``:
+    who fills it; ``None``: this process)."""
+    options = FillOptions(cfg.start_layer, cfg.batch_size, device, cfg.progress)
+    return build_store(models, source, cfg.cache_path / "stores", options, dtype=cfg.dtype, fill=fill)

@@ -1,0 +1,112 @@
+"""What an application hands its readers: its typed result (the :class:`AppResult` contract), the
+plots it draws (:class:`Figure`) and its part of the report (:class:`AppSection`).
+
+Below the applications (``vitdecomp.apps``), the renderer (``vitdecomp.report``) and the command line,
+so that an application builds its section without importing the renderer, and the renderer draws any
+application's section without knowing the application.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from vitdecomp.figures import png_data_uri
+
+
+@dataclass(frozen=True)
+class AppFigure:
+    """A figure of a section: a PNG as a ``data:image/png;base64,...`` URI and its caption."""
+
+    data_uri: str
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class AppSection:
+    """One application's part of the report.
+
+    ``title`` heads the section; ``summary`` is one or two plain sentences (the result in words);
+    ``header`` / ``rows`` a table of already formatted cells; ``figures`` PNGs with captions;
+    ``command`` the command line that reproduces it; ``notes`` caveats (controls, settings).
+    """
+
+    name: str
+    title: str
+    summary: str
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    figures: list[AppFigure] = field(default_factory=list)
+    command: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AppSection:
+        figures = [AppFigure(**f) for f in d.get("figures", [])]
+        return cls(**{**d, "figures": figures})
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A plot an application drew: PNG bytes, the file stem it is saved under (``<name>.png``) and a
+    caption."""
+
+    name: str
+    png: bytes = field(repr=False)
+    caption: str = ""
+
+    def for_section(self) -> AppFigure:
+        return AppFigure(png_data_uri(self.png), self.caption)
+
+
+class AppResult(Protocol):
+    """The contract of an application's typed result: JSON both ways, its part of the report, its
+    plots and any other file it hands over. ``name`` names the section and the output files,
+    ``json_name`` its JSON file (``<json_name>.json``, ``<name>.section.json``, each figure's
+    ``<figure name>.png``, each of :meth:`files`; :func:`vitdecomp.report.outputs.write_app_outputs`)."""
+
+    name: ClassVar[str]
+    json_name: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AppResult: ...
+
+    def section(self) -> AppSection: ...
+
+    def figures(self) -> list[Figure]: ...
+
+    def files(self) -> dict[str, bytes]: ...
+
+
+class ResultBase:
+    """Defaults of the :class:`AppResult` contract for a dataclass result: ``to_dict`` is
+    :func:`dataclasses.asdict`, ``from_dict`` its inverse (:func:`vitdecomp.results.serial.from_dict`),
+    no figures, no other files; ``json_name`` is ``name``. A result overrides what it has."""
+
+    name: ClassVar[str] = ""
+    json_name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if not cls.__dict__.get("json_name"):
+            cls.json_name = cls.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        from vitdecomp.results.serial import from_dict
+
+        return from_dict(cls, d)
+
+    def figures(self) -> list[Figure]:
+        return []
+
+    def files(self) -> dict[str, bytes]:
+        return {}
