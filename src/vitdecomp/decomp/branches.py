@@ -218,15 +218,16 @@ class HeadsPart:
         """Number of source tokens ``N`` (after the pass)."""
         return self.v.shape[2]
 
-    def token_parts(self, ro: ReadoutMap) -> Tensor:
-        """``abar [B, H, K, N]``: ``sum_q w_q A[q, j]`` over read positions ``q`` of slot ``k``, keys ``j``
-        in stream order (``w_q`` includes the per-position norm scales)."""
+    def key_parts(self, ro: ReadoutMap) -> tuple[Tensor, Tensor | None]:
+        """``abar^T [H, B, N', K]``: ``sum_q w_q A[q, j]`` over read positions ``q`` of slot ``k`` (``w_q``
+        includes the per-position norm scales), keys ``j`` in the order the attention sees them, and
+        their stream positions ``[N']`` (window order; ``None``: already stream order)."""
         qw = self._z_order(ro).query_weights()  # [B, S, K] in z's order
         scale = self._z_scale()
         if scale is not None:
             qw = qw * scale[..., None].to(qw)
         if self.spec.windows is None:
-            return torch.einsum("bsk,bhsn->bhkn", qw, self.probs.to(qw))
+            return torch.einsum("bsk,bhsn->hbnk", qw, self.probs.to(qw)), None
         idx = self.index.to(qw.device)
         if (idx < 0).any():
             raise VitDecompError(
@@ -234,11 +235,18 @@ class HeadsPart:
                 "use an image size whose token grid is a multiple of the window size"
             )
         qw = qw.view(qw.shape[0], *idx.shape, qw.shape[-1])  # [B, nW, w, K]
-        ab = torch.einsum("bnqk,bnhqj->bhknj", qw, self.probs.to(qw))  # [B, H, K, nW, w]
-        b, h, k = ab.shape[:3]
-        abar = ab.new_zeros(b, h, k, self.n_tokens)
-        abar[..., idx.reshape(-1)] = ab.reshape(b, h, k, -1)
-        return abar
+        at = torch.matmul(self.probs.to(qw).permute(2, 0, 1, 4, 3), qw)  # [H, B, nW, w_key, K], one GEMM per window
+        return at.reshape(*at.shape[:2], -1, at.shape[-1]), idx.reshape(-1)
+
+    def token_parts(self, ro: ReadoutMap) -> Tensor:
+        """``abar [B, H, K, N]``: :meth:`key_parts` with the keys in stream order."""
+        at, idx = self.key_parts(ro)
+        abar = at.permute(1, 0, 3, 2)
+        if idx is None:
+            return abar
+        out = abar.new_zeros(*abar.shape[:3], self.n_tokens)
+        out[..., idx] = abar
+        return out
 
     def token_contributions(self, ro: ReadoutMap, out: Tensor) -> None:
         """Write ``[B, H, N, D_out]`` into ``out``; summing over ``N`` gives each head's contribution."""

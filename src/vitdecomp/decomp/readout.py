@@ -134,6 +134,11 @@ class ReadoutMap:
         is a :meth:`scaled`)."""
         return self.then(norm.left)
 
+    def pull_rows(self, u: Tensor) -> Tensor:
+        """``[K, k, D_s]``: row vectors ``u [k, D_out]`` pulled back through every slot's matrix,
+        ``u M_k`` (directions of the output seen from the stream)."""
+        return torch.einsum("jo,kod->kjd", u.to(self.like), self.mats)
+
     def reweighted(self, weight: Tensor) -> ReadoutMap:
         """The same map with other per-token weights (same shape)."""
         return ReadoutMap(weight, self.mats, self.positions, self.slot)
@@ -214,6 +219,10 @@ class ElementwiseReadoutMap(ReadoutMap):
         v = pooled[..., 0, :].to(self.weight)  # [..., D_s]
         return v if self.norm is None else self.norm.left(v[..., None])[..., 0]
 
+    def pull_rows(self, u: Tensor) -> Tensor:
+        u = u.to(self.weight)
+        return (u if self.norm is None else self.norm.right(u))[None]
+
     def normed(self, norm: NormRule) -> ReadoutMap:
         if self.norm is None:
             return ElementwiseReadoutMap(self.weight, self.dim, self.positions, norm)
@@ -260,6 +269,11 @@ class FactoredReadoutMap(ReadoutMap):
         pre, post = self.factors
         inner = torch.einsum("...kd,krd->...kr", pooled.to(pre), pre)
         return inner.reshape(*inner.shape[:-2], -1) @ post.T
+
+    def pull_rows(self, u: Tensor) -> Tensor:
+        pre, post = self.factors
+        k, r, _ = pre.shape
+        return torch.einsum("jkr,krd->kjd", (u.to(post) @ post).view(-1, k, r), pre)
 
     def then(self, fn) -> ReadoutMap:
         return FactoredReadoutMap(self.weight, (self.factors[0], fn(self.factors[1])), self.positions)
@@ -316,6 +330,10 @@ class ChainedReadoutMap(ReadoutMap):
 
     def const_pooled(self, vec: Tensor) -> Tensor:
         return self.slot_weights()[:, :, None] * vec.to(self.local)
+
+    def pull_rows(self, u: Tensor) -> Tensor:
+        up = self.parent.pull_rows(u)  # [K_out, k, D_next], then each input slot's local map
+        return torch.einsum("ajd,kdc->akjc", up, self.local.to(up)).reshape(-1, up.shape[1], self.local.shape[-1])
 
     def gathered(self, index: Tensor) -> ReadoutMap:
         index = index.to(self.weight.device)
