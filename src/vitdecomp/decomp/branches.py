@@ -67,7 +67,7 @@ class HeadsPart:
         self.inner_scale: Tensor | None = None  # [B, S] the inner norm's 1/sigma, in z's order
         self.post_scale: Tensor | None = None  # [B, S] the post-norm's 1/sigma, stream order
         self.probs: Tensor | None = None  # [B, H, S, N] or windowed [B, nW, H, w, w]
-        self.v: Tensor | None = None  # [B, H, N, dh]
+        self.v: Tensor | None = None  # [B, H, N', dh] in key order: window order, or stream order
         self.index: Tensor | None = None  # [nW, w] window slots -> stream positions
         self.n_tokens = 0
 
@@ -153,7 +153,7 @@ class HeadsPart:
 
     def _keep_values(self, t: Tensor) -> None:
         v = self.spec.values.fn(t)  # [B', N', H*dh]
-        v = v if self.spec.windows is None else self._windows_to_stream(v)
+        v = v if self.spec.windows is None else v.reshape(-1, self.index.numel(), v.shape[-1])  # window order
         self.v = v.view(v.shape[0], v.shape[1], self.num_heads, -1).transpose(1, 2)
 
     def _attach_replacement(self, cap: Capture, positions: Tensor | None) -> None:
@@ -216,7 +216,14 @@ class HeadsPart:
 
     def token_parts_size(self) -> int:
         """Number of source tokens ``N`` (after the pass)."""
-        return self.v.shape[2]
+        return self.v.shape[2] if self.spec.windows is None else self.n_tokens
+
+    def stream_values(self) -> Tensor:
+        """``v [B, H, N, dh]`` in stream order (window padding dropped)."""
+        if self.spec.windows is None:
+            return self.v
+        b, h, _, dh = self.v.shape
+        return self._windows_to_stream(self.v.transpose(1, 2).reshape(b, -1, h * dh)).view(b, -1, h, dh).transpose(1, 2)
 
     def key_parts(self, ro: ReadoutMap) -> tuple[Tensor, Tensor | None]:
         """``abar^T [H, B, N', K]``: ``sum_q w_q A[q, j]`` over read positions ``q`` of slot ``k`` (``w_q``
@@ -252,7 +259,7 @@ class HeadsPart:
         """Write ``[B, H, N, D_out]`` into ``out``; summing over ``N`` gives each head's contribution."""
         abar = self.token_parts(ro)
         w = self.out_weight(ro.mats)
-        v = self.v.to(w)
+        v = self.stream_values().to(w)
         for k in range(ro.num_slots):
             mw = torch.einsum("od,dhe->hoe", ro.mats[k], w)  # [H, D_out, e]
             part = torch.einsum("hoe,bhne->bhno", mw, v).mul_(abar[:, :, k, :, None])

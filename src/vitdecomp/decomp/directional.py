@@ -90,9 +90,8 @@ def head_token_projections(part: HeadsPart, ro: ReadoutMap, dirs: Tensor, shared
     if part.v is None:
         raise VitDecompError(f"'{part.path}': directional token maps need the pass's attention values")
     g = pulled_back(part, ro, dirs, shared)  # [K, H, k, dh]
-    at, keys = part.key_parts(ro)  # [H, B, N', K], keys in the attention's order
-    v = part.v.to(g).transpose(0, 1)  # [H, B, N, dh]
-    v = v if keys is None else v[:, :, keys.to(v.device)]
+    at, keys = part.key_parts(ro)  # [H, B, N', K], keys in the attention's order (as the values are kept)
+    v = part.v.to(g).transpose(0, 1)  # [H, B, N', dh]
     out = _through_slots(at.to(g), g, v)  # [H, B, N', k]
     out = out.transpose(0, 1)
     if keys is None:
