@@ -242,8 +242,8 @@ class HeadsPart:
                 "use an image size whose token grid is a multiple of the window size"
             )
         qw = qw.view(qw.shape[0], *idx.shape, qw.shape[-1])  # [B, nW, w, K]
-        at = torch.matmul(self.probs.to(qw).permute(2, 0, 1, 4, 3), qw)  # [H, B, nW, w_key, K], one GEMM per window
-        return at.reshape(*at.shape[:2], -1, at.shape[-1]), idx.reshape(-1)
+        at = torch.matmul(self.probs.to(qw).transpose(-1, -2), qw[:, :, None])  # [B, nW, H, w_key, K]
+        return at.permute(2, 0, 1, 3, 4).reshape(at.shape[2], at.shape[0], -1, at.shape[-1]), idx.reshape(-1)
 
     def token_parts(self, ro: ReadoutMap) -> Tensor:
         """``abar [B, H, K, N]``: :meth:`key_parts` with the keys in stream order."""
