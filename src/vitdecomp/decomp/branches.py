@@ -203,10 +203,10 @@ class HeadsPart:
         reads them out)."""
         if self.z is None:
             raise VitDecompError(f"attention '{self.path}' was not called in the forward pass")
-        scale = self._z_scale()
-        z = self.z if scale is None else self.z * scale[..., None].to(self.z)
+        scale = self._z_scale()  # folded into the pooling weights: z itself is never copied
+        z_ro = self._z_order(ro) if scale is None else self._z_order(ro).scaled(scale)
         w = self.out_weight(ro.like)  # [D, H, e]
-        pz = self._z_order(ro).pool(z).view(z.shape[0], ro.num_slots, self.num_heads, -1)  # [B, K, H, e]
+        pz = z_ro.pool(self.z).view(self.z.shape[0], ro.num_slots, self.num_heads, -1)  # [B, K, H, e]
         const = self.const_pooled(ro)
         if not self.heads:
             u = torch.einsum("dhe,bkhe->bkd", w, pz)
