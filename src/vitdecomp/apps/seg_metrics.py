@@ -11,7 +11,9 @@ paper's numbers follow): each map is min-max normalised to ``[0, 1]`` per image 
   published code reported under the name "mIoU";
 * **mAP** — per image, the average precision of the raw relevance ranking the object pixels
   (scikit-learn's ``average_precision_score``; no threshold), averaged over images that have both
-  object and background pixels.
+  object and background pixels;
+* **pointing game** — the share of images whose map's highest pixel is on the object (ties: the first
+  pixel in row order); a map with no positive value points nowhere (a miss).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class SegMetrics:
     mean_ap: float
     n_images: int
     n_ap_images: int
+    pointing: float = float("nan")
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -64,6 +67,7 @@ class SegAccumulator:
     n_images: int = 0
     ap_sum: float = 0.0
     n_ap: int = 0
+    hits: int = 0
 
     def __post_init__(self) -> None:
         self.inter, self.union = np.zeros(2), np.zeros(2)
@@ -79,6 +83,7 @@ class SegAccumulator:
         self.pixels += masks.numel()
         self.n_images += masks.shape[0]
         for m, t in zip(maps.reshape(maps.shape[0], -1), masks.reshape(masks.shape[0], -1), strict=True):
+            self.hits += int(bool(m.max() > 0) and bool(t[m.argmax()]))
             if t.any() and not t.all():
                 self.ap_sum += float(average_precision_score(t.numpy(), m.double().numpy()))
                 self.n_ap += 1
@@ -94,6 +99,7 @@ class SegAccumulator:
             mean_ap=self.ap_sum / max(self.n_ap, 1),
             n_images=self.n_images,
             n_ap_images=self.n_ap,
+            pointing=self.hits / max(self.n_images, 1),
         )
 
 

@@ -3,17 +3,24 @@ GradCAM and Chefer et al.'s rollout, all three explaining the same scalar and sc
 metrics (:mod:`vitdecomp.apps.seg_metrics`).
 
 What is explained (label-free, the same for every method): ``--target predicted`` (models with a
-classifier) — the logit of the model's own predicted value; for the zoo's multi-attribute heads, of
-``--feature`` (default colour); for other classifiers, the top class. ``--target self`` (models without
-a classifier, e.g. zoo:dino) — the image's own representation, centred on the set's mean: the scalar
-``<r(x), r(x) - mean r>``. Both are a direction ``u`` on the representation, one per image.
+classifier) — the model's own predicted value; for the zoo's multi-attribute heads, of ``--feature``
+(default colour); for other classifiers, the top class. ``--target wrong`` — per image a value the model
+does not predict (seeded): the wrong-prompt test, whose maps should not light the object.
+``--contrast expected`` (default) reads the value's logit against the image's expected alternative
+(the other values weighted by the model's softmax, :mod:`vitdecomp.apps.specific`); ``none``, the
+logit alone, as the published methods explain a class. ``--target self`` (models without a
+classifier, e.g. zoo:dino) — the image's own representation, centred on the set's mean: the scalar
+``<r(x), r(x) - mean r>``. Each is a direction ``u`` on the representation, one per image.
 
 The decomposition's map: every attention head of every layer, each source token's contribution
 projected on ``u`` (:func:`vitdecomp.apps.token_maps.token_maps` in the model's own space), its
 positive part (the evidence *for* the target), summed over heads and layers; each stage's token grid
-upsampled bilinearly to the input, as the published code and Chefer et al.'s do. Every layer, not
-the published code's later half (blocks 5-11 of 12): the zoo models have 3-5 blocks and their first
-ones carry most of the localised contribution (docs/applications.md has the measurement).
+upsampled bilinearly to the input, as the published code and Chefer et al.'s do. Against the expected
+alternative, these terms are kept only where the signed map passes the image's null (the median peak
+of maps between two values the model does not read, lowered by the model's probability of the value):
+a value the model does not see gets no map on the object. Every layer, not the published code's later
+half (blocks 5-11 of 12): the zoo models have 3-5 blocks and their first ones carry most of the
+localised contribution (docs/applications.md has the measurement).
 
 Images and masks (:mod:`vitdecomp.apps.masks`): ``--images DIR --masks DIR`` matched by file stem;
 ``--world DIR`` for a ``vitdecomp world export`` folder (its ``masks/``); neither: ``--n-images`` fresh
@@ -43,6 +50,7 @@ from vitdecomp.apps.masks import SegmentSet, folder_set, to_input, world_set
 from vitdecomp.apps.pixels import input_geometry
 from vitdecomp.apps.relevance import RelevanceMap, Representation, network
 from vitdecomp.apps.seg_metrics import THRESHOLD_RULE, SegAccumulator, SegMetrics, binarize
+from vitdecomp.apps.specific import ValueContext, alternatives, null_level, shrink
 from vitdecomp.apps.token_maps import TokenMaps, token_maps
 from vitdecomp.defaults import MODEL, SEGMENT_BATCH_SIZE, SEGMENT_OUT, SEGMENT_SHOW, SHOW_SEED
 from vitdecomp.errors import VitDecompError
@@ -68,7 +76,12 @@ class DecompositionMap:
     """The relevance-map contract for the decomposition: per image, every head's per-token contribution
     (of ``layers``; ``None``: all) projected on the image's direction; the positive part of each
     (head, token) term (``positive="per_head"``; ``"sum"``: of the summed map, as the published code;
-    ``"none"``), summed, each token grid upsampled bilinearly to the input (as the baselines' grids are)."""
+    ``"none"``), summed, each token grid upsampled bilinearly to the input (as the baselines' grids are).
+
+    With a :class:`~vitdecomp.apps.specific.ValueContext` (the direction is a value against the image's
+    alternative) the map is value-specific: the same terms, kept only where the signed map passes the
+    image's null (:mod:`vitdecomp.apps.specific`; ``"sum"``: the shrunk signed map's positive part,
+    ``"none"``: the shrunk signed map)."""
 
     name = "decomposition"
 
@@ -77,13 +90,35 @@ class DecompositionMap:
             raise ValueError(f"positive must be per_head, sum or none, not {positive!r}")
         self.layers, self.positive = layers, positive
 
-    def __call__(self, model: object, images: Tensor, directions: Tensor) -> Tensor:
+    def __call__(
+        self, model: object, images: Tensor, directions: Tensor, context: ValueContext | None = None
+    ) -> Tensor:
+        if context is not None:
+            return self._specific(model, images, directions, context)
         unique, which = torch.unique(directions.float(), dim=0, return_inverse=True)  # [k, D], [B]
         maps = token_maps(model, images, unique, layers=self.layers)
         if self.positive == "per_head":
             maps.values = [v.clamp_min(0) for v in maps.values]
         px = bilinear_pixels(maps)[torch.arange(len(images)), which]
         return px.clamp_min(0) if self.positive == "sum" else px
+
+    def _specific(self, model: object, images: Tensor, directions: Tensor, context: ValueContext) -> Tensor:
+        """``[B, H, W]``: the value-specific map (class text) of each image's direction."""
+        rows = torch.arange(len(images))
+        maps = token_maps(model, images, directions.float(), layers=self.layers)  # one direction per image
+        signed = bilinear_pixels(maps)[rows, rows]
+        cand = context.candidates()
+        values = bilinear_pixels(token_maps(model, images, context.classes[cand].float(), layers=self.layers))
+        p = context.reading[:, cand].float().cpu()
+        p = p / p.sum(-1, keepdim=True)
+        value = torch.searchsorted(cand, context.value.long().cpu())
+        shrunk = shrink(signed, null_level(values, p).to(signed) * (1 - p[rows, value]).to(signed))
+        if self.positive == "none":
+            return shrunk
+        if self.positive == "sum":
+            return shrunk.clamp_min(0)
+        maps.values = [v.clamp_min(0) for v in maps.values]
+        return bilinear_pixels(maps)[rows, rows] * (shrunk > 0)
 
 
 def bilinear_pixels(maps: TokenMaps) -> Tensor:
@@ -111,11 +146,13 @@ def bilinear_pixels(maps: TokenMaps) -> Tensor:
 
 @dataclass
 class Targets:
-    """One direction per image on the representation ``directions [N, D]``, what each one is, the rule."""
+    """One direction per image on the representation ``directions [N, D]``, what each one is, the rule,
+    and (a value against the image's alternative) what the decomposition's value-specific map needs."""
 
     directions: Tensor
     what: list[str]
     rule: str
+    context: ValueContext | None = None
 
 
 def _classifier(net: torch.nn.Module) -> torch.nn.Linear | None:
@@ -123,26 +160,55 @@ def _classifier(net: torch.nn.Module) -> torch.nn.Linear | None:
     return head if isinstance(head, torch.nn.Linear) and head.out_features > 0 else None
 
 
-def choose_targets(model: object, reps: Tensor, rule: str = "auto", feature: str = "color") -> Targets:
-    """Directions for ``reps [N, D]`` (the images' representations) under ``rule``: ``predicted``,
-    ``self`` or ``auto`` (predicted when the model has a linear classifier, else self)."""
+#: Which value each image's map explains (``auto``: predicted with a classifier, else self).
+TARGETS = ("auto", "predicted", "wrong", "self")
+#: What the explained scalar is read against: the image's expected alternative, or nothing (the logit).
+CONTRASTS = ("expected", "none")
+
+
+def choose_targets(
+    model: object,
+    reps: Tensor,
+    rule: str = "auto",
+    feature: str = "color",
+    contrast: str = "expected",
+    seed: int = 0,
+) -> Targets:
+    """Directions for ``reps [N, D]`` (the images' representations) under ``rule`` (:data:`TARGETS`):
+    ``predicted`` — the model's own top value; ``wrong`` — per image a value it does not predict (a
+    seeded draw, the wrong-prompt test); ``self``. A value's direction is its logit row against the
+    image's expected alternative (``contrast="expected"``: ``w_v - sum_u a_u w_u``, ``a`` the model's
+    softmax with ``v``'s share spread over the other values, :func:`vitdecomp.apps.specific.alternatives`)
+    or its logit row alone (``"none"``, as the published methods explain a class)."""
     head = _classifier(network(model))
     if rule == "auto":
         rule = "predicted" if head is not None else "self"
     if rule == "self":
         what = ["own representation (centred)"] * len(reps)
         return Targets(reps - reps.mean(0), what, "self: <r(x), r(x) - mean r> (the image's own representation)")
-    if rule != "predicted":
-        raise VitDecompError(f"unknown target {rule!r}: predicted, self or auto")
+    if rule not in TARGETS or contrast not in CONTRASTS:
+        raise VitDecompError(f"unknown target {rule!r} or contrast {contrast!r}: {TARGETS}, {CONTRASTS}")
     if head is None:
-        raise VitDecompError("--target predicted needs a model with a linear classifier; use --target self")
+        raise VitDecompError(f"--target {rule} needs a model with a linear classifier; use --target self")
     start, names, feature = _block(model, head, feature)
-    logits = reps @ head.weight[start : start + len(names)].T.detach()
-    pred = logits.argmax(1)
-    directions = head.weight.detach()[start + pred].float()
-    what = [f"{feature}={names[int(p)]}" if feature else f"class {names[int(p)]}" for p in pred]
-    label = f"feature {feature!r}" if feature else "all classes"
-    return Targets(directions, what, f"predicted: the logit of the model's own top value ({label})")
+    rows = head.weight.detach()[start : start + len(names)].float()  # [V, D]
+    bias = head.bias.detach()[start : start + len(names)].float() if head.bias is not None else 0.0
+    p = torch.softmax(reps.float() @ rows.T + bias, -1)  # [N, V]
+    value = p.argmax(1) if rule == "predicted" else _other_value(p.argmax(1), len(names), seed)
+    name = f"feature {feature!r}" if feature else "all classes"
+    what = [f"{feature}={names[int(v)]}" if feature else f"class {names[int(v)]}" for v in value]
+    told = "the model's own top value" if rule == "predicted" else "a value the model does not predict (seeded)"
+    if contrast == "none":
+        return Targets(rows[value], what, f"{rule}: the logit of {told} ({name})")
+    directions = rows[value] - alternatives(p, value) @ rows
+    rule_text = f"{rule}: the logit of {told} ({name}) minus its expected alternative's (the model's softmax)"
+    return Targets(directions, what, rule_text, ValueContext(rows, p, value))
+
+
+def _other_value(pred: Tensor, n_values: int, seed: int) -> Tensor:
+    """Per image a value other than ``pred [N]``, drawn uniformly with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return (pred + torch.randint(1, max(n_values, 2), pred.shape, generator=g)) % n_values
 
 
 def _block(model: object, head: torch.nn.Linear, feature: str) -> tuple[int, list[str], str | None]:
@@ -208,14 +274,15 @@ class SegmentResult(ResultBase):
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """The per-method metric table (header, formatted rows)."""
-        header = ["method", "pixel acc.", "mIoU", "IoU object (cum. foreground)", "IoU background", "mAP", "maps/s"]
+        header = ["method", "pixel acc.", "mIoU", "IoU object (cum. foreground)", "IoU background", "mAP", "pointing"]
+        header.append("maps/s")
         rows = []
         for m in self.methods:
             if m.metrics is None:
-                rows.append([m.name, *["n/a"] * 5, "-"])
+                rows.append([m.name, *["n/a"] * 6, "-"])
                 continue
             s = m.metrics
-            vals = [s.pixel_accuracy, s.miou, s.cumulative_foreground_iou, s.iou_background, s.mean_ap]
+            vals = [s.pixel_accuracy, s.miou, s.cumulative_foreground_iou, s.iou_background, s.mean_ap, s.pointing]
             rows.append([m.name, *(f"{v:.3f}" for v in vals), f"{m.maps_per_s:.1f}"])
         return header, rows
 
@@ -279,12 +346,23 @@ def _batches(model: object, data: SegmentSet, batch: int) -> list[_Batch]:
     return out
 
 
+@dataclass(frozen=True)
+class Explained:
+    """What every map explains: the value (``target``, :data:`TARGETS`), the zoo models' logit block
+    (``feature``), what it is read against (``contrast``, :data:`CONTRASTS`) and the ``seed`` of the
+    ``wrong`` values (:func:`choose_targets`)."""
+
+    target: str = "auto"
+    feature: str = "color"
+    contrast: str = "expected"
+    seed: int = 0
+
+
 def segment(
     model: object,
     data: SegmentSet,
     *,
-    target: str = "auto",
-    feature: str = "color",
+    explained: Explained = Explained(),
     methods: list[RelevanceMap] | None = None,
     batch: int = SEGMENT_BATCH_SIZE,
     show: int = SEGMENT_SHOW,
@@ -298,16 +376,18 @@ def segment(
     device = next(network(model).parameters(), torch.empty(0)).device
     with torch.no_grad():
         reps = torch.cat([Representation(network(model))(b.x.to(device)).cpu() for b in batches]).float()
-    targets = choose_targets(model, reps, target, feature)
+    e = explained
+    targets = choose_targets(model, reps, e.target, e.feature, e.contrast, e.seed)
     notes = {m.name: _applies(m, model) for m in methods}
     live = [m for m in methods if not notes[m.name]]
     run = _MethodRun({m.name: SegAccumulator() for m in live}, dict.fromkeys(notes, 0.0), {m.name: [] for m in live})
     start = 0
     for i, b in enumerate(tqdm(batches, desc="segment", unit="batch", disable=not progress)):
         u = targets.directions[start : start + len(b.x)].to(device)
+        context = None if targets.context is None else targets.context.rows(start, start + len(b.x))
         start += len(b.x)
         for m in live[i % len(live) :] + live[: i % len(live)]:
-            run.add(m, model, b, u, show)
+            run.add(m, model, b, u, context, show)
     scores = [
         MethodScore(m.name, run.acc[m.name].result() if not notes[m.name] else None, None, notes[m.name])
         for m in methods
@@ -344,10 +424,10 @@ class _MethodRun:
     seconds: dict[str, float]
     kept: dict[str, list[Tensor]]
 
-    def add(self, m: RelevanceMap, model: object, b: _Batch, u: Tensor, show: int) -> None:
+    def add(self, m: RelevanceMap, model: object, b: _Batch, u: Tensor, ctx: ValueContext | None, show: int) -> None:
         """One batch of method ``m``'s maps, timed, scored against the masks, the first ``show`` kept."""
         t0 = time.perf_counter()
-        maps = m(model, b.x.to(u.device), u).detach().float().cpu()
+        maps = m(model, b.x.to(u.device), u, context=ctx).detach().float().cpu()
         self.seconds[m.name] += time.perf_counter() - t0
         self.acc[m.name].add(maps, b.masks)
         if sum(len(k) for k in self.kept[m.name]) < show:
@@ -396,7 +476,8 @@ class SegmentConfig:
     """Options of ``vitdecomp segment``: the model (``checkpoint``, ``device``), the images and masks
     (``world``: a world export folder; or ``images`` with ``masks``; neither: ``n_images`` generated
     scenes from ``seed``; at most ``n_images`` in any case), what every map explains (``target``,
-    ``feature``), the ``methods`` compared, images per batch, images in the figure, and the folder the
+    ``feature``, ``contrast``: :class:`Explained`, the ``wrong`` values drawn with ``seed``), the
+    ``methods`` compared, images per batch, images in the figure, and the folder the
     command writes to."""
 
     model: str = MODEL
@@ -409,6 +490,7 @@ class SegmentConfig:
     seed: int = SHOW_SEED
     target: str = "auto"
     feature: str = "color"
+    contrast: str = "expected"
     methods: tuple[str, ...] = METHODS
     batch_size: int = SEGMENT_BATCH_SIZE
     show: int = SEGMENT_SHOW
@@ -423,7 +505,8 @@ class SegmentConfig:
                 parts += [f"--{flag.replace('_', '-')}", str(getattr(self, flag))]
         if self.world is None and self.images is None:
             parts += ["--seed", str(self.seed)]
-        parts += ["--target", self.target, "--feature", self.feature, "--methods", ",".join(self.methods)]
+        parts += ["--target", self.target, "--feature", self.feature, "--contrast", self.contrast]
+        parts += ["--methods", ",".join(self.methods)]
         return shlex.join(parts)
 
 
@@ -436,6 +519,8 @@ class Segment(ModelApplication[SegmentConfig, SegmentResult]):
         unknown = [w for w in cfg.methods if w not in METHODS]
         if unknown or not cfg.methods:
             raise VitDecompError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+        if cfg.target not in TARGETS or cfg.contrast not in CONTRASTS:
+            raise VitDecompError(f"--target: one of {', '.join(TARGETS)}; --contrast: one of {', '.join(CONTRASTS)}")
 
     def data(self, cfg: SegmentConfig) -> SegmentSet:
         if cfg.world is not None:
@@ -453,8 +538,7 @@ class Segment(ModelApplication[SegmentConfig, SegmentResult]):
         result = segment(
             model,
             data,
-            target=cfg.target,
-            feature=cfg.feature,
+            explained=Explained(cfg.target, cfg.feature, cfg.contrast, cfg.seed),
             methods=[maps[w] for w in cfg.methods],
             batch=cfg.batch_size,
             show=cfg.show,
