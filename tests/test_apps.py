@@ -165,13 +165,24 @@ def test_auto_rules_and_phrases():
 
 
 def test_heatmap_rule_study_runs_on_a_small_analysis(small_analysis):
-    """``world_eval rules``: every head count x direction, each feature, a pointing share in [0, 1]."""
+    """``evaluate_apps rules``: every head rule x map, each feature, right and wrong values, shares in
+    [0, 1]; the layer rules split the heads by block (zoo:deit: 5 blocks of 4 heads)."""
     from vitdecomp.apps.analysis import load_analysis
-    from vitdecomp.evaluation.app_heatmaps import MAP_FEATURES, RULE_HEADS, heatmap_rules
+    from vitdecomp.evaluation.app_heatmaps import MAP_FEATURES, heatmap_rules
 
     out = heatmap_rules(load_analysis(small_analysis / "out"), n=4, batch=4)
-    want = {f"{f} {r} {how}" for f in MAP_FEATURES for r in RULE_HEADS for how in ("text", "contrastive")}
-    assert set(out["pointing"]) == want and all(0.0 <= v <= 1.0 for v in out["pointing"].values())
+    rules = ("top", "top sqrt", "all", "first layer", "first half", "last layer")
+    runs = ("specific right", "magnitude right", "specific wrong")
+    assert set(out["scores"]) == {f"{f} {r} {how}" for f in MAP_FEATURES for r in rules for how in runs}
+    assert all(0.0 <= v["pointing"] <= 1.0 and 0.0 <= v["pointing_ties"] <= 1.0 for v in out["scores"].values())
+    assert out["heads"]["color"] == {
+        "top": 10,
+        "top sqrt": 5,
+        "all": 20,
+        "first layer": 4,
+        "first half": 8,
+        "last layer": 4,
+    }
 
 
 def test_retrieve_on_a_folder_analysis_reads_the_images_from_that_folder(tmp_path, monkeypatch):

@@ -185,46 +185,62 @@ def _score_batch(acc: dict, key: tuple, b: _Batch, masks: torch.Tensor, inside: 
         a.add(b.noise[j], masks[i])
 
 
-def _hit(m: torch.Tensor, mask: torch.Tensor, inside: bool) -> float:
-    """1 when the map's argmax ``[H, W]`` lies in the target region (the object, or outside it)."""
-    return float((mask if inside else ~mask).flatten()[m.flatten().argmax()])
-
-
-#: The head counts the rule study compares, in multiples of ``ceil(sqrt(H))`` (``None``: every head).
-RULE_HEADS = {"sqrt": 1, "2sqrt": 2, "all": None}
+def rule_heads(analysis: Analysis, layer_of: dict[str, int], feature: str) -> dict[str, list[str]]:
+    """The head rules the study compares for ``feature``: the top ``2 ceil(sqrt(H))`` by score (the
+    command's), the top ``ceil(sqrt(H))``, all heads, and three label-free layer rules (the first
+    attention layer, the first half of the layers, the last layer); ``layer_of``: head -> block index."""
+    heads = [h for h in analysis.result.labels if h in layer_of]
+    layers = sorted(set(layer_of.values()))
+    top = auto_heads(analysis.scores(feature), analysis.result.labels)
+    half = layers[: max(1, len(layers) // 2)]
+    return {
+        "top": top,
+        "top sqrt": top[: math.ceil(math.sqrt(len(heads)))],
+        "all": heads,
+        "first layer": [h for h in heads if layer_of[h] == layers[0]],
+        "first half": [h for h in heads if layer_of[h] in half],
+        "last layer": [h for h in heads if layer_of[h] == layers[-1]],
+    }
 
 
 def heatmap_rules(analysis: Analysis, n: int = 100, seed: int = EVAL_SEED, batch: int = 25) -> dict:
-    """Signed pointing game (hit: argmax in the target region) of every rule ``heads x direction``:
-    the top ``m ceil(sqrt(H))`` heads by score (:data:`RULE_HEADS`), each along the value's text
-    (``"text"``) or the text minus the mean of the feature's other values' texts (``"contrastive"``)."""
+    """Every head rule of :func:`rule_heads` with the command's value-specific map: right and wrong
+    values (``"specific"``) and the right value's map magnitude (``"magnitude"``: ``|map|``, a head may
+    write a value with either sign), scored as :class:`MapScores` (pointing with ties at the first pixel
+    or averaged, share, segmentation)."""
     scenes = make_scenes(n, seed=seed)
     masks = torch.from_numpy(scenes.masks)
-    labels = analysis.result.labels
-    heads_all = [lab for lab in labels if auto_heads({lab: 0.0}, [lab])]
-    root = math.ceil(math.sqrt(len(heads_all)))
-    texts, where, s0 = [], {}, 0
-    for f, (template, _) in MAP_FEATURES.items():
-        texts.append(analysis.embed([phrase(template, v) for v in analysis.result.features[f]]))
-        where[f], s0 = slice(s0, s0 + len(texts[-1])), s0 + len(texts[-1])
-    dirs = torch.cat(texts)
-    ranked = {f: sorted(heads_all, key=lambda h, f=f: -analysis.scores(f)[h]) for f in MAP_FEATURES}
-    hits: dict[str, list[float]] = {}
+    texts, where = feature_texts(analysis)
+    truth = {f: scenes.labels(f) for f in MAP_FEATURES}
+    wrong = {f: _wrong(truth[f], where[f].stop - where[f].start, seed) for f in MAP_FEATURES}
+    acc: dict[str, MapScores] = {}
+    sets = None
     for s in range(0, n, batch):
-        idx = range(s, min(s + batch, n))
+        idx = list(range(s, min(s + batch, n)))
         x = torch.stack([analysis.subject.preprocess(scenes.pil(i)) for i in idx])
         maps = token_maps(
-            analysis.subject, x, dirs, aligner=analysis.aligner, start_layer=analysis.result.start_layer or 0
+            analysis.subject, x, texts, aligner=analysis.aligner, start_layer=analysis.result.start_layer or 0
         )
+        if sets is None:
+            layer_of = {lab.name: lab.layer for labs in maps.labels for lab in labs}
+            sets = {f: rule_heads(analysis, layer_of, f) for f in MAP_FEATURES}
+        cos = whole_scores(maps, analysis, texts)
         for f, (_, inside) in MAP_FEATURES.items():
-            truth, sl = scenes.labels(f), where[f]
-            for rule, m in RULE_HEADS.items():
-                text = maps.pixels(ranked[f] if m is None else ranked[f][: m * root])[:, sl]  # [B, V, H, W]
-                v = text.shape[1]
-                contrast = text - (text.sum(1, keepdim=True) - text) / (v - 1)
-                for how, px in (("text", text), ("contrastive", contrast)):
-                    for j, i in enumerate(idx):
-                        got = _hit(px[j, int(truth[i])], masks[i], inside)
-                        hits.setdefault(f"{f} {rule} {how}", []).append(got)
-    pointing = {k: float(np.mean(v)) for k, v in hits.items()}
-    return {"model": analysis.result.model.name, "n": n, "seed": seed, "heads": len(heads_all), "pointing": pointing}
+            p = reading(cos[:, where[f]], analysis.logit_scale)
+            for rule, heads in sets[f].items():
+                values = maps.pixels(heads).float().cpu()[:, where[f]]
+                for which, chosen in (("right", truth[f]), ("wrong", wrong[f])):
+                    m = specific_maps(values, p, torch.as_tensor(chosen[idx], dtype=torch.long)).maps
+                    runs = {"specific": m} if which == "wrong" else {"specific": m, "magnitude": m.abs()}
+                    for how, mm in runs.items():
+                        a = acc.setdefault(f"{f} {rule} {how} {which}", MapScores(inside))
+                        for j, i in enumerate(idx):
+                            a.add(mm[j], masks[i])
+    heads = {f: {r: len(h) for r, h in rules.items()} for f, rules in (sets or {}).items()}
+    return {
+        "model": analysis.result.model.name,
+        "n": n,
+        "seed": seed,
+        "heads": heads,
+        "scores": {k: a.result() for k, a in acc.items()},
+    }
