@@ -215,3 +215,40 @@ def test_retrieve_on_a_folder_analysis_reads_the_images_from_that_folder(tmp_pat
     assert sorted(r["id"] for r in ranking) == [f"p{i}.png" for i in range(6)]
     assert all(r["path"] == str((folder / r["id"]).resolve()) for r in ranking)
     assert (tmp_path / "r" / "gallery.html").read_text().count("<img") == 6
+
+
+def test_specificity_command_scores_right_and_wrong_values_for_every_method(small_analysis, tmp_path):
+    """``evaluate_apps specificity``: heatmaps of right and wrong values under both rules, and the
+    segmentation half for a model with the zoo's attribute heads: every method, both contrasts, the
+    predicted and a wrong value."""
+    from vitdecomp.commands.evaluate_apps import main as evaluate
+
+    out = tmp_path / "spec.json"
+    argv = [
+        "specificity",
+        "--report",
+        str(small_analysis / "out"),
+        "--n-images",
+        "4",
+        "--seed",
+        "3",
+        "--json",
+        str(out),
+    ]
+    assert evaluate(argv) == 0
+    doc = json.loads(out.read_text())
+    keys = set(doc["scores"])
+    for f in ("color", "shape", "background"):
+        for heads in ("top", "all", "random"):
+            assert {f"{f} {heads} {r} {w}" for r in ("specific", "mean_others") for w in ("right", "wrong")} <= keys
+            assert f"{f} {heads} random_direction -" in keys
+    assert (
+        "miou" in doc["scores"]["color top specific wrong"]
+        and "miou" not in doc["scores"]["background top specific right"]
+    )
+    seg = doc["segment"]
+    assert set(seg) == {
+        f"{f} {c} {t}" for f in ("color", "shape") for c in ("expected", "none") for t in ("predicted", "wrong")
+    }
+    assert set(seg["color expected wrong"]) == {"decomposition", "gradcam", "chefer"}
+    assert all(0 <= m["pointing"] <= 1 for m in seg["color none wrong"].values())

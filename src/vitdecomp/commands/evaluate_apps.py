@@ -38,7 +38,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vitdecomp.evaluation.app_retrieval import evaluate_world
     from vitdecomp.evaluation.app_specificity import specificity
 
-    torch.set_grad_enabled(False)
     analysis = load_analysis(args.report)
     measure = {
         "heatmaps": heatmap_scores,
@@ -46,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rules": heatmap_rules,
         "retrieval": evaluate_world,
     }[args.what]
-    text = json.dumps(measure(analysis, args.n_images, args.seed), indent=1)
+    with torch.no_grad():
+        text = json.dumps(measure(analysis, args.n_images, args.seed), indent=1)
     if args.json:
         Path(args.json).write_text(text)
     print(text)

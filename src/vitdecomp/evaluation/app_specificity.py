@@ -37,18 +37,18 @@ def segment_scores(
         return {}
     data = world_set(n, seed)
     out: dict[str, dict] = {}
-    torch.set_grad_enabled(True)  # GradCAM needs gradients (the command turns them off)
     for f in features:
         for contrast in CONTRASTS:
             for target in ("predicted", "wrong"):
-                res = segment(
-                    model,
-                    data,
-                    explained=Explained(target, f, contrast, seed),
-                    methods=default_methods(),
-                    show=1,
-                    progress=False,
-                )
+                with torch.enable_grad():  # GradCAM needs gradients (the command turns them off)
+                    res = segment(
+                        model,
+                        data,
+                        explained=Explained(target, f, contrast, seed),
+                        methods=default_methods(),
+                        show=1,
+                        progress=False,
+                    )
                 out[f"{f} {contrast} {target}"] = {
                     m.name: None if m.metrics is None else m.metrics.to_dict() | {"maps_per_s": m.maps_per_s}
                     for m in res.methods
