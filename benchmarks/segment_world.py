@@ -26,11 +26,11 @@ from vitdecomp.apps.relevance import RelevanceMap
 from vitdecomp.apps.segment import DecompositionMap, Explained, default_methods, segment
 from vitdecomp.models.loading import load_model
 
-#: What each model explains: zoo heads' predicted colour / shape; zoo:dino has no classifier (self).
+#: What each model explains: zoo heads' predicted colour / shape; zoo:simclr has no classifier (self).
 RUNS = [
     ("zoo:deit", "color"),
     ("zoo:deit", "shape"),
-    ("zoo:dino", "self"),
+    ("zoo:simclr", "self"),
     ("zoo:swin", "color"),
     ("zoo:swin", "shape"),
     ("zoo:maxvit", "color"),
@@ -42,7 +42,7 @@ RUNS = [
 #: (ViT-B blocks 5-11 of 12; Swin-B from stage 2 block 10 = block 14 of 24; MaxViT-S from block 4 of 11).
 LATER = {
     "zoo:deit": [2, 3, 4],
-    "zoo:dino": [2, 3, 4],
+    "zoo:simclr": [2, 3, 4],
     "zoo:swin": [2, 3],
     "zoo:maxvit": [1, 2],
     "zoo:planted": [2, 3, 4],

@@ -10,7 +10,7 @@ sits: inside the object (its pixel box lies within both images' objects), on its
 overlaps either object without lying inside both), off it, or a prefix token (class token: no place).
 A map over tokens can localise only the head flow that enters through object tokens.
 
-    python benchmarks/shape_locality.py --models zoo:deit zoo:swin zoo:maxvit zoo:clip zoo:dino zoo:planted \
+    python benchmarks/shape_locality.py --models zoo:deit zoo:swin zoo:maxvit zoo:clip zoo:simclr zoo:planted \
         --n 200 --seed 7500
 """
 

@@ -49,6 +49,7 @@ RETRIEVE_OUT = "vitdecomp-retrieval"
 SEGMENT_OUT = "vitdecomp-segment"
 DEBIAS_OUT = "vitdecomp-debias"
 ABLATE_OUT = "vitdecomp-ablate"
+VALIDATE_OUT = "vitdecomp-validation"
 #: Images ``vitdecomp retrieve`` returns.
 N_RESULTS = 20
 #: Random draws of the random-components controls (``debias``, ``ablate``).

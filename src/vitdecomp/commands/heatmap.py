@@ -21,7 +21,7 @@ DESCRIPTION = (
     "reads as no value of any feature is read against every feature's values and says so. Writes <image>.png, "
     "<image>.npy (the map in the original image's pixels) and heatmaps.json to --out."
 )
-SHARED = ("checkpoint", *RUN, "report", *OUTPUT)
+SHARED = ("skip_bad_images", "checkpoint", *RUN, "report", *OUTPUT)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     heads = args.heads if args.heads == "auto" else tuple(h.strip() for h in args.heads.split(",") if h.strip())
     cfg = HeatmapConfig(
         images=tuple(args.images),
+        skip_bad_images=args.skip_bad_images,
         text=args.text,
         feature=args.feature,
         heads=heads,
