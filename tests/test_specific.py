@@ -162,3 +162,17 @@ def test_a_text_that_matches_no_feature_is_read_against_every_value_and_says_so(
         want = token_maps(a.subject, a.subject.preprocess(image)[None], d).pixels(heads)[0, 0]
     assert got.against.startswith("every feature's values") and got.reading is None
     torch.testing.assert_close(torch.as_tensor(got.input), want.float())
+
+
+def test_a_caption_says_which_value_a_text_stands_for_when_the_text_does_not_name_it():
+    """The world's reader reads "a dog" as the background "sky" (its vocabulary has no dogs): the map is
+    that value's, and its caption says so; a text that names its value is captioned as before."""
+    import numpy as np
+
+    from vitdecomp.apps.heatmap import Heatmap, caption
+
+    blank = np.zeros((2, 2))
+    dog = Heatmap(blank, blank, "a dog", ["L0.H0"], "water", 0.0, 0.01, 1.0, "background: sky")
+    red = Heatmap(blank, blank, "a red object", ["L0.H0"], "blue", 0.0, 0.01, 1.0, "color: red")
+    assert caption(dog) == ' (as background: sky) vs "water" (reads 0.01)'
+    assert caption(red) == ' vs "blue" (reads 0.01)'

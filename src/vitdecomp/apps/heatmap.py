@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import io
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -54,9 +54,11 @@ class Heatmap:
     """One image's map: ``original [H0, W0]`` (original pixels), ``input [H, W]`` (model input pixels),
     the text it reads, the heads summed, what the text was read against (``against``), the threshold
     applied (``level``, the image's null, :mod:`vitdecomp.apps.specific`), the image's zero-shot
-    reading of the text's value (``reading``; ``None`` when the text matches no feature) and the colour
+    reading of the text's value (``reading``; ``None`` when the text matches no feature), the colour
     scale (``scale``: the largest ``|value|`` of the map before the null, in original pixels; a map the
-    null shrank to specks is drawn faint, not stretched to full colour)."""
+    null shrank to specks is drawn faint, not stretched to full colour) and, for a text, the value it
+    stands for (``read_as``, ``"<feature>: <value>"``: the reader's closest value, which for a text
+    outside the reader's vocabulary may be far from what the text says)."""
 
     original: np.ndarray
     input: np.ndarray
@@ -66,6 +68,7 @@ class Heatmap:
     level: float = 0.0
     reading: float | None = None
     scale: float = 0.0
+    read_as: str = ""
 
 
 def whole_scores(maps: TokenMaps, analysis: Analysis, value_emb: torch.Tensor) -> torch.Tensor:
@@ -136,6 +139,7 @@ def heatmaps(
         shown = text if text is not None else values[int(value[i])]
         hm = Heatmap(back.numpy(), sm.maps[i].numpy(), shown, list(heads), _against(sm.alternative[i], values, feature))
         hm.level, hm.reading, hm.scale = float(sm.level[i]), float(sm.p_value[i]), float(whole.abs().max())
+        hm.read_as = "" if text is None else f"{feature}: {values[index]}"
         out.append(hm)
     return out
 
@@ -175,9 +179,12 @@ def draw(image: Image.Image, hm: Heatmap) -> bytes:
 
 
 def caption(hm: Heatmap) -> str:
-    """What a map was read against, in a few words: ``vs "blue" (reads 0.01)``."""
+    """What a map was read against, in a few words: ``vs "blue" (reads 0.01)``; a text that stands
+    for a value it does not name: ``(as background: sky) vs ...``."""
     if not hm.against:
         return ""
+    if hm.read_as and hm.read_as.split(": ", 1)[-1].lower() not in hm.text.lower():
+        return f" (as {hm.read_as})" + caption(replace(hm, read_as=""))
     if hm.reading is None:
         return f" vs {hm.against}"
     other = f'"{hm.against}"' if not hm.against.startswith("the other") else hm.against
@@ -262,6 +269,7 @@ class HeatmapRecord:
     level: float = 0.0
     reading: float | None = None
     scale: float = 0.0
+    read_as: str = ""
 
 
 @dataclass
@@ -286,7 +294,7 @@ class HeatmapResult(ResultBase):
     @functools.cached_property
     def _pngs(self) -> list[bytes]:
         return [
-            draw(im, Heatmap(a, a, m.text, m.heads, m.against, m.level, m.reading, m.scale))
+            draw(im, Heatmap(a, a, m.text, m.heads, m.against, m.level, m.reading, m.scale, m.read_as))
             for im, a, m in zip(self.images, self.arrays, self.maps, strict=True)
         ]
 
@@ -334,7 +342,9 @@ class Heatmaps(AnalysisApplication[HeatmapConfig, HeatmapResult]):
         heads = cfg.heads if cfg.heads == "auto" else list(cfg.heads)
         maps = heatmaps(analysis, images, text=cfg.text, feature=cfg.feature, heads=heads)
         records = [
-            HeatmapRecord(n, hm.text, hm.heads, f"{n}.png", f"{n}.npy", hm.against, hm.level, hm.reading, hm.scale)
+            HeatmapRecord(
+                n, hm.text, hm.heads, f"{n}.png", f"{n}.npy", hm.against, hm.level, hm.reading, hm.scale, hm.read_as
+            )
             for n, hm in zip(names, maps, strict=True)
         ]
         return HeatmapResult(analysis.result.model.name, records, [hm.original for hm in maps], images)
