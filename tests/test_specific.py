@@ -176,3 +176,19 @@ def test_a_caption_says_which_value_a_text_stands_for_when_the_text_does_not_nam
     red = Heatmap(blank, blank, "a red object", ["L0.H0"], "blue", 0.0, 0.01, 1.0, "color: red")
     assert caption(dog) == ' (as background: sky) vs "water" (reads 0.01)'
     assert caption(red) == ' vs "blue" (reads 0.01)'
+
+
+def test_the_tolerant_pointing_game_counts_a_peak_within_near_pixels_of_the_object():
+    """A peak one token-width below the object counts for ``pointing_near`` only; a far one for neither."""
+    from vitdecomp.evaluation.app_heatmaps import NEAR, MapScores
+
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[8:16, 8:16] = True
+    scores = MapScores(inside=True)
+    for r, c in ((10, 10), (15 + NEAR, 10), (16 + NEAR, 10), (31, 31)):
+        m = torch.zeros(32, 32)
+        m[r, c] = 1.0
+        scores.add(m, mask)
+    scores.add(-torch.ones(32, 32), mask)  # no positive value: points nowhere
+    got = scores.result()
+    assert got["pointing"] == 1 / 5 and got["pointing_near"] == 2 / 5

@@ -14,7 +14,9 @@ all heads and random heads (as many as the top ones, 5 draws). Per map: the shar
 inside the target region (the object; for the background, outside it), the pointing game (argmax in
 the region; a map with no positive value points nowhere, a miss) with ties broken at the first pixel
 (``pointing``) or averaged over the tied pixels (``pointing_ties``: a token's box is one value, and its
-first pixel decides a straddling box), and for the object's features the segmentation scores of
+first pixel decides a straddling box), for the object's features the pointing game with the classic
+tolerance (``pointing_near``: the argmax within :data:`NEAR` pixels of the object — Zhang et al.'s 15
+px at 224 px, scaled to the world's 64 px) and the segmentation scores of
 :mod:`vitdecomp.apps.seg_metrics` (``miou``, ``iou_object``). A random direction in CLIP space
 (``"random_direction"``) says how often any map points into the object: where every token
 contribution is large.
@@ -40,6 +42,8 @@ from vitdecomp.world import make_scenes
 #: The features a heatmap is measured on: the text of each value, and whether it belongs inside the object.
 MAP_FEATURES = {"color": ("a {} object", True), "shape": ("a {}", True), "background": ("on {}", False)}
 EVAL_SEED = 7100
+#: The pointing game's tolerance in input pixels (``pointing_near``).
+NEAR = 4
 N_RANDOM = 5
 #: The maps compared: the command's value-specific map, and the earlier text-minus-other-values' mean.
 RULES = ("specific", "mean_others")
@@ -69,6 +73,7 @@ class MapScores:
     share: list[float] = field(default_factory=list)
     pointing: list[float] = field(default_factory=list)
     ties: list[float] = field(default_factory=list)
+    near: list[float] = field(default_factory=list)
     seg: SegAccumulator = field(default_factory=SegAccumulator)
 
     def add(self, m: torch.Tensor, mask: torch.Tensor) -> None:
@@ -82,12 +87,14 @@ class MapScores:
         self.ties.append(float(region[flat == top].float().mean()) if top > 0 else 0.0)
         if self.inside:
             self.seg.add(m[None], mask[None])
+            grown = torch.nn.functional.max_pool2d(mask[None, None].float(), 2 * NEAR + 1, 1, NEAR).flatten()
+            self.near.append(float(grown[flat.argmax()]) if top > 0 else 0.0)
 
     def result(self) -> dict[str, float]:
         out = {"share": np.mean(self.share), "pointing": np.mean(self.pointing), "pointing_ties": np.mean(self.ties)}
         if self.inside:
             seg = self.seg.result()
-            out |= {"miou": seg.miou, "iou_object": seg.iou_object}
+            out |= {"miou": seg.miou, "iou_object": seg.iou_object, "pointing_near": np.mean(self.near)}
         return {k: float(v) for k, v in out.items()}
 
 
