@@ -49,6 +49,12 @@ class Analysis:
         """Unit text embeddings ``[T, d_clip]`` under the analysis' prompt templates."""
         return self.encoder.encode(texts, self.templates)
 
+    @property
+    def logit_scale(self) -> float:
+        """The reader's zero-shot logit scale (CLIP's learned ``exp(logit_scale)``; 100 when it has none)."""
+        scale = getattr(self.reader.model, "logit_scale", None)
+        return 100.0 if scale is None else float(torch.as_tensor(scale).detach().float().exp())
+
     def scores(self, feature: str) -> dict[str, float]:
         """Every component's score for ``feature`` (label -> score)."""
         table = self.result.scores[self.result.method()]

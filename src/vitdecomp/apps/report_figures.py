@@ -46,7 +46,10 @@ def _maps(analysis: Analysis, images: list[Image.Image], ids: list[str], **how: 
     """The maps of :func:`vitdecomp.apps.heatmap.heatmaps` as report figures."""
     return [
         ImageMap(
-            i, hm.text, hm.heads, thumbnail_data_uri(overlay(im, hm.original, min(MAP_SIZE, max(im.size))), MAP_SIZE)
+            i,
+            hm.text,
+            hm.heads,
+            thumbnail_data_uri(overlay(im, hm.original, min(MAP_SIZE, max(im.size)), hm.scale), MAP_SIZE),
         )
         for im, i, hm in zip(images, ids, heatmaps(analysis, images, **how), strict=True)
     ]
@@ -120,9 +123,10 @@ def report_views(
         rules=[
             f"Head grids: the {method} score of every attention head for the feature.",
             f"Top heads: the 2 ceil(sqrt(H)) heads with the highest {method} score (vitdecomp heatmap "
-            "--heads auto); their maps on the first images of the set, along the value the aligned whole "
-            "representation reads best (no labels), read as its text minus the mean of the feature's other "
-            "values' texts. Red: the heads write along it; blue: against it; each map on its own symmetric scale.",
+            "--heads auto); their maps on the first images of the set, for the value the aligned whole "
+            "representation reads best (no labels), read against the feature's other values and shrunk by the "
+            "image's null (vitdecomp.apps.specific). Red: the heads favour the value; blue: they favour another; "
+            "each map on its own symmetric scale (that of the map before the null).",
             f"Head views: the {len(heads)} heads with the highest score for any feature, each alone on its "
             f"top {N_VIEW_IMAGES} images along its top description.",
             f"Retrieval: cosine between a value's text and the aligned sum of the feature's top k = "
