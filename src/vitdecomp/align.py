@@ -457,3 +457,36 @@ def train_ablation(
         "lambda=0": train_aligner(source, labels, mode="compalign", lam=0.0, **kwargs),
         "compalign": train_aligner(source, labels, mode="compalign", lam=lam, **kwargs),
     }
+
+
+#: Ridge weight of :func:`whole_map`, relative to the mean variance of a representation dimension.
+WHOLE_MAP_RIDGE = 1e-2
+
+
+@torch.no_grad()
+def whole_map(
+    source: RowSource, aligner: Aligner | None, ridge: float = WHOLE_MAP_RIDGE, batch_size: int = 512
+) -> torch.Tensor:
+    """``M [d_clip, D]``: the aligner's map of the whole representation, as one linear map. CompAlign
+    maps each part with its own ``W_i``, so the whole has no single map; ``M`` is the ridge
+    least-squares map from the representation ``r`` to the aligned whole ``sum_i W_i c_i`` over the
+    rows, both centred (ridge ``ridge x`` the mean variance of a dimension of ``r``, which keeps
+    directions the images never take from being read through noise). A shared map is its ``W``;
+    ``None`` or an identity aligner (a CLIP subject read in its own space) gives the identity.
+    Streamed: two ``[D, D]`` / ``[D, d_clip]`` sums."""
+    rows = as_rows(source)
+    d = rows.shapes["contributions"][1]
+    if aligner is None or aligner.weight is None:
+        return torch.eye(d)
+    if aligner.mode == "shared":
+        return aligner.weight[0].float().cpu()
+    xx, xa = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, aligner.out_dim, dtype=torch.float64)
+    sx, sa, n = torch.zeros(d, dtype=torch.float64), torch.zeros(aligner.out_dim, dtype=torch.float64), 0
+    for b in rows.iter_batches(batch_size, ("contributions",)):
+        c = b["contributions"]
+        x, a = c.sum(1).double(), aligner.apply(c).sum(1).double().cpu()
+        xx, xa, sx, sa, n = xx + x.T @ x, xa + x.T @ a, sx + x.sum(0), sa + a.sum(0), n + len(x)
+    n = max(n, 1)
+    xx, xa = xx - torch.outer(sx, sx) / n, xa - torch.outer(sx, sa) / n
+    lam = ridge * float(xx.trace()) / d
+    return torch.linalg.solve(xx + lam * torch.eye(d, dtype=xx.dtype), xa).T.float()
