@@ -11,6 +11,7 @@ highest cosine with ``t_j``; :func:`name_in` reads the same inside one group (e.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,21 +53,29 @@ def centred(emb: Tensor) -> Tensor:
     return torch.nn.functional.normalize(unit - unit.mean(0, keepdim=True), dim=-1)
 
 
-def candidates(analysis: Analysis, vocabulary: bool = True) -> Candidates:
-    """The analysis' feature values, and (``vocabulary``) its vocabulary's entries not already a value."""
+def candidates(
+    features: Mapping[str, Sequence[str]], vocabulary: Sequence[str], embed: Callable[[list[str]], Tensor]
+) -> Candidates:
+    """Every value of ``features`` (``{feature: values}``) and every ``vocabulary`` entry not already a
+    value; ``embed``: texts -> ``[T, d_clip]`` (the reader's text tower under the analysis' templates)."""
     texts, groups, dirs = [], [], []
-    for feature, values in analysis.result.features.items():
+    for feature, values in features.items():
         texts += list(values)
         groups += [feature] * len(values)
-        dirs.append(centred(analysis.embed(list(values))))
-    if vocabulary and analysis.result.vocabulary.name:
-        seen = set(texts)
-        entries = [e for e in load_vocabulary(analysis.result.vocabulary.name) if e not in seen]
-        if len(entries) > 1:
-            texts += entries
-            groups += [VOCABULARY] * len(entries)
-            dirs.append(centred(analysis.embed(entries)))
+        dirs.append(centred(embed(list(values))))
+    seen = set(texts)
+    entries = [e for e in vocabulary if e not in seen]
+    if len(entries) > 1:
+        texts += entries
+        groups += [VOCABULARY] * len(entries)
+        dirs.append(centred(embed(entries)))
     return Candidates(texts, groups, torch.cat(dirs))
+
+
+def analysis_candidates(analysis: Analysis) -> Candidates:
+    """The analysis' feature values and vocabulary entries, embedded by its reader."""
+    name = analysis.result.vocabulary.name
+    return candidates(analysis.result.features, load_vocabulary(name) if name else [], analysis.embed)
 
 
 def latent_directions(decoder: Tensor, to_clip: Tensor) -> Tensor:

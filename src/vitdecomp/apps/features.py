@@ -41,7 +41,7 @@ from vitdecomp.align import whole_map
 from vitdecomp.apps.analysis import Analysis
 from vitdecomp.apps.classifiers import own_heads
 from vitdecomp.apps.contract import AnalysisApplication
-from vitdecomp.apps.feature_names import candidates, latent_directions, name_latents
+from vitdecomp.apps.feature_names import analysis_candidates, latent_directions, name_latents
 from vitdecomp.apps.latent_maps import latent_maps
 from vitdecomp.apps.latents import LatentMeasures, Readers, SparseCodes, measure_latents, read_held_out
 from vitdecomp.defaults import ANALYSIS_DIR, FEATURES_OUT, FEATURES_SHOW, FEATURES_TOP, SAE_STEPS
@@ -185,7 +185,7 @@ class Features(AnalysisApplication[FeaturesConfig, FeaturesResult]):
         sae, held_out, info = _sae_for(cfg, rows)
         m = measure_latents(rows, sae, held_out, top=max(cfg.top, 8), progress=cfg.progress)
         to_clip = whole_map(rows, analysis.aligner)
-        cands = candidates(analysis)
+        cands = analysis_candidates(analysis)
         names = name_latents(latent_directions(sae.decoder_directions(), to_clip), cands)
         readers = _readers(analysis, rows, to_clip, cands.directions[[n.index for n in names]])
         held = read_held_out(rows, sae, held_out, readers)

@@ -149,11 +149,12 @@ def _weights_only(data: bytes | Path, where: Path) -> dict[str, Tensor]:
     """A state dict read with ``torch.load(weights_only=True)``; pickled objects are refused."""
     try:
         state = torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, weights_only=True, map_location="cpu")
-    except Exception as err:
+    except Exception:  # an unpickling error names the class it refused; a damaged file, whatever broke
         raise CheckpointError(
-            f"--sae {where}: its weights are not a plain state dict ({str(err).splitlines()[0][:120]}); vitdecomp "
-            "reads weights with safetensors or torch.load(weights_only=True) only: save its tensors W_enc, b_enc, "
-            "W_dec, b_dec with safetensors.torch.save_file as weights.safetensors beside its config"
+            f"--sae {where}: its weights are not a plain state dict that torch.load(weights_only=True) reads (it "
+            "pickles Python objects, or is damaged); vitdecomp reads weights with safetensors or weights_only only: "
+            "save its tensors W_enc, b_enc, W_dec, b_dec with safetensors.torch.save_file as weights.safetensors "
+            "beside its config"
         ) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or "W_enc" not in state:
