@@ -84,6 +84,13 @@ def test_own_file_round_trip(tmp_path):
     assert torch.equal(back.encode(r), sae.encode(r)) and back.gain == 0.5 and back.info == {"note": "x"}
 
 
+def _state(d: int, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """The tensors saev, Prisma and sae-lens share: W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+    return {name: torch.randn(*shape, generator=g) for name, shape in shapes.items()}
+
+
 def _saev_file(path, state, header) -> None:
     with open(path, "wb") as f:
         f.write((json.dumps(header) + "\n").encode())
@@ -92,14 +99,8 @@ def _saev_file(path, state, header) -> None:
 
 def test_saev_file_is_read_as_saev_encodes(tmp_path):
     """saev: a JSON header line, then torch.save(state_dict); W_enc [d_model, d_sae]; h = x W_enc + b_enc."""
-    g = torch.Generator().manual_seed(0)
     d, n = 10, 30
-    state = {
-        "W_enc": torch.randn(d, n, generator=g),
-        "b_enc": torch.randn(n, generator=g),
-        "W_dec": torch.randn(n, d, generator=g),
-        "b_dec": torch.randn(d, generator=g),
-    }
+    state, g = _state(d, n, 0), torch.Generator().manual_seed(10)
     header = {"schema": 5, "cfg": {"d_model": d, "d_sae": n, "activation": {"cls": "TopK", "params": {"top_k": 4}}}}
     _saev_file(tmp_path / "sae.pt", state, header)
     sae = load_sae(tmp_path / "sae.pt")
@@ -118,14 +119,8 @@ def test_saev_file_is_read_as_saev_encodes(tmp_path):
 def test_prisma_and_sae_lens_folders_are_read_as_they_encode(tmp_path, layout):
     """config.json (Prisma) / cfg.json (sae-lens) beside the weights: x -> layer_norm(x) - b_dec ->
     W_enc [d_in, d_sae] + b_enc -> top k, ReLU; decode: + b_dec, then the norm undone."""
-    g = torch.Generator().manual_seed(1)
     d, n = 8, 20
-    state = {
-        "W_enc": torch.randn(d, n, generator=g),
-        "b_enc": torch.randn(n, generator=g),
-        "W_dec": torch.randn(n, d, generator=g),
-        "b_dec": torch.randn(d, generator=g),
-    }
+    state, g = _state(d, n, 1), torch.Generator().manual_seed(11)
     cfg = {"d_in": d, "d_sae": n, "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3}}
     cfg |= {"normalize_activations": "layer_norm", "hook_point": "blocks.11.hook_resid_post"}
     config, weights = (

@@ -155,71 +155,60 @@ def _flows(run: FeatureRun, subject: Any, labels: list[str]) -> dict[str, np.nda
     return out
 
 
-def validate_features(run: FeatureRun) -> FeatureValidation:
-    """Every figure of the module text for one model."""
-    t0, clock = time.time(), {}
-    p = prepare(
-        WorldRun(
-            name=run.name,
-            reader=run.reader,
-            n_train=run.n_train,
-            n_test=run.n_test,
-            train_seed=run.train_seed,
-            test_seed=run.test_seed,
-            random_init=run.random_init,
-            cache_dir=run.cache_dir,
-            device=run.device,
-            progress=run.progress,
-        )
-    )
-    clock["prepare"] = time.time() - t0
+@dataclass
+class _Trained:
+    """What :func:`validate_features` reads the latents with: the SAE, its pass over the analysed
+    images, its latents on the fresh scenes and their explained variance."""
+
+    sae: SparseAutoencoder
+    measures: Any
+    z_test: torch.Tensor
+    ev_test: float
+
+
+def _train(run: FeatureRun, p: Any) -> _Trained:
     trained = train_sae(p.train, run.sae, run.progress)
-    sae, labels = trained.sae, list(p.train.labels or [])
     held = np.zeros(len(p.train), bool)
     held[trained.split.val] = True
-    m = measure_latents(p.train, sae, held, progress=run.progress)
-    z_test, ev_test = _codes(p.test, sae)
+    m = measure_latents(p.train, trained.sae, held, progress=run.progress)
+    z_test, ev_test = _codes(p.test, trained.sae)
+    return _Trained(trained.sae, m, z_test, ev_test)
+
+
+def validate_features(run: FeatureRun) -> FeatureValidation:
+    """Every figure of the module text for one model."""
+    t0 = time.time()
+    p = prepare(
+        WorldRun(name=run.name, reader=run.reader, n_train=run.n_train, n_test=run.n_test, train_seed=run.train_seed,
+                 test_seed=run.test_seed, random_init=run.random_init, cache_dir=run.cache_dir, device=run.device,
+                 progress=run.progress)
+    )  # fmt: skip
+    clock = {"prepare": time.time() - t0}
+    t, labels = _train(run, p), list(p.train.labels or [])
     clock["sae"] = time.time() - t0 - clock["prepare"]
     features = {a: list(ATTRIBUTES[a]) for a in CORE_ATTRIBUTES}
-    cands = candidates(features, load_vocabulary("world"), lambda t: p.encoder.encode(t, WORLD_TEMPLATES))
-    dirs = latent_directions(sae.decoder_directions(), whole_map(p.train, p.aligned.aligner))
+    cands = candidates(features, load_vocabulary("world"), lambda texts: p.encoder.encode(texts, WORLD_TEMPLATES))
+    dirs = latent_directions(t.sae.decoder_directions(), whole_map(p.train, p.aligned.aligner))
     names = name_latents(dirs, cands)
     flows = _flows(run, p.models.subject, labels)
     keep = evaluated_components(labels, p.train.batch(slice(0, 1000), ("contributions",))["contributions"])
-    clock["flow"] = time.time() - t0 - clock["prepare"] - clock["sae"]
-    scenes, z = make_scenes(run.n_test, seed=run.test_seed), z_test.numpy()
+    scenes, z = make_scenes(run.n_test, seed=run.test_seed), t.z_test.numpy()
     rows = []
     for attribute in CORE_ATTRIBUTES:
         for k, value in enumerate(ATTRIBUTES[attribute]):
             au = _aurocs(z, scenes.attributes[attribute], k)
             j = int(au.argmax())
-            rho = spearman(m.shares[keep, j], flows[attribute][keep])
+            rho = spearman(t.measures.shares[keep, j], flows[attribute][keep])
+            named = name_in(dirs[j], cands, attribute)
             rows.append(
-                ValueRow(
-                    attribute,
-                    value,
-                    j,
-                    float(au[j]),
-                    bool(au[j] >= AUROC_TARGET),
-                    name_in(dirs[j], cands, attribute),
-                    names[j].text,
-                    float(rho),
-                )
+                ValueRow(attribute, value, j, float(au[j]), bool(au[j] >= AUROC_TARGET), named, names[j].text, rho)
             )
-    z_on = z_test > 0
+    m = t.measures
     return FeatureValidation(
-        run.name,
-        run.random_init,
-        sae.n_latents,
-        int(sae.k or 0),
-        m.explained_variance,
-        ev_test,
-        float(z_on.sum(1).float().mean()),
-        float((m.frequency == 0).mean()),
-        m.max_error,
-        rows,
+        run.name, run.random_init, t.sae.n_latents, int(t.sae.k or 0), m.explained_variance, t.ev_test,
+        float((t.z_test > 0).sum(1).float().mean()), float((m.frequency == 0).mean()), m.max_error, rows,
         {**clock, "total": time.time() - t0},
-    )
+    )  # fmt: skip
 
 
 def _pct(x: float) -> str:

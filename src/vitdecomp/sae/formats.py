@@ -185,17 +185,14 @@ def _load_saev(path: Path) -> SparseAutoencoder:
     elif kind != "Relu":
         raise UsageError(f"--sae {path}: saev activation {kind!r} is not supported (Relu, TopK, BatchTopK)")
     info = {"format": "saev", "schema": header.get("schema"), "activation": kind, **params}
-    return SparseAutoencoder(
-        state["W_enc"].float().T.contiguous(),
-        state["b_enc"].float(),
-        state["W_dec"].float(),
-        state["b_dec"].float(),
-        activation=activation,
-        k=k,
-        threshold=threshold,
-        source="saev",
-        info=info,
-    )
+    return _from_state(state, activation=activation, k=k, threshold=threshold, source="saev", info=info)
+
+
+def _from_state(state: dict[str, Tensor], **kw: Any) -> SparseAutoencoder:
+    """An SAE from the ``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec`` that saev,
+    Prisma and sae-lens share."""
+    w_enc, w_dec = state["W_enc"].float().T.contiguous(), state["W_dec"].float()
+    return SparseAutoencoder(w_enc, state["b_enc"].float(), w_dec, state["b_dec"].float(), **kw)
 
 
 # ---------------------------------------------------------------------------- ViT-Prisma / sae-lens
@@ -234,11 +231,8 @@ def _load_prisma(config: Path, weights: Path | None) -> SparseAutoencoder:
         raise UsageError(f"--sae {config}: normalize_activations {norm!r} is not supported ({sorted(PRISMA_NORMS)})")
     source = "prisma" if config.name == "config.json" else "sae-lens"
     keep = ("d_in", "d_sae", "expansion_factor", "hook_point", "hook_point_layer", "model_name", "cls_token_only")
-    return SparseAutoencoder(
-        state["W_enc"].float().T.contiguous(),
-        state["b_enc"].float(),
-        state["W_dec"].float(),
-        state["b_dec"].float(),
+    return _from_state(
+        state,
         activation=activation,
         k=k,
         threshold=state["threshold"].float() if "threshold" in state else None,

@@ -52,7 +52,7 @@ class SaeTrainConfig:
     k: int | None = None
     steps: int = 2000
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 3e-3
     aux_penalty: float = 0.1
     val_fraction: float = 0.1
     seed: int = 0
