@@ -74,7 +74,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--corr", nargs="+", default=["1.0", "0.99", "0.95"])
-    p.add_argument("--models", nargs="+", default=["deit", "dino", "swin", "maxvit", "clip"])
+    p.add_argument("--models", nargs="+", default=["deit", "simclr", "swin", "maxvit", "clip"])
     p.add_argument("--skip-ablate", action="store_true")
     p.add_argument("--tables-only", action="store_true")
     a = p.parse_args()

@@ -33,7 +33,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images", required=True)
     p.add_argument("--cache-dir", required=True)
-    p.add_argument("--models", nargs="+", default=["deit", "dino", "swin", "maxvit", "clip"])
+    p.add_argument("--models", nargs="+", default=["deit", "simclr", "swin", "maxvit", "clip"])
     a = p.parse_args()
     torch.set_num_threads(1)
     print("| model | " + " | ".join(METHODS) + " |")

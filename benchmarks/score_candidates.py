@@ -1,6 +1,6 @@
 """Which score agrees best with the causal truth: the candidates of docs/validation.md on the development seed.
 
-    python benchmarks/score_candidates.py [--models zoo:deit zoo:dino zoo:swin zoo:maxvit] [--seed 3001]
+    python benchmarks/score_candidates.py [--models zoo:deit zoo:simclr zoo:swin zoo:maxvit] [--seed 3001]
         [--n 1000]
 
 For each zoo model: aligner and truth probes on the ``vitdecomp analyze`` set (seed 3000, 2000 scenes, as

@@ -24,11 +24,11 @@ from vitdecomp.apps.relevance import RelevanceMap
 from vitdecomp.apps.segment import DecompositionMap, default_methods, segment
 from vitdecomp.models.loading import load_model
 
-#: What each model explains: zoo heads' predicted colour / shape; zoo:dino has no classifier (self).
+#: What each model explains: zoo heads' predicted colour / shape; zoo:simclr has no classifier (self).
 RUNS = [
     ("zoo:deit", "color"),
     ("zoo:deit", "shape"),
-    ("zoo:dino", "self"),
+    ("zoo:simclr", "self"),
     ("zoo:swin", "color"),
     ("zoo:swin", "shape"),
     ("zoo:maxvit", "color"),
@@ -36,7 +36,7 @@ RUNS = [
 ]
 #: The published code's layers scaled to the zoo's depth: from ~40-60 % of the depth on
 #: (ViT-B blocks 5-11 of 12; Swin-B from stage 2 block 10 = block 14 of 24; MaxViT-S from block 4 of 11).
-LATER = {"zoo:deit": [2, 3, 4], "zoo:dino": [2, 3, 4], "zoo:swin": [2, 3], "zoo:maxvit": [1, 2]}
+LATER = {"zoo:deit": [2, 3, 4], "zoo:simclr": [2, 3, 4], "zoo:swin": [2, 3], "zoo:maxvit": [1, 2]}
 
 
 def _variants(model: str) -> list[RelevanceMap]:

@@ -208,6 +208,7 @@ def test_debias_and_ablate_report_through_the_same_attach(command, folder, tmp_p
     section = _section(command, f"{command} title")
     acc = NS(test=NS(worst=0.5, average=0.7))
     stub = NS(model="zoo:deit", k=1, before=acc, after=acc, reading=lambda name: acc, section=lambda: section)
+    stub.benchmark = ""  # not the official Waterbirds folder: no published figures to print
     stub.layers = [NS(probe={"shape": 1.0})]
     stub.name = stub.json_name = command  # the rest of the result contract the command writes
     stub.to_dict, stub.figures, stub.files = (lambda: {}), (lambda: []), (lambda: {})

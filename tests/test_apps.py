@@ -218,3 +218,24 @@ def test_retrieve_on_a_folder_analysis_reads_the_images_from_that_folder(tmp_pat
     assert sorted(r["id"] for r in ranking) == [f"p{i}.png" for i in range(6)]
     assert all(r["path"] == str((folder / r["id"]).resolve()) for r in ranking)
     assert (tmp_path / "r" / "gallery.html").read_text().count("<img") == 6
+
+
+def test_image_retrieval_keeps_its_order_readable_where_the_reading_saturates():
+    """Every image of the reference's colour reads it at ~1.000; those ties are ordered by the whole
+    representation's cosine with the reference, which the ranking shows beside the score."""
+    from vitdecomp.apps.retrieval import RetrievalResult, ranking
+
+    gallery, truth, texts = _world_like()
+    ref = 0
+    scores = image_scores(gallery, ref, ["C"], texts[:3])
+    cosine = image_scores(gallery, ref, None, how="cosine")
+    same = truth["colour"] == truth["colour"][ref]
+    assert (scores[torch.from_numpy(same)] > 0.999).float().mean() > 0.9  # the reading saturates
+    rows = ranking(scores, gallery.ids, 20, ref, cosine)
+    assert all(truth["colour"][r["row"]] == truth["colour"][ref] for r in rows)
+    shown = [(round(r["score"], 3), round(r["full_cosine"], 3)) for r in rows]
+    assert shown == sorted(shown, reverse=True) and len(set(shown)) > 15  # readable: not all 1.000
+    best = [i for i in cosine.argsort(descending=True).tolist() if same[i] and i != ref and scores[i] > 0.9995]
+    assert [r["row"] for r in rows][:5] == best[:5]
+    section = RetrievalResult("q", "m", ["C"], 1, rows).section()
+    assert section.header == ["image", "score", "full cosine"] and section.rows[0][2] == f"{rows[0]['full_cosine']:.3f}"

@@ -73,6 +73,29 @@ def test_decompose_out_is_readable_with_plain_numpy_and_safetensors(tmp_path, ca
     torch.testing.assert_close(tok.values.sum(2), d.contributions[:, heads], rtol=1e-4, atol=1e-5)
 
 
+def test_the_readme_numpy_snippet_runs_on_the_readme_command(tmp_path, monkeypatch, capsys):
+    """The README's ``decompose --out`` command on a folder of photos, then its plain-numpy snippet,
+    as written (the component it indexes exists in zoo:deit; the parts add up)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from PIL import Image
+
+    from vitdecomp.world import make_scenes
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    command = re.search(r"```bash\n(vitdecomp decompose --model zoo:deit --images photos/[^\n]*)\n```", readme)
+    snippet = re.search(r"```python\n(import json\nfrom safetensors\.numpy import load_file\n.*?)```", readme, re.S)
+    assert command and snippet, "the README's decompose --out example moved: update this test"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    for i, im in enumerate(make_scenes(3, seed=4).images):
+        Image.fromarray(im).save(tmp_path / "photos" / f"p{i}.png")
+    assert main([*shlex.split(command.group(1))[1:], "--device", "cpu", "--quiet"]) == 0
+    exec(compile(snippet.group(1), "README.md", "exec"), {})
+
+
 def test_decomposition_save_load_pandas_and_notebook_html(tmp_path):
     loaded = vd.load_model("zoo:deit", random_init=True)
     d = vd.decompose(loaded, torch.randn(2, 3, *loaded.image_size))
@@ -175,10 +198,10 @@ def test_zoo_train_writes_to_a_user_folder_by_default(monkeypatch, tmp_path):
         return {"training": {"train_time_s": 0.0}}
 
     monkeypatch.setattr(zoo_cli, "train_and_save", fake_train)
-    assert main(["zoo", "train", "dino", "--quiet", "--no-eval"]) == 0
-    assert seen["dino"]["weights_dir"] == tmp_path / "zoo" / "weights"
-    assert main(["zoo", "train", "dino", "--quiet", "--no-eval", "--replace-shipped"]) == 0
-    assert seen["dino"]["weights_dir"] is None  # the package's own folder
+    assert main(["zoo", "train", "simclr", "--quiet", "--no-eval"]) == 0
+    assert seen["simclr"]["weights_dir"] == tmp_path / "zoo" / "weights"
+    assert main(["zoo", "train", "simclr", "--quiet", "--no-eval", "--replace-shipped"]) == 0
+    assert seen["simclr"]["weights_dir"] is None  # the package's own folder
 
 
 def test_low_precision_tolerance_scales_with_dtype():
@@ -225,6 +248,8 @@ def test_every_help_is_plain_text_with_every_option_explained():
 
 
 def test_no_help_imports_torch():
+    """``--help`` of every subcommand in well under a second (``benchmarks/help_times.py`` prints the
+    times): it imports none of the heavy libraries, not even numpy (0.1-0.5 s each on a busy machine)."""
     names = [n.split(" ") for n in _subcommand_parsers()]
     probe = (
         "import sys, contextlib, io\n"
@@ -232,7 +257,8 @@ def test_no_help_imports_torch():
         f"for argv in {[[*n, '--help'] for n in names]!r}:\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "        main(argv)\n"
-        "print(sorted(m for m in ('torch', 'timm', 'open_clip', 'matplotlib') if m in sys.modules))\n"
+        "heavy = ('torch', 'timm', 'open_clip', 'matplotlib', 'numpy', 'tqdm', 'PIL', 'transformers', 'zarr')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
     )
     proc = _run("-c", probe)
     assert proc.returncode == 0, proc.stderr
@@ -263,8 +289,56 @@ def test_one_option_has_one_flag_and_one_help_everywhere():
         "heatmap": ["heatmap", "--text", "x", "--analysis", "A"],
         "segment": ["segment", "--n", "3", "--batch", "2", "--report", "A"],
         "world": ["world", "export", "--n", "3", "--out", "W"],
-        "decompose": ["decompose", "zoo:dino"],
+        "decompose": ["decompose", "zoo:simclr"],
     }
     args = {k: build_parser(v).parse_args(v) for k, v in old.items()}
     assert args["heatmap"].report == "A" and args["segment"].n_images == 3 and args["segment"].batch_size == 2
-    assert args["world"].n_images == 3 and args["decompose"].model_pos == "zoo:dino"
+    assert args["world"].n_images == 3 and args["decompose"].model_pos == "zoo:simclr"
+
+
+#: Shared options a command may give its own default (the meaning needs it), shown in its help line.
+OWN_DEFAULTS = {"out", "seed", "batch_size", "n_images", "device", "report"}
+
+
+def test_a_command_s_own_default_is_one_of_few_and_its_help_says_it():
+    """One default per option: where a command keeps its own (which folder --out is, the seed it draws
+    from, ...), the option is one of :data:`OWN_DEFAULTS` and its help line states the value."""
+    from dataclasses import fields
+
+    from vitdecomp.commands.options import SharedOptions
+
+    shared = {f.name: f.default for f in fields(SharedOptions)}
+    for name, p in _subcommand_parsers().items():
+        for a in p._actions:
+            if a.dest in shared and a.option_strings and a.help != "==SUPPRESS==" and a.default != shared[a.dest]:
+                assert a.dest in OWN_DEFAULTS, (name, a.dest, a.default)
+                assert f"(default: {a.default})" in " ".join(a.help.split()), (name, a.dest, a.help)
+            if a.dest == "device":
+                assert "(default: " in a.help and a.help.count("(default") == 1, (name, a.help)
+
+
+def test_ablate_labels_help_says_paths_are_relative_to_images():
+    p = _subcommand_parsers()["ablate"]
+    (labels,) = [a for a in p._actions if a.dest == "labels"]
+    assert "relative to --images" in labels.help and "relative to --images" in " ".join(p.description.split())
+
+
+def test_validate_writes_into_its_own_folder_not_the_checkout_s_docs(tmp_path, monkeypatch, capsys):
+    """Run from a checkout, ``vitdecomp validate`` leaves ``docs/validation.md`` alone unless
+    ``--out docs`` asks for it (the measurements are replaced by a stub: this is about the file)."""
+    from vitdecomp.evaluation import score_document, score_validation
+
+    def measured(run):
+        return {"model": run.name, "agreement": {"text_probe": {"causal_mean": dict.fromkeys("abcd", 0.5)}}}
+
+    monkeypatch.setattr(score_validation, "validate_model", measured)
+    monkeypatch.setattr(score_document, "markdown", lambda runs, *a: f"# validation of {len(runs)} model(s)\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "validation.md"
+    page.write_text("# the project's page\n\n## Notes\nkept\n")
+    assert main(["validate", "--models", "zoo:deit", "--quiet"]) == 0
+    assert page.read_text() == "# the project's page\n\n## Notes\nkept\n"
+    assert (tmp_path / "vitdecomp-validation" / "validation.md").read_text() == "# validation of 1 model(s)\n"
+    assert main(["validate", "--models", "zoo:deit", "--quiet", "--out", "docs"]) == 0
+    assert page.read_text() == "# validation of 1 model(s)\n\n## Notes\nkept\n"  # asked: updated, Notes kept

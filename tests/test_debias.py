@@ -223,6 +223,36 @@ def test_debias_runs_on_a_plain_folder_with_its_own_features(waterbirds, tmp_pat
     ]
 
 
+def test_skipped_images_leave_the_splits(waterbirds, tmp_path):
+    """With --skip-bad-images an unreadable image leaves its split (the metadata still lists it);
+    without it, the folder is refused naming the file before anything is analysed."""
+    import csv
+    import shutil
+
+    from vitdecomp.apps.debias import Debias
+    from vitdecomp.errors import ImageReadError
+    from vitdecomp.imageset import image_source
+
+    folder = tmp_path / "wb"
+    shutil.copytree(waterbirds, folder)
+    with open(folder / "metadata.csv", newline="") as f:
+        first = next(csv.DictReader(f))["img_filename"]
+    (folder / first).write_bytes(b"not an image any more")
+    with pytest.raises(ImageReadError, match="--skip-bad-images"):
+        image_source(folder)
+
+    class Analysed(Exception):
+        pass
+
+    def analyse():
+        raise Analysed  # the checks before the analysis passed
+
+    source = image_source(folder, skip_bad=True)
+    assert first not in source.ids and len(source.errors) == 1
+    with pytest.raises(Analysed):
+        Debias().measure(DebiasConfig(images=folder, skip_bad_images=True, out=tmp_path / "o"), source, analyse)
+
+
 def _write(path, header, rows):
     path.write_text("\n".join([",".join(header), *(",".join(map(str, r)) for r in rows)]) + "\n")
 

@@ -11,6 +11,7 @@ import torch
 
 from vitdecomp.evaluation.alignment import match_rate, retrieval_precision
 from vitdecomp.evaluation.components import evaluated_components, is_branch, relative_second_singular_value
+from vitdecomp.evaluation.settings import TRUTHS
 from vitdecomp.evaluation.truths import (
     ablated_wholes,
     causal_importance,
@@ -134,10 +135,15 @@ def test_control_compares_the_random_scores_with_the_trained_truth():
 
 def _fake_result(model: str, random_init: bool) -> dict:
     attrs = ("shape", "color", "pattern", "background")
-    truths = ("causal_mean", "causal_resample", "zero_shot_causal", "probe", "specificity")
+    truths = ("flow", "response", "causal_mean", "causal_resample", "zero_shot_causal", "probe", "specificity")
     agree = {m: {t: dict.fromkeys(attrs, 0.5) for t in truths} for m in ("invariant", "ablation")}
     agree["ablation"]["causal_mean"] = dict.fromkeys(attrs, 0.9)
-    extra = {"magnitude": {t: dict.fromkeys(attrs, 0.25) for t in truths}}
+    agree["ablation"]["flow"] = dict.fromkeys(attrs, 0.85)
+    unsigned = {m: {t: dict.fromkeys(attrs, 0.6) for t in ("flow", "causal_mean")} for m in agree}
+    per_part = {t: {a: {"init": 0.0, "L0.H0": 1.0, "L0.mlp": 2.0} for a in attrs} for t in truths}
+    info = {a: {"n_pairs": 512, "dropped": 0, "split_half": 0.99} for a in attrs}
+    extra = {"magnitude": {t: dict.fromkeys(attrs, 0.25) for t in truths}, "unsigned_agreement": unsigned}
+    extra |= {"truths": per_part, "flow_truth": info, "pair_seed": 5002}
     if random_init:
         extra["control_agreement"] = {m: dict.fromkeys(attrs, 0.05) for m in ("invariant", "ablation", "truth")}
         extra["control_null"] = {m: {"observed": 0.05, "low": -0.3, "high": 0.3, "p": 0.7} for m in ("ablation",)}
@@ -153,6 +159,7 @@ def _fake_result(model: str, random_init: bool) -> dict:
         "evaluated": ["L0.H0", "L0.mlp"],
         "agreement": agree,
         "planted": {"invariant": {"color": 0.5}, "ablation": {"color": 1.0}},
+        "planted_truths": {"flow": {"color": 1.0}, "causal_mean": {"color": 0.5}},
         "planted_map": {"color": ["L0.H0"]},
     }
 
@@ -164,10 +171,14 @@ def test_document_has_every_table(monkeypatch):
     text = document.markdown([_fake_result("zoo:deit", False)], [_fake_result("zoo:deit", True)], "cmd", {})
     rows = (
         "| zoo:deit | 2 / 3 | 0.500 | 0.900 (met) | 0.250 |",
+        "| zoo:deit | 2 / 3 | 0.500 | 0.850 (**missed** by 0.05) | 0.250 |",  # the flow share's target: 0.9
         "| zoo:deit | 0.050 | 0.050 | 0.050 | 0.500 | 0.900 |",
+        "| zoo:deit | `ablation` | 0.850 | 0.600 | 0.900 | 0.600 |",  # signed and unsigned
+        "| zoo:deit | 512 (0) / 512 (0) / 512 (0) / 512 (0) | 0.99 / 0.99 / 0.99 / 0.99 | 1.000 |",
+        "| zoo:deit | color | L0.H0 | 0.50 | 1.00 | 1.00 | 0.50 |",  # + the truths' own top-k
     )
     rows += ("| zoo:deit | 0.050 (null -0.30 … 0.30, p 0.700) |",)
-    for part in ("causal truth", *rows, "Random-init control", "Planted", "5001"):
+    for part in ("causal truth", "counterfactual flow share", *rows, "Random-init control", "Planted", "5001", "5002"):
         assert part in text, part
     assert DEFAULT_SCORE in score_names()
 
@@ -181,7 +192,8 @@ def test_validate_command_on_random_weights(tmp_path, monkeypatch):
     (tmp_path / "v.md").write_text("old\n\n## Notes\n\nkept by hand\n")
     argv = ["validate", "--models", "zoo:deit", "--n-train", "60", "--n-test", "40", "--out", str(out)]
     argv += ["--align-steps", "20"]
-    argv += ["--json", str(js), "--cache-dir", str(tmp_path / "c"), "--quiet", "--scores", "invariant", "ablation"]
+    argv += ["--json", str(js), "--cache-dir", str(tmp_path / "c"), "--quiet", "--scores", "invariant", "flow"]
+    argv += ["--n-pairs", "8"]
     monkeypatch.setattr("vitdecomp.evaluation.world_runs.load_model_for", _random_loader())
     assert main(argv) == 0
     text = out.read_text()
@@ -189,9 +201,9 @@ def test_validate_command_on_random_weights(tmp_path, monkeypatch):
     import json
 
     r = json.loads(js.read_text())["results"][0]
-    assert set(r["agreement"]) == {"invariant", "ablation"}
+    assert set(r["agreement"]) == {"invariant", "flow"}
     assert "init" not in r["evaluated"] and all(is_branch(lab) for lab in r["evaluated"])
-    assert set(r["truths"]) == {"causal_mean", "causal_resample", "zero_shot_causal", "probe", "specificity"}
+    assert set(r["truths"]) == set(TRUTHS) and r["flow_truth"]["shape"]["n_pairs"] == 8
 
 
 def _random_loader():
@@ -219,22 +231,25 @@ def test_analysis_confidence_stage_is_json_ready_and_in_results():
     import json
 
     from vitdecomp.align import identity_aligner
-    from vitdecomp.pipeline.stages import N_NULL, confidence
+    from vitdecomp.pipeline.stages import N_NULL, TextSpace, confidence
     from vitdecomp.results import AnalysisResult
     from vitdecomp.scores import analysis_scores
     from vitdecomp.store import ArrayRows
 
     c, _ = known_stack(80, 6)
     labels = ["L0.H0", "L0.H1", "L0.mlp", "init", "norm_bias"]
-    texts = {"f": torch.randn(3, 8, generator=torch.Generator().manual_seed(1))}
-    conf = confidence(ArrayRows(c.numpy(), labels=labels), identity_aligner(labels, 8), texts, progress=False)
-    assert set(conf) == set(analysis_scores())
+    g = torch.Generator().manual_seed(1)
+    texts = {"f": torch.randn(3, 8, generator=g)}
+    pool = torch.randn(20, 8, generator=g)
+    space = TextSpace({"f": ["a", "b", "c"]}, texts, "v", [], torch.zeros(0, 8), ("{}",), 0, pool)
+    conf, presence = confidence(ArrayRows(c.numpy(), labels=labels), identity_aligner(labels, 8), space, progress=False)
+    assert set(conf) == set(analysis_scores()) and set(presence["features"]) == {"f"}
     for d in conf.values():
-        assert d["n_null"] == N_NULL and set(d["scores"]["f"]) == set(labels)
+        assert d["n_null"] == N_NULL and set(d["scores"]["f"]) == set(labels) and "real texts" in d["null"]
         cell = d["scores"]["f"]["L0.H0"]
         assert cell["low"] <= cell["score"] + 1e-6 <= cell["high"] + 2e-6 and 0 < cell["p"] <= 1
-    json.dumps(conf)
-    assert "confidence" in {f.name for f in dataclasses.fields(AnalysisResult)}
+    json.dumps([conf, presence])
+    assert {"confidence", "presence"} <= {f.name for f in dataclasses.fields(AnalysisResult)}
 
 
 # ------------------------------------------------------------------ the first validation (alignment)
@@ -360,3 +375,73 @@ def test_zoo_deit_figures_hold(tmp_path):
 
 #: Floors for test_zoo_deit_figures_hold (measured figures minus a margin; see docs/validation.md).
 FLOORS = {"test_cosine": 0.85, "spearman_probe": 0.6, "top_minus_random": 0.15}
+
+
+# ------------------------------------------------------------------ the counterfactual truth
+@pytest.mark.parametrize("attribute", ["shape", "color", "pattern", "background"])
+def test_counterfactual_pairs_differ_only_where_the_attribute_is(attribute):
+    from vitdecomp.evaluation.counterfactual import counterfactual_pairs
+    from vitdecomp.world import make_scenes
+
+    pairs = counterfactual_pairs(40, seed=11, attribute=attribute)
+    first = make_scenes(40, seed=11)
+    assert len(pairs) == 40 and pairs.dropped == 0 and (pairs.before != pairs.after).all()
+    np.testing.assert_array_equal(pairs.first, first.images)
+    np.testing.assert_array_equal(pairs.before, first.attributes[attribute])
+    changed = (pairs.first != pairs.second).any(-1)  # [N, H, W]
+    assert changed.any((1, 2)).all()  # every pair changes
+    inside = first.masks
+    if attribute == "background":
+        assert not (changed & inside).any() and (changed & ~inside).any()  # the object keeps its pixels
+    elif attribute != "shape":
+        assert not (changed & ~inside).any()  # nothing outside the object moves
+    else:
+        second = make_scenes(40, seed=11, fixed={"shape": pairs.after}).masks
+        assert not (changed & ~(inside | second)).any()
+
+
+def test_pair_check_refuses_a_pair_that_differs_outside_the_object():
+    from vitdecomp.evaluation.counterfactual import pair_violations
+
+    a = np.zeros((3, 4, 4, 3), np.uint8)
+    mask = np.zeros((3, 4, 4), bool)
+    mask[:, 1:3, 1:3] = True
+    b = a.copy()
+    b[0, 1, 1] = 9  # inside the object: allowed for colour, refused for the background
+    b[1, 0, 0] = 9  # outside: refused for colour, allowed for the background
+    moved = mask.copy()
+    moved[2, 0, 0] = True  # the object grew: refused for colour and the background, allowed for shape
+    b[2, 0, 0] = 9
+    assert pair_violations("color", a, b, mask, moved).tolist() == [False, True, True]
+    assert pair_violations("background", a, b, mask, moved).tolist() == [True, False, True]
+    assert pair_violations("shape", a, b, mask, moved).tolist() == [False, True, False]
+
+
+def test_flow_sums_give_each_parts_share_of_the_change_and_its_response():
+    from vitdecomp.evaluation.counterfactual import FlowSums
+
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(64, 3, 5, generator=g, dtype=torch.float64)
+    delta = torch.randn(64, 1, 5, generator=g, dtype=torch.float64) * torch.tensor([2.0, 1.0, -0.5])[None, :, None]
+    sums = FlowSums(3)
+    sums.add(first[:30], first[:30] + delta[:30])
+    sums.add(first[30:], first[30:] + delta[30:])
+    dr = delta.sum(1)
+    want = (delta * dr[:, None]).sum((0, 2)) / dr.square().sum()  # 2 / 2.5, 1 / 2.5, -0.5 / 2.5
+    np.testing.assert_allclose(sums.flow(), want.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(sums.flow(), [0.8, 0.4, -0.2], rtol=1e-12)
+    assert sums.flow(0).shape == (3,) and sums.n == 64
+    spread = sum((f - f.roll(1, 0)).square().sum((0, 2)) for f in (first[:30], first[30:])) / 64
+    np.testing.assert_allclose(sums.response(), (delta.square().sum((0, 2)) / 64 / spread).numpy(), rtol=1e-12)
+
+
+def test_counterfactual_truth_of_a_model_sums_to_one_over_its_parts():
+    from vitdecomp.evaluation.counterfactual import counterfactual_pairs, counterfactual_truth
+    from vitdecomp.pipeline.model_pair import load_model_for
+
+    model = load_model_for("zoo:deit", None, True, "cpu")
+    truth = counterfactual_truth(model, counterfactual_pairs(12, seed=5, attribute="color"), batch_size=5)
+    assert truth.labels[0] == "init" and len(truth.flow) == len(truth.labels) == len(truth.response)
+    assert truth.flow.sum() == pytest.approx(1.0, abs=1e-6) and truth.n_pairs == 12
+    assert truth.labels[-1] == "norm_bias"  # the same vector for every image: it never moves
+    assert truth.flow[-1] == pytest.approx(0.0, abs=1e-9) and truth.response[-1] == 0.0

@@ -13,10 +13,12 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,7 @@ def _fixture_files(root: Path) -> dict[str, Path]:
     f = {
         "file": root / "file.txt",
         "bad_json": root / "bad.json",
+        "empty_json": root / "empty.json",
         "empty_vocab": root / "empty.txt",
         "garbage": root / "garbage.safetensors",
         "no_images": root / "no_images",
@@ -88,6 +91,7 @@ def _fixture_files(root: Path) -> dict[str, Path]:
     }
     f["file"].write_text("a file, not a folder\n")
     f["bad_json"].write_text("{not json")
+    f["empty_json"].write_text("{}")
     f["empty_vocab"].write_text("# nothing but a comment\n\n")
     f["garbage"].write_bytes(b"\x00garbage, not a safetensors file" * 10)
     for name in ("no_images", "no_aligner", "model_dir"):
@@ -154,6 +158,9 @@ ANALYZE_CASES = [
     ("cache-dir-is-a-file", ["--cache-dir", "{file}"], ["--cache-dir"]),
     ("features-unknown", ["--features", "smells"], ["smells"]),
     ("features-bad-json", ["--features", "{bad_json}"], ["bad.json"]),
+    ("features-empty-inline", ["--features", "{{}}"], ["--features {}", "no features"]),
+    ("features-empty-file", ["--features", "{empty_json}"], ["empty.json", "no features"]),
+    ("seed-negative", ["--seed", "-1"], ["--seed -1"]),
     ("vocabulary-unknown", ["--vocabulary", "klingon"], ["klingon"]),
     ("vocabulary-empty", ["--vocabulary", "{empty_vocab}"], ["no entries"]),
     ("model-unknown", ["--model", "not_a_model_at_all"], ["not_a_model_at_all"]),
@@ -164,7 +171,7 @@ ANALYZE_CASES = [
     ("local-dir-missing", ["--model", "local-dir:{tmp}/nowhere"], ["no such folder"]),
     ("hf-hub-without-org", ["--model", "hf-hub:justaname"], ["hf-hub:ORG/REPO"]),
     ("images-without-images", ["--images", "{no_images}"], ["no images"]),
-    ("images-broken-file", ["--images", "{broken}"], ["broken.png"]),
+    ("images-broken-file", ["--images", "{broken}"], ["broken.png", "--skip-bad-images"]),
     ("images-all-broken-skipped", ["--images", "{all_broken}", "--skip-bad-images"], ["at least 2 images"]),
     ("images-decompression-bomb", ["--images", "{bomb}"], ["huge.png", "pixels"]),
     ("clip-is-not-a-clip", ["--model", "zoo:swin", "--clip", "zoo:deit"], ["--clip zoo:deit", "not a CLIP"]),
@@ -195,6 +202,7 @@ DECOMPOSE_CASES = [
     ("unknown-option", ["--no-such-option", "zoo:deit"], ["unrecognized arguments"]),
     ("start-layer-past-depth", ["--start-layer", "99"], ["--start-layer 99"]),
     ("images-missing", ["--images", "{tmp}/nowhere"], ["no such folder"]),
+    ("images-broken-file", ["--images", "{broken}"], ["broken.png", "--skip-bad-images"]),
 ]
 
 
@@ -240,6 +248,43 @@ def test_offline_pretrained_fails_fast_naming_repo_file_and_flag(good, capsys, m
     assert "pretrained=False" not in err
 
 
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if any model is loaded (the input must be refused before)."""
+    from vitdecomp.models import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    import vitdecomp
+    from vitdecomp.pipeline import model_pair
+
+    for module in (vitdecomp, model_pair, loading):  # vitdecomp's lazy attribute read before loading's is patched
+        monkeypatch.setattr(module, "load_model", refuse)
+
+
+@pytest.mark.parametrize("command", ["analyze", "decompose"])
+def test_a_broken_image_is_refused_before_any_model_loads(good, tmp_path, capsys, no_model_loads, command):
+    argv = [command, "--images", str(good["files"]["broken"]), "--out", str(tmp_path / "o"), "--quiet"]
+    assert_one_line_error(*run_cli(argv, capsys), "broken.png", "--skip-bad-images")
+
+
+def test_offline_open_clip_reader_is_one_line_naming_its_own_flag(tmp_path):
+    """open_clip logs its failed download on the root logger (naming another file it tried): that line
+    is held back, and the one error names the reader's flag, --clip-checkpoint."""
+    argv = ["analyze", "--clip", "open_clip:ViT-B-16/laion2b_s34b_b88k", "--n-images", "16", "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VITDECOMP_CACHE": str(tmp_path / "c")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitdecomp", *argv, "--out", str(tmp_path / "o")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_one_line_error(proc.returncode, proc.stderr, "open_clip_model.safetensors", "--clip-checkpoint FILE")
+    assert "ERROR:root" not in proc.stderr and "open_clip_pytorch_model.bin" not in proc.stderr
+
+
 def test_non_finite_images_are_named_not_blamed_on_the_model():
     import vitdecomp as vd
     from vitdecomp.errors import NonFiniteInputError
@@ -250,6 +295,215 @@ def test_non_finite_images_are_named_not_blamed_on_the_model():
     with pytest.raises(NonFiniteInputError, match="batch position 2") as info:
         vd.decompose(loaded, x)
     assert "rules do not cover" not in str(info.value) and "\n" not in str(info.value)
+
+
+WORLD_EXPORT_CASES = [
+    ("n-negative", ["--n", "-5"], ["--n-images -5", "at least 1"]),
+    ("n-zero", ["--n-images", "0"], ["--n-images 0"]),
+    ("size-8", ["--size", "8"], ["--size 8", "at least 16"]),
+    ("seed-negative", ["--seed", "-1"], ["--seed -1"]),
+    ("distractors-negative", ["--distractors", "-1"], ["--distractors -1"]),
+    ("corr-above-1", ["--waterbirds", "--n-images", "7", "--corr", "2"], ["--corr 2.0"]),
+    ("waterbirds-too-few", ["--waterbirds", "--n-images", "3"], ["--n-images 3", "at least 7"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"), [c[1:] for c in WORLD_EXPORT_CASES], ids=[c[0] for c in WORLD_EXPORT_CASES]
+)
+def test_world_export_refuses_with_one_line(tmp_path, capsys, extra, expect):
+    argv = ["world", "export", "--n-images", "3", "--out", str(tmp_path / "w"), "--quiet", *extra]
+    assert_one_line_error(*run_cli(argv, capsys), *expect)
+    assert not (tmp_path / "w").exists()  # refused before writing anything
+
+
+SEGMENT_CASES = [
+    ("n-images-negative", ["--n-images", "-1"], ["--n-images -1"]),
+    ("batch-size-0", ["--batch-size", "0"], ["--batch-size 0"]),
+    ("show-negative", ["--show", "-1"], ["--show -1"]),
+    ("seed-negative", ["--seed", "-1"], ["--seed -1"]),
+    ("method-unknown", ["--methods", "decomposition,magic"], ["magic"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "expect"), [c[1:] for c in SEGMENT_CASES], ids=[c[0] for c in SEGMENT_CASES])
+def test_segment_refuses_with_one_line_before_any_model_loads(tmp_path, capsys, no_model_loads, extra, expect):
+    argv = ["segment", "--out", str(tmp_path / "s"), "--quiet", *extra]
+    assert_one_line_error(*run_cli(argv, capsys), *expect)
+
+
+def test_an_untrained_aligner_gives_a_report_and_a_clear_refusal(good, tmp_path, capsys):
+    """``--align-steps 0``: the run finishes with its report (no figures that need a saved aligner, and
+    a warning saying so); heatmap and retrieve on that folder refuse in one line, before loading."""
+    out = tmp_path / "out"
+    argv = ["analyze", *[a for a in BASE if a != "3"], "--out", str(out), "--cache-dir", str(good["cache"])]
+    argv[argv.index("--align-steps") + 1 : argv.index("--align-steps") + 1] = ["0"]
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err[-2000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["alignment"]["state"] == "untrained" and data["views"] is None
+    assert any("trained aligner" in w for w in data["warnings"])
+    for command in (["heatmap", "--text", "red"], ["retrieve", "--text", "red"]):
+        argv = [*command, "--report", str(out), "--out", str(tmp_path / command[0]), "--quiet"]
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("vitdecomp.pipeline.model_pair.load_model", lambda *a, **k: pytest.fail("a model loaded"))
+            assert_one_line_error(*run_cli(argv, capsys), "untrained aligner", "--align-steps")
+
+
+@pytest.mark.parametrize(
+    ("case", "expect"),
+    [
+        ("empty", "empty batch"),
+        ("size", "72x64 pixels"),
+        ("channels", "1 channel(s)"),
+        ("rank-3", "images[None]"),
+        ("rank-5", "give a batch [B, 3, 64, 64]"),
+        ("list", "not a list"),
+        ("meta", "meta device"),
+    ],
+)
+def test_decompose_names_the_input_it_expects(case, expect):
+    import vitdecomp as vd
+    from vitdecomp.errors import InputError
+
+    loaded = vd.load_model("zoo:deit", random_init=True)
+    h, w = loaded.image_size
+    images = {
+        "empty": torch.zeros(0, 3, h, w),
+        "size": torch.zeros(2, 3, h + 8, w),
+        "channels": torch.zeros(2, 1, h, w),
+        "rank-3": torch.zeros(3, h, w),
+        "rank-5": torch.zeros(1, 2, 3, h, w),
+        "list": [torch.zeros(3, h, w)],
+    }.get(case, torch.zeros(2, 3, h, w))
+    if case == "meta":
+        loaded.model.to("meta")
+    with pytest.raises(InputError, match=re.escape(expect)) as info:
+        vd.decompose(loaded, images)
+    assert "[B, 3, 64, 64]" in str(info.value) or case == "meta"
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# a world export out of step with its attributes.csv; --skip-bad-images everywhere
+
+
+@pytest.fixture(scope="module")
+def drifted(tmp_path_factory):
+    """A world export of 18 scenes, one PNG converted to JPEG by hand (attributes.csv still lists it)."""
+    from vitdecomp.world import export_world
+
+    root = export_world(18, seed=11, out_dir=tmp_path_factory.mktemp("drift") / "w", progress=False)
+    png = root / "images" / "000003.png"
+    Image.open(png).convert("RGB").save(png.with_suffix(".jpg"))
+    png.unlink()
+    return root
+
+
+def test_a_world_export_out_of_step_with_its_csv_is_named(drifted, tmp_path, capsys, no_model_loads):
+    for argv in (
+        ["analyze", *BASE, "--images", str(drifted), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path)],
+        ["segment", "--world", str(drifted), "--out", str(tmp_path / "s"), "--quiet"],
+    ):
+        assert_one_line_error(*run_cli(argv, capsys), "attributes.csv", "000003.png", "000003.jpg", "--skip-bad-images")
+
+
+def test_skip_bad_images_reaches_the_automatic_segment_step(drifted, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["analyze", *BASE, "--images", str(drifted), "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    code, err = run_cli([*argv, "--skip-bad-images"], capsys)
+    assert code == 0 and "Traceback" not in err, err[-2000:]
+    data = json.loads((out / "results.json").read_text())
+    assert data["images"]["n"] == 15 and len(data["images"]["skipped"]) == 2  # 16 listed, 1 missing; 1 unlisted
+    assert [a["name"] for a in data["applications"]] == ["segment"]
+    assert not [w for w in data["warnings"] if "segment" in w]
+    seg = ["segment", "--world", str(drifted), "--n-images", "6", "--out", str(tmp_path / "s"), "--quiet"]
+    assert run_cli([*seg, "--skip-bad-images"], capsys)[0] == 0
+    assert any("000003" in name for name in json.loads((tmp_path / "s" / "segment.json").read_text())["skipped"])
+
+
+def test_a_failing_application_is_a_warning_of_the_run(drifted, tmp_path, capsys, monkeypatch):
+    from vitdecomp.apps import automatic
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "somewhere.png")
+
+    monkeypatch.setattr(automatic, "run_segment", broken)
+    out = tmp_path / "out"
+    argv = ["analyze", *BASE, "--images", str(drifted), "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    assert run_cli([*argv, "--skip-bad-images"], capsys)[0] == 0 and (out / "index.html").is_file()
+    data = json.loads((out / "results.json").read_text())
+    assert data["applications"] == [] and any(w.startswith("segment failed") for w in data["warnings"])
+
+
+@pytest.mark.parametrize(
+    ("heads", "expect"),
+    [
+        ("L9.H1", ["no head L9.H1", "L0.H0 ... L4.H3"]),
+        ("L2.H9", ["no head L2.H9"]),
+        ("L3H1", ["no head L3H1"]),
+        ("L2.mlp", ["L2.mlp is a component, not an attention head"]),
+        (",", ["give head names"]),
+    ],
+)
+def test_heatmap_refuses_heads_that_do_not_exist(good, tmp_path, capsys, no_model_loads, heads, expect):
+    argv = ["heatmap", "--report", str(good["out"]), "--text", "a red object", "--heads", heads]
+    assert_one_line_error(*run_cli([*argv, "--out", str(tmp_path / "h"), "--quiet"], capsys), "--heads", *expect)
+    assert not (tmp_path / "h").exists()
+
+
+RETRIEVE_CASES = [
+    ("k-0", ["--text", "red", "--k", "0"], ["--k 0"]),
+    ("k-above-components", ["--text", "red", "--k", "999"], ["--k 999", "32 components"]),
+    ("n-results-0", ["--text", "red", "--n-results", "0"], ["--n-results 0"]),
+    ("feature-unknown", ["--text", "red", "--feature", "smell"], ["--feature smell", "color"]),
+    ("image-nowhere", ["--image", "nowhere.png", "--feature", "color"], ["--image nowhere.png"]),
+    ("image-without-feature", ["--image", "nowhere.png"], ["--image needs --feature"]),
+    ("report-missing", ["--text", "red", "--report", "{tmp}/nothing"], ["no analysis at"]),
+]
+
+
+@pytest.mark.parametrize(("extra", "expect"), [c[1:] for c in RETRIEVE_CASES], ids=[c[0] for c in RETRIEVE_CASES])
+def test_retrieve_refuses_bad_arguments_before_any_model_loads(good, tmp_path, capsys, no_model_loads, extra, expect):
+    argv = ["retrieve", "--report", str(good["out"]), *[x.format(tmp=tmp_path) for x in extra]]
+    assert_one_line_error(*run_cli([*argv, "--out", str(tmp_path / "r"), "--quiet"], capsys), *expect)
+
+
+def test_heatmap_checks_its_images_up_front_and_can_skip(good, tmp_path, capsys, monkeypatch):
+    files = good["files"]["broken"]
+    argv = ["heatmap", str(files / "ok0.png"), str(files / "broken.png"), "--report", str(good["out"])]
+    argv += ["--text", "a red object", "--heads", "L0.H1", "--out", str(tmp_path / "h"), "--quiet"]
+    with monkeypatch.context() as m:
+        m.setattr("vitdecomp.apps.contract.load_analysis", lambda *a, **k: pytest.fail("models loaded first"))
+        assert_one_line_error(*run_cli(argv, capsys), "broken.png", "--skip-bad-images")
+    code, err = run_cli([*argv, "--skip-bad-images"], capsys)
+    assert code == 0 and "broken.png" in err
+    maps = json.loads((tmp_path / "h" / "heatmaps.json").read_text())["maps"]
+    assert [m["image"] for m in maps] == ["ok0"] and maps[0]["heads"] == ["L0.H1"]
+
+
+def test_debias_and_ablate_skip_unreadable_images(good, tmp_path):
+    """Both read their images through ComponentApplication: refused with the hint, or skipped."""
+    from vitdecomp.apps.contract import AnalysedConfig, ComponentApplication
+    from vitdecomp.errors import ImageReadError
+
+    class Sets(ComponentApplication):
+        name = "sets"
+
+        def measure(self, cfg, source, analyse):
+            return source
+
+    folder = good["files"]["broken"]
+    with pytest.raises(ImageReadError, match="--skip-bad-images"):
+        Sets().run(AnalysedConfig(images=folder, out=tmp_path))
+    source = Sets().run(AnalysedConfig(images=folder, out=tmp_path, skip_bad_images=True))
+    assert source.ids == ["ok0.png", "ok1.png"] and "broken.png" in source.errors[0]
+    for command in ("debias", "ablate", "segment", "heatmap", "analyze", "decompose"):
+        from vitdecomp.cli import build_parser
+
+        argv = [command, "--skip-bad-images", "--images", "I", *(["--text", "x"] if command == "heatmap" else [])]
+        argv = [a for a in argv if command != "heatmap" or a not in ("--images", "I")]
+        assert build_parser(argv).parse_args(argv).skip_bad_images is True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -348,7 +602,7 @@ def _cli_process(argv: list[str], kill_at: str | None = None) -> subprocess.Comp
     )
 
 
-@pytest.mark.parametrize("point", ["before-replace:index.html", "store-before-commit"])
+@pytest.mark.parametrize("point", ["before-replace:results.json", "store-before-commit"])
 def test_kill_9_leaves_the_previous_good_state(good, tmp_path, capsys, point):
     from vitdecomp.store import ContributionStore
 
@@ -365,3 +619,54 @@ def test_kill_9_leaves_the_previous_good_state(good, tmp_path, capsys, point):
     data = json.loads((out / "results.json").read_text())
     ids = ContributionStore(data["store"]["path"]).ids
     assert len(ids) == len(set(ids)) == 16
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # what the killed run left is gone
+
+
+def test_kill_9_between_results_and_page_is_told_apart_and_healed(good, tmp_path, capsys):
+    """results.json is written first, then index.html, each carrying the run's id: a kill between the
+    two leaves a complete new results.json and the previous page (ids differ, so a reader can tell);
+    adding a section renders the page again from results.json; no temporary file survives."""
+    from vitdecomp.report import page_run_id
+    from vitdecomp.report.attach import attach_section
+    from vitdecomp.results import AnalysisResult, AppSection
+
+    out, cache = _copy(good, tmp_path)
+    old_page = (out / "index.html").read_text()
+    old_id = json.loads((out / "results.json").read_text())["run_id"]
+    assert old_id and page_run_id(old_page) == old_id
+    argv = ["analyze", *BASE, "--out", str(out), "--cache-dir", str(cache), "--threads", "1", "--top-k", "2"]
+    proc = _cli_process(argv, kill_at="before-replace:index.html")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    new = AnalysisResult.load(out / "results.json")  # complete, and the killed run's
+    assert new.run_id != old_id and (out / "index.html").read_text() == old_page
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # the kill left its page's temp file
+    attach_section(out, AppSection("toy", "Toy", "a toy section", ["a"], [["1"]]))
+    page = (out / "index.html").read_text()
+    assert page_run_id(page) == new.run_id and "a toy section" in page
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".report")]
+
+
+def test_a_killed_writer_s_store_lock_is_free_while_it_is_unreaped(tmp_path):
+    """The store lock is the kernel's (flock): a writer killed with -9 and not yet reaped (a zombie)
+    holds nothing; while it lived, a second writer was refused naming its pid."""
+    from vitdecomp.errors import LockedError
+    from vitdecomp.store import StoreLock
+
+    hold = "import sys, time; from vitdecomp.store import StoreLock; StoreLock(sys.argv[1]).__enter__(); "
+    hold += "print('held', flush=True); time.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(LockedError, match=f"pid {proc.pid} "):
+            StoreLock(tmp_path).__enter__()
+        os.kill(proc.pid, signal.SIGKILL)
+        for _ in range(100):  # dead, not reaped: its state is Z (zombie)
+            if Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1].startswith("Z"):
+                break
+            time.sleep(0.05)
+        assert Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1].startswith("Z")
+        with StoreLock(tmp_path):  # at once, no timeout
+            assert f"pid {os.getpid()} " in (tmp_path / "lock").read_text()
+    finally:
+        proc.kill()
+        proc.wait()

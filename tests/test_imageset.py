@@ -77,3 +77,50 @@ def test_skip_report_lists_bad_files_and_the_loader_uses_workers(tmp_path, monke
     assert len(src) == 3 and len(src.errors) == 1 and "bad.png" in imageset.skip_report(src)
     batches = list(src.batches(2)(1))
     assert [ids for ids, _ in batches] == [["ok1.png", "ok2.png"]]
+
+
+def test_a_broken_file_is_found_up_front_with_the_skip_hint(tmp_path):
+    """Every file is decoded when the set is listed (not mid-run), and the error names the file and
+    ``--skip-bad-images``; a file whose header is fine but whose data is cut short is found too."""
+    import pytest
+
+    from vitdecomp.errors import ImageReadError
+    from vitdecomp.imageset import folder_source
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(folder / f"ok{i}.png")
+    whole = (folder / "ok0.png").read_bytes()
+    (folder / "cut.png").write_bytes(whole[: len(whole) // 2])  # a valid header, half the data
+    with pytest.raises(ImageReadError, match=r"cut\.png") as info:
+        folder_source(folder)
+    assert "--skip-bad-images" in str(info.value) and "\n" not in str(info.value)
+    src = folder_source(folder, skip_bad=True)
+    assert src.ids == ["ok0.png", "ok1.png", "ok2.png"] and "cut.png" in src.errors[0]
+
+
+def test_a_world_export_that_no_longer_matches_its_csv(tmp_path):
+    """One PNG of a world export converted to JPEG: refused naming attributes.csv, the missing file and
+    the file it does not list; with skip_bad, read as far as it matches, both listed."""
+    import pytest
+
+    from vitdecomp.errors import ImageReadError
+    from vitdecomp.imageset import folder_source, list_images, read_image
+    from vitdecomp.world import export_world
+
+    root = export_world(5, seed=1, out_dir=tmp_path / "w", progress=False)
+    png = root / "images" / "000002.png"
+    Image.open(png).convert("RGB").save(png.with_suffix(".jpg"))
+    png.unlink()
+    for read in (folder_source, list_images):
+        with pytest.raises(ImageReadError) as info:
+            read(root)
+        text = str(info.value)
+        assert "attributes.csv" in text and "images/000002.png" in text and "images/000002.jpg" in text
+        assert "--skip-bad-images" in text
+    with pytest.raises(ImageReadError, match=r"000002\.png: No such file"):  # not a bare FileNotFoundError
+        read_image(png)
+    src = folder_source(root, skip_bad=True)
+    assert len(src) == 4 and "images/000002.png" not in src.ids and len(src.attributes["shape"]) == 4
+    assert any("000002.png" in e for e in src.errors) and any("000002.jpg" in e for e in src.errors)

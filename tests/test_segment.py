@@ -102,11 +102,31 @@ def test_chefer_on_a_two_layer_vit_equals_the_hand_computation():
     assert maps.shape == (2, size, size)
 
 
-@pytest.mark.parametrize("name", ["swin", "maxvit-tf", "vit-noclass"])
-def test_chefer_says_where_it_does_not_apply(name):
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("swin", "windowed"),
+        ("maxvit-tf", "partitioned"),
+        ("vit-noclass", "class token"),
+        ("openclip-tok", "nn.MultiheadAttention"),  # global attention and a class token: not the reason
+    ],
+)
+def test_chefer_says_where_it_does_not_apply_and_why(name, reason):
     model, _ = SMALL_MODELS[name]()
-    assert why_not(model) is not None
+    assert reason in why_not(model)
     assert why_not(SMALL_MODELS["vit-cls"]()[0]) is None
+
+
+def test_segment_notes_state_this_process_threads():
+    from vitdecomp.apps.segment import timing_rule
+
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            assert f"{threads} torch thread(s)" in timing_rule()
+    finally:
+        torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name", ["vit-cls", "dinov2-reg-ls", "swin", "maxvit-tf", "maxvit-rw-nchw", "openclip-tok"])

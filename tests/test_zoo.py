@@ -18,7 +18,7 @@ from vitdecomp.zoo.train import train
 
 EXPECTED_CLASSES = {
     "deit": "VisionTransformer",
-    "dino": "VisionTransformer",
+    "simclr": "VisionTransformer",
     "swin": "SwinTransformer",
     "maxvit": "MaxxVit",
     "clip": "CLIP",
@@ -65,7 +65,7 @@ def test_shipped_checkpoint_loads_and_runs(name, scenes):
         if name == "clip":
             t = loaded.model.encode_text(loaded.tokenizer(["a red star on grass", "a blue circle in the sky"]))
             assert t.shape == (2, r.shape[1])
-        elif name != "dino":
+        elif name != "simclr":  # the self-supervised model has no head
             assert loaded.model(x).shape == (4, NUM_LOGITS)
 
 
@@ -112,7 +112,7 @@ def test_checkpoint_roundtrip_fp16(tmp_path):
 
 def _tiny(name: str) -> dict:
     cfg = copy.deepcopy(ZOO_CONFIGS[name])
-    if name in ("deit", "dino"):
+    if name in ("deit", "simclr"):
         cfg.update(depth=1, embed_dim=32, num_heads=2)
         cfg["stem"]["channels"] = [8, 16, 32, 32]
     elif name == "swin":
@@ -131,11 +131,12 @@ def _tiny(name: str) -> dict:
     [
         ("deit", "supervised", {}, 3),
         ("swin", "supervised", {"distill_from": "deit", "kd_weight": 1.0, "distill_weight": 0.0}, 3),
-        ("dino", "simclr", {}, 3),
-        ("dino", "dino", {"dino_prototypes": 32}, 3),
+        ("simclr", "simclr", {}, 3),
+        ("simclr", "dino", {"dino_prototypes": 32}, 3),  # the architecture of zoo:simclr, DINO's objective
+        ("simclr", "dino", {"dino_prototypes": 32, "dino_head_bn": True, "dino_local_backgrounds": "new"}, 3),
         ("deit", "planted", {"planted": {"color": ["L0.H0"], "shape": ["L0.H1"]}}, 3),
         # 96 scenes over 5 backgrounds: runs of 8 sharing a background, leftovers dropped -> 2 batches
-        ("dino", "simclr", {"group_by": (("background",),), "group_size": 8}, 2),
+        ("simclr", "simclr", {"group_by": (("background",),), "group_size": 8}, 2),
         ("clip", "clip", {"distill_from": "deit", "kd_weight": 1.0}, 3),
     ],
 )
@@ -192,7 +193,7 @@ def test_soft_label_loss_is_zero_only_for_matching_logits():
     assert soft_label_loss(torch.randn(5, NUM_LOGITS), t, 2.0).item() > 1e-3
 
 
-@pytest.mark.parametrize("failing", ["dino", "deit"])
+@pytest.mark.parametrize("failing", ["simclr", "deit"])
 def test_parallel_training_waits_for_teachers_and_stops_students_of_failures(tmp_path, failing):
     import argparse
     import sys
@@ -321,3 +322,50 @@ def test_zoo_layers_import_only_downwards_and_never_the_model_loader():
         assert "vitdecomp.models.loading" not in imports and "vitdecomp.models" not in imports, layer
         above = {f"vitdecomp.zoo.{m}" for m in ZOO_LAYERS[i:]} | {"vitdecomp.zoo"}
         assert not imports & above, f"zoo.{layer} imports {sorted(imports & above)} (its own layer or above)"
+
+
+def test_dino_crops_keep_the_object_inside():
+    from vitdecomp.zoo.objectives import object_crops, object_geometry
+
+    s = make_scenes(64, seed=13)
+    obj = object_geometry(s)
+    masks = torch.from_numpy(s.masks).float()[:, None].expand(-1, 3, -1, -1).contiguous()  # [N, 3, 64, 64]
+    g = torch.Generator().manual_seed(0)
+    for factor in (1.15, 1.6, 2.0):  # local crops: half-side = factor x the object's radius
+        crops = object_crops(masks, obj, factor * obj[:, 2], g)[:, 0] > 0.5  # [N, 64, 64]
+        # the object is whole: its area grows by the zoom (1 / half-side)
+        expected = masks[:, 0].sum((1, 2)) / (factor * obj[:, 2]) ** 2
+        torch.testing.assert_close(crops.sum((1, 2)).float(), expected, rtol=0.12, atol=8)
+    big = object_crops(masks, obj, torch.full((64,), 0.8), g)[:, 0] > 0.5  # global crops, 64 % of the area
+    assert (big.sum((1, 2)).float() >= 0.95 * masks[:, 0].sum((1, 2)) / 0.64).all()
+
+
+def test_dino_diagnostics_tell_uniform_from_collapsed_teachers():
+    from vitdecomp.zoo.objectives import Dino
+
+    recipe = Recipe("dino", epochs=1, n_train=32, batch_size=16, dino_prototypes=16)
+    torch.manual_seed(0)
+    d = Dino(recipe, build_model("simclr", _tiny("simclr")), {}, make_scenes(32, seed=3))
+    k = recipe.dino_prototypes
+    head = d.teacher["head"]
+    e = torch.randn(recipe.dino_bottleneck)
+    with torch.no_grad():
+        head.mlp[-1].weight.zero_()
+        head.mlp[-1].bias.copy_(e)  # every image's bottleneck output is e
+        head.last.parametrizations.weight.original1.copy_(e.expand(k, -1))  # every prototype alike
+    diag = d.diagnostics()
+    assert abs(diag["teacher_entropy"] - np.log(k)) < 1e-4 and abs(diag["kl_to_uniform"]) < 1e-4
+    assert diag["center_norm"] == 0  # no training step yet
+    with torch.no_grad():
+        head.last.parametrizations.weight.original1[1:].copy_(-e)  # prototype 0 wins for every image
+    diag = d.diagnostics()
+    assert diag["prototypes_used"] == 1 and diag["teacher_entropy"] < 1e-3 and diag["kl_to_uniform"] > np.log(k) - 1e-3
+
+
+def test_simclr_is_the_renamed_self_supervised_model_and_up_to_date():
+    from vitdecomp.zoo.cards import read_card
+    from vitdecomp.zoo.freshness import is_up_to_date
+
+    card = read_card("simclr")
+    assert card["name"] == "simclr" and card["training"]["recipe"]["objective"] == "simclr"
+    assert is_up_to_date("simclr")  # its card's digest, recipe and config match the shipped weights

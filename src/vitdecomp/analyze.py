@@ -20,7 +20,7 @@ used (they use 1000, 1001, 1500 and 2001, 2002). With ``images=DIR`` it reads an
 scores the paper's features with the general vocabulary::
 
     from vitdecomp.analyze import AnalysisConfig, run_analysis
-    result = run_analysis(AnalysisConfig(model="zoo:dino", n_images=500, out="out"))
+    result = run_analysis(AnalysisConfig(model="zoo:simclr", n_images=500, out="out"))
     result.scores["invariant"]["color"]        # {component label: score}
 
 The top floor of the library: it joins the pipeline's stages (:mod:`vitdecomp.pipeline`), the report's
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +40,13 @@ import numpy as np
 from vitdecomp.apps.automatic import run_applications
 from vitdecomp.apps.report_figures import report_views
 from vitdecomp.checks import default_device
-from vitdecomp.fsio import writing
+from vitdecomp.fsio import atomic_write_text, folder_lock, remove_stale_temps, writing
 from vitdecomp.imageset import ImageSource
 from vitdecomp.pipeline.config import AnalysisConfig, default_cache_dir
 from vitdecomp.pipeline.honesty import run_warnings
 from vitdecomp.pipeline.sequence import Clock, prepare, read_components
-from vitdecomp.report import summary, write_report
+from vitdecomp.report import report_page, summary
+from vitdecomp.report.attach import REPORT_FILES
 from vitdecomp.report.outputs import write_app_outputs
 from vitdecomp.results import AnalysisResult, OutputPaths
 
@@ -71,8 +73,11 @@ def run_analysis(
     models, source, built = prepare(cfg, clock, device, source)
     result, top_idx = read_components(cfg, clock, device, models, source, built)
     result.warnings = run_warnings(result, models, random_init=cfg.random_init, seed=cfg.seed)
-    with clock("report_views"):
-        result.views = report_views(result, source, models.subject, models.reader, progress=cfg.progress)
+    if result.alignment.state == "untrained":  # not saved: the figures that read it again have none
+        result.warnings.append("no heatmaps, head views or galleries: they need a trained aligner (--align-steps > 0)")
+    else:
+        with clock("report_views"):
+            result.views = report_views(result, source, models.subject, models.reader, progress=cfg.progress)
     if cfg.apps:
         with clock("applications"):
             runs, failed = run_applications(cfg, models, device)
@@ -93,14 +98,20 @@ def run_analysis(
 def write_outputs(
     result: AnalysisResult, source: ImageSource, top_idx: np.ndarray, out: Path, clock: Clock, progress: bool = True
 ) -> None:
-    """Write ``out/index.html`` (thumbnails of rows ``top_idx [C, n]``) and then ``out/results.json``
-    (with the report's time and the total in ``timings_s``, and ``paths``), each atomically: a kill
-    or a full disk leaves the previous report in place."""
+    """Write ``out/results.json`` and then ``out/index.html`` (thumbnails of rows ``top_idx [C, n]``),
+    each atomically, under a lock on ``out`` (:func:`~vitdecomp.fsio.folder_lock`): the page carries
+    the ``run_id`` that ``results.json`` states, so a kill between the two leaves a complete
+    ``results.json`` and the previous page, told apart by their ids (``--report`` then renders the page
+    again); what a killed run left (temporary files) is removed first."""
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
-    with clock("report"):
-        html = write_report(result, source, out, top_idx, progress=progress)
-    clock.timings["total"] = time.time() - clock.start
-    result.timings_s = {k: round(v, 3) for k, v in clock.timings.items()}
-    result.paths = OutputPaths(str(out), str(out / "results.json"), str(html))
-    result.write(out / "results.json")
+    result.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    with folder_lock(out):
+        remove_stale_temps(out, REPORT_FILES)
+        with clock("report"):
+            page = report_page(result, source, top_idx, progress=progress)
+        clock.timings["total"] = time.time() - clock.start
+        result.timings_s = {k: round(v, 3) for k, v in clock.timings.items()}
+        result.paths = OutputPaths(str(out), str(out / "results.json"), str(out / "index.html"))
+        result.write(out / "results.json")
+        atomic_write_text(out / "index.html", page)

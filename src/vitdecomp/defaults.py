@@ -50,6 +50,7 @@ SEGMENT_OUT = "vitdecomp-segment"
 DEBIAS_OUT = "vitdecomp-debias"
 ABLATE_OUT = "vitdecomp-ablate"
 FEATURES_OUT = "vitdecomp-features"
+VALIDATE_OUT = "vitdecomp-validation"
 #: Images ``vitdecomp retrieve`` returns.
 N_RESULTS = 20
 #: Random draws of the random-components controls (``debias``, ``ablate``).

@@ -44,6 +44,11 @@ class UsageError(VitDecompError, ValueError):
     """An option, a name or an argument that cannot work (checked before any heavy work where it can be)."""
 
 
+class InputError(UsageError):
+    """Images that do not fit the model (not a batch ``[B, C, H, W]``, an empty batch, other channels or
+    size) or a model that cannot run them (weights on the meta device); names the expected input."""
+
+
 class NonFiniteInputError(VitDecompError):
     """Images with NaN or infinite pixels; the message names them (``names``), ``positions`` are
     their places in the batch."""

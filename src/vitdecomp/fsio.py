@@ -2,12 +2,17 @@
 beside the target, flush and ``fsync`` it, then ``os.replace`` it over the target (atomic on POSIX).
 An ``OSError`` while writing (no space, read-only, permission) becomes one :class:`~vitdecomp.errors.
 OutputError` naming the path; the temporary file is removed and the old file is untouched.
+
+A folder several files of one set are written into is held with :func:`folder_lock` (an ``flock`` on
+the folder itself: no lock file, released by the kernel when the holder dies, even by ``kill -9``);
+under it, :func:`remove_stale_temps` removes what a killed writer left (its temporary files).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import signal
 import tempfile
@@ -69,6 +74,33 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str, errors: str = "strict") -> Path:
     return atomic_write_bytes(path, text.encode("utf-8", errors))
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``folder`` itself while in the context (waits for another holder).
+    No file is created; the kernel releases the lock when the process ends, however it ends."""
+    folder = Path(folder)
+    with writing(folder):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str | Path, names: tuple[str, ...]) -> list[Path]:
+    """Remove the temporary files :func:`atomic_write` left beside ``folder/<name>`` when its writer
+    was killed; call it while holding :func:`folder_lock` (no live writer then has one open)."""
+    gone = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                gone.append(tmp)
+    return gone
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -12,8 +12,11 @@ in the CSV's order, with the attributes attached. Every file is decoded by :func
 * transparency composited on :data:`BACKGROUND` (white), not dropped;
 * images with more than :data:`MAX_PIXELS` pixels refused (decompression bombs), per file.
 
-An unreadable file raises :class:`~vitdecomp.errors.ImageReadError` naming it; with ``skip_bad``
-it is dropped up front and listed (``ImageSource.errors``, the skip report). File names that are
+Every file is read and decoded up front, before any model loads: an unreadable file raises
+:class:`~vitdecomp.errors.ImageReadError` naming it (and ``--skip-bad-images``); with ``skip_bad`` it
+is dropped and listed (``ImageSource.errors``, the skip report). A world export whose ``images/`` no
+longer matches its ``attributes.csv`` (a listed file missing, a file not listed) is refused naming
+the CSV, or with ``skip_bad`` read as far as it matches, the rest listed. File names that are
 not UTF-8 get printable ids (``\\xe9`` escapes). The set's key hashes every file's *bytes* (as they
 are read), so an edited image is never mistaken for its old rows. Files are read and decoded by a
 torch ``DataLoader`` with worker processes (:func:`loader_workers`).
@@ -50,6 +53,13 @@ BACKGROUND = (255, 255, 255)
 MAX_PIXELS = 50_000_000
 #: The file that marks a ``vitdecomp world export`` folder.
 WORLD_EXPORT_CSV = "attributes.csv"
+#: What every error about an unreadable image ends with.
+SKIP_HINT = "skip unreadable files with --skip-bad-images"
+
+
+def with_skip_hint(message: str) -> str:
+    """``message`` ending with :data:`SKIP_HINT` (once)."""
+    return message if "--skip-bad-images" in message else f"{message}; {SKIP_HINT}"
 
 
 def display_name(path: str | Path) -> str:
@@ -57,25 +67,59 @@ def display_name(path: str | Path) -> str:
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
-def list_images(folder: str | Path) -> list[Path]:
+def list_images(folder: str | Path, skip_bad: bool = False) -> list[Path]:
     """Image files under ``folder`` (recursively, hidden ones skipped), sorted for a stable order;
-    for a world export folder, its ``images/`` as listed in ``attributes.csv``."""
+    for a world export folder, its ``images/`` as listed in ``attributes.csv`` (a mismatch between
+    the two is an :class:`ImageReadError` naming the CSV, unless ``skip_bad``: see
+    :func:`export_mismatch`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageReadError(f"not a folder: {display_name(folder)}")
     export = _world_export(folder)
     if export is not None:
-        return [folder / row["img_filename"] for row in export]
-    files = sorted(
+        paths = [folder / row["img_filename"] for row in export]
+        missing, unlisted = export_mismatch(folder, paths)
+        if missing and not skip_bad:
+            raise ImageReadError(_mismatch_message(folder, missing, unlisted))
+        return paths
+    files = _image_files(folder)
+    if not files:
+        raise ImageReadError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {display_name(folder)}")
+    return files
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
         p
         for p in folder.rglob("*")
         if p.suffix.lower() in IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
         and p.is_file()
     )
-    if not files:
-        raise ImageReadError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {display_name(folder)}")
-    return files
+
+
+def export_mismatch(folder: Path, paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """A world export's ``attributes.csv`` against its files: ``(missing, unlisted)``, the listed
+    ``paths`` that are not files and the image files under the listed folders that it does not list."""
+    listed = set(paths)
+    missing = [p for p in paths if not p.is_file()]
+    folders = sorted({p.parent for p in paths if p.parent.is_dir()})
+    unlisted = [f for d in folders for f in _image_files(d) if f.parent == d and f not in listed]
+    return missing, unlisted
+
+
+def _mismatch_message(folder: Path, missing: list[Path], unlisted: list[Path]) -> str:
+    def some(ps: list[Path]) -> str:
+        return ", ".join(display_name(p.relative_to(folder)) for p in ps[:3]) + (" ..." if len(ps) > 3 else "")
+
+    csv_path = display_name(folder / WORLD_EXPORT_CSV)
+    text = f"{csv_path} lists {len(missing)} image(s) that are not there ({some(missing)})"
+    if unlisted:
+        text += f", and {len(unlisted)} image file(s) it does not list are not read ({some(unlisted)})"
+    return (
+        f"{text}: a world export is read as its {WORLD_EXPORT_CSV} lists it; restore the files, skip the missing "
+        f"ones with --skip-bad-images, or move {WORLD_EXPORT_CSV} away to read the folder as plain images"
+    )
 
 
 def _world_export(folder: Path) -> list[dict[str, str]] | None:
@@ -125,7 +169,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def read_image(path: str | Path) -> Image.Image:
     """An RGB PIL image (see :func:`to_rgb`), or :class:`ImageReadError` naming the file and the reason."""
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below; only open() is guarded)
+    except OSError as err:
+        raise ImageReadError(f"cannot read image {display_name(path)}: {err.strerror or err}") from err
+    with f:
         return decode_image(f, path)
 
 
@@ -164,10 +212,11 @@ def loader_workers(n_files: int) -> int:
 
 
 class _Files(Dataset):
-    """Each item: ``(index, bytes digest, RGB image or None, error or None)``."""
+    """Each item: ``(index, bytes digest, RGB image or None, error or None)``; every file is decoded,
+    its image returned only with ``keep`` (a check pass sends back none)."""
 
-    def __init__(self, paths: Sequence[Path], decode: bool = True) -> None:
-        self.paths, self.decode = list(paths), decode
+    def __init__(self, paths: Sequence[Path], keep: bool = True) -> None:
+        self.paths, self.keep = list(paths), keep
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -181,18 +230,17 @@ class _Files(Dataset):
         except OSError as err:
             return i, "", None, f"cannot read image {display_name(p)}: {err.strerror or err}"
         digest = hashlib.sha256(data).hexdigest()
-        if not self.decode:
-            return i, digest, None, None
         try:
-            return i, digest, decode_image(io.BytesIO(data), p), None
+            im = decode_image(io.BytesIO(data), p)
         except ImageReadError as err:
             return i, digest, None, str(err)
+        return i, digest, im if self.keep else None, None
 
 
-def _load(paths: Sequence[Path], decode: bool, batch_size: int = 16) -> Iterator[list[tuple]]:
+def _load(paths: Sequence[Path], keep: bool = True, batch_size: int = 16) -> Iterator[list[tuple]]:
     """Batches of :class:`_Files` items, in order, decoded by a ``DataLoader`` with workers."""
     loader = DataLoader(
-        _Files(paths, decode), batch_size=batch_size, num_workers=loader_workers(len(paths)), collate_fn=list
+        _Files(paths, keep), batch_size=batch_size, num_workers=loader_workers(len(paths)), collate_fn=list
     )
     yield from loader
 
@@ -210,7 +258,7 @@ def iter_batches(
         for i, _, im, err in items:
             if err is not None:
                 if not skip_bad:
-                    raise ImageReadError(err)
+                    raise ImageReadError(with_skip_hint(err))
                 print(f"skipped: {err}", file=sys.stderr)
                 continue
             ids.append(display_name(paths[i]))
@@ -265,8 +313,8 @@ class ImageSource:
                 return
             for items in _load(self.paths[start:], True, batch_size):
                 bad = next((err for *_, err in items if err is not None), None)
-                if bad is not None:  # the file changed since it was listed
-                    raise ImageReadError(bad)
+                if bad is not None:  # the file changed since it was checked
+                    raise ImageReadError(with_skip_hint(f"{bad} (it changed since the run began)"))
                 yield [self.ids[start + i] for i, *_ in items], [im for _, _, im, _ in items]
 
         return source
@@ -287,27 +335,19 @@ def world_source(n: int = DEFAULT_N_IMAGES, seed: int = WORLD_SEED, size: int = 
 def folder_source(
     folder: str | Path, n: int | None = None, skip_bad: bool = False, progress: bool = False
 ) -> ImageSource:
-    """The images under ``folder`` (see :func:`list_images`; the first ``n``). Every file's bytes are
-    hashed into the key as they are read; with ``skip_bad`` every file is also decoded up front and
-    the unreadable ones are dropped (and listed in ``errors``, the skip report :func:`skip_report`
-    prints) so that row ids stay stable."""
+    """The images under ``folder`` (see :func:`list_images`; the first ``n``), every file read and
+    decoded up front (before any model loads): its bytes hashed into the key, an unreadable file an
+    :class:`ImageReadError` naming it, or with ``skip_bad`` dropped and listed in ``errors`` (the skip
+    report :func:`skip_report` prints) so that row ids stay stable."""
     folder = Path(folder).resolve()
-    paths = list_images(folder)
+    paths = list_images(folder, skip_bad)
     export = _world_export(folder)
     if n is not None:
         paths = paths[:n]
-    digests, errors, keep = [""] * len(paths), [], [True] * len(paths)
-    bar = tqdm(total=len(paths), desc="read images", unit="img", disable=not progress, leave=False)
-    for items in _load(paths, decode=skip_bad):
-        for i, digest, _, err in items:
-            digests[i] = digest
-            if err is not None:
-                if not skip_bad:
-                    raise ImageReadError(err)
-                errors.append(err)
-                keep[i] = False
-        bar.update(len(items))
-    bar.close()
+    digests, errors, keep = _check_files(paths, skip_bad, progress)
+    if export is not None and skip_bad:
+        unlisted = export_mismatch(folder, [folder / r["img_filename"] for r in export])[1]
+        errors += [f"{display_name(p)}: not listed in {WORLD_EXPORT_CSV}, not read" for p in unlisted]
     good = [p for p, k in zip(paths, keep, strict=True) if k]
     listing = hashlib.sha256()
     for p, d, k in zip(paths, digests, keep, strict=True):
@@ -328,6 +368,24 @@ def folder_source(
         paths=good,
         root=str(folder),
     )
+
+
+def _check_files(paths: Sequence[Path], skip_bad: bool, progress: bool) -> tuple[list[str], list[str], list[bool]]:
+    """Read and decode every file (a ``DataLoader`` with workers): ``(digests, errors, keep)``; an
+    unreadable file raises unless ``skip_bad``."""
+    digests, errors, keep = [""] * len(paths), [], [True] * len(paths)
+    bar = tqdm(total=len(paths), desc="check images", unit="img", disable=not progress, leave=False)
+    for items in _load(paths, keep=False):
+        for i, digest, _, err in items:
+            digests[i] = digest
+            if err is not None:
+                if not skip_bad:
+                    raise ImageReadError(with_skip_hint(err))
+                errors.append(err)
+                keep[i] = False
+        bar.update(len(items))
+    bar.close()
+    return digests, errors, keep
 
 
 def skip_report(source: ImageSource, shown: int = 3) -> str | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from vitdecomp.align import Aligner, load_aligner
-from vitdecomp.errors import VitDecompError
+from vitdecomp.errors import UsageError, VitDecompError, one_line
 from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.pipeline.model_pair import load_model_for
 from vitdecomp.results import AnalysisResult
@@ -84,6 +84,20 @@ def _is_head(name: str) -> bool:
     return last.startswith("H") and last[1:].isdigit()
 
 
+def check_heads(heads: Sequence[str], labels: Sequence[str], model: str = "the model") -> None:
+    """Refuse head names that are not attention heads among ``labels`` (a one-line
+    :class:`UsageError` naming them and the heads there are)."""
+    have = [lab for lab in labels if _is_head(lab)]
+    if not heads:
+        raise UsageError("--heads: give head names, comma-separated (e.g. L0.H1), or auto")
+    bad = [h for h in heads if h not in have]
+    if not bad:
+        return
+    parts = [f"{h} is a component, not an attention head" if h in labels else f"no head {h}" for h in bad]
+    shown = f"{have[0]} ... {have[-1]}" if len(have) > 2 else ", ".join(have)
+    raise UsageError(f"--heads: {'; '.join(parts)} in {model}: its {len(have)} heads are {shown} (or --heads auto)")
+
+
 def _load_as(name: str, weights_id: str, checkpoint: str | Path | None, device: str) -> LoadedModel:
     """The model an analysis used, by name and weights id (random weights drawn again from their seed)."""
     seed = re.search(r":seed=(\d+)$", weights_id)
@@ -100,14 +114,32 @@ def _load_as(name: str, weights_id: str, checkpoint: str | Path | None, device: 
 def load_analysis(out: str | Path, device: str = "cpu", checkpoint: str | Path | None = None) -> Analysis:
     """Read ``out/results.json`` and load what it names (models, aligner, text encoder)."""
     out = Path(out)
-    path = out / "results.json"
-    if not path.exists():
-        raise VitDecompError(f"no analysis at {out} (no results.json): run `vitdecomp analyze --out {out}` first")
-    result = AnalysisResult.load(path)
+    result = analysis_result(out)
+    refuse_untrained(result, out)
     subject = _load_as(result.model.name, result.model.weights_id, checkpoint, device)
     same = result.reader.name == result.model.name and result.reader.weights_id == result.model.weights_id
     reader = subject if same else _load_as(result.reader.name, result.reader.weights_id, None, device)
     return analysis_of(result, subject, reader, out, device)
+
+
+def analysis_result(out: str | Path) -> AnalysisResult:
+    """The ``results.json`` of the analysis folder ``out`` (nothing loaded), or a one-line error."""
+    path = Path(out) / "results.json"
+    if not path.exists():
+        raise VitDecompError(f"no analysis at {out} (no results.json): run `vitdecomp analyze --out {out}` first")
+    try:
+        return AnalysisResult.load(path)
+    except (ValueError, KeyError, TypeError) as err:
+        raise VitDecompError(f"{path} is not the results.json of an analysis ({one_line(err)})") from err
+
+
+def refuse_untrained(result: AnalysisResult, out: str | Path) -> None:
+    """An analysis made with ``--align-steps 0`` has no saved aligner to read its components with."""
+    if result.alignment.state == "untrained":
+        raise VitDecompError(
+            f"the analysis in {out} has an untrained aligner (--align-steps 0), which is not saved: run "
+            "`vitdecomp analyze` again with --align-steps > 0 to make heatmaps and retrievals"
+        )
 
 
 def analysis_of(
@@ -115,6 +147,7 @@ def analysis_of(
 ) -> Analysis:
     """An analysis from models already loaded (as ``vitdecomp analyze`` holds them): the aligner and
     the text encoder's cache are read from where ``result`` says they are."""
+    refuse_untrained(result, out)
     aligner = None
     if result.aligner.path is not None:
         aligner = load_aligner(result.aligner.path, labels=result.labels, device="cpu")

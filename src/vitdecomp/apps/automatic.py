@@ -12,7 +12,8 @@ What is looked for (:func:`detect_applications`), and nothing else, so that no g
              whole folder with the default start layer and store type, else builds its own. Not with
              ``--random-init`` (debias reads pretrained weights). Its files go to ``OUT/debias/``.
 
-An application that fails on its input is a warning of the run, not the end of it. ``--no-apps``
+An application that fails (its input, or a bug) is a warning of the run, not the end of it; with
+``--skip-bad-images`` it skips what ``analyze`` skips. ``--no-apps``
 skips the stage. ``vitdecomp ablate`` needs no more than the images but costs as much as another
 analysis, so it is not run here: add it with ``vitdecomp ablate ... --report OUT``.
 """
@@ -21,11 +22,12 @@ from __future__ import annotations
 
 import csv
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitdecomp.errors import VitDecompError
+from vitdecomp.errors import VitDecompError, one_line
 from vitdecomp.pipeline.config import AnalysisConfig
 from vitdecomp.pipeline.model_pair import Models, load_model_for
 from vitdecomp.results import AppResult
@@ -87,12 +89,16 @@ def run_applications(cfg: AnalysisConfig, models: Models, device: str) -> tuple[
 
 
 def _attempt(name: str, run: Callable[[], AutomaticRun], runs: list[AutomaticRun], warnings: list[str]) -> None:
-    """``runs.append(run())``; a :class:`VitDecompError` becomes a warning naming ``name``."""
+    """``runs.append(run())``; an application that fails becomes a warning naming ``name``, not the end
+    of the analysis (an error that is not vitdecomp's own is also printed with its traceback: a bug)."""
     print(f"vitdecomp: {name}: inputs found, running it for the report", file=sys.stderr)
     try:
         runs.append(run())
     except VitDecompError as err:
-        warnings.append(f"{name} not run: {err}")
+        warnings.append(f"{name} not run: {one_line(err)}")
+    except Exception as err:  # an internal error of one application must not sink the analysis
+        traceback.print_exc()
+        warnings.append(f"{name} failed (internal error, please report it): {type(err).__name__}: {one_line(err)}")
 
 
 def run_segment(cfg: AnalysisConfig, models: Models, masks: Path, device: str) -> AppResult:
@@ -110,9 +116,11 @@ def run_segment(cfg: AnalysisConfig, models: Models, masks: Path, device: str) -
         images=cfg.images,
         masks=masks,
         n_images=cfg.n_images,
+        skip_bad_images=cfg.skip_bad_images,
         progress=cfg.progress,
     )
-    return Segment().measure(scfg, subject, folder_set(cfg.images, masks, cfg.n_images))  # type: ignore[arg-type]
+    data = folder_set(cfg.images, masks, cfg.n_images, cfg.skip_bad_images)  # type: ignore[arg-type]
+    return Segment().measure(scfg, subject, data)
 
 
 def run_debias(cfg: AnalysisConfig, out: Path, device: str) -> AppResult:

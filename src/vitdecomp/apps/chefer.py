@@ -15,8 +15,9 @@ Where it applies: models with *global* self-attention and a class token whose ro
 timm ``VisionTransformer`` (DeiT, DINO, the zoo's deit / dino). It does not apply to windowed or
 partitioned attention (Swin's shifted windows, MaxViT's block / grid attention: a token attends only
 inside its window, there is no token-to-token matrix over the image to roll out), nor to models
-pooling without a class token; the paper reports it for DeiT and DINO only. open_clip's towers
-(``nn.MultiheadAttention``) are not wired here.
+pooling without a class token; the paper reports it for DeiT and DINO only. open_clip's towers have
+global attention and a class token, but their ``nn.MultiheadAttention`` probabilities are not captured
+here (:func:`why_not` says which reason holds).
 """
 
 from __future__ import annotations
@@ -45,8 +46,16 @@ def why_not(model: object) -> str | None:
     """``None`` when the rollout applies to ``model``, else the reason it does not (one line)."""
     net = network(model)
     blocks = getattr(net, "blocks", None)
+    kind = f"{type(net).__module__.split('.')[0]} {type(net).__name__}"
+    if type(net).__module__.startswith("open_clip") or hasattr(getattr(net, "visual", None), "transformer"):
+        return (
+            f"{kind}: its attention is torch's nn.MultiheadAttention, whose probabilities this implementation "
+            "does not capture (it hooks timm's Attention; the rollout itself would apply)"
+        )
+    if type(net).__name__.startswith(("Swin", "MaxxVit", "MaxVit")):
+        return f"{kind} has no global self-attention over all tokens (windowed / partitioned attention)"
     if type(net).__name__ not in ("VisionTransformer", "VisionTransformerDistilled") or blocks is None:
-        return f"{type(net).__name__} has no global self-attention over all tokens (windowed / partitioned / other)"
+        return f"{kind}: the rollout is wired for timm's VisionTransformer only (it hooks timm's Attention)"
     if getattr(net, "cls_token", None) is None or getattr(net, "global_pool", "token") != "token":
         return "the model does not read out a class token (Chefer's relevance is the class token's row)"
     if not all(hasattr(blk.attn, "attn_drop") and hasattr(blk.attn, "fused_attn") for blk in blocks):

@@ -24,6 +24,7 @@ module, and one row of :data:`vitdecomp.commands.COMMANDS`.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from vitdecomp.apps.analysis import Analysis, load_analysis
 from vitdecomp.apps.mean_ablation import AnalysedComponents, analysed_components
 from vitdecomp.checks import default_device
 from vitdecomp.defaults import ALIGN_STEPS, ANALYSIS_DIR, MODEL, READER
-from vitdecomp.imageset import ImageSource, image_source
+from vitdecomp.imageset import ImageSource, image_source, skip_report
 from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.pipeline.config import AnalysisConfig
 from vitdecomp.pipeline.model_pair import load_model_for
@@ -59,10 +60,12 @@ class Application(ABC, Generic[C, R]):
 @dataclass(kw_only=True)
 class AnalysedConfig:
     """What an application that reads analysed components shares with ``vitdecomp analyze``: the
-    images folder, the subject and reader models and their local weights, the cache, the device,
-    CompAlign's steps, progress bars, and the folder the command writes to (``out``)."""
+    images folder (``skip_bad_images``: skip its unreadable files), the subject and reader models and
+    their local weights, the cache, the device, CompAlign's steps, progress bars, and the folder the
+    command writes to (``out``)."""
 
     images: str | Path | None = None
+    skip_bad_images: bool = False
     model: str = MODEL
     reader: str | None = READER
     checkpoint: str | Path | None = None
@@ -80,6 +83,7 @@ class AnalysedConfig:
             model=self.model,
             reader=self.reader,
             images=self.images,
+            skip_bad_images=self.skip_bad_images,
             out=self.out,
             cache_dir=self.cache_dir,
             device=self.device,
@@ -101,7 +105,10 @@ class ComponentApplication(Application[C, R]):
         self.check(cfg)
         acfg = cfg.analysis()  # type: ignore[attr-defined]
         acfg.check()
-        source = image_source(acfg.images, acfg.n_images, acfg.seed, progress=acfg.progress)
+        source = image_source(acfg.images, acfg.n_images, acfg.seed, acfg.skip_bad_images, progress=acfg.progress)
+        report = skip_report(source)
+        if report:
+            print(f"vitdecomp: {report}", file=sys.stderr)
         return self.measure(cfg, source, lambda: analysed_components(acfg, source))
 
     @abstractmethod

@@ -23,7 +23,9 @@ validation split, :func:`~vitdecomp.apps.classifiers.dfr_head`), a trained upper
 
 ``vitdecomp debias --images DIR [--metadata DIR/metadata.csv] [--model M] [--clip C] [--out DIR]``
 writes ``debias.json``, ``debias.png`` (the k curve) and ``debias.section.json`` (the report's
-:class:`~vitdecomp.results.AppSection`).
+:class:`~vitdecomp.results.AppSection`). On the official Waterbirds folder (its ``metadata.csv`` has
+every column of :data:`OFFICIAL_COLUMNS`) the result also holds the published figures beside its own
+(:meth:`DebiasResult.benchmark_table`, ``benchmark.json``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ import torch
 from vitdecomp.apps.classifiers import AveragedHead, GroupAccuracy, LinearHead, dfr_head, project_out
 from vitdecomp.apps.contract import AnalysedConfig, ComponentApplication
 from vitdecomp.apps.mean_ablation import AnalysedComponents, MeanAblation
+from vitdecomp.apps.published import THIS_RUN, WATERBIRDS_METRICS, BenchmarkTable, Row, published_waterbirds
+from vitdecomp.checks import check_at_least
 from vitdecomp.defaults import ALIGN_STEPS, DEBIAS_OUT, N_RANDOM, READER
 from vitdecomp.errors import UsageError
 from vitdecomp.figures import figure_png, pyplot
@@ -58,6 +62,13 @@ WORLD_FEATURES: dict[str, list[str]] = {
     "core": [*WATERBIRD_SHAPES[0], *WATERBIRD_SHAPES[1]],
 }
 METADATA_COLUMNS = ("img_filename", "y", "split", "place")
+#: The columns of the official Waterbirds ``metadata.csv`` (Sagawa et al.'s
+#: ``waterbird_complete95_forest2water2``): a file with all of them is that benchmark.
+OFFICIAL_COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_filename")
+#: The benchmark such a run is (the name its published figures are filed under).
+BENCHMARK = "waterbirds"
+#: The official split's sizes (train, val, test).
+OFFICIAL_SIZES = {"train": 4795, "val": 1199, "test": 5794}
 TRAIN, VAL, TEST = 0, 1, 2
 #: How k is chosen (:func:`choose_k`), as the outputs state it.
 K_RULE = (
@@ -73,15 +84,23 @@ K_RULE = (
 @dataclass
 class Metadata:
     """A Waterbirds-layout ``metadata.csv``: per listed image its file (relative to the images
-    folder), label ``y`` (0/1), ``split`` (0 train / 1 val / 2 test) and ``place`` (0/1)."""
+    folder), label ``y`` (0/1), ``split`` (0 train / 1 val / 2 test) and ``place`` (0/1);
+    ``official``: the file has every column of the official Waterbirds file (:data:`OFFICIAL_COLUMNS`)."""
 
     files: list[str]
     y: np.ndarray
     split: np.ndarray
     place: np.ndarray
+    official: bool = False
 
     def rows(self, split: int) -> np.ndarray:
         return np.flatnonzero(self.split == split)
+
+    def only(self, files: set[str]) -> Metadata:
+        """The images of ``files`` only (those left after skipping unreadable ones)."""
+        keep = np.asarray([f in files for f in self.files], dtype=bool)
+        kept = [f for f, k in zip(self.files, keep, strict=True) if k]
+        return Metadata(kept, self.y[keep], self.split[keep], self.place[keep], self.official)
 
     @property
     def group(self) -> np.ndarray:
@@ -121,7 +140,8 @@ def read_metadata(path: str | Path) -> Metadata:
                 f"{display_name(path)} row {wrong[0] + 2}: {name}={values[wrong[0]]} (allowed: {list(allowed)})"
             )
         arrays[name] = values
-    meta = Metadata([r["img_filename"] for r in table], arrays["y"], arrays["split"], arrays["place"])
+    official = set(OFFICIAL_COLUMNS) <= set(header)
+    meta = Metadata([r["img_filename"] for r in table], arrays["y"], arrays["split"], arrays["place"], official)
     check_groups(meta, path)
     return meta
 
@@ -348,6 +368,7 @@ class DebiasResult(ResultBase):
     curve: list[CurvePoint]
     ranking: list[tuple[str, float]]
     command: str = ""
+    benchmark: str = ""
 
     def reading(self, prefix: str) -> Reading:
         return next(r for r in self.readings if r.name.startswith(prefix))
@@ -376,6 +397,37 @@ class DebiasResult(ResultBase):
         return [
             Figure("debias", self._curve_png, "Worst-group and average accuracy against k (k chosen on validation).")
         ]
+
+    def files(self) -> dict[str, bytes]:
+        """On the official Waterbirds folder: ``benchmark.json`` (:meth:`benchmark_table`)."""
+        return (
+            {"benchmark.json": json.dumps(self.benchmark_table().to_dict(), indent=1).encode()}
+            if self.benchmark
+            else {}
+        )
+
+    def benchmark_table(self) -> BenchmarkTable:
+        """Every reading of this run (test split; "before": the linear head) beside the published
+        Waterbirds figures (:mod:`vitdecomp.apps.published`)."""
+        head = self.before.test
+        settings = f"linear head on the representation; score {self.score}; k = {self.k} chosen on validation"
+        data = f"{self.images} ({_sizes(self.n_images)}), test"
+        ours = []
+        for r in self.readings:
+            figs = dict(zip(WATERBIRDS_METRICS, (head.worst, r.test.worst, head.average, r.test.average), strict=True))
+            ours.append(Row(THIS_RUN, r.name + (f", k = {r.k}" if r.k else ""), self.model, data, settings, figs))
+        notes = [
+            "Before: the linear head on the whole representation; after: the reading named in the method column.",
+            "The paper's rows use its own split and k = 10 fixed by hand; TextSpan's and the text projection are "
+            "zero-shot CLIP; the trained references are ResNet-50s trained on Waterbirds. Only this run's rows "
+            "share this run's split and head.",
+        ]
+        if self.n_images != OFFICIAL_SIZES:
+            notes.append(
+                f"This run's split ({_sizes(self.n_images)}) is not the official one ({_sizes(OFFICIAL_SIZES)})."
+            )
+        title = "Waterbirds: this run beside the published figures"
+        return BenchmarkTable(self.benchmark, title, WATERBIRDS_METRICS, ours, published_waterbirds(), notes)
 
     @functools.cached_property
     def _curve_png(self) -> bytes:
@@ -406,6 +458,8 @@ class DebiasResult(ResultBase):
             f"Images: {self.n_images}; corr {self.corr}; {self.score} score; features {json.dumps(self.features)}.",
             "Top components: " + ", ".join(f"{lab} {v:+.3f}" for lab, v in self.ranking[: max(self.k, 5)]),
         ]
+        if self.benchmark:
+            notes.append(f"{self.benchmark}: the published figures beside these are in benchmark.json")
         return AppSection(
             "debias",
             f"Removing a spurious feature ({self.model})",
@@ -416,6 +470,10 @@ class DebiasResult(ResultBase):
             self.command,
             notes,
         )
+
+
+def _sizes(n_images: dict[str, int]) -> str:
+    return " / ".join(f"{k} {v:,}" for k, v in n_images.items())
 
 
 def default_features(source: ImageSource) -> dict[str, list[str]]:
@@ -430,12 +488,16 @@ class Debias(ComponentApplication[DebiasConfig, DebiasResult]):
     name = "debias"
 
     def check(self, cfg: DebiasConfig) -> None:
+        check_at_least("--n-random", cfg.n_random, 1)
         read_metadata(cfg.metadata_path)
 
     def measure(
         self, cfg: DebiasConfig, source: ImageSource, analyse: Callable[[], AnalysedComponents]
     ) -> DebiasResult:
         meta = read_metadata(cfg.metadata_path)
+        if source.errors:  # --skip-bad-images: the skipped images leave the splits
+            meta = meta.only(set(source.ids))
+            check_groups(meta, cfg.metadata_path)
         split = Split.of(meta, rows_in_source(meta, source, cfg.metadata_path))
         features = _features(cfg.features, source)
         comps = analyse()
@@ -466,6 +528,7 @@ class Debias(ComponentApplication[DebiasConfig, DebiasResult]):
             curve=curve,
             ranking=[(ablation.labels[i], float(diff[i])) for i in order],
             command=cfg.command(),
+            benchmark=BENCHMARK if meta.official else "",
         )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import io
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,12 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vitdecomp.apps.analysis import Analysis, auto_heads
+from vitdecomp.apps.analysis import Analysis, analysis_result, auto_heads, check_heads
 from vitdecomp.apps.contract import AnalysisApplication
 from vitdecomp.apps.pixels import input_geometry
 from vitdecomp.apps.token_maps import TokenMaps, token_maps
 from vitdecomp.defaults import ANALYSIS_DIR, HEATMAP_OUT, SHOW_SEED
-from vitdecomp.errors import VitDecompError
+from vitdecomp.errors import ImageReadError, UsageError, VitDecompError
 from vitdecomp.figures import figure_png, pyplot
 from vitdecomp.results import AppSection, Figure, ResultBase
 
@@ -83,6 +84,8 @@ def heatmaps(
     if heads == "auto":
         feature = feature or analysis.feature_of(emb[0])
         heads = auto_heads(analysis.scores(feature), analysis.result.labels)
+    else:
+        check_heads(heads, analysis.result.labels, analysis.result.model.name)
     dirs = emb if feature is None else contrastive(emb, analysis.embed(list(analysis.result.features[feature])))
     subject = analysis.subject
     x = torch.stack([subject.preprocess(im.convert("RGB")) for im in images])
@@ -142,12 +145,13 @@ def default_images(n: int = 4, seed: int = SHOW_SEED) -> tuple[list[Image.Image]
 
 @dataclass(kw_only=True)
 class HeatmapConfig:
-    """Options of ``vitdecomp heatmap``: the image files (none: 4 generated scenes), the ``text`` or
-    the ``feature`` the maps read, the ``heads`` (``"auto"`` or names), the analysis folder (its models
-    loaded on ``device``, the subject from ``checkpoint`` when it was given one) and the folder the
-    command writes to."""
+    """Options of ``vitdecomp heatmap``: the image files (none: 4 generated scenes; ``skip_bad_images``:
+    skip the unreadable ones), the ``text`` or the ``feature`` the maps read, the ``heads`` (``"auto"``
+    or names), the analysis folder (its models loaded on ``device``, the subject from ``checkpoint``
+    when it was given one) and the folder the command writes to."""
 
     images: tuple[str, ...] = ()
+    skip_bad_images: bool = False
     text: str | None = None
     feature: str | None = None
     heads: str | tuple[str, ...] = "auto"
@@ -155,6 +159,28 @@ class HeatmapConfig:
     checkpoint: str | Path | None = None
     device: str | None = "cpu"
     out: str | Path = HEATMAP_OUT
+
+
+def read_images(cfg: HeatmapConfig) -> tuple[list[Image.Image], list[str], list[str]]:
+    """``(images, names, skipped)`` of ``cfg.images`` (none: a few generated scenes); an unreadable
+    file stops with its name, or is skipped with ``cfg.skip_bad_images``."""
+    if not cfg.images:
+        return (*default_images(), [])
+    from vitdecomp.imageset import read_image, with_skip_hint
+
+    images, names, skipped = [], [], []
+    for p in cfg.images:
+        try:
+            images.append(read_image(p))
+        except ImageReadError as err:
+            if not cfg.skip_bad_images:
+                raise ImageReadError(with_skip_hint(str(err))) from err
+            skipped.append(str(err))
+            continue
+        names.append(Path(p).stem)
+    if not images:
+        raise ImageReadError(f"none of the {len(cfg.images)} image(s) could be read: {skipped[0]}")
+    return images, names, skipped
 
 
 @dataclass
@@ -215,16 +241,22 @@ class Heatmaps(AnalysisApplication[HeatmapConfig, HeatmapResult]):
     name = "heatmap"
 
     def check(self, cfg: HeatmapConfig) -> None:
+        """The text or feature, the named heads (against the analysis' components) and the images,
+        before any model loads."""
         if cfg.text is None and cfg.feature is None:
             raise VitDecompError("give a text (--text) or a feature (--feature)")
+        result = analysis_result(cfg.analysis)
+        if cfg.feature is not None and cfg.feature not in result.features:
+            raise UsageError(
+                f"--feature {cfg.feature}: not a feature of this analysis; its features: {sorted(result.features)}"
+            )
+        if cfg.heads != "auto":
+            check_heads(cfg.heads, result.labels, result.model.name)
+        for skipped in read_images(cfg)[2]:
+            print(f"vitdecomp: skipped: {skipped}", file=sys.stderr)
 
     def measure(self, cfg: HeatmapConfig, analysis: Analysis) -> HeatmapResult:
-        if cfg.images:
-            from vitdecomp.imageset import read_image
-
-            images, names = [read_image(p) for p in cfg.images], [Path(p).stem for p in cfg.images]
-        else:
-            images, names = default_images()
+        images, names, _ = read_images(cfg)
         heads = cfg.heads if cfg.heads == "auto" else list(cfg.heads)
         maps = heatmaps(analysis, images, text=cfg.text, feature=cfg.feature, heads=heads)
         records = [

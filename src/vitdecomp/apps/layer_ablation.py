@@ -39,6 +39,7 @@ import torch
 from vitdecomp.apps.classifiers import LinearHead, ZeroShotHead, accuracy, own_heads
 from vitdecomp.apps.contract import AnalysedConfig, ComponentApplication
 from vitdecomp.apps.mean_ablation import AnalysedComponents, MeanAblation
+from vitdecomp.checks import check_at_least
 from vitdecomp.components import ComponentLabel
 from vitdecomp.defaults import ABLATE_KS, ABLATE_N_IMAGES, ABLATE_OUT, ALIGN_STEPS, N_RANDOM, READER, WORLD_SEED
 from vitdecomp.errors import UsageError
@@ -291,6 +292,7 @@ class LayerAblation(ComponentApplication[AblateConfig, AblateResult]):
     def check(self, cfg: AblateConfig) -> None:
         if not cfg.ks or min(cfg.ks) < 1:
             raise UsageError(f"--ks {cfg.ks}: give positive numbers of components")
+        check_at_least("--n-random", cfg.n_random, 0)
 
     def measure(
         self, cfg: AblateConfig, source: ImageSource, analyse: Callable[[], AnalysedComponents]

@@ -4,8 +4,8 @@ carried into a model's input frame (:func:`to_input`).
 
 A mask is any image file where non-zero is object (greyscale, palette indices, or any RGB channel;
 alpha ignored). A mask of another size than its image is resized to it with nearest-neighbour
-sampling (and listed). Images without a mask are skipped and listed; unreadable masks stop the run
-with the file named.
+sampling (and listed). Images without a mask are skipped and listed; an unreadable image or mask stops
+the run with the file named, or with ``skip_bad`` (``--skip-bad-images``) is skipped and listed.
 """
 
 from __future__ import annotations
@@ -17,13 +17,17 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vitdecomp.apps.pixels import InputGeometry
-from vitdecomp.errors import VitDecompError
-from vitdecomp.imageset import IMAGE_SUFFIXES, display_name, list_images, read_image
+from vitdecomp.errors import ImageReadError, VitDecompError
+from vitdecomp.imageset import IMAGE_SUFFIXES, display_name, list_images, read_image, with_skip_hint
 
 
 @dataclass
 class SegmentSet:
-    """Images with their object masks ``[H0, W0]`` bool (original pixels); what was skipped / resized."""
+    """Images with their object masks ``[H0, W0]`` bool (original pixels); what was skipped / resized.
+    ``square``: images and masks enter the model resized to its input square, no crop (the published
+    ImageNet-segmentation protocol, :func:`vitdecomp.apps.pixels.square_preprocess`), instead of
+    through the model's own resize / crop; ``benchmark``: the published benchmark the set is (``""``:
+    none)."""
 
     names: list[str]
     images: list[Image.Image]
@@ -31,6 +35,8 @@ class SegmentSet:
     description: str
     skipped: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
+    benchmark: str = ""
+    square: bool = False
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -40,7 +46,7 @@ def read_mask(path: Path) -> np.ndarray:
             im.load()
             a = np.asarray(im.convert("RGB") if im.mode in ("RGBA", "LA", "PA") else im)
     except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise VitDecompError(f"mask {display_name(path)} cannot be read: {err}") from err
+        raise ImageReadError(f"mask {display_name(path)} cannot be read: {err}") from err
     return a.any(-1) if a.ndim == 3 else a != 0
 
 
@@ -54,8 +60,9 @@ def world_set(n: int, seed: int) -> SegmentSet:
     return SegmentSet(names, [s.pil(i) for i in range(n)], list(s.masks.astype(bool)), desc)
 
 
-def folder_set(images: str | Path, masks: str | Path, n: int | None = None) -> SegmentSet:
-    """Images under ``images`` with the mask of the same file stem under ``masks`` (see the module text)."""
+def folder_set(images: str | Path, masks: str | Path, n: int | None = None, skip_bad: bool = False) -> SegmentSet:
+    """Images under ``images`` with the mask of the same file stem under ``masks`` (see the module
+    text); ``skip_bad``: unreadable images and masks are skipped and listed instead of stopping."""
     masks = Path(masks)
     if not masks.is_dir():
         raise VitDecompError(f"not a folder of masks: {display_name(masks)}")
@@ -67,7 +74,7 @@ def folder_set(images: str | Path, masks: str | Path, n: int | None = None) -> S
             by_stem[p.stem] = p
     out = SegmentSet([], [], [], f"images from {display_name(images)}, masks from {display_name(masks)}")
     inside = masks.resolve()
-    for path in list_images(images):
+    for path in list_images(images, skip_bad):
         if n is not None and len(out.names) >= n:
             break
         if inside in path.resolve().parents:  # a masks folder inside the images folder
@@ -76,7 +83,13 @@ def folder_set(images: str | Path, masks: str | Path, n: int | None = None) -> S
         if mask_path is None:
             out.skipped.append(display_name(path))
             continue
-        im, mask = read_image(path), read_mask(mask_path)
+        try:
+            im, mask = read_image(path), read_mask(mask_path)
+        except ImageReadError as err:
+            if not skip_bad:
+                raise ImageReadError(with_skip_hint(str(err))) from err
+            out.skipped.append(f"{display_name(path)} (unreadable)")
+            continue
         if mask.shape != (im.height, im.width):
             out.resized.append(f"{display_name(mask_path)} {mask.shape[1]}x{mask.shape[0]} -> {im.width}x{im.height}")
             mask = np.asarray(Image.fromarray(mask).resize(im.size, Image.NEAREST))

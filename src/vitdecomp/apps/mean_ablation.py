@@ -104,7 +104,8 @@ def _rows(rows: RowIndex) -> slice | torch.Tensor:
 class AnalysedComponents:
     """An image set run through the pipeline's stages, in memory: ``contributions [N, C, D]`` of the
     subject, ``parts`` (one :class:`~vitdecomp.components.ComponentLabel` per component, with its
-    layer), the aligner into the reader's CLIP space and the reader's text encoder."""
+    layer), the aligner into the reader's CLIP space, the reader's text encoder and its image
+    embeddings ``clip [N, d_clip]`` (what the scores' zero-shot labels read; ``None``: the aligned whole)."""
 
     source: ImageSource
     models: Models
@@ -114,6 +115,7 @@ class AnalysedComponents:
     encoder: TextEncoder
     templates: tuple[str, ...]
     progress: bool = True
+    clip: torch.Tensor | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -135,7 +137,8 @@ class AnalysedComponents:
     ) -> dict[str, ScoreTable]:
         """:meth:`scores` for several methods at once (one pass over the images): ``{method: table}``."""
         emb = embed_features(self.embed, features)
-        c = self.contributions if rows is None else self.contributions[_rows(rows)]
+        index = slice(None) if rows is None else _rows(rows)
+        c = self.contributions[index] if self.clip is None else (self.contributions[index], self.clip[index])
         return score_features(c, self.aligner, emb, methods=tuple(methods), progress=self.progress)
 
 
@@ -148,7 +151,8 @@ def analysed_components(cfg: AnalysisConfig, source: ImageSource) -> AnalysedCom
     built = configured_store(cfg, models, source, device)
     rows = readable_rows(built.store)
     aligned = configured_aligner(cfg, rows, models, device)
-    contributions = rows.batch(slice(None))["contributions"].float().cpu()
+    batch = rows.batch(slice(None))
+    contributions, clip = batch["contributions"].float().cpu(), batch["clip"].float().cpu()
     with torch.no_grad():
         first = models.subject.preprocess(source.image(0))[None].to(device)
         parts = decompose(models.subject, first, start_layer=cfg.start_layer).labels
@@ -157,5 +161,5 @@ def analysed_components(cfg: AnalysisConfig, source: ImageSource) -> AnalysedCom
     templates = tuple(cfg.templates) if cfg.templates else (WORLD_TEMPLATES if source.is_world else DEFAULT_TEMPLATES)
     encoder = TextEncoder.from_loaded(models.reader, cache_dir=cfg.cache_path / "text", device=device)
     return AnalysedComponents(
-        source, models, contributions, list(parts), aligned.aligner.to("cpu"), encoder, templates, cfg.progress
+        source, models, contributions, list(parts), aligned.aligner.to("cpu"), encoder, templates, cfg.progress, clip
     )

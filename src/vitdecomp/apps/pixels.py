@@ -109,3 +109,51 @@ def input_geometry(preprocess: object, original: tuple[int, int]) -> InputGeomet
         elif name not in _NEUTRAL and not name.startswith("Maybe"):
             raise VitDecompError(f"preprocessing step {name} moves pixels in a way vitdecomp cannot undo")
     return InputGeometry(tuple(original), resized, (top, left), crop)
+
+
+#: The geometric steps :func:`square_preprocess` replaces.
+_GEOMETRY = {"Resize", "CenterCrop"}
+
+
+def input_size(preprocess: object) -> tuple[int, int]:
+    """The ``(H, W)`` of the model's input that ``preprocess`` makes of a large square image."""
+    return input_geometry(preprocess, (1024, 1024)).crop
+
+
+def square_preprocess(preprocess: object) -> object:
+    """``preprocess`` with its geometry replaced by one resize of the whole image to the model's input
+    size (aspect ratio not kept, nothing cropped), with the model's own interpolation and pixel-value
+    steps: how Chefer et al.'s ImageNet-segmentation evaluation feeds images (``Resize((224, 224))``),
+    with the masks resized the same way (nearest). A torchvision ``Compose`` or the model's
+    transformers image processor (:class:`~vitdecomp.models.hf_load.HFImageTransform`)."""
+    from torchvision import transforms as tv
+
+    size = input_size(preprocess)
+    if hasattr(preprocess, "processor"):
+        return _SquareProcessor(preprocess.processor, size)
+    steps = getattr(preprocess, "transforms", None)
+    if not isinstance(steps, list):
+        raise VitDecompError(f"cannot resize to a square for preprocessing {type(preprocess).__name__}")
+    resize = next((t for t in steps if type(t).__name__ == "Resize"), None)
+    how = resize.interpolation if resize is not None else tv.InterpolationMode.BICUBIC
+    rest = [t for t in steps if type(t).__name__ not in _GEOMETRY]
+    return tv.Compose([tv.Resize(size, interpolation=how, antialias=True), *rest])
+
+
+class _SquareProcessor:
+    """A transformers image processor fed an image already resized to ``size`` (its own resample),
+    with its resize and crop turned off; ``transforms`` states the geometry for :func:`input_geometry`."""
+
+    def __init__(self, processor: object, size: tuple[int, int]) -> None:
+        from torchvision import transforms as tv
+
+        self.processor, self.size = processor, size
+        self.transforms = [tv.Resize(size)]
+
+    def __call__(self, image: object) -> Tensor:
+        from PIL import Image
+
+        resample = Image.Resampling(int(getattr(self.processor, "resample", Image.Resampling.BICUBIC)))
+        im = image.convert("RGB").resize((self.size[1], self.size[0]), resample)  # type: ignore[attr-defined]
+        off = {"do_resize": False, "do_center_crop": False}
+        return self.processor(images=im, return_tensors="pt", **off)["pixel_values"][0]  # type: ignore[operator]

@@ -6,7 +6,10 @@
 * By example: images that share a reference's feature F, compared on F's top-k components only,
   through their zero-shot reading of F (the cosines with F's value texts, z-scored over the image
   set, a softmax at temperature 0.1): images whose F components read as the same value, so that what
-  the components also carry about other features does not count.
+  the components also carry about other features does not count. That agreement saturates (every
+  image of the reference's value reads it at ~1.000), so images whose agreement ties at the printed
+  precision are ordered by the cosine of their whole representation with the reference's
+  (``full_cosine`` in the ranking, shown beside the score).
 
 :class:`Retrieve` is an :class:`~vitdecomp.apps.contract.AnalysisApplication`: ``vitdecomp retrieve
 (--text T [--feature F] | --image PATH --feature F) [--k K] [--analysis DIR]`` writes its result as
@@ -23,10 +26,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from vitdecomp.apps.analysis import Analysis, auto_k, image_loader
+from vitdecomp.apps.analysis import Analysis, analysis_result, auto_k, image_loader, refuse_untrained
 from vitdecomp.apps.contract import AnalysisApplication
+from vitdecomp.checks import check_at_least
 from vitdecomp.defaults import ANALYSIS_DIR, N_RESULTS, RETRIEVE_OUT
-from vitdecomp.errors import VitDecompError
+from vitdecomp.errors import UsageError, VitDecompError
 from vitdecomp.index import store_text_search
 from vitdecomp.results import AppSection, ResultBase
 from vitdecomp.store import reopen_store
@@ -107,10 +111,32 @@ def image_scores(
     return p @ p[ref]
 
 
-def ranking(scores: torch.Tensor, ids: list[str], n: int = TOP_N, exclude: int | None = None) -> list[dict]:
-    order = scores.argsort(descending=True).tolist()
+#: Scores closer than this (the printed precision) tie; a tie-break then orders them.
+TIE_RESOLUTION = 1e-3
+
+
+def ranking(
+    scores: torch.Tensor,
+    ids: list[str],
+    n: int = TOP_N,
+    exclude: int | None = None,
+    tie_break: torch.Tensor | None = None,
+) -> list[dict]:
+    """The ``n`` best images (``exclude``: the reference's row left out), best first: ``[{id, row,
+    score}]``; with ``tie_break [N]``, scores equal at :data:`TIE_RESOLUTION` are ordered by it (kept
+    in each row as ``full_cosine``)."""
+    if tie_break is None:
+        order = scores.argsort(descending=True, stable=True).tolist()
+    else:
+        order = tie_break.argsort(descending=True, stable=True)
+        level = torch.round(scores.double() / TIE_RESOLUTION)[order]
+        order = order[level.argsort(descending=True, stable=True)].tolist()
     order = [i for i in order if i != exclude][:n]
-    return [{"id": ids[i], "row": i, "score": float(scores[i])} for i in order]
+    rows = [{"id": ids[i], "row": i, "score": float(scores[i])} for i in order]
+    if tie_break is not None:
+        for r in rows:
+            r["full_cosine"] = float(tie_break[r["row"]])
+    return rows
 
 
 @torch.no_grad()
@@ -191,8 +217,12 @@ class RetrievalResult(ResultBase):
     ranking: list[dict[str, Any]]
 
     def section(self) -> AppSection:
-        rows = [[r["id"], f"{r['score']:.3f}"] for r in self.ranking]
         summary = f"{self.query}: the {len(self.ranking)} best images of the analysed set ({self.model})."
+        if self.ranking and "full_cosine" in self.ranking[0]:
+            rows = [[r["id"], f"{r['score']:.3f}", f"{r['full_cosine']:.3f}"] for r in self.ranking]
+            summary += " Equal scores are ordered by the whole representation's cosine with the reference."
+            return AppSection("retrieve", f"Retrieval: {self.query}", summary, ["image", "score", "full cosine"], rows)
+        rows = [[r["id"], f"{r['score']:.3f}"] for r in self.ranking]
         return AppSection("retrieve", f"Retrieval: {self.query}", summary, ["image", "score"], rows)
 
 
@@ -202,10 +232,28 @@ class Retrieve(AnalysisApplication[RetrieveConfig, RetrievalResult]):
     name = "retrieve"
 
     def check(self, cfg: RetrieveConfig) -> None:
+        """Every argument against the analysis folder's ``results.json`` (and its store's ids, for a
+        reference image given by id), before any model loads."""
         if (cfg.text is None) == (cfg.image is None):
             raise VitDecompError("give a text (--text) or a reference image (--image), one of the two")
         if cfg.image is not None and cfg.feature is None:
             raise VitDecompError("--image needs --feature: the feature the images should share")
+        check_at_least("--n-results", cfg.n_results, 1)
+        check_at_least("--k", cfg.k, 1)
+        result = analysis_result(cfg.analysis)
+        refuse_untrained(result, cfg.analysis)
+        if cfg.feature is not None and cfg.feature not in result.features:
+            raise UsageError(
+                f"--feature {cfg.feature}: not a feature of this analysis; its features: {sorted(result.features)}"
+            )
+        if cfg.k is not None and cfg.k > len(result.labels):
+            raise UsageError(f"--k {cfg.k}: the analysis has {len(result.labels)} components")
+        if (
+            cfg.image is not None
+            and not Path(cfg.image).is_file()
+            and cfg.image not in reopen_store(result.store.path).ids
+        ):
+            raise UsageError(f"--image {cfg.image}: no such file, nor an image id of the analysed set")
 
     def measure(self, cfg: RetrieveConfig, analysis: Analysis) -> RetrievalResult:
         gallery = analysis_gallery(analysis)
@@ -214,7 +262,7 @@ class Retrieve(AnalysisApplication[RetrieveConfig, RetrievalResult]):
         if cfg.text is not None:
             query = analysis.embed([cfg.text])[0]  # FAISS index of the store, persisted beside it
             path, n = analysis.result.store.path, cfg.n_results
-            scores, exclude = store_text_search(path, analysis.aligner, comps, query, n), None
+            scores, exclude, tie_break = store_text_search(path, analysis.aligner, comps, query, n), None, None
             title = f'"{cfg.text}"' + (f" through {cfg.feature} (top {k})" if comps else " (whole representation)")
         else:
             assert cfg.image is not None and cfg.feature is not None
@@ -222,8 +270,9 @@ class Retrieve(AnalysisApplication[RetrieveConfig, RetrievalResult]):
             exclude = gallery.ids.index(cfg.image) if in_set else _append_reference(analysis, gallery, cfg.image)
             texts = analysis.embed(list(analysis.result.features[cfg.feature]))
             scores = image_scores(gallery, exclude, comps, texts)
+            tie_break = image_scores(gallery, exclude, None, how="cosine")
             title = f"same {cfg.feature} as {cfg.image} (top {k} components, read as {cfg.feature}'s values)"
-        rows = ranking(scores, gallery.ids, cfg.n_results, exclude)
+        rows = ranking(scores, gallery.ids, cfg.n_results, exclude, tie_break)
         root = analysis.result.images.root
         for r in rows:
             if root and not r["id"].startswith("world-"):

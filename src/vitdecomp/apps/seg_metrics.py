@@ -11,7 +11,11 @@ paper's numbers follow): each map is min-max normalised to ``[0, 1]`` per image 
   published code reported under the name "mIoU";
 * **mAP** — per image, the average precision of the raw relevance ranking the object pixels
   (scikit-learn's ``average_precision_score``; no threshold), averaged over images that have both
-  object and background pixels.
+  object and background pixels;
+* **mAP (object + background)** — the mAP the published ImageNet-segmentation numbers report
+  (Chefer et al.'s ``get_ap_scores``, which TextSpan's code reuses): per image, the min-max
+  normalised map scores the object pixels and one minus it the background pixels, both rankings
+  pooled into one average precision (a constant map scores 0 in both); averaged over every image.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class SegMetrics:
     mean_ap: float
     n_images: int
     n_ap_images: int
+    mean_ap_two_class: float | None = None
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -64,6 +69,7 @@ class SegAccumulator:
     n_images: int = 0
     ap_sum: float = 0.0
     n_ap: int = 0
+    ap_two_class_sum: float = 0.0
 
     def __post_init__(self) -> None:
         self.inter, self.union = np.zeros(2), np.zeros(2)
@@ -82,6 +88,7 @@ class SegAccumulator:
             if t.any() and not t.all():
                 self.ap_sum += float(average_precision_score(t.numpy(), m.double().numpy()))
                 self.n_ap += 1
+            self.ap_two_class_sum += two_class_ap(m, t)
 
     def result(self) -> SegMetrics:
         iou = self.inter / np.maximum(self.union, 1)
@@ -94,7 +101,20 @@ class SegAccumulator:
             mean_ap=self.ap_sum / max(self.n_ap, 1),
             n_images=self.n_images,
             n_ap_images=self.n_ap,
+            mean_ap_two_class=self.ap_two_class_sum / max(self.n_images, 1),
         )
+
+
+def two_class_ap(relevance: Tensor, mask: Tensor) -> float:
+    """One image's average precision as the published ImageNet-segmentation protocol computes it:
+    ``relevance [P]`` min-max normalised to ``n`` ranks the object pixels of ``mask [P]`` and ``1 - n``
+    the background pixels, pooled into one ranking of ``2P`` scores (a constant map: every score 0)."""
+    m = relevance.double()
+    lo, hi = m.min(), m.max()
+    norm = (m - lo) / (hi - lo) if hi > lo else torch.zeros_like(m)
+    background = 1 - norm if hi > lo else torch.zeros_like(m)
+    truth = torch.cat([~mask, mask]).numpy()
+    return float(np.nan_to_num(average_precision_score(truth, torch.cat([background, norm]).numpy())))
 
 
 def segmentation_metrics(maps: Tensor, masks: Tensor) -> SegMetrics:

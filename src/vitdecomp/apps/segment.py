@@ -5,7 +5,7 @@ metrics (:mod:`vitdecomp.apps.seg_metrics`).
 What is explained (label-free, the same for every method): ``--target predicted`` (models with a
 classifier) — the logit of the model's own predicted value; for the zoo's multi-attribute heads, of
 ``--feature`` (default colour); for other classifiers, the top class. ``--target self`` (models without
-a classifier, e.g. zoo:dino) — the image's own representation, centred on the set's mean: the scalar
+a classifier, e.g. zoo:simclr) — the image's own representation, centred on the set's mean: the scalar
 ``<r(x), r(x) - mean r>``. Both are a direction ``u`` on the representation, one per image.
 
 The decomposition's map: every attention head of every layer, each source token's contribution
@@ -16,13 +16,18 @@ the published code's later half (blocks 5-11 of 12): the zoo models have 3-5 blo
 ones carry most of the localised contribution (docs/applications.md has the measurement).
 
 Images and masks (:mod:`vitdecomp.apps.masks`): ``--images DIR --masks DIR`` matched by file stem;
-``--world DIR`` for a ``vitdecomp world export`` folder (its ``masks/``); neither: ``--n-images`` fresh
-generated scenes. Masks are carried into the model's input through its own resize / crop; scores are on
-input pixels. :class:`Segment` is a :class:`~vitdecomp.apps.contract.ModelApplication`.
+``--world DIR`` for a ``vitdecomp world export`` folder (its ``masks/``); ``--mat FILE`` for
+ImageNet-segmentation's ``gtsegs_ijcv.mat`` (:mod:`vitdecomp.apps.imagenet_seg`); none: ``--n-images``
+fresh generated scenes. Masks are carried into the model's input through its own resize / crop, or
+(``--resize square``, the default for ``--mat``: the published protocol) image and mask are resized to
+the model's input square with no crop; scores are on input pixels. On ``--mat`` the result also holds
+the published figures beside its own (:meth:`SegmentResult.benchmark_table`, ``benchmark.json``).
+:class:`Segment` is a :class:`~vitdecomp.apps.contract.ModelApplication`.
 """
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,11 +44,14 @@ from tqdm import tqdm
 from vitdecomp.apps.chefer import CheferMap, why_not
 from vitdecomp.apps.contract import ModelApplication
 from vitdecomp.apps.gradcam import GradCamMap, cam_layer
+from vitdecomp.apps.imagenet_seg import N_PUBLISHED, read_mat
 from vitdecomp.apps.masks import SegmentSet, folder_set, to_input, world_set
-from vitdecomp.apps.pixels import input_geometry
+from vitdecomp.apps.pixels import input_geometry, input_size, square_preprocess
+from vitdecomp.apps.published import SEGMENTATION_METRICS, THIS_RUN, BenchmarkTable, Row, published_segmentation
 from vitdecomp.apps.relevance import RelevanceMap, Representation, network
 from vitdecomp.apps.seg_metrics import THRESHOLD_RULE, SegAccumulator, SegMetrics, binarize
 from vitdecomp.apps.token_maps import TokenMaps, token_maps
+from vitdecomp.checks import check_at_least
 from vitdecomp.defaults import MODEL, SEGMENT_BATCH_SIZE, SEGMENT_OUT, SEGMENT_SHOW, SHOW_SEED
 from vitdecomp.errors import VitDecompError
 from vitdecomp.figures import figure_png, pyplot
@@ -57,6 +65,8 @@ LAYERS_RULE = (
 )
 #: Generated scenes scored when no folder is given.
 N_WORLD_IMAGES = 200
+#: ``--resize``: how images and masks enter the model (``auto``: ``square`` for ``--mat``, else ``model``).
+RESIZES = ("auto", "model", "square")
 
 
 def timing_rule() -> str:
@@ -193,6 +203,8 @@ class SegmentResult(ResultBase):
     targets: dict[str, int] = field(default_factory=dict)
     command: str = ""
     figure_png: bytes | None = field(default=None, repr=False)
+    resize: str = ""
+    benchmark: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -204,20 +216,49 @@ class SegmentResult(ResultBase):
         return [] if png is None else [Figure("segment", png, "image, mask outline, each method's map")]
 
     def files(self) -> dict[str, bytes]:
-        return {"metrics.md": self.markdown().encode()}
+        """``metrics.md``; on a published benchmark also ``benchmark.json`` (:meth:`benchmark_table`)."""
+        files = {"metrics.md": self.markdown().encode()}
+        if self.benchmark:
+            files["benchmark.json"] = json.dumps(self.benchmark_table().to_dict(), indent=1).encode()
+        return files
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         """The per-method metric table (header, formatted rows)."""
-        header = ["method", "pixel acc.", "mIoU", "IoU object (cum. foreground)", "IoU background", "mAP", "maps/s"]
+        header = ["method", "pixel acc.", "mIoU", "IoU object (cum. foreground)", "IoU background", "mAP"]
+        header += ["mAP (object + background)", "maps/s"]
         rows = []
         for m in self.methods:
             if m.metrics is None:
-                rows.append([m.name, *["n/a"] * 5, "-"])
+                rows.append([m.name, *["n/a"] * 6, "-"])
                 continue
             s = m.metrics
             vals = [s.pixel_accuracy, s.miou, s.cumulative_foreground_iou, s.iou_background, s.mean_ap]
-            rows.append([m.name, *(f"{v:.3f}" for v in vals), f"{m.maps_per_s:.1f}"])
+            two = "-" if s.mean_ap_two_class is None else f"{s.mean_ap_two_class:.3f}"
+            rows.append([m.name, *(f"{v:.3f}" for v in vals), two, f"{m.maps_per_s:.1f}"])
         return header, rows
+
+    def benchmark_table(self) -> BenchmarkTable:
+        """This run's methods beside the published ImageNet-segmentation figures (mAP: the published
+        protocol's, object + background; see :mod:`vitdecomp.apps.published`)."""
+        settings = f"{self.resize}; {self.threshold}; explains: {self.target}"
+        ours = [
+            Row(THIS_RUN, METHOD_TITLES[m.name], self.model, self.images, settings, _benchmark_figures(m.metrics))
+            for m in self.methods
+            if m.metrics is not None
+        ]
+        notes = [
+            "mIoU: the mean over object and background of the dataset-level IoU (Chefer et al.'s and TextSpan's "
+            "code); the paper's 'mIoU' is the cumulative foreground IoU, in its own column.",
+            "mAP: the published protocol's (per image, the normalised map ranks the object pixels and one minus it "
+            "the background pixels, pooled; averaged over every image); this run's object-only mAP is mean_ap in "
+            "segment.json.",
+            "Rows with other data (the paper's 5,000-image subset) or other settings (resolution, threshold, what "
+            "is explained) do not compare number for number.",
+        ]
+        if self.n_images < N_PUBLISHED:
+            notes.append(f"This run read {self.n_images} images, not the benchmark's {N_PUBLISHED:,}.")
+        title = "ImageNet-segmentation: this run beside the published figures"
+        return BenchmarkTable(self.benchmark, title, SEGMENTATION_METRICS, ours, published_segmentation(), notes)
 
     def markdown(self) -> str:
         header, rows = self.table()
@@ -237,9 +278,11 @@ class SegmentResult(ResultBase):
         figures = [f.for_section() for f in self.figures()]
         notes = [f"target: {self.target}", f"decomposition layers: {self.layers}", f"threshold: {self.threshold}"]
         notes += [f"speed: {self.timing}"]
+        if self.benchmark:
+            notes.append(f"{self.benchmark}: the published figures beside these are in benchmark.json")
         notes += [f"{m.name}: {m.note}" for m in self.methods if m.note]
         if self.skipped:
-            notes.append(f"{len(self.skipped)} image(s) without a mask skipped, e.g. {self.skipped[0]}")
+            notes.append(f"{len(self.skipped)} image(s) skipped (no mask, or unreadable), e.g. {self.skipped[0]}")
         return AppSection("segment", "Zero-shot segmentation", summary, header, rows, figures, self.command, notes)
 
 
@@ -267,7 +310,7 @@ class _Batch:
 
 
 def _batches(model: object, data: SegmentSet, batch: int) -> list[_Batch]:
-    pre = model.preprocess
+    pre = square_preprocess(model.preprocess) if data.square else model.preprocess
     out = []
     for s in range(0, len(data.names), batch):
         ims, mks = data.images[s : s + batch], data.masks[s : s + batch]
@@ -333,7 +376,17 @@ def segment(
         resized=data.resized,
         targets=counts,
         figure_png=png,
+        resize=resize_rule(model, data.square),
+        benchmark=data.benchmark,
     )
+
+
+def resize_rule(model: object, square: bool) -> str:
+    """How the images and masks entered ``model``, in words."""
+    h, w = input_size(model.preprocess)
+    if square:
+        return f"image and mask resized to {h} x {w}, no crop (masks nearest)"
+    return f"the model's own resize / crop to {h} x {w} (masks carried through it, nearest)"
 
 
 @dataclass
@@ -389,15 +442,32 @@ def draw_grid(images: list[np.ndarray], masks: Tensor, maps: dict[str, Tensor], 
 
 #: The relevance-map methods by name, in the order they are compared.
 METHODS = ("decomposition", "gradcam", "chefer")
+#: Their names in a benchmark table.
+METHOD_TITLES = {
+    "decomposition": "decomposition (every head's token contributions)",
+    "gradcam": "GradCAM (pytorch-grad-cam)",
+    "chefer": "Chefer et al. (gradient-weighted rollout)",
+}
+
+
+def _benchmark_figures(m: SegMetrics) -> dict[str, float | None]:
+    """A method's figures under the published protocol's names (mAP: object + background)."""
+    return {
+        "pixel_accuracy": m.pixel_accuracy,
+        "miou": m.miou,
+        "mean_ap": m.mean_ap_two_class,
+        "cumulative_foreground_iou": m.cumulative_foreground_iou,
+    }
 
 
 @dataclass(kw_only=True)
 class SegmentConfig:
     """Options of ``vitdecomp segment``: the model (``checkpoint``, ``device``), the images and masks
-    (``world``: a world export folder; or ``images`` with ``masks``; neither: ``n_images`` generated
-    scenes from ``seed``; at most ``n_images`` in any case), what every map explains (``target``,
-    ``feature``), the ``methods`` compared, images per batch, images in the figure, and the folder the
-    command writes to."""
+    (``world``: a world export folder; or ``images`` with ``masks``; or ``mat``: ImageNet-segmentation's
+    ``gtsegs_ijcv.mat``; none: ``n_images`` generated scenes from ``seed``; at most ``n_images`` in any
+    case; ``skip_bad_images``: skip unreadable files), how they enter the model (``resize``:
+    :data:`RESIZES`), what every map explains (``target``, ``feature``), the ``methods`` compared,
+    images per batch, images in the figure, and the folder the command writes to."""
 
     model: str = MODEL
     checkpoint: str | Path | None = None
@@ -405,7 +475,10 @@ class SegmentConfig:
     world: str | Path | None = None
     images: str | Path | None = None
     masks: str | Path | None = None
+    mat: str | Path | None = None
+    resize: str = "auto"
     n_images: int | None = None
+    skip_bad_images: bool = False
     seed: int = SHOW_SEED
     target: str = "auto"
     feature: str = "color"
@@ -418,11 +491,13 @@ class SegmentConfig:
     def command(self) -> str:
         """The command line that reproduces this run (options that matter, defaults spelled out)."""
         parts = ["vitdecomp", "segment", "--model", self.model]
-        for flag in ("checkpoint", "world", "images", "masks", "n_images"):
+        for flag in ("checkpoint", "world", "images", "masks", "mat", "n_images"):
             if getattr(self, flag) is not None:
                 parts += [f"--{flag.replace('_', '-')}", str(getattr(self, flag))]
-        if self.world is None and self.images is None:
+        if self.world is None and self.images is None and self.mat is None:
             parts += ["--seed", str(self.seed)]
+        if self.resize != "auto":
+            parts += ["--resize", self.resize]
         parts += ["--target", self.target, "--feature", self.feature, "--methods", ",".join(self.methods)]
         return shlex.join(parts)
 
@@ -433,19 +508,34 @@ class Segment(ModelApplication[SegmentConfig, SegmentResult]):
     name = "segment"
 
     def check(self, cfg: SegmentConfig) -> None:
+        for name, least in (("n_images", 1), ("batch_size", 1), ("show", 0), ("seed", 0)):
+            check_at_least("--" + name.replace("_", "-"), getattr(cfg, name), least)
         unknown = [w for w in cfg.methods if w not in METHODS]
         if unknown or not cfg.methods:
             raise VitDecompError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+        if cfg.resize not in RESIZES:
+            raise VitDecompError(f"unknown --resize {cfg.resize!r}: choose from {', '.join(RESIZES)}")
+        given = [f"--{k}" for k in ("world", "images", "masks", "mat") if getattr(cfg, k) is not None]
+        if cfg.mat is not None and len(given) > 1:
+            raise VitDecompError(f"give one image source, not {' and '.join(given)}")
 
     def data(self, cfg: SegmentConfig) -> SegmentSet:
+        data = self._source(cfg)
+        if cfg.resize != "auto":
+            data.square = cfg.resize == "square"
+        return data
+
+    def _source(self, cfg: SegmentConfig) -> SegmentSet:
+        if cfg.mat is not None:
+            return read_mat(cfg.mat, cfg.n_images)
         if cfg.world is not None:
             if cfg.images is not None or cfg.masks is not None:
                 raise VitDecompError("give --world DIR, or --images DIR with --masks DIR, not both")
-            return folder_set(cfg.world, Path(cfg.world) / "masks", cfg.n_images)
+            return folder_set(cfg.world, Path(cfg.world) / "masks", cfg.n_images, cfg.skip_bad_images)
         if (cfg.images is None) != (cfg.masks is None):
             raise VitDecompError("--images and --masks go together (masks matched to images by file stem)")
         if cfg.images is not None:
-            return folder_set(cfg.images, cfg.masks, cfg.n_images)  # type: ignore[arg-type]
+            return folder_set(cfg.images, cfg.masks, cfg.n_images, cfg.skip_bad_images)  # type: ignore[arg-type]
         return world_set(cfg.n_images or N_WORLD_IMAGES, cfg.seed)
 
     def measure(self, cfg: SegmentConfig, model: LoadedModel, data: SegmentSet) -> SegmentResult:

@@ -23,6 +23,7 @@ from vitdecomp.align import Aligner
 from vitdecomp.api import decompose
 from vitdecomp.apps.pixels import place_tokens
 from vitdecomp.components import ComponentLabel, Decomposition
+from vitdecomp.errors import UsageError
 
 #: Head selection: ``None`` = every head, else a predicate on labels or a collection of names.
 HeadSelection = Callable[[ComponentLabel], bool] | Sequence[str] | None
@@ -74,7 +75,16 @@ class TokenMaps:
         return [lab.name for labs in self.labels for lab in labs]
 
     def select(self, heads: HeadSelection) -> list[Tensor]:
-        """Per stage, the selected heads' projections summed ``[B, N_s, k]``."""
+        """Per stage, the selected heads' projections summed ``[B, N_s, k]``; a head name these maps do
+        not hold is a :class:`~vitdecomp.errors.UsageError`."""
+        if isinstance(heads, str):
+            heads = [heads]
+        if heads is not None and not callable(heads):
+            have = self.heads
+            unknown = [h for h in heads if h not in have]
+            if unknown:
+                held = f"{have[0]} ... {have[-1]}" if have else "no head"
+                raise UsageError(f"no token maps of head(s) {unknown}: these maps hold {held}")
         out = []
         for v, labs in zip(self.values, self.labels, strict=True):
             keep = [i for i, lab in enumerate(labs) if _wanted(lab, heads)]

@@ -38,7 +38,17 @@ OWN = (
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
-    add_shared(p, "images", "n_images", "seed", *ANALYSED, n_images=ABLATE_N_IMAGES, seed=WORLD_SEED, out=ABLATE_OUT)
+    add_shared(
+        p,
+        "images",
+        "skip_bad_images",
+        "n_images",
+        "seed",
+        *ANALYSED,
+        n_images=ABLATE_N_IMAGES,
+        seed=WORLD_SEED,
+        out=ABLATE_OUT,
+    )
     add_options(p, *OWN)
     p.set_defaults(func=run)
 

@@ -37,7 +37,10 @@ SHARED = (*DECOMPOSITION, *READER, "dtype", "cache_dir", "align_steps", *OUTPUT,
 def _own() -> list[Option]:
     d = {f.name: f.default for f in fields(AnalysisConfig)}
     return [
-        Option("features", "feature set: a name (paper, world, waterbirds) or a JSON file {feature: [descriptions]}"),
+        Option(
+            "features",
+            "feature set: a name (paper, world, waterbirds), a JSON file {feature: [descriptions]} or that JSON itself",
+        ),
         Option("vocabulary", "vocabulary the descriptions are picked from: a name (world, general) or a .txt file"),
         Option(
             "start_layer", "first layer split into components (earlier layers stay in 'init')", d["start_layer"], int

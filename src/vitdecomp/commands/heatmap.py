@@ -17,7 +17,7 @@ DESCRIPTION = (
     "without --text reads, per image, the value of F the whole representation matches best (no labels). "
     "Writes <image>.png, <image>.npy (the map in the original image's pixels) and heatmaps.json to --out."
 )
-SHARED = ("checkpoint", *RUN, "report", *OUTPUT)
+SHARED = ("skip_bad_images", "checkpoint", *RUN, "report", *OUTPUT)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     heads = args.heads if args.heads == "auto" else tuple(h.strip() for h in args.heads.split(",") if h.strip())
     cfg = HeatmapConfig(
         images=tuple(args.images),
+        skip_bad_images=args.skip_bad_images,
         text=args.text,
         feature=args.feature,
         heads=heads,

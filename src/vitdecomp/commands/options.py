@@ -32,10 +32,12 @@ def _opt(
     aliases: Sequence[str] = (),
     choices: Sequence[str] = (),
     metavar: str | None = None,
+    unset: str | None = None,
 ) -> Any:
-    """A field of :class:`SharedOptions`: its default and how it appears on the command line."""
+    """A field of :class:`SharedOptions`: its default and how it appears on the command line
+    (``unset``: what the help says the command does when a ``None`` default is not given)."""
     meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "choices": tuple(choices), "metavar": metavar}
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta | {"unset": unset})
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,7 @@ class SharedOptions:
         None, "local weights file (safetensors) for --clip", flag="--clip-checkpoint", metavar="FILE"
     )
     random_init: bool = _opt(False, "random weights instead of pretrained ones (tests and smoke runs)")
-    device: str | None = _opt(
-        None, "torch device, e.g. cpu, cuda, cuda:1 (when not given: cuda if available, else cpu)"
-    )
+    device: str | None = _opt(None, "torch device, e.g. cpu, cuda, cuda:1", unset="cuda if available, else cpu")
     dtype: str = _opt("float32", "storage type of the stored contributions", choices=STORE_DTYPES)
     threads: int | None = _opt(
         None,
@@ -147,7 +147,8 @@ def add_shared(parser: argparse.ArgumentParser, *names: str, **defaults: Any) ->
         f, meta = by_name[name], by_name[name].metadata
         default = defaults.get(name, f.default)
         kind = None if hints[name] is bool else _cli_type(hints[name])
-        option = Option(name, meta["help"], default, kind, meta["choices"], flag_of(name), meta["metavar"])
+        text = f"{meta['help']} (default: {meta['unset']})" if default is None and meta["unset"] else meta["help"]
+        option = Option(name, text, default, kind, meta["choices"], flag_of(name), meta["metavar"])
         add_options(parser, replace(option, aliases=meta["aliases"]))
     unknown = set(defaults) - set(names)
     if unknown:

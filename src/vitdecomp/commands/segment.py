@@ -14,14 +14,27 @@ from vitdecomp.defaults import SEGMENT_BATCH_SIZE, SEGMENT_OUT, SEGMENT_SHOW, SH
 DESCRIPTION = (
     "Relevance maps of the model's own prediction from the decomposition's token contributions, GradCAM and "
     "Chefer et al.'s rollout, scored against object masks (pixel accuracy, mIoU, cumulative foreground IoU, "
-    "mAP). Masks: non-zero = object, matched to images by file stem. Writes segment.json, metrics.md, "
-    "segment.png and segment.section.json to --out. See docs/applications.md."
+    "mAP). Masks: non-zero = object, matched to images by file stem. --mat reads ImageNet-segmentation's "
+    "gtsegs_ijcv.mat and prints the published figures beside this run's (also benchmark.json). Writes "
+    "segment.json, metrics.md, segment.png and segment.section.json to --out. See docs/applications.md."
 )
-SHARED = (*SUBJECT, "images", "n_images", "seed", "batch_size", *RUN, "report", *OUTPUT)
+SHARED = (*SUBJECT, "images", "n_images", "skip_bad_images", "seed", "batch_size", *RUN, "report", *OUTPUT)
 METHODS = "decomposition,gradcam,chefer"
 OWN = (
     Option("masks", "folder of masks, matched to images by file stem; non-zero = object", metavar="DIR"),
     Option("world", "a `vitdecomp world export` folder (its images/ and masks/)", metavar="DIR"),
+    Option(
+        "mat",
+        "ImageNet-segmentation's gtsegs_ijcv.mat (read with h5py); the published figures are printed beside",
+        metavar="FILE",
+    ),
+    Option(
+        "resize",
+        "how images and masks enter the model: its own resize/crop, or resized to its input square with no crop "
+        "(the published ImageNet-segmentation protocol); auto: square for --mat, else model",
+        "auto",
+        choices=("auto", "model", "square"),
+    ),
     Option("target", "what every map explains", "auto", choices=("auto", "predicted", "self")),
     Option("feature", "zoo models: the logit block --target predicted explains", "color"),
     Option("methods", "the map methods compared, comma-separated", METHODS),
@@ -47,8 +60,12 @@ def run(args: argparse.Namespace) -> int:
 def _describe(result: Any, paths: list[Path]) -> str:
     lines = [result.markdown().rstrip("\n")]
     if result.skipped:
-        lines.append(f"skipped {len(result.skipped)} image(s) without a mask: {', '.join(result.skipped[:3])}")
+        lines.append(
+            f"skipped {len(result.skipped)} image(s) (no mask, or unreadable): {', '.join(result.skipped[:3])}"
+        )
     if result.resized:
         lines.append(f"resized {len(result.resized)} mask(s) to their image (nearest): {result.resized[0]}")
+    if result.benchmark:
+        lines += ["", result.benchmark_table().markdown().rstrip("\n")]
     lines.append(f"{', '.join(p.name for p in paths)} in {paths[0].parent}")
     return "\n".join(lines)

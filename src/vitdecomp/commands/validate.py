@@ -1,6 +1,7 @@
 """``vitdecomp validate``: every score against every ground truth on held-out world scenes, for the
-zoo's models and their random-init control (:mod:`vitdecomp.evaluation.score_validation`); writes
-docs/validation.md (keeping its ``## Notes``)."""
+zoo's models and their random-init control (:mod:`vitdecomp.evaluation.score_validation`); writes the
+page ``validation.md`` into ``--out`` (a folder; keeping a ``## Notes`` section already there). It never
+writes into the current folder's ``docs/`` unless asked: ``--out docs`` updates the project's page."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import time
 from pathlib import Path
 
 from vitdecomp.commands.options import Option, add_options, add_shared, apply_threads
-from vitdecomp.evaluation.settings import HELD_OUT_SEED, MODELS, N_TEST, N_TRAIN
+from vitdecomp.defaults import VALIDATE_OUT
+from vitdecomp.evaluation.settings import HELD_OUT_SEED, MODELS, N_PAIRS, N_TEST, N_TRAIN
 from vitdecomp.scores.registry import score_names
 
 DESCRIPTION = (
-    "Every score against every ground truth (causal, probe, zero-shot causal, specificity, planted heads) on "
-    "held-out scenes of the built-in world, for the zoo's models and, with --control, their random-weight "
-    "twins; writes the page docs/validation.md (keeping its hand-written Notes section)."
+    "Every score against every ground truth (the counterfactual flow share and response, causal, probe, "
+    "zero-shot causal, specificity, planted heads) on held-out scenes of the built-in world, for the zoo's models "
+    "and, with --control, their random-weight twins; writes the page validation.md into --out (keeping a "
+    "hand-written Notes section already there); --out docs updates a checkout's docs/validation.md."
 )
 _NOTES = "\n## Notes"
 
@@ -36,6 +39,13 @@ def configure(p: argparse.ArgumentParser) -> None:
         Option("n_test", "held-out scenes", N_TEST, int, metavar="N"),
         Option("n_train", "scenes the aligner and the truths' probes are fitted on", N_TRAIN, int, metavar="N"),
         Option(
+            "n_pairs",
+            "counterfactual pairs per attribute (the flow truth; drawn from the world seed after --test-seed)",
+            N_PAIRS,
+            int,
+            metavar="N",
+        ),
+        Option(
             "control",
             "also run every model with random weights (the CLIP reader keeps its own) and compare its scores with "
             "the trained model's causal truth",
@@ -44,8 +54,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         ),
         Option("json", "also write every figure to this JSON file", metavar="FILE"),
     )
-    add_shared(p, "reader", "align_steps", "cache_dir", "device", "threads", "out", "quiet", out="docs/validation.md")
+    add_shared(p, "reader", "align_steps", "cache_dir", "device", "threads", "out", "quiet", out=VALIDATE_OUT)
     p.set_defaults(func=run_validate)
+
+
+def page_path(out: str) -> Path:
+    """The page ``--out`` names: ``OUT/validation.md`` (``OUT`` a folder), or ``OUT`` itself when it
+    names a ``.md`` file."""
+    return Path(out) if out.endswith(".md") else Path(out) / "validation.md"
 
 
 def run_validate(args: argparse.Namespace) -> int:
@@ -68,6 +84,7 @@ def run_validate(args: argparse.Namespace) -> int:
                 test_seed=args.test_seed,
                 n_train=args.n_train,
                 n_test=args.n_test,
+                n_pairs=args.n_pairs,
                 random_init=random_init,
                 planted=None if random_init else planted_map(name),
                 cache_dir=args.cache_dir,
@@ -91,7 +108,7 @@ def run_validate(args: argparse.Namespace) -> int:
     meta["time_s"] = time.time() - t0
     command = "vitdecomp validate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["validate"] else [])
     text = markdown(runs[False], runs[True], command.strip(), meta)
-    out = Path(args.out)
+    out = page_path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_file() and _NOTES in out.read_text():
         text = text.rstrip("\n") + "\n" + _NOTES + out.read_text().split(_NOTES, 1)[1]

@@ -28,9 +28,27 @@ def configure(p: argparse.ArgumentParser) -> None:
     e.set_defaults(func=run_export)
 
 
+def check_export(args: argparse.Namespace) -> None:
+    """Refuse what the generator cannot make, in one line naming the option (before writing anything)."""
+    from vitdecomp.errors import UsageError
+
+    least = 7 if args.waterbirds else 1  # --waterbirds: 4:1:2, every split needs an image
+    checks = [
+        (args.n_images >= least, f"--n-images {args.n_images}: give at least {least}"),
+        (args.size >= 16, f"--size {args.size}: give at least 16 pixels (a scene's smallest object needs them)"),
+        (args.seed >= 0, f"--seed {args.seed}: give a seed of 0 or more"),
+        (args.distractors >= 0, f"--distractors {args.distractors}: give 0 or more"),
+        (0.0 <= args.corr <= 1.0, f"--corr {args.corr}: give a share between 0 and 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
 def run_export(args: argparse.Namespace) -> int:
     from vitdecomp.world.export import export_waterbirds, export_world
 
+    check_export(args)
     n = args.n_images
     if args.waterbirds:
         n_train, n_val = n * 4 // 7, n // 7

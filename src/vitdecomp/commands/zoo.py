@@ -13,18 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from vitdecomp.commands.options import Option, add_options, add_shared
 from vitdecomp.errors import VitDecompError
-from vitdecomp.zoo.cards import list_zoo
-from vitdecomp.zoo.freshness import is_up_to_date
-from vitdecomp.zoo.models import ZOO_NAMES
-from vitdecomp.zoo.recipes import RECIPES
 
 #: Training order: ``swin`` and ``clip`` distil from ``deit``, so ``deit`` comes first; with
-#: ``--jobs 2`` the longest trainings start first (deit beside maxvit, then swin, clip, dino, planted).
-TRAIN_ORDER = ("deit", "maxvit", "swin", "clip", "dino", "planted")
+#: ``--jobs 2`` the longest trainings start first (deit beside maxvit, then swin, clip, simclr, planted).
+TRAIN_ORDER = ("deit", "maxvit", "swin", "clip", "simclr", "planted")
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -74,7 +68,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     tr.set_defaults(func=run_train)
     ev = sub.add_parser("evaluate", help="measure zoo models on held-out scenes and print the table of docs/zoo.md")
-    ev.add_argument("names", nargs="*", default=list(ZOO_NAMES), help="models to measure (default: all)")
+    ev.add_argument("names", nargs="*", help="models to measure (default: all)")
     ev.add_argument("--write-cards", action="store_true", help="store the numbers in the cards")
     ev.add_argument("--json", default=None, metavar="FILE", help="also write all metrics to this JSON file")
     ev.add_argument("--from-cards", action="store_true", help="print the table of the cards' stored numbers")
@@ -92,6 +86,8 @@ def user_zoo_dir() -> Path:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from vitdecomp.zoo.cards import list_zoo
+
     cards = list_zoo()
     if args.json:
         print(json.dumps(cards, indent=1))
@@ -114,6 +110,9 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from vitdecomp.zoo.freshness import is_up_to_date
+    from vitdecomp.zoo.models import ZOO_NAMES
+
     names = args.names or list(TRAIN_ORDER)
     unknown = [n for n in names if n not in ZOO_NAMES]
     if unknown:
@@ -160,6 +159,10 @@ def _train_command(name: str, args: argparse.Namespace, out) -> list[str]:
 def _train_parallel(names: list[str], args: argparse.Namespace, out, command=_train_command, poll: float = 2.0) -> int:
     """Run the trainings as ``args.jobs`` side-by-side subprocesses (each logging to
     ``<out or .>/zoo-logs/NAME.log``); a model starts once the model it distils from has finished."""
+    from tqdm import tqdm
+
+    from vitdecomp.zoo.recipes import RECIPES
+
     log_dir = Path(out or ".") / "zoo-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     pending, running, failed = list(names), {}, []
@@ -215,7 +218,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """``vitdecomp zoo evaluate``: :func:`vitdecomp.zoo.evaluate.evaluate_zoo` and its table."""
     from vitdecomp.zoo.cards import read_card
     from vitdecomp.zoo.evaluate import evaluate_zoo, table
+    from vitdecomp.zoo.models import ZOO_NAMES
 
+    args.names = args.names or list(ZOO_NAMES)
     if args.from_cards:
         print(table([read_card(n) or {"name": n} for n in args.names]))
         return 0

@@ -4,7 +4,7 @@
 Superseded for the scores by ``vitdecomp validate`` (:mod:`vitdecomp.evaluation`: causal truths, non-constant
 components only, held-out seed); kept for its alignment, retrieval and ablation figures.
 
-``python -m vitdecomp.commands.validate_alignment [--models zoo:deit zoo:dino zoo:swin zoo:maxvit]
+``python -m vitdecomp.commands.validate_alignment [--models zoo:deit zoo:simclr zoo:swin zoo:maxvit]
 [--out docs/validation-alignment.md]``
 (a ``## Notes`` section already in the output file is carried over to the new version).
 
@@ -52,7 +52,7 @@ from vitdecomp.store import Rows
 from vitdecomp.text import text_span
 from vitdecomp.world import ATTRIBUTES, CORE_ATTRIBUTES
 
-MODELS = ("zoo:deit", "zoo:dino", "zoo:swin", "zoo:maxvit")
+MODELS = ("zoo:deit", "zoo:simclr", "zoo:swin", "zoo:maxvit")
 N_TEST = 1000
 TEST_SEED = WORLD_SEED + 1
 TARGET_SPEARMAN = 0.6

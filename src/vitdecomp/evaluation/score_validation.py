@@ -31,7 +31,16 @@ from scipy.stats import rankdata
 from vitdecomp.align import evaluate
 from vitdecomp.evaluation.agreement import spearman
 from vitdecomp.evaluation.components import CONSTANT_RTOL, evaluated_components, relative_second_singular_value
-from vitdecomp.evaluation.settings import HELD_OUT_SEED, N_TEST, N_TRAIN, SCORES, TRAIN_SEED
+from vitdecomp.evaluation.counterfactual import PartTruth, counterfactual_truths
+from vitdecomp.evaluation.settings import (
+    HELD_OUT_SEED,
+    N_PAIRS,
+    N_TEST,
+    N_TRAIN,
+    PAIR_SEED_OFFSET,
+    SCORES,
+    TRAIN_SEED,
+)
 from vitdecomp.evaluation.truths import (
     causal_importance,
     probe_importance,
@@ -134,11 +143,43 @@ def agreement(
     }
 
 
+def unsigned_agreement(
+    tables: dict, truths: dict[str, dict[str, np.ndarray]], keep: np.ndarray
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Spearman of every score's magnitude ``|score|`` with the flow share's magnitude (``"flow"``) and
+    with the causal truth as it is (``"causal_mean"``; a loss rise, near 0 for a part that does not
+    matter either way) per attribute over the components ``keep``: how the signed scores compare when
+    the sign is set aside."""
+    targets = {"flow": {a: np.abs(v) for a, v in truths["flow"].items()}, "causal_mean": truths["causal_mean"]}
+    return {
+        m: {
+            t: {a: spearman(table[a].abs().numpy()[keep], target[a][keep]) for a in CORE_ATTRIBUTES}
+            for t, target in targets.items()
+        }
+        for m, table in tables.items()
+    }
+
+
+def _flow_truth_info(cf: dict[str, PartTruth], keep: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per attribute: the pairs used and dropped by the pixel check, and the flow share's split-half
+    Spearman (even vs odd pairs) over the components ``keep``."""
+    return {
+        a: {
+            "n_pairs": t.n_pairs,
+            "dropped": t.dropped,
+            "split_half": spearman(t.flow_halves[0][keep], t.flow_halves[1][keep]),
+        }
+        for a, t in cf.items()
+    }
+
+
 @dataclass(kw_only=True)
 class ScoreRun(WorldRun):
     """One model's score validation (a :class:`~vitdecomp.evaluation.world_runs.WorldRun`: the aligner
     and the truths' probes fitted on the analysis set, everything else on the held-out seed): the
-    ``scores`` compared, and the ``planted`` heads of a planted-role model (``{attribute: [labels]}``)."""
+    ``scores`` compared, the ``planted`` heads of a planted-role model (``{attribute: [labels]}``) and
+    ``n_pairs`` counterfactual pairs per attribute for the flow truth, drawn from world seed
+    ``test_seed + PAIR_SEED_OFFSET`` (other images than the scored ones)."""
 
     n_train: int = N_TRAIN
     n_test: int = N_TEST
@@ -146,6 +187,7 @@ class ScoreRun(WorldRun):
     test_seed: int = HELD_OUT_SEED
     scores: tuple[str, ...] = SCORES
     planted: dict[str, list[str]] | None = None
+    n_pairs: int = N_PAIRS
     log: Callable[..., Any] = _silent
 
 
@@ -163,6 +205,10 @@ def validate_model(run: ScoreRun) -> dict[str, Any]:
     truths = compute_truths(
         train, test, p.train_source.attributes, p.test_source.attributes, al, p.classes, run.progress
     )
+    cf = counterfactual_truths(p.models.subject, run.n_pairs, run.test_seed + PAIR_SEED_OFFSET, device=run.device)
+    if any(t.labels != labels for t in cf.values()):
+        raise RuntimeError("the counterfactual pairs' decomposition differs from the store's components")
+    truths = {"flow": {a: t.flow for a, t in cf.items()}, "response": {a: t.response for a, t in cf.items()}, **truths}
     mag = magnitude(c_te)
     res: dict[str, Any] = {
         "model": run.name,
@@ -179,6 +225,9 @@ def validate_model(run: ScoreRun) -> dict[str, Any]:
         "scores": {m: t.to_dict() for m, t in tables.items()},
         "truths": {t: _per_label(v, labels) for t, v in truths.items()},
         "agreement": agreement(tables, truths, keep),
+        "unsigned_agreement": unsigned_agreement(tables, truths, keep),
+        "flow_truth": _flow_truth_info(cf, keep),
+        "pair_seed": run.test_seed + PAIR_SEED_OFFSET,
         "magnitude": {t: {a: spearman(mag[keep], truths[t][a][keep]) for a in CORE_ATTRIBUTES} for t in truths},
         "top": {m: {a: [lab for lab, _ in t.ranking(a, 3)] for a in CORE_ATTRIBUTES} for m, t in tables.items()},
     }
@@ -186,6 +235,10 @@ def validate_model(run: ScoreRun) -> dict[str, Any]:
         res["planted"] = {
             m: {a: top_k_precision(t[a].numpy(), labels, heads) for a, heads in run.planted.items()}
             for m, t in tables.items()
+        }
+        res["planted_truths"] = {
+            t: {a: top_k_precision(truths[t][a], labels, heads) for a, heads in run.planted.items()}
+            for t in ("flow", "causal_mean")
         }
     res["time_s"] = round(time.time() - t0, 1)
     return res

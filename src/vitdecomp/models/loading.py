@@ -21,10 +21,12 @@ is not retried: weights come from the local Hugging Face cache or the load fails
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -178,13 +180,39 @@ def _go_offline() -> None:
 
 
 def _offline_error(what: str, repo: str | None, file: str, err: Exception) -> WeightsUnavailableError:
+    """Offline: where to get the weights and the flag that loads them; online, the download's own error too."""
     where = f"file '{file}' of the Hugging Face repository '{repo}'" if repo else f"the weights file of {what}"
-    state = "this machine is offline (no network or HF_HUB_OFFLINE)" if hub_offline() else "the download failed"
+    offline = hub_offline()
+    state = "this machine is offline (no network or HF_HUB_OFFLINE)" if offline else "the download failed"
+    cause = "" if offline else f" ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
     return WeightsUnavailableError(
         f"pretrained weights of {what} are not in the local cache and {state}: download {where} elsewhere, "
         f"copy it here and pass it with --checkpoint FILE (Python: checkpoint=FILE), or use --random-init "
-        f"for random weights ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+        f"for random weights{cause}"
     )
+
+
+@contextlib.contextmanager
+def _download_logs_held() -> Iterator[None]:
+    """Hold the root logger's error records (open_clip logs a failed download there, naming a file it
+    tried) while in the context: dropped when the block raises (its error says what to do), emitted
+    as they came when it succeeds."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            held.append(record)
+            return False
+        return True
+
+    root = logging.getLogger()
+    root.addFilter(hold)
+    try:
+        yield
+    finally:
+        root.removeFilter(hold)
+    for record in held:  # reached only without an exception
+        root.handle(record)
 
 
 def _load_hf(spec: str, pretrained: bool, checkpoint: Path | None, **kwargs: Any) -> LoadedModel:
@@ -278,7 +306,8 @@ def _load_open_clip(spec: str, pretrained: bool, checkpoint: Path | None, **kwar
     else:
         source = tag if pretrained else None
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
+        with _download_logs_held():
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **kwargs)
     except Exception as err:
         if checkpoint is not None and isinstance(err, RuntimeError):
             raise CheckpointError(f"checkpoint {checkpoint} does not fit open_clip {arch!r}: {err}") from err
@@ -294,7 +323,8 @@ def _load_open_clip_named(spec: str, pretrained: bool, checkpoint: Path | None, 
     import open_clip
 
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(spec, **kwargs)
+        with _download_logs_held():
+            model, _, preprocess = open_clip.create_model_and_transforms(spec, **kwargs)
     except Exception as err:
         if spec.startswith(HF_HUB_PREFIX) and _looks_like_download_failure(err):
             repo = spec[len(HF_HUB_PREFIX) :]

@@ -135,6 +135,7 @@ class AnalysisConfig:
             ("n_top_images", 0),
             ("start_layer", 0),
             ("workers", 1),
+            ("seed", 0),
         ):
             check_at_least(flag(name), getattr(self, name), least)
         if not 0.0 < self.val_fraction < 1.0:
@@ -203,7 +204,7 @@ class DecomposeConfig:
 
     def check(self) -> None:
         """Every option that can be checked before loading the model (one-line :class:`UsageError`)."""
-        for name, least in (("batch_size", 1), ("start_layer", 0), ("n_images", 1), ("workers", 1)):
+        for name, least in (("batch_size", 1), ("start_layer", 0), ("n_images", 1), ("workers", 1), ("seed", 0)):
             check_at_least("--" + name.replace("_", "-"), getattr(self, name), least)
         check_folder("--images", self.images)
         check_file("--checkpoint", self.checkpoint)

@@ -34,8 +34,8 @@ class DecomposedSet:
 def decompose_images(cfg: DecomposeConfig) -> DecomposedSet:
     """Run ``decompose`` for ``cfg`` (checked by :meth:`DecomposeConfig.check`)."""
     device = default_device(cfg.device)
+    source = _source(cfg)  # every file read before the model loads
     loaded = load_model_for(cfg.model, cfg.checkpoint, cfg.random_init, device, cfg.seed)
-    source = _source(cfg)
     try:
         if cfg.runner == "ray":
             whole = _decompose_by_ray(cfg, loaded, source)

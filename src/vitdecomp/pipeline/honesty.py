@@ -1,6 +1,6 @@
 """What keeps a report honest: components that are constant over the images (rank 1), and the
 warnings a run's figures need (few images, a weak alignment, an aligner from another image set,
-random weights).
+random weights, a model outside the zoo read through the zoo's toy CLIP).
 
 Thresholds, documented here and in ``results.json`` (``constant``, ``warnings``):
 
@@ -59,11 +59,27 @@ def run_warnings(r: AnalysisResult, models: object, *, random_init: bool, seed: 
             f"the aligned components reach a cosine of only {cos:.3f} to {r.reader.name}'s embedding on these "
             f"images (floor {ALIGNMENT_FLOOR}): descriptions and scores are unreliable"
         )
+    if r.reader.name.startswith("zoo:") and not r.model.name.startswith("zoo:"):
+        held = a.metrics.get("val_cosine")
+        cosine = f" (the aligner's held-out cosine: {held:.2f})" if isinstance(held, (int, float)) else ""
+        out.append(
+            f"{r.model.name} is read through {r.reader.name}, the zoo's small CLIP trained only on the generated "
+            f"world{cosine}: its text space cannot name what a real model's parts carry; read it with a real "
+            "CLIP (--clip open_clip:ViT-B-16/laion2b_s34b_b88k, --clip-checkpoint FILE offline)"
+        )
     trained_on = a.metrics.get("trained_on")
     if a.state in ("given", "loaded") and trained_on and trained_on != r.images.key:
         out.append(f"the aligner was trained on another image set ({trained_on}), not on these images")
     if r.images.skipped:
         out.append(f"{len(r.images.skipped)} unreadable file(s) were skipped (listed in results.json: images.skipped)")
+    absent = r.absent_features()
+    if absent:
+        names = ", ".join(repr(f) for f in absent)
+        out.append(
+            f"feature(s) {names}: the images do not show them (their zero-shot readings separate the images no "
+            "more than random groups of real texts do; results.json: presence), so no component is marked "
+            "significant for them"
+        )
     if a.state == "untrained":
         out.append("the aligner is untrained (--align-steps 0): the mapping into CLIP space is its initial value")
     return out

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from vitdecomp.defaults import READER
-from vitdecomp.errors import UsageError
+from vitdecomp.errors import UsageError, WeightsUnavailableError
 from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.models.loading import load_model
 from vitdecomp.pipeline.config import AnalysisConfig
@@ -75,7 +75,13 @@ def load_models(
         if not subject.is_clip:
             raise UsageError(f"{model} is not a CLIP model: give a CLIP model (--clip) to read it with text")
         return Models(subject, subject)
-    loaded = load_model_for(reader, reader_checkpoint, random_init, device, seed + 1)
+    try:
+        loaded = load_model_for(reader, reader_checkpoint, random_init, device, seed + 1)
+    except WeightsUnavailableError as err:  # the reader's weights file goes with --clip-checkpoint
+        text = (
+            str(err).replace("--checkpoint FILE", "--clip-checkpoint FILE").replace("checkpoint=", "reader_checkpoint=")
+        )
+        raise WeightsUnavailableError(text) from err
     if not loaded.is_clip:
         raise UsageError(f"--clip {reader} is not a CLIP model (it has no text tower): give a CLIP, e.g. zoo:clip")
     return Models(load_model_for(model, checkpoint, random_init, device, seed), loaded)

@@ -124,8 +124,8 @@ def _readings(
     with clock("score"):
         tables = score_features(rows, al, space.feature_emb, methods=analysis_scores(), progress=cfg.progress)
     with clock("confidence"):
-        conf = confidence(rows, al, space.feature_emb, progress=cfg.progress)
+        conf, presence = confidence(rows, al, space, progress=cfg.progress)
     with clock("top_images"):
         top = top_images(rows, al, top_directions(descr, space.vocabulary_emb), n=cfg.n_top_images)
         norms = mean_aligned_norms(rows, al)
-    return Readings(descr, tables, conf, norms, top, errors, rank1)
+    return Readings(descr, tables, conf, norms, top, errors, rank1, presence)

@@ -15,7 +15,7 @@ weights + templates). :mod:`~vitdecomp.pipeline.sequence` runs them in order.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ from vitdecomp.text import DEFAULT_TEMPLATES, WORLD_TEMPLATES, Description, Text
 #: ``confidence``); 19 null draws make "above every null draw" a test at p = 0.05.
 N_BOOT = 100
 N_NULL = 19
+#: The vocabulary the scores' null features are drawn from (random groups of its real texts).
+NULL_VOCABULARY = "general"
 
 
 @dataclass
@@ -103,7 +105,8 @@ def configured_aligner(cfg: AnalysisConfig, rows: Rows, models: Models, device: 
 
 @dataclass
 class TextSpace:
-    """The features and the vocabulary, embedded by the reader's text tower."""
+    """The features and the vocabulary, embedded by the reader's text tower, and the real texts the
+    scores' null draws its features from (``null_pool``: the general vocabulary, same templates)."""
 
     features: dict[str, list[str]]
     feature_emb: dict[str, torch.Tensor]
@@ -112,6 +115,7 @@ class TextSpace:
     vocabulary_emb: torch.Tensor
     templates: tuple[str, ...]
     encoder_batches: int
+    null_pool: torch.Tensor | None = None
 
 
 def text_space(
@@ -133,7 +137,8 @@ def text_space(
     encoder = TextEncoder.from_loaded(reader, cache_dir=cache_dir, device=device)
     vocab_emb = encoder.encode(vocab, templates)
     feat_emb = embed_features(lambda t: encoder.encode(t, templates), feats)
-    return TextSpace(feats, feat_emb, str(vocab_name), vocab, vocab_emb, templates, encoder.calls)
+    pool = vocab_emb if vocab_name == NULL_VOCABULARY else encoder.encode(load_vocabulary(NULL_VOCABULARY), templates)
+    return TextSpace(feats, feat_emb, str(vocab_name), vocab, vocab_emb, templates, encoder.calls, pool)
 
 
 def top_directions(descriptions: Mapping[str, list[Description]], vocabulary_emb: torch.Tensor) -> torch.Tensor:
@@ -171,15 +176,15 @@ def mean_aligned_norms(rows: Rows, aligner: Aligner, batch_size: int = 256) -> n
     return (total / max(len(rows), 1)).numpy()
 
 
-def confidence(
-    rows: Rows, aligner: Aligner, feature_emb: Mapping[str, torch.Tensor], progress: bool = True
-) -> dict[str, Any]:
-    """Bootstrap intervals and a null for every score an analysis computes
-    (:func:`vitdecomp.scores.analysis_scores`; see :func:`vitdecomp.scores.score_confidence`), JSON-ready
-    per method."""
-    methods = analysis_scores()
-    conf = score_confidence(rows, aligner, feature_emb, methods, Resampling(N_BOOT, N_NULL), progress=progress)
-    return {m: c.to_dict() for m, c in conf.items()}
+def confidence(rows: Rows, aligner: Aligner, space: TextSpace, progress: bool = True) -> tuple[dict, dict]:
+    """Bootstrap intervals and a null (groups of real texts of ``space.null_pool``) for every score an
+    analysis computes (:func:`vitdecomp.scores.analysis_scores`; see
+    :func:`vitdecomp.scores.score_confidence`), JSON-ready per method, and the features' presence test
+    (JSON-ready; ``{}`` without a pool)."""
+    methods, draws, pool = analysis_scores(), Resampling(N_BOOT, N_NULL), space.null_pool
+    conf = score_confidence(rows, aligner, space.feature_emb, methods, draws, null_pool=pool, progress=progress)
+    presence = next(iter(conf.values())).presence if conf else None
+    return {m: c.to_dict() for m, c in conf.items()}, ({} if presence is None else presence.to_dict())
 
 
 @dataclass
@@ -187,7 +192,8 @@ class Readings:
     """What the stages after the aligner read off the components: ``descriptions`` (TextSpan picks per
     label), score ``tables`` per method, ``confidence`` (JSON-ready per method), ``norms [C]`` (mean
     aligned norm), ``top = (rows [C, n], projections [C, n])`` of the top images, completeness
-    ``errors [N]`` and the ``constant`` (rank-1) components, which get no top images."""
+    ``errors [N]`` and the ``constant`` (rank-1) components, which get no top images; ``presence``: the
+    features' presence test (JSON-ready)."""
 
     descriptions: Mapping[str, list[Description]]
     tables: Mapping[str, ScoreTable]
@@ -196,6 +202,7 @@ class Readings:
     top: tuple[np.ndarray, np.ndarray]
     errors: np.ndarray
     constant: dict[str, float]
+    presence: dict[str, Any] = field(default_factory=dict)
 
 
 def collect_result(
@@ -243,5 +250,6 @@ def collect_result(
         timings_s=timings,
         constant=dict(r.constant),
         confidence=r.confidence,
+        presence=r.presence,
         ranked_by=DEFAULT_SCORE,
     )

@@ -6,6 +6,6 @@ finished report (:mod:`~vitdecomp.report.attach`), the files an application run 
 Imports only the floors below it: never the pipeline, the applications or the command line."""
 
 from vitdecomp.report.console import summary
-from vitdecomp.report.html import render_html, write_report
+from vitdecomp.report.html import page_run_id, render_html, report_page
 
-__all__ = ["render_html", "summary", "write_report"]
+__all__ = ["page_run_id", "render_html", "report_page", "summary"]

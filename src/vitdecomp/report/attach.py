@@ -8,23 +8,24 @@ applications part is rendered again from the template and put between its marker
 ``analyze`` wrote it; a page without the markers (written before them) is rendered whole from
 ``results.json`` (its thumbnails are then lost, as ``results.json`` holds no images).
 
-Both files are written atomically (:mod:`vitdecomp.fsio`) under an ``flock`` on ``DIR/.report.lock``,
-so two applications finishing at once do not lose each other's section.
+Both files are written atomically (:mod:`vitdecomp.fsio`), ``results.json`` first, under an ``flock``
+on ``DIR`` itself (:func:`vitdecomp.fsio.folder_lock`: no lock file left behind, released by the kernel
+if the writer dies), so two applications finishing at once do not lose each other's section. A page
+whose run id is not ``results.json``'s (an ``analyze`` killed between writing the two) is rendered
+whole from ``results.json``, never patched with another run's sections.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 from vitdecomp.errors import UsageError
-from vitdecomp.fsio import atomic_write_text, writing
-from vitdecomp.report.html import environment, render_html
+from vitdecomp.fsio import atomic_write_text, folder_lock, remove_stale_temps
+from vitdecomp.report.html import environment, page_run_id, render_html
 from vitdecomp.results import AnalysisResult, AppSection
 
+#: The files of a report folder, written in this order (``results.json`` is the data, the page shows it).
+REPORT_FILES = ("results.json", "index.html")
 BEGIN = "<!-- vitdecomp:applications -->"
 END = "<!-- /vitdecomp:applications -->"
 
@@ -51,20 +52,6 @@ def _load(folder: Path) -> AnalysisResult:
         raise UsageError(f"--report {folder}: results.json is not an analyze result ({why})") from None
 
 
-@contextlib.contextmanager
-def report_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``folder/.report.lock`` (waits for another writer)."""
-    path = folder / ".report.lock"
-    with writing(path):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def with_section(result: AnalysisResult, section: AppSection) -> AnalysisResult:
     """``result`` with ``section`` in place of the one of the same name, or appended (in place)."""
     apps = [a for a in result.applications if a.name != section.name]
@@ -82,9 +69,9 @@ def applications_html(result: AnalysisResult) -> str:
 
 def updated_page(page: str, result: AnalysisResult) -> str:
     """``page`` with its applications part rendered again from ``result``; the whole page from
-    ``result`` when ``page`` has no markers."""
+    ``result`` when ``page`` has no markers or shows another run than ``result``."""
     start, end = page.find(BEGIN), page.find(END)
-    if start < 0 or end < start:
+    if start < 0 or end < start or page_run_id(page) != (result.run_id or None):
         return render_html(result)
     return page[:start] + applications_html(result) + page[end + len(END) :]
 
@@ -93,7 +80,8 @@ def attach_section(folder: str | Path, section: AppSection) -> Path:
     """Put ``section`` into the report in ``folder`` (``results.json`` and ``index.html``); returns
     the page's path. A folder that is not an ``analyze`` output is a one-line :class:`UsageError`."""
     folder = check_report(folder)
-    with report_lock(folder):
+    with folder_lock(folder):
+        remove_stale_temps(folder, REPORT_FILES)
         result = with_section(_load(folder), section)
         page = (folder / "index.html").read_text(encoding="utf-8")
         result.write(folder / "results.json")

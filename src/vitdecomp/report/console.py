@@ -23,12 +23,13 @@ def summary(r: AnalysisResult, top: int = 3) -> str:
     ]
     scores = r.scores[method]
     width = max((len(f) for f in scores), default=0)
+    absent = r.absent_features()
     for f, row in scores.items():
         cells = []
         for lab in r.rankings[method][f][:top]:
             picks = r.descriptions.get(lab) or []
             cells.append(f"{lab} {row[lab]:.2f} ({picks[0].text if picks else '-'})")
-        lines.append(f"    {f:<{width}}  " + "; ".join(cells))
+        lines.append(f"    {f:<{width}}  " + "; ".join(cells) + ("  [not in these images]" if f in absent else ""))
     html = r.paths.html if r.paths is not None else ""
     lines.append(f"  report       {html}  ({r.timings_s.get('total', 0):.0f} s)")
     lines.extend(f"  WARNING      {w}" for w in r.warnings)

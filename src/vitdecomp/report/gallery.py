@@ -10,11 +10,13 @@ from vitdecomp.figures import thumbnail_data_uri
 
 
 def gallery_page(title: str, rows: Sequence[dict[str, Any]], image_of: Callable[[int], Any]) -> str:
-    """One self-contained HTML page of ranked images: ``rows`` (``id``, ``score``) best first,
-    ``image_of(i)`` the PIL image of the ``i``-th row."""
+    """One self-contained HTML page of ranked images: ``rows`` (``id``, ``score``, and the tie-break
+    ``full_cosine`` when ranked by example) best first, ``image_of(i)`` the PIL image of the ``i``-th row."""
     cells = "".join(
         f'<figure><img src="{thumbnail_data_uri(image_of(i))}">'
-        f"<figcaption>{html.escape(r['id'])}<br>{r['score']:.3f}</figcaption></figure>"
+        f"<figcaption>{html.escape(r['id'])}<br>{r['score']:.3f}"
+        + (f" · cos {r['full_cosine']:.3f}" if "full_cosine" in r else "")
+        + "</figcaption></figure>"
         for i, r in enumerate(rows)
     )
     style = "figure{display:inline-block;margin:4px;font:11px sans-serif;text-align:center}"

@@ -18,7 +18,6 @@ import functools
 import re
 from collections.abc import Mapping
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -26,7 +25,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vitdecomp.figures import thumbnail_data_uri
-from vitdecomp.fsio import atomic_write_text
 from vitdecomp.results import AnalysisResult
 from vitdecomp.scores.registry import score_about
 
@@ -127,13 +125,10 @@ def render_html(
     )
 
 
-def write_report(
-    result: AnalysisResult, source: Any, out: str | Path, top_idx: np.ndarray, progress: bool = True
-) -> Path:
-    """Write ``out/index.html`` (atomically); ``source.image(i)`` gives the images of rows
-    ``top_idx [C, n]`` (components without top images in ``result`` get none) and of the retrieval
-    galleries' hits (``source.ids``)."""
-    out = Path(out)
+def report_page(result: AnalysisResult, source: Any, top_idx: np.ndarray, progress: bool = True) -> str:
+    """The page ``index.html`` holds; ``source.image(i)`` gives the images of rows ``top_idx [C, n]``
+    (components without top images in ``result`` get none) and of the retrieval galleries' hits
+    (``source.ids``)."""
     cache: dict[int, str] = {}
 
     def thumb(j: int) -> str:
@@ -151,4 +146,14 @@ def write_report(
     hits = {h.id for g in (result.views.galleries if result.views else []) for h in g.hits}
     rows = {i: j for j, i in enumerate(source.ids)} if hits else {}
     pictures = {i: thumb(rows[i]) for i in hits if i in rows}
-    return atomic_write_text(out / "index.html", render_html(result, thumbs, pictures))
+    return render_html(result, thumbs, pictures)
+
+
+#: The page's record of the run it shows (``results.json``'s ``run_id``).
+RUN_ID = re.compile(r'<meta name="vitdecomp-run" content="([^"]*)">')
+
+
+def page_run_id(page: str) -> str | None:
+    """The ``run_id`` of the analysis a page shows (``None``: a page written before run ids)."""
+    found = RUN_ID.search(page[:4096])
+    return found.group(1) if found else None

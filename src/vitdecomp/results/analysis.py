@@ -163,10 +163,16 @@ class AnalysisResult:
     which get neither descriptions nor top images;
     ``confidence[method]``: how sure each score is (:meth:`vitdecomp.scores.ScoreConfidence.to_dict`):
     ``n_boot``, ``n_null``, ``level``, then ``scores[feature][label] = {score, low, high, null_mean,
-    null_high, p}`` (bootstrap interval over images; null = random rotations of the feature's
-    descriptions; ``p <= 0.05`` with 19 null draws: the score beats every null draw);
+    null_high, p, significant}`` (bootstrap interval over images; null = random groups of as many real
+    texts, stated under ``null``; ``p <= 0.05`` with 19 null draws: the score beats every null draw;
+    ``significant``: that, in a feature present in the images);
+    ``presence``: whether each feature is in the images at all
+    (:meth:`vitdecomp.scores.presence.FeaturePresence.to_dict`: ``features[feature] = {r2, null_mean,
+    null_high, p, present}``; ``{}``: not tested);
     ``views``: the report's heatmaps, head grids and retrieval galleries (``None``: not computed);
-    ``applications``: one :class:`~vitdecomp.results.AppSection` per application run.
+    ``applications``: one :class:`~vitdecomp.results.AppSection` per application run;
+    ``run_id``: which run wrote it (``index.html`` carries the same id, so a reader can tell a page
+    and a ``results.json`` of different runs apart).
     """
 
     model: ModelInfo
@@ -191,14 +197,20 @@ class AnalysisResult:
     warnings: list[str] = field(default_factory=list)
     constant: dict[str, float] = field(default_factory=dict)
     confidence: dict[str, Any] = field(default_factory=dict)
+    presence: dict[str, Any] = field(default_factory=dict)
     views: ReportViews | None = None
     applications: list[AppSection] = field(default_factory=list)
     ranked_by: str | None = None
+    run_id: str = ""
     format_version: int = FORMAT_VERSION
 
     @property
     def n_components(self) -> int:
         return len(self.labels)
+
+    def absent_features(self) -> list[str]:
+        """The features the presence test found not in the images (``[]`` when untested)."""
+        return [f for f, v in self.presence.get("features", {}).items() if not v.get("present", True)]
 
     def method(self) -> str:
         """The score the tables are ranked by: ``ranked_by`` (stated since schema 2); for a version 1
@@ -212,6 +224,7 @@ class AnalysisResult:
         d = {
             "format_version": self.format_version,
             "ranked_by": self.ranked_by,
+            "run_id": self.run_id,
             "model": asdict(self.model),
             "clip": asdict(self.reader),
             "images": asdict(self.images),
@@ -234,6 +247,7 @@ class AnalysisResult:
             "warnings": list(self.warnings),
             "constant": self.constant,
             "confidence": self.confidence,
+            "presence": self.presence,
             "views": None if self.views is None else self.views.to_dict(),
             "applications": [a.to_dict() for a in self.applications],
         }
@@ -276,9 +290,11 @@ class AnalysisResult:
             warnings=list(d.get("warnings", [])),
             constant=d.get("constant", {}),
             confidence=d.get("confidence", {}),
+            presence=d.get("presence", {}),
             views=ReportViews.from_dict(d["views"]) if d.get("views") else None,
             applications=[AppSection.from_dict(a) for a in d.get("applications", [])],
             ranked_by=d.get("ranked_by"),
+            run_id=d.get("run_id", ""),
             format_version=d["format_version"],
         )
 

@@ -2,8 +2,10 @@
 
 ``registry`` (:class:`Score`, :data:`SCORES`, :func:`register_score`, :data:`DEFAULT_SCORE`: the
 one place a score is declared) · ``functions`` (the built-in scores' math) · ``tables``
-(:func:`score_features`: every component x feature in one pass over the rows) · ``confidence``
-(bootstrap intervals and a null) · ``features`` (feature sets as lists of descriptions).
+(:func:`score_features`: every component x feature in one pass over the rows) · ``flow`` (the
+default score's sufficient statistics and math) · ``confidence`` (bootstrap intervals and a null) ·
+``presence`` (is a feature in the images at all) · ``features`` (feature sets as lists of
+descriptions).
 
 Names are imported on first use (PEP 562), so that the command line's parser can read the registry
 without importing torch.
@@ -41,6 +43,10 @@ _EXPORTS = {
     "project_features": "tables",
     "score": "tables",
     "score_features": "tables",
+    "ValueSums": "flow",
+    "flow_share": "flow",
+    "FeaturePresence": "presence",
+    "feature_presence": "presence",
     "Resampling": "confidence",
     "ScoreConfidence": "confidence",
     "null_features": "confidence",
@@ -50,17 +56,21 @@ __all__ = [
     "ABLATION_SCALE",
     "DEFAULT_SCORE",
     "SCORES",
+    "FeaturePresence",
     "Projected",
     "Projections",
     "Resampling",
     "Score",
     "ScoreConfidence",
     "ScoreTable",
+    "ValueSums",
     "analysis_scores",
     "builtin_feature_sets",
     "embed_features",
     "feature_basis",
+    "feature_presence",
     "fit_text_probes",
+    "flow_share",
     "get_score",
     "load_features",
     "null_features",
@@ -82,6 +92,7 @@ __all__ = [
 if TYPE_CHECKING:
     from vitdecomp.scores.confidence import Resampling, ScoreConfidence, null_features, score_confidence
     from vitdecomp.scores.features import builtin_feature_sets, embed_features, load_features
+    from vitdecomp.scores.flow import ValueSums, flow_share
     from vitdecomp.scores.functions import (
         ABLATION_SCALE,
         Projected,
@@ -93,6 +104,7 @@ if TYPE_CHECKING:
         score_share,
         score_text_probe,
     )
+    from vitdecomp.scores.presence import FeaturePresence, feature_presence
     from vitdecomp.scores.registry import (
         DEFAULT_SCORE,
         SCORES,

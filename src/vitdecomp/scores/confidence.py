@@ -1,9 +1,14 @@
 """How sure each score is: :func:`score_confidence`.
 
 A bootstrap percentile interval over images for every component x feature score, and a null: the
-same score for ``n_null`` *null features*, the feature's description embeddings turned by random
-rotations of CLIP space (same number of descriptions, same pairwise cosines, same subspace size,
-random directions); ``p = (1 + #null >= score) / (1 + n_null)``.
+same score for ``n_null`` *null features*; ``p = (1 + #null >= score) / (1 + n_null)``. The null
+features are groups of as many real texts drawn at random from a vocabulary (``null_pool``: an
+analysis draws them from the general vocabulary), so a component is significant when it matters more
+for this feature than for random real words. Without a pool they are the feature's description
+embeddings turned by random rotations of CLIP space (same cosines, same subspace size): a weak null,
+since random directions carry almost no image variance and any real text beats them. With a pool,
+a feature must also be *present* in the images (:mod:`vitdecomp.scores.presence`): in a feature the
+images do not show, no component is significant.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 
 from vitdecomp.align import Aligner
 from vitdecomp.scores.functions import Projected
+from vitdecomp.scores.presence import FeaturePresence, feature_presence, vocabulary_groups
 from vitdecomp.scores.registry import Score, get_score
 from vitdecomp.scores.tables import Projections, project_features
 from vitdecomp.store import RowSource, as_rows
@@ -27,11 +33,18 @@ def random_rotation(d: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))[None]
 
 
-def null_features(feature_emb: Mapping[str, torch.Tensor], n_null: int, seed: int = 0) -> dict[str, list[torch.Tensor]]:
-    """``n_null`` null versions of every feature: its description embeddings turned by a random
-    rotation of CLIP space (``T Q^T``), so each null feature has the same number of descriptions,
-    the same pairwise cosines and the same subspace size, pointing in random directions."""
+def null_features(
+    feature_emb: Mapping[str, torch.Tensor], n_null: int, seed: int = 0, pool: torch.Tensor | None = None
+) -> dict[str, list[torch.Tensor]]:
+    """``n_null`` null versions of every feature: ``n_null`` groups of as many texts of ``pool [V, d]``
+    (embeddings of real texts; the feature's own left out), or without a pool its description
+    embeddings turned by a random rotation of CLIP space (``T Q^T``: the same number of descriptions,
+    pairwise cosines and subspace size, pointing in random directions)."""
     g = torch.Generator().manual_seed(seed)
+    if pool is not None:
+        return {
+            f: list(vocabulary_groups(pool.to(t), t.shape[0], n_null, g, t).unbind(0)) for f, t in feature_emb.items()
+        }
     out: dict[str, list[torch.Tensor]] = {f: [] for f in feature_emb}
     d = next(iter(feature_emb.values())).shape[1]
     for _ in range(n_null):
@@ -47,9 +60,10 @@ class ScoreConfidence:
 
     ``low``/``high [F, C]``: the bootstrap percentile interval at ``level`` (images resampled with
     replacement ``n_boot`` times); ``null_mean``/``null_high [F, C]``: the mean and the largest score
-    over ``n_null`` null features (random rotations of the feature's descriptions, see
-    :func:`null_features`); ``p_value [F, C]`` = ``(1 + #{null >= score}) / (1 + n_null)``: with
-    ``n_null = 19`` a score above every null draw has ``p = 0.05``."""
+    over ``n_null`` null features (:func:`null_features`, described by ``null``); ``p_value [F, C]`` =
+    ``(1 + #{null >= score}) / (1 + n_null)``: with ``n_null = 19`` a score above every null draw has
+    ``p = 0.05``; ``presence``: the features' presence test (``None``: not tested), a component of an
+    absent feature is never significant."""
 
     method: str
     features: list[str]
@@ -63,15 +77,22 @@ class ScoreConfidence:
     n_boot: int
     n_null: int
     level: float
+    null: str = ""
+    presence: FeaturePresence | None = None
 
     def significant(self, alpha: float = 0.05) -> torch.Tensor:
-        """``[F, C]`` booleans: the score is above its null at ``alpha``."""
-        return self.p_value <= alpha + 1e-9
+        """``[F, C]`` booleans: the score is above its null at ``alpha`` and the feature is present."""
+        above = self.p_value <= alpha + 1e-9
+        if self.presence is None:
+            return above
+        present = torch.tensor([self.presence.present.get(f, True) for f in self.features])
+        return above & present[:, None]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the settings, then ``{feature: {label: {score, low, high, null_mean, null_high,
-        p}}}`` under ``"scores"``."""
+        p, significant}}}`` under ``"scores"``."""
         cells = {}
+        sig = self.significant()
         for i, f in enumerate(self.features):
             cells[f] = {
                 lab: {
@@ -81,11 +102,12 @@ class ScoreConfidence:
                     "null_mean": float(self.null_mean[i, j]),
                     "null_high": float(self.null_high[i, j]),
                     "p": round(float(self.p_value[i, j]), 6),
+                    "significant": bool(sig[i, j]),
                 }
                 for j, lab in enumerate(self.labels)
             }
         head = {"method": self.method, "n_boot": self.n_boot, "n_null": self.n_null, "level": self.level}
-        return {**head, "null": "random rotations of the feature's description embeddings", "scores": cells}
+        return {**head, "null": self.null, "scores": cells}
 
 
 def _bootstrap(proj: Projections, method: str, features: list[str], n_boot: int, level: float, seed: int):
@@ -93,7 +115,10 @@ def _bootstrap(proj: Projections, method: str, features: list[str], n_boot: int,
     multinomial count per image. For the per-image scores (``ablation``, ``text_probe``) the mean an
     ablated part is replaced by (and ``text_probe``'s probe and normaliser) is held at its value over all
     images; the per-image effects are resampled. A score with neither per-image effects nor a
-    ``resample`` function is computed again on every resample (:func:`_recomputed`)."""
+    ``resample`` function is computed again on every resample (:func:`_recomputed`). No resamples: NaN."""
+    if n_boot == 0:
+        nan = torch.full((len(features), len(proj.labels)), float("nan"), dtype=torch.float64)
+        return nan, nan
     g = torch.Generator().manual_seed(seed)
     n = len(proj)
     idx = torch.randint(0, n, (n_boot, n), generator=g)
@@ -108,6 +133,11 @@ def _bootstrap(proj: Projections, method: str, features: list[str], n_boot: int,
     return lo_hi[0], lo_hi[1]
 
 
+#: What the null features are, as ``results.json`` states it.
+NULL_ABOUT = {
+    "texts": "random groups of as many real texts of the general vocabulary (the feature's own left out)",
+    "rotations": "random rotations of the feature's description embeddings",
+}
 #: Most bytes the null projections of one pass may take; more null draws take more passes.
 NULL_PASS_BYTES = 256 << 20
 
@@ -115,20 +145,23 @@ NULL_PASS_BYTES = 256 << 20
 def _null_scores(
     source: RowSource,
     aligner: Aligner,
-    feature_emb: Mapping[str, torch.Tensor],
+    nulls: Mapping[str, list[torch.Tensor]],
     methods: list[str],
-    n_null: int,
-    seed: int,
     batch_size: int,
 ) -> dict[str, torch.Tensor]:
-    """Each method's scores for the ``n_null`` null features: ``{method: [n_null, F, C]}``, the
-    draws projected in groups of at most :data:`NULL_PASS_BYTES` per pass over the rows."""
-    names = list(feature_emb)
-    nulls = null_features(feature_emb, n_null, seed)
-    kinds = {get_score(m).kind for m in methods}
-    width = sum(t.shape[0] for t in feature_emb.values()) * len(kinds)  # columns per draw (at most)
-    n, c = len(as_rows(source)), aligner.n_components
-    per_pass = max(1, NULL_PASS_BYTES // max(1, n * c * width * 4))
+    """Each method's scores for the null features ``nulls[feature] = [draw [K, d]]``: ``{method:
+    [n_null, F, C]}``, the draws projected in groups of at most :data:`NULL_PASS_BYTES` per pass over
+    the rows (their projections and, for the scores that need them, their per-value sums)."""
+    names = list(nulls)
+    n_null = len(nulls[names[0]])
+    records = [get_score(m) for m in methods]
+    width = sum(t[0].shape[0] for t in nulls.values()) * len({r.kind for r in records})  # columns per draw
+    rows = as_rows(source)
+    n, c = len(rows), aligner.n_components
+    per_draw = n * c * width * 4
+    if any(r.needs_values for r in records):
+        per_draw += width * c * rows.shapes["contributions"][-1] * 8  # ValueSums [K, C, D] per feature
+    per_pass = max(1, NULL_PASS_BYTES // max(1, per_draw))
     out: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     for start in range(0, n_null, per_pass):
         draws = range(start, min(start + per_pass, n_null))
@@ -159,13 +192,15 @@ def score_confidence(
     methods: str | Sequence[str] = ("invariant",),
     resampling: Resampling | None = None,
     *,
+    null_pool: torch.Tensor | None = None,
     batch_size: int = 256,
     progress: bool = True,
 ) -> dict[str, ScoreConfidence]:
     """Bootstrap intervals over images and a null for every component x feature score of each
     method (:class:`ScoreConfidence`; how many draws: ``resampling``): one pass over the rows for the
     features themselves (their projections held as float32, resampled in memory), then passes for the
-    null features (bounded memory, see :func:`_null_scores`)."""
+    null features (bounded memory, see :func:`_null_scores`): groups of real texts of ``null_pool [V,
+    d]`` (and then the features' presence test), or random rotations without one (module text)."""
     r = resampling or Resampling()
     n_boot, n_null, level, seed = r.n_boot, r.n_null, r.level, r.seed
     methods = [methods] if isinstance(methods, str) else list(methods)
@@ -173,7 +208,14 @@ def score_confidence(
     proj = project_features(
         source, aligner, feature_emb, methods, batch_size=batch_size, dtype=torch.float32, progress=progress
     )
-    nulls = _null_scores(source, aligner, feature_emb, methods, n_null, seed, batch_size) if n_null else {}
+    nulls = {}
+    if n_null:
+        drawn = null_features(feature_emb, n_null, seed, null_pool)
+        nulls = _null_scores(source, aligner, drawn, methods, batch_size)
+    presence = None
+    if null_pool is not None:
+        presence = feature_presence(source, feature_emb, null_pool, aligner, seed=seed, batch_size=batch_size)
+    about = NULL_ABOUT["rotations" if null_pool is None else "texts"]
     out = {}
     for m in methods:
         obs = torch.stack([proj.score(m, f) for f in names])  # [F, C]
@@ -181,7 +223,9 @@ def score_confidence(
         low, high = _bootstrap(proj, m, names, n_boot, level, seed)
         p = (1 + (null >= obs[None]).sum(0)) / (1 + n_null)
         stats = (obs, low, high, null.mean(0), null.amax(0))
-        out[m] = ScoreConfidence(m, names, proj.labels, *(x.float() for x in stats), p.double(), n_boot, n_null, level)
+        out[m] = ScoreConfidence(
+            m, names, proj.labels, *(x.float() for x in stats), p.double(), n_boot, n_null, level, about, presence
+        )
     return out
 
 

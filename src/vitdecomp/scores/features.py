@@ -30,11 +30,19 @@ def load_features(
 ) -> dict[str, list[str]]:
     """Features as ``{name: [descriptions]}``.
 
-    ``spec``: a dict (validated as is); a built-in set name (``"paper"``, ``"waterbirds"``,
-    ``"world"`` = the built-in world's attributes); a JSON file holding ``{name: [descriptions]}``;
+    ``spec``: a dict (validated as is; at least one feature); a built-in set name (``"paper"``,
+    ``"waterbirds"``, ``"world"`` = the built-in world's attributes); a JSON file holding ``{name:
+    [descriptions]}``, or that JSON itself (a string starting with ``{``, as a command line gives it);
     or a list of these, merged in order (a later feature of the same name replaces an earlier one).
     """
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"not valid JSON ({err})") from None
     if isinstance(spec, Mapping):
+        if not spec:
+            raise ValueError('no features in it: give at least one, e.g. {"color": ["red", "blue"]}')
         out: dict[str, list[str]] = {}
         for name, descr in spec.items():
             if isinstance(descr, str) or not isinstance(descr, Sequence):

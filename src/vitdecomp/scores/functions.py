@@ -45,18 +45,25 @@ projected on that subspace and centred over images (METHOD.md §3):
     agrees best with the causal truths in the subject's space (mean and resample ablation) on every zoo
     model (docs/validation.md), so ``vitdecomp analyze`` ranks by it first.
 
+``"flow"`` (:func:`vitdecomp.scores.flow.flow_share`, the default)
+    Where the feature flows, signed: every image labelled by the reader's zero-shot reading, each
+    part's mean contribution per value in the subject's own space, and its share of the whole's
+    between-value variation (see :mod:`vitdecomp.scores.flow`).
+
 Degenerate descriptions (near-duplicates) are dropped from the span by an SVD rank cut for the
 basis-free scores; the paper's QR keeps them (as published).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from vitdecomp.probes import Probe, fit_probes
+from vitdecomp.scores.flow import ValueSums, flow_share
+from vitdecomp.scores.flow import flow_resampled as _flow_resampled
 
 #: The zero-shot logit scale of the ablation score: a soft reading (CLIP itself uses 100), chosen on the
 #: development seed among 1, 3, 10, 30, 100 (docs/validation.md).
@@ -229,13 +236,17 @@ def _weighted_moments(u: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> tupl
 class Projected:
     """What a score reads for one feature (:class:`vitdecomp.scores.Score`): every image's aligned
     components ``u [N, C, r]`` and aligned whole ``whole [N, r]`` projected on the directions of the
-    score's kind (float64), ``norm [N]`` = ``||aligned whole||``, and for scores that need it the
-    text-taught probe's readout ``probe = (parts [N, C, K], logits [N, K], labels [N])``."""
+    score's kind (float64), ``norm [N]`` = ``||aligned whole||``, and for scores that need them the
+    text-taught probe's readout ``probe = (parts [N, C, K], logits [N, K], labels [N])``, the feature's
+    per-value sums ``values`` and ``value_batches()``: the rows again, ``(contributions [b, C, D],
+    labels [b])`` batch by batch in row order."""
 
     u: torch.Tensor
     whole: torch.Tensor
     norm: torch.Tensor
     probe: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    values: ValueSums | None = None
+    value_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 def paper(p: Projected) -> torch.Tensor:
@@ -260,6 +271,25 @@ def text_probe(p: Projected) -> torch.Tensor:
     if p.probe is None:
         raise ValueError("text_probe needs the feature's text-taught probe readout (Projected.probe)")
     return score_text_probe(*p.probe, per_image=True)
+
+
+def _values(p: Projected) -> ValueSums:
+    if p.values is None:
+        raise ValueError("flow needs the feature's per-value sums (Projected.values)")
+    return p.values
+
+
+def flow(p: Projected) -> torch.Tensor:
+    """``[C]`` (:func:`vitdecomp.scores.flow.flow_share`)."""
+    return flow_share(_values(p))
+
+
+def flow_resampled(p: Projected, w: torch.Tensor) -> torch.Tensor:
+    """The flow score under image weights ``w [B, N]``, linearised (a second pass over the rows:
+    :func:`vitdecomp.scores.flow.flow_resampled`) -> ``[B, C]``."""
+    if p.value_batches is None:
+        raise ValueError("flow's bootstrap reads the rows again (Projected.value_batches)")
+    return _flow_resampled(_values(p), p.value_batches(), w)
 
 
 def paper_resampled(p: Projected, w: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,11 @@ class Score:
     :class:`vitdecomp.scores.Projected`. ``resample(p, w) -> [B, C]``: the score under image weights
     ``w [B, N]`` (bootstrap counts), for a score that is not per image (without one the bootstrap
     recomputes ``function`` on each resample). ``needs_probe``: ``p.probe`` must hold the feature's
-    text-taught probe readout. ``analyze``: computed by ``vitdecomp analyze`` (results.json,
-    confidence, report). Functions may be ``"module:function"`` strings, imported on first use.
+    text-taught probe readout. ``needs_values``: ``p.values`` must hold the feature's per-value sums
+    of the subject's contributions (:class:`vitdecomp.scores.flow.ValueSums`) and ``p.value_batches``
+    the rows again with each image's value. ``analyze``: computed by ``vitdecomp analyze``
+    (results.json, confidence, report). Functions may be ``"module:function"`` strings, imported on
+    first use.
     """
 
     name: str
@@ -55,6 +58,7 @@ class Score:
     per_image: bool = False
     resample: Callable[..., Any] | str | None = None
     needs_probe: bool = False
+    needs_values: bool = False
     analyze: bool = True
 
     def __post_init__(self) -> None:
@@ -90,7 +94,7 @@ def _resolve(fn: Callable[..., Any] | str) -> Callable[..., Any]:
 #: The registered scores, in the order they are computed, reported and offered.
 SCORES: dict[str, Score] = {}
 #: The score ``vitdecomp analyze`` ranks by and shows first (``results.json``: ``ranked_by``).
-DEFAULT_SCORE = "text_probe"
+DEFAULT_SCORE = "flow"
 
 
 def register_score(score: Score, *, replace: bool = False) -> Score:
@@ -175,10 +179,24 @@ register_score(
         "text_probe",
         kind="text",
         about="the rise of a text-taught probe's loss on the subject's own representation when the component is "
-        "mean-ablated, as a share of every component's rise (label-free; the default: it agrees best with the "
-        "causal truths, docs/validation.md)",
+        "mean-ablated, as a share of every component's rise (label-free; agrees best with the mean-ablation causal "
+        "truth, docs/validation.md)",
         function=f"{_F}:text_probe",
         per_image=True,
         needs_probe=True,
+    )
+)
+register_score(
+    Score(
+        "flow",
+        kind="text",
+        about="where the feature flows: every image labelled by the reader's zero-shot reading of the feature, each "
+        "component's mean contribution per value in the subject's own space, and its share of the whole's "
+        "between-value variation (sums to 1; signed: positive components carry the feature, negative ones "
+        "suppress it). Label-free, no aligner; the default: it agrees with the counterfactual flow share "
+        "(docs/validation.md)",
+        function=f"{_F}:flow",
+        resample=f"{_F}:flow_resampled",
+        needs_values=True,
     )
 )

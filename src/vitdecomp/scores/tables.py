@@ -8,7 +8,7 @@ text-taught probe all come from its record (:mod:`vitdecomp.scores.registry`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,22 +16,28 @@ import torch
 from tqdm.auto import tqdm
 
 from vitdecomp.align import Aligner
+from vitdecomp.scores.flow import FeatureValues
 from vitdecomp.scores.functions import Projected, directions, fit_text_probes, probe_logits, probe_readout
 from vitdecomp.scores.registry import get_score
-from vitdecomp.store import RowSource, as_rows
+from vitdecomp.store import RowBatch, Rows, RowSource, as_rows
 
 
 def score(aligned: torch.Tensor, text_emb: torch.Tensor, method: str = "invariant") -> torch.Tensor:
     """Scores ``[C]`` of the components of an aligned stack ``[N, C, d_clip]`` for one feature
     given by its description embeddings ``text_emb [K, d_clip]`` (the whole is the stack's sum; a
-    probe the score needs reads that sum, the stack being its own space)."""
+    probe the score needs reads that sum and the per-value sums are the stack's, the stack being its own
+    space and its sum the reading)."""
     record = get_score(method)
     u = aligned.double() @ directions(text_emb, record.kind).to(aligned.device)
-    probe = None
+    p = Projected(u, u.sum(1), aligned.double().sum(1).norm(dim=-1))
     if record.needs_probe:
         ((fitted, y),) = fit_text_probes(aligned.sum(1), {"": u.sum(1)}).values()
-        probe = (probe_readout(aligned.cpu(), fitted), probe_logits(fitted, aligned.sum(1).cpu()), y)
-    return record.compute(Projected(u, u.sum(1), aligned.double().sum(1).norm(dim=-1), probe))
+        p.probe = (probe_readout(aligned.cpu(), fitted), probe_logits(fitted, aligned.sum(1).cpu()), y)
+    if record.needs_values:
+        values = FeatureValues({"": text_emb})
+        values.add(aligned, aligned.sum(1))
+        p.values = values.values[""]
+    return record.compute(p)
 
 
 @dataclass
@@ -80,12 +86,17 @@ class Projections:
     [N, r])`` (``whole`` = the sum of the parts + the aligner's bias, float64), ``norm [N]`` =
     ``||aligned whole||``. Each part is its own contiguous tensor, so scoring one reads only its own.
     ``probes[feature] = (parts [N, C, K], logits [N, K], labels [N])``: the text-taught probe's readout of
-    each component and of the whole, and its targets (only when a score needs it)."""
+    each component and of the whole, and its targets (only when a score needs it). ``values``: each
+    feature's :class:`~vitdecomp.scores.flow.ValueSums` and every image's value (only when a score
+    needs them; ``rows`` and ``batch_size`` read the rows again for their bootstrap)."""
 
     parts: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]
     norm: torch.Tensor
     labels: list[str]
     probes: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    values: FeatureValues | None = None
+    rows: Rows | None = None
+    batch_size: int = 256
 
     def __len__(self) -> int:
         return self.norm.shape[0]
@@ -93,7 +104,20 @@ class Projections:
     def view(self, method: str, feature: str) -> Projected:
         """What ``method``'s function reads for ``feature`` (``u`` in float64)."""
         u, whole = self.parts[(get_score(method).kind, feature)]
-        return Projected(u.double(), whole, self.norm, self.probes.get(feature))
+        p = Projected(u.double(), whole, self.norm, self.probes.get(feature))
+        if self.values is not None and feature in self.values.values:
+            p.values = self.values.values[feature]
+            p.value_batches = lambda: self._value_batches(feature)
+        return p
+
+    def _value_batches(self, feature: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rows again, ``(contributions [b, C, D], values [b])`` batch by batch."""
+        assert self.rows is not None and self.values is not None
+        labels, start = self.values.labels(feature), 0
+        for b in self.rows.iter_batches(self.batch_size):
+            c = b["contributions"]
+            yield c, labels[start : start + len(c)]
+            start += len(c)
 
     def score(self, method: str, feature: str) -> torch.Tensor:
         """Scores ``[C]`` of ``method`` for ``feature``."""
@@ -113,9 +137,11 @@ def project_features(
 ) -> Projections:
     """One streaming pass over rows (or contributions ``[N, C, D]``): each aligned component and the
     aligned whole projected on the directions every method in ``methods`` needs for every feature
-    (computed and held in ``dtype``; the whole in float64)."""
+    (computed and held in ``dtype``; the whole in float64); for the scores that need them, each
+    feature's per-value sums of the contributions under every image's reading (:func:`reading`)."""
     records = [get_score(m) for m in methods]
     needs_probe = any(r.needs_probe for r in records)  # the probe learns the "text" readings
+    values = FeatureValues(feature_emb) if any(r.needs_values for r in records) else None
     kinds = sorted({r.kind for r in records} | ({"text"} if needs_probe else set()))
     bases = {(k, f): directions(emb, k).to(aligner.device, dtype) for k in kinds for f, emb in feature_emb.items()}
     widths = [b.shape[1] for b in bases.values()]
@@ -130,6 +156,8 @@ def project_features(
             for key, y in zip(bases, torch.split(a @ basis, widths, dim=2), strict=True):
                 parts[key].append(y.contiguous())  # [b, C, r]
             norms.append((a.double().sum(1) + bias).norm(dim=-1))
+            if values is not None:
+                values.add(b["contributions"], reading(b, a.double().sum(1) + bias))
             if needs_probe:
                 wholes.append(b["contributions"].double().sum(1).cpu())
             bar.update(a.shape[0])
@@ -139,10 +167,22 @@ def project_features(
     for key, chunks in parts.items():
         u = torch.cat(chunks)
         out[key] = (u, u.double().sum(1) + bias @ bases[key].double())
-    proj = Projections(out, torch.cat(norms), list(aligner.labels))
+    proj = Projections(out, torch.cat(norms), list(aligner.labels), values=values, rows=rows, batch_size=batch_size)
     if needs_probe:
         proj.probes = _text_probe_readouts(rows, proj, torch.cat(wholes), list(feature_emb), batch_size)
     return proj
+
+
+def reading(batch: RowBatch, aligned_whole: torch.Tensor | None = None) -> torch.Tensor:
+    """Each image of a batch in the reader's space, the embedding its zero-shot readings read: the
+    reader's own image embedding where the rows hold it (``clip``; no aligner involved), else the
+    aligned whole ``[b, d_clip]``."""
+    clip = batch.get("clip")
+    if clip is not None:
+        return clip
+    if aligned_whole is None:
+        raise ValueError("rows without the reader's image embedding need the aligned whole for their reading")
+    return aligned_whole
 
 
 def _text_probe_readouts(

@@ -34,7 +34,7 @@ def load_zoo_model(
     config: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> LoadedModel:
-    """A zoo model (``deit``, ``dino``, ``swin``, ``maxvit``, ``clip``) in eval mode.
+    """A zoo model (a name of :data:`~vitdecomp.zoo.models.ZOO_NAMES`) in eval mode.
 
     ``checkpoint`` overrides the shipped ``weights/NAME.safetensors``; ``config`` the architecture
     recorded in the shipped card (for checkpoints trained with another config);

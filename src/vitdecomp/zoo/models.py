@@ -1,7 +1,7 @@
 """Architectures of the zoo: small configs of the real libraries' own model classes.
 
-* ``deit``, ``dino``, ``planted``: ``timm.models.vision_transformer.VisionTransformer`` (class token, standard
-  ``Block``/``Attention``) whose patch embedding is timm's ``HybridEmbed`` over timm's ``ConvStem``
+* ``deit``, ``simclr``, ``planted``: ``timm.models.vision_transformer.VisionTransformer`` (class token,
+  standard ``Block``/``Attention``) whose patch embedding is timm's ``HybridEmbed`` over timm's ``ConvStem``
   (as in timm's ``vit_*_mci`` models); the stem is part of the decomposition's "init".
 * ``swin``: ``timm SwinTransformer`` (v1 blocks), window 4 (shifted) on an 8 × 8 grid, then one
   patch merging to 4 × 4; the patch embedding is timm's ``HybridEmbed`` over a ``ConvStem`` of stride 8.
@@ -44,7 +44,7 @@ _VIT = {
 
 ZOO_CONFIGS: dict[str, dict[str, Any]] = {
     "deit": {**_VIT, "num_classes": NUM_LOGITS},
-    "dino": {**_VIT, "num_classes": 0},
+    "simclr": {**_VIT, "num_classes": 0},
     "planted": {**_VIT, "num_classes": NUM_LOGITS},
     "swin": {
         "family": "timm.SwinTransformer",

@@ -30,7 +30,7 @@ from vitdecomp.world.attributes import ATTRIBUTES, CORE_ATTRIBUTES
 from vitdecomp.world.captions import N_TEMPLATES, caption
 from vitdecomp.world.scenes import make_scenes
 from vitdecomp.zoo.data import flip, gray, labels_of, normalize, to_tensor
-from vitdecomp.zoo.evaluate import clip_zero_shot, multi_attribute_accuracy
+from vitdecomp.zoo.evaluate import clip_zero_shot, linear_probe, multi_attribute_accuracy
 from vitdecomp.zoo.models import HEAD_SIZES, IMAGE_SIZE, NUM_LOGITS, clip_tokenizer
 from vitdecomp.zoo.recipes import Recipe
 
@@ -137,6 +137,10 @@ class Objective:
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         raise NotImplementedError
+
+    def diagnostics(self) -> dict[str, float] | None:
+        """Figures of the training's own state after an epoch, for the card's history (None: none)."""
+        return None
 
     def _validation_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         vs = make_scenes(N_VALIDATION, seed=self.recipe.data_seed + VALIDATION_SEED_OFFSET, size=IMAGE_SIZE)
@@ -299,13 +303,13 @@ class Planted(Supervised):
         return acc
 
 
-def second_views(recipe: Recipe, scenes) -> torch.Tensor:
-    """Every training scene's object (same shape, colour, pattern, background, size class) rendered
-    again by the generator with a new position, rotation, radius, texture and noise ``[N, 3, H, W]``:
-    the second view of the self-supervised objectives."""
-    fixed = {k: scenes.attributes[k] for k in ATTRIBUTES}
-    alt = make_scenes(recipe.n_train, seed=recipe.data_seed + 1, size=IMAGE_SIZE, fixed=fixed)
-    return to_tensor(alt.images)
+def rerender(recipe: Recipe, scenes, k: int = 1, background: bool = True):
+    """Every training scene's object (same shape, colour, pattern, size class, and background unless
+    ``background=False``, when the generator draws a new one) rendered again by the generator (seed
+    ``data_seed + k``) with a new position, rotation, radius, background texture phase and noise: the
+    other views of the self-supervised objectives (``Scenes``)."""
+    fixed = {a: scenes.attributes[a] for a in ATTRIBUTES if background or a != "background"}
+    return make_scenes(recipe.n_train, seed=recipe.data_seed + k, size=IMAGE_SIZE, fixed=fixed)
 
 
 class SimCLR(Objective):
@@ -318,7 +322,7 @@ class SimCLR(Objective):
 
     def __init__(self, recipe: Recipe, model: nn.Module, config: dict[str, Any], scenes) -> None:
         super().__init__(recipe, model, config, scenes)
-        self.x_alt = second_views(recipe, scenes)
+        self.x_alt = to_tensor(rerender(recipe, scenes).images)
         d = model.embed_dim
         self.modules["proj"] = nn.Sequential(nn.Linear(d, 256), nn.GELU(), nn.Linear(256, 128))
 
@@ -339,31 +343,55 @@ class SimCLR(Objective):
         return nt_xent(za, zb, self.recipe.temperature), None, None
 
 
-def random_crops(
-    x: torch.Tensor, scale: tuple[float, float], g: torch.Generator, size: int = IMAGE_SIZE
+def object_geometry(scenes) -> torch.Tensor:
+    """``[N, 3]``: each scene's object centre (x, y) and radius in the ``[-1, 1]`` image coordinates of
+    ``F.affine_grid`` (the generator's geometry, not its attributes)."""
+    a, s = scenes.attributes, scenes.size
+    return torch.from_numpy(np.stack([a["cx"] / s * 2 - 1, a["cy"] / s * 2 - 1, a["radius"] / s * 2], 1)).float()
+
+
+def object_crops(
+    x: torch.Tensor, obj: torch.Tensor, half: torch.Tensor, g: torch.Generator, size: int = IMAGE_SIZE
 ) -> torch.Tensor:
-    """One random resized crop per image (area share in ``scale``, aspect ratio 3/4–4/3, bilinear),
-    resized to ``size``: float ``[B, 3, H, W]`` -> ``[B, 3, size, size]``."""
+    """Square crops of half-side ``half [B]`` (image half-side = 1) that keep the object ``obj [B, 3]``
+    (centre, radius) inside where the crop is larger than the object, placed at random otherwise within
+    the image, resized to ``size`` (bilinear, border padding): ``[B, 3, H, W] -> [B, 3, size, size]``."""
     b = x.shape[0]
-    area = torch.empty(b).uniform_(*scale, generator=g)
-    ratio = torch.exp(torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
-    w, h = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)  # shares of the side
-    cx = (torch.rand(b, generator=g) * 2 - 1) * (1 - w)
-    cy = (torch.rand(b, generator=g) * 2 - 1) * (1 - h)
+    free = (1 - half).clamp_min(0)[:, None]  # the crop's centre stays within [-free, free]
+    centre = (torch.rand(b, 2, generator=g) * 2 - 1) * free
+    slack = (half[:, None] - obj[:, 2:]).clamp_min(0)  # how far the centre may sit from the object's
+    centre = torch.maximum(torch.minimum(centre, obj[:, :2] + slack), obj[:, :2] - slack)
     zero = torch.zeros(b)
-    theta = torch.stack([torch.stack([w, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)  # [B, 2, 3]
+    theta = torch.stack(
+        [torch.stack([half, zero, centre[:, 0]], 1), torch.stack([zero, half, centre[:, 1]], 1)], 1
+    )  # [B, 2, 3]
     grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class DinoHead(nn.Module):
-    """DINO's projection head: a 3-layer MLP to a bottleneck, L2-normalised, then a weight-normalised
-    linear layer (its norm fixed to 1) onto the prototypes: ``[B, D] -> [B, prototypes]``."""
+def probe_halves(f: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Per core attribute, the accuracy of a linear probe (:func:`linear_probe`) fitted on the first half
+    of the features ``f [N, D]`` and scored on the second; labels ``y [N, A]``."""
+    h = len(f) // 2
+    return {k: linear_probe(f[:h], y[:h, a], f[h:], y[h:, a]) for a, k in enumerate(HEAD_SIZES)}
 
-    def __init__(self, dim: int, prototypes: int, hidden: int = 256, bottleneck: int = 64) -> None:
+
+class DinoHead(nn.Module):
+    """DINO's projection head: a 3-layer MLP to a bottleneck (with BatchNorm after the hidden layers when
+    ``bn``, DINO's ``use_bn_in_head``), L2-normalised, then a weight-normalised linear layer (its norm
+    fixed to 1) onto the prototypes: ``[B, D] -> [B, prototypes]``."""
+
+    def __init__(self, dim: int, prototypes: int, hidden: int = 256, bottleneck: int = 64, bn: bool = False) -> None:
         super().__init__()
+        norm = nn.BatchNorm1d if bn else nn.Identity
         self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, bottleneck)
+            nn.Linear(dim, hidden),
+            norm(hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            norm(hidden),
+            nn.GELU(),
+            nn.Linear(hidden, bottleneck),
         )
         self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, prototypes, bias=False))
         self.last.parametrizations.weight.original0.data.fill_(1.0)
@@ -383,44 +411,78 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, n_global: int, tempe
 
 
 class Dino(Objective):
-    """DINO (Caron et al. 2021) on the world: the two global views of a scene are a crop of it and a
-    crop of the same object rendered again by the generator (as SimCLR's second view), the local
-    views smaller crops of either (all resized to the model's input, flips only: no colour
-    augmentation, colour is an attribute to keep). The teacher (backbone and head) is an EMA of the
-    student (momentum from ``dino_teacher_momentum`` to 1, cosine); its outputs are centred (EMA of
-    their batch mean) and sharpened (``dino_teacher_temperature``). The teacher's backbone is kept."""
+    """DINO (Caron et al. 2021) on the world. The views of a scene come from its image and from
+    ``dino_renders`` renderings of the same object by the generator (same shape, colour, pattern,
+    background and size class; new position, rotation, radius, background texture phase and noise):
+    view ``v`` is cropped from source ``v mod (1 + dino_renders)``. The two global views are square crops
+    of ``dino_global_scale`` of the image area that keep the object inside; the ``dino_local_crops``
+    local views square crops around the object, ``dino_local_zoom`` times its radius (half-side), so that
+    every view shows the object (crops that miss it leave only the background to agree on). All resized
+    to the model's input, flipped at random; no colour augmentation (colour is an attribute to keep).
+    The teacher (backbone and head) is an EMA of the student (momentum from ``dino_teacher_momentum`` to 1,
+    cosine); its outputs are centred (EMA of their batch mean) and sharpened (temperature from
+    ``dino_teacher_temperature_start`` to ``dino_teacher_temperature`` over ``dino_teacher_warmup_epochs``).
+    The teacher's backbone is kept."""
 
     summary = "self-supervised DINO self-distillation (EMA teacher, centring, sharpening, multi-crop)"
     distillable = False
 
     def __init__(self, recipe: Recipe, model: nn.Module, config: dict[str, Any], scenes) -> None:
         super().__init__(recipe, model, config, scenes)
-        self.x_alt = second_views(recipe, scenes)
-        self.modules["head"] = DinoHead(model.embed_dim, recipe.dino_prototypes)
+        r = recipe
+        renders = [scenes] + [rerender(r, scenes, k + 1) for k in range(r.dino_renders)]
+        if r.dino_local_backgrounds == "new":  # one rendering on a background drawn anew per local crop
+            n = 1 + r.dino_renders
+            renders += [rerender(r, scenes, n + k, background=False) for k in range(r.dino_local_crops)]
+        self.sources = [to_tensor(s.images) for s in renders]  # uint8 [N, 3, H, W] each
+        self.geometry = [object_geometry(s) for s in renders]  # [N, 3] each
+        self.modules["head"] = DinoHead(
+            model.embed_dim, r.dino_prototypes, r.dino_hidden, r.dino_bottleneck, r.dino_head_bn
+        )
         self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(model), "head": copy.deepcopy(self.modules["head"])})
         self.teacher.requires_grad_(False).eval()
         self.center = torch.zeros(recipe.dino_prototypes)
-        self.step, self.total = 0, max(1, recipe.n_train // recipe.batch_size * recipe.epochs)
+        self.steps_per_epoch = max(1, recipe.n_train // recipe.batch_size)
+        self.step, self.total = 0, self.steps_per_epoch * recipe.epochs
         self.val = self._validation_set()
 
-    def views(self, idx: torch.Tensor, xb: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
-        """Two global views then ``dino_local_crops`` local ones, each normalised ``[B, 3, H, W]``."""
+    def teacher_temperature(self) -> float:
+        """The teacher's temperature at the current step: linear warm-up, then constant."""
         r = self.recipe
-        sources = [normalize(xb), normalize(flip(self.x_alt[idx], g))]
-        out = [random_crops(x, r.dino_global_scale, g) for x in sources]
-        return out + [random_crops(sources[i % 2], r.dino_local_scale, g) for i in range(r.dino_local_crops)]
+        warm = r.dino_teacher_warmup_epochs * self.steps_per_epoch
+        f = min(1.0, self.step / warm) if warm else 1.0
+        return r.dino_teacher_temperature_start + f * (r.dino_teacher_temperature - r.dino_teacher_temperature_start)
+
+    def views(self, idx: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
+        """Two global views then ``dino_local_crops`` local ones, each normalised ``[B, 3, H, W]``."""
+        r, b, out = self.recipe, len(idx), []
+        n = 1 + r.dino_renders  # the sources that keep the scene's background
+        for v in range(2 + r.dino_local_crops):
+            s = n + v - 2 if v >= 2 and r.dino_local_backgrounds == "new" else v % n
+            obj = self.geometry[s][idx]
+            if v < 2:
+                half = torch.empty(b).uniform_(*r.dino_global_scale, generator=g).sqrt()
+            else:
+                half = torch.empty(b).uniform_(*r.dino_local_zoom, generator=g) * obj[:, 2]
+            out.append(flip(object_crops(normalize(self.sources[s][idx]), obj, half, g), g))
+        return out
+
+    def teacher_probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's prototype logits ``[B, K]`` and its centred, sharpened distribution ``[B, K]``."""
+        t = self.teacher["head"](self.teacher["backbone"](x))
+        return t, F.softmax((t - self.center) / self.teacher_temperature(), dim=-1)
 
     def loss(self, idx: torch.Tensor, xb: torch.Tensor, g: torch.Generator) -> BatchLoss:
+        """(``xb`` is not read: the views are cropped from the unflipped sources, then flipped.)"""
         r = self.recipe
-        views = self.views(idx, xb, g)
-        b = len(xb)
+        views = self.views(idx, g)
+        b = len(idx)
         student = self.modules["head"](self.model(torch.cat(views))).view(len(views), b, -1)
         with torch.no_grad():
-            t = self.teacher["head"](self.teacher["backbone"](torch.cat(views[:2]))).view(2, b, -1)
-            target = F.softmax((t - self.center) / r.dino_teacher_temperature, dim=-1)
+            t, target = self.teacher_probabilities(torch.cat(views[:2]))
             m = r.dino_center_momentum
-            self.center = m * self.center + (1 - m) * t.reshape(-1, t.shape[-1]).mean(0)
-        return dino_loss(student, target, 2, r.dino_student_temperature), None, None
+            self.center = m * self.center + (1 - m) * t.mean(0)
+        return dino_loss(student, target.view(2, b, -1), 2, r.dino_student_temperature), None, None
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -435,15 +497,32 @@ class Dino(Objective):
             bt.copy_(bs)
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-        """Nearest-class-mean accuracy (cosine) of the teacher's representation, means from the first
-        half of the validation scenes, accuracy on the second."""
-        f = F.normalize(self.teacher["backbone"](normalize(x)), dim=-1)
-        h = len(f) // 2
-        out = {}
-        for a, k in enumerate(HEAD_SIZES):
-            means = torch.stack([f[:h][y[:h, a] == c].mean(0) for c in range(HEAD_SIZES[k])])
-            out[k] = ((f[h:] @ F.normalize(means, dim=-1).t()).argmax(1) == y[h:, a]).float().mean().item()
-        return out
+        """Held-out linear-probe accuracy per attribute of the teacher's representation (the kept
+        model): fitted on the first half of the validation scenes, scored on the second."""
+        return probe_halves(self.teacher["backbone"](normalize(x)), y)
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """Collapse checks on the validation scenes (DINO paper, section 5.3): the teacher's mean
+        entropy (0: one-hot targets, sharpening dominates), the KL divergence from its mean distribution
+        to the uniform one (0: every prototype used alike; log K: one prototype for every image), the
+        prototypes that are some image's argmax, the centre's norm and the teacher's temperature."""
+        x, y = self.val
+        self.model.eval()
+        student = probe_halves(self.model(normalize(x)), y)
+        self.model.train()
+        p = self.teacher_probabilities(normalize(x))[1]
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+        mean = p.mean(0)
+        kl = (mean * (mean.clamp_min(1e-12) * len(mean)).log()).sum()
+        return {
+            "teacher_entropy": entropy.item(),
+            "kl_to_uniform": kl.item(),
+            "prototypes_used": float(len(p.argmax(-1).unique())),
+            "center_norm": self.center.norm().item(),
+            "teacher_temperature": self.teacher_temperature(),
+            **{f"student_{k}": v for k, v in student.items()},
+        }
 
     def finish(self) -> None:
         """The teacher's backbone becomes the model (DINO evaluates and keeps the teacher)."""

@@ -34,15 +34,24 @@ class Recipe:
     planted_weight: float = 1.0  # cross-entropy of the per-component probes of the planted pairs
     invariance_weight: float = 0.5  # between-class / total variance of the other pairs' contributions
     adversary_weight: float = 0.5  # the other pairs' adversary probes' cross-entropy to uniform (0: off)
-    # dino: prototypes, temperatures, centre and teacher momenta, crops (scale ranges of the image area)
+    # dino: head (prototypes, hidden width, bottleneck), temperatures (the teacher's warmed up linearly from
+    # ``_start`` over ``dino_teacher_warmup_epochs``), centre and teacher momenta, views (renderings of the
+    # object by the generator; global crops' area share; local crops' half-side in object radii)
     dino_prototypes: int = 1024
+    dino_hidden: int = 256
+    dino_bottleneck: int = 64
+    dino_head_bn: bool = False  # BatchNorm after the head's hidden layers (DINO's use_bn_in_head)
     dino_student_temperature: float = 0.1
-    dino_teacher_temperature: float = 0.04
+    dino_teacher_temperature: float = 0.07
+    dino_teacher_temperature_start: float = 0.04
+    dino_teacher_warmup_epochs: float = 1.0
     dino_center_momentum: float = 0.9
     dino_teacher_momentum: float = 0.99  # start of the cosine schedule to 1
+    dino_renders: int = 1
     dino_local_crops: int = 2
     dino_global_scale: tuple[float, float] = (0.5, 1.0)
-    dino_local_scale: tuple[float, float] = (0.15, 0.45)
+    dino_local_zoom: tuple[float, float] = (1.2, 2.0)
+    dino_local_backgrounds: str = "same"  # "new": local crops of the object rendered on a random background
 
 
 #: The roles planted in ``zoo:planted`` (labels as ``vitdecomp.decompose`` names its components).
@@ -58,7 +67,7 @@ RECIPES: dict[str, Recipe] = {
     "deit": Recipe("supervised", epochs=6),
     "swin": Recipe("supervised", epochs=12, distill_from="deit", kd_weight=1.0),
     "maxvit": Recipe("supervised", epochs=8, n_train=20000),
-    "dino": Recipe(
+    "simclr": Recipe(
         "simclr",
         epochs=6,
         n_train=20000,

@@ -9,13 +9,18 @@ random horizontal flips; a fixed pool of generated scenes, re-used each epoch):
 * ``swin`` — the same task plus distillation from the trained ``zoo:deit`` (as DeiT distilled
   from a teacher): Hinton's soft-label loss on each attribute's logits and a cosine loss between
   a training-only linear map of its representation and deit's.
-* ``dino`` — self-supervised, SimCLR-style InfoNCE (NT-Xent) between two views of each scene
-  (not DINO's self-distillation): the second view is the same object (same shape, colour,
-  pattern, background, size class) rendered again by the generator with a new position,
-  rotation, radius, texture and noise, plus flips. Batches are made of runs of 32 scenes that
-  share colour and background, or shape and background, so that telling a view's partner from
-  the other scenes of its run takes the attributes the run does not share (hard negatives). No labels enter the loss;
-  the projection head is dropped after training.
+* ``simclr`` — self-supervised, SimCLR-style InfoNCE (NT-Xent) between two views of each scene: the
+  second view is the same object (same shape, colour, pattern, background, size class) rendered
+  again by the generator with a new position, rotation, radius, texture and noise, plus flips.
+  Batches are made of runs of 32 scenes that share colour and background, or shape and background,
+  so that telling a view's partner from the other scenes of its run takes the attributes the run
+  does not share (hard negatives). No labels enter the loss; the projection head is dropped after
+  training. (Shipped as ``zoo:dino`` until issue 21.)
+* ``dino`` — self-supervised DINO self-distillation (:class:`~vitdecomp.zoo.objectives.Dino`): an EMA
+  teacher's centred, sharpened prototype distribution over two global views is the target of the
+  student's over every view (multi-crop); the views are crops that keep the object, from the scene
+  and from the generator's renderings of the same object (the local crops on a new background). No
+  labels enter the loss or the choice of views; the head is dropped and the teacher's backbone kept.
 * ``planted`` — deit's task plus planted roles (``PLANTED_MAP``): per-component linear probes on the
   direct contributions make designated heads carry designated attributes; every other head and MLP
   (and each planted head for the other attributes) is made invariant to them by a between-class
@@ -94,38 +99,19 @@ def train(
     log(f"[{name}] generated {recipe.n_train} training scenes in {t_data:.1f}s")
     teacher, teacher_id = _teacher(recipe, teacher, weights_dir)
     distillation = Distillation(recipe, teacher, objective, x[:2]) if recipe.distill_from else None
-    extra = nn.ModuleDict({**objective.modules, **(distillation.modules if distillation else {})})
-    params = _param_groups(model, recipe.weight_decay) + _param_groups(extra, recipe.weight_decay)
     keys = group_keys(scenes, recipe.group_by) if recipe.group_by else None
-    # the epoch length does not depend on the shuffle: count it with a throw-away generator
-    n_used = len(epoch_order(recipe.n_train, torch.Generator().manual_seed(0), keys, recipe.group_size))
-    steps_per_epoch = n_used // recipe.batch_size
-    run = _Run(
-        recipe=recipe,
-        model=model,
-        objective=objective,
-        distillation=distillation,
-        extra=extra,
-        opt=torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.999)),
-        x=x,
-        g=torch.Generator().manual_seed(recipe.seed),
-        steps_per_epoch=steps_per_epoch,
-        total=steps_per_epoch * recipe.epochs,
-    )
+    run = _new_run(recipe, model, objective, distillation, x, keys)
     history = []
     model.train()
-    extra.train()
+    run.extra.train()
     t_train = time.time()
     for epoch in range(recipe.epochs):
         perm = epoch_order(recipe.n_train, run.g, keys, recipe.group_size)
         objective.start_epoch()
         loss = _train_epoch(run, epoch, perm, desc=f"{name} epoch {epoch + 1}/{recipe.epochs}", progress=progress)
-        entry: dict[str, Any] = {"epoch": epoch + 1, "loss": round(loss, 4), "time_s": round(time.time() - t_train, 1)}
-        acc = objective.validate()
-        if acc is not None:
-            entry["val_acc"] = {k: round(v, 4) for k, v in acc.items()}
-        history.append(entry)
-        log(f"[{name}] epoch {epoch + 1}: {json.dumps(entry)}")
+        entry = {"epoch": epoch + 1, "loss": round(loss, 4), "time_s": round(time.time() - t_train, 1)}
+        history.append(entry | _checks(objective))
+        log(f"[{name}] epoch {epoch + 1}: {json.dumps(history[-1])}")
     objective.finish()
     model.eval()
     return model, {
@@ -138,6 +124,43 @@ def train(
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
     }
+
+
+def _new_run(
+    recipe: Recipe,
+    model: nn.Module,
+    objective: Objective,
+    distillation: Distillation | None,
+    x: torch.Tensor,
+    keys: np.ndarray | None,
+) -> _Run:
+    """A run's optimiser (over the model and the training-only modules), generator and step counts."""
+    extra = nn.ModuleDict({**objective.modules, **(distillation.modules if distillation else {})})
+    params = _param_groups(model, recipe.weight_decay) + _param_groups(extra, recipe.weight_decay)
+    # the epoch length does not depend on the shuffle: count it with a throw-away generator
+    n_used = len(epoch_order(recipe.n_train, torch.Generator().manual_seed(0), keys, recipe.group_size))
+    steps_per_epoch = n_used // recipe.batch_size
+    return _Run(
+        recipe=recipe,
+        model=model,
+        objective=objective,
+        distillation=distillation,
+        extra=extra,
+        opt=torch.optim.AdamW(params, lr=recipe.lr, betas=(0.9, 0.999)),
+        x=x,
+        g=torch.Generator().manual_seed(recipe.seed),
+        steps_per_epoch=steps_per_epoch,
+        total=steps_per_epoch * recipe.epochs,
+    )
+
+
+def _checks(objective: Objective) -> dict[str, Any]:
+    """What the history keeps of the objective's checks after an epoch: ``val_acc`` and ``diagnostics``."""
+    out = {}
+    for key, values in (("val_acc", objective.validate()), ("diagnostics", objective.diagnostics())):
+        if values is not None:
+            out[key] = {k: round(v, 4) for k, v in values.items()}
+    return out
 
 
 def _train_epoch(run: _Run, epoch: int, perm: torch.Tensor, desc: str, progress: bool) -> float:
