@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m vitdecomp.commands.validate_features",
         description="SAE features vs the world's ground truth: detection, names, completeness, location.",
     )
-    p.add_argument("--models", nargs="+", default=list(MODELS), help="the models validated")
+    p.add_argument("--models", nargs="*", default=list(MODELS), help="the models validated (none: the controls only)")
     p.add_argument("--control", nargs="*", default=["zoo:deit"], help="models also run with random weights")
     add_options(
         p,
