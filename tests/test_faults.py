@@ -661,7 +661,7 @@ def test_a_killed_writer_s_store_lock_is_free_while_it_is_unreaped(tmp_path):
         with pytest.raises(LockedError, match=f"pid {proc.pid} "):
             StoreLock(tmp_path).__enter__()
         os.kill(proc.pid, signal.SIGKILL)
-        for _ in range(100):  # dead, not reaped: its state is Z (zombie)
+        for _ in range(600):  # dead, not reaped: its state is Z (zombie); dying takes seconds under load
             if Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1].startswith("Z"):
                 break
             time.sleep(0.05)
