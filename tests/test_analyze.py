@@ -6,6 +6,7 @@ tests; reruns, refusals, the CLIP-subject identity path and image folders get th
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -304,7 +305,9 @@ def test_report_shows_head_grids_maps_views_and_galleries(first_run):
     v = results.views
     assert [f.feature for f in v.features] == list(results.features)
     for f in v.features:
-        assert f.grid.startswith("data:image/png;base64,") and len(f.heads) == 10  # 2 ceil(sqrt(20 heads))
+        assert f.grid.startswith("data:image/svg+xml;base64,") and len(f.heads) == 10  # 2 ceil(sqrt(20 heads))
+        svg = base64.b64decode(f.grid.split(",", 1)[1]).decode()
+        assert svg.count("<rect") == 20 and f.feature in svg  # zoo:deit: 5 layers x 4 heads, every cell drawn
         assert len(f.maps) == 4 and all(m.data_uri.startswith("data:image/png") and m.heads == f.heads for m in f.maps)
         assert all(m.text in results.features[f.feature] for m in f.maps)  # the value the model reads
     assert v.components and all(lab.split(".")[-1].startswith("H") for lab in v.components)

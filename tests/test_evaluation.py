@@ -233,7 +233,7 @@ def test_analysis_confidence_stage_is_json_ready_and_in_results():
     from vitdecomp.align import identity_aligner
     from vitdecomp.pipeline.stages import N_NULL, TextSpace, confidence
     from vitdecomp.results import AnalysisResult
-    from vitdecomp.scores import analysis_scores
+    from vitdecomp.scores import DEFAULT_SCORE, analysis_scores
     from vitdecomp.store import ArrayRows
 
     c, _ = known_stack(80, 6)
@@ -242,8 +242,13 @@ def test_analysis_confidence_stage_is_json_ready_and_in_results():
     texts = {"f": torch.randn(3, 8, generator=g)}
     pool = torch.randn(20, 8, generator=g)
     space = TextSpace({"f": ["a", "b", "c"]}, texts, "v", [], torch.zeros(0, 8), ("{}",), 0, pool)
-    conf, presence = confidence(ArrayRows(c.numpy(), labels=labels), identity_aligner(labels, 8), space, progress=False)
+    rows, al = ArrayRows(c.numpy(), labels=labels), identity_aligner(labels, 8)
+    conf, presence = confidence(rows, al, space, progress=False, which="all")
     assert set(conf) == set(analysis_scores()) and set(presence["features"]) == {"f"}
+    ranked, ranked_presence = confidence(rows, al, space, progress=False)  # the default: the ranked score only
+    assert set(ranked) == {DEFAULT_SCORE} and ranked[DEFAULT_SCORE] == conf[DEFAULT_SCORE]
+    none, none_presence = confidence(rows, al, space, progress=False, which="none")
+    assert none == {} and none_presence == presence == ranked_presence
     for d in conf.values():
         assert d["n_null"] == N_NULL and set(d["scores"]["f"]) == set(labels) and "real texts" in d["null"]
         cell = d["scores"]["f"]["L0.H0"]

@@ -20,7 +20,9 @@ from tqdm.auto import tqdm
 from vitdecomp.apps.analysis import Analysis, analysis_of, auto_heads, auto_k
 from vitdecomp.apps.head_grids import head_grid_uri
 from vitdecomp.apps.heatmap import heatmaps, overlay
+from vitdecomp.apps.pixels import input_geometry
 from vitdecomp.apps.retrieval import store_text_scores, top_components
+from vitdecomp.apps.token_maps import token_maps
 from vitdecomp.figures import thumbnail_data_uri
 from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.results import AnalysisResult, ComponentView, FeatureView, Hit, ImageMap, ReportViews, RetrievalGallery
@@ -29,8 +31,11 @@ from vitdecomp.results import AnalysisResult, ComponentView, FeatureView, Hit, I
 N_MAP_IMAGES = 4
 #: Top images per head view.
 N_VIEW_IMAGES = 3
-#: Heads that get their own view: those with the highest score for any feature.
-MAX_VIEW_HEADS = 48
+#: Heads that get their own view: those with the highest score for any feature (the others' maps:
+#: ``vitdecomp heatmap --report OUT --heads NAME``, from the store and the saved aligner).
+MAX_VIEW_HEADS = 24
+#: Heads whose views one token-map decomposition computes (their images together).
+VIEW_BATCH = 8
 #: Text queries per feature (its first values) and images shown per query.
 N_QUERIES = 3
 N_HITS = 8
@@ -73,14 +78,43 @@ def view_heads(result: AnalysisResult, n: int = MAX_VIEW_HEADS) -> list[str]:
 
 
 def component_views(analysis: Analysis, source: Any, progress: bool = True) -> dict[str, ComponentView]:
-    """Each of :func:`view_heads`' heads alone on its top images, along its top description."""
-    r, rows = analysis.result, {i: j for j, i in enumerate(source.ids)}
+    """Each of :func:`view_heads`' heads alone on its top images, along its top description; one
+    decomposition per :data:`VIEW_BATCH` heads (:func:`_view_batch`), not one per head."""
+    rows = {i: j for j, i in enumerate(source.ids)}
+    heads = view_heads(analysis.result)
+    out: dict[str, ComponentView] = {}
+    with tqdm(total=len(heads), desc="head views", unit="head", leave=False, disable=not progress) as bar:
+        for s in range(0, len(heads), VIEW_BATCH):
+            out.update(_view_batch(analysis, source, rows, heads[s : s + VIEW_BATCH]))
+            bar.update(len(heads[s : s + VIEW_BATCH]))
+    return out
+
+
+def _view_batch(analysis: Analysis, source: Any, rows: dict[str, int], heads: list[str]) -> dict[str, ComponentView]:
+    """The views of ``heads`` from one token-map decomposition: their top images together, their top
+    descriptions as the directions ``[len(heads), d_clip]``; each head's map is its own column on its
+    own images (what :func:`vitdecomp.apps.heatmap.heatmaps` gives for one head and one text)."""
+    r, subject = analysis.result, analysis.subject
+    texts = [r.descriptions[h][0].text for h in heads]
+    ids = {h: [t.id for t in r.top_images[h][:N_VIEW_IMAGES] if t.id in rows] for h in heads}
+    union = list(dict.fromkeys(i for h in heads for i in ids[h]))
+    if not union:
+        return {h: ComponentView(h, t, []) for h, t in zip(heads, texts, strict=True)}
+    images = [_pil(source.image(rows[i])) for i in union]
+    x = torch.stack([subject.preprocess(im.convert("RGB")) for im in images])
+    x = x.to(next(subject.model.parameters(), x).device)
+    maps = token_maps(subject, x, analysis.embed(texts), aligner=analysis.aligner, start_layer=r.start_layer or 0)
     out = {}
-    for lab in tqdm(view_heads(r), desc="head views", unit="head", leave=False, disable=not progress):
-        ids = [t.id for t in r.top_images[lab][:N_VIEW_IMAGES] if t.id in rows]
-        text = r.descriptions[lab][0].text
-        images = [_pil(source.image(rows[i])) for i in ids]
-        out[lab] = ComponentView(lab, text, _maps(analysis, images, ids, text=text, heads=[lab]) if ids else [])
+    for k, (h, text) in enumerate(zip(heads, texts, strict=True)):
+        px = maps.pixels([h]).float().cpu()  # [B, k, H, W]
+        figures = []
+        for i in ids[h]:
+            j = union.index(i)
+            im = images[j]
+            back = input_geometry(subject.preprocess, (im.height, im.width)).to_original(px[j, k][None])[0]
+            uri = thumbnail_data_uri(overlay(im, back.numpy(), min(MAP_SIZE, max(im.size))), MAP_SIZE)
+            figures.append(ImageMap(i, text, [h], uri))
+        out[h] = ComponentView(h, text, figures)
     return out
 
 
@@ -123,8 +157,10 @@ def report_views(
             "--heads auto); their maps on the first images of the set, along the value the aligned whole "
             "representation reads best (no labels), read as its text minus the mean of the feature's other "
             "values' texts. Red: the heads write along it; blue: against it; each map on its own symmetric scale.",
-            f"Head views: the {len(heads)} heads with the highest score for any feature, each alone on its "
-            f"top {N_VIEW_IMAGES} images along its top description.",
+            f"Head views: the {len(heads)} heads with the highest score for any feature (at most "
+            f"{MAX_VIEW_HEADS}, to keep the page small), each alone on its top {N_VIEW_IMAGES} images along its "
+            "top description; any other head's map on demand: vitdecomp heatmap --report OUT --text TEXT "
+            "--heads NAME IMAGES.",
             f"Retrieval: cosine between a value's text and the aligned sum of the feature's top k = "
             f"2 ceil(sqrt(C)) = {k} components, over all {len(source)} images.",
         ],
