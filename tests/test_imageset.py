@@ -140,7 +140,7 @@ def test_world_source_renders_scenes_lazily_with_memory_flat_in_n():
     assert isinstance(src._get, WorldScenes) and not src._get.held  # nothing rendered up front
     assert set(src.attributes) == set(want.attributes)
     assert all(np.array_equal(src.attributes[k], v) for k, v in want.attributes.items())
-    for _, images in src.batches(100)(0):  # a full pass, as the store fill reads it
+    for _ in src.batches(100)(0):  # a full pass, as the store fill reads it
         assert len(src._get.held) <= WorldScenes.HELD
     for i in (0, CHUNK - 1, CHUNK, 3 * CHUNK + 7, n - 1):
         assert np.array_equal(np.asarray(src.image(i)), want.images[i]), i
