@@ -439,7 +439,14 @@ def test_cli_on_an_image_folder(tmp_path, capsys):
     assert data["vocabulary"]["name"] == "general"
     assert (out / "index.html").is_file()
     assert main([a for a in argv if a != "--quiet"] + ["--skip-bad-images"]) == 0
-    assert "top components per feature" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "top components per feature" in printed.out
+    # the console says what each stage starts (no stage silent) and the summary gives every stage's time
+    for said in ("checking the options", "loading the subject", "decomposing 10 images", "confidence of the flow"):
+        assert f"vitdecomp: {said}" in printed.err or f"vitdecomp: analyze: {said}" in printed.err, said
+    timed = json.loads((out / "results.json").read_text())["timings_s"]
+    line = next(x for x in printed.out.splitlines() if x.strip().startswith("time (s)"))
+    assert all(f"{stage} " in line for stage in timed if stage != "total")
 
 
 def test_report_ranks_by_flow_marks_suppressors_and_absent_features(first_run):
@@ -457,6 +464,8 @@ def test_report_ranks_by_flow_marks_suppressors_and_absent_features(first_run):
     assert set(data["presence"]["features"]) == set(data["features"])
     assert all("significant" in cell for row in data["confidence"]["flow"]["scores"].values() for cell in row.values())
     assert "real texts" in data["confidence"]["flow"]["null"]
+    assert set(data["confidence"]) == {"flow"}  # the default: only the ranked score's intervals (the page's)
+    assert "--confidence all" in (out / "index.html").read_text()  # the report says how to get the others
     r = copy.deepcopy(results)
     ranking = r.rankings["flow"]["shape"]
     r.scores["flow"]["shape"][ranking[-1]] = -0.25  # a suppressor
