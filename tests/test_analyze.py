@@ -7,6 +7,7 @@ tests; reruns, refusals, the CLIP-subject identity path and image folders get th
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import re
@@ -475,3 +476,33 @@ def test_report_ranks_by_flow_marks_suppressors_and_absent_features(first_run):
     assert "suppresses" in card and ranking[-1] in card
     colour = page.split("<h3>color")[1].split('<div class="card">')[0]
     assert "not in these images" in colour and colour.count("opacity:.45") == colour.count('<div class="rank') >= 5
+
+
+def test_head_views_from_one_decomposition_per_batch_match_one_head_at_a_time(first_run):
+    """The report's head views come from one token-map decomposition per batch of heads (their top
+    images together, their texts as the directions); each head's maps are what the one-head,
+    one-text heatmap gives (decoded pixels within rounding of the colour map)."""
+    from PIL import Image
+
+    from vitdecomp.apps.analysis import analysis_of
+    from vitdecomp.apps.report_figures import _maps, _pil, _view_batch, view_heads
+    from vitdecomp.imageset import world_source
+    from vitdecomp.pipeline.config import AnalysisConfig
+    from vitdecomp.pipeline.model_pair import configured_models
+
+    results, out, _ = first_run
+    cfg = AnalysisConfig(**RUN)
+    models = configured_models(cfg, "cpu")
+    analysis = analysis_of(results, models.subject, models.reader, out=out)
+    source = world_source(N, seed=cfg.seed)
+    rows = {i: j for j, i in enumerate(source.ids)}
+    heads = view_heads(results)[:3]
+    batched = _view_batch(analysis, source, rows, heads)
+    for h in heads:
+        ids = [t.id for t in results.top_images[h][:3]]
+        text = results.descriptions[h][0].text
+        alone = _maps(analysis, [_pil(source.image(rows[i])) for i in ids], ids, text=text, heads=[h])
+        assert [m.image for m in batched[h].maps] == ids and batched[h].text == text
+        for a, b in zip(alone, batched[h].maps, strict=True):
+            pa, pb = (np.asarray(Image.open(io.BytesIO(base64.b64decode(m.data_uri.split(",")[1])))) for m in (a, b))
+            assert np.abs(pa.astype(int) - pb.astype(int)).max() <= 2, h
