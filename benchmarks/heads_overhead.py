@@ -1,19 +1,23 @@
 """Heads-only decomposition against the plain forward, timed side by side in one process (prints a table).
 
     python benchmarks/heads_overhead.py [--models deit_base_patch16_224 open_clip:ViT-B-16 hf:ViTModel ...]
-        [--batch 8] [--threads 2] [--rounds 5] [--clock wall|cpu]
+        [--batch 8] [--threads 2] [--rounds 5] [--clock wall|cpu] [--set issue20]
 
 Forward and decomposition alternate on the same batch, so a shared machine's drift hits both alike; the
 ratio is the median over rounds of (decomposition time / forward time), the spread its range over rounds.
 ``--clock cpu`` times the process's CPU time instead of wall time: on a machine shared with other jobs
 (run with ``--threads 1``) it counts the work done, not the time spent waiting for a core.
 Random-init weights. ``hf:CLASS`` is a transformers vision tower at ViT-B/16 size and 224 px
-(:data:`HF_BASE`); ``--models hf`` runs all of them.
+(:data:`HF_BASE`); ``--models hf`` runs all of them. A timm name may carry ``timm.create_model``
+arguments: ``aimv2_large_patch14_224[embed_dim=768,depth=12,num_heads=12]``. ``--set issue20``: base-size
+configs of the families added by issue 20 at 224 px (open_clip's timm towers and CoCa, an RmsNorm ViT,
+NaFlexVit on an image batch, Swin V2-CR with its stage norms).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import statistics
 import time
@@ -29,6 +33,24 @@ DEFAULT_MODELS = [
     "swinv2_tiny_window8_256",
     "maxvit_small_tf_224",
 ]
+ISSUE20_MODELS = [
+    "open_clip:ViT-B-16-SigLIP",
+    "open_clip:EVA02-B-16",
+    "open_clip:coca_ViT-B-32",
+    "aimv2_large_patch14_224[embed_dim=768,depth=12,num_heads=12]",
+    "naflexvit_base_patch16_gap[img_size=224]",
+    "swinv2_cr_base_ns_224",
+]
+SETS = {"default": DEFAULT_MODELS, "issue20": ISSUE20_MODELS}
+
+
+def timm_spec(name: str) -> tuple[str, dict]:
+    """``"name[k=v,...]"`` -> ``("name", {k: v})`` (values read as Python literals)."""
+    if not name.endswith("]"):
+        return name, {}
+    base, _, args = name[:-1].partition("[")
+    pairs = (item.split("=", 1) for item in args.split(",") if item)
+    return base, {k.strip(): ast.literal_eval(v.strip()) for k, v in pairs}
 
 
 #: ViT-B/16 at 224 px, the size of every transformers tower measured (``hf:CLASS``).
@@ -66,8 +88,10 @@ def build(name: str):
         return model.visual, model, size if isinstance(size, tuple) else (size, size)
     import timm
 
-    model = timm.create_model(name, pretrained=False).eval()
-    return model, model, tuple(model.pretrained_cfg["input_size"][1:])
+    base, kwargs = timm_spec(name)
+    model = timm.create_model(base, pretrained=False, **kwargs).eval()
+    size = kwargs.get("img_size", model.pretrained_cfg["input_size"][1:])
+    return model, model, tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
 def measure(name: str, batch: int, rounds: int, clock=time.perf_counter) -> tuple[float, float, list[float]]:
@@ -101,7 +125,8 @@ def measure(name: str, batch: int, rounds: int, clock=time.perf_counter) -> tupl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    ap.add_argument("--models", nargs="+", default=None)
+    ap.add_argument("--set", choices=sorted(SETS), default="default", help="the models when --models is not given")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
@@ -109,7 +134,8 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    models = [m for name in args.models for m in ([f"hf:{c}" for c in HF_BASE] if name == "hf" else [name])]
+    names = args.models or SETS[args.set]
+    models = [m for name in names for m in ([f"hf:{c}" for c in HF_BASE] if name == "hf" else [name])]
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"batch {args.batch}, {args.threads} threads, {args.clock} clock, median of {args.rounds} alternating rounds")

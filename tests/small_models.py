@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from unittest import mock
 
 import open_clip
 import timm
@@ -37,6 +38,37 @@ def _clip(size: int = 32, **vision) -> Callable[[], tuple[nn.Module, int]]:
         vision_cfg = {"image_size": size, "layers": 3, "width": 64, "patch_size": 8, "head_width": 16, **vision}
         text_cfg = {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}
         return perturb(open_clip.CLIP(embed_dim=24, vision_cfg=vision_cfg, text_cfg=text_cfg)), size
+
+    return make
+
+
+def _coca(size: int = 32) -> Callable[[], tuple[nn.Module, int]]:
+    """open_clip's CoCa: the vision tower's AttentionalPooler (5 queries, 4 heads) gives the embedding."""
+
+    def make() -> tuple[nn.Module, int]:
+        torch.manual_seed(0)
+        vision = {"image_size": size, "layers": 3, "width": 64, "patch_size": 8, "head_width": 16}
+        vision |= {"attentional_pool": True, "attn_pooler_heads": 4, "attn_pooler_queries": 5, "output_tokens": True}
+        text = {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}
+        text |= {"embed_cls": True, "output_tokens": True}
+        multimodal = {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}
+        return perturb(open_clip.CoCa(24, multimodal | {"attn_pooler_heads": 2}, text, vision)), size
+
+    return make
+
+
+def _clip_timm(name: str, size: int, pool: str, proj: str | None, **trunk) -> Callable[[], tuple[nn.Module, int]]:
+    """An open_clip CLIP whose image tower is open_clip's own ``TimmModel`` wrapping the timm model
+    ``name``, built by open_clip's code with ``trunk`` (sizes) added to its ``timm.create_model`` call."""
+
+    def make() -> tuple[nn.Module, int]:
+        create = timm.create_model
+        torch.manual_seed(0)
+        vision = {"image_size": size, "timm_model_name": name, "timm_pool": pool, "timm_proj": proj}
+        text = {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}
+        with mock.patch.object(open_clip.timm_model.timm, "create_model", lambda n, **kw: create(n, **kw, **trunk)):
+            model = open_clip.CustomTextCLIP(24, vision | {"timm_proj_bias": proj == "linear"}, text)
+        return perturb(model), size
 
     return make
 
@@ -100,7 +132,8 @@ def _map_pool_variant() -> Callable[[], tuple[nn.Module, int]]:
     return make
 
 
-VIT = {"depth": 3, "embed_dim": 48, "num_heads": 3, "num_classes": 7}
+VIT_BODY = {"depth": 3, "embed_dim": 48, "num_heads": 3}
+VIT = {**VIT_BODY, "num_classes": 7}
 P8 = {"img_size": 32, "patch_size": 8}
 MAXVIT = {
     "img_size": 64,
@@ -109,6 +142,8 @@ MAXVIT = {
     "transformer_dim_head": 8,
     "num_classes": 5,
 }
+#: NaFlexVit with EVA blocks (axial rotary embeddings, SwiGLU), a class token the MAP head also sees
+NAFLEX_EVA_BLOCKS = {"rope_type": "axial", "swiglu_mlp": True, "class_token": True, "pool_include_prefix": True}
 SWIN = {"patch_size": 2, "window_size": 4, "embed_dim": 16, "depths": (2, 2, 2), "num_heads": (2, 2, 4)}
 
 #: name -> factory returning (model, image size); the families every test runs over.
@@ -158,6 +193,18 @@ SMALL_MODELS: dict[str, Callable[[], tuple[nn.Module, int]]] = {
         **VIT,
     ),
     "swinv2-padded": _timm("swinv2_tiny_window8_256", 56, img_size=56, num_classes=5, **SWIN),
+    "aimv2-rmsnorm-swiglu": _timm("aimv2_large_patch14_224", 42, img_size=42, **VIT),
+    "sapiens2-eva-rmsnorm-gqa": _timm("vit_base_patch16_sapiens2", 32, **P8, **VIT, num_kv_heads=(3, 1, 3)),
+    "coca-attentional-pooler": _coca(),
+    "openclip-timm-siglip-map": _clip_timm("vit_base_patch16_siglip_224", 32, "map", "none", **P8, **VIT_BODY),
+    "openclip-timm-eva02-head-proj": _clip_timm("eva02_base_patch16_clip_224", 32, "token", None, **P8, **VIT_BODY),
+    "openclip-timm-vit-linear-proj": _clip_timm("vit_medium_patch16_gap_256", 32, "", "linear", **P8, **VIT_BODY),
+    "naflex-gap-reg": _timm("naflexvit_base_patch16_gap", 32, **P8, **VIT),
+    "naflex-map-rope-swiglu": _timm("naflexvit_base_patch16_map", 32, **P8, **VIT, **NAFLEX_EVA_BLOCKS),
+    "swinv2-cr-stage-norms": _timm("swinv2_cr_tiny_ns_224", 64, img_size=64, num_classes=5, **SWIN),
+    "swinv2-cr-block-norms-padded": _timm(
+        "swinv2_cr_tiny_ns_224", 56, img_size=56, num_classes=5, extra_norm_period=1, **SWIN
+    ),
     "hf-vit": _hf("ViTConfig", "ViTModel", intermediate_size=96),
     "hf-deit-eager": _hf("DeiTConfig", "DeiTModel", intermediate_size=96, attn_implementation="eager"),
     "hf-dinov2-swiglu": _hf("Dinov2Config", "Dinov2Model", use_swiglu_ffn=True, layerscale_value=0.5),
@@ -194,7 +241,7 @@ def own_output(model: nn.Module, x: torch.Tensor, rep: str | None) -> torch.Tens
         if type(model).__module__.startswith("transformers."):
             return hf_output(model, model(x), x, rep)
         if hasattr(model, "encode_image"):
-            return model.encode_image(x)
+            return model.encode_image(x, normalize=False)
         if rep == "logits":
             return model(x)
         feats = model.forward_features(x)

@@ -71,18 +71,19 @@ def texts(direction: int) -> torch.Tensor:
     return torch.nn.functional.normalize(t, dim=-1)
 
 
-def scores_of(c: torch.Tensor, rows: np.ndarray) -> dict[str, torch.Tensor]:
-    """The applications' default score, as `vitdecomp debias` computes it (identity aligner)."""
+def scores_of(c: torch.Tensor, rows: np.ndarray, method: str = SCORE_METHOD) -> dict[str, torch.Tensor]:
+    """A score as `vitdecomp debias` computes it (identity aligner); by default the library's default."""
     table = score_features(
-        c[rows], identity_aligner(LABELS, 4), {"spurious": texts(1), "core": texts(0)}, (SCORE_METHOD,), progress=False
-    )[SCORE_METHOD]
+        c[rows], identity_aligner(LABELS, 4), {"spurious": texts(1), "core": texts(0)}, (method,), progress=False
+    )[method]
     return {"spurious": table["spurious"], "core": table["core"]}
 
 
-def test_the_score_finds_the_planted_spurious_component_and_ablating_it_raises_worst_group():
+@pytest.mark.parametrize("method", [SCORE_METHOD, "text_probe"])
+def test_the_score_finds_the_planted_spurious_component_and_ablating_it_raises_worst_group(method):
     c, meta = planted()
     split = Split.of(meta, np.arange(len(meta.y)))
-    s = scores_of(c, split.rows[TRAIN])
+    s = scores_of(c, split.rows[TRAIN], method)
     assert torch.argmax(s["spurious"] - s["core"]).item() == LABELS.index("spurious")
     ablation = MeanAblation.fit(c, LABELS, split.rows[TRAIN])
     readings, curve = debias_arrays(ablation, split, s["spurious"], s["core"], n_random=3)
@@ -93,9 +94,22 @@ def test_the_score_finds_the_planted_spurious_component_and_ablating_it_raises_w
     assert after.test.average >= before.test.average
     assert curve[0].test.worst == before.test.worst and curve[after.k].test.worst == after.test.worst
     core = next(r for r in readings if r.name.startswith("ablate top k by score(core)"))
-    assert core.components[0] == "core" and core.test.worst < after.test.worst
+    if method == "text_probe":  # flow credits the confounder for "core" too (the test below)
+        assert core.components[0] == "core" and core.test.worst < after.test.worst
     dfr = readings[-1]
     assert dfr.name.startswith("DFR") and dfr.test.worst > before.test.worst + 0.5
+
+
+def test_on_a_confounded_split_flow_credits_the_confounder_and_text_probe_does_not():
+    """In the training split place == y, so the zero-shot labels of "core" split the images as the
+    place does: the label-driven ``flow`` score (between-value means) credits the spurious part for
+    "core" too, while ``text_probe`` (a probe reading the text's own direction) keeps "core" on top.
+    This is why ``debias --score auto`` chooses the score on validation."""
+    c, meta = planted()
+    rows = Split.of(meta, np.arange(len(meta.y))).rows[TRAIN]
+    flow, probe = scores_of(c, rows, "flow"), scores_of(c, rows, "text_probe")
+    assert torch.argmax(flow["core"]).item() == LABELS.index("spurious")
+    assert torch.argmax(probe["core"]).item() == LABELS.index("core")
 
 
 def test_the_projection_baseline_removes_the_spurious_text_direction():

@@ -11,7 +11,7 @@ import torch
 from timm.models.vision_transformer import ResPostBlock
 
 import vitdecomp as vd
-from small_models import SMALL_MODELS, own_output, representations
+from small_models import P8, SMALL_MODELS, VIT, own_output, perturb, representations
 from vitdecomp.decomp.capture import to_stream
 from vitdecomp.errors import UnsupportedModuleError, VitDecompError
 
@@ -164,6 +164,41 @@ def test_one_layers_heads_equal_a_hand_computation():
     torch.testing.assert_close(dec.sum("norm_bias"), model.norm.bias.expand(2, -1), rtol=0, atol=0)
 
 
+def test_rms_norm_scales_each_component_without_centring():
+    """AIMv2's final RmsNorm, frozen: a part reaches the (average-pooled) representation as
+    ``mean_t gamma * part_t / rms(stream_t)`` — no centring, and no beta component (the norm has none)."""
+    model, size = SMALL_MODELS["aimv2-rmsnorm-swiglu"]()
+    model = model.double()
+    x = images(size, n=2, dtype=torch.float64)
+    seen = {}
+    hooks = [
+        model.blocks[2].mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("mlp", out)),
+        model.norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0])),
+    ]
+    d = vd.decompose(model, x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        rms = seen["final"].pow(2).mean(-1, keepdim=True).add(model.norm.eps).sqrt()  # [B, N, 1]
+        expected = (model.norm.weight * seen["mlp"] / rms).mean(1)
+    torch.testing.assert_close(d.sum("L2.mlp"), expected, rtol=0, atol=1e-12)
+    assert not any("norm_bias" in name for name in d.names)
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_simple_norm_rule_final_and_fc_norm(pool):
+    """timm's SimpleNorm (uncentred x over its unbiased std; only ConvNeXt variants ship it) as a ViT's final
+    norm (``token``) or ``fc_norm`` (``avg``): exact with its own statistic."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, norm_layer="simplenorm", global_pool=pool, **P8, **VIT
+    )
+    model = perturb(model).double()
+    x = images(32, dtype=torch.float64)
+    for rep in (None, "logits"):
+        assert vd.decompose(model, x, representation=rep).error.max().item() <= 1e-12
+
+
 def test_fused_attention_and_train_mode_are_restored_after_a_token_pass():
     model, size = SMALL_MODELS["vit-cls"]()
     model.train()
@@ -227,6 +262,10 @@ def test_a_broken_rule_is_caught_by_the_completeness_check(monkeypatch):
         "vit-avg-norm",
         "maxvit-tf",
         "siglip-map",
+        "swinv2-cr-block-norms-padded",
+        "coca-attentional-pooler",
+        "openclip-timm-eva02-head-proj",
+        "naflex-map-rope-swiglu",
         "hf-siglip-map",
         "hf-dinov3-rope-gated",
     ],

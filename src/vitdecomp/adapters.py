@@ -3,7 +3,8 @@ the registration of a plug-in (a walk-through: docs/adding-a-family.md).
 
 An adapter is an object with a ``family`` name and ``plan(model, *, start_layer, representation, heads)``
 returning a :class:`Plan` made only of declarations — where the residual branches are (:class:`Heads`,
-:class:`Field`), how blocks and token grids are laid out (:class:`Block`, :class:`Stage`), and how the
+:class:`Field`), how blocks and token grids are laid out (:class:`Block`, a norm at a block's end :class:`StreamNorm`,
+:class:`Stage`), and how the
 final stream becomes the representation (:class:`Readout` of :class:`TokenNorm`, :class:`Pool`,
 :class:`AttentionPool`, :class:`MultiheadPool`, :class:`VectorNorm`, :class:`Linear`). The engine
 attaches the hooks, freezes the pass's non-linear quantities and does all the bookkeeping.
@@ -24,6 +25,7 @@ from vitdecomp.decomp.plan import (
     Readout,
     Shortcut,
     Stage,
+    StreamNorm,
     Tap,
     TokenNorm,
     Values,
@@ -55,6 +57,7 @@ __all__ = [
     "Readout",
     "Shortcut",
     "Stage",
+    "StreamNorm",
     "Tap",
     "TokenNorm",
     "Values",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from torch import Tensor, nn
@@ -17,7 +17,7 @@ from vitdecomp.models.registry import adapter_for
 
 def decompose(
     model: nn.Module | object,
-    images: Tensor,
+    images: Tensor | Mapping[str, Tensor],
     *,
     heads: bool = True,
     tokens: bool | Sequence[int] = False,
@@ -30,6 +30,8 @@ def decompose(
 
     ``model``: what :func:`vitdecomp.load_model` returns, or the model object itself (timm, open_clip,
     a transformers vision tower, or a class registered with :func:`vitdecomp.register_adapter`).
+    ``images``: or the mapping of tensors the model's forward takes (timm ``NaFlexVit``'s ``patches`` /
+    ``patch_coord`` / ``patch_valid``: padding tokens contribute nothing).
     ``heads``: one component per attention head (else one per attention layer).
     ``tokens``: also split head contributions over source tokens (``True`` or a list of layer indices).
     ``start_layer``: blocks before it are folded into ``init``.
@@ -63,7 +65,10 @@ def check_images(net: nn.Module, images: object) -> None:
     """Refuse, naming the expected input, what the model cannot run: not a tensor ``[B, C, H, W]``, an
     empty batch, weights on the meta device, other channels than its first convolution takes, or
     another size than a fixed-size patch embedding (timm's strict ``img_size``, open_clip's
-    ``image_size``) takes."""
+    ``image_size``) takes. A mapping of the model's own inputs (NaFlex) is checked for its batch only."""
+    if isinstance(images, Mapping):
+        _check_input_mapping(net, images)
+        return
     channels, size = expected_input(net)
     want = f"[B, {channels or 'C'}, {size[0] if size else 'H'}, {size[1] if size else 'W'}]"
     if not isinstance(images, Tensor):
@@ -86,6 +91,18 @@ def check_images(net: nn.Module, images: object) -> None:
             f"images of {shape[2]}x{shape[3]} pixels: {type(net).__name__} takes {size[0]}x{size[1]}, {want} "
             "(its preprocessing resizes images to it: loaded.preprocess)"
         )
+
+
+def _check_input_mapping(net: nn.Module, inputs: Mapping) -> None:
+    """A mapping of the tensors the model's forward takes: tensors with one non-empty batch, real weights."""
+    bad = [k for k, t in inputs.items() if not isinstance(t, Tensor)]
+    if not inputs or bad:
+        raise InputError(f"the input mapping must hold tensors of the model's forward (not {bad or 'nothing'})")
+    sizes = {k: len(t) if t.dim() else 0 for k, t in inputs.items()}
+    if len(set(sizes.values())) != 1 or 0 in sizes.values():
+        raise InputError(f"the input tensors need one non-empty batch size, got {sizes}")
+    if any(p.is_meta for p in net.parameters()):
+        raise InputError(f"{type(net).__name__} has weights on the meta device (not loaded): load them")
 
 
 def expected_input(net: nn.Module) -> tuple[int | None, tuple[int, int] | None]:

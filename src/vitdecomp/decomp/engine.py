@@ -8,8 +8,8 @@ back, every transition pulls the readout back onto the previous grid.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from vitdecomp.decomp.directional import TokenDirections, head_token_projections
 from vitdecomp.decomp.plan import Block, Field, Plan, Stage, Tap
 from vitdecomp.decomp.readout import ReadoutMap
 from vitdecomp.decomp.steps import Consts, ReadoutBuilder
-from vitdecomp.decomp.transitions import MergeStep, ShortcutStep, transition_step
+from vitdecomp.decomp.transitions import MergeStep, ShortcutStep, StreamNormStep, transition_step
 from vitdecomp.errors import NonFiniteInputError, VitDecompError
 
 #: Default completeness tolerance per dtype of the representation: about 1000 float32 / 10 float16 /
@@ -34,6 +34,7 @@ class _BlockRun:
     spec: Block
     parts: list[Part]
     transition: MergeStep | ShortcutStep | None
+    after: StreamNormStep | None = None
 
 
 @dataclass
@@ -59,7 +60,10 @@ class _Run:
         for st in plan.stages:
             if st.index < plan.init_stage:
                 continue
-            blocks = [_BlockRun(b, [_part(br, b, heads) for br in b.branches], _step(b.transition)) for b in st.blocks]
+            blocks = [
+                _BlockRun(b, [_part(br, b, heads) for br in b.branches], _step(b.transition), _after(b))
+                for b in st.blocks
+            ]
             trans = _step(st.transition) if st.index > plan.init_stage else None
             self.stages.append(_StageRun(st, blocks, trans))
 
@@ -73,6 +77,8 @@ class _Run:
             for blk in st.blocks:
                 if blk.transition is not None and st.spec.index > self.plan.init_stage:
                     blk.transition.attach(cap)
+                if blk.after is not None:
+                    blk.after.attach(cap)
                 for part in blk.parts:
                     part.attach(cap, positions, self.want_tokens(blk.spec.layer) and isinstance(part, HeadsPart))
                 if streams is not None:
@@ -93,7 +99,19 @@ def _step(spec) -> MergeStep | ShortcutStep | None:
     return None if spec is None else transition_step(spec)
 
 
-def _grid(x: Tensor, stage: Stage) -> tuple[int, int]:
+def _after(block: Block) -> StreamNormStep | None:
+    """The step of a norm at the block's end; its beta is ``<block>.norm_bias``."""
+    if block.after is None:
+        return None
+    label = ComponentLabel("norm_bias", layer=block.layer, stage=block.stage, block=block.block)
+    return StreamNormStep(block.after, f"{block.path} stream norm", label)
+
+
+def _grid(x: Tensor, stage: Stage) -> tuple[int, int] | None:
+    """The stage's token grid, or ``None`` when the tensor is a sequence of patches with no 2-D layout
+    (NaFlex's pre-patchified input)."""
+    if x.ndim != 4:
+        return None
     h, w = grid_of(x, stage.grid.layout)
     return (h // stage.grid_divisor[0], w // stage.grid_divisor[1])
 
@@ -126,7 +144,7 @@ def _captured(run: _Run, target: nn.Module, streams: dict | None = None) -> Iter
 def run_plan(
     plan: Plan,
     target: nn.Module,
-    images: Tensor,
+    images: Images,
     heads: bool,
     tokens,
     streams: dict | None = None,
@@ -138,13 +156,39 @@ def run_plan(
     with torch.inference_mode(), _captured(run, target, streams):
         plan.run(images)
     with torch.inference_mode():
-        return _assemble(run, images.shape[0], streams)
+        return _assemble(run, _batch_size(images), streams)
+
+
+#: What a model is called on: an image batch ``[B, 3, H, W]``, or the mapping of tensors its forward
+#: takes (NaFlexVit's ``patches`` / ``patch_coord`` / ``patch_valid``; its floating tensors are the pixels).
+Images = Tensor | Mapping[str, Tensor]
+
+
+def _batch_size(images: Images) -> int:
+    return len(images if isinstance(images, Tensor) else next(iter(images.values())))
+
+
+def _prepared(images: Images, param: Tensor) -> Images:
+    """The inputs on the model's device, pixels in its dtype; images with NaN / inf pixels are refused
+    (:class:`NonFiniteInputError` naming their batch positions)."""
+    batch = {"": images} if isinstance(images, Tensor) else dict(images)
+    finite = torch.ones(_batch_size(images), dtype=torch.bool)
+    for t in batch.values():
+        if t.is_floating_point():
+            finite &= torch.isfinite(t.reshape(len(t), -1)).all(1).cpu()
+    if not bool(finite.all()):
+        bad = [int(i) for i in torch.nonzero(~finite).flatten()]
+        raise NonFiniteInputError.of([f"batch position {i}" for i in bad], bad)
+    moved = {
+        k: t.to(device=param.device, dtype=param.dtype if t.is_floating_point() else t.dtype) for k, t in batch.items()
+    }
+    return moved[""] if isinstance(images, Tensor) else moved
 
 
 def decompose_plan(
     make_plan: Callable[[], Plan],
     target: nn.Module,
-    images: Tensor,
+    images: Images,
     *,
     heads: bool,
     tokens,
@@ -154,11 +198,7 @@ def decompose_plan(
     """Decompose with the plan ``make_plan()`` and check completeness; on failure, name the first
     block whose parts do not add up (a re-run with each block's streams captured)."""
     param = next(target.parameters())
-    finite = torch.isfinite(images.reshape(len(images), -1)).all(1)
-    if not bool(finite.all()):
-        bad = [int(i) for i in torch.nonzero(~finite).flatten()]
-        raise NonFiniteInputError.of([f"batch position {i}" for i in bad], bad)
-    images = images.to(device=param.device, dtype=param.dtype)
+    images = _prepared(images, param)
     plan = make_plan()
     result = run_plan(plan, target, images, heads, tokens, directions=directions)
     if check is None:
@@ -229,19 +269,23 @@ def _assemble_stage(
     out: list[tuple[list[ComponentLabel], Tensor]] = []
     segment: list[tuple[_BlockRun, Part, Tensor]] = []  # (block, part, pooled [B, n, K, D_s])
     for blk in reversed(st.blocks):
-        block_ro = ro
-        own_consts: Consts = []
+        maps = _BlockMaps(ro, ro, ro)
+        if blk.after is not None:  # a norm after the branches: they are read through its pull-back
+            out[:0], segment = _read_segment(segment, ro), []
+            ro, maps.consts = blk.after.pull_back(ro)
+            maps.branches = ro
         for part in reversed(blk.parts):
-            segment.insert(0, (blk, part, part.pooled(block_ro)))
-            tokens.fill(part, block_ro)
+            segment.insert(0, (blk, part, part.pooled(maps.branches)))
+            tokens.fill(part, maps.branches)
             part.release()
         if blk.transition is not None and st.spec.index > run.plan.init_stage:
-            out[:0] = _read_segment(segment, block_ro)
-            segment = []
-            ro, own_consts = blk.transition.pull_back(ro)
-            trans_consts[:0] = own_consts
+            out[:0], segment = _read_segment(segment, maps.branches), []
+            ro, consts = blk.transition.pull_back(ro)
+            maps.consts = consts + maps.consts
+        trans_consts[:0] = maps.consts
+        maps.inp = ro
         if streams is not None:
-            _block_residual(run, blk, block_ro, ro, rep, own_consts, segment, out, residuals, streams)
+            _block_residual(run, blk, maps, rep, segment, out, residuals, streams)
     out[:0] = _read_segment(segment, ro)
     stack = None
     if tokens.values is not None:
@@ -284,23 +328,38 @@ class _TokenFill:
         self.end -= part.num_heads
 
 
-def _block_residual(run, blk, block_ro, ro, rep, own_consts, segment, out, residuals, streams) -> None:
+@dataclass
+class _BlockMaps:
+    """The readout maps around one block: of its output, of its branches (an end-of-block norm pulled
+    back) and of its input (a transition inside it pulled back), and the constants its own steps add."""
+
+    out: ReadoutMap
+    branches: ReadoutMap
+    inp: ReadoutMap
+    consts: Consts = field(default_factory=list)
+
+
+def _block_residual(run, blk, maps: _BlockMaps, rep, segment, out, residuals, streams) -> None:
     """``|R(out) - R(in) - the block's parts| / |representation|`` for the per-block diagnosis."""
     pooled = [p for b, _, p in segment if b is blk]
-    own = sum(block_ro.apply_pooled(p).sum(1) for p in pooled) if pooled else torch.zeros_like(rep)
+    own = sum(maps.branches.apply_pooled(p).sum(1) for p in pooled) if pooled else torch.zeros_like(rep)
     if not pooled:  # the block's parts were already read out with a transition's segment
         own = sum(t.sum(1) for labs, t in out[: len(blk.parts)])
-    own = own + sum((t for _, t in own_consts), torch.zeros_like(rep))
+    own = own + sum((t for _, t in maps.consts), torch.zeros_like(rep))
     x_in = streams[(blk.spec.path, "in")]
     if blk.spec.layer == run.plan.meta.get("start_layer"):
         x_in = run.init.value  # the first block's input as its shortcut carries it onto this grid
-    gap = block_ro.field(streams[(blk.spec.path, "out")]) - ro.field(x_in) - own
+    gap = maps.out.field(streams[(blk.spec.path, "out")]) - maps.inp.field(x_in) - own
     residuals[blk.spec.path] = (gap.norm(dim=-1) / rep.norm(dim=-1).clamp_min(1e-30)).max().item()
 
 
 def _token_stack(values: Tensor, labels: list[ComponentLabel], st: _StageRun) -> TokenContributions:
+    """The stage's token stack; a stage with no 2-D grid (a sequence of patches) is a ``1 x N`` row
+    whose tokens have no pixel box (``-1``: their places are the caller's, e.g. NaFlex's ``patch_coord``)."""
     n, npre = values.shape[2], st.spec.num_prefix_tokens
-    grid = st.grid or (1, n - npre)
+    if st.grid is None:
+        return TokenContributions(values, labels, torch.full((n, 4), -1), (1, n - npre), npre)
+    grid = st.grid
     if grid[0] * grid[1] + npre != n:
         raise VitDecompError(
             f"stage {st.spec.index}: a {grid[0]}x{grid[1]} token grid plus {npre} prefix tokens "

@@ -138,6 +138,16 @@ class Shortcut:
     stage: int
 
 
+@dataclass
+class StreamNorm:
+    """A norm of the whole residual stream at the end of a block, after its branches (Swin V2-CR's
+    main-branch ``norm3``): with frozen statistics a linear map of every token; its beta is a component
+    of its own. ``layout``: how the norm's input is laid out."""
+
+    norm: nn.Module
+    layout: Layout = "tokens"
+
+
 Transition = Merge | Shortcut
 
 
@@ -148,7 +158,8 @@ Transition = Merge | Shortcut
 @dataclass
 class Block:
     """A block: its branches in order; ``module``'s input/output (``layout``) are its streams.
-    ``transition`` happens inside the block, before its branches (MaxViT's stride-2 shortcut)."""
+    ``transition`` happens inside the block, before its branches (MaxViT's stride-2 shortcut);
+    ``after``, a norm of the stream after them (its output is the block's output)."""
 
     path: str
     module: nn.Module
@@ -158,6 +169,7 @@ class Block:
     block: int | None = None
     transition: Transition | None = None
     layout: Layout = "tokens"
+    after: StreamNorm | None = None
 
 
 @dataclass
@@ -187,14 +199,20 @@ class TokenNorm:
     kind: str = "norm_bias"
 
 
+#: ``() -> [B, N - skip]`` (bool): which pooled tokens are real, read after the pass (``None``: all);
+#: padding tokens (NaFlex's ``patch_valid`` false) are left out of the pooling.
+Validity = Callable[[], Tensor | None]
+
+
 @dataclass
 class Pool:
     """Pooling of the stream: the tokens at ``positions`` (weighted by ``weights``, default 1 each), or
-    the average of tokens ``skip:``."""
+    the average of tokens ``skip:`` (only the ``valid`` ones, when given)."""
 
     positions: Sequence[int] | None = None
     weights: Sequence[float] | None = None
     skip: int = 0
+    valid: Validity | None = None
 
 
 @dataclass
@@ -202,19 +220,23 @@ class AttentionPool:
     """An attention-pooling head (timm ``AttentionPoolLatent``, SigLIP's MAP head) used as the pooling
     step: with its probabilities frozen it is linear in the values, one readout slot per pool head.
     Its position term (per pool head), value/projection biases and MLP are components of their own.
-    ``skip``: leading stream tokens the pool does not see (prefix tokens)."""
+    ``skip``: leading stream tokens the pool does not see (prefix tokens); ``valid``: the keys it may
+    attend to (the model's own key mask)."""
 
     module: nn.Module
     skip: int = 0
+    valid: Validity | None = None
 
 
 @dataclass
 class VectorNorm:
-    """A norm applied to the pooled vector (timm ``fc_norm``, a head's norm); its input is at ``tap``."""
+    """A norm applied to the pooled vector (timm ``fc_norm``, a head's norm); its input is at ``tap``
+    (token ``position`` of it when the norm sees several tokens, e.g. every query of a pooler)."""
 
     norm: nn.Module
     kind: str = "fc_norm_bias"
     tap: Tap | None = None
+    position: int | None = None
 
 
 @dataclass
@@ -229,11 +251,11 @@ class Linear:
 @dataclass
 class MultiheadPool:
     """Attention pooling by an ``nn.MultiheadAttention`` called as ``attention(queries, x, x)`` with
-    learned queries (the SigLIP head of transformers): like :class:`AttentionPool`, linear in its
-    values once its probabilities are frozen, one readout slot per pool head (value/projection biases:
-    ``pool_bias``). ``mlp``: a residual MLP on the pooled queries (``a + mlp(norm(a))``), whose output
-    is a component of its own (``pool_mlp``); ``query``: which query is the representation; ``skip``:
-    leading stream tokens the pool does not see."""
+    learned queries (the SigLIP head of transformers, open_clip's ``AttentionalPooler`` of CoCa): like
+    :class:`AttentionPool`, linear in its values once its probabilities are frozen, one readout slot per
+    pool head (value/projection biases: ``pool_bias``). ``mlp``: a residual MLP on the pooled queries
+    (``a + mlp(norm(a))``), whose output is a component of its own (``pool_mlp``); ``query``: which query
+    is the representation; ``skip``: leading stream tokens the pool does not see."""
 
     attention: nn.MultiheadAttention
     mlp: nn.Module | None = None

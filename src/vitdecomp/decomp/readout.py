@@ -17,15 +17,31 @@ from torch import Tensor, nn
 
 from vitdecomp.errors import UnsupportedModuleError
 
+#: Norms of other libraries, by exact class ``(module, name)`` (the library is not imported here):
+#: ``(centred numerator, statistic)``. timm's ``RmsNorm`` is ``x / rms(x)``; its ``SimpleNorm`` divides the
+#: uncentred ``x`` by the *unbiased* standard deviation. Both have a gain and no bias.
+OTHER_NORMS: dict[tuple[str, str], tuple[bool, str]] = {
+    ("timm.layers.norm", "RmsNorm"): (False, "rms"),
+    ("timm.layers.norm", "SimpleNorm"): (False, "var_unbiased"),
+}
+
 
 @dataclass
 class NormRule:
-    """A LayerNorm / RMSNorm over the last dim: ``y = gamma * C(x) / sigma(x) + beta``."""
+    """A LayerNorm / RMSNorm over the last dim: ``y = gamma * C(x) / sigma(x) + beta``.
+
+    ``centered``: ``C`` subtracts the mean (LayerNorm) or is the identity (RMS norms). ``stat``: what
+    ``sigma^2`` is — ``"var"`` (biased variance, LayerNorm), ``"rms"`` (mean square), ``"var_unbiased"``.
+    Bookkeeping with frozen statistics: a LayerNorm centres *each component* on its own (``C`` is
+    linear) and its beta is a component of its own; an RMS norm has no centring, so a component passes
+    through only scaled (``gamma / sigma`` of the full stream), and no beta unless the norm has a bias.
+    """
 
     centered: bool
     weight: Tensor | None
     bias: Tensor | None
     eps: float
+    stat: str = "var"
 
     @classmethod
     def of(cls, norm: nn.Module, path: str = "") -> NormRule:
@@ -34,13 +50,18 @@ class NormRule:
             return cls(True, norm.weight, norm.bias, norm.eps)
         if isinstance(norm, nn.RMSNorm):
             eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
-            return cls(False, norm.weight, None, eps)
+            return cls(False, norm.weight, None, eps, "rms")
+        other = OTHER_NORMS.get((type(norm).__module__, type(norm).__qualname__))
+        if other is not None and len(norm.normalized_shape) == 1:
+            return cls(other[0], norm.weight, getattr(norm, "bias", None), norm.eps, other[1])
         raise UnsupportedModuleError(path, norm, "no frozen-statistics rule for this normalisation")
 
     def inv_sigma(self, x: Tensor) -> Tensor:
-        """``1 / sigma`` of ``x [..., D]`` with the norm's own eps and the biased variance ``[...]``."""
+        """``1 / sigma`` of ``x [..., D]`` with the norm's own eps and statistic ``[...]``."""
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-        var = x.var(-1, unbiased=False) if self.centered else x.pow(2).mean(-1)
+        if self.stat == "var":  # the kernel nn.LayerNorm runs: the model's own statistics, ~5x faster than var()
+            return torch.native_layer_norm(x, x.shape[-1:], None, None, self.eps)[2][..., 0]
+        var = x.pow(2).mean(-1) if self.stat == "rms" else x.var(-1, unbiased=True)
         return torch.rsqrt(var + self.eps)
 
     def left(self, m: Tensor) -> Tensor:
@@ -67,15 +88,14 @@ class ReadoutMap:
     weight    [B, S] (one slot per token, ``slot [S]`` or all 0) or [B, S, K] (dense slot weights)
     mats      [K, D_out, D_s]
     positions the stream positions read (all N if None)
-    factors   optional low-rank form of ``mats`` (an attention pool: ``post = W_proj``, ``pre_k = W_v,k``),
-              which reads pooled vectors out in ``K*r*(D_s + D_out)`` instead of ``K*D_s*D_out``
+
+    :class:`FactoredReadoutMap` keeps ``mats`` as low-rank factors, :class:`ChainedReadoutMap` as a chain.
     """
 
     weight: Tensor
     mats: Tensor
     positions: Tensor | None = None
     slot: Tensor | None = None
-    factors: tuple[Tensor, Tensor] | None = None  # (pre [K, r, D_s], post [D_out, K*r]): mats_k = post_k @ pre_k
 
     @property
     def num_slots(self) -> int:
@@ -98,20 +118,20 @@ class ReadoutMap:
 
     def apply_pooled(self, pooled: Tensor) -> Tensor:
         """``[..., K, D_s] -> [..., D_out]``: the slot matrices applied to slot-pooled vectors."""
-        if self.factors is not None:
-            pre, post = self.factors
-            inner = torch.einsum("...kd,krd->...kr", pooled.to(pre), pre)
-            return inner.reshape(*inner.shape[:-2], -1) @ post.T
         return pooled.reshape(*pooled.shape[:-2], -1).to(self.flat) @ self.flat
 
     def then(self, fn) -> ReadoutMap:
         """The map followed by a linear map of the output, ``fn(m [..., D_out, X]) -> [..., D_new, X]``."""
-        factors = None if self.factors is None else (self.factors[0], fn(self.factors[1]))
-        return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot, factors)
+        return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot)
+
+    def before(self, fn) -> ReadoutMap:
+        """The map preceded by the same linear map of every token's vector, given as its action on the
+        stream side of a matrix: ``fn(m [..., D_s]) -> [..., D_s]`` (a frozen norm's ``right``)."""
+        return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot)
 
     def reweighted(self, weight: Tensor) -> ReadoutMap:
         """The same map with other per-token weights (same shape)."""
-        return ReadoutMap(weight, self.mats, self.positions, self.slot, self.factors)
+        return ReadoutMap(weight, self.mats, self.positions, self.slot)
 
     def pool(self, x: Tensor) -> Tensor:
         """``[B, S, E] -> [B, K, E]``: the weighted sum of tokens per slot."""
@@ -144,7 +164,7 @@ class ReadoutMap:
         index = index.to(self.weight.device)
         valid, safe = index >= 0, index.clamp_min(0)
         weight = self.weight[:, safe] * (valid[:, None] if self.dense else valid).to(self.weight)
-        return ReadoutMap(weight, self.mats, None, None if self.slot is None else self.slot[safe], self.factors)
+        return ReadoutMap(weight, self.mats, None, None if self.slot is None else self.slot[safe])
 
     def scaled(self, scale: Tensor) -> ReadoutMap:
         """The same map after a per-position scale ``[B, S]`` of the stream."""
@@ -165,8 +185,9 @@ class ReadoutMap:
 
 class FactoredReadoutMap(ReadoutMap):
     """A readout map whose slot matrices stay low-rank factors (an attention pool: ``mats_k = post_k @
-    pre_k`` with ``pre [K, r, D_s]``, ``post [D_out, K*r]``): pooled vectors are read through the factors,
-    and the full ``[K, D_out, D_s]`` is built only when something asks for ``mats`` (token splits)."""
+    pre_k`` with ``pre [K, r, D_s]``, ``post [D_out, K*r]``): pooled vectors are read through the factors in
+    ``K*r*(D_s + D_out)`` instead of ``K*D_s*D_out``, and the full ``[K, D_out, D_s]`` is built only when
+    something asks for ``mats`` (token splits)."""
 
     def __init__(self, weight: Tensor, factors: tuple[Tensor, Tensor], positions: Tensor | None = None) -> None:
         self.weight, self.factors, self.positions, self.slot = weight, factors, positions, None
@@ -185,8 +206,16 @@ class FactoredReadoutMap(ReadoutMap):
         k, r, _ = pre.shape
         return torch.einsum("okr,krd->kod", post.view(post.shape[0], k, r), pre)
 
+    def apply_pooled(self, pooled: Tensor) -> Tensor:
+        pre, post = self.factors
+        inner = torch.einsum("...kd,krd->...kr", pooled.to(pre), pre)
+        return inner.reshape(*inner.shape[:-2], -1) @ post.T
+
     def then(self, fn) -> ReadoutMap:
         return FactoredReadoutMap(self.weight, (self.factors[0], fn(self.factors[1])), self.positions)
+
+    def before(self, fn) -> ReadoutMap:
+        return FactoredReadoutMap(self.weight, (fn(self.factors[0]), self.factors[1]), self.positions)
 
     def reweighted(self, weight: Tensor) -> ReadoutMap:
         return FactoredReadoutMap(weight, self.factors, self.positions)
@@ -208,7 +237,7 @@ class ChainedReadoutMap(ReadoutMap):
 
     def __init__(self, parent: ReadoutMap, local: Tensor, weight: Tensor, slot: Tensor) -> None:
         self.parent, self.local, self.weight, self.slot = parent, local, weight, slot
-        self.positions, self.factors = None, None
+        self.positions = None
 
     @property
     def num_slots(self) -> int:
@@ -224,10 +253,16 @@ class ChainedReadoutMap(ReadoutMap):
         c = self.local.shape[-1]
         return torch.einsum("aod,kdc->akoc", self.parent.mats, self.local).reshape(-1, self.parent.mats.shape[1], c)
 
+    @functools.cached_property
+    def local_flat(self) -> Tensor:
+        """``local`` laid out once as ``[K_in*C, D_next]`` (each read is then one matmul, no copy of it)."""
+        k_in, d_next, c = self.local.shape
+        return self.local.permute(0, 2, 1).reshape(k_in * c, d_next)
+
     def apply_pooled(self, pooled: Tensor) -> Tensor:
-        k_in = self.local.shape[0]
-        p = pooled.reshape(*pooled.shape[:-2], -1, k_in, pooled.shape[-1]).to(self.local)
-        return self.parent.apply_pooled(torch.einsum("...akc,kdc->...ad", p, self.local))
+        k_in, _, c = self.local.shape
+        p = pooled.reshape(*pooled.shape[:-2], -1, k_in * c).to(self.local)
+        return self.parent.apply_pooled(p @ self.local_flat)  # [..., K_out, D_next]
 
     def const_pooled(self, vec: Tensor) -> Tensor:
         return self.slot_weights()[:, :, None] * vec.to(self.local)
@@ -242,3 +277,6 @@ class ChainedReadoutMap(ReadoutMap):
 
     def reweighted(self, weight: Tensor) -> ReadoutMap:
         return ChainedReadoutMap(self.parent, self.local, weight, self.slot)
+
+    def before(self, fn) -> ReadoutMap:
+        return ChainedReadoutMap(self.parent, fn(self.local), self.weight, self.slot)

@@ -8,6 +8,8 @@ slot matrices and on every constant collected so far.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +38,20 @@ def read_positions(spec: Readout) -> Tensor | None:
     return None if pool is None or pool.positions is None else torch.tensor(list(pool.positions))
 
 
+def _pooled_vector(t: Tensor, tap: Tap, position: int | None) -> Tensor:
+    """``[B, E]``: the vector a pooled-vector norm sees at ``tap`` (token ``position`` of it, if given)."""
+    t = to_stream(t, tap.layout)
+    return t.reshape(t.shape[0], -1) if position is None else t[:, position]
+
+
+def key_mask(valid: Tensor | None, like: Tensor) -> Tensor | None:
+    """``[B, 1, 1, N]`` additive mask of ``valid [B, N]`` as timm builds it (``finfo.min`` on padding)."""
+    if valid is None:
+        return None
+    mask = torch.zeros(valid.shape, dtype=like.dtype, device=like.device)
+    return mask.masked_fill_(~valid.to(like.device, torch.bool), torch.finfo(like.dtype).min)[:, None, None]
+
+
 class AttentionPoolState:
     """What a timm ``AttentionPoolLatent`` needs from the pass (its q and kv outputs, its MLP's output)
     and where its value / output weights are."""
@@ -44,7 +60,7 @@ class AttentionPoolState:
         m = step.module
         if getattr(m, "pool", None) not in ("token", "avg"):
             raise UnsupportedModuleError("attn_pool", m, f"pool={getattr(m, 'pool', None)!r}: only 'token'/'avg'")
-        self.module, self.skip, self.num_heads = m, step.skip, m.num_heads
+        self.module, self.skip, self.num_heads, self.valid = m, step.skip, m.num_heads, step.valid
         self.pos_embed: Tensor | None = m.pos_embed
         self.q: Tensor | None = None
         self.kv: Tensor | None = None
@@ -64,7 +80,9 @@ class AttentionPoolState:
         q = self.q.expand(b, -1, -1).reshape(b, -1, h, dh).transpose(1, 2)
         k = self.kv.reshape(b, n, 2, h, dh)[:, :, 0].transpose(1, 2)
         q, k = m.q_norm(q), m.k_norm(k)
-        return ((q * m.scale) @ k.transpose(-2, -1)).softmax(-1)
+        scores = (q * m.scale) @ k.transpose(-2, -1)
+        mask = key_mask(None if self.valid is None else self.valid(), scores)
+        return (scores if mask is None else scores + mask).softmax(-1)
 
     def latent_weights(self, like: Tensor) -> Tensor:
         """``[L]``: how the pooled output weighs the latents."""
@@ -152,16 +170,6 @@ def pool_state(steps: list[ReadoutStep]) -> PoolState | None:
     return None
 
 
-def _after_token_norm(raw: ReadoutMap, norm: NormRule | None, weight: Tensor) -> ReadoutMap:
-    """The slot maps of ``raw`` with a per-token norm's ``diag(gamma) C`` folded into their input side,
-    and the per-token ``weight`` (pooling times the norm's ``1/sigma``)."""
-    if isinstance(raw, FactoredReadoutMap):
-        pre, post = raw.factors
-        return FactoredReadoutMap(weight, (pre if norm is None else norm.right(pre), post), raw.positions)
-    mats = raw.mats if norm is None else norm.right(raw.mats)
-    return ReadoutMap(weight, mats, raw.positions)
-
-
 class ReadoutBuilder:
     """Captures what the steps of ``spec`` need during the pass; :meth:`build` composes them after it."""
 
@@ -183,7 +191,7 @@ class ReadoutBuilder:
         for step in self.spec.steps:
             if isinstance(step, VectorNorm):
                 tap = step.tap or Tap(step.norm, "input")
-                cap.tap(tap, keep(id(step), lambda t, tap=tap: to_stream(t, tap.layout).reshape(t.shape[0], -1)))
+                cap.tap(tap, keep(id(step), functools.partial(_pooled_vector, tap=tap, position=step.position)))
         if self.attn_pool is not None:
             self.attn_pool.attach(cap)
 
@@ -205,11 +213,10 @@ class ReadoutBuilder:
                 if token_norm.bias is not None:
                     token_consts.append((ComponentLabel(step.kind), token_norm.bias.to(dt)))
             elif isinstance(step, (Pool, AttentionPool, MultiheadPool)):
-                pool_w, raw, consts = self._pool(step, x, dt)  # [B, S, K], the slot maps, the pool's constants
-                totals = pool_w.sum(1)  # [B, K]: a vector added at every token is pooled with these
-                consts = [(lab, raw.apply_pooled(totals[:, :, None] * c)) for lab, c in token_consts] + consts
-                weight = pool_w * scale[..., None]
-                ro = _after_token_norm(raw, token_norm, weight if weight.shape[2] > 1 else weight[..., 0])
+                raw, consts = self._pool(step, x, dt)  # the map of the stream entering the pool, its constants
+                # a vector added at every token (a token norm's beta) is pooled with the raw weights
+                consts = [(lab, raw.const(c)) for lab, c in token_consts] + consts
+                ro = raw.scaled(scale) if token_norm is None else raw.scaled(scale).before(token_norm.right)
             elif isinstance(step, VectorNorm):
                 ro, consts = self._vector_norm(step, ro, consts)
             elif isinstance(step, Linear):
@@ -218,9 +225,9 @@ class ReadoutBuilder:
             raise VitDecompError("the readout has no pooling step")
         return ro, consts, self.seen[-2]
 
-    def _pool(self, step: Pool | AttentionPool | MultiheadPool, x: Tensor, dt) -> tuple[Tensor, ReadoutMap, Consts]:
-        """Pooling weights ``[B, S, K]``, the slot maps (one matrix ``[D_out, D]`` per slot, at the read
-        positions) and the pool's own constants."""
+    def _pool(self, step: Pool | AttentionPool | MultiheadPool, x: Tensor, dt) -> tuple[ReadoutMap, Consts]:
+        """The pooling as a readout map of the stream (per-token weights ``[B, S]`` or ``[B, S, K]``, one
+        matrix ``[D_out, D]`` per slot or their factors, at the read positions) and the pool's constants."""
         b, n, d = x.shape
         positions = None if self.positions is None else self.positions.to(x.device)
         if isinstance(step, Pool):
@@ -229,11 +236,16 @@ class ReadoutBuilder:
                 pool_w = w.expand(b, -1)
             else:
                 pool_w = torch.zeros(b, n, dtype=dt, device=x.device)
-                pool_w[:, step.skip :] = 1.0 / (n - step.skip)
-            return pool_w[..., None], ReadoutMap(pool_w, torch.eye(d, dtype=dt, device=x.device)[None], positions), []
+                valid = None if step.valid is None else step.valid()
+                if valid is None:
+                    pool_w[:, step.skip :] = 1.0 / (n - step.skip)
+                else:  # the average of the real tokens (NaFlex: padding left out)
+                    valid = valid.to(x.device, dt)
+                    pool_w[:, step.skip :] = valid / valid.sum(1, keepdim=True).clamp_min(1)
+            return ReadoutMap(pool_w, torch.eye(d, dtype=dt, device=x.device)[None], positions), []
         return self._attention_pool(x, dt)
 
-    def _attention_pool(self, x: Tensor, dt) -> tuple[Tensor, ReadoutMap, Consts]:
+    def _attention_pool(self, x: Tensor, dt) -> tuple[ReadoutMap, Consts]:
         """Frozen attention pool: slot ``h`` is pool head ``h``, ``S_h = W_O[:, h] W_v[h]``, kept as its
         two factors."""
         st = self.attn_pool
@@ -262,10 +274,10 @@ class ReadoutBuilder:
             consts.append((ComponentLabel("pool_bias"), bias.expand(b, -1)))
         if st.mlp_out is not None:
             consts.append((ComponentLabel("pool_mlp"), torch.einsum("l,bld->bd", lam, st.mlp_out.to(dt))))
-        return pool_w, raw, consts
+        return raw, consts
 
     def _vector_norm(self, step: VectorNorm, ro: ReadoutMap, consts: Consts) -> tuple[ReadoutMap, Consts]:
-        norm = NormRule.of(step.norm, "fc_norm")
+        norm = NormRule.of(step.norm, "fc_norm" if step.position is None else "pooled vector norm")
         s = norm.inv_sigma(self.seen[id(step)]).to(ro.weight)  # [B]
         weight = ro.weight * (s[:, None, None] if ro.dense else s[:, None])
         consts = [(lab, s[:, None] * norm.left(c.T).T) for lab, c in consts]

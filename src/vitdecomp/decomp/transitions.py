@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from vitdecomp.components import ComponentLabel
-from vitdecomp.decomp.capture import Capture, grid_of, to_stream
-from vitdecomp.decomp.plan import Merge, Shortcut, Tap
+from vitdecomp.decomp.capture import Capture, grid_of, take_positions, to_stream
+from vitdecomp.decomp.plan import Merge, Shortcut, StreamNorm, Tap
 from vitdecomp.decomp.readout import ChainedReadoutMap, NormRule, ReadoutMap
 from vitdecomp.errors import VitDecompError
 
@@ -97,6 +97,29 @@ class ShortcutStep:
         mats = ro.mats if w is None else torch.einsum("kod,di->koi", ro.mats, w.to(ro.mats))
         consts = [] if self.spec.bias is None else [(self.labels[0], ro.const(self.spec.bias))]
         return ReadoutMap(weight, mats), consts
+
+
+class StreamNormStep:
+    """A norm of the whole stream between blocks: ``y_t = gamma * C x_t / sigma_t + beta`` per token, with
+    frozen statistics; its beta (if any) is the component ``label``."""
+
+    def __init__(self, spec: StreamNorm, path: str, label: ComponentLabel) -> None:
+        self.spec, self.path = spec, path
+        self.norm = NormRule.of(spec.norm, path)
+        self.labels = [label]
+        self.inv_sigma: Tensor | None = None  # [B, N]
+
+    def attach(self, cap: Capture) -> None:
+        layout = self.spec.layout
+        cap.tap(
+            Tap(self.spec.norm, "input", layout),
+            lambda u: setattr(self, "inv_sigma", self.norm.inv_sigma(to_stream(u, layout))),
+        )
+
+    def pull_back(self, ro: ReadoutMap) -> tuple[ReadoutMap, Consts]:
+        consts = [] if self.norm.bias is None else [(self.labels[0], ro.const(self.norm.bias))]
+        scale = take_positions(self.inv_sigma, ro.positions)
+        return ro.scaled(scale).before(self.norm.right), consts
 
 
 def transition_step(spec: Merge | Shortcut) -> MergeStep | ShortcutStep:

@@ -15,8 +15,9 @@ tokens, or the attention-pool (MAP) head — and ``fc_norm``, i.e. ``forward_hea
 ``"logits"`` (through the linear head). An attention-pool head splits as in :mod:`vitdecomp.models.vit`
 (one readout slot per pool head; ``pool_pos``, ``pool_bias``, ``pool_mlp`` components).
 
-Not covered (refused by name): gated attention (a sigmoid gate is not linear), ``max``/``avgmax`` pooling or
-none, and norms without a frozen-statistics rule (timm's ``RmsNorm``, used by Sapiens2).
+Norms: LayerNorm and timm's ``RmsNorm`` (Sapiens2; no centring, no beta — see
+:class:`~vitdecomp.decomp.readout.NormRule`). Not covered (refused by name): gated attention (a sigmoid gate
+is not linear), ``max``/``avgmax`` pooling or none, and norms without a frozen-statistics rule.
 """
 
 from __future__ import annotations

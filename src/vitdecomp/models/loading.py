@@ -300,6 +300,7 @@ def _load_open_clip(spec: str, pretrained: bool, checkpoint: Path | None, **kwar
         return _load_open_clip_named(spec, pretrained, checkpoint, **kwargs)
     arch, _, tag = spec.partition("/")
     _check_open_clip(spec, pretrained and checkpoint is None)
+    tokenizer = _open_clip_tokenizer(arch)  # before the weights: an offline Hub fails fast
     source: str | None
     if checkpoint is not None:
         source = str(checkpoint)
@@ -315,7 +316,29 @@ def _load_open_clip(spec: str, pretrained: bool, checkpoint: Path | None, **kwar
             repo = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub", "").strip("/") or None
             raise _offline_error(f"open_clip {arch}/{tag}", repo, "open_clip_model.safetensors", err) from err
         raise
-    return _open_clip_loaded(model, preprocess, arch, f"{OPEN_CLIP_PREFIX}{arch}", pretrained, checkpoint, tag)
+    return _open_clip_loaded(model, preprocess, tokenizer, f"{OPEN_CLIP_PREFIX}{arch}", pretrained, checkpoint, tag)
+
+
+def _open_clip_tokenizer(arch: str) -> Any:
+    """open_clip's tokenizer for ``arch``; one whose files are on the Hugging Face Hub (SigLIP's) and not
+    in the local cache gives :class:`WeightsUnavailableError` naming the repository and the ways to
+    give a local copy."""
+    import open_clip
+
+    try:
+        return open_clip.get_tokenizer(arch)
+    except Exception as err:
+        if not _looks_like_download_failure(err):
+            raise
+        cfg = open_clip.get_model_config(arch) if "/" not in arch and ":" not in arch else None
+        repo = ((cfg or {}).get("text_cfg") or {}).get("hf_tokenizer_name") or arch
+        state = "this machine is offline (no network or HF_HUB_OFFLINE)" if hub_offline() else "the download failed"
+        raise WeightsUnavailableError(
+            f"the tokenizer of open_clip {arch} (Hugging Face repository '{repo}') is not in the local cache and "
+            f"{state}: download the repository's tokenizer files elsewhere and copy them into the Hugging Face "
+            f"cache here, or give the model as open_clip:local-dir:PATH, a folder holding open_clip_config.json, "
+            f"the weights and the tokenizer files ({type(err).__name__}: {one_line(err)[:120]})"
+        ) from err
 
 
 def _load_open_clip_named(spec: str, pretrained: bool, checkpoint: Path | None, **kwargs: Any) -> LoadedModel:
@@ -332,14 +355,13 @@ def _load_open_clip_named(spec: str, pretrained: bool, checkpoint: Path | None, 
         raise
     if checkpoint is not None:
         open_clip.load_checkpoint(model, str(checkpoint))
-    return _open_clip_loaded(model, preprocess, spec, f"{OPEN_CLIP_PREFIX}{spec}", True, checkpoint, None)
+    tokenizer = _open_clip_tokenizer(spec)
+    return _open_clip_loaded(model, preprocess, tokenizer, f"{OPEN_CLIP_PREFIX}{spec}", True, checkpoint, None)
 
 
 def _open_clip_loaded(
-    model: Any, preprocess: Any, arch: str, name: str, pretrained: bool, checkpoint: Path | None, tag: str | None
+    model: Any, preprocess: Any, tokenizer: Any, name: str, pretrained: bool, checkpoint: Path | None, tag: str | None
 ) -> LoadedModel:
-    import open_clip
-
     size = model.visual.image_size
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     return LoadedModel(
@@ -348,8 +370,8 @@ def _open_clip_loaded(
         name=name,
         source="open_clip",
         weights_id=_weights_id(name, pretrained, checkpoint, tag or None),
-        tokenizer=open_clip.get_tokenizer(arch),
-        info={"image_size": size, "arch": arch},
+        tokenizer=tokenizer,
+        info={"image_size": size, "arch": name.removeprefix(OPEN_CLIP_PREFIX)},
     )
 
 

@@ -7,17 +7,38 @@ one that computes the same attention from its own weights and keeps the per-head
 completeness check confirms the sum; nothing is computed twice).
 Representation ``"embedding"``: ``ln_post`` (per token, or on the pooled vector with
 ``final_ln_after_pool``), pooling (class token or average), ``@ proj`` — the image embedding before L2
-normalisation. Attentional poolers (CoCa) have no rule yet.
+normalisation.
+
+CoCa (``attentional_pool=True``): the tower's ``AttentionalPooler`` normalises the stream (``ln_k``), and
+its learned queries (``ln_q(query)``, the same for every image) attend over it with an
+``nn.MultiheadAttention``; ``ln_post`` then normalises every query's output and the *first* query's
+token, ``@ proj``, is the image embedding (``encode_image``; the other query tokens feed the text
+decoder and are not decomposed). With the pooler's probabilities frozen it is linear in the stream, one
+readout slot per pool head as for timm's MAP head; ``ln_k``'s beta (``pool_norm_bias``), the
+pooler's value/output biases (``pool_bias``) and ``ln_post``'s beta (``norm_bias``) are components.
+The untested ``'parallel'`` / ``'cascade'`` poolers (a second, contrastive pooler) are refused.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import AttentionalPooler, ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
-from vitdecomp.decomp.plan import Block, Field, Heads, Linear, Plan, Pool, Readout, Tap, TokenNorm, VectorNorm
+from vitdecomp.decomp.plan import (
+    Block,
+    Field,
+    Heads,
+    Linear,
+    MultiheadPool,
+    Plan,
+    Pool,
+    Readout,
+    Tap,
+    TokenNorm,
+    VectorNorm,
+)
 from vitdecomp.errors import UnsupportedModuleError
 from vitdecomp.models._common import check_plan_args, layer_scale_of, token_model_plan
 
@@ -63,13 +84,22 @@ def mha_replacement(mha: nn.MultiheadAttention, batch_first: bool):
     return forward
 
 
+def pooler_steps(model: VisionTransformer) -> list:
+    """CoCa's readout: ``ln_k`` on every token, the pooler (first query), ``ln_post`` on that token."""
+    pooler = model.attn_pool
+    if type(pooler) is not AttentionalPooler or model.attn_pool_contrastive is not None:
+        raise UnsupportedModuleError("attn_pool", pooler, "only CoCa's single AttentionalPooler")
+    if model.pool_type != "tok":
+        raise UnsupportedModuleError("", model, f"pool_type={model.pool_type!r} over the pooler's queries")
+    pool = MultiheadPool(pooler.attn, query=0)  # its queries ln_q(query) and keys ln_k(x) are read in the pass
+    return [TokenNorm(pooler.ln_k, "pool_norm_bias"), pool, VectorNorm(model.ln_post, "norm_bias", position=0)]
+
+
 class OpenClipAdapter:
     family = "open_clip-vit"
 
     def plan(self, model: VisionTransformer, *, start_layer: int, representation: str | None, heads: bool) -> Plan:
-        if model.attn_pool is not None:
-            raise UnsupportedModuleError("attn_pool", model.attn_pool, "attention pooling has no rule yet")
-        if model.pool_type not in ("tok", "avg"):
+        if model.attn_pool is None and model.pool_type not in ("tok", "avg"):
             raise UnsupportedModuleError("", model, f"pool_type={model.pool_type!r} has no rule")
         batch_first = getattr(model.transformer, "batch_first", True)
         layout = "tokens" if batch_first else "seq_first"
@@ -79,7 +109,9 @@ class OpenClipAdapter:
             start_layer:
         ]
         pool = Pool(positions=(0,)) if model.pool_type == "tok" else Pool(skip=1)
-        if model.final_ln_after_pool:
+        if model.attn_pool is not None:
+            steps = pooler_steps(model)
+        elif model.final_ln_after_pool:
             steps = [pool, VectorNorm(model.ln_post, "norm_bias")]
         else:
             steps = [TokenNorm(model.ln_post), pool]

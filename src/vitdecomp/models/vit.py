@@ -1,5 +1,5 @@
-"""timm ``VisionTransformer`` (DeiT, DINO, DINOv2 + registers, DeiT-III, timm CLIP ViTs, SigLIP's MAP head)
-and ``VisionTransformerDistilled`` (DeiT with a distillation token).
+"""timm ``VisionTransformer`` (DeiT, DINO, DINOv2 + registers, DeiT-III, timm CLIP ViTs, SigLIP's MAP head,
+AIMv2's RmsNorm towers) and ``VisionTransformerDistilled`` (DeiT with a distillation token).
 
 Stream: ``[B, prefix + gh*gw, D]`` at the blocks. Each pre-norm ``Block`` adds ``ls1(attn(norm1(x)))``
 (split per head at ``attn.proj``) and ``ls2(mlp(norm2(x)))``.
@@ -13,6 +13,10 @@ Its latent query only shapes the (frozen) probabilities, so it adds no term.
 
 ``VisionTransformerDistilled``: ``"pre_logits"`` (default: the average of the class and distillation
 tokens after the final norm, as the model's own head averages them), ``"cls"``, ``"dist"``.
+
+Norms (final, ``fc_norm``): LayerNorm, or timm's ``RmsNorm`` (AIMv2, ``test_vit4``): frozen statistics, the RMS of
+the full stream, and no centring — a LayerNorm's ``C`` subtracts each part's own mean, an RMS norm passes
+each part through only scaled, and adds no beta (``norm_bias``) since it has none.
 """
 
 from __future__ import annotations
