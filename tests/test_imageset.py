@@ -127,8 +127,8 @@ def test_a_world_export_that_no_longer_matches_its_csv(tmp_path):
 
 
 def test_world_source_renders_scenes_lazily_with_memory_flat_in_n():
-    """Generated scenes are rendered a chunk at a time when read (at most WorldScenes.HELD chunks held,
-    none pickled), pixel for pixel and attribute for attribute what make_scenes gives."""
+    """Generated scenes are rendered a chunk at a time when read (at most WorldScenes.HELD_BYTES of
+    chunks held, none pickled), pixel for pixel and attribute for attribute what make_scenes gives."""
     import pickle
 
     from vitdecomp.imageset import WorldScenes, world_source
@@ -140,8 +140,10 @@ def test_world_source_renders_scenes_lazily_with_memory_flat_in_n():
     assert isinstance(src._get, WorldScenes) and not src._get.held  # nothing rendered up front
     assert set(src.attributes) == set(want.attributes)
     assert all(np.array_equal(src.attributes[k], v) for k, v in want.attributes.items())
+    src._get.HELD_BYTES = 3 * CHUNK * 16 * 16 * 3  # three chunks' worth
+    assert src._get.max_held == 3
     for _ in src.batches(100)(0):  # a full pass, as the store fill reads it
-        assert len(src._get.held) <= WorldScenes.HELD
+        assert len(src._get.held) <= 3
     for i in (0, CHUNK - 1, CHUNK, 3 * CHUNK + 7, n - 1):
         assert np.array_equal(np.asarray(src.image(i)), want.images[i]), i
     again = pickle.loads(pickle.dumps(src))

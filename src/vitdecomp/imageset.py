@@ -334,22 +334,30 @@ def world_source(n: int = DEFAULT_N_IMAGES, seed: int = WORLD_SEED, size: int = 
 
 class WorldScenes:
     """Scene ``i`` of ``make_scenes(n, seed, size)`` as a PIL image, rendered a chunk of
-    :data:`~vitdecomp.world.scenes.CHUNK` scenes at a time; the last :data:`HELD` chunks are kept
-    (``held``), none travels when pickled (Ray actors render their own)."""
+    :data:`~vitdecomp.world.scenes.CHUNK` scenes at a time; the chunks last read are kept up to
+    :data:`HELD_BYTES` (least recently read dropped first: a report's scattered reads of a set that
+    fits render each chunk once), none travels when pickled (Ray actors render their own)."""
 
-    HELD = 4
+    HELD_BYTES = 64 << 20
 
     def __init__(self, n: int, seed: int, size: int) -> None:
         self.n, self.seed, self.size = n, seed, size
         self.held: dict[int, np.ndarray] = {}
 
+    @property
+    def max_held(self) -> int:
+        """Chunks kept at once (at least 2)."""
+        return max(2, self.HELD_BYTES // (CHUNK * self.size * self.size * 3))
+
     def __call__(self, i: int) -> Image.Image:
         if not 0 <= i < self.n:
             raise IndexError(f"scene {i} of {self.n}")
         c = i // CHUNK
-        if c not in self.held:
-            if len(self.held) >= self.HELD:
-                del self.held[next(iter(self.held))]  # the oldest
+        if c in self.held:
+            self.held[c] = self.held.pop(c)  # now the most recently read
+        else:
+            while len(self.held) >= self.max_held:
+                del self.held[next(iter(self.held))]  # the least recently read
             self.held[c] = make_scenes(min(CHUNK, self.n - c * CHUNK), self.seed, self.size, start=c * CHUNK).images
         return Image.fromarray(self.held[c][i % CHUNK])
 
