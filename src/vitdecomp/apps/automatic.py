@@ -35,8 +35,10 @@ from vitdecomp.results import AppResult
 
 WATERBIRDS_COLUMNS = ("img_filename", "y", "split", "place")
 #: Most images the automatic segment step maps (every map method on each: it would otherwise cost more
-#: than the analysis itself on a base-size model); the section's command says how many.
-AUTO_SEGMENT_IMAGES = 32
+#: than the analysis itself on a base-size model); the section's command says how many. Its batches
+#: are small so that its progress bar moves every few seconds.
+AUTO_SEGMENT_IMAGES = 16
+AUTO_SEGMENT_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ def run_segment(cfg: AnalysisConfig, models: Models, masks: Path, device: str) -
         images=cfg.images,
         masks=masks,
         n_images=n,
+        batch_size=AUTO_SEGMENT_BATCH,
         skip_bad_images=cfg.skip_bad_images,
         progress=cfg.progress,
     )
