@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from vitdecomp.apps.analysis import Analysis, analysis_of, auto_heads, auto_k
 from vitdecomp.apps.head_grids import head_grid_uri
-from vitdecomp.apps.heatmap import heatmaps, overlay
+from vitdecomp.apps.heatmap import contrastive, overlay, whole_reading
 from vitdecomp.apps.pixels import input_geometry
 from vitdecomp.apps.retrieval import gallery_of, text_scores, top_components
 from vitdecomp.apps.token_maps import token_maps
@@ -48,26 +48,46 @@ def _pil(image: Any) -> Image.Image:
     return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
 
 
-def _maps(analysis: Analysis, images: list[Image.Image], ids: list[str], **how: Any) -> list[ImageMap]:
-    """The maps of :func:`vitdecomp.apps.heatmap.heatmaps` as report figures."""
-    return [
-        ImageMap(
-            i, hm.text, hm.heads, thumbnail_data_uri(overlay(im, hm.original, min(MAP_SIZE, max(im.size))), MAP_SIZE)
-        )
-        for im, i, hm in zip(images, ids, heatmaps(analysis, images, **how), strict=True)
-    ]
-
-
 def feature_views(analysis: Analysis, images: list[Image.Image], ids: list[str]) -> list[FeatureView]:
     """Per feature: its head grid and its top heads' maps along, per image, the value of the feature
-    the aligned whole representation reads best (no labels)."""
+    the aligned whole representation reads best (no labels); every feature's maps from one token-map
+    decomposition of the images (each feature's contrastive value texts as directions, side by side):
+    what :func:`vitdecomp.apps.heatmap.heatmaps` gives feature by feature."""
     r = analysis.result
-    out = []
-    for f in r.features:
-        heads = auto_heads(analysis.scores(f), r.labels)
-        maps = _maps(analysis, images, ids, feature=f, heads=heads) if images else []
-        out.append(FeatureView(f, head_grid_uri(r, f, r.method()), heads, maps))
+    heads = {f: auto_heads(analysis.scores(f), r.labels) for f in r.features}
+    maps = _feature_maps(analysis, images, ids, heads) if images else {}
+    return [FeatureView(f, head_grid_uri(r, f, r.method()), heads[f], maps.get(f, [])) for f in r.features]
+
+
+def _feature_maps(
+    analysis: Analysis, images: list[Image.Image], ids: list[str], heads: dict[str, list[str]]
+) -> dict[str, list[ImageMap]]:
+    r, subject = analysis.result, analysis.subject
+    embs = {f: analysis.embed(list(values)) for f, values in r.features.items()}  # [k_f, d_clip] each
+    dirs = torch.cat([contrastive(e, e) for e in embs.values()])  # every value against its feature's others
+    x = torch.stack([subject.preprocess(im.convert("RGB")) for im in images])
+    x = x.to(next(subject.model.parameters(), x).device)
+    maps = token_maps(subject, x, dirs, aligner=analysis.aligner, start_layer=r.start_layer or 0)
+    out, start = {}, 0
+    for f, emb in embs.items():
+        px = maps.pixels(heads[f]).float().cpu()[:, start : start + len(emb)]  # [B, k_f, H, W]
+        pick = whole_reading(maps, analysis, emb).cpu()
+        texts = list(r.features[f])
+        out[f] = [
+            _map_figure(subject, im, i, px[j, int(pick[j])], texts[int(pick[j])], heads[f])
+            for j, (im, i) in enumerate(zip(images, ids, strict=True))
+        ]
+        start += len(emb)
     return out
+
+
+def _map_figure(
+    subject: Any, image: Image.Image, image_id: str, m: torch.Tensor, text: str, heads: list[str]
+) -> ImageMap:
+    """One map ``m [H, W]`` (model input pixels) on its image, as a report figure."""
+    back = input_geometry(subject.preprocess, (image.height, image.width)).to_original(m[None])[0]
+    uri = thumbnail_data_uri(overlay(image, back.numpy(), min(MAP_SIZE, max(image.size))), MAP_SIZE)
+    return ImageMap(image_id, text, list(heads), uri)
 
 
 def view_heads(result: AnalysisResult, n: int = MAX_VIEW_HEADS) -> list[str]:
@@ -111,10 +131,7 @@ def _view_batch(analysis: Analysis, source: Any, rows: dict[str, int], heads: li
         figures = []
         for i in ids[h]:
             j = union.index(i)
-            im = images[j]
-            back = input_geometry(subject.preprocess, (im.height, im.width)).to_original(px[j, k][None])[0]
-            uri = thumbnail_data_uri(overlay(im, back.numpy(), min(MAP_SIZE, max(im.size))), MAP_SIZE)
-            figures.append(ImageMap(i, text, [h], uri))
+            figures.append(_map_figure(subject, images[j], i, px[j, k], text, [h]))
         out[h] = ComponentView(h, text, figures)
     return out
 
