@@ -442,9 +442,9 @@ def test_cli_on_an_image_folder(tmp_path, capsys):
     assert main([a for a in argv if a != "--quiet"] + ["--skip-bad-images"]) == 0
     printed = capsys.readouterr()
     assert "top components per feature" in printed.out
-    # the console says what each stage starts (no stage silent) and the summary gives every stage's time
+    # stdout says what each stage starts (no stage silent; stderr is for errors); the summary gives each stage's time
     for said in ("checking the options", "loading the subject", "decomposing 10 images", "confidence of the flow"):
-        assert f"vitdecomp: {said}" in printed.err or f"vitdecomp: analyze: {said}" in printed.err, said
+        assert f"vitdecomp: {said}" in printed.out or f"vitdecomp: analyze: {said}" in printed.out, said
     timed = json.loads((out / "results.json").read_text())["timings_s"]
     line = next(x for x in printed.out.splitlines() if x.strip().startswith("time (s)"))
     assert all(f"{stage} " in line for stage in timed if stage != "total")

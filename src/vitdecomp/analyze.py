@@ -44,7 +44,7 @@ from vitdecomp.fsio import atomic_write_text, folder_lock, remove_stale_temps, w
 from vitdecomp.imageset import ImageSource
 from vitdecomp.pipeline.config import AnalysisConfig, default_cache_dir
 from vitdecomp.pipeline.honesty import run_warnings
-from vitdecomp.pipeline.sequence import Clock, prepare, read_components, say_on_stderr
+from vitdecomp.pipeline.sequence import Clock, prepare, read_components, say
 from vitdecomp.report import report_page, summary
 from vitdecomp.report.attach import REPORT_FILES
 from vitdecomp.report.outputs import write_app_outputs
@@ -68,7 +68,7 @@ def run_analysis(
     cfg = cfg or AnalysisConfig()
     if not checked:
         cfg.check()
-    clock = Clock(say_on_stderr if cfg.progress else None)
+    clock = Clock(say if cfg.progress else None)
     device = default_device(cfg.device)
     models, source, built = prepare(cfg, clock, device, source)
     result, top_idx = read_components(cfg, clock, device, models, source, built)

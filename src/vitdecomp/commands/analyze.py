@@ -8,7 +8,6 @@ typed config, which is checked before any model loads.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import fields
 
 from vitdecomp.commands._apps import config_of as configured
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_of(args)
     check_threads(args.threads)
     if cfg.progress:  # the first seconds go to importing torch: say so
-        print("vitdecomp: analyze: checking the options (imports torch)", file=sys.stderr, flush=True)
+        print("vitdecomp: analyze: checking the options (imports torch)", flush=True)
     cfg.check()
     apply_threads(args.threads, cfg.model)
     from vitdecomp.analyze import run_analysis

@@ -44,7 +44,7 @@ from vitdecomp.text import component_descriptions
 
 class Clock:
     """Wall time of each stage (``timings``, seconds) and of the whole run; ``say`` (e.g. a line on
-    stderr) is told what each stage starts and how long the slow ones took, so no stage runs silent."""
+    stdout) is told what each stage starts, so no stage runs silent."""
 
     def __init__(self, say: Callable[[str], None] | None = None) -> None:
         self.start = time.time()
@@ -64,9 +64,10 @@ class Clock:
         return " · ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
 
 
-def say_on_stderr(text: str) -> None:
-    """One status line on stderr (``vitdecomp: ...``), flushed at once."""
-    print(f"vitdecomp: {text}", file=sys.stderr, flush=True)
+def say(text: str) -> None:
+    """One status line on stdout (``vitdecomp: ...``), flushed at once; stderr stays for the one-line
+    errors and the warnings."""
+    print(f"vitdecomp: {text}", flush=True)
 
 
 def prepare(
