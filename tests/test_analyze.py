@@ -7,7 +7,6 @@ tests; reruns, refusals, the CLIP-subject identity path and image folders get th
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import re
@@ -476,50 +475,3 @@ def test_report_ranks_by_flow_marks_suppressors_and_absent_features(first_run):
     assert "suppresses" in card and ranking[-1] in card
     colour = page.split("<h3>color")[1].split('<div class="card">')[0]
     assert "not in these images" in colour and colour.count("opacity:.45") == colour.count('<div class="rank') >= 5
-
-
-def test_views_from_one_decomposition_match_the_heatmap_of_each_feature_and_head(first_run):
-    """The report's maps come from one token-map decomposition per batch of heads (their top images
-    together, their texts as the directions) and one for every feature's maps; each map is what
-    ``heatmaps`` gives for that head and text, or that feature, alone (decoded pixels within rounding
-    of the colour map)."""
-    import torch
-    from PIL import Image
-
-    from vitdecomp.apps.analysis import analysis_of
-    from vitdecomp.apps.heatmap import heatmaps
-    from vitdecomp.apps.report_figures import _map_figure, _pil, _view_batch, feature_views, view_heads
-    from vitdecomp.imageset import world_source
-    from vitdecomp.pipeline.config import AnalysisConfig
-    from vitdecomp.pipeline.model_pair import configured_models
-
-    def pixels(m):
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(m.data_uri.split(",")[1])))).astype(int)
-
-    def alone(images, ids, **how):
-        return [
-            _map_figure(analysis.subject, im, i, torch.from_numpy(hm.input), hm.text, hm.heads)
-            for im, i, hm in zip(images, ids, heatmaps(analysis, images, **how), strict=True)
-        ]
-
-    results, out, _ = first_run
-    cfg = AnalysisConfig(**RUN)
-    models = configured_models(cfg, "cpu")
-    analysis = analysis_of(results, models.subject, models.reader, out=out)
-    source = world_source(N, seed=cfg.seed)
-    rows = {i: j for j, i in enumerate(source.ids)}
-    heads = view_heads(results)[:3]
-    batched = _view_batch(analysis, source, rows, heads)
-    for h in heads:
-        ids = [t.id for t in results.top_images[h][:3]]
-        text = results.descriptions[h][0].text
-        one = alone([_pil(source.image(rows[i])) for i in ids], ids, text=text, heads=[h])
-        assert [m.image for m in batched[h].maps] == ids and batched[h].text == text
-        for a, b in zip(one, batched[h].maps, strict=True):
-            assert np.abs(pixels(a) - pixels(b)).max() <= 2, h
-    images, ids = [_pil(source.image(i)) for i in range(3)], list(source.ids[:3])
-    for view in feature_views(analysis, images, ids):
-        one = alone(images, ids, feature=view.feature, heads=view.heads)
-        assert [m.text for m in view.maps] == [m.text for m in one]  # the value each image reads
-        for a, b in zip(one, view.maps, strict=True):
-            assert np.abs(pixels(a) - pixels(b)).max() <= 2, view.feature

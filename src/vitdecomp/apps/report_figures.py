@@ -19,10 +19,8 @@ from tqdm.auto import tqdm
 
 from vitdecomp.apps.analysis import Analysis, analysis_of, auto_heads, auto_k
 from vitdecomp.apps.head_grids import head_grid_uri
-from vitdecomp.apps.heatmap import contrastive, overlay, whole_reading
-from vitdecomp.apps.pixels import input_geometry
+from vitdecomp.apps.heatmap import heatmaps, overlay
 from vitdecomp.apps.retrieval import gallery_of, text_scores, top_components
-from vitdecomp.apps.token_maps import token_maps
 from vitdecomp.figures import thumbnail_data_uri
 from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.results import AnalysisResult, ComponentView, FeatureView, Hit, ImageMap, ReportViews, RetrievalGallery
@@ -35,8 +33,6 @@ N_VIEW_IMAGES = 3
 #: Heads that get their own view: those with the highest score for any feature (the others' maps:
 #: ``vitdecomp heatmap --report OUT --heads NAME``, from the store and the saved aligner).
 MAX_VIEW_HEADS = 24
-#: Heads whose views one token-map decomposition computes (their images together).
-VIEW_BATCH = 8
 #: Text queries per feature (its first values) and images shown per query.
 N_QUERIES = 3
 N_HITS = 8
@@ -48,46 +44,29 @@ def _pil(image: Any) -> Image.Image:
     return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
 
 
+def _maps(analysis: Analysis, images: list[Image.Image], ids: list[str], **how: Any) -> list[ImageMap]:
+    """The maps of :func:`vitdecomp.apps.heatmap.heatmaps` as report figures."""
+    return [
+        ImageMap(
+            i,
+            hm.text,
+            hm.heads,
+            thumbnail_data_uri(overlay(im, hm.original, min(MAP_SIZE, max(im.size)), hm.scale), MAP_SIZE),
+        )
+        for im, i, hm in zip(images, ids, heatmaps(analysis, images, **how), strict=True)
+    ]
+
+
 def feature_views(analysis: Analysis, images: list[Image.Image], ids: list[str]) -> list[FeatureView]:
     """Per feature: its head grid and its top heads' maps along, per image, the value of the feature
-    the aligned whole representation reads best (no labels); every feature's maps from one token-map
-    decomposition of the images (each feature's contrastive value texts as directions, side by side):
-    what :func:`vitdecomp.apps.heatmap.heatmaps` gives feature by feature."""
+    the aligned whole representation reads best (no labels)."""
     r = analysis.result
-    heads = {f: auto_heads(analysis.scores(f), r.labels) for f in r.features}
-    maps = _feature_maps(analysis, images, ids, heads) if images else {}
-    return [FeatureView(f, head_grid_uri(r, f, r.method()), heads[f], maps.get(f, [])) for f in r.features]
-
-
-def _feature_maps(
-    analysis: Analysis, images: list[Image.Image], ids: list[str], heads: dict[str, list[str]]
-) -> dict[str, list[ImageMap]]:
-    r, subject = analysis.result, analysis.subject
-    embs = {f: analysis.embed(list(values)) for f, values in r.features.items()}  # [k_f, d_clip] each
-    dirs = torch.cat([contrastive(e, e) for e in embs.values()])  # every value against its feature's others
-    x = torch.stack([subject.preprocess(im.convert("RGB")) for im in images])
-    x = x.to(next(subject.model.parameters(), x).device)
-    maps = token_maps(subject, x, dirs, aligner=analysis.aligner, start_layer=r.start_layer or 0)
-    out, start = {}, 0
-    for f, emb in embs.items():
-        px = maps.pixels(heads[f]).float().cpu()[:, start : start + len(emb)]  # [B, k_f, H, W]
-        pick = whole_reading(maps, analysis, emb).cpu()
-        texts = list(r.features[f])
-        out[f] = [
-            _map_figure(subject, im, i, px[j, int(pick[j])], texts[int(pick[j])], heads[f])
-            for j, (im, i) in enumerate(zip(images, ids, strict=True))
-        ]
-        start += len(emb)
+    out = []
+    for f in r.features:
+        heads = auto_heads(analysis.scores(f), r.labels)
+        maps = _maps(analysis, images, ids, feature=f, heads=heads) if images else []
+        out.append(FeatureView(f, head_grid_uri(r, f, r.method()), heads, maps))
     return out
-
-
-def _map_figure(
-    subject: Any, image: Image.Image, image_id: str, m: torch.Tensor, text: str, heads: list[str]
-) -> ImageMap:
-    """One map ``m [H, W]`` (model input pixels) on its image, as a report figure."""
-    back = input_geometry(subject.preprocess, (image.height, image.width)).to_original(m[None])[0]
-    uri = thumbnail_data_uri(overlay(image, back.numpy(), min(MAP_SIZE, max(image.size))), MAP_SIZE)
-    return ImageMap(image_id, text, list(heads), uri)
 
 
 def view_heads(result: AnalysisResult, n: int = MAX_VIEW_HEADS) -> list[str]:
@@ -99,40 +78,14 @@ def view_heads(result: AnalysisResult, n: int = MAX_VIEW_HEADS) -> list[str]:
 
 
 def component_views(analysis: Analysis, source: Any, progress: bool = True) -> dict[str, ComponentView]:
-    """Each of :func:`view_heads`' heads alone on its top images, along its top description; one
-    decomposition per :data:`VIEW_BATCH` heads (:func:`_view_batch`), not one per head."""
-    rows = {i: j for j, i in enumerate(source.ids)}
-    heads = view_heads(analysis.result)
-    out: dict[str, ComponentView] = {}
-    with tqdm(total=len(heads), desc="head views", unit="head", leave=False, disable=not progress) as bar:
-        for s in range(0, len(heads), VIEW_BATCH):
-            out.update(_view_batch(analysis, source, rows, heads[s : s + VIEW_BATCH]))
-            bar.update(len(heads[s : s + VIEW_BATCH]))
-    return out
-
-
-def _view_batch(analysis: Analysis, source: Any, rows: dict[str, int], heads: list[str]) -> dict[str, ComponentView]:
-    """The views of ``heads`` from one token-map decomposition: their top images together, their top
-    descriptions as the directions ``[len(heads), d_clip]``; each head's map is its own column on its
-    own images (what :func:`vitdecomp.apps.heatmap.heatmaps` gives for one head and one text)."""
-    r, subject = analysis.result, analysis.subject
-    texts = [r.descriptions[h][0].text for h in heads]
-    ids = {h: [t.id for t in r.top_images[h][:N_VIEW_IMAGES] if t.id in rows] for h in heads}
-    union = list(dict.fromkeys(i for h in heads for i in ids[h]))
-    if not union:
-        return {h: ComponentView(h, t, []) for h, t in zip(heads, texts, strict=True)}
-    images = [_pil(source.image(rows[i])) for i in union]
-    x = torch.stack([subject.preprocess(im.convert("RGB")) for im in images])
-    x = x.to(next(subject.model.parameters(), x).device)
-    maps = token_maps(subject, x, analysis.embed(texts), aligner=analysis.aligner, start_layer=r.start_layer or 0)
+    """Each of :func:`view_heads`' heads alone on its top images, along its top description."""
+    r, rows = analysis.result, {i: j for j, i in enumerate(source.ids)}
     out = {}
-    for k, (h, text) in enumerate(zip(heads, texts, strict=True)):
-        px = maps.pixels([h]).float().cpu()  # [B, k, H, W]
-        figures = []
-        for i in ids[h]:
-            j = union.index(i)
-            figures.append(_map_figure(subject, images[j], i, px[j, k], text, [h]))
-        out[h] = ComponentView(h, text, figures)
+    for lab in tqdm(view_heads(r), desc="head views", unit="head", leave=False, disable=not progress):
+        ids = [t.id for t in r.top_images[lab][:N_VIEW_IMAGES] if t.id in rows]
+        text = r.descriptions[lab][0].text
+        images = [_pil(source.image(rows[i])) for i in ids]
+        out[lab] = ComponentView(lab, text, _maps(analysis, images, ids, text=text, heads=[lab]) if ids else [])
     return out
 
 
@@ -201,9 +154,10 @@ def report_views(
         rules=[
             f"Head grids: the {method} score of every attention head for the feature.",
             f"Top heads: the 2 ceil(sqrt(H)) heads with the highest {method} score (vitdecomp heatmap "
-            "--heads auto); their maps on the first images of the set, along the value the aligned whole "
-            "representation reads best (no labels), read as its text minus the mean of the feature's other "
-            "values' texts. Red: the heads write along it; blue: against it; each map on its own symmetric scale.",
+            "--heads auto); their maps on the first images of the set, for the value the aligned whole "
+            "representation reads best (no labels), read against the feature's other values and shrunk by the "
+            "image's null (vitdecomp.apps.specific). Red: the heads favour the value; blue: they favour another; "
+            "each map on its own symmetric scale (that of the map before the null).",
             f"Head views: the {len(heads)} heads with the highest score for any feature (at most "
             f"{MAX_VIEW_HEADS}, to keep the page small), each alone on its top {N_VIEW_IMAGES} images along its "
             "top description; any other head's map on demand: vitdecomp heatmap --report OUT --text TEXT "
