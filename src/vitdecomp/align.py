@@ -353,6 +353,8 @@ def _fit(
             val = held_out()
             bar.set_postfix(val_cos=f"{val:.4f}", train_cos=f"{fit.last_train_cosine:.4f}")
             if fit.record(fit.steps, val, maps, cfg):
+                bar.total = fit.steps  # the bar ends where early stopping ends the work
+                bar.set_description(f"align ({mode}, lam={lam:g}, early-stopped)")
                 break
     bar.close()
     return fit

@@ -111,10 +111,18 @@ def render_html(
     page = environment().get_template("base.html.j2")
     method = r.method()
     confidence = r.confidence.get(method, {}).get("scores", {})
+    held: dict[str, str] = {}  # data URI -> its key: the page holds each image once
+
+    def key(uri: str) -> str:
+        return held.setdefault(uri, f"t{len(held)}") if uri else ""
+
+    keyed = {lab: [key(u) for u in uris] for lab, uris in (thumbs or {}).items()}
+    picture_keys = {i: key(u) for i, u in (pictures or {}).items()}
     return page.render(
         r=r,
-        thumbs=dict(thumbs or {}),
-        pictures=dict(pictures or {}),
+        thumbs=keyed,
+        pictures=picture_keys,
+        thumb_data={k: u for u, k in held.items()},
         stats=_stats(r),
         css=css,
         script=script,

@@ -2,9 +2,19 @@
 // first, names: A to Z; click again for the other way; a cell's data-v, when present, is its number).
 // The component table (#component-table) also filters: type words in #component-filter to keep the
 // rows whose text holds every word. A component's view (#view-<label>, shown by CSS :target) gets
-// its top images copied from its table row when it opens, so the page holds each image once.
+// its top images copied from its table row when it opens; every thumbnail's data URI is written once
+// (#thumb-data) and set on the images that show it.
 (function () {
   "use strict";
+  // Thumbnails: each image's data URI is held once (#thumb-data) and put on every img[data-thumb].
+  var held = document.getElementById("thumb-data");
+  if (held) {
+    var uris = JSON.parse(held.textContent);
+    Array.prototype.forEach.call(document.querySelectorAll("img[data-thumb]"), function (img) {
+      var uri = uris[img.getAttribute("data-thumb")];
+      if (uri) img.src = uri;
+    });
+  }
   var each = function (list, fn) { Array.prototype.forEach.call(list, fn); };
 
   function key(row, i) {
