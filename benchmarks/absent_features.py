@@ -1,6 +1,6 @@
 """Features the images do not show: world scenes (coloured shapes) analysed with the general feature set.
 
-    python benchmarks/absent_features.py [--models zoo:deit zoo:dino] [--seed 6003] [--n 1000]
+    python benchmarks/absent_features.py [--models zoo:deit zoo:simclr] [--seed 6003] [--n 1000]
 
 For each model, ``vitdecomp analyze`` on ``--n`` scenes of world ``--seed`` with ``--features paper world``
 (the paper's features, the world's colour / shape / pattern / background in place of the paper's colour,
@@ -78,7 +78,7 @@ def study(model: str, seed: int, n: int, out: Path) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=["zoo:deit", "zoo:dino"])
+    p.add_argument("--models", nargs="+", default=["zoo:deit", "zoo:simclr"])
     p.add_argument("--seed", type=int, default=6003)
     p.add_argument("--n", type=int, default=1000)
     args = p.parse_args()

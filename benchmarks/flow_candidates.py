@@ -1,7 +1,7 @@
 """Which label-free score follows where a feature flows: the candidates of docs/validation.md on the
 development seeds.
 
-    python benchmarks/flow_candidates.py [--models zoo:deit zoo:dino zoo:swin zoo:maxvit zoo:planted]
+    python benchmarks/flow_candidates.py [--models zoo:deit zoo:simclr zoo:swin zoo:maxvit zoo:planted]
         [--seed 9100] [--n 1000] [--pairs 512]
 
 For each zoo model: aligner and causal-truth probes on the ``vitdecomp analyze`` set (seed 3000, 2000

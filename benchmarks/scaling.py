@@ -1,7 +1,7 @@
 """Scaling measurements of issue 13 (docs/benchmarks.md, "Dataset scale").
 
     python benchmarks/scaling.py faiss --rows 10000 100000 1000000      # index latency + recall@20
-    python benchmarks/scaling.py analyze --n-images 1000                # analyze end to end: time, RSS, store
+    python benchmarks/scaling.py analyze --n-images 1000 10000 100000  # analyze end to end: time, RSS, store
     python benchmarks/scaling.py throughput --n-images 256              # in-process vs Ray 1 / 2 workers
     python benchmarks/scaling.py store-bytes --n-images 1000            # store bytes on disk vs rows
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -67,22 +66,31 @@ def bench_faiss(rows: list[int], dim: int) -> None:
         del data, x
 
 
-def bench_analyze(n_images: int, keep: bool) -> None:
-    work = Path(tempfile.mkdtemp(prefix="vitdecomp-scale-"))
-    argv = [sys.executable, "-m", "vitdecomp", "analyze", "--n-images", str(n_images), "--quiet"]
-    argv += ["--out", str(work / "out"), "--cache-dir", str(work / "cache"), "--threads", "1"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-2000:])
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    store = sum(p.stat().st_size for p in (work / "cache" / "stores").rglob("*") if p.is_file())
-    print("| images | wall s | peak RSS MiB | store MiB | store bytes / image |")
-    print("|---|---|---|---|---|")
-    print(f"| {n_images} | {wall:.0f} | {rss:.0f} | {store / 2**20:.1f} | {store / n_images:.0f} |")
-    if not keep:
-        shutil.rmtree(work, ignore_errors=True)
+def bench_analyze(sizes: list[int], keep: bool) -> None:
+    """``vitdecomp analyze --n-images N`` in a child process per N (each its own cache): wall time,
+    the child's own peak RSS (``wait4``), the store on disk and the load average beside each row."""
+    print("| images | wall s | peak RSS MiB | store MiB | store bytes / image | load average (1 min) |")
+    print("|---|---|---|---|---|---|")
+    for n_images in sizes:
+        work = Path(tempfile.mkdtemp(prefix="vitdecomp-scale-"))
+        argv = [sys.executable, "-m", "vitdecomp", "analyze", "--n-images", str(n_images), "--quiet"]
+        argv += ["--out", str(work / "out"), "--cache-dir", str(work / "cache"), "--threads", "1"]
+        load = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        err = proc.stderr.read() if proc.stderr else b""
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        if status != 0:
+            raise SystemExit(err.decode(errors="replace")[-2000:])
+        rss = usage.ru_maxrss / 1024
+        store = sum(p.stat().st_size for p in (work / "cache" / "stores").rglob("*") if p.is_file())
+        load = f"{load:.1f} -> {os.getloadavg()[0]:.1f}"
+        print(f"| {n_images} | {wall:.0f} | {rss:.0f} | {store / 2**20:.1f} | {store / n_images:.0f} | {load} |")
+        sys.stdout.flush()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def bench_throughput(n_images: int, chunk_rows: int) -> None:
@@ -142,7 +150,7 @@ def main() -> None:
     f.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     f.add_argument("--dim", type=int, default=128)
     a = sub.add_parser("analyze")
-    a.add_argument("--n-images", type=int, default=1000)
+    a.add_argument("--n-images", type=int, nargs="+", default=[1000])
     a.add_argument("--keep", action="store_true")
     t = sub.add_parser("throughput")
     t.add_argument("--n-images", type=int, default=256)

@@ -170,3 +170,13 @@ def test_untrained_aligner_is_never_cached(tmp_path):
     rows = ArrayRows(torch.randn(20, 2, 4), torch.randn(20, 3), labels=["a", "b"], key=key)
     stage = get_aligner(rows, tmp_path, AlignOptions(max_steps=0), progress=False, log=lambda *a: None)
     assert stage.state == "untrained" and stage.path is None and not list(tmp_path.iterdir())
+
+
+def test_progress_bar_ends_where_early_stopping_ends_training(capsys):
+    """After early stopping the bar shows the steps run out of as many (``n/n``), not ``n/max_steps``."""
+    c, z, _ = planted(300)
+    a = train_aligner((c, z), NAMES, lr=1e-9, batch_size=64, max_steps=500, eval_every=5, patience=2, min_delta=1.0)
+    steps = a.metrics["steps"]
+    assert a.metrics["stopped"] == "early_stopped" and steps < 500
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "early-stopped" in last and f"{steps}/{steps}" in last and "100%" in last

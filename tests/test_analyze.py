@@ -6,6 +6,7 @@ tests; reruns, refusals, the CLIP-subject identity path and image folders get th
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -304,7 +305,9 @@ def test_report_shows_head_grids_maps_views_and_galleries(first_run):
     v = results.views
     assert [f.feature for f in v.features] == list(results.features)
     for f in v.features:
-        assert f.grid.startswith("data:image/png;base64,") and len(f.heads) == 10  # 2 ceil(sqrt(20 heads))
+        assert f.grid.startswith("data:image/svg+xml;base64,") and len(f.heads) == 10  # 2 ceil(sqrt(20 heads))
+        svg = base64.b64decode(f.grid.split(",", 1)[1]).decode()
+        assert svg.count("<rect") == 20 and f.feature in svg  # zoo:deit: 5 layers x 4 heads, every cell drawn
         assert len(f.maps) == 4 and all(m.data_uri.startswith("data:image/png") and m.heads == f.heads for m in f.maps)
         assert all(m.text in results.features[f.feature] for m in f.maps)  # the value the model reads
     assert v.components and all(lab.split(".")[-1].startswith("H") for lab in v.components)
@@ -436,7 +439,14 @@ def test_cli_on_an_image_folder(tmp_path, capsys):
     assert data["vocabulary"]["name"] == "general"
     assert (out / "index.html").is_file()
     assert main([a for a in argv if a != "--quiet"] + ["--skip-bad-images"]) == 0
-    assert "top components per feature" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "top components per feature" in printed.out
+    # stdout says what each stage starts (no stage silent; stderr is for errors); the summary gives each stage's time
+    for said in ("checking the options", "loading the subject", "decomposing 10 images", "confidence of the flow"):
+        assert f"vitdecomp: {said}" in printed.out or f"vitdecomp: analyze: {said}" in printed.out, said
+    timed = json.loads((out / "results.json").read_text())["timings_s"]
+    line = next(x for x in printed.out.splitlines() if x.strip().startswith("time (s)"))
+    assert all(f"{stage} " in line for stage in timed if stage != "total")
 
 
 def test_report_ranks_by_flow_marks_suppressors_and_absent_features(first_run):
@@ -454,6 +464,8 @@ def test_report_ranks_by_flow_marks_suppressors_and_absent_features(first_run):
     assert set(data["presence"]["features"]) == set(data["features"])
     assert all("significant" in cell for row in data["confidence"]["flow"]["scores"].values() for cell in row.values())
     assert "real texts" in data["confidence"]["flow"]["null"]
+    assert set(data["confidence"]) == {"flow"}  # the default: only the ranked score's intervals (the page's)
+    assert "--confidence all" in (out / "index.html").read_text()  # the report says how to get the others
     r = copy.deepcopy(results)
     ranking = r.rankings["flow"]["shape"]
     r.scores["flow"]["shape"][ranking[-1]] = -0.25  # a suppressor

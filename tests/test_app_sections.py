@@ -152,12 +152,15 @@ def _analyze(images, out, cache, **options) -> AnalysisResult:
 
 
 def test_analyze_adds_a_segment_section_for_a_folder_with_masks(one_thread, tmp_path):
+    from vitdecomp.apps.automatic import AUTO_SEGMENT_IMAGES
+
     world = export_world(8, seed=7100, out_dir=tmp_path / "world", progress=False)
     result = _analyze(world / "images", tmp_path / "out", tmp_path / "cache", random_init=True)
     assert [a.name for a in result.applications] == ["segment"]
     section = result.applications[0]
     assert [r[0] for r in section.rows] == ["decomposition", "gradcam", "chefer"]
     assert f"--masks {world / 'masks'}" in section.command
+    assert f"--n-images {AUTO_SEGMENT_IMAGES}" in section.command  # analyze maps a bounded number of images
     page = (tmp_path / "out" / "index.html").read_text()
     assert page.count('id="app-segment"') == 1 and section.title in page
     saved = AnalysisResult.load(tmp_path / "out" / "results.json")

@@ -99,6 +99,8 @@ def test_heatmap_and_retrieve_commands_write_their_files(small_analysis, tmp_pat
     )
     meta = json.loads((tmp_path / "h2" / "heatmaps.json").read_text())
     assert len(meta["maps"]) == 4 and meta["maps"][0]["heads"] == ["L0.H0", "L1.H1"]
+    # each map says what it was read against, the null it was shrunk by and how the image reads the value
+    assert all(m["against"] and m["level"] >= 0 and 0 <= m["reading"] <= 1 for m in meta["maps"])
     assert (
         main(
             [
@@ -149,22 +151,6 @@ def test_head_grid_has_one_row_per_attention_layer(small_analysis, tmp_path):
     assert draw_head_grids(result, tmp_path / "g.png").stat().st_size > 0
 
 
-def test_contrastive_direction_removes_what_every_value_shares():
-    """A value's contrastive direction is its text minus the mean of the other values' texts: what all
-    values share (here a common offset) cancels, the directions of a feature sum to zero, and a free
-    text is contrasted against the values other than its closest one."""
-    from vitdecomp.apps.heatmap import contrastive
-
-    g = torch.Generator().manual_seed(0)
-    own, common = torch.randn(4, 16, generator=g), torch.randn(16, generator=g)
-    values = own + 5 * common
-    d = contrastive(values, values)
-    torch.testing.assert_close(d, contrastive(own, own))  # the shared offset is gone
-    torch.testing.assert_close(d.sum(0), torch.zeros(16), atol=1e-5, rtol=0)
-    text = values[2] + 0.1 * torch.randn(16, generator=g)
-    torch.testing.assert_close(contrastive(text[None], values)[0], text - values[[0, 1, 3]].mean(0))
-
-
 def test_auto_rules_and_phrases():
     from vitdecomp.apps.analysis import auto_heads, auto_k
     from vitdecomp.evaluation.app_heatmaps import phrase
@@ -179,13 +165,24 @@ def test_auto_rules_and_phrases():
 
 
 def test_heatmap_rule_study_runs_on_a_small_analysis(small_analysis):
-    """``world_eval rules``: every head count x direction, each feature, a pointing share in [0, 1]."""
+    """``evaluate_apps rules``: every head rule x map, each feature, right and wrong values, shares in
+    [0, 1]; the layer rules split the heads by block (zoo:deit: 5 blocks of 4 heads)."""
     from vitdecomp.apps.analysis import load_analysis
-    from vitdecomp.evaluation.app_heatmaps import MAP_FEATURES, RULE_HEADS, heatmap_rules
+    from vitdecomp.evaluation.app_heatmaps import MAP_FEATURES, heatmap_rules
 
     out = heatmap_rules(load_analysis(small_analysis / "out"), n=4, batch=4)
-    want = {f"{f} {r} {how}" for f in MAP_FEATURES for r in RULE_HEADS for how in ("text", "contrastive")}
-    assert set(out["pointing"]) == want and all(0.0 <= v <= 1.0 for v in out["pointing"].values())
+    rules = ("top", "top sqrt", "all", "first layer", "first half", "last layer")
+    runs = ("specific right", "magnitude right", "specific wrong")
+    assert set(out["scores"]) == {f"{f} {r} {how}" for f in MAP_FEATURES for r in rules for how in runs}
+    assert all(0.0 <= v["pointing"] <= 1.0 and 0.0 <= v["pointing_ties"] <= 1.0 for v in out["scores"].values())
+    assert out["heads"]["color"] == {
+        "top": 10,
+        "top sqrt": 5,
+        "all": 20,
+        "first layer": 4,
+        "first half": 8,
+        "last layer": 4,
+    }
 
 
 def test_retrieve_on_a_folder_analysis_reads_the_images_from_that_folder(tmp_path, monkeypatch):
@@ -218,6 +215,43 @@ def test_retrieve_on_a_folder_analysis_reads_the_images_from_that_folder(tmp_pat
     assert sorted(r["id"] for r in ranking) == [f"p{i}.png" for i in range(6)]
     assert all(r["path"] == str((folder / r["id"]).resolve()) for r in ranking)
     assert (tmp_path / "r" / "gallery.html").read_text().count("<img") == 6
+
+
+def test_specificity_command_scores_right_and_wrong_values_for_every_method(small_analysis, tmp_path):
+    """``evaluate_apps specificity``: heatmaps of right and wrong values under both rules, and the
+    segmentation half for a model with the zoo's attribute heads: every method, both contrasts, the
+    predicted and a wrong value."""
+    from vitdecomp.commands.evaluate_apps import main as evaluate
+
+    out = tmp_path / "spec.json"
+    argv = [
+        "specificity",
+        "--report",
+        str(small_analysis / "out"),
+        "--n-images",
+        "4",
+        "--seed",
+        "3",
+        "--json",
+        str(out),
+    ]
+    assert evaluate(argv) == 0
+    doc = json.loads(out.read_text())
+    keys = set(doc["scores"])
+    for f in ("color", "shape", "background"):
+        for heads in ("top", "all", "random"):
+            assert {f"{f} {heads} {r} {w}" for r in ("specific", "mean_others") for w in ("right", "wrong")} <= keys
+            assert f"{f} {heads} random_direction -" in keys
+    assert (
+        "miou" in doc["scores"]["color top specific wrong"]
+        and "miou" not in doc["scores"]["background top specific right"]
+    )
+    seg = doc["segment"]
+    assert set(seg) == {
+        f"{f} {c} {t}" for f in ("color", "shape") for c in ("expected", "none") for t in ("predicted", "wrong")
+    }
+    assert set(seg["color expected wrong"]) == {"decomposition", "gradcam", "chefer"}
+    assert all(0 <= m["pointing"] <= 1 for m in seg["color none wrong"].values())
 
 
 def test_image_retrieval_keeps_its_order_readable_where_the_reading_saturates():

@@ -45,6 +45,7 @@ FLOORS: dict[str, int | str] = {
     "vitdecomp.figures": 1,
     "vitdecomp.index": 1,
     "vitdecomp.checks": 1,
+    "vitdecomp.sae": 1,
     # 2 - 5
     "vitdecomp.pipeline": 2,
     "vitdecomp.apps": 3,

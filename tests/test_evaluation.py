@@ -233,7 +233,7 @@ def test_analysis_confidence_stage_is_json_ready_and_in_results():
     from vitdecomp.align import identity_aligner
     from vitdecomp.pipeline.stages import N_NULL, TextSpace, confidence
     from vitdecomp.results import AnalysisResult
-    from vitdecomp.scores import analysis_scores
+    from vitdecomp.scores import DEFAULT_SCORE, analysis_scores
     from vitdecomp.store import ArrayRows
 
     c, _ = known_stack(80, 6)
@@ -242,8 +242,13 @@ def test_analysis_confidence_stage_is_json_ready_and_in_results():
     texts = {"f": torch.randn(3, 8, generator=g)}
     pool = torch.randn(20, 8, generator=g)
     space = TextSpace({"f": ["a", "b", "c"]}, texts, "v", [], torch.zeros(0, 8), ("{}",), 0, pool)
-    conf, presence = confidence(ArrayRows(c.numpy(), labels=labels), identity_aligner(labels, 8), space, progress=False)
+    rows, al = ArrayRows(c.numpy(), labels=labels), identity_aligner(labels, 8)
+    conf, presence = confidence(rows, al, space, progress=False, which="all")
     assert set(conf) == set(analysis_scores()) and set(presence["features"]) == {"f"}
+    ranked, ranked_presence = confidence(rows, al, space, progress=False)  # the default: the ranked score only
+    assert set(ranked) == {DEFAULT_SCORE} and ranked[DEFAULT_SCORE] == conf[DEFAULT_SCORE]
+    none, none_presence = confidence(rows, al, space, progress=False, which="none")
+    assert none == {} and none_presence == presence == ranked_presence
     for d in conf.values():
         assert d["n_null"] == N_NULL and set(d["scores"]["f"]) == set(labels) and "real texts" in d["null"]
         cell = d["scores"]["f"]["L0.H0"]
@@ -445,3 +450,24 @@ def test_counterfactual_truth_of_a_model_sums_to_one_over_its_parts():
     assert truth.flow.sum() == pytest.approx(1.0, abs=1e-6) and truth.n_pairs == 12
     assert truth.labels[-1] == "norm_bias"  # the same vector for every image: it never moves
     assert truth.flow[-1] == pytest.approx(0.0, abs=1e-9) and truth.response[-1] == 0.0
+
+
+def test_scores_one_pass_per_kind_equal_one_pass_for_all():
+    """The analysis scores one kind of directions at a time (less held at once): the same tables, to
+    rounding (a constant component's score is a correlation of round-off either way: left out)."""
+    from vitdecomp.align import identity_aligner
+    from vitdecomp.pipeline.sequence import scores_by_kind
+    from vitdecomp.scores import analysis_scores, score_features
+    from vitdecomp.store import ArrayRows
+
+    c, _ = known_stack(80, 6)
+    labels = ["L0.H0", "L0.H1", "L0.mlp", "init", "norm_bias"]
+    g = torch.Generator().manual_seed(2)
+    texts = {"f": torch.randn(3, 8, generator=g), "h": torch.randn(4, 8, generator=g)}
+    rows, al = ArrayRows(c.numpy(), labels=labels), identity_aligner(labels, 8)
+    split = scores_by_kind(rows, al, texts, progress=False)
+    whole = score_features(rows, al, texts, methods=analysis_scores(), progress=False)
+    assert list(split) == list(whole) == list(analysis_scores())
+    varies = [i for i, lab in enumerate(labels) if lab not in ("init", "norm_bias")]  # known_stack's constants
+    for m in whole:
+        torch.testing.assert_close(split[m].scores[:, varies], whole[m].scores[:, varies], rtol=1e-5, atol=1e-6)

@@ -124,3 +124,27 @@ def test_a_world_export_that_no_longer_matches_its_csv(tmp_path):
     src = folder_source(root, skip_bad=True)
     assert len(src) == 4 and "images/000002.png" not in src.ids and len(src.attributes["shape"]) == 4
     assert any("000002.png" in e for e in src.errors) and any("000002.jpg" in e for e in src.errors)
+
+
+def test_world_source_renders_scenes_lazily_with_memory_flat_in_n():
+    """Generated scenes are rendered a chunk at a time when read (at most WorldScenes.HELD_BYTES of
+    chunks held, none pickled), pixel for pixel and attribute for attribute what make_scenes gives."""
+    import pickle
+
+    from vitdecomp.imageset import WorldScenes, world_source
+    from vitdecomp.world import make_scenes
+    from vitdecomp.world.scenes import CHUNK
+
+    n = 6 * CHUNK + 10
+    src, want = world_source(n, seed=5, size=16), make_scenes(n, seed=5, size=16)
+    assert isinstance(src._get, WorldScenes) and not src._get.held  # nothing rendered up front
+    assert set(src.attributes) == set(want.attributes)
+    assert all(np.array_equal(src.attributes[k], v) for k, v in want.attributes.items())
+    src._get.HELD_BYTES = 3 * CHUNK * 16 * 16 * 3  # three chunks' worth
+    assert src._get.max_held == 3
+    for _ in src.batches(100)(0):  # a full pass, as the store fill reads it
+        assert len(src._get.held) <= 3
+    for i in (0, CHUNK - 1, CHUNK, 3 * CHUNK + 7, n - 1):
+        assert np.array_equal(np.asarray(src.image(i)), want.images[i]), i
+    again = pickle.loads(pickle.dumps(src))
+    assert not again._get.held and np.array_equal(np.asarray(again.image(n - 1)), want.images[n - 1])

@@ -428,7 +428,8 @@ def test_each_registered_score_is_its_formula():
 
 def test_a_score_is_one_record_and_reaches_the_cli_the_results_and_the_report(tmp_path):
     """A toy score registered here, as a user would, and nothing else edited: the command line offers it,
-    an analysis computes it (scores, rankings, confidence by resampling), and the report explains it."""
+    an analysis computes it (scores, rankings, confidence by resampling with ``--confidence all``), and the
+    report explains it."""
     import json
 
     from vitdecomp.analyze import AnalysisConfig, run_analysis
@@ -455,6 +456,7 @@ def test_a_score_is_one_record_and_reaches_the_cli_the_results_and_the_report(tm
             verbose=False,
             out=tmp_path / "out",
             cache_dir=tmp_path / "cache",
+            confidence="all",  # the default measures the ranked score's only
         )
         run_analysis(cfg)
     finally:

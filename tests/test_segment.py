@@ -169,9 +169,24 @@ def test_decomposition_map_is_positive_and_lands_on_the_input():
 def test_targets_predicted_needs_a_classifier_and_self_is_centred():
     model, _ = SMALL_MODELS["vit-cls"]()
     reps = torch.randn(5, model.num_features)
-    t = choose_targets(model, reps, "predicted")
-    logits = reps @ model.head.weight.T
-    assert torch.equal(t.directions, model.head.weight[logits.argmax(1)].detach())
+    w = model.head.weight.detach()
+    logits = reps @ w.T + model.head.bias.detach()
+    t = choose_targets(model, reps, "predicted", contrast="none")
+    assert torch.equal(t.directions, w[logits.argmax(1)]) and t.context is None
+    # against the expected alternative: the row minus the softmax-weighted other rows, v's share spread evenly
+    e = choose_targets(model, reps, "predicted")
+    p = logits.softmax(-1)
+    v = logits.argmax(1)
+    a = p.clone()
+    a[torch.arange(5), v] = 0
+    a += (p[torch.arange(5), v] / (w.shape[0] - 1))[:, None]
+    a[torch.arange(5), v] = 0
+    torch.testing.assert_close(e.directions, w[v] - a @ w)
+    assert torch.equal(e.context.value, v)
+    wrong = choose_targets(model, reps, "wrong", seed=3)
+    assert (wrong.context.value != v).all() and torch.equal(
+        wrong.context.value, choose_targets(model, reps, "wrong", seed=3).context.value
+    )
     s = choose_targets(model, reps, "self")
     assert torch.allclose(s.directions.sum(0), torch.zeros(model.num_features), atol=1e-5)
     model.reset_classifier(0)

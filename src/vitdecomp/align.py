@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from vitdecomp.defaults import ALIGN_BATCH_SIZE, ALIGN_STEPS, DEFAULT_LAMBDA, VAL_FRACTION
 from vitdecomp.errors import MismatchError
-from vitdecomp.store import RowBatch, Rows, RowSource, StoreKey, as_rows, key_difference
+from vitdecomp.store import Rows, RowSource, RowSplit, StoreKey, as_rows, key_difference
 
 MODES = ("compalign", "shared", "identity")
 #: Key fields an aligner must agree on with the data it is applied to (the image set may differ).
@@ -198,56 +198,6 @@ class TrainConfig:
 
 
 @dataclass
-class _Split:
-    """Held-out and training rows, and the generator that shuffles the training rows.
-
-    Rows that fit ``window_bytes`` (as float32) are split row by row and shuffled as a whole each
-    epoch (``window`` is ``None``). Larger rows are split by chunk (``chunk_rows`` consecutive rows,
-    the store's unit of reading): whole chunks are held out, and each epoch visits the training
-    chunks in a random order, ``window`` chunks at a time, read once and shuffled row by row.
-    """
-
-    val: np.ndarray
-    train: np.ndarray
-    gen: np.random.Generator
-    chunk_rows: int = 1
-    window: int | None = None
-
-    @classmethod
-    def of(cls, rows: Rows, cfg: TrainConfig) -> _Split:
-        n, gen = len(rows), np.random.default_rng(cfg.seed)
-        row_bytes = 4 * sum(math.prod(s) for s in rows.shapes.values())
-        if n * row_bytes <= cfg.window_bytes or n <= rows.chunk_rows:
-            perm = gen.permutation(n)
-            n_val = min(max(1, round(cfg.val_fraction * n)), n - 1)
-            return cls(np.sort(perm[:n_val]), perm[n_val:], gen)
-        r = rows.chunk_rows
-        chunks = gen.permutation(math.ceil(n / r))
-        n_val = min(max(1, round(cfg.val_fraction * len(chunks))), len(chunks) - 1)
-        val, train = (
-            np.sort(np.concatenate([np.arange(k * r, min(n, (k + 1) * r)) for k in part]))
-            for part in (chunks[:n_val], chunks[n_val:])
-        )
-        return cls(val, train, gen, r, max(1, cfg.window_bytes // (r * row_bytes)))
-
-    def minibatches(self, rows: Rows, batch_size: int) -> Iterator[RowBatch]:
-        """Training batches in a fresh shuffled order each epoch, ``batch_size`` rows at a time, forever."""
-        while True:
-            if self.window is None:
-                order = self.gen.permutation(self.train)
-                for s in range(0, len(order), batch_size):
-                    yield rows.batch(order[s : s + batch_size])
-                continue
-            chunks = self.gen.permutation(np.unique(self.train // self.chunk_rows))
-            for w in range(0, len(chunks), self.window):
-                held = np.isin(self.train // self.chunk_rows, chunks[w : w + self.window])
-                data = rows.batch(self.train[held])  # the window, read once (ascending rows)
-                order = torch.from_numpy(self.gen.permutation(int(held.sum())))
-                for s in range(0, len(order), batch_size):
-                    yield {name: a[order[s : s + batch_size]] for name, a in data.items()}
-
-
-@dataclass
 class _Maps:
     """The trained parameters: ``weight [n_maps, d_clip, D]`` and ``bias [d_clip]``."""
 
@@ -329,7 +279,7 @@ def train_aligner(
     or arrays ``(contributions [N, C, D], clip [N, d_clip])``; ``labels`` default to the rows'.
     ``config`` (a :class:`TrainConfig`; ``options`` override its fields, e.g. ``max_steps=500``)
     sets the optimiser, the held-out split and early stopping; the best maps are returned. Rows
-    that take more than ``cfg.window_bytes`` as float32 are streamed (see :class:`_Split`): memory
+    that take more than ``cfg.window_bytes`` as float32 are streamed (see :class:`~vitdecomp.store.RowSplit`): memory
     holds one window of chunks, on ``device`` (default: CUDA when there is one).
     ``lam`` multiplies the ``1/(n * d_clip)``-normalised orthogonality penalty (``lam = 0``: the
     ablation without it).
@@ -340,7 +290,7 @@ def train_aligner(
     rows = as_rows(source)
     labels = _labels_of(rows, labels)
     (c_count, d_in), d_clip = rows.shapes["contributions"], rows.shapes["clip"][0]
-    split = _Split.of(rows, cfg)
+    split = RowSplit.of(rows, cfg.val_fraction, cfg.seed, cfg.window_bytes)
     eval_every = cfg.eval_every or min(math.ceil(len(split.train) / cfg.batch_size), 100)
     maps = _Maps.isometries(c_count if mode == "compalign" else 1, d_clip, d_in, cfg.seed, resolve_device(device))
     fit = _fit(rows, maps, split, labels, mode, lam, replace(cfg, eval_every=eval_every), progress)
@@ -365,7 +315,7 @@ def train_aligner(
 def _fit(
     rows: Rows,
     maps: _Maps,
-    split: _Split,
+    split: RowSplit,
     labels: list[str],
     mode: str,
     lam: float,
@@ -403,6 +353,8 @@ def _fit(
             val = held_out()
             bar.set_postfix(val_cos=f"{val:.4f}", train_cos=f"{fit.last_train_cosine:.4f}")
             if fit.record(fit.steps, val, maps, cfg):
+                bar.total = fit.steps  # the bar ends where early stopping ends the work
+                bar.set_description(f"align ({mode}, lam={lam:g}, early-stopped)")
                 break
     bar.close()
     return fit
@@ -507,3 +459,36 @@ def train_ablation(
         "lambda=0": train_aligner(source, labels, mode="compalign", lam=0.0, **kwargs),
         "compalign": train_aligner(source, labels, mode="compalign", lam=lam, **kwargs),
     }
+
+
+#: Ridge weight of :func:`whole_map`, relative to the mean variance of a representation dimension.
+WHOLE_MAP_RIDGE = 1e-2
+
+
+@torch.no_grad()
+def whole_map(
+    source: RowSource, aligner: Aligner | None, ridge: float = WHOLE_MAP_RIDGE, batch_size: int = 512
+) -> torch.Tensor:
+    """``M [d_clip, D]``: the aligner's map of the whole representation, as one linear map. CompAlign
+    maps each part with its own ``W_i``, so the whole has no single map; ``M`` is the ridge
+    least-squares map from the representation ``r`` to the aligned whole ``sum_i W_i c_i`` over the
+    rows, both centred (ridge ``ridge x`` the mean variance of a dimension of ``r``, which keeps
+    directions the images never take from being read through noise). A shared map is its ``W``;
+    ``None`` or an identity aligner (a CLIP subject read in its own space) gives the identity.
+    Streamed: two ``[D, D]`` / ``[D, d_clip]`` sums."""
+    rows = as_rows(source)
+    d = rows.shapes["contributions"][1]
+    if aligner is None or aligner.weight is None:
+        return torch.eye(d)
+    if aligner.mode == "shared":
+        return aligner.weight[0].float().cpu()
+    xx, xa = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, aligner.out_dim, dtype=torch.float64)
+    sx, sa, n = torch.zeros(d, dtype=torch.float64), torch.zeros(aligner.out_dim, dtype=torch.float64), 0
+    for b in rows.iter_batches(batch_size, ("contributions",)):
+        c = b["contributions"]
+        x, a = c.sum(1).double(), aligner.apply(c).sum(1).double().cpu()
+        xx, xa, sx, sa, n = xx + x.T @ x, xa + x.T @ a, sx + x.sum(0), sa + a.sum(0), n + len(x)
+    n = max(n, 1)
+    xx, xa = xx - torch.outer(sx, sx) / n, xa - torch.outer(sx, sa) / n
+    lam = ridge * float(xx.trace()) / d
+    return torch.linalg.solve(xx + lam * torch.eye(d, dtype=xx.dtype), xa).T.float()

@@ -44,7 +44,7 @@ from vitdecomp.fsio import atomic_write_text, folder_lock, remove_stale_temps, w
 from vitdecomp.imageset import ImageSource
 from vitdecomp.pipeline.config import AnalysisConfig, default_cache_dir
 from vitdecomp.pipeline.honesty import run_warnings
-from vitdecomp.pipeline.sequence import Clock, prepare, read_components
+from vitdecomp.pipeline.sequence import Clock, prepare, read_components, say
 from vitdecomp.report import report_page, summary
 from vitdecomp.report.attach import REPORT_FILES
 from vitdecomp.report.outputs import write_app_outputs
@@ -68,7 +68,7 @@ def run_analysis(
     cfg = cfg or AnalysisConfig()
     if not checked:
         cfg.check()
-    clock = Clock()
+    clock = Clock(say if cfg.progress else None)
     device = default_device(cfg.device)
     models, source, built = prepare(cfg, clock, device, source)
     result, top_idx = read_components(cfg, clock, device, models, source, built)
@@ -76,10 +76,10 @@ def run_analysis(
     if result.alignment.state == "untrained":  # not saved: the figures that read it again have none
         result.warnings.append("no heatmaps, head views or galleries: they need a trained aligner (--align-steps > 0)")
     else:
-        with clock("report_views"):
+        with clock("report_views", "the report's figures: head grids, top heads' maps, head views, galleries"):
             result.views = report_views(result, source, models.subject, models.reader, progress=cfg.progress)
     if cfg.apps:
-        with clock("applications"):
+        with clock("applications"):  # each application found says so (apps/automatic.py)
             runs, failed = run_applications(cfg, models, device)
             for run in runs:
                 if run.out is not None:
@@ -108,7 +108,7 @@ def write_outputs(
     result.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     with folder_lock(out):
         remove_stale_temps(out, REPORT_FILES)
-        with clock("report"):
+        with clock("report", f"writing the report ({out})"):
             page = report_page(result, source, top_idx, progress=progress)
         clock.timings["total"] = time.time() - clock.start
         result.timings_s = {k: round(v, 3) for k, v in clock.timings.items()}

@@ -49,6 +49,7 @@ RETRIEVE_OUT = "vitdecomp-retrieval"
 SEGMENT_OUT = "vitdecomp-segment"
 DEBIAS_OUT = "vitdecomp-debias"
 ABLATE_OUT = "vitdecomp-ablate"
+FEATURES_OUT = "vitdecomp-features"
 VALIDATE_OUT = "vitdecomp-validation"
 #: Images ``vitdecomp retrieve`` returns.
 N_RESULTS = 20
@@ -60,3 +61,8 @@ ABLATE_KS = (1, 2, 4, 8)
 #: Images per batch of ``vitdecomp segment``'s maps, and images in its figure.
 SEGMENT_BATCH_SIZE = 25
 SEGMENT_SHOW = 4
+#: ``vitdecomp features``: Adam steps of the SAE's training, latents whose report panel shows images
+#: and token maps, images per panel.
+SAE_STEPS = 2000
+FEATURES_SHOW = 32
+FEATURES_TOP = 4

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 
 from vitdecomp.defaults import DEFAULT_N_IMAGES, WORLD_SEED
 from vitdecomp.errors import ImageReadError
-from vitdecomp.world import make_scenes
 from vitdecomp.world.attributes import ATTRIBUTES
+from vitdecomp.world.scenes import CHUNK, make_scenes, scene_attributes
 
 __all__ = ["DEFAULT_N_IMAGES", "WORLD_SEED", "ImageSource", "image_source", "list_images", "read_image"]
 
@@ -321,15 +321,48 @@ class ImageSource:
 
 
 def world_source(n: int = DEFAULT_N_IMAGES, seed: int = WORLD_SEED, size: int = 64) -> ImageSource:
-    """``n`` generated scenes of the built-in world (deterministic in ``seed``)."""
-    scenes = make_scenes(n, seed=seed, size=size)
+    """``n`` generated scenes of the built-in world (deterministic in ``seed``), rendered when read
+    (:class:`WorldScenes`: memory flat in ``n``); the attributes are drawn up front."""
     return ImageSource(
         ids=[f"world-{seed}-{i:06d}" for i in range(n)],
         key=f"world:seed={seed}:n={n}:size={size}",
         description=f"{n} generated scenes of the built-in world (seed {seed}, {size}x{size} px)",
-        _get=lambda i: Image.fromarray(scenes.images[i]),
-        attributes={k: np.asarray(v) for k, v in scenes.attributes.items()},
+        _get=WorldScenes(n, seed, size),
+        attributes=scene_attributes(n, seed=seed, size=size),
     )
+
+
+class WorldScenes:
+    """Scene ``i`` of ``make_scenes(n, seed, size)`` as a PIL image, rendered a chunk of
+    :data:`~vitdecomp.world.scenes.CHUNK` scenes at a time; the chunks last read are kept up to
+    :data:`HELD_BYTES` (least recently read dropped first: a report's scattered reads of a set that
+    fits render each chunk once), none travels when pickled (Ray actors render their own)."""
+
+    HELD_BYTES = 64 << 20
+
+    def __init__(self, n: int, seed: int, size: int) -> None:
+        self.n, self.seed, self.size = n, seed, size
+        self.held: dict[int, np.ndarray] = {}
+
+    @property
+    def max_held(self) -> int:
+        """Chunks kept at once (at least 2)."""
+        return max(2, self.HELD_BYTES // (CHUNK * self.size * self.size * 3))
+
+    def __call__(self, i: int) -> Image.Image:
+        if not 0 <= i < self.n:
+            raise IndexError(f"scene {i} of {self.n}")
+        c = i // CHUNK
+        if c in self.held:
+            self.held[c] = self.held.pop(c)  # now the most recently read
+        else:
+            while len(self.held) >= self.max_held:
+                del self.held[next(iter(self.held))]  # the least recently read
+            self.held[c] = make_scenes(min(CHUNK, self.n - c * CHUNK), self.seed, self.size, start=c * CHUNK).images
+        return Image.fromarray(self.held[c][i % CHUNK])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "held": {}}
 
 
 def folder_source(

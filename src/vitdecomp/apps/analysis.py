@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from vitdecomp.align import Aligner, load_aligner
 from vitdecomp.errors import UsageError, VitDecompError, one_line
@@ -48,6 +49,12 @@ class Analysis:
     def embed(self, texts: list[str]) -> torch.Tensor:
         """Unit text embeddings ``[T, d_clip]`` under the analysis' prompt templates."""
         return self.encoder.encode(texts, self.templates)
+
+    @property
+    def logit_scale(self) -> float:
+        """The reader's zero-shot logit scale (CLIP's learned ``exp(logit_scale)``; 100 when it has none)."""
+        scale = getattr(self.reader.model, "logit_scale", None)
+        return 100.0 if scale is None else float(torch.as_tensor(scale).detach().float().exp())
 
     def scores(self, feature: str) -> dict[str, float]:
         """Every component's score for ``feature`` (label -> score)."""
@@ -154,3 +161,25 @@ def analysis_of(
     cache = Path(result.cache.dir) / "text"
     encoder = TextEncoder.from_loaded(reader, cache_dir=cache, device=device)
     return Analysis(result, subject, reader, aligner, encoder, Path(out))
+
+
+def image_loader(image_ids: list[str], root: str = "") -> Callable[[str], Image.Image]:
+    """``row id -> PIL image`` for the ids shown: files (relative to the analysed folder ``root``), or
+    generated world scenes ``world-SEED-ROW`` (each seed's scenes made once)."""
+    from vitdecomp.imageset import read_image
+    from vitdecomp.world import make_scenes
+
+    world: dict[int, int] = {}
+    for i in image_ids:
+        if i.startswith("world-"):
+            _, seed, row = i.split("-")
+            world[int(seed)] = max(world.get(int(seed), 0), int(row) + 1)
+    scenes = {seed: make_scenes(n, seed=seed) for seed, n in world.items()}
+
+    def load(image_id: str):
+        if image_id.startswith("world-"):
+            _, seed, row = image_id.split("-")
+            return scenes[int(seed)].pil(int(row))
+        return read_image(Path(root) / image_id if root else image_id)
+
+    return load

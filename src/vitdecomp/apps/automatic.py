@@ -5,7 +5,8 @@ What is looked for (:func:`detect_applications`), and nothing else, so that no g
 
 ``segment``  a masks folder, ``IMAGES/masks`` or, when the folder is named ``images/`` (as a world
              export's), the ``masks/`` beside it: :func:`vitdecomp.apps.segment.segment` on the masked images with
-             every map method (at most ``--n-images`` images), reusing the subject model ``analyze`` loaded.
+             every map method (the first :data:`AUTO_SEGMENT_IMAGES` at most), reusing the subject model
+             ``analyze`` loaded.
 ``debias``   ``IMAGES/metadata.csv`` with the Waterbirds columns (``img_filename, y, split, place``):
              :class:`vitdecomp.apps.debias.Debias` with ``analyze``'s models, cache and CompAlign
              steps; it reads the store and aligner ``analyze`` just cached when ``analyze`` ran on the
@@ -33,6 +34,11 @@ from vitdecomp.pipeline.model_pair import Models, load_model_for
 from vitdecomp.results import AppResult
 
 WATERBIRDS_COLUMNS = ("img_filename", "y", "split", "place")
+#: Most images the automatic segment step maps (every map method on each: it would otherwise cost more
+#: than the analysis itself on a base-size model); the section's command says how many. Its batches
+#: are small so that its progress bar moves every few seconds.
+AUTO_SEGMENT_IMAGES = 16
+AUTO_SEGMENT_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -110,16 +116,19 @@ def run_segment(cfg: AnalysisConfig, models: Models, masks: Path, device: str) -
     subject = models.subject
     if device != "cpu":
         subject = load_model_for(cfg.model, cfg.checkpoint, cfg.random_init, "cpu", cfg.seed)
+    n = AUTO_SEGMENT_IMAGES if cfg.n_images is None else min(cfg.n_images, AUTO_SEGMENT_IMAGES)
+    print(f"vitdecomp: segment: on the first {n} masked images (vitdecomp segment for more)", file=sys.stderr)
     scfg = SegmentConfig(
         model=cfg.model,
         checkpoint=cfg.checkpoint,
         images=cfg.images,
         masks=masks,
-        n_images=cfg.n_images,
+        n_images=n,
+        batch_size=AUTO_SEGMENT_BATCH,
         skip_bad_images=cfg.skip_bad_images,
         progress=cfg.progress,
     )
-    data = folder_set(cfg.images, masks, cfg.n_images, cfg.skip_bad_images)  # type: ignore[arg-type]
+    data = folder_set(cfg.images, masks, n, cfg.skip_bad_images)  # type: ignore[arg-type]
     return Segment().measure(scfg, subject, data)
 
 

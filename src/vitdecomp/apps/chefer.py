@@ -95,11 +95,12 @@ def token_relevance(model: object, images: Tensor, directions: Tensor) -> Tensor
 
 
 class CheferMap:
-    """The relevance-map contract for Chefer et al.'s rollout: ``[B, H, W]`` on the input pixels."""
+    """The relevance-map contract for Chefer et al.'s rollout: ``[B, H, W]`` on the input pixels
+    (``context`` is ignored: the gradient explains the scalar alone)."""
 
     name = "chefer"
 
-    def __call__(self, model: object, images: Tensor, directions: Tensor) -> Tensor:
+    def __call__(self, model: object, images: Tensor, directions: Tensor, context: object = None) -> Tensor:
         rel = token_relevance(model, images, directions)
         gh, gw = network(model).patch_embed.grid_size
         return upsample(rel.reshape(-1, gh, gw), (images.shape[-2], images.shape[-1]))

@@ -11,16 +11,20 @@
 * :func:`project_out` — remove the span of some text directions from CLIP-space vectors.
 * :class:`GroupAccuracy` — accuracy per ``(y, place)`` group, the worst group and the average
   over groups (on a group-balanced split the average equals the plain accuracy).
+* :func:`own_heads` — the subject's own classifier, one :class:`LogitBlockHead` per attribute, when
+  it reads the decomposed representation (the zoo's multi-attribute models).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.probes import Probe, fit_probes
 from vitdecomp.scores.functions import feature_basis
 
@@ -128,3 +132,35 @@ class GroupAccuracy:
 
     def to_dict(self) -> dict[str, object]:
         return {"groups": self.groups, "worst": self.worst, "average": self.average}
+
+
+@dataclass
+class LogitBlockHead:
+    """One feature's block of a linear classifier's logits: ``weight [K, D]``, ``bias [K]``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() @ self.weight.T + self.bias).argmax(-1)
+
+
+@torch.no_grad()
+def own_heads(subject: LoadedModel, image: Any, parts: torch.Tensor) -> dict[str, LogitBlockHead]:
+    """The subject's own classifier per world attribute, when it has one that reads the decomposed
+    representation: a linear ``get_classifier()`` with one logit block per attribute head the model
+    declares (:attr:`vitdecomp.models.loaded.LoadedModel.attribute_heads`, the zoo's multi-attribute
+    task) whose output on the summed ``parts [1, C, D]`` of ``image`` (a PIL image) equals the model's
+    own logits. ``{}`` otherwise."""
+    model, sizes = subject.model, subject.attribute_heads
+    n_logits = sum(sizes.values())
+    fc = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not sizes or not isinstance(fc, torch.nn.Linear) or fc.out_features != n_logits:
+        return {}
+    x = subject.preprocess(image)[None].to(fc.weight.device)
+    logits = model(x).float().cpu()
+    w, b = fc.weight.detach().float().cpu(), fc.bias.detach().float().cpu()
+    if logits.shape != (1, n_logits) or not torch.allclose(parts[:1].float().sum(1) @ w.T + b, logits, atol=1e-3):
+        return {}
+    ends = np.cumsum([0, *sizes.values()])
+    return {a: LogitBlockHead(w[s:e], b[s:e]) for a, s, e in zip(sizes, ends[:-1], ends[1:], strict=True)}

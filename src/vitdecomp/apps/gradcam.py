@@ -75,11 +75,12 @@ def cam_layer(model: object) -> CamLayer:
 
 
 class GradCamMap:
-    """The relevance-map contract for GradCAM: ``[B, H, W]`` in ``[0, 1]`` on the input pixels."""
+    """The relevance-map contract for GradCAM: ``[B, H, W]`` in ``[0, 1]`` on the input pixels
+    (``context`` is ignored: the gradient explains the scalar alone)."""
 
     name = "gradcam"
 
-    def __call__(self, model: object, images: Tensor, directions: Tensor) -> Tensor:
+    def __call__(self, model: object, images: Tensor, directions: Tensor, context: object = None) -> Tensor:
         layer = cam_layer(model)
         wrapped = Representation(network(model))
         targets = [Along(u) for u in directions]

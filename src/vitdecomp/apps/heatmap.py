@@ -1,19 +1,24 @@
-"""``vitdecomp heatmap``: where in each image the chosen heads write along a text direction.
+"""``vitdecomp heatmap``: where in each image the chosen heads favour a text over what the image shows
+instead.
 
 For each image: the chosen heads' per-token contributions, aligned into CLIP space and projected on
-the text's embedding (:func:`vitdecomp.apps.token_maps.token_maps`), placed on each token's pixels
+the texts' embeddings (:func:`vitdecomp.apps.token_maps.token_maps`), placed on each token's pixels
 in the model's input and mapped back onto the original image through the model's own resize / crop.
-``--feature F`` without ``--text`` uses, per image, the text of F's value that the aligned whole
-representation matches best (the model's own zero-shot reading, no labels). ``--heads auto``: the
-top heads for the feature (:func:`vitdecomp.apps.analysis.auto_heads`; with ``--text`` alone, the
-feature whose value texts come closest to the text). When a feature is known (``--feature`` or
-``--heads auto``) the map reads the text's direction minus the mean of the feature's other values'
-texts (:func:`contrastive`); with ``--text`` and named heads, the text's own direction.
+The text speaks of a feature (``--feature F``, or the feature whose value texts come closest to
+``--text``) and stands for one of its values; the map is specific to that value
+(:mod:`vitdecomp.apps.specific`): the text against the image's own alternative (the value the whole
+image reads as, or, when it reads as the text's value, the other values), shrunk by the image's null.
+A map for a value the image does not show is not positive on its object. ``--feature F`` without
+``--text`` maps, per image, the value of F the aligned whole reads best (no labels). A text that
+reads as no value of any feature (:data:`MATCH`) is read against every feature's values, without a
+null, and says so. ``--heads auto``: the top heads for the feature
+(:func:`vitdecomp.apps.analysis.auto_heads`).
 
 :class:`Heatmaps` is an :class:`~vitdecomp.apps.contract.AnalysisApplication`; its result holds, per
 image, a figure ``<name>.png`` (the image with the map over it: red positive, blue negative, a
-symmetric scale; captioned with the text and the heads) and a file ``<name>.npy`` (the map ``[H, W]``
-in the original image's pixels), and ``heatmaps.json`` says what was used.
+symmetric scale; captioned with the text, what it was read against and the heads) and a file
+``<name>.npy`` (the map ``[H, W]`` in the original image's pixels), and ``heatmaps.json`` says what was
+used.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import functools
 import io
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,40 +37,67 @@ from PIL import Image
 from vitdecomp.apps.analysis import Analysis, analysis_result, auto_heads, check_heads
 from vitdecomp.apps.contract import AnalysisApplication
 from vitdecomp.apps.pixels import input_geometry
+from vitdecomp.apps.specific import reading, specific_maps
 from vitdecomp.apps.token_maps import TokenMaps, token_maps
 from vitdecomp.defaults import ANALYSIS_DIR, HEATMAP_OUT, SHOW_SEED
 from vitdecomp.errors import ImageReadError, UsageError, VitDecompError
 from vitdecomp.figures import figure_png, pyplot
 from vitdecomp.results import AppSection, Figure, ResultBase
 
+#: A text stands for the value of a feature it reads as with at least this probability (the reader's
+#: zero-shot softmax over the feature's values); below it in every feature, the text matches none.
+MATCH = 0.5
+
 
 @dataclass
 class Heatmap:
     """One image's map: ``original [H0, W0]`` (original pixels), ``input [H, W]`` (model input pixels),
-    the text it reads and the heads summed."""
+    the text it reads, the heads summed, what the text was read against (``against``), the threshold
+    applied (``level``, the image's null, :mod:`vitdecomp.apps.specific`), the image's zero-shot
+    reading of the text's value (``reading``; ``None`` when the text matches no feature), the colour
+    scale (``scale``: the largest ``|value|`` of the map before the null, in original pixels; a map the
+    null shrank to specks is drawn faint, not stretched to full colour) and, for a text, the value it
+    stands for (``read_as``, ``"<feature>: <value>"``: the reader's closest value, which for a text
+    outside the reader's vocabulary may be far from what the text says)."""
 
     original: np.ndarray
     input: np.ndarray
     text: str
     heads: list[str]
+    against: str = ""
+    level: float = 0.0
+    reading: float | None = None
+    scale: float = 0.0
+    read_as: str = ""
 
 
-def whole_reading(maps: TokenMaps, analysis: Analysis, value_emb: torch.Tensor) -> torch.Tensor:
-    """``[B]``: per image, the value (row of ``value_emb [V, d_clip]``) the aligned whole representation
-    is closest to."""
+def whole_scores(maps: TokenMaps, analysis: Analysis, value_emb: torch.Tensor) -> torch.Tensor:
+    """``[B, V]``: cosines of the aligned whole representation with each row of ``value_emb [V, d_clip]``."""
     d = maps.decomposition
     whole = d.representation if analysis.aligner is None else analysis.aligner.apply_sum(d.contributions)
-    return (torch.nn.functional.normalize(whole.float().cpu(), dim=-1) @ value_emb.float().cpu().T).argmax(-1)
-
-
-def contrastive(emb: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``[k, d]``: each text of ``emb [k, d]`` minus the mean of its feature's value texts ``values
-    [V, d]`` other than the one closest to it: what tells the value apart from the feature's other
-    values, without what every value's text shares ("an object", "a photo")."""
     unit = torch.nn.functional.normalize
-    closest = (unit(emb.float(), dim=-1) @ unit(values.float(), dim=-1).T).argmax(-1)  # [k], by cosine
-    others = (values.float().sum(0, keepdim=True) - values.float()[closest]) / max(1, len(values) - 1)
-    return emb.float() - others
+    return unit(whole.float().cpu(), dim=-1) @ unit(value_emb.float().cpu(), dim=-1).T
+
+
+def text_value(analysis: Analysis, text_emb: torch.Tensor, feature: str | None = None) -> tuple[str | None, int]:
+    """The feature a text embedding ``[d_clip]`` speaks of and the index of the value it reads as:
+    ``feature`` when given, else the one whose value texts come closest; ``(None, -1)`` when the
+    analysis has no features or the text reads as no value with probability :data:`MATCH`."""
+    if feature is None:
+        if not analysis.result.features:
+            return None, -1
+        feature = analysis.feature_of(text_emb)
+        values = analysis.embed(list(analysis.result.features[feature]))
+        q = reading(values.float() @ text_emb.float(), analysis.logit_scale)
+        return (feature, int(q.argmax())) if float(q.max()) >= MATCH else (None, -1)
+    values = analysis.embed(list(analysis.result.features[feature]))
+    return feature, int((values.float() @ text_emb.float()).argmax())
+
+
+def _against(alternative: torch.Tensor, values: list[str], feature: str) -> str:
+    """In words, what one image's map is read against (its alternative's weights ``[V]``)."""
+    best = int(alternative.argmax())
+    return values[best] if float(alternative[best]) >= MATCH else f"the other values of {feature}"
 
 
 def heatmaps(
@@ -76,55 +108,96 @@ def heatmaps(
     feature: str | None = None,
     heads: list[str] | str = "auto",
 ) -> list[Heatmap]:
-    """Maps of ``images`` along ``text`` (or, per image, the best-matching value of ``feature``)."""
+    """Maps of ``images`` along ``text`` (or, per image, the value of ``feature`` it reads best),
+    specific to the value (:mod:`vitdecomp.apps.specific`); a text that matches no feature is read
+    against every feature's values, without a null (:func:`plain_maps`)."""
     if text is None and feature is None:
         raise VitDecompError("give a text (--text) or a feature (--feature)")
-    texts = [text] if text is not None else list(analysis.result.features[feature])
-    emb = analysis.embed(texts)  # [k, d_clip]
+    text_emb = analysis.embed([text])[0] if text is not None else None
+    feature, index = (feature, -1) if text_emb is None else text_value(analysis, text_emb, feature)
     if heads == "auto":
-        feature = feature or analysis.feature_of(emb[0])
-        heads = auto_heads(analysis.scores(feature), analysis.result.labels)
+        heads = auto_heads(analysis.scores(feature or analysis.feature_of(text_emb)), analysis.result.labels)
     else:
         check_heads(heads, analysis.result.labels, analysis.result.model.name)
-    dirs = emb if feature is None else contrastive(emb, analysis.embed(list(analysis.result.features[feature])))
     subject = analysis.subject
     x = torch.stack([subject.preprocess(im.convert("RGB")) for im in images])
     x = x.to(next(subject.model.parameters(), x).device)
+    if feature is None:
+        return plain_maps(analysis, images, x, text, list(heads))
+    values = list(analysis.result.features[feature])
+    emb = analysis.embed(values)  # [V, d_clip]
+    dirs = emb if text_emb is None else torch.cat([emb, text_emb[None]])
     maps = token_maps(subject, x, dirs, aligner=analysis.aligner, start_layer=analysis.result.start_layer or 0)
-    px = maps.pixels(heads).float().cpu()  # [B, k, H, W]
-    pick = torch.zeros(len(images), dtype=torch.long) if text is not None else whole_reading(maps, analysis, emb)
-    pick = pick.cpu()
+    px = maps.pixels(heads).float().cpu()  # [B, V (+1), H, W]
+    p = reading(whole_scores(maps, analysis, emb), analysis.logit_scale)  # [B, V]
+    value = p.argmax(-1) if text is None else torch.full((len(images),), index)
+    sm = specific_maps(px[:, : len(values)], p, value, None if text is None else px[:, -1])
     out = []
     for i, im in enumerate(images):
-        m = px[i, pick[i]]
-        geo = input_geometry(subject.preprocess, (im.height, im.width))
-        back = geo.to_original(m[None])[0]
-        out.append(Heatmap(back.numpy(), m.numpy(), texts[int(pick[i])], list(heads)))
+        back = input_geometry(subject.preprocess, (im.height, im.width)).to_original(sm.maps[i : i + 1])[0]
+        whole = input_geometry(subject.preprocess, (im.height, im.width)).to_original(sm.contrast[i : i + 1])[0]
+        shown = text if text is not None else values[int(value[i])]
+        hm = Heatmap(back.numpy(), sm.maps[i].numpy(), shown, list(heads), _against(sm.alternative[i], values, feature))
+        hm.level, hm.reading, hm.scale = float(sm.level[i]), float(sm.p_value[i]), float(whole.abs().max())
+        hm.read_as = "" if text is None else f"{feature}: {values[index]}"
+        out.append(hm)
+    return out
+
+
+def plain_maps(
+    analysis: Analysis, images: list[Image.Image], x: torch.Tensor, text: str, heads: list[str]
+) -> list[Heatmap]:
+    """Maps along a text that matches no feature: its embedding minus the mean of every feature's value
+    texts (what texts share, "a photo of ..."); no alternative, no null: such a map may light any object."""
+    every = [v for values in analysis.result.features.values() for v in values]
+    dirs = analysis.embed([text])
+    if every:
+        dirs = dirs - analysis.embed(every).mean(0, keepdim=True)
+    maps = token_maps(analysis.subject, x, dirs, aligner=analysis.aligner, start_layer=analysis.result.start_layer or 0)
+    px = maps.pixels(heads).float().cpu()[:, 0]
+    out = []
+    for i, im in enumerate(images):
+        back = input_geometry(analysis.subject.preprocess, (im.height, im.width)).to_original(px[i][None])[0]
+        out.append(Heatmap(back.numpy(), px[i].numpy(), text, heads, "every feature's values (no feature matched)"))
     return out
 
 
 def draw(image: Image.Image, hm: Heatmap) -> bytes:
     """The image with the map over it (diverging colours, symmetric scale), captioned: PNG bytes."""
     plt = pyplot()
-    lim = float(np.abs(hm.original).max()) or 1.0
+    lim = hm.scale or float(np.abs(hm.original).max()) or 1.0
     fig, ax = plt.subplots(figsize=(4, 4.6), dpi=100)
     ax.imshow(image.convert("RGB"))
     shown = ax.imshow(hm.original, cmap="bwr", vmin=-lim, vmax=lim, alpha=0.55, interpolation="nearest")
     ax.set_axis_off()
     names = hm.heads if len(hm.heads) <= 6 else [*hm.heads[:6], f"+{len(hm.heads) - 6}"]
     heads = "\n".join(", ".join(names[i : i + 4]) for i in range(0, len(names), 4))
-    ax.set_title(f'"{hm.text}"\nheads: {heads}', fontsize=8)
+    ax.set_title(f'"{hm.text}"{caption(hm)}\nheads: {heads}', fontsize=8)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return figure_png(fig)
 
 
-def overlay(image: Image.Image, m: np.ndarray, size: int = 128) -> Image.Image:
+def caption(hm: Heatmap) -> str:
+    """What a map was read against, in a few words: ``vs "blue" (reads 0.01)``; a text that stands
+    for a value it does not name: ``(as background: sky) vs ...``."""
+    if not hm.against:
+        return ""
+    if hm.read_as and hm.read_as.split(": ", 1)[-1].lower() not in hm.text.lower():
+        return f" (as {hm.read_as})" + caption(replace(hm, read_as=""))
+    if hm.reading is None:
+        return f" vs {hm.against}"
+    other = f'"{hm.against}"' if not hm.against.startswith("the other") else hm.against
+    return f" vs {other} (reads {hm.reading:.2f})"
+
+
+def overlay(image: Image.Image, m: np.ndarray, size: int = 128, scale: float = 0.0) -> Image.Image:
     """The image with the map ``m [H0, W0]`` (original pixels) over it, as :func:`draw` shows it
-    (``bwr``, symmetric scale, 55 % opaque), without a figure; longest side ``size`` (nearest)."""
+    (``bwr``, symmetric scale ``scale`` or, when 0, ``max |m|``; 55 % opaque), without a figure;
+    longest side ``size`` (nearest)."""
     from matplotlib import colormaps
 
-    lim = float(np.abs(m).max()) or 1.0
+    lim = scale or float(np.abs(m).max()) or 1.0
     colour = colormaps["bwr"](np.clip(m / lim, -1, 1) * 0.5 + 0.5)[..., :3]  # [H0, W0, 3]
     base = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
     mixed = Image.fromarray(np.round(255 * (0.45 * base + 0.55 * colour)).astype(np.uint8))
@@ -192,6 +265,11 @@ class HeatmapRecord:
     heads: list[str]
     png: str
     npy: str
+    against: str = ""
+    level: float = 0.0
+    reading: float | None = None
+    scale: float = 0.0
+    read_as: str = ""
 
 
 @dataclass
@@ -216,7 +294,7 @@ class HeatmapResult(ResultBase):
     @functools.cached_property
     def _pngs(self) -> list[bytes]:
         return [
-            draw(im, Heatmap(a, a, m.text, m.heads))
+            draw(im, Heatmap(a, a, m.text, m.heads, m.against, m.level, m.reading, m.scale, m.read_as))
             for im, a, m in zip(self.images, self.arrays, self.maps, strict=True)
         ]
 
@@ -229,10 +307,14 @@ class HeatmapResult(ResultBase):
         return out
 
     def section(self) -> AppSection:
-        rows = [[m.image, m.text, ", ".join(m.heads)] for m in self.maps]
-        summary = f"{len(self.maps)} heatmap(s) of {self.model}: where the chosen heads write along each text."
+        rows = [[m.image, m.text, m.against, ", ".join(m.heads)] for m in self.maps]
+        summary = (
+            f"{len(self.maps)} heatmap(s) of {self.model}: where the chosen heads favour each text over what the "
+            "image shows instead, above the image's own null."
+        )
         figures = [f.for_section() for f in self.figures()]
-        return AppSection("heatmap", f"Heatmaps ({self.model})", summary, ["image", "text", "heads"], rows, figures)
+        header = ["image", "text", "against", "heads"]
+        return AppSection("heatmap", f"Heatmaps ({self.model})", summary, header, rows, figures)
 
 
 class Heatmaps(AnalysisApplication[HeatmapConfig, HeatmapResult]):
@@ -260,6 +342,9 @@ class Heatmaps(AnalysisApplication[HeatmapConfig, HeatmapResult]):
         heads = cfg.heads if cfg.heads == "auto" else list(cfg.heads)
         maps = heatmaps(analysis, images, text=cfg.text, feature=cfg.feature, heads=heads)
         records = [
-            HeatmapRecord(n, hm.text, hm.heads, f"{n}.png", f"{n}.npy") for n, hm in zip(names, maps, strict=True)
+            HeatmapRecord(
+                n, hm.text, hm.heads, f"{n}.png", f"{n}.npy", hm.against, hm.level, hm.reading, hm.scale, hm.read_as
+            )
+            for n, hm in zip(names, maps, strict=True)
         ]
         return HeatmapResult(analysis.result.model.name, records, [hm.original for hm in maps], images)

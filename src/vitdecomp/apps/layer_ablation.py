@@ -7,7 +7,7 @@ means over the training half of the images):
   mean-ablated, ``n = 0 .. L``, and the representation is read by a linear probe per feature fitted
   on the unablated training half (:class:`~vitdecomp.apps.classifiers.LinearHead`); by the model's own
   linear head where it has one that reads the representation (the zoo's multi-attribute heads,
-  :func:`own_heads`); and for a CLIP subject zero-shot with the feature's class texts
+  :func:`vitdecomp.apps.classifiers.own_heads`); and for a CLIP subject zero-shot with the feature's class texts
   (:class:`~vitdecomp.apps.classifiers.ZeroShotHead`).
   Components outside the blocks (``init``, norm biases) are never ablated; ``n = 0`` is the
   unablated accuracy.
@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from vitdecomp.apps.classifiers import LinearHead, ZeroShotHead, accuracy
+from vitdecomp.apps.classifiers import LinearHead, ZeroShotHead, accuracy, own_heads
 from vitdecomp.apps.contract import AnalysedConfig, ComponentApplication
 from vitdecomp.apps.mean_ablation import AnalysedComponents, MeanAblation
 from vitdecomp.checks import check_at_least
@@ -97,38 +97,6 @@ def read_labels(path: str | Path, source: ImageSource) -> dict[str, FeatureLabel
 
 # ----------------------------------------------------------------------------------------------
 # the measurements on arrays
-
-
-@dataclass
-class LogitBlockHead:
-    """One feature's block of a linear classifier's logits: ``weight [K, D]``, ``bias [K]``."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() @ self.weight.T + self.bias).argmax(-1)
-
-
-@torch.no_grad()
-def own_heads(comps: AnalysedComponents) -> dict[str, LogitBlockHead]:
-    """The subject's own classifier per world attribute, when it has one that reads the decomposed
-    representation: a linear ``get_classifier()`` with one logit block per attribute head the model
-    declares (:attr:`vitdecomp.models.loaded.LoadedModel.attribute_heads`, the zoo's multi-attribute
-    task) whose output on the first image's summed parts equals the model's own logits. ``{}``
-    otherwise."""
-    model, sizes = comps.models.subject.model, comps.models.subject.attribute_heads
-    n_logits = sum(sizes.values())
-    fc = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if not sizes or not isinstance(fc, torch.nn.Linear) or fc.out_features != n_logits:
-        return {}
-    x = comps.models.subject.preprocess(comps.source.image(0))[None].to(fc.weight.device)
-    logits = model(x).float().cpu()
-    w, b = fc.weight.detach().float().cpu(), fc.bias.detach().float().cpu()
-    if logits.shape != (1, n_logits) or not torch.allclose(comps.contributions[:1].sum(1) @ w.T + b, logits, atol=1e-3):
-        return {}
-    ends = np.cumsum([0, *sizes.values()])
-    return {a: LogitBlockHead(w[s:e], b[s:e]) for a, s, e in zip(sizes, ends[:-1], ends[1:], strict=True)}
 
 
 @dataclass
@@ -339,7 +307,8 @@ class LayerAblation(ComponentApplication[AblateConfig, AblateResult]):
         if comps.models.subject.is_clip:
             heads["zero_shot"] = {f: ZeroShotHead(t) for f, t in _class_texts(comps, labels, source).items()}
         if cfg.labels is None:  # world labels: the zoo's heads use the same class order
-            heads["model_head"] = {f: h for f, h in own_heads(comps).items() if f in labels}
+            own = own_heads(comps.models.subject, comps.source.image(0), comps.contributions[:1])
+            heads["model_head"] = {f: h for f, h in own.items() if f in labels}
         y_test = {f: lab.y[test] for f, lab in labels.items()}
         layers = layer_curve(ablation, comps.parts, heads, y_test, test)
         table = comps.scores({f: lab.values for f, lab in labels.items()}, train)

@@ -10,18 +10,21 @@ direction ``w_c`` (its bias moves no gradient and no token).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 
 class RelevanceMap(Protocol):
-    """``(model, images [B, 3, H, W], directions [B, D]) -> [B, H, W]`` relevance in input pixels."""
+    """``(model, images [B, 3, H, W], directions [B, D], context=None) -> [B, H, W]`` relevance in input
+    pixels. ``context`` (a :class:`vitdecomp.apps.specific.ValueContext`: every value's direction, the
+    images' reading, the value explained) is there for maps that use it (the decomposition's
+    value-specific map); the gradient methods explain the scalar alone and ignore it."""
 
     name: str
 
-    def __call__(self, model: object, images: Tensor, directions: Tensor) -> Tensor: ...
+    def __call__(self, model: object, images: Tensor, directions: Tensor, context: Any = None) -> Tensor: ...
 
 
 def network(model: object) -> nn.Module:

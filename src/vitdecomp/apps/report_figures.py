@@ -20,17 +20,19 @@ from tqdm.auto import tqdm
 from vitdecomp.apps.analysis import Analysis, analysis_of, auto_heads, auto_k
 from vitdecomp.apps.head_grids import head_grid_uri
 from vitdecomp.apps.heatmap import heatmaps, overlay
-from vitdecomp.apps.retrieval import store_text_scores, top_components
+from vitdecomp.apps.retrieval import gallery_of, text_scores, top_components
 from vitdecomp.figures import thumbnail_data_uri
 from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.results import AnalysisResult, ComponentView, FeatureView, Hit, ImageMap, ReportViews, RetrievalGallery
+from vitdecomp.store import reopen_store
 
 #: Images per feature on which the feature's top heads are mapped.
 N_MAP_IMAGES = 4
 #: Top images per head view.
 N_VIEW_IMAGES = 3
-#: Heads that get their own view: those with the highest score for any feature.
-MAX_VIEW_HEADS = 48
+#: Heads that get their own view: those with the highest score for any feature (the others' maps:
+#: ``vitdecomp heatmap --report OUT --heads NAME``, from the store and the saved aligner).
+MAX_VIEW_HEADS = 24
 #: Text queries per feature (its first values) and images shown per query.
 N_QUERIES = 3
 N_HITS = 8
@@ -46,7 +48,10 @@ def _maps(analysis: Analysis, images: list[Image.Image], ids: list[str], **how: 
     """The maps of :func:`vitdecomp.apps.heatmap.heatmaps` as report figures."""
     return [
         ImageMap(
-            i, hm.text, hm.heads, thumbnail_data_uri(overlay(im, hm.original, min(MAP_SIZE, max(im.size))), MAP_SIZE)
+            i,
+            hm.text,
+            hm.heads,
+            thumbnail_data_uri(overlay(im, hm.original, min(MAP_SIZE, max(im.size)), hm.scale), MAP_SIZE),
         )
         for im, i, hm in zip(images, ids, heatmaps(analysis, images, **how), strict=True)
     ]
@@ -84,21 +89,50 @@ def component_views(analysis: Analysis, source: Any, progress: bool = True) -> d
     return out
 
 
-def retrieval_galleries(analysis: Analysis, source: Any) -> list[RetrievalGallery]:
+def retrieval_galleries(analysis: Analysis, source: Any, batch_size: int = 1024) -> list[RetrievalGallery]:
     """Per feature, its first :data:`N_QUERIES` values as texts, searched through its top
-    ``auto_k(C)`` components over the whole analysed set; the :data:`N_HITS` best images each."""
+    ``auto_k(C)`` components over the whole analysed set; the :data:`N_HITS` best images each. One
+    pass over the store for every feature, a running top :data:`N_HITS` per query (memory flat in the
+    number of images)."""
     r = analysis.result
     k = auto_k(len(r.labels))
-    out = []
+    queries = []  # (feature, components, texts, their embeddings [T, d_clip])
     for f, values in r.features.items():
-        comps = top_components(analysis.scores(f), k)
         texts = list(values)[:N_QUERIES]
-        scores = store_text_scores(analysis, analysis.embed(texts), comps)  # [N, T]
+        queries.append((f, top_components(analysis.scores(f), k), texts, analysis.embed(texts)))
+    best = [_RunningTop(N_HITS) for _ in queries]
+    for rows in reopen_store(r.store.path).iter_batches(batch_size):
+        g = gallery_of(analysis, rows["contributions"], [])
+        for top, (_, comps, _, emb) in zip(best, queries, strict=True):
+            top.add(torch.stack([text_scores(g, t, comps) for t in emb], 1))  # [b, T]
+    out = []
+    for top, (f, comps, texts, _) in zip(best, queries, strict=True):
         for t, text in enumerate(texts):
-            best = scores[:, t].argsort(descending=True)[:N_HITS].tolist()
-            hits = [Hit(source.ids[j], float(scores[j, t])) for j in best]
+            hits = [Hit(source.ids[j], v) for v, j in top.column(t)]
             out.append(RetrievalGallery(f, text, comps, hits))
     return out
+
+
+class _RunningTop:
+    """The ``n`` largest values of every column over batches of rows ``[b, T]``, with their rows."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, 0
+        self.values: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+
+    def add(self, scores: torch.Tensor) -> None:
+        rows = torch.arange(self.seen, self.seen + len(scores))[:, None].expand_as(scores)
+        self.seen += len(scores)
+        if self.values is not None and self.rows is not None:
+            scores, rows = torch.cat([self.values, scores]), torch.cat([self.rows, rows])
+        self.values, keep = scores.topk(min(self.n, len(scores)), dim=0)
+        self.rows = rows.gather(0, keep)
+
+    def column(self, t: int) -> list[tuple[float, int]]:
+        """``[(value, row)]`` of column ``t``, best first."""
+        assert self.values is not None and self.rows is not None
+        return [(float(v), int(j)) for v, j in zip(self.values[:, t], self.rows[:, t], strict=True)]
 
 
 @torch.no_grad()
@@ -120,11 +154,14 @@ def report_views(
         rules=[
             f"Head grids: the {method} score of every attention head for the feature.",
             f"Top heads: the 2 ceil(sqrt(H)) heads with the highest {method} score (vitdecomp heatmap "
-            "--heads auto); their maps on the first images of the set, along the value the aligned whole "
-            "representation reads best (no labels), read as its text minus the mean of the feature's other "
-            "values' texts. Red: the heads write along it; blue: against it; each map on its own symmetric scale.",
-            f"Head views: the {len(heads)} heads with the highest score for any feature, each alone on its "
-            f"top {N_VIEW_IMAGES} images along its top description.",
+            "--heads auto); their maps on the first images of the set, for the value the aligned whole "
+            "representation reads best (no labels), read against the feature's other values and shrunk by the "
+            "image's null (vitdecomp.apps.specific). Red: the heads favour the value; blue: they favour another; "
+            "each map on its own symmetric scale (that of the map before the null).",
+            f"Head views: the {len(heads)} heads with the highest score for any feature (at most "
+            f"{MAX_VIEW_HEADS}, to keep the page small), each alone on its top {N_VIEW_IMAGES} images along its "
+            "top description; any other head's map on demand: vitdecomp heatmap --report OUT --text TEXT "
+            "--heads NAME IMAGES.",
             f"Retrieval: cosine between a value's text and the aligned sum of the feature's top k = "
             f"2 ceil(sqrt(C)) = {k} components, over all {len(source)} images.",
         ],

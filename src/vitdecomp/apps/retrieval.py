@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from vitdecomp.apps.analysis import Analysis, analysis_result, auto_k, refuse_untrained
+from vitdecomp.apps.analysis import Analysis, analysis_result, auto_k, image_loader, refuse_untrained
 from vitdecomp.apps.contract import AnalysisApplication
 from vitdecomp.checks import check_at_least
 from vitdecomp.defaults import ANALYSIS_DIR, N_RESULTS, RETRIEVE_OUT
@@ -181,28 +181,6 @@ def _append_reference(analysis: Analysis, gallery: Gallery, path: str) -> int:
     return len(gallery.ids) - 1
 
 
-def _image_loader(image_ids: list[str], root: str = ""):
-    """``row id -> PIL image`` for the ids shown: files (relative to the analysed folder ``root``), or
-    generated world scenes ``world-SEED-ROW`` (each seed's scenes made once)."""
-    from vitdecomp.imageset import read_image
-    from vitdecomp.world import make_scenes
-
-    world: dict[int, int] = {}
-    for i in image_ids:
-        if i.startswith("world-"):
-            _, seed, row = i.split("-")
-            world[int(seed)] = max(world.get(int(seed), 0), int(row) + 1)
-    scenes = {seed: make_scenes(n, seed=seed) for seed, n in world.items()}
-
-    def load(image_id: str):
-        if image_id.startswith("world-"):
-            _, seed, row = image_id.split("-")
-            return scenes[int(seed)].pil(int(row))
-        return read_image(Path(root) / image_id if root else image_id)
-
-    return load
-
-
 # ---------------------------------------------------------------------------- the application
 
 
@@ -305,5 +283,5 @@ class Retrieve(AnalysisApplication[RetrieveConfig, RetrievalResult]):
 def ranked_images(result: RetrievalResult, root: str = "") -> Callable[[int], Any]:
     """``position in the ranking -> PIL image`` of a result's images (files under the analysed folder
     ``root``, or generated world scenes)."""
-    load = _image_loader([r["id"] for r in result.ranking], root)
+    load = image_loader([r["id"] for r in result.ranking], root)
     return lambda i: load(result.ranking[i]["id"])

@@ -16,6 +16,8 @@ paper's numbers follow): each map is min-max normalised to ``[0, 1]`` per image 
   (Chefer et al.'s ``get_ap_scores``, which TextSpan's code reuses): per image, the min-max
   normalised map scores the object pixels and one minus it the background pixels, both rankings
   pooled into one average precision (a constant map scores 0 in both); averaged over every image.
+* **pointing game** — the share of images whose map's highest pixel is on the object (ties: the first
+  pixel in row order); a map with no positive value points nowhere (a miss).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class SegMetrics:
     mean_ap: float
     n_images: int
     n_ap_images: int
+    pointing: float = float("nan")
     mean_ap_two_class: float | None = None
 
     def to_dict(self) -> dict[str, float | int]:
@@ -69,6 +72,7 @@ class SegAccumulator:
     n_images: int = 0
     ap_sum: float = 0.0
     n_ap: int = 0
+    hits: int = 0
     ap_two_class_sum: float = 0.0
 
     def __post_init__(self) -> None:
@@ -85,6 +89,7 @@ class SegAccumulator:
         self.pixels += masks.numel()
         self.n_images += masks.shape[0]
         for m, t in zip(maps.reshape(maps.shape[0], -1), masks.reshape(masks.shape[0], -1), strict=True):
+            self.hits += int(bool(m.max() > 0) and bool(t[m.argmax()]))
             if t.any() and not t.all():
                 self.ap_sum += float(average_precision_score(t.numpy(), m.double().numpy()))
                 self.n_ap += 1
@@ -101,6 +106,7 @@ class SegAccumulator:
             mean_ap=self.ap_sum / max(self.n_ap, 1),
             n_images=self.n_images,
             n_ap_images=self.n_ap,
+            pointing=self.hits / max(self.n_images, 1),
             mean_ap_two_class=self.ap_two_class_sum / max(self.n_images, 1),
         )
 

@@ -3,17 +3,24 @@ GradCAM and Chefer et al.'s rollout, all three explaining the same scalar and sc
 metrics (:mod:`vitdecomp.apps.seg_metrics`).
 
 What is explained (label-free, the same for every method): ``--target predicted`` (models with a
-classifier) — the logit of the model's own predicted value; for the zoo's multi-attribute heads, of
-``--feature`` (default colour); for other classifiers, the top class. ``--target self`` (models without
-a classifier, e.g. zoo:simclr) — the image's own representation, centred on the set's mean: the scalar
-``<r(x), r(x) - mean r>``. Both are a direction ``u`` on the representation, one per image.
+classifier) — the model's own predicted value; for the zoo's multi-attribute heads, of ``--feature``
+(default colour); for other classifiers, the top class. ``--target wrong`` — per image a value the model
+does not predict (seeded): the wrong-prompt test, whose maps should not light the object.
+``--contrast expected`` (default) reads the value's logit against the image's expected alternative
+(the other values weighted by the model's softmax, :mod:`vitdecomp.apps.specific`); ``none``, the
+logit alone, as the published methods explain a class. ``--target self`` (models without a
+classifier, e.g. zoo:simclr) — the image's own representation, centred on the set's mean: the scalar
+``<r(x), r(x) - mean r>``. Each is a direction ``u`` on the representation, one per image.
 
 The decomposition's map: every attention head of every layer, each source token's contribution
 projected on ``u`` (:func:`vitdecomp.apps.token_maps.token_maps` in the model's own space), its
 positive part (the evidence *for* the target), summed over heads and layers; each stage's token grid
-upsampled bilinearly to the input, as the published code and Chefer et al.'s do. Every layer, not
-the published code's later half (blocks 5-11 of 12): the zoo models have 3-5 blocks and their first
-ones carry most of the localised contribution (docs/applications.md has the measurement).
+upsampled bilinearly to the input, as the published code and Chefer et al.'s do. Against the expected
+alternative, these terms are kept only where the signed map passes the image's null (the median peak
+of maps between two values the model does not read, lowered by the model's probability of the value):
+a value the model does not see gets no map on the object. Every layer, not the published code's later
+half (blocks 5-11 of 12): the zoo models have 3-5 blocks and their first ones carry most of the
+localised contribution (docs/applications.md has the measurement).
 
 Images and masks (:mod:`vitdecomp.apps.masks`): ``--images DIR --masks DIR`` matched by file stem;
 ``--world DIR`` for a ``vitdecomp world export`` folder (its ``masks/``); ``--mat FILE`` for
@@ -50,6 +57,7 @@ from vitdecomp.apps.pixels import input_geometry, input_size, square_preprocess
 from vitdecomp.apps.published import SEGMENTATION_METRICS, THIS_RUN, BenchmarkTable, Row, published_segmentation
 from vitdecomp.apps.relevance import RelevanceMap, Representation, network
 from vitdecomp.apps.seg_metrics import THRESHOLD_RULE, SegAccumulator, SegMetrics, binarize
+from vitdecomp.apps.specific import ValueContext, alternatives, null_level, shrink
 from vitdecomp.apps.token_maps import TokenMaps, token_maps
 from vitdecomp.checks import check_at_least
 from vitdecomp.defaults import MODEL, SEGMENT_BATCH_SIZE, SEGMENT_OUT, SEGMENT_SHOW, SHOW_SEED
@@ -78,7 +86,12 @@ class DecompositionMap:
     """The relevance-map contract for the decomposition: per image, every head's per-token contribution
     (of ``layers``; ``None``: all) projected on the image's direction; the positive part of each
     (head, token) term (``positive="per_head"``; ``"sum"``: of the summed map, as the published code;
-    ``"none"``), summed, each token grid upsampled bilinearly to the input (as the baselines' grids are)."""
+    ``"none"``), summed, each token grid upsampled bilinearly to the input (as the baselines' grids are).
+
+    With a :class:`~vitdecomp.apps.specific.ValueContext` (the direction is a value against the image's
+    alternative) the map is value-specific: the same terms, kept only where the signed map passes the
+    image's null (:mod:`vitdecomp.apps.specific`; ``"sum"``: the shrunk signed map's positive part,
+    ``"none"``: the shrunk signed map)."""
 
     name = "decomposition"
 
@@ -87,13 +100,35 @@ class DecompositionMap:
             raise ValueError(f"positive must be per_head, sum or none, not {positive!r}")
         self.layers, self.positive = layers, positive
 
-    def __call__(self, model: object, images: Tensor, directions: Tensor) -> Tensor:
+    def __call__(
+        self, model: object, images: Tensor, directions: Tensor, context: ValueContext | None = None
+    ) -> Tensor:
+        if context is not None:
+            return self._specific(model, images, directions, context)
         unique, which = torch.unique(directions.float(), dim=0, return_inverse=True)  # [k, D], [B]
         maps = token_maps(model, images, unique, layers=self.layers)
         if self.positive == "per_head":
             maps.values = [v.clamp_min(0) for v in maps.values]
         px = bilinear_pixels(maps)[torch.arange(len(images)), which]
         return px.clamp_min(0) if self.positive == "sum" else px
+
+    def _specific(self, model: object, images: Tensor, directions: Tensor, context: ValueContext) -> Tensor:
+        """``[B, H, W]``: the value-specific map (class text) of each image's direction."""
+        rows = torch.arange(len(images))
+        maps = token_maps(model, images, directions.float(), layers=self.layers)  # one direction per image
+        signed = bilinear_pixels(maps)[rows, rows]
+        cand = context.candidates()
+        values = bilinear_pixels(token_maps(model, images, context.classes[cand].float(), layers=self.layers))
+        p = context.reading[:, cand].float().cpu()
+        p = p / p.sum(-1, keepdim=True)
+        value = torch.searchsorted(cand, context.value.long().cpu())
+        shrunk = shrink(signed, null_level(values, p).to(signed) * (1 - p[rows, value]).to(signed))
+        if self.positive == "none":
+            return shrunk
+        if self.positive == "sum":
+            return shrunk.clamp_min(0)
+        maps.values = [v.clamp_min(0) for v in maps.values]
+        return bilinear_pixels(maps)[rows, rows] * (shrunk > 0)
 
 
 def bilinear_pixels(maps: TokenMaps) -> Tensor:
@@ -121,11 +156,13 @@ def bilinear_pixels(maps: TokenMaps) -> Tensor:
 
 @dataclass
 class Targets:
-    """One direction per image on the representation ``directions [N, D]``, what each one is, the rule."""
+    """One direction per image on the representation ``directions [N, D]``, what each one is, the rule,
+    and (a value against the image's alternative) what the decomposition's value-specific map needs."""
 
     directions: Tensor
     what: list[str]
     rule: str
+    context: ValueContext | None = None
 
 
 def _classifier(net: torch.nn.Module) -> torch.nn.Linear | None:
@@ -133,26 +170,55 @@ def _classifier(net: torch.nn.Module) -> torch.nn.Linear | None:
     return head if isinstance(head, torch.nn.Linear) and head.out_features > 0 else None
 
 
-def choose_targets(model: object, reps: Tensor, rule: str = "auto", feature: str = "color") -> Targets:
-    """Directions for ``reps [N, D]`` (the images' representations) under ``rule``: ``predicted``,
-    ``self`` or ``auto`` (predicted when the model has a linear classifier, else self)."""
+#: Which value each image's map explains (``auto``: predicted with a classifier, else self).
+TARGETS = ("auto", "predicted", "wrong", "self")
+#: What the explained scalar is read against: the image's expected alternative, or nothing (the logit).
+CONTRASTS = ("expected", "none")
+
+
+def choose_targets(
+    model: object,
+    reps: Tensor,
+    rule: str = "auto",
+    feature: str = "color",
+    contrast: str = "expected",
+    seed: int = 0,
+) -> Targets:
+    """Directions for ``reps [N, D]`` (the images' representations) under ``rule`` (:data:`TARGETS`):
+    ``predicted`` — the model's own top value; ``wrong`` — per image a value it does not predict (a
+    seeded draw, the wrong-prompt test); ``self``. A value's direction is its logit row against the
+    image's expected alternative (``contrast="expected"``: ``w_v - sum_u a_u w_u``, ``a`` the model's
+    softmax with ``v``'s share spread over the other values, :func:`vitdecomp.apps.specific.alternatives`)
+    or its logit row alone (``"none"``, as the published methods explain a class)."""
     head = _classifier(network(model))
     if rule == "auto":
         rule = "predicted" if head is not None else "self"
     if rule == "self":
         what = ["own representation (centred)"] * len(reps)
         return Targets(reps - reps.mean(0), what, "self: <r(x), r(x) - mean r> (the image's own representation)")
-    if rule != "predicted":
-        raise VitDecompError(f"unknown target {rule!r}: predicted, self or auto")
+    if rule not in TARGETS or contrast not in CONTRASTS:
+        raise VitDecompError(f"unknown target {rule!r} or contrast {contrast!r}: {TARGETS}, {CONTRASTS}")
     if head is None:
-        raise VitDecompError("--target predicted needs a model with a linear classifier; use --target self")
+        raise VitDecompError(f"--target {rule} needs a model with a linear classifier; use --target self")
     start, names, feature = _block(model, head, feature)
-    logits = reps @ head.weight[start : start + len(names)].T.detach()
-    pred = logits.argmax(1)
-    directions = head.weight.detach()[start + pred].float()
-    what = [f"{feature}={names[int(p)]}" if feature else f"class {names[int(p)]}" for p in pred]
-    label = f"feature {feature!r}" if feature else "all classes"
-    return Targets(directions, what, f"predicted: the logit of the model's own top value ({label})")
+    rows = head.weight.detach()[start : start + len(names)].float()  # [V, D]
+    bias = head.bias.detach()[start : start + len(names)].float() if head.bias is not None else 0.0
+    p = torch.softmax(reps.float() @ rows.T + bias, -1)  # [N, V]
+    value = p.argmax(1) if rule == "predicted" else _other_value(p.argmax(1), len(names), seed)
+    name = f"feature {feature!r}" if feature else "all classes"
+    what = [f"{feature}={names[int(v)]}" if feature else f"class {names[int(v)]}" for v in value]
+    told = "the model's own top value" if rule == "predicted" else "a value the model does not predict (seeded)"
+    if contrast == "none":
+        return Targets(rows[value], what, f"{rule}: the logit of {told} ({name})")
+    directions = rows[value] - alternatives(p, value) @ rows
+    rule_text = f"{rule}: the logit of {told} ({name}) minus its expected alternative's (the model's softmax)"
+    return Targets(directions, what, rule_text, ValueContext(rows, p, value))
+
+
+def _other_value(pred: Tensor, n_values: int, seed: int) -> Tensor:
+    """Per image a value other than ``pred [N]``, drawn uniformly with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return (pred + torch.randint(1, max(n_values, 2), pred.shape, generator=g)) % n_values
 
 
 def _block(model: object, head: torch.nn.Linear, feature: str) -> tuple[int, list[str], str | None]:
@@ -225,16 +291,16 @@ class SegmentResult(ResultBase):
     def table(self) -> tuple[list[str], list[list[str]]]:
         """The per-method metric table (header, formatted rows)."""
         header = ["method", "pixel acc.", "mIoU", "IoU object (cum. foreground)", "IoU background", "mAP"]
-        header += ["mAP (object + background)", "maps/s"]
+        header += ["mAP (object + background)", "pointing", "maps/s"]
         rows = []
         for m in self.methods:
             if m.metrics is None:
-                rows.append([m.name, *["n/a"] * 6, "-"])
+                rows.append([m.name, *["n/a"] * 7, "-"])
                 continue
             s = m.metrics
             vals = [s.pixel_accuracy, s.miou, s.cumulative_foreground_iou, s.iou_background, s.mean_ap]
             two = "-" if s.mean_ap_two_class is None else f"{s.mean_ap_two_class:.3f}"
-            rows.append([m.name, *(f"{v:.3f}" for v in vals), two, f"{m.maps_per_s:.1f}"])
+            rows.append([m.name, *(f"{v:.3f}" for v in vals), two, f"{s.pointing:.3f}", f"{m.maps_per_s:.1f}"])
         return header, rows
 
     def benchmark_table(self) -> BenchmarkTable:
@@ -322,12 +388,23 @@ def _batches(model: object, data: SegmentSet, batch: int) -> list[_Batch]:
     return out
 
 
+@dataclass(frozen=True)
+class Explained:
+    """What every map explains: the value (``target``, :data:`TARGETS`), the zoo models' logit block
+    (``feature``), what it is read against (``contrast``, :data:`CONTRASTS`) and the ``seed`` of the
+    ``wrong`` values (:func:`choose_targets`)."""
+
+    target: str = "auto"
+    feature: str = "color"
+    contrast: str = "expected"
+    seed: int = 0
+
+
 def segment(
     model: object,
     data: SegmentSet,
     *,
-    target: str = "auto",
-    feature: str = "color",
+    explained: Explained = Explained(),
     methods: list[RelevanceMap] | None = None,
     batch: int = SEGMENT_BATCH_SIZE,
     show: int = SEGMENT_SHOW,
@@ -341,16 +418,18 @@ def segment(
     device = next(network(model).parameters(), torch.empty(0)).device
     with torch.no_grad():
         reps = torch.cat([Representation(network(model))(b.x.to(device)).cpu() for b in batches]).float()
-    targets = choose_targets(model, reps, target, feature)
+    e = explained
+    targets = choose_targets(model, reps, e.target, e.feature, e.contrast, e.seed)
     notes = {m.name: _applies(m, model) for m in methods}
     live = [m for m in methods if not notes[m.name]]
     run = _MethodRun({m.name: SegAccumulator() for m in live}, dict.fromkeys(notes, 0.0), {m.name: [] for m in live})
     start = 0
     for i, b in enumerate(tqdm(batches, desc="segment", unit="batch", disable=not progress)):
         u = targets.directions[start : start + len(b.x)].to(device)
+        context = None if targets.context is None else targets.context.rows(start, start + len(b.x))
         start += len(b.x)
         for m in live[i % len(live) :] + live[: i % len(live)]:
-            run.add(m, model, b, u, show)
+            run.add(m, model, b, u, context, show)
     scores = [
         MethodScore(m.name, run.acc[m.name].result() if not notes[m.name] else None, None, notes[m.name])
         for m in methods
@@ -397,10 +476,10 @@ class _MethodRun:
     seconds: dict[str, float]
     kept: dict[str, list[Tensor]]
 
-    def add(self, m: RelevanceMap, model: object, b: _Batch, u: Tensor, show: int) -> None:
+    def add(self, m: RelevanceMap, model: object, b: _Batch, u: Tensor, ctx: ValueContext | None, show: int) -> None:
         """One batch of method ``m``'s maps, timed, scored against the masks, the first ``show`` kept."""
         t0 = time.perf_counter()
-        maps = m(model, b.x.to(u.device), u).detach().float().cpu()
+        maps = m(model, b.x.to(u.device), u, context=ctx).detach().float().cpu()
         self.seconds[m.name] += time.perf_counter() - t0
         self.acc[m.name].add(maps, b.masks)
         if sum(len(k) for k in self.kept[m.name]) < show:
@@ -466,8 +545,9 @@ class SegmentConfig:
     (``world``: a world export folder; or ``images`` with ``masks``; or ``mat``: ImageNet-segmentation's
     ``gtsegs_ijcv.mat``; none: ``n_images`` generated scenes from ``seed``; at most ``n_images`` in any
     case; ``skip_bad_images``: skip unreadable files), how they enter the model (``resize``:
-    :data:`RESIZES`), what every map explains (``target``, ``feature``), the ``methods`` compared,
-    images per batch, images in the figure, and the folder the command writes to."""
+    :data:`RESIZES`), what every map explains (``target``, ``feature``, ``contrast``: :class:`Explained`,
+    the ``wrong`` values drawn with ``seed``), the ``methods`` compared, images per batch, images in the
+    figure, and the folder the command writes to."""
 
     model: str = MODEL
     checkpoint: str | Path | None = None
@@ -482,6 +562,7 @@ class SegmentConfig:
     seed: int = SHOW_SEED
     target: str = "auto"
     feature: str = "color"
+    contrast: str = "expected"
     methods: tuple[str, ...] = METHODS
     batch_size: int = SEGMENT_BATCH_SIZE
     show: int = SEGMENT_SHOW
@@ -498,7 +579,8 @@ class SegmentConfig:
             parts += ["--seed", str(self.seed)]
         if self.resize != "auto":
             parts += ["--resize", self.resize]
-        parts += ["--target", self.target, "--feature", self.feature, "--methods", ",".join(self.methods)]
+        parts += ["--target", self.target, "--feature", self.feature, "--contrast", self.contrast]
+        parts += ["--methods", ",".join(self.methods)]
         return shlex.join(parts)
 
 
@@ -513,6 +595,8 @@ class Segment(ModelApplication[SegmentConfig, SegmentResult]):
         unknown = [w for w in cfg.methods if w not in METHODS]
         if unknown or not cfg.methods:
             raise VitDecompError(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
+        if cfg.target not in TARGETS or cfg.contrast not in CONTRASTS:
+            raise VitDecompError(f"--target: one of {', '.join(TARGETS)}; --contrast: one of {', '.join(CONTRASTS)}")
         if cfg.resize not in RESIZES:
             raise VitDecompError(f"unknown --resize {cfg.resize!r}: choose from {', '.join(RESIZES)}")
         given = [f"--{k}" for k in ("world", "images", "masks", "mat") if getattr(cfg, k) is not None]
@@ -543,8 +627,7 @@ class Segment(ModelApplication[SegmentConfig, SegmentResult]):
         result = segment(
             model,
             data,
-            target=cfg.target,
-            feature=cfg.feature,
+            explained=Explained(cfg.target, cfg.feature, cfg.contrast, cfg.seed),
             methods=[maps[w] for w in cfg.methods],
             batch=cfg.batch_size,
             show=cfg.show,

@@ -49,6 +49,7 @@ COMMANDS: list[Command] = [
     _row("debias", "remove a spurious feature by mean-ablating the components that carry it (Waterbirds layout)"),
     _row("ablate", "mean-ablate layers from the last, and each feature's top components vs random ones"),
     _row("segment", "zero-shot segmentation from token contributions vs GradCAM and Chefer et al., scored on masks"),
+    _row("features", "sparse-autoencoder features of the representation, named through the aligner, split over parts"),
     _row("world", "the built-in generated world (scenes with ground truth)"),
     _row("zoo", "the shipped small models: list them, train them again, measure them"),
     _row(

@@ -23,7 +23,7 @@ from vitdecomp.commands.options import (
     check_threads,
 )
 from vitdecomp.defaults import ANALYSIS_DIR, BATCH_SIZE, WORLD_SEED
-from vitdecomp.pipeline.config import AnalysisConfig
+from vitdecomp.pipeline.config import CONFIDENCE_CHOICES, AnalysisConfig
 
 DESCRIPTION = (
     "The main job: split MODEL's representation of an image set into components, map them into CLIP space "
@@ -52,6 +52,14 @@ def _own() -> list[Option]:
         Option("top_k", "descriptions per component", d["top_k"], int),
         Option("n_top_images", "images shown per component", d["n_top_images"], int),
         Option(
+            "confidence",
+            "scores given bootstrap intervals and a null: the one the report ranks by, every score "
+            "(slower: the text-taught probe is fitted again per null draw), or none",
+            d["confidence"],
+            str,
+            CONFIDENCE_CHOICES,
+        ),
+        Option(
             "apps",
             "skip the applications whose inputs are in --images (masks/, metadata.csv)",
             d["apps"],
@@ -76,6 +84,8 @@ def config_of(args: argparse.Namespace) -> AnalysisConfig:
 def run(args: argparse.Namespace) -> int:
     cfg = config_of(args)
     check_threads(args.threads)
+    if cfg.progress:  # the first seconds go to importing torch: say so
+        print("vitdecomp: analyze: checking the options (imports torch)", flush=True)
     cfg.check()
     apply_threads(args.threads, cfg.model)
     from vitdecomp.analyze import run_analysis

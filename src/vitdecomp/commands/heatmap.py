@@ -12,10 +12,14 @@ from vitdecomp.commands.options import OUTPUT, RUN, Option, add_options, add_sha
 from vitdecomp.defaults import ANALYSIS_DIR, HEATMAP_OUT
 
 DESCRIPTION = (
-    "For each image, the chosen heads' per-token contributions, aligned into CLIP space and projected on the "
-    "text's embedding, placed on each token's pixels and mapped back onto the original image. --feature F "
-    "without --text reads, per image, the value of F the whole representation matches best (no labels). "
-    "Writes <image>.png, <image>.npy (the map in the original image's pixels) and heatmaps.json to --out."
+    "For each image, where the chosen heads favour the text over what the image shows instead: their per-token "
+    "contributions, aligned into CLIP space and projected on the texts of the text's feature, the text read against "
+    "the image's own alternative (the value its whole representation reads as, or the feature's other values when "
+    "it reads as the text's) and shrunk by the image's null, so that a text the image does not match gets no "
+    "positive map on its object; placed on each token's pixels and mapped back onto the original image. --feature F "
+    "without --text maps, per image, the value of F the whole representation reads best (no labels); a text that "
+    "reads as no value of any feature is read against every feature's values and says so. Writes <image>.png, "
+    "<image>.npy (the map in the original image's pixels) and heatmaps.json to --out."
 )
 SHARED = ("skip_bad_images", "checkpoint", *RUN, "report", *OUTPUT)
 

@@ -35,8 +35,21 @@ OWN = (
         "auto",
         choices=("auto", "model", "square"),
     ),
-    Option("target", "what every map explains", "auto", choices=("auto", "predicted", "self")),
-    Option("feature", "zoo models: the logit block --target predicted explains", "color"),
+    Option(
+        "target",
+        "which value every map explains: the model's own (predicted), one it does not predict (wrong: the "
+        "wrong-prompt test, seeded by --seed), or the image's own representation (self)",
+        "auto",
+        choices=("auto", "predicted", "wrong", "self"),
+    ),
+    Option("feature", "zoo models: the logit block --target predicted / wrong explains", "color"),
+    Option(
+        "contrast",
+        "the value's logit against the image's expected alternative (its other values, weighted by the model's "
+        "softmax), or the logit alone (none, as the published methods)",
+        "expected",
+        choices=("expected", "none"),
+    ),
     Option("methods", "the map methods compared, comma-separated", METHODS),
     Option("show", "images in the figure", SEGMENT_SHOW, int, metavar="N"),
 )

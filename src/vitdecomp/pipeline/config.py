@@ -36,6 +36,10 @@ from vitdecomp.defaults import (
 )
 from vitdecomp.errors import UsageError
 
+#: Which scores an analysis measures the confidence of (bootstrap intervals and a null): the score the
+#: report ranks by (the default: the only one the page shows intervals for), every score, or none.
+CONFIDENCE_CHOICES = ("ranked", "all", "none")
+
 #: The command-line flags whose names are not ``--`` + the field name.
 FLAGS = {"reader": "--clip", "reader_checkpoint": "--clip-checkpoint", "progress": "--quiet"}
 
@@ -69,8 +73,10 @@ class AnalysisConfig:
     ``cpus_per_worker``, ``gpus_per_worker``) and CompAlign (``lam``, ``align_steps``,
     ``align_batch_size``, ``val_fraction``; trained unless cached for this setting or given as
     ``aligner``, refused if trained for another) are cached under ``cache_dir``. ``top_k``
-    descriptions and ``n_top_images`` images per component; ``apps``: run the applications whose
-    inputs are in the folder; ``progress`` bars and a ``verbose`` summary.
+    descriptions and ``n_top_images`` images per component; ``confidence``: which scores get bootstrap
+    intervals and a null (:data:`CONFIDENCE_CHOICES`: the one the report ranks by, every score, none);
+    ``apps``: run the applications whose inputs are in the folder; ``progress`` bars and a ``verbose``
+    summary.
     """
 
     model: str = MODEL
@@ -102,6 +108,7 @@ class AnalysisConfig:
     val_fraction: float = VAL_FRACTION
     top_k: int = 5
     n_top_images: int = 4
+    confidence: str = "ranked"
     skip_bad_images: bool = False
     apps: bool = True
     progress: bool = True
@@ -144,6 +151,8 @@ class AnalysisConfig:
             raise UsageError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
         if not self.lam >= 0.0:
             raise UsageError(f"--lam {self.lam}: must be a number >= 0")
+        if self.confidence not in CONFIDENCE_CHOICES:
+            raise UsageError(f"--confidence {self.confidence}: must be one of {', '.join(CONFIDENCE_CHOICES)}")
 
     def _check_text(self) -> None:
         """The feature set and the vocabulary can be read (and are not empty)."""

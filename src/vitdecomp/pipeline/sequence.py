@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
+import torch
 
+from vitdecomp.align import Aligner
 from vitdecomp.errors import UsageError
 from vitdecomp.imageset import ImageSource, image_source, skip_report
 from vitdecomp.pipeline.config import AnalysisConfig
@@ -21,6 +23,8 @@ from vitdecomp.pipeline.fill import BuiltStore, StoreFiller, completeness_errors
 from vitdecomp.pipeline.honesty import rank_one_components
 from vitdecomp.pipeline.model_pair import Models, configured_models
 from vitdecomp.pipeline.stages import (
+    N_BOOT,
+    N_NULL,
     AlignerStage,
     Readings,
     TextSpace,
@@ -33,30 +37,44 @@ from vitdecomp.pipeline.stages import (
     top_images,
 )
 from vitdecomp.results import AnalysisResult
-from vitdecomp.scores import analysis_scores, score_features
+from vitdecomp.scores import DEFAULT_SCORE, ScoreTable, analysis_scores, get_score, score_features
 from vitdecomp.store import Rows
 from vitdecomp.text import component_descriptions
 
 
 class Clock:
-    """Wall time of each stage (``timings``, seconds) and of the whole run."""
+    """Wall time of each stage (``timings``, seconds) and of the whole run; ``say`` (e.g. a line on
+    stdout) is told what each stage starts, so no stage runs silent."""
 
-    def __init__(self) -> None:
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
         self.start = time.time()
         self.timings: dict[str, float] = {}
+        self.say = say
 
     @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
+    def __call__(self, stage: str, what: str = "") -> Iterator[None]:
+        if self.say is not None and what:
+            self.say(what)
         t0 = time.time()
         yield
         self.timings[stage] = time.time() - t0
+
+    def line(self) -> str:
+        """The stage timings on one line: ``"load_models 3.1 s · decompose_store 22.0 s · ..."``."""
+        return " · ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
+
+
+def say(text: str) -> None:
+    """One status line on stdout (``vitdecomp: ...``), flushed at once; stderr stays for the one-line
+    errors and the warnings."""
+    print(f"vitdecomp: {text}", flush=True)
 
 
 def prepare(
     cfg: AnalysisConfig, clock: Clock, device: str, source: ImageSource | None = None
 ) -> tuple[Models, ImageSource, BuiltStore]:
     """The image set (``source`` or the one ``cfg`` names), the models, and the filled store."""
-    with clock("images"):
+    with clock("images", "reading the images" if cfg.images else f"generating the world's scenes (seed {cfg.seed})"):
         source = source or image_source(cfg.images, cfg.n_images, cfg.seed, cfg.skip_bad_images, progress=cfg.progress)
         if len(source) < 2:
             skipped = f" ({len(source.errors)} unreadable file(s) skipped)" if source.errors else ""
@@ -64,9 +82,10 @@ def prepare(
         report = skip_report(source)
         if report:
             print(f"vitdecomp: {report}", file=sys.stderr)
-    with clock("load_models"):
+    reader = f" and the reader {cfg.reader}" if cfg.reader else ""
+    with clock("load_models", f"loading the subject {cfg.model}{reader} (imports torch, timm / open_clip)"):
         models = configured_models(cfg, device)
-    with clock("decompose_store"):
+    with clock("decompose_store", f"decomposing {len(source)} images into the store ({cfg.cache_path / 'stores'})"):
         built = configured_store(cfg, models, source, device, fill=store_filler(cfg))
     return models, source, built
 
@@ -88,9 +107,9 @@ def read_components(
     rows = readable_rows(built.store)  # small stores are read into memory once
     errors = completeness_errors(rows)
     rank1 = rank_one_components(rows)
-    with clock("align"):
+    with clock("align", "aligning the components to the reader's space (CompAlign, cached per setting)"):
         aligned = configured_aligner(cfg, rows, models, device)
-    with clock("text"):
+    with clock("text", "embedding the features and the vocabulary with the reader's text tower (cached)"):
         space = text_space(
             models.reader,
             cfg.cache_path / "text",
@@ -103,6 +122,21 @@ def read_components(
     readings = _readings(cfg, clock, rows, aligned, space, errors, rank1)
     result = collect_result(models, source, built, aligned, space, readings, cfg.cache_path, clock.timings)
     return result, readings.top[0]
+
+
+def scores_by_kind(
+    rows: Rows, aligner: Aligner, feature_emb: dict[str, torch.Tensor], progress: bool = True
+) -> dict[str, ScoreTable]:
+    """Every score an analysis computes (:func:`~vitdecomp.scores.analysis_scores`), one pass over the
+    rows per kind of directions (``qr``, ``span``, ``text``): only one kind's projections ``[N, C, r]``
+    are held at a time (the same tables as one pass for all)."""
+    kinds: dict[str, list[str]] = {}
+    for m in analysis_scores():
+        kinds.setdefault(get_score(m).kind, []).append(m)
+    tables: dict[str, ScoreTable] = {}
+    for methods in kinds.values():
+        tables.update(score_features(rows, aligner, feature_emb, methods=methods, progress=progress))
+    return {m: tables[m] for m in analysis_scores()}
 
 
 def _readings(
@@ -122,10 +156,12 @@ def _readings(
         )
         descr = {lab: ([] if lab in rank1 else ds) for lab, ds in descr.items()}
     with clock("score"):
-        tables = score_features(rows, al, space.feature_emb, methods=analysis_scores(), progress=cfg.progress)
-    with clock("confidence"):
-        conf, presence = confidence(rows, al, space, progress=cfg.progress)
-    with clock("top_images"):
+        tables = scores_by_kind(rows, al, space.feature_emb, progress=cfg.progress)
+    which = {"ranked": f"the {DEFAULT_SCORE} score", "all": "every score", "none": ""}[cfg.confidence]
+    what = f"confidence of {which}: {N_BOOT} bootstrap resamples, {N_NULL} null features" if which else ""
+    with clock("confidence", what or "the features' presence test"):
+        conf, presence = confidence(rows, al, space, progress=cfg.progress, which=cfg.confidence)
+    with clock("top_images", "finding each component's top images"):
         top = top_images(rows, al, top_directions(descr, space.vocabulary_emb), n=cfg.n_top_images)
         norms = mean_aligned_norms(rows, al)
     return Readings(descr, tables, conf, norms, top, errors, rank1, presence)

@@ -37,6 +37,7 @@ from vitdecomp.scores import (
     ScoreTable,
     analysis_scores,
     embed_features,
+    feature_presence,
     load_features,
     score_confidence,
 )
@@ -176,12 +177,20 @@ def mean_aligned_norms(rows: Rows, aligner: Aligner, batch_size: int = 256) -> n
     return (total / max(len(rows), 1)).numpy()
 
 
-def confidence(rows: Rows, aligner: Aligner, space: TextSpace, progress: bool = True) -> tuple[dict, dict]:
-    """Bootstrap intervals and a null (groups of real texts of ``space.null_pool``) for every score an
-    analysis computes (:func:`vitdecomp.scores.analysis_scores`; see
+def confidence(
+    rows: Rows, aligner: Aligner, space: TextSpace, progress: bool = True, which: str = "ranked"
+) -> tuple[dict, dict]:
+    """Bootstrap intervals and a null (groups of real texts of ``space.null_pool``) for the scores
+    ``which`` names (``"ranked"``: :data:`~vitdecomp.scores.DEFAULT_SCORE`, the one the report shows
+    them for; ``"all"``: every score :func:`~vitdecomp.scores.analysis_scores` lists; ``"none"``; see
     :func:`vitdecomp.scores.score_confidence`), JSON-ready per method, and the features' presence test
-    (JSON-ready; ``{}`` without a pool)."""
-    methods, draws, pool = analysis_scores(), Resampling(N_BOOT, N_NULL), space.null_pool
+    (JSON-ready; ``{}`` without a pool; run with ``"none"`` too)."""
+    methods = {"ranked": [DEFAULT_SCORE], "all": list(analysis_scores()), "none": []}[which]
+    draws, pool = Resampling(N_BOOT, N_NULL), space.null_pool
+    if not methods:
+        if pool is None:
+            return {}, {}
+        return {}, feature_presence(rows, space.feature_emb, pool, aligner).to_dict()
     conf = score_confidence(rows, aligner, space.feature_emb, methods, draws, null_pool=pool, progress=progress)
     presence = next(iter(conf.values())).presence if conf else None
     return {m: c.to_dict() for m, c in conf.items()}, ({} if presence is None else presence.to_dict())

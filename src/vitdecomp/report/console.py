@@ -32,6 +32,9 @@ def summary(r: AnalysisResult, top: int = 3) -> str:
         lines.append(f"    {f:<{width}}  " + "; ".join(cells) + ("  [not in these images]" if f in absent else ""))
     html = r.paths.html if r.paths is not None else ""
     lines.append(f"  report       {html}  ({r.timings_s.get('total', 0):.0f} s)")
+    stages = [f"{k} {v:.1f}" for k, v in r.timings_s.items() if k != "total" and isinstance(v, (int, float))]
+    if stages:
+        lines.append("  time (s)     " + " · ".join(stages))
     lines.extend(f"  WARNING      {w}" for w in r.warnings)
     return "\n".join(lines)
 

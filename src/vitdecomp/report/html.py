@@ -6,8 +6,8 @@ then one partial per section), ``header.html.j2``, ``macros.html.j2`` (the heat 
 ``r`` (the :class:`~vitdecomp.results.AnalysisResult` whose serialisation is ``results.json``,
 so a page can be rendered again from that file: ``render_html(AnalysisResult.load(path))``),
 ``thumbs`` (label → thumbnail data URIs of its top images) and ``pictures`` (image id → thumbnail,
-for the retrieval galleries). One small inline script (``templates/table.js``) sorts and filters the
-component table; nothing is fetched.
+for the retrieval galleries). One small inline script (``templates/table.js``) sorts every sortable
+table and filters the component table; nothing is fetched.
 
 To add a section: write ``templates/sections/<name>.html.j2`` and put ``<name>`` in :data:`SECTIONS`.
 """
@@ -49,6 +49,12 @@ def _heat(v: float, scale: float = 1.0) -> str:
     return f"background:rgba({rgb},{a:.3f});color:{fg}"
 
 
+def _sortkey(cell: object) -> str:
+    """The number a table cell's text starts with (``"12.5%"`` -> ``"12.5"``), ``""`` when none."""
+    m = re.match(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", str(cell))
+    return m.group(1) if m else ""
+
+
 def _kind(label: str) -> str:
     last = label.split(".")[-1]
     if last.startswith("H") and last[1:].isdigit():
@@ -69,6 +75,7 @@ def environment() -> jinja2.Environment:
     )
     env.filters["heat"] = _heat
     env.filters["kind"] = _kind
+    env.filters["sortkey"] = _sortkey
     return env
 
 
@@ -104,10 +111,18 @@ def render_html(
     page = environment().get_template("base.html.j2")
     method = r.method()
     confidence = r.confidence.get(method, {}).get("scores", {})
+    held: dict[str, str] = {}  # data URI -> its key: the page holds each image once
+
+    def key(uri: str) -> str:
+        return held.setdefault(uri, f"t{len(held)}") if uri else ""
+
+    keyed = {lab: [key(u) for u in uris] for lab, uris in (thumbs or {}).items()}
+    picture_keys = {i: key(u) for i, u in (pictures or {}).items()}
     return page.render(
         r=r,
-        thumbs=dict(thumbs or {}),
-        pictures=dict(pictures or {}),
+        thumbs=keyed,
+        pictures=picture_keys,
+        thumb_data={k: u for u, k in held.items()},
         stats=_stats(r),
         css=css,
         script=script,

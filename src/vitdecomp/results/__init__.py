@@ -23,7 +23,7 @@ from vitdecomp.results.analysis import (
     TopImage,
     VocabularyInfo,
 )
-from vitdecomp.results.sections import AppFigure, AppResult, AppSection, Figure, ResultBase
+from vitdecomp.results.sections import AppFigure, AppPanel, AppResult, AppSection, Figure, FileData, ResultBase
 from vitdecomp.results.views import ComponentView, FeatureView, Hit, ImageMap, ReportViews, RetrievalGallery
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Alignment",
     "AnalysisResult",
     "AppFigure",
+    "AppPanel",
     "AppResult",
     "AppSection",
     "CacheInfo",
@@ -39,6 +40,7 @@ __all__ = [
     "ComponentView",
     "FeatureView",
     "Figure",
+    "FileData",
     "Hit",
     "ImageMap",
     "ImagesInfo",

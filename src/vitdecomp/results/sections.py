@@ -8,10 +8,14 @@ application's section without knowing the application.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import IO, Any, ClassVar, Protocol, TypeAlias
 
 from vitdecomp.figures import png_data_uri
+
+#: A file an application hands over: its bytes, or a function writing it to an open binary file.
+FileData: TypeAlias = bytes | Callable[[IO[bytes]], object]
 
 
 @dataclass(frozen=True)
@@ -23,12 +27,32 @@ class AppFigure:
 
 
 @dataclass(frozen=True)
+class AppPanel:
+    """A side panel of one table row, opened from the row's first cell: its ``title``, ``facts``
+    (``[name, value]`` pairs of formatted text), signed ``bars`` (``[label, value]``, drawn relative
+    to the largest ``|value|``; negative ones marked), their heading ``bars_title``, and ``figures``."""
+
+    title: str
+    facts: list[list[str]] = field(default_factory=list)
+    bars: list[tuple[str, float]] = field(default_factory=list)
+    bars_title: str = ""
+    figures: list[AppFigure] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AppPanel:
+        bars = [(str(label), float(v)) for label, v in d.get("bars", [])]
+        return cls(**{**d, "bars": bars, "figures": [AppFigure(**f) for f in d.get("figures", [])]})
+
+
+@dataclass(frozen=True)
 class AppSection:
     """One application's part of the report.
 
     ``title`` heads the section; ``summary`` is one or two plain sentences (the result in words);
-    ``header`` / ``rows`` a table of already formatted cells; ``figures`` PNGs with captions;
-    ``command`` the command line that reproduces it; ``notes`` caveats (controls, settings).
+    ``header`` / ``rows`` a table of already formatted cells; ``sort`` makes it sortable: per column
+    ``"number"``, ``"text"`` or ``""`` (not sortable); ``panels`` one :class:`AppPanel` per row (or
+    none); ``figures`` PNGs with captions; ``command`` the command line that reproduces it; ``notes``
+    caveats (controls, settings).
     """
 
     name: str
@@ -39,6 +63,8 @@ class AppSection:
     figures: list[AppFigure] = field(default_factory=list)
     command: str = ""
     notes: list[str] = field(default_factory=list)
+    sort: list[str] = field(default_factory=list)
+    panels: list[AppPanel] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,7 +72,7 @@ class AppSection:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AppSection:
         figures = [AppFigure(**f) for f in d.get("figures", [])]
-        return cls(**{**d, "figures": figures})
+        return cls(**{**d, "figures": figures, "panels": [AppPanel.from_dict(p) for p in d.get("panels", [])]})
 
 
 @dataclass(frozen=True)
@@ -64,7 +90,8 @@ class Figure:
 
 class AppResult(Protocol):
     """The contract of an application's typed result: JSON both ways, its part of the report, its
-    plots and any other file it hands over. ``name`` names the section and the output files,
+    plots and any other file it hands over (bytes, or a function that writes a large file to an open
+    binary file, so that it need not be held in memory at once). ``name`` names the section and the output files,
     ``json_name`` its JSON file (``<json_name>.json``, ``<name>.section.json``, each figure's
     ``<figure name>.png``, each of :meth:`files`; :func:`vitdecomp.report.outputs.write_app_outputs`)."""
 
@@ -80,7 +107,7 @@ class AppResult(Protocol):
 
     def figures(self) -> list[Figure]: ...
 
-    def files(self) -> dict[str, bytes]: ...
+    def files(self) -> dict[str, FileData]: ...
 
 
 class ResultBase:
@@ -108,5 +135,5 @@ class ResultBase:
     def figures(self) -> list[Figure]:
         return []
 
-    def files(self) -> dict[str, bytes]:
+    def files(self) -> dict[str, FileData]:
         return {}

@@ -61,11 +61,13 @@ import torch
 
 from vitdecomp.store.lock import StoreLock, is_url
 from vitdecomp.store.rows import (
+    ArrayNames,
     ArrayRows,
     RowBatch,
     RowIndex,
     Rows,
     RowSource,
+    RowSplit,
     StoreKey,
     StorePath,
     as_rows,
@@ -77,11 +79,13 @@ __all__ = [
     "BACKENDS",
     "DTYPES",
     "FORMAT_VERSION",
+    "ArrayNames",
     "ArrayRows",
     "ContributionStore",
     "RowBatch",
     "RowIndex",
     "RowSource",
+    "RowSplit",
     "Rows",
     "StoreKey",
     "StoreLock",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ RowBatch: TypeAlias = dict[str, torch.Tensor]
 
 #: Which rows: a slice or integer positions (rows come back in ascending order).
 RowIndex: TypeAlias = slice | np.ndarray | Sequence[int]
+
+#: Which arrays a read returns (``None``: every array the rows hold), e.g. ``("representation",)``.
+ArrayNames: TypeAlias = Sequence[str] | None
 
 #: A store's location: a local folder or an fsspec URL (``memory://...``).
 StorePath: TypeAlias = str | Path
@@ -85,7 +89,9 @@ class Rows(Protocol):
     ``shapes``: per-row shape of each array held (``"contributions"``, and ``"representation"`` /
     ``"clip"`` when held); ``chunk_rows``: how many consecutive rows are read together at the cost
     of one (a store's chunk; every row for arrays in memory): streaming readers
-    (:func:`vitdecomp.align.train_aligner`) draw their random batches within windows of chunks.
+    (:func:`vitdecomp.align.train_aligner`, :class:`RowSplit`) draw their random batches within
+    windows of chunks. ``arrays`` names the arrays a read returns (default: all), so that a reader of
+    the representation alone does not read the contributions.
     """
 
     @property
@@ -102,12 +108,12 @@ class Rows(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batch(self, index: RowIndex) -> RowBatch:
-        """Rows ``index`` (in ascending order) as float32 tensors."""
+    def batch(self, index: RowIndex, arrays: ArrayNames = None) -> RowBatch:
+        """Rows ``index`` (in ascending order) of ``arrays`` (default: all) as float32 tensors."""
         ...
 
-    def iter_batches(self, batch_size: int = 256) -> Iterator[RowBatch]:
-        """Every row in order, ``batch_size`` at a time."""
+    def iter_batches(self, batch_size: int = 256, arrays: ArrayNames = None) -> Iterator[RowBatch]:
+        """Every row in order, ``batch_size`` at a time (``arrays``: as :meth:`batch`)."""
         ...
 
     def component(self, index: int, stop: int | None = None) -> torch.Tensor:
@@ -178,14 +184,14 @@ class ArrayRows:
     def __len__(self) -> int:
         return int(self.arrays["contributions"].shape[0])
 
-    def batch(self, index: RowIndex) -> RowBatch:
+    def batch(self, index: RowIndex, arrays: ArrayNames = None) -> RowBatch:
         i = _sorted_index(index)
         i = i if isinstance(i, slice) else torch.from_numpy(i)
-        return {name: a[i].float() for name, a in self.arrays.items()}
+        return {name: a[i].float() for name, a in self.arrays.items() if arrays is None or name in arrays}
 
-    def iter_batches(self, batch_size: int = 256) -> Iterator[RowBatch]:
+    def iter_batches(self, batch_size: int = 256, arrays: ArrayNames = None) -> Iterator[RowBatch]:
         for start in range(0, len(self), batch_size):
-            yield self.batch(slice(start, start + batch_size))
+            yield self.batch(slice(start, start + batch_size), arrays)
 
     def component(self, index: int, stop: int | None = None) -> torch.Tensor:
         return self.arrays["contributions"][:stop, index].float()
@@ -206,3 +212,64 @@ def as_rows(source: RowSource) -> Rows:
     if isinstance(source, tuple):
         return ArrayRows(*source)
     return source
+
+
+@dataclass
+class RowSplit:
+    """Held-out and training rows of a :class:`Rows`, and the seeded generator that shuffles the
+    training rows (what the streaming trainers share: CompAlign, the sparse autoencoders).
+
+    Rows that fit ``window_bytes`` (as float32) are split row by row and shuffled as a whole each
+    epoch (``window`` is ``None``). Larger rows are split by chunk (``chunk_rows`` consecutive rows,
+    the store's unit of reading): whole chunks are held out, and each epoch visits the training
+    chunks in a random order, ``window`` chunks at a time, read once and shuffled row by row.
+    ``arrays``: the arrays read (default: all), which also sets the bytes of a row.
+    """
+
+    val: np.ndarray
+    train: np.ndarray
+    gen: np.random.Generator
+    chunk_rows: int = 1
+    window: int | None = None
+    arrays: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(
+        cls, rows: Rows, val_fraction: float, seed: int = 0, window_bytes: int = 256 << 20, arrays: ArrayNames = None
+    ) -> RowSplit:
+        """A seeded split holding out ``val_fraction`` of the rows (at least one, never all)."""
+        n, gen = len(rows), np.random.default_rng(seed)
+        names = None if arrays is None else tuple(arrays)
+        row_bytes = 4 * sum(math.prod(s) for a, s in rows.shapes.items() if names is None or a in names)
+        if n * row_bytes <= window_bytes or n <= rows.chunk_rows:
+            perm = gen.permutation(n)
+            n_val = min(max(1, round(val_fraction * n)), n - 1)
+            return cls(np.sort(perm[:n_val]), perm[n_val:], gen, arrays=names)
+        r = rows.chunk_rows
+        chunks = gen.permutation(math.ceil(n / r))
+        n_val = min(max(1, round(val_fraction * len(chunks))), len(chunks) - 1)
+        val, train = (
+            np.sort(np.concatenate([np.arange(k * r, min(n, (k + 1) * r)) for k in part]))
+            for part in (chunks[:n_val], chunks[n_val:])
+        )
+        return cls(val, train, gen, r, max(1, window_bytes // (r * row_bytes)), names)
+
+    def epoch(self, rows: Rows, batch_size: int) -> Iterator[RowBatch]:
+        """One pass over the training rows in a fresh shuffled order, ``batch_size`` rows at a time."""
+        if self.window is None:
+            order = self.gen.permutation(self.train)
+            for s in range(0, len(order), batch_size):
+                yield rows.batch(order[s : s + batch_size], self.arrays)
+            return
+        chunks = self.gen.permutation(np.unique(self.train // self.chunk_rows))
+        for w in range(0, len(chunks), self.window):
+            held = np.isin(self.train // self.chunk_rows, chunks[w : w + self.window])
+            data = rows.batch(self.train[held], self.arrays)  # the window, read once (ascending rows)
+            order = torch.from_numpy(self.gen.permutation(int(held.sum())))
+            for s in range(0, len(order), batch_size):
+                yield {name: a[order[s : s + batch_size]] for name, a in data.items()}
+
+    def minibatches(self, rows: Rows, batch_size: int) -> Iterator[RowBatch]:
+        """Training batches, epoch after epoch, forever."""
+        while True:
+            yield from self.epoch(rows, batch_size)

@@ -15,7 +15,16 @@ import torch
 from vitdecomp.errors import CacheError, MismatchError
 from vitdecomp.fsio import atomic_write_bytes, fault_point, writing
 from vitdecomp.store.lock import is_url
-from vitdecomp.store.rows import ArrayRows, RowBatch, RowIndex, StoreKey, StorePath, _sorted_index, key_difference
+from vitdecomp.store.rows import (
+    ArrayNames,
+    ArrayRows,
+    RowBatch,
+    RowIndex,
+    StoreKey,
+    StorePath,
+    _sorted_index,
+    key_difference,
+)
 
 FORMAT_VERSION = 3
 
@@ -305,9 +314,10 @@ class ContributionStore:
                 raw = arr.oindex[idx]
         return _to_float32(raw, self.dtype if name == "contributions" else "float32")
 
-    def batch(self, index: RowIndex) -> RowBatch:
-        """Rows ``index`` as float32 tensors: ``contributions [b, C, D]``, ``representation``, ``clip``."""
-        return {name: torch.from_numpy(self._read(name, index)) for name in _ARRAYS}
+    def batch(self, index: RowIndex, arrays: ArrayNames = None) -> RowBatch:
+        """Rows ``index`` as float32 tensors: ``contributions [b, C, D]``, ``representation``, ``clip``
+        (only ``arrays`` when given)."""
+        return {name: torch.from_numpy(self._read(name, index)) for name in _ARRAYS if arrays is None or name in arrays}
 
     def in_memory(self, max_bytes: int | None = None) -> ArrayRows | None:
         """Every committed row as float32 tensors (:class:`ArrayRows` with this store's labels, key,
@@ -330,14 +340,16 @@ class ContributionStore:
         """Bytes of every committed row as float32 tensors (what :meth:`in_memory` would hold)."""
         return self.committed * 4 * sum(math.prod(s) for s in self.shapes.values())
 
-    def iter_batches(self, batch_size: int = 256) -> Iterator[RowBatch]:
+    def iter_batches(self, batch_size: int = 256, arrays: ArrayNames = None) -> Iterator[RowBatch]:
         """Committed rows in order, ``batch_size`` at a time; read a whole number of batches at once,
-        at least one chunk (so that each chunk is read once, in bounded memory)."""
+        at least one chunk (so that each chunk is read once, in bounded memory). ``arrays``: as
+        :meth:`batch`."""
         n = self.committed
         block = math.ceil(max(self.chunk_rows, batch_size) / batch_size) * batch_size
         for start in range(0, n, block):
-            rows = self.batch(slice(start, min(start + block, n)))
-            for s in range(0, len(rows["clip"]), batch_size):
+            stop = min(start + block, n)
+            rows = self.batch(slice(start, stop), arrays)
+            for s in range(0, stop - start, batch_size):
                 yield {name: a[s : s + batch_size] for name, a in rows.items()}
 
     def component(self, index: int, stop: int | None = None) -> torch.Tensor:

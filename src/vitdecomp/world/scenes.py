@@ -368,18 +368,39 @@ def make_scenes(
         images[c0 : c0 + m] = im[:m]
         masks[c0 : c0 + m] = mk[:m]
         params = {k: (v[:, :m] if k == "_u" else v[:m]) for k, v in params.items()}
-        for k in (*ATTRIBUTES, "radius", "cx", "cy", "angle", "n_distractors"):
+        for k in _COLUMNS:
             cols.setdefault(k, []).append(params[k])
         crng = _chunk_rng(seed, c, 2 + caption_seed_offset)
         choice = crng.integers(0, 1 << 30, CHUNK)[:m]
         for i in range(m):
             caps.append(caption({k: int(params[k][i]) for k in ATTRIBUTES}, int(choice[i])))
-    attrs = {
-        k: (np.concatenate(v) if v else np.zeros(0)).astype(
-            np.int64 if k in ATTRIBUTES or k == "n_distractors" else np.float64
-        )
+    attrs = _attribute_arrays(cols)
+    return Scenes(images, masks, attrs, caps, seed=int(seed), size=size, meta={"max_distractors": max_distractors})
+
+
+#: The attributes a scene carries (the categorical ones, then its geometry).
+_COLUMNS = (*ATTRIBUTES, "radius", "cx", "cy", "angle", "n_distractors")
+
+
+def _attribute_arrays(cols: Mapping[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    if not cols:
+        return {k: np.zeros(0, np.int64) for k in ATTRIBUTES}
+    return {
+        k: np.concatenate(v).astype(np.int64 if k in ATTRIBUTES or k == "n_distractors" else np.float64)
         for k, v in cols.items()
     }
-    if not cols:
-        attrs = {k: np.zeros(0, np.int64) for k in ATTRIBUTES}
-    return Scenes(images, masks, attrs, caps, seed=int(seed), size=size, meta={"max_distractors": max_distractors})
+
+
+def scene_attributes(
+    n: int, seed: int = 0, size: int = 64, max_rotation: float = MAX_ROTATION
+) -> dict[str, np.ndarray]:
+    """The attributes of ``make_scenes(n, seed, size)`` (no distractors) without rendering an image:
+    the same draws, a few bytes per scene (``{name: [n]}``)."""
+    cols: dict[str, list[np.ndarray]] = {}
+    for c0 in range(0, n, CHUNK):
+        m = min(CHUNK, n - c0)
+        params = _sample_params(_chunk_rng(seed, c0 // CHUNK), CHUNK, size, 0)
+        _place(params, size, max_rotation)
+        for k in _COLUMNS:
+            cols.setdefault(k, []).append(params[k][:m])
+    return _attribute_arrays(cols)
