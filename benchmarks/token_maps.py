@@ -2,17 +2,19 @@
 side in one process (prints a table).
 
     python benchmarks/token_maps.py [--models deit_base_patch16_224 ...] [--batch 8] [--threads 2]
-        [--rounds 3] [--directions 8] [--full-tokens]
+        [--rounds 3] [--directions 8] [--full-tokens] [--clock wall|cpu]
 
 Forward, heads-only decomposition and token maps alternate on the same batch, so a shared machine's
 drift hits them alike; each ratio is the median over rounds of (its time / the forward's time in the
 same round). ``--full-tokens`` also times ``tokens=True`` (every head's ``[tokens x D]``
-contributions), the thing the maps avoid. Random-init weights.
+contributions), the thing the maps avoid. ``--clock cpu`` times the process's CPU time (with ``--threads 1``
+on a machine shared with other jobs: the work done, not the wait for a core). Random-init weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -26,7 +28,7 @@ DEFAULT_MODELS = [
 ]
 
 
-def measure(name: str, batch: int, rounds: int, k: int, full: bool) -> dict[str, float]:
+def measure(name: str, batch: int, rounds: int, k: int, full: bool, clock=time.perf_counter) -> dict[str, float]:
     import torch
 
     import vitdecomp as vd
@@ -53,13 +55,14 @@ def measure(name: str, batch: int, rounds: int, k: int, full: bool) -> dict[str,
     times: dict[str, list[float]] = {key: [] for key in runs}
     for _ in range(rounds):
         for key, fn in runs.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[key].append(time.perf_counter() - t0)
+            times[key].append(clock() - t0)
     out = {f"{key}_s": statistics.median(t) for key, t in times.items()}
     for key in runs:
         if key != "forward":
-            out[f"{key}_ratio"] = statistics.median(a / f for a, f in zip(times[key], times["forward"], strict=True))
+            ratios = [a / f for a, f in zip(times[key], times["forward"], strict=True)]
+            out[f"{key}_ratio"], out[f"{key}_spread"] = statistics.median(ratios), (min(ratios), max(ratios))
     return out
 
 
@@ -71,22 +74,30 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--directions", type=int, default=8)
     ap.add_argument("--full-tokens", action="store_true")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall time, or the process's CPU time")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"batch {args.batch}, {args.threads} threads, {args.directions} directions, median of {args.rounds} rounds")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(
-        "| model | forward s | heads / forward | maps / forward |"
-        + (" full tokens / forward |" if args.full_tokens else "")
+        f"batch {args.batch}, {args.threads} threads, {args.clock} clock, {args.directions} directions, "
+        f"median of {args.rounds} alternating rounds (spread: min–max over rounds)"
     )
-    print("|---|---|---|---|" + ("---|" if args.full_tokens else ""))
+    print(
+        "| model | forward s | heads / forward | maps / forward | maps spread |"
+        + (" full tokens / forward |" if args.full_tokens else "")
+        + " load avg |"
+    )
+    print("|---|---|---|---|---|" + ("---|" if args.full_tokens else "") + "---|")
     for name in args.models:
-        r = measure(name, args.batch, args.rounds, args.directions, args.full_tokens)
-        row = f"| {name} | {r['forward_s']:.3f} | {r['heads_ratio']:.2f}x | {r['maps_ratio']:.2f}x |"
+        r = measure(name, args.batch, args.rounds, args.directions, args.full_tokens, clock)
+        lo, hi = r["maps_spread"]
+        row = f"| {name} | {r['forward_s']:.3f} | {r['heads_ratio']:.2f}x | {r['maps_ratio']:.2f}x"
+        row += f" | {lo:.2f}–{hi:.2f} |"
         if args.full_tokens:
             row += f" {r['full_tokens_ratio']:.2f}x |"
-        print(row, flush=True)
+        print(row + f" {os.getloadavg()[0]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ class HeadsPart:
         self.inner_scale: Tensor | None = None  # [B, S] the inner norm's 1/sigma, in z's order
         self.post_scale: Tensor | None = None  # [B, S] the post-norm's 1/sigma, stream order
         self.probs: Tensor | None = None  # [B, H, S, N] or windowed [B, nW, H, w, w]
-        self.v: Tensor | None = None  # [B, H, N, dh]
+        self.v: Tensor | None = None  # [B, H, N', dh] in key order: window order, or stream order
         self.index: Tensor | None = None  # [nW, w] window slots -> stream positions
         self.n_tokens = 0
 
@@ -153,7 +153,7 @@ class HeadsPart:
 
     def _keep_values(self, t: Tensor) -> None:
         v = self.spec.values.fn(t)  # [B', N', H*dh]
-        v = v if self.spec.windows is None else self._windows_to_stream(v)
+        v = v if self.spec.windows is None else v.reshape(-1, self.index.numel(), v.shape[-1])  # window order
         self.v = v.view(v.shape[0], v.shape[1], self.num_heads, -1).transpose(1, 2)
 
     def _attach_replacement(self, cap: Capture, positions: Tensor | None) -> None:
@@ -203,10 +203,10 @@ class HeadsPart:
         reads them out)."""
         if self.z is None:
             raise VitDecompError(f"attention '{self.path}' was not called in the forward pass")
-        scale = self._z_scale()
-        z = self.z if scale is None else self.z * scale[..., None].to(self.z)
+        scale = self._z_scale()  # folded into the pooling weights: z itself is never copied
+        z_ro = self._z_order(ro) if scale is None else self._z_order(ro).scaled(scale)
         w = self.out_weight(ro.like)  # [D, H, e]
-        pz = self._z_order(ro).pool(z).view(z.shape[0], ro.num_slots, self.num_heads, -1)  # [B, K, H, e]
+        pz = z_ro.pool(self.z).view(self.z.shape[0], ro.num_slots, self.num_heads, -1)  # [B, K, H, e]
         const = self.const_pooled(ro)
         if not self.heads:
             u = torch.einsum("dhe,bkhe->bkd", w, pz)
@@ -216,17 +216,25 @@ class HeadsPart:
 
     def token_parts_size(self) -> int:
         """Number of source tokens ``N`` (after the pass)."""
-        return self.v.shape[2]
+        return self.v.shape[2] if self.spec.windows is None else self.n_tokens
 
-    def token_parts(self, ro: ReadoutMap) -> Tensor:
-        """``abar [B, H, K, N]``: ``sum_q w_q A[q, j]`` over read positions ``q`` of slot ``k``, keys ``j``
-        in stream order (``w_q`` includes the per-position norm scales)."""
+    def stream_values(self) -> Tensor:
+        """``v [B, H, N, dh]`` in stream order (window padding dropped)."""
+        if self.spec.windows is None:
+            return self.v
+        b, h, _, dh = self.v.shape
+        return self._windows_to_stream(self.v.transpose(1, 2).reshape(b, -1, h * dh)).view(b, -1, h, dh).transpose(1, 2)
+
+    def key_parts(self, ro: ReadoutMap) -> tuple[Tensor, Tensor | None]:
+        """``abar^T [H, B, N', K]``: ``sum_q w_q A[q, j]`` over read positions ``q`` of slot ``k`` (``w_q``
+        includes the per-position norm scales), keys ``j`` in the order the attention sees them, and
+        their stream positions ``[N']`` (window order; ``None``: already stream order)."""
         qw = self._z_order(ro).query_weights()  # [B, S, K] in z's order
         scale = self._z_scale()
         if scale is not None:
             qw = qw * scale[..., None].to(qw)
         if self.spec.windows is None:
-            return torch.einsum("bsk,bhsn->bhkn", qw, self.probs.to(qw))
+            return torch.einsum("bsk,bhsn->hbnk", qw, self.probs.to(qw)), None
         idx = self.index.to(qw.device)
         if (idx < 0).any():
             raise VitDecompError(
@@ -234,17 +242,24 @@ class HeadsPart:
                 "use an image size whose token grid is a multiple of the window size"
             )
         qw = qw.view(qw.shape[0], *idx.shape, qw.shape[-1])  # [B, nW, w, K]
-        ab = torch.einsum("bnqk,bnhqj->bhknj", qw, self.probs.to(qw))  # [B, H, K, nW, w]
-        b, h, k = ab.shape[:3]
-        abar = ab.new_zeros(b, h, k, self.n_tokens)
-        abar[..., idx.reshape(-1)] = ab.reshape(b, h, k, -1)
-        return abar
+        at = torch.matmul(self.probs.to(qw).transpose(-1, -2), qw[:, :, None])  # [B, nW, H, w_key, K]
+        return at.permute(2, 0, 1, 3, 4).reshape(at.shape[2], at.shape[0], -1, at.shape[-1]), idx.reshape(-1)
+
+    def token_parts(self, ro: ReadoutMap) -> Tensor:
+        """``abar [B, H, K, N]``: :meth:`key_parts` with the keys in stream order."""
+        at, idx = self.key_parts(ro)
+        abar = at.permute(1, 0, 3, 2)
+        if idx is None:
+            return abar
+        out = abar.new_zeros(*abar.shape[:3], self.n_tokens)
+        out[..., idx] = abar
+        return out
 
     def token_contributions(self, ro: ReadoutMap, out: Tensor) -> None:
         """Write ``[B, H, N, D_out]`` into ``out``; summing over ``N`` gives each head's contribution."""
         abar = self.token_parts(ro)
         w = self.out_weight(ro.mats)
-        v = self.v.to(w)
+        v = self.stream_values().to(w)
         for k in range(ro.num_slots):
             mw = torch.einsum("od,dhe->hoe", ro.mats[k], w)  # [H, D_out, e]
             part = torch.einsum("hoe,bhne->bhno", mw, v).mul_(abar[:, :, k, :, None])

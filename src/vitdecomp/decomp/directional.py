@@ -29,7 +29,7 @@ from vitdecomp.decomp.branches import HeadsPart
 from vitdecomp.decomp.readout import ReadoutMap
 from vitdecomp.errors import VitDecompError
 
-#: Elements of the largest intermediate ``[B, H, N, slots, k]`` built at once (slots are chunked).
+#: Elements of the largest intermediate (``[H, B', N, k, dh]`` or ``[H, B', N, K, k]``) built at once.
 CHUNK_ELEMENTS = 1 << 24
 
 
@@ -44,18 +44,17 @@ class TokenDirections:
             if directions.ndim != 2:
                 raise VitDecompError(f"token directions must be [k, D] (or [D]), not {tuple(directions.shape)}")
         self.directions = directions
-        self._mats: Tensor | None = None  # the slot matrices the cached pull-back was made for
+        self._ro: ReadoutMap | None = None  # the readout map the cached pull-back was made for
         self._shared: Tensor | None = None
 
     def shared_through(self, ro: ReadoutMap) -> Tensor | None:
         """``[K, k, D_s]``: the directions pulled back through ``ro``'s slot matrices when they are the
         same for every head (``None`` otherwise); computed once per readout map (blocks of a stage
-        share one), so the cost does not grow with the number of heads or blocks."""
+        share one), through its factors or chain (its slot matrices are never formed)."""
         if not isinstance(self.directions, Tensor):
             return None
-        if self._mats is not ro.mats:
-            self._mats = ro.mats
-            self._shared = torch.einsum("jo,kod->kjd", self.directions.to(ro.mats), ro.mats)
+        if self._ro is not ro:
+            self._ro, self._shared = ro, ro.pull_rows(self.directions)
         return self._shared
 
     def width(self, labels: list[ComponentLabel]) -> int:
@@ -76,10 +75,11 @@ def pulled_back(part: HeadsPart, ro: ReadoutMap, dirs: Tensor, shared: Tensor | 
     matrix and the head's output projection (norm gains, centring and layer scale folded in).
     ``shared [K, k, D_s]``: the directions already pulled back through the slot matrices, when every
     head has the same ones (then ``dirs`` is not read)."""
-    w = part.out_weight(ro.mats)  # [D_s, H, dh]
+    w = part.out_weight(ro.like)  # [D_s, H, dh]
     if shared is not None:
         return torch.einsum("kjd,dhe->khje", shared, w)
-    um = torch.einsum("hjo,kod->khjd", dirs.to(ro.mats), ro.mats)  # [K, H, k, D_s]
+    h, k, _ = dirs.shape
+    um = ro.pull_rows(dirs.reshape(h * k, -1)).view(-1, h, k, w.shape[0])  # [K, H, k, D_s]
     return torch.einsum("khjd,dhe->khje", um, w)
 
 
@@ -89,16 +89,36 @@ def head_token_projections(part: HeadsPart, ro: ReadoutMap, dirs: Tensor, shared
     head's contribution. Needs a pass with token capture (``part.want_tokens``)."""
     if part.v is None:
         raise VitDecompError(f"'{part.path}': directional token maps need the pass's attention values")
-    abar = part.token_parts(ro)  # [B, H, K, N]
     g = pulled_back(part, ro, dirs, shared)  # [K, H, k, dh]
-    v = part.v.to(g)
-    b, h, n, _ = v.shape
-    k_slots, k_dirs = g.shape[0], g.shape[2]
+    at, keys = part.key_parts(ro)  # [H, B, N', K], keys in the attention's order (as the values are kept)
+    v = part.v.to(g).transpose(0, 1)  # [H, B, N', dh]
+    out = _through_slots(at.to(g), g, v)  # [H, B, N', k]
+    out = out.transpose(0, 1)
+    if keys is None:
+        return out
+    full = out.new_zeros(out.shape[0], out.shape[1], part.n_tokens, out.shape[-1])
+    full[:, :, keys.to(out.device)] = out
+    return full
+
+
+def _through_slots(at: Tensor, g: Tensor, v: Tensor) -> Tensor:
+    """``[H, B, N, k]``: ``sum_K at[h, b, n, K] sum_e g[K, h, j, e] v[h, b, n, e]``, one GEMM per head and
+    batch chunk (bounded memory). Few slots: ``v`` meets ``g`` first (``[.., K, k]`` per token); many
+    (``K >= dh``, Swin's stage 0): the slots are folded into ``g`` first (``[.., k, dh]`` per token)."""
+    k_slots, h, k, dh = g.shape
     if k_slots == 1:
-        return torch.einsum("bhne,hje->bhnj", v, g[0]).mul_(abar[:, :, 0, :, None])
-    out = v.new_zeros(b, h, n, k_dirs)
-    step = max(1, CHUNK_ELEMENTS // max(1, b * h * n * k_dirs))
-    for s in range(0, k_slots, step):
-        vg = torch.einsum("bhne,khje->bhnkj", v, g[s : s + step])
-        out += torch.einsum("bhkn,bhnkj->bhnj", abar[:, :, s : s + step].to(vg), vg)
+        return torch.einsum("hbne,hje->hbnj", v, g[0]).mul_(at)
+    b, n = at.shape[1], at.shape[2]
+    out = v.new_empty(h, b, n, k)
+    fold = k_slots >= dh
+    gh = g.permute(1, 0, 2, 3).reshape(h, k_slots, k * dh) if fold else g.permute(1, 3, 0, 2).reshape(h, dh, -1)
+    step = max(1, CHUNK_ELEMENTS // max(1, h * n * k * (dh if fold else k_slots)))
+    for s in range(0, b, step):
+        e = min(b, s + step)
+        if fold:
+            per_token = torch.matmul(at[:, s:e].reshape(h, -1, k_slots), gh).view(h, e - s, n, k, dh)
+            out[:, s:e] = per_token.mul_(v[:, s:e, :, None]).sum(-1)
+        else:
+            per_slot = torch.matmul(v[:, s:e].reshape(h, -1, dh), gh).view(h, e - s, n, k_slots, k)
+            out[:, s:e] = per_slot.mul_(at[:, s:e, :, :, None]).sum(-2)
     return out

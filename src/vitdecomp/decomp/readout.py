@@ -124,10 +124,20 @@ class ReadoutMap:
         """The map followed by a linear map of the output, ``fn(m [..., D_out, X]) -> [..., D_new, X]``."""
         return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot)
 
-    def before(self, fn) -> ReadoutMap:
-        """The map preceded by the same linear map of every token's vector, given as its action on the
-        stream side of a matrix: ``fn(m [..., D_s]) -> [..., D_s]`` (a frozen norm's ``right``)."""
-        return ReadoutMap(self.weight, fn(self.mats), self.positions, self.slot)
+    def normed(self, norm: NormRule) -> ReadoutMap:
+        """The map preceded by a frozen norm's ``diag(gamma) C`` on every token (its per-token ``1/sigma``
+        is a :meth:`scaled`)."""
+        return ReadoutMap(self.weight, norm.right(self.mats), self.positions, self.slot)
+
+    def then_norm(self, norm: NormRule) -> ReadoutMap:
+        """The map followed by a frozen norm's ``diag(gamma) C`` of the output (its ``1/sigma`` per image
+        is a :meth:`scaled`)."""
+        return self.then(norm.left)
+
+    def pull_rows(self, u: Tensor) -> Tensor:
+        """``[K, k, D_s]``: row vectors ``u [k, D_out]`` pulled back through every slot's matrix,
+        ``u M_k`` (directions of the output seen from the stream)."""
+        return torch.einsum("jo,kod->kjd", u.to(self.like), self.mats)
 
     def reweighted(self, weight: Tensor) -> ReadoutMap:
         """The same map with other per-token weights (same shape)."""
@@ -183,6 +193,55 @@ class ReadoutMap:
         return self.apply_pooled(self.const_pooled(vec))
 
 
+class ElementwiseReadoutMap(ReadoutMap):
+    """A pooling read out through the identity or a frozen norm's ``diag(gamma) C`` (``norm``): one slot
+    whose matrix acts on each pooled vector elementwise, in ``O(D)`` instead of a ``D x D`` matmul per
+    component (the final norm of a ViT or Swin before its pooling). The dense ``[1, D, D]`` is built only
+    when a later linear step composes it or a token split asks for ``mats``."""
+
+    def __init__(self, weight: Tensor, dim: int, positions: Tensor | None = None, norm: NormRule | None = None) -> None:
+        self.weight, self.dim, self.positions, self.slot, self.norm = weight, dim, positions, None, norm
+
+    @property
+    def num_slots(self) -> int:
+        return 1
+
+    @property
+    def like(self) -> Tensor:
+        return self.weight
+
+    @functools.cached_property
+    def mats(self) -> Tensor:  # type: ignore[override]
+        eye = torch.eye(self.dim, dtype=self.weight.dtype, device=self.weight.device)
+        return (eye if self.norm is None else self.norm.left(eye))[None]
+
+    def apply_pooled(self, pooled: Tensor) -> Tensor:
+        v = pooled[..., 0, :].to(self.weight)  # [..., D_s]
+        return v if self.norm is None else self.norm.left(v[..., None])[..., 0]
+
+    def pull_rows(self, u: Tensor) -> Tensor:
+        u = u.to(self.weight)
+        return (u if self.norm is None else self.norm.right(u))[None]
+
+    def normed(self, norm: NormRule) -> ReadoutMap:
+        if self.norm is None:
+            return ElementwiseReadoutMap(self.weight, self.dim, self.positions, norm)
+        return super().normed(norm)
+
+    def then_norm(self, norm: NormRule) -> ReadoutMap:
+        if self.norm is None:  # the identity followed by the norm is the norm
+            return ElementwiseReadoutMap(self.weight, self.dim, self.positions, norm)
+        return super().then_norm(norm)
+
+    def reweighted(self, weight: Tensor) -> ReadoutMap:
+        return ElementwiseReadoutMap(weight, self.dim, self.positions, self.norm)
+
+    def gathered(self, index: Tensor) -> ReadoutMap:
+        index = index.to(self.weight.device)
+        valid, safe = index >= 0, index.clamp_min(0)
+        return ElementwiseReadoutMap(self.weight[:, safe] * valid.to(self.weight), self.dim, None, self.norm)
+
+
 class FactoredReadoutMap(ReadoutMap):
     """A readout map whose slot matrices stay low-rank factors (an attention pool: ``mats_k = post_k @
     pre_k`` with ``pre [K, r, D_s]``, ``post [D_out, K*r]``): pooled vectors are read through the factors in
@@ -211,11 +270,16 @@ class FactoredReadoutMap(ReadoutMap):
         inner = torch.einsum("...kd,krd->...kr", pooled.to(pre), pre)
         return inner.reshape(*inner.shape[:-2], -1) @ post.T
 
+    def pull_rows(self, u: Tensor) -> Tensor:
+        pre, post = self.factors
+        k, r, _ = pre.shape
+        return torch.einsum("jkr,krd->kjd", (u.to(post) @ post).view(-1, k, r), pre)
+
     def then(self, fn) -> ReadoutMap:
         return FactoredReadoutMap(self.weight, (self.factors[0], fn(self.factors[1])), self.positions)
 
-    def before(self, fn) -> ReadoutMap:
-        return FactoredReadoutMap(self.weight, (fn(self.factors[0]), self.factors[1]), self.positions)
+    def normed(self, norm: NormRule) -> ReadoutMap:
+        return FactoredReadoutMap(self.weight, (norm.right(self.factors[0]), self.factors[1]), self.positions)
 
     def reweighted(self, weight: Tensor) -> ReadoutMap:
         return FactoredReadoutMap(weight, self.factors, self.positions)
@@ -267,6 +331,10 @@ class ChainedReadoutMap(ReadoutMap):
     def const_pooled(self, vec: Tensor) -> Tensor:
         return self.slot_weights()[:, :, None] * vec.to(self.local)
 
+    def pull_rows(self, u: Tensor) -> Tensor:
+        up = self.parent.pull_rows(u)  # [K_out, k, D_next], then each input slot's local map
+        return torch.einsum("ajd,kdc->akjc", up, self.local.to(up)).reshape(-1, up.shape[1], self.local.shape[-1])
+
     def gathered(self, index: Tensor) -> ReadoutMap:
         index = index.to(self.weight.device)
         valid, safe = index >= 0, index.clamp_min(0)
@@ -278,5 +346,5 @@ class ChainedReadoutMap(ReadoutMap):
     def reweighted(self, weight: Tensor) -> ReadoutMap:
         return ChainedReadoutMap(self.parent, self.local, weight, self.slot)
 
-    def before(self, fn) -> ReadoutMap:
-        return ChainedReadoutMap(self.parent, fn(self.local), self.weight, self.slot)
+    def normed(self, norm: NormRule) -> ReadoutMap:
+        return ChainedReadoutMap(self.parent, norm.right(self.local), self.weight, self.slot)

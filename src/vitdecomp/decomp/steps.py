@@ -26,7 +26,7 @@ from vitdecomp.decomp.plan import (
     TokenNorm,
     VectorNorm,
 )
-from vitdecomp.decomp.readout import FactoredReadoutMap, NormRule, ReadoutMap
+from vitdecomp.decomp.readout import ElementwiseReadoutMap, FactoredReadoutMap, NormRule, ReadoutMap
 from vitdecomp.errors import UnsupportedModuleError, VitDecompError
 
 Consts = list[tuple[ComponentLabel, Tensor]]
@@ -216,7 +216,7 @@ class ReadoutBuilder:
                 raw, consts = self._pool(step, x, dt)  # the map of the stream entering the pool, its constants
                 # a vector added at every token (a token norm's beta) is pooled with the raw weights
                 consts = [(lab, raw.const(c)) for lab, c in token_consts] + consts
-                ro = raw.scaled(scale) if token_norm is None else raw.scaled(scale).before(token_norm.right)
+                ro = raw.scaled(scale) if token_norm is None else raw.scaled(scale).normed(token_norm)
             elif isinstance(step, VectorNorm):
                 ro, consts = self._vector_norm(step, ro, consts)
             elif isinstance(step, Linear):
@@ -242,7 +242,7 @@ class ReadoutBuilder:
                 else:  # the average of the real tokens (NaFlex: padding left out)
                     valid = valid.to(x.device, dt)
                     pool_w[:, step.skip :] = valid / valid.sum(1, keepdim=True).clamp_min(1)
-            return ReadoutMap(pool_w, torch.eye(d, dtype=dt, device=x.device)[None], positions), []
+            return ElementwiseReadoutMap(pool_w, d, positions), []
         return self._attention_pool(x, dt)
 
     def _attention_pool(self, x: Tensor, dt) -> tuple[ReadoutMap, Consts]:
@@ -283,7 +283,7 @@ class ReadoutBuilder:
         consts = [(lab, s[:, None] * norm.left(c.T).T) for lab, c in consts]
         if norm.bias is not None:
             consts.append((ComponentLabel(step.kind), norm.bias.to(ro.like).expand(weight.shape[0], -1)))
-        return ro.reweighted(weight).then(norm.left), consts
+        return ro.reweighted(weight).then_norm(norm), consts
 
     def _linear(self, step: Linear, ro: ReadoutMap, consts: Consts) -> tuple[ReadoutMap, Consts]:
         w = step.weight.to(ro.like)

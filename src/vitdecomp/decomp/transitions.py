@@ -119,7 +119,7 @@ class StreamNormStep:
     def pull_back(self, ro: ReadoutMap) -> tuple[ReadoutMap, Consts]:
         consts = [] if self.norm.bias is None else [(self.labels[0], ro.const(self.norm.bias))]
         scale = take_positions(self.inv_sigma, ro.positions)
-        return ro.scaled(scale).before(self.norm.right), consts
+        return ro.scaled(scale).normed(self.norm), consts
 
 
 def transition_step(spec: Merge | Shortcut) -> MergeStep | ShortcutStep:

@@ -126,29 +126,43 @@ def _values_2d(attn: Attention2d) -> Callable[[Tensor], Tensor]:
     return v_of
 
 
+#: What an average pooling's matrix depends on besides the grid.
+_POOL_CONFIG = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_POOL_MATRICES: dict[tuple, Tensor] = {}
+
+
 def pool_matrix(pool: nn.Module) -> Callable[[tuple[int, int]], Tensor]:
-    """``grid -> [N_out, N_in]`` sparse: the model's own ``pool`` run on one-hot maps (in chunks)."""
+    """``grid -> [N_out, N_in]`` sparse: the model's own ``pool`` run on one-hot maps (in chunks), made
+    once per pooling class, configuration and grid (it depends on nothing else)."""
+    config = (type(pool), *(getattr(pool, k, None) for k in _POOL_CONFIG))
 
     def matrix(grid: tuple[int, int]) -> Tensor:
-        h, w = grid
-        n_in = h * w
-        chunk = max(1, (1 << 22) // n_in)
-        rows, cols, vals = [], [], []
-        n_out = None
-        for lo in range(0, n_in, chunk):
-            hi = min(n_in, lo + chunk)
-            x = torch.zeros(hi - lo, 1, h, w, dtype=torch.float64)
-            x.view(hi - lo, -1)[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
-            y = pool(x).reshape(hi - lo, -1)  # [chunk, N_out]
-            n_out = y.shape[1]
-            i, o = y.nonzero(as_tuple=True)
-            rows.append(o)
-            cols.append(i + lo)
-            vals.append(y[i, o])
-        idx = torch.stack([torch.cat(rows), torch.cat(cols)])
-        return torch.sparse_coo_tensor(idx, torch.cat(vals), (n_out, n_in), check_invariants=True).coalesce()
+        key = (*config, tuple(grid))
+        if key not in _POOL_MATRICES:
+            _POOL_MATRICES[key] = _one_hot_pooled(pool, grid)
+        return _POOL_MATRICES[key]
 
     return matrix
+
+
+def _one_hot_pooled(pool: nn.Module, grid: tuple[int, int]) -> Tensor:
+    h, w = grid
+    n_in = h * w
+    chunk = max(1, (1 << 22) // n_in)
+    rows, cols, vals = [], [], []
+    n_out = None
+    for lo in range(0, n_in, chunk):
+        hi = min(n_in, lo + chunk)
+        x = torch.zeros(hi - lo, 1, h, w, dtype=torch.float64)
+        x.view(hi - lo, -1)[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
+        y = pool(x).reshape(hi - lo, -1)  # [chunk, N_out]
+        n_out = y.shape[1]
+        i, o = y.nonzero(as_tuple=True)
+        rows.append(o)
+        cols.append(i + lo)
+        vals.append(y[i, o])
+    idx = torch.stack([torch.cat(rows), torch.cat(cols)])
+    return torch.sparse_coo_tensor(idx, torch.cat(vals), (n_out, n_in), check_invariants=True).coalesce()
 
 
 def shortcut_transition(conv: MbConvBlock, path: str, stage: int) -> Shortcut | None:
