@@ -666,7 +666,9 @@ def test_a_killed_writer_s_store_lock_is_free_while_it_is_unreaped(tmp_path):
                 break
             time.sleep(0.05)
         assert Path(f"/proc/{proc.pid}/stat").read_text().split(") ")[1].startswith("Z")
-        with StoreLock(tmp_path):  # at once, no timeout
+        # The leader shows Z while its other threads may still be exiting (the fd table goes with the last
+        # one): allow seconds. A pid-named lock would stay held however long one waits for an unreaped pid.
+        with StoreLock(tmp_path, timeout=20):
             assert f"pid {os.getpid()} " in (tmp_path / "lock").read_text()
     finally:
         proc.kill()
