@@ -273,3 +273,22 @@ def test_image_retrieval_keeps_its_order_readable_where_the_reading_saturates():
     assert [r["row"] for r in rows][:5] == best[:5]
     section = RetrievalResult("q", "m", ["C"], 1, rows).section()
     assert section.header == ["image", "score", "full cosine"] and section.rows[0][2] == f"{rows[0]['full_cosine']:.3f}"
+
+
+def test_relevance_keeps_a_plain_module_whole_even_with_a_model_attribute():
+    """transformers' DINOv3ViTModel has a ``model`` attribute (its encoder): the relevance methods must
+    explain the whole tower, and unwrap only vitdecomp's own LoadedModel."""
+    from torch import nn
+
+    from vitdecomp.apps.relevance import network
+    from vitdecomp.models.loaded import LoadedModel
+
+    class Tower(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Linear(2, 2)
+
+    tower = Tower()
+    assert network(tower) is tower
+    loaded = LoadedModel(model=tower, preprocess=lambda im: im, name="t", source="timm", weights_id="t")
+    assert network(loaded) is tower

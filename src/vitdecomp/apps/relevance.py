@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from vitdecomp.models.loaded import LoadedModel
+
 
 class RelevanceMap(Protocol):
     """``(model, images [B, 3, H, W], directions [B, D], context=None) -> [B, H, W]`` relevance in input
@@ -28,8 +30,9 @@ class RelevanceMap(Protocol):
 
 
 def network(model: object) -> nn.Module:
-    """The ``nn.Module`` of a :class:`~vitdecomp.models.loaded.LoadedModel` or of a plain module."""
-    return getattr(model, "model", model)
+    """The ``nn.Module`` of a :class:`~vitdecomp.models.loaded.LoadedModel` or of a plain module (a
+    plain module is kept whole even when it has a ``model`` attribute, as transformers' DINOv3 does)."""
+    return model.model if isinstance(model, LoadedModel) else model
 
 
 class Representation(nn.Module):
