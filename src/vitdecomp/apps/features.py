@@ -187,9 +187,9 @@ class Features(AnalysisApplication[FeaturesConfig, FeaturesResult]):
         to_clip = whole_map(rows, analysis.aligner)
         cands = analysis_candidates(analysis)
         names = name_latents(latent_directions(sae.decoder_directions(), to_clip), cands)
-        readers = _readers(analysis, rows, to_clip, cands.directions[[n.index for n in names]])
-        held = read_held_out(rows, sae, held_out, readers)
         ids = _ids(rows)
+        readers = _readers(analysis, rows, ids, to_clip, cands.directions[[n.index for n in names]])
+        held = read_held_out(rows, sae, held_out, readers)
         latents = [
             _latent(j, names[j], held.confidence[j], m, analysis.result.labels, ids) for j in range(sae.n_latents)
         ]
@@ -324,7 +324,7 @@ def _sae_bytes(info: SaeInfo, sae: SparseAutoencoder) -> bytes | None:
     return save(tensors(sae), metadata=metadata(sae))
 
 
-def _readers(analysis: Analysis, rows: Rows, to_clip: torch.Tensor, names: torch.Tensor) -> Readers:
+def _readers(analysis: Analysis, rows: Rows, ids: list[str], to_clip: torch.Tensor, names: torch.Tensor) -> Readers:
     al = analysis.aligner
     whole = (lambda c, r: r.float()) if al is None else (lambda c, r: al.apply_sum(c).cpu())
     features = {f: analysis.embed(list(v)) for f, v in analysis.result.features.items()}
@@ -332,7 +332,6 @@ def _readers(analysis: Analysis, rows: Rows, to_clip: torch.Tensor, names: torch
     if analysis.subject.attribute_heads:
         from vitdecomp.apps.analysis import image_loader
 
-        ids = _ids(rows)
         image = image_loader(ids[:1], analysis.result.images.root)(ids[0])
         own = own_heads(analysis.subject, image, rows.batch([0], ("contributions",))["contributions"])
         heads = {a: h.predict for a, h in own.items()}
