@@ -109,6 +109,12 @@ class SaeInfo:
     train_seconds: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, sae: SparseAutoencoder, file: str, trained: bool, train_seconds: float | None = None) -> SaeInfo:
+        return cls(
+            sae.source, file, trained, sae.n_latents, sae.activation, sae.k, sae.input_norm, train_seconds, sae.info
+        )
+
 
 @dataclass
 class FeatureMetrics:
@@ -284,13 +290,7 @@ def _sae_for(cfg: FeaturesConfig, rows: Rows) -> tuple[SparseAutoencoder, np.nda
     if cfg.sae is not None:
         sae = load_sae(cfg.sae)
         check_fits(sae, dim, "the analysed representation")
-        return (
-            sae,
-            held,
-            SaeInfo(
-                sae.source, str(cfg.sae), False, sae.n_latents, sae.activation, sae.k, sae.input_norm, info=sae.info
-            ),
-        )
+        return sae, held, SaeInfo.of(sae, str(cfg.sae), False)
     from vitdecomp.sae.training import SaeTrainConfig, train_sae
 
     trained = train_sae(
@@ -298,19 +298,7 @@ def _sae_for(cfg: FeaturesConfig, rows: Rows) -> tuple[SparseAutoencoder, np.nda
     )
     held[:] = False
     held[trained.split.val] = True
-    sae = trained.sae
-    info = SaeInfo(
-        "vitdecomp",
-        "sae.safetensors",
-        True,
-        sae.n_latents,
-        sae.activation,
-        sae.k,
-        sae.input_norm,
-        trained.figures["seconds"],
-        sae.info,
-    )
-    return sae, held, info
+    return trained.sae, held, SaeInfo.of(trained.sae, "sae.safetensors", True, trained.figures["seconds"])
 
 
 def _sae_bytes(info: SaeInfo, sae: SparseAutoencoder) -> bytes | None:
