@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from vitdecomp.align import whole_map
-from vitdecomp.apps.analysis import Analysis
+from vitdecomp.apps.analysis import Analysis, image_loader
 from vitdecomp.apps.classifiers import own_heads
 from vitdecomp.apps.contract import AnalysisApplication
 from vitdecomp.apps.feature_names import analysis_candidates, latent_directions, name_latents
@@ -318,8 +318,6 @@ def _readers(analysis: Analysis, rows: Rows, ids: list[str], to_clip: torch.Tens
     features = {f: analysis.embed(list(v)) for f, v in analysis.result.features.items()}
     heads = {}
     if analysis.subject.attribute_heads:
-        from vitdecomp.apps.analysis import image_loader
-
         image = image_loader(ids[:1], analysis.result.images.root)(ids[0])
         own = own_heads(analysis.subject, image, rows.batch([0], ("contributions",))["contributions"])
         heads = {a: h.predict for a, h in own.items()}
