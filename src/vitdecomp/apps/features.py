@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from vitdecomp.align import whole_map
-from vitdecomp.apps.analysis import Analysis
+from vitdecomp.apps.analysis import Analysis, image_loader
 from vitdecomp.apps.classifiers import own_heads
 from vitdecomp.apps.contract import AnalysisApplication
 from vitdecomp.apps.feature_names import analysis_candidates, latent_directions, name_latents
@@ -108,6 +108,12 @@ class SaeInfo:
     input_norm: str
     train_seconds: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, sae: SparseAutoencoder, file: str, trained: bool, train_seconds: float | None = None) -> SaeInfo:
+        return cls(
+            sae.source, file, trained, sae.n_latents, sae.activation, sae.k, sae.input_norm, train_seconds, sae.info
+        )
 
 
 @dataclass
@@ -187,9 +193,9 @@ class Features(AnalysisApplication[FeaturesConfig, FeaturesResult]):
         to_clip = whole_map(rows, analysis.aligner)
         cands = analysis_candidates(analysis)
         names = name_latents(latent_directions(sae.decoder_directions(), to_clip), cands)
-        readers = _readers(analysis, rows, to_clip, cands.directions[[n.index for n in names]])
-        held = read_held_out(rows, sae, held_out, readers)
         ids = _ids(rows)
+        readers = _readers(analysis, rows, ids, to_clip, cands.directions[[n.index for n in names]])
+        held = read_held_out(rows, sae, held_out, readers)
         latents = [
             _latent(j, names[j], held.confidence[j], m, analysis.result.labels, ids) for j in range(sae.n_latents)
         ]
@@ -284,13 +290,7 @@ def _sae_for(cfg: FeaturesConfig, rows: Rows) -> tuple[SparseAutoencoder, np.nda
     if cfg.sae is not None:
         sae = load_sae(cfg.sae)
         check_fits(sae, dim, "the analysed representation")
-        return (
-            sae,
-            held,
-            SaeInfo(
-                sae.source, str(cfg.sae), False, sae.n_latents, sae.activation, sae.k, sae.input_norm, info=sae.info
-            ),
-        )
+        return sae, held, SaeInfo.of(sae, str(cfg.sae), False)
     from vitdecomp.sae.training import SaeTrainConfig, train_sae
 
     trained = train_sae(
@@ -298,19 +298,7 @@ def _sae_for(cfg: FeaturesConfig, rows: Rows) -> tuple[SparseAutoencoder, np.nda
     )
     held[:] = False
     held[trained.split.val] = True
-    sae = trained.sae
-    info = SaeInfo(
-        "vitdecomp",
-        "sae.safetensors",
-        True,
-        sae.n_latents,
-        sae.activation,
-        sae.k,
-        sae.input_norm,
-        trained.figures["seconds"],
-        sae.info,
-    )
-    return sae, held, info
+    return trained.sae, held, SaeInfo.of(trained.sae, "sae.safetensors", True, trained.figures["seconds"])
 
 
 def _sae_bytes(info: SaeInfo, sae: SparseAutoencoder) -> bytes | None:
@@ -324,15 +312,12 @@ def _sae_bytes(info: SaeInfo, sae: SparseAutoencoder) -> bytes | None:
     return save(tensors(sae), metadata=metadata(sae))
 
 
-def _readers(analysis: Analysis, rows: Rows, to_clip: torch.Tensor, names: torch.Tensor) -> Readers:
+def _readers(analysis: Analysis, rows: Rows, ids: list[str], to_clip: torch.Tensor, names: torch.Tensor) -> Readers:
     al = analysis.aligner
     whole = (lambda c, r: r.float()) if al is None else (lambda c, r: al.apply_sum(c).cpu())
     features = {f: analysis.embed(list(v)) for f, v in analysis.result.features.items()}
     heads = {}
     if analysis.subject.attribute_heads:
-        from vitdecomp.apps.analysis import image_loader
-
-        ids = _ids(rows)
         image = image_loader(ids[:1], analysis.result.images.root)(ids[0])
         own = own_heads(analysis.subject, image, rows.batch([0], ("contributions",))["contributions"])
         heads = {a: h.predict for a, h in own.items()}

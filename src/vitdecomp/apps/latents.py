@@ -224,11 +224,10 @@ def _agreements(readers: Readers, whole: Tensor, moved: Tensor, r: Tensor, r_hat
     whole; ``r_hat``: itself) as on the original (``whole``, ``r``)."""
     unit = torch.nn.functional.normalize
     out: dict[str, dict[str, int]] = {"zero_shot": {}, "model_head": {}}
+    whole, moved = unit(whole, dim=-1), unit(moved, dim=-1)
     for f, emb in readers.features.items():
         e = unit(emb.float(), dim=-1)
-        out["zero_shot"][f] = int(
-            ((unit(whole, dim=-1) @ e.T).argmax(1) == (unit(moved, dim=-1) @ e.T).argmax(1)).sum()
-        )
+        out["zero_shot"][f] = int(((whole @ e.T).argmax(1) == (moved @ e.T).argmax(1)).sum())
     for attr, predict in readers.heads.items():
         out["model_head"][attr] = int((predict(r) == predict(r_hat)).sum())
     return out
