@@ -179,11 +179,16 @@ def _go_offline() -> None:
     constants.HF_HUB_OFFLINE = True
 
 
+def _hub_state(offline: bool) -> str:
+    """Why a file could not be fetched, for the messages of the weights and the tokenizer."""
+    return "this machine is offline (no network or HF_HUB_OFFLINE)" if offline else "the download failed"
+
+
 def _offline_error(what: str, repo: str | None, file: str, err: Exception) -> WeightsUnavailableError:
     """Offline: where to get the weights and the flag that loads them; online, the download's own error too."""
     where = f"file '{file}' of the Hugging Face repository '{repo}'" if repo else f"the weights file of {what}"
     offline = hub_offline()
-    state = "this machine is offline (no network or HF_HUB_OFFLINE)" if offline else "the download failed"
+    state = _hub_state(offline)
     cause = "" if offline else f" ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
     return WeightsUnavailableError(
         f"pretrained weights of {what} are not in the local cache and {state}: download {where} elsewhere, "
@@ -332,7 +337,7 @@ def _open_clip_tokenizer(arch: str) -> Any:
             raise
         cfg = open_clip.get_model_config(arch) if "/" not in arch and ":" not in arch else None
         repo = ((cfg or {}).get("text_cfg") or {}).get("hf_tokenizer_name") or arch
-        state = "this machine is offline (no network or HF_HUB_OFFLINE)" if hub_offline() else "the download failed"
+        state = _hub_state(hub_offline())
         raise WeightsUnavailableError(
             f"the tokenizer of open_clip {arch} (Hugging Face repository '{repo}') is not in the local cache and "
             f"{state}: download the repository's tokenizer files elsewhere and copy them into the Hugging Face "
