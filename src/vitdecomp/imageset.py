@@ -78,9 +78,10 @@ def list_images(folder: str | Path, skip_bad: bool = False) -> list[Path]:
     export = _world_export(folder)
     if export is not None:
         paths = [folder / row["img_filename"] for row in export]
-        missing, unlisted = export_mismatch(folder, paths)
-        if missing and not skip_bad:
-            raise ImageReadError(_mismatch_message(folder, missing, unlisted))
+        if not skip_bad:  # with skip_bad a mismatch is no error: not worth scanning the folders for
+            missing, unlisted = export_mismatch(folder, paths)
+            if missing:
+                raise ImageReadError(_mismatch_message(folder, missing, unlisted))
         return paths
     files = _image_files(folder)
     if not files:

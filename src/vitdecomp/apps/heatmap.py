@@ -134,8 +134,8 @@ def heatmaps(
     sm = specific_maps(px[:, : len(values)], p, value, None if text is None else px[:, -1])
     out = []
     for i, im in enumerate(images):
-        back = input_geometry(subject.preprocess, (im.height, im.width)).to_original(sm.maps[i : i + 1])[0]
-        whole = input_geometry(subject.preprocess, (im.height, im.width)).to_original(sm.contrast[i : i + 1])[0]
+        geo = input_geometry(subject.preprocess, (im.height, im.width))
+        back, whole = geo.to_original(sm.maps[i : i + 1])[0], geo.to_original(sm.contrast[i : i + 1])[0]
         shown = text if text is not None else values[int(value[i])]
         hm = Heatmap(back.numpy(), sm.maps[i].numpy(), shown, list(heads), _against(sm.alternative[i], values, feature))
         hm.level, hm.reading, hm.scale = float(sm.level[i]), float(sm.p_value[i]), float(whole.abs().max())
