@@ -57,7 +57,7 @@ from vitdecomp.apps.pixels import input_geometry, input_size, square_preprocess
 from vitdecomp.apps.published import SEGMENTATION_METRICS, THIS_RUN, BenchmarkTable, Row, published_segmentation
 from vitdecomp.apps.relevance import RelevanceMap, Representation, network
 from vitdecomp.apps.seg_metrics import THRESHOLD_RULE, SegAccumulator, SegMetrics, binarize
-from vitdecomp.apps.specific import ValueContext, alternatives, null_level, shrink
+from vitdecomp.apps.specific import ValueContext, alternatives, shrink, shrink_level
 from vitdecomp.apps.token_maps import TokenMaps, token_maps
 from vitdecomp.checks import check_at_least
 from vitdecomp.defaults import MODEL, SEGMENT_BATCH_SIZE, SEGMENT_OUT, SEGMENT_SHOW, SHOW_SEED
@@ -122,7 +122,7 @@ class DecompositionMap:
         p = context.reading[:, cand].float().cpu()
         p = p / p.sum(-1, keepdim=True)
         value = torch.searchsorted(cand, context.value.long().cpu())
-        shrunk = shrink(signed, null_level(values, p).to(signed) * (1 - p[rows, value]).to(signed))
+        shrunk = shrink(signed, shrink_level(values, p, value).to(signed))
         if self.positive == "none":
             return shrunk
         if self.positive == "sum":

@@ -92,6 +92,12 @@ class SpecificMaps:
     p_value: Tensor
 
 
+def shrink_level(values: Tensor, p: Tensor, value: Tensor) -> Tensor:
+    """``[B]``: how far a value's map is shrunk, ``(1 - p_v) tau`` (step 5), from every value's map
+    ``values [B, V, H, W]``, the reading ``p [B, V]`` and the value ``value [B]`` (indices)."""
+    return null_level(values, p) * (1 - p[torch.arange(values.shape[0]), value])
+
+
 def specific_maps(values: Tensor, p: Tensor, value: Tensor, own: Tensor | None = None) -> SpecificMaps:
     """Value-specific maps (module text) from every value's map ``values [B, V, H, W]``, the images'
     reading ``p [B, V]`` and the value mapped ``value [B]`` (indices). ``own [B, H, W]``: the map of a
@@ -102,7 +108,7 @@ def specific_maps(values: Tensor, p: Tensor, value: Tensor, own: Tensor | None =
     a = alternatives(p, value)
     own = values[rows, value] if own is None else own.float()
     contrast = own - torch.einsum("bv,bvhw->bhw", a, values)
-    level = null_level(values, p) * (1 - p[rows, value])
+    level = shrink_level(values, p, value)
     return SpecificMaps(shrink(contrast, level), contrast, level, a, p[rows, value])
 
 
