@@ -114,7 +114,7 @@ class Projections:
         """The rows again, ``(contributions [b, C, D], values [b])`` batch by batch."""
         assert self.rows is not None and self.values is not None
         labels, start = self.values.labels(feature), 0
-        for b in self.rows.iter_batches(self.batch_size):
+        for b in self.rows.iter_batches(self.batch_size, ("contributions",)):
             c = b["contributions"]
             yield c, labels[start : start + len(c)]
             start += len(c)
