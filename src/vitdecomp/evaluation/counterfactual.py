@@ -117,10 +117,10 @@ class FlowSums:
         first, second = first.double().cpu(), second.double().cpu()
         dc = second - first
         dr = dc.sum(1)  # [b, D]
-        half = (torch.arange(self.n, self.n + len(dc)) % 2).tolist()
+        half = torch.arange(self.n, self.n + len(dc)) % 2
         inner = (dc * dr[:, None]).sum(-1)  # [b, C]
         for h in (0, 1):
-            rows = [j for j, x in enumerate(half) if x == h]
+            rows = half == h
             self.inner[h] += inner[rows].sum(0)
             self.change[h] += dr[rows].square().sum()
         self.moved += dc.square().sum((0, 2))

@@ -99,7 +99,11 @@ def flow_influence(v: ValueSums, contributions: torch.Tensor, labels: torch.Tens
     image's parts ``contributions [b, C, D]`` and its value ``labels [b]``; its mean over the images
     is 0. With ``y`` the image's value, ``n_y`` its count, ``r = sum_i c_i``:
     ``N/n_y (<c_i - a_iy, t~_y> + <a~_iy, r - t_y> - 2 s_i <t~_y, r - t_y>) / den``."""
-    m = _means(v)
+    return _influence(_means(v), v.n, contributions, labels)
+
+
+def _influence(m: _Means, n: int, contributions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`flow_influence` from the value means ``m`` of ``n`` images (computed once per score)."""
     if not bool(m.score.abs().sum() > 0):
         return torch.zeros(len(labels), m.a.shape[1], dtype=torch.float64)
     slot = torch.cumsum(m.present.long(), 0) - 1  # value -> its row among the values that occur
@@ -110,7 +114,7 @@ def flow_influence(v: ValueSums, contributions: torch.Tensor, labels: torch.Tens
     own = (c * t_c[:, None]).sum(-1) - (m.a[y] * t_c[:, None]).sum(-1)  # <c_i - a_iy, t~_y>  [b, C]
     whole = (m.a_c[y] * (r - t)[:, None]).sum(-1)  # <a~_iy, r - t_y>  [b, C]
     norm = ((r - t) * t_c).sum(-1)  # <t~_y, r - t_y>  [b]
-    scale = v.n / m.counts[y] / m.den  # [b]
+    scale = n / m.counts[y] / m.den  # [b]
     return scale[:, None] * (own + whole - 2 * m.score[None] * norm[:, None])
 
 
@@ -120,12 +124,13 @@ def flow_resampled(
     """The score under image weights ``weights [B, N]`` (bootstrap counts, mean 1), linearised:
     ``s + (1/N) sum_n (w_bn - 1) infl_n`` ``[B, C]``, the influences computed batch by batch from
     ``batches`` (each image's ``(contributions [b, C, D], labels [b])``, in row order)."""
-    s = flow_share(v)
+    m = _means(v)  # once, not once per batch
+    s = m.score
     out = torch.zeros(weights.shape[0], len(s), dtype=torch.float64)
     start = 0
     for c, y in batches:
         w = weights[:, start : start + len(y)].double() - 1.0
-        out += w @ flow_influence(v, c, y)
+        out += w @ _influence(m, v.n, c, y)
         start += len(y)
     return s[None] + out / max(start, 1)
 

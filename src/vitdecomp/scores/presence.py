@@ -119,8 +119,11 @@ def feature_presence(
         f: _Between(torch.cat([t[None].to(pool), vocabulary_groups(pool, t.shape[0], n_draws, g, t)]))
         for f, t in feature_emb.items()
     }
+    rows = as_rows(source)
+    # the reader's embedding where the rows hold it (the contributions, the largest array, are then not read)
+    arrays = ("clip",) if "clip" in rows.shapes else ("contributions",)
     total, square, n = 0.0, 0.0, 0
-    for b in as_rows(source).iter_batches(batch_size):
+    for b in rows.iter_batches(batch_size, arrays):
         whole = None
         if "clip" not in b and aligner is not None:
             whole = aligner.apply(b["contributions"]).double().sum(1) + aligner.bias.double()

@@ -114,7 +114,7 @@ class Projections:
         """The rows again, ``(contributions [b, C, D], values [b])`` batch by batch."""
         assert self.rows is not None and self.values is not None
         labels, start = self.values.labels(feature), 0
-        for b in self.rows.iter_batches(self.batch_size):
+        for b in self.rows.iter_batches(self.batch_size, ("contributions",)):
             c = b["contributions"]
             yield c, labels[start : start + len(c)]
             start += len(c)
@@ -155,9 +155,10 @@ def project_features(
             a = aligner.apply(b["contributions"]).to(dtype)
             for key, y in zip(bases, torch.split(a @ basis, widths, dim=2), strict=True):
                 parts[key].append(y.contiguous())  # [b, C, r]
-            norms.append((a.double().sum(1) + bias).norm(dim=-1))
+            whole = a.double().sum(1) + bias  # the aligned whole, once per batch
+            norms.append(whole.norm(dim=-1))
             if values is not None:
-                values.add(b["contributions"], reading(b, a.double().sum(1) + bias))
+                values.add(b["contributions"], reading(b, whole))
             if needs_probe:
                 wholes.append(b["contributions"].double().sum(1).cpu())
             bar.update(a.shape[0])
