@@ -475,3 +475,29 @@ def test_report_ranks_by_flow_marks_suppressors_and_absent_features(first_run):
     assert "suppresses" in card and ranking[-1] in card
     colour = page.split("<h3>color")[1].split('<div class="card">')[0]
     assert "not in these images" in colour and colour.count("opacity:.45") == colour.count('<div class="rank') >= 5
+
+
+def test_rank_one_screen_by_gram_matrices_gives_the_svd_answer():
+    """The batched Gram screen of ``rank_one_components`` returns exactly what one SVD per component
+    returns: the same labels and ratios, including components just above and just below the threshold."""
+    import torch
+
+    from vitdecomp.pipeline.honesty import RANK1_THRESHOLD, _svd_ratio, rank_one_components
+    from vitdecomp.store import ArrayRows
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 40, 24
+    u, v = torch.randn(n, 1, generator=g), torch.randn(1, d, generator=g)
+    u2, v2 = torch.randn(n, 1, generator=g), torch.randn(1, d, generator=g)
+    comps = [torch.randn(n, d, generator=g) for _ in range(20)]  # full rank
+    comps += [u @ v, torch.zeros(n, d), 3 * torch.ones(n, 1) @ v]  # rank 1, zero, constant
+    for ratio in (0.5, 0.9, 1.1, 1.5, 3.0):  # s2 / s1 around the threshold
+        a = u / u.norm() @ (v / v.norm())
+        b = (u2 - (u2.T @ u) / (u.T @ u) * u) @ (v2 - (v2 @ v.T) / (v @ v.T) * v)
+        comps.append(a + ratio * RANK1_THRESHOLD * b / torch.linalg.svdvals(b)[0])
+    x = torch.stack(comps, 1)  # [n, C, D]
+    labels = [f"c{i}" for i in range(x.shape[1])]
+    want = {lab: r for lab, c in zip(labels, comps, strict=True) if (r := _svd_ratio(c.double())) < RANK1_THRESHOLD}
+    got = rank_one_components(ArrayRows(x, labels=labels))
+    assert got == want
+    assert {"c20", "c21", "c22", "c23", "c24"} <= set(got) and not {"c26", "c27"} & set(got)
