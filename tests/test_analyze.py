@@ -501,3 +501,41 @@ def test_rank_one_screen_by_gram_matrices_gives_the_svd_answer():
     got = rank_one_components(ArrayRows(x, labels=labels))
     assert got == want
     assert {"c20", "c21", "c22", "c23", "c24"} <= set(got) and not {"c26", "c27"} & set(got)
+
+
+def test_maps_of_many_jobs_from_one_decomposition_match_one_heatmaps_call_each(first_run):
+    """The report's maps come from one token-map decomposition per batch (every feature's maps on the
+    same images; a few heads' views on their top images together): each job's maps equal what
+    ``heatmaps`` gives for that job's images, text or feature and heads alone (float rounding apart)."""
+    from vitdecomp.apps.analysis import analysis_of, auto_heads
+    from vitdecomp.apps.heatmap import MapJob, heatmap_batch, heatmaps
+    from vitdecomp.apps.report_figures import view_heads
+    from vitdecomp.imageset import world_source
+    from vitdecomp.pipeline.model_pair import configured_models
+
+    results, out, _ = first_run
+    cfg = AnalysisConfig(**RUN)
+    models = configured_models(cfg, "cpu")
+    a = analysis_of(results, models.subject, models.reader, out=out)
+    source = world_source(N, seed=cfg.seed)
+    rows = {i: j for j, i in enumerate(source.ids)}
+    heads = view_heads(results)[:3]
+    ids = {h: [t.id for t in results.top_images[h][:3]] for h in heads}
+    union = list(dict.fromkeys(i for h in heads for i in ids[h]))
+    images = [source.image(rows[i]) for i in union]
+    jobs = [MapJob([union.index(i) for i in ids[h]], [h], results.descriptions[h][0].text) for h in heads]
+    features = list(results.features)[:2]
+    jobs += [MapJob([0, 1], auto_heads(a.scores(f), results.labels), feature=f) for f in features]
+    batched = heatmap_batch(a, images, jobs)
+    assert len({len(union), *(len(j.rows) for j in jobs)}) > 1  # the jobs read different image sets
+    for job, got in zip(jobs, batched, strict=True):
+        alone = heatmaps(a, [images[i] for i in job.rows], text=job.text, feature=job.feature, heads=job.heads)
+        assert len(got) == len(alone) == len(job.rows)
+        for g, w in zip(got, alone, strict=True):
+            assert (g.text, g.heads, g.against, g.read_as) == (w.text, w.heads, w.against, w.read_as)
+            scale = max(float(np.abs(w.input).max()), 1e-12)
+            assert (
+                np.abs(g.input - w.input).max() <= 1e-4 * scale
+                and np.abs(g.original - w.original).max() <= 1e-4 * scale
+            )
+            assert math.isclose(g.level, w.level, rel_tol=1e-4, abs_tol=1e-6 * scale)

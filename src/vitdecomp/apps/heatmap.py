@@ -110,51 +110,112 @@ def heatmaps(
 ) -> list[Heatmap]:
     """Maps of ``images`` along ``text`` (or, per image, the value of ``feature`` it reads best),
     specific to the value (:mod:`vitdecomp.apps.specific`); a text that matches no feature is read
-    against every feature's values, without a null (:func:`plain_maps`)."""
+    against every feature's values, without a null (the text minus the mean of every value's text)."""
     if text is None and feature is None:
         raise VitDecompError("give a text (--text) or a feature (--feature)")
-    text_emb = analysis.embed([text])[0] if text is not None else None
-    feature, index = (feature, -1) if text_emb is None else text_value(analysis, text_emb, feature)
     if heads == "auto":
+        text_emb = analysis.embed([text])[0] if text is not None else None
         heads = auto_heads(analysis.scores(feature or analysis.feature_of(text_emb)), analysis.result.labels)
     else:
         check_heads(heads, analysis.result.labels, analysis.result.model.name)
-    subject = analysis.subject
+    return heatmap_batch(analysis, images, [MapJob(list(range(len(images))), list(heads), text, feature)])[0]
+
+
+@dataclass(frozen=True)
+class MapJob:
+    """One set of maps :func:`heatmap_batch` makes: of the images ``rows`` (indices into its images),
+    along ``text`` or, per image, the value of ``feature`` it reads best, summing ``heads``."""
+
+    rows: list[int]
+    heads: list[str]
+    text: str | None = None
+    feature: str | None = None
+
+
+class _Columns:
+    """The directions one token-map decomposition reads ``[K, d_clip]``, each added once: a feature's
+    value texts (a block of columns), a text, a text read against every value."""
+
+    def __init__(self, analysis: Analysis) -> None:
+        self.analysis, self.rows, self.where = analysis, [], {}
+
+    def add(self, key: tuple[str, str], emb: torch.Tensor) -> list[int]:
+        """The columns of ``emb [n, d_clip]`` (added under ``key`` the first time)."""
+        if key not in self.where:
+            start = sum(len(r) for r in self.rows)
+            self.rows.append(emb)
+            self.where[key] = list(range(start, start + len(emb)))
+        return self.where[key]
+
+    def feature(self, feature: str) -> list[int]:
+        return self.add(("feature", feature), self.analysis.embed(list(self.analysis.result.features[feature])))
+
+
+def heatmap_batch(analysis: Analysis, images: list[Image.Image], jobs: list[MapJob]) -> list[list[Heatmap]]:
+    """Every job's maps (:func:`heatmaps` for each) from one token-map decomposition of ``images``
+    along every direction the jobs read (each value text and text once): per job the maps of its own
+    images, each exactly what a decomposition of those images alone gives (up to float rounding)."""
+    subject, cols, plans = analysis.subject, _Columns(analysis), []
+    for job in jobs:
+        text_emb = analysis.embed([job.text])[0] if job.text is not None else None
+        feature, index = (job.feature, -1) if text_emb is None else text_value(analysis, text_emb, job.feature)
+        if feature is None:  # a text that matches no feature
+            every = [v for values in analysis.result.features.values() for v in values]
+            plain = text_emb[None] - (analysis.embed(every).mean(0, keepdim=True) if every else 0)
+            plans.append((job, None, index, cols.add(("plain", job.text), plain), []))
+            continue
+        own = [] if text_emb is None else cols.add(("text", job.text), text_emb[None])
+        plans.append((job, feature, index, cols.feature(feature), own))
     x = torch.stack([subject.preprocess(im.convert("RGB")) for im in images])
     x = x.to(next(subject.model.parameters(), x).device)
-    if feature is None:
-        return plain_maps(analysis, images, x, text, list(heads))
-    values = list(analysis.result.features[feature])
-    emb = analysis.embed(values)  # [V, d_clip]
-    dirs = emb if text_emb is None else torch.cat([emb, text_emb[None]])
-    maps = token_maps(subject, x, dirs, aligner=analysis.aligner, start_layer=analysis.result.start_layer or 0)
-    px = maps.pixels(heads).float().cpu()  # [B, V (+1), H, W]
-    p = reading(whole_scores(maps, analysis, emb), analysis.logit_scale)  # [B, V]
+    directions = torch.cat([r.float() for r in cols.rows])
+    maps = token_maps(subject, x, directions, aligner=analysis.aligner, start_layer=analysis.result.start_layer or 0)
+    whole = whole_scores(maps, analysis, directions)  # [B, K]
+    out = []
+    for job, feature, index, value_cols, own in plans:
+        px = maps.pixels(job.heads, rows=job.rows, columns=value_cols + own).float().cpu()
+        ims = [images[i] for i in job.rows]
+        if feature is None:
+            out.append(_plain(analysis, ims, px[:, 0], job.text or "", job.heads))
+            continue
+        p = reading(whole[job.rows][:, value_cols], analysis.logit_scale)  # [b, V]
+        out.append(_specific(analysis, ims, px, p, job, feature, index))
+    return out
+
+
+def _specific(
+    analysis: Analysis,
+    images: list[Image.Image],
+    px: torch.Tensor,
+    p: torch.Tensor,
+    job: MapJob,
+    feature: str,
+    index: int,
+) -> list[Heatmap]:
+    """One job's value-specific maps from its pixels ``px [b, V (+1 text), H, W]`` and reading ``p [b, V]``."""
+    values, text = list(analysis.result.features[feature]), job.text
     value = p.argmax(-1) if text is None else torch.full((len(images),), index)
     sm = specific_maps(px[:, : len(values)], p, value, None if text is None else px[:, -1])
     out = []
     for i, im in enumerate(images):
-        geo = input_geometry(subject.preprocess, (im.height, im.width))
+        geo = input_geometry(analysis.subject.preprocess, (im.height, im.width))
         back, whole = geo.to_original(sm.maps[i : i + 1])[0], geo.to_original(sm.contrast[i : i + 1])[0]
         shown = text if text is not None else values[int(value[i])]
-        hm = Heatmap(back.numpy(), sm.maps[i].numpy(), shown, list(heads), _against(sm.alternative[i], values, feature))
+        hm = Heatmap(
+            back.numpy(), sm.maps[i].numpy(), shown, list(job.heads), _against(sm.alternative[i], values, feature)
+        )
         hm.level, hm.reading, hm.scale = float(sm.level[i]), float(sm.p_value[i]), float(whole.abs().max())
         hm.read_as = "" if text is None else f"{feature}: {values[index]}"
         out.append(hm)
     return out
 
 
-def plain_maps(
-    analysis: Analysis, images: list[Image.Image], x: torch.Tensor, text: str, heads: list[str]
+def _plain(
+    analysis: Analysis, images: list[Image.Image], px: torch.Tensor, text: str, heads: list[str]
 ) -> list[Heatmap]:
-    """Maps along a text that matches no feature: its embedding minus the mean of every feature's value
-    texts (what texts share, "a photo of ..."); no alternative, no null: such a map may light any object."""
-    every = [v for values in analysis.result.features.values() for v in values]
-    dirs = analysis.embed([text])
-    if every:
-        dirs = dirs - analysis.embed(every).mean(0, keepdim=True)
-    maps = token_maps(analysis.subject, x, dirs, aligner=analysis.aligner, start_layer=analysis.result.start_layer or 0)
-    px = maps.pixels(heads).float().cpu()[:, 0]
+    """Maps ``px [b, H, W]`` along a text that matches no feature: its embedding minus the mean of every
+    feature's value texts (what texts share, "a photo of ..."); no alternative, no null: such a map
+    may light any object."""
     out = []
     for i, im in enumerate(images):
         back = input_geometry(analysis.subject.preprocess, (im.height, im.width)).to_original(px[i][None])[0]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from vitdecomp.apps.analysis import Analysis, analysis_of, auto_heads, auto_k
 from vitdecomp.apps.head_grids import head_grid_uri
-from vitdecomp.apps.heatmap import heatmaps, overlay
+from vitdecomp.apps.heatmap import Heatmap, MapJob, heatmap_batch, heatmaps, overlay
 from vitdecomp.apps.retrieval import gallery_of, text_scores, top_components
 from vitdecomp.figures import thumbnail_data_uri
 from vitdecomp.models.loaded import LoadedModel
@@ -32,7 +32,9 @@ N_MAP_IMAGES = 4
 N_VIEW_IMAGES = 3
 #: Heads that get their own view: those with the highest score for any feature (the others' maps:
 #: ``vitdecomp heatmap --report OUT --heads NAME``, from the store and the saved aligner).
-MAX_VIEW_HEADS = 24
+MAX_VIEW_HEADS = 12
+#: Heads whose views one token-map decomposition makes (their top images together).
+VIEW_BATCH = 4
 #: Text queries per feature (its first values) and images shown per query.
 N_QUERIES = 3
 N_HITS = 8
@@ -44,8 +46,8 @@ def _pil(image: Any) -> Image.Image:
     return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
 
 
-def _maps(analysis: Analysis, images: list[Image.Image], ids: list[str], **how: Any) -> list[ImageMap]:
-    """The maps of :func:`vitdecomp.apps.heatmap.heatmaps` as report figures."""
+def _figures(images: list[Image.Image], ids: list[str], maps: list[Heatmap]) -> list[ImageMap]:
+    """Maps (:class:`~vitdecomp.apps.heatmap.Heatmap`) as report figures."""
     return [
         ImageMap(
             i,
@@ -53,20 +55,28 @@ def _maps(analysis: Analysis, images: list[Image.Image], ids: list[str], **how: 
             hm.heads,
             thumbnail_data_uri(overlay(im, hm.original, min(MAP_SIZE, max(im.size)), hm.scale), MAP_SIZE),
         )
-        for im, i, hm in zip(images, ids, heatmaps(analysis, images, **how), strict=True)
+        for im, i, hm in zip(images, ids, maps, strict=True)
     ]
+
+
+def _maps(analysis: Analysis, images: list[Image.Image], ids: list[str], **how: Any) -> list[ImageMap]:
+    """The maps of :func:`vitdecomp.apps.heatmap.heatmaps` as report figures."""
+    return _figures(images, ids, heatmaps(analysis, images, **how))
 
 
 def feature_views(analysis: Analysis, images: list[Image.Image], ids: list[str]) -> list[FeatureView]:
     """Per feature: its head grid and its top heads' maps along, per image, the value of the feature
-    the aligned whole representation reads best (no labels)."""
+    the aligned whole representation reads best (no labels); every feature's maps from one
+    decomposition of the images (:func:`~vitdecomp.apps.heatmap.heatmap_batch`)."""
     r = analysis.result
-    out = []
-    for f in r.features:
-        heads = auto_heads(analysis.scores(f), r.labels)
-        maps = _maps(analysis, images, ids, feature=f, heads=heads) if images else []
-        out.append(FeatureView(f, head_grid_uri(r, f, r.method()), heads, maps))
-    return out
+    heads = {f: auto_heads(analysis.scores(f), r.labels) for f in r.features}
+    rows = list(range(len(images)))
+    jobs = [MapJob(rows, heads[f], feature=f) for f in r.features]
+    maps = heatmap_batch(analysis, images, jobs) if images and jobs else [[] for _ in jobs]
+    return [
+        FeatureView(f, head_grid_uri(r, f, r.method()), heads[f], _figures(images, ids, m))
+        for f, m in zip(r.features, maps, strict=True)
+    ]
 
 
 def view_heads(result: AnalysisResult, n: int = MAX_VIEW_HEADS) -> list[str]:
@@ -78,15 +88,35 @@ def view_heads(result: AnalysisResult, n: int = MAX_VIEW_HEADS) -> list[str]:
 
 
 def component_views(analysis: Analysis, source: Any, progress: bool = True) -> dict[str, ComponentView]:
-    """Each of :func:`view_heads`' heads alone on its top images, along its top description."""
-    r, rows = analysis.result, {i: j for j, i in enumerate(source.ids)}
-    out = {}
-    for lab in tqdm(view_heads(r), desc="head views", unit="head", leave=False, disable=not progress):
-        ids = [t.id for t in r.top_images[lab][:N_VIEW_IMAGES] if t.id in rows]
-        text = r.descriptions[lab][0].text
-        images = [_pil(source.image(rows[i])) for i in ids]
-        out[lab] = ComponentView(lab, text, _maps(analysis, images, ids, text=text, heads=[lab]) if ids else [])
+    """Each of :func:`view_heads`' heads alone on its top images, along its top description; one
+    decomposition per :data:`VIEW_BATCH` heads (their top images together, :func:`view_batch`)."""
+    rows = {i: j for j, i in enumerate(source.ids)}
+    heads = view_heads(analysis.result)
+    out: dict[str, ComponentView] = {}
+    with tqdm(total=len(heads), desc="head views", unit="head", leave=False, disable=not progress) as bar:
+        for s in range(0, len(heads), VIEW_BATCH):
+            out.update(view_batch(analysis, source, rows, heads[s : s + VIEW_BATCH]))
+            bar.update(len(heads[s : s + VIEW_BATCH]))
     return out
+
+
+def view_batch(analysis: Analysis, source: Any, rows: dict[str, int], heads: list[str]) -> dict[str, ComponentView]:
+    """The views of ``heads`` (``source`` ids -> its rows: ``rows``) from one token-map decomposition of
+    their top images together; each head's maps are what :func:`~vitdecomp.apps.heatmap.heatmaps`
+    gives for that head, its text and its images alone."""
+    r = analysis.result
+    texts = {h: r.descriptions[h][0].text for h in heads}
+    ids = {h: [t.id for t in r.top_images[h][:N_VIEW_IMAGES] if t.id in rows] for h in heads}
+    union = list(dict.fromkeys(i for h in heads for i in ids[h]))
+    at = {i: j for j, i in enumerate(union)}
+    images = [_pil(source.image(rows[i])) for i in union]
+    live = [h for h in heads if ids[h]]
+    jobs = [MapJob([at[i] for i in ids[h]], [h], texts[h]) for h in live]
+    maps = dict(zip(live, heatmap_batch(analysis, images, jobs), strict=True)) if jobs else {}
+    return {
+        h: ComponentView(h, texts[h], _figures([images[at[i]] for i in ids[h]], ids[h], maps[h]) if h in maps else [])
+        for h in heads
+    }
 
 
 def retrieval_galleries(analysis: Analysis, source: Any, batch_size: int = 1024) -> list[RetrievalGallery]:

@@ -91,10 +91,17 @@ class TokenMaps:
             out.append(v[:, keep].sum(1) if keep else v.new_zeros(v.shape[0], v.shape[2], v.shape[3]))
         return out
 
-    def pixels(self, heads: HeadSelection = None) -> Tensor:
+    def pixels(
+        self, heads: HeadSelection = None, rows: Sequence[int] | None = None, columns: Sequence[int] | None = None
+    ) -> Tensor:
         """``[B, k, H, W]``: the selected heads' relevance on the input pixels (densities; prefix tokens
-        left out), every stage's grid through its tokens' footprints."""
+        left out), every stage's grid through its tokens' footprints; of the images ``rows`` and the
+        directions ``columns`` only (default all: the same values as slicing the whole)."""
         per_stage = self.select(heads)
+        if rows is not None:
+            per_stage = [v[list(rows)] for v in per_stage]
+        if columns is not None:
+            per_stage = [v[:, :, list(columns)] for v in per_stage]
         b, k = per_stage[0].shape[0], per_stage[0].shape[2]
         out = per_stage[0].new_zeros(b, k, *self.input_size)
         for v, boxes, npre in zip(per_stage, self.boxes, self.prefix, strict=True):
