@@ -35,10 +35,10 @@ from vitdecomp.results import AppResult
 
 WATERBIRDS_COLUMNS = ("img_filename", "y", "split", "place")
 #: Most images the automatic segment step maps (every map method on each: it would otherwise cost more
-#: than the analysis itself on a base-size model); the section's command says how many. Its batches
-#: are small so that its progress bar moves every few seconds.
-AUTO_SEGMENT_IMAGES = 16
-AUTO_SEGMENT_BATCH = 4
+#: than the analysis itself on a base-size model); the section's command says how many. One image per
+#: batch, so that its progress bar moves after every method's map of every image.
+AUTO_SEGMENT_IMAGES = 8
+AUTO_SEGMENT_BATCH = 1
 
 
 @dataclass(frozen=True)

@@ -114,11 +114,13 @@ class DecompositionMap:
 
     def _specific(self, model: object, images: Tensor, directions: Tensor, context: ValueContext) -> Tensor:
         """``[B, H, W]``: the value-specific map (class text) of each image's direction."""
-        rows = torch.arange(len(images))
-        maps = token_maps(model, images, directions.float(), layers=self.layers)  # one direction per image
-        signed = bilinear_pixels(maps)[rows, rows]
+        rows, b = torch.arange(len(images)), len(images)
         cand = context.candidates()
-        values = bilinear_pixels(token_maps(model, images, context.classes[cand].float(), layers=self.layers))
+        # one decomposition: each image's direction, then the values its null reads
+        both = torch.cat([directions.float().cpu(), context.classes[cand].float().cpu()]).to(directions.device)
+        maps = token_maps(model, images, both, layers=self.layers)
+        px = bilinear_pixels(maps)  # [B, B + len(cand), H, W]
+        signed, values = px[rows, rows], px[:, b:]
         p = context.reading[:, cand].float().cpu()
         p = p / p.sum(-1, keepdim=True)
         value = torch.searchsorted(cand, context.value.long().cpu())
@@ -127,7 +129,7 @@ class DecompositionMap:
             return shrunk
         if self.positive == "sum":
             return shrunk.clamp_min(0)
-        maps.values = [v.clamp_min(0) for v in maps.values]
+        maps.values = [v[..., :b].clamp_min(0) for v in maps.values]
         return bilinear_pixels(maps)[rows, rows] * (shrunk > 0)
 
 
@@ -424,12 +426,15 @@ def segment(
     live = [m for m in methods if not notes[m.name]]
     run = _MethodRun({m.name: SegAccumulator() for m in live}, dict.fromkeys(notes, 0.0), {m.name: [] for m in live})
     start = 0
-    for i, b in enumerate(tqdm(batches, desc="segment", unit="batch", disable=not progress)):
-        u = targets.directions[start : start + len(b.x)].to(device)
-        context = None if targets.context is None else targets.context.rows(start, start + len(b.x))
-        start += len(b.x)
-        for m in live[i % len(live) :] + live[: i % len(live)]:
-            run.add(m, model, b, u, context, show)
+    desc = f"segment ({', '.join(m.name for m in live)})"
+    with tqdm(total=len(data.names) * len(live), desc=desc, unit="map", disable=not progress) as bar:
+        for i, b in enumerate(batches):
+            u = targets.directions[start : start + len(b.x)].to(device)
+            context = None if targets.context is None else targets.context.rows(start, start + len(b.x))
+            start += len(b.x)
+            for m in live[i % len(live) :] + live[: i % len(live)]:
+                run.add(m, model, b, u, context, show)
+                bar.update(len(b.x))  # every method's maps of every batch
     scores = [
         MethodScore(m.name, run.acc[m.name].result() if not notes[m.name] else None, None, notes[m.name])
         for m in methods
