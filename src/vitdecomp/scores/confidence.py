@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from vitdecomp.align import Aligner
 from vitdecomp.scores.functions import Projected
@@ -148,10 +149,12 @@ def _null_scores(
     nulls: Mapping[str, list[torch.Tensor]],
     methods: list[str],
     batch_size: int,
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Each method's scores for the null features ``nulls[feature] = [draw [K, d]]``: ``{method:
     [n_null, F, C]}``, the draws projected in groups of at most :data:`NULL_PASS_BYTES` per pass over
-    the rows (their projections and, for the scores that need them, their per-value sums)."""
+    the rows (their projections and, for the scores that need them, their per-value sums); ``progress``:
+    one bar over every pass's images."""
     names = list(nulls)
     n_null = len(nulls[names[0]])
     records = [get_score(m) for m in methods]
@@ -163,14 +166,17 @@ def _null_scores(
         per_draw += width * c * rows.shapes["contributions"][-1] * 8  # ValueSums [K, C, D] per feature
     per_pass = max(1, NULL_PASS_BYTES // max(1, per_draw))
     out: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
-    for start in range(0, n_null, per_pass):
-        draws = range(start, min(start + per_pass, n_null))
-        group = {f"{f}\x00{j}": nulls[f][j] for j in draws for f in names}
-        proj = project_features(
-            source, aligner, group, methods, batch_size=batch_size, dtype=torch.float32, progress=False
-        )
-        for m in methods:
-            out[m] += [torch.stack([proj.score(m, f"{f}\x00{j}") for f in names]) for j in draws]
+    passes = range(0, n_null, per_pass)
+    desc = f"null features ({n_null}, {len(passes)} pass(es))"
+    with tqdm(total=n * len(passes), desc=desc, unit="img", leave=False, disable=not progress) as bar:
+        for start in passes:
+            draws = range(start, min(start + per_pass, n_null))
+            group = {f"{f}\x00{j}": nulls[f][j] for j in draws for f in names}
+            proj = project_features(
+                source, aligner, group, methods, batch_size=batch_size, dtype=torch.float32, bar=bar
+            )
+            for m in methods:
+                out[m] += [torch.stack([proj.score(m, f"{f}\x00{j}") for f in names]) for j in draws]
     return {m: torch.stack(v) for m, v in out.items() if v}
 
 
@@ -211,7 +217,7 @@ def score_confidence(
     nulls = {}
     if n_null:
         drawn = null_features(feature_emb, n_null, seed, null_pool)
-        nulls = _null_scores(source, aligner, drawn, methods, batch_size)
+        nulls = _null_scores(source, aligner, drawn, methods, batch_size, progress)
     presence = None
     if null_pool is not None:
         presence = feature_presence(source, feature_emb, null_pool, aligner, seed=seed, batch_size=batch_size)

@@ -60,6 +60,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from vitdecomp.probes import Probe, fit_probes
 from vitdecomp.scores.flow import ValueSums, flow_share
@@ -172,24 +173,27 @@ def probe_logits(probe: Probe, whole: torch.Tensor) -> torch.Tensor:
 
 
 def fit_text_probes(
-    whole: torch.Tensor, readings: Mapping[str, torch.Tensor], l2: float = PROBE_L2
+    whole: torch.Tensor, readings: Mapping[str, torch.Tensor], l2: float = PROBE_L2, progress: bool = False
 ) -> dict[str, tuple[Probe, torch.Tensor]]:
     """For each feature, the probe its texts teach: every image labelled by its zero-shot reading
     (``readings[f] [N, K]``, the aligned whole projected on the feature's unit description embeddings;
     label = the argmax), a multinomial logistic regression on the whole representation in the subject's
     own space (``whole [N, D]``, standardised, L-BFGS: :func:`vitdecomp.probes.fit_probes`)
     fitted to those labels; features with the same number of descriptions are fitted together (the
-    joint loss is the sum of theirs). Returns ``{feature: (probe, labels [N])}``."""
+    joint loss is the sum of theirs). Returns ``{feature: (probe, labels [N])}``; ``progress``: a bar
+    that advances by each group's features."""
     x = whole.float().cpu()
     labels = {f: r.argmax(1).cpu() for f, r in readings.items()}
     out = {}
-    for k in sorted({r.shape[1] for r in readings.values()}):
-        group = [f for f, r in readings.items() if r.shape[1] == k]
-        y = torch.stack([labels[f] for f in group])  # [G, N]
-        with torch.enable_grad():
-            p = fit_probes(x[None].expand(len(group), -1, -1), y, k, l2)
-        for g, f in enumerate(group):
-            out[f] = (Probe(p.mu[g : g + 1], p.sd[g : g + 1], p.weight[g : g + 1], p.bias[g : g + 1]), labels[f])
+    with tqdm(total=len(readings), desc="text probes", unit="feature", leave=False, disable=not progress) as bar:
+        for k in sorted({r.shape[1] for r in readings.values()}):
+            group = [f for f, r in readings.items() if r.shape[1] == k]
+            y = torch.stack([labels[f] for f in group])  # [G, N]
+            with torch.enable_grad():
+                p = fit_probes(x[None].expand(len(group), -1, -1), y, k, l2)
+            for g, f in enumerate(group):
+                out[f] = (Probe(p.mu[g : g + 1], p.sd[g : g + 1], p.weight[g : g + 1], p.bias[g : g + 1]), labels[f])
+            bar.update(len(group))
     return {f: out[f] for f in readings}
 
 

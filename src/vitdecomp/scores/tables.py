@@ -9,6 +9,7 @@ text-taught probe all come from its record (:mod:`vitdecomp.scores.registry`).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,11 +135,13 @@ def project_features(
     batch_size: int = 256,
     dtype: torch.dtype = torch.float64,
     progress: bool = True,
+    bar: tqdm | None = None,
 ) -> Projections:
     """One streaming pass over rows (or contributions ``[N, C, D]``): each aligned component and the
     aligned whole projected on the directions every method in ``methods`` needs for every feature
     (computed and held in ``dtype``; the whole in float64); for the scores that need them, each
-    feature's per-value sums of the contributions under every image's reading (:func:`reading`)."""
+    feature's per-value sums of the contributions under every image's reading (:func:`reading`).
+    ``bar``: a progress bar this pass advances by its images (instead of a bar of its own)."""
     records = [get_score(m) for m in methods]
     needs_probe = any(r.needs_probe for r in records)  # the probe learns the "text" readings
     values = FeatureValues(feature_emb) if any(r.needs_values for r in records) else None
@@ -150,7 +153,11 @@ def project_features(
     rows = as_rows(source)
     parts: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in bases}
     norms, wholes = [], []
-    with tqdm(total=len(rows), desc="score features", unit="img", disable=not progress) as bar:
+    with (
+        nullcontext(bar)
+        if bar is not None
+        else tqdm(total=len(rows), desc="score features", unit="img", disable=not progress) as bar
+    ):
         for b in rows.iter_batches(batch_size):
             a = aligner.apply(b["contributions"]).to(dtype)
             for key, y in zip(bases, torch.split(a @ basis, widths, dim=2), strict=True):
@@ -170,7 +177,7 @@ def project_features(
         out[key] = (u, u.double().sum(1) + bias @ bases[key].double())
     proj = Projections(out, torch.cat(norms), list(aligner.labels), values=values, rows=rows, batch_size=batch_size)
     if needs_probe:
-        proj.probes = _text_probe_readouts(rows, proj, torch.cat(wholes), list(feature_emb), batch_size)
+        proj.probes = _text_probe_readouts(rows, proj, torch.cat(wholes), list(feature_emb), batch_size, progress)
     return proj
 
 
@@ -187,12 +194,12 @@ def reading(batch: RowBatch, aligned_whole: torch.Tensor | None = None) -> torch
 
 
 def _text_probe_readouts(
-    rows: Any, proj: Projections, whole: torch.Tensor, features: list[str], batch_size: int
+    rows: Any, proj: Projections, whole: torch.Tensor, features: list[str], batch_size: int, progress: bool = True
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Fit each feature's text-taught probe on the whole representation ``whole [N, D]`` (labels: the
     zero-shot readings held in ``proj``), then one more pass over the rows for every component's share
     of every probe's logits: ``{feature: (parts [N, C, K], logits [N, K], labels [N])}``."""
-    probes = fit_text_probes(whole, {f: proj.parts[("text", f)][1] for f in features})
+    probes = fit_text_probes(whole, {f: proj.parts[("text", f)][1] for f in features}, progress=progress)
     weight = torch.cat([p.weight[0] / p.sd[0, 0][:, None] for p, _ in probes.values()], 1)  # [D, sum K]
     widths = [p.weight.shape[-1] for p, _ in probes.values()]
     chunks: dict[str, list[torch.Tensor]] = {f: [] for f in probes}
