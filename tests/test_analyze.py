@@ -203,7 +203,7 @@ def test_report_is_one_self_contained_file(first_run):
     assert "http://" not in html and "https://" not in html  # nothing fetched
     assert re.search(r"<(script|img|link)[^>]+(src|href)=\"(?!data:|#)", html) is None
     assert html.count("<script>") == 1  # the table's own inline script
-    assert html.count("data:image/png;base64,") >= 10
+    assert html.count("data:image/jpeg;base64,") >= 10  # thumbnails and maps: pictures, as JPEG
 
 
 def test_report_renders_in_headless_chromium(first_run, tmp_path):
@@ -308,7 +308,7 @@ def test_report_shows_head_grids_maps_views_and_galleries(first_run):
         assert f.grid.startswith("data:image/svg+xml;base64,") and len(f.heads) == 10  # 2 ceil(sqrt(20 heads))
         svg = base64.b64decode(f.grid.split(",", 1)[1]).decode()
         assert svg.count("<rect") == 20 and f.feature in svg  # zoo:deit: 5 layers x 4 heads, every cell drawn
-        assert len(f.maps) == 4 and all(m.data_uri.startswith("data:image/png") and m.heads == f.heads for m in f.maps)
+        assert len(f.maps) == 4 and all(m.data_uri.startswith("data:image/jpeg") and m.heads == f.heads for m in f.maps)
         assert all(m.text in results.features[f.feature] for m in f.maps)  # the value the model reads
     assert v.components and all(lab.split(".")[-1].startswith("H") for lab in v.components)
     for lab, c in v.components.items():

@@ -219,7 +219,7 @@ def test_section_follows_the_report_contract(world, tmp_path):
 
     res = segment(load_model("zoo:deit"), world_set(3, 7100), methods=[DecompositionMap()], show=2)
     sec = res.section()
-    assert sec.name == "segment" and sec.figures[0].data_uri.startswith("data:image/png;base64,")
+    assert sec.name == "segment" and sec.figures[0].data_uri.startswith("data:image/jpeg;base64,")
     assert sec.rows[0][0] == "decomposition" and len(sec.rows[0]) == len(sec.header)
     assert json.loads(json.dumps(res.to_dict()))["methods"][0]["metrics"]["n_images"] == 3
 

@@ -71,23 +71,20 @@ def head_grid_uri(result: AnalysisResult, feature: str, method: str = "invariant
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">',
         f'<text x="{left}" y="10" font-size="9">{escape(feature)}: {escape(method)} score per head</text>',
     ]
-    out += [
-        f'<text x="{left + cw * h + cw / 2}" y="{top - 4}" font-size="7" text-anchor="middle">H{h}</text>'
-        for h in range(grid.shape[1])
-    ]
-    for i, name in enumerate(rows):
+    out.append('<g font-size="7" text-anchor="middle">')
+    out += [f'<text x="{left + cw * h + cw // 2}" y="{top - 4}">H{h}</text>' for h in range(grid.shape[1])]
+    out.append('</g><g font-size="7" text-anchor="end">')
+    out += [f'<text x="{left - 3}" y="{top + ch * i + ch - 4}">{escape(name)}</text>' for i, name in enumerate(rows)]
+    cells, ink = [], []  # rectangles, then the scores written in them (one group: shared attributes)
+    for i in range(len(rows)):
         y = top + ch * i
-        out.append(f'<text x="{left - 3}" y="{y + ch - 4}" font-size="7" text-anchor="end">{escape(name)}</text>')
         for j, v in enumerate(grid[i]):
-            if not np.isfinite(v):
-                continue
-            ink = "#fff" if abs(v) > 0.6 * lim else "#000"
-            out.append(
-                f'<rect x="{left + cw * j}" y="{y}" width="{cw}" height="{ch}" fill="{_diverging(v / lim)}"/>'
-                f'<text x="{left + cw * j + cw / 2}" y="{y + ch - 4}" font-size="6" fill="{ink}" '
-                f'text-anchor="middle">{v:.2g}</text>'
-            )
-    out.append("</svg>")
+            if np.isfinite(v):
+                fill = _diverging(v / lim)
+                cells.append(f'<rect x="{left + cw * j}" y="{y}" width="{cw}" height="{ch}" fill="{fill}"/>')
+                white = ' fill="#fff"' if abs(v) > 0.6 * lim else ""
+                ink.append(f'<text x="{left + cw * j + cw // 2}" y="{y + ch - 4}"{white}>{v:.2g}</text>')
+    out += ["</g>", *cells, '<g font-size="6" text-anchor="middle">', *ink, "</g></svg>"]
     return "data:image/svg+xml;base64," + base64.b64encode("".join(out).encode()).decode("ascii")
 
 

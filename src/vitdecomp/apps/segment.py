@@ -343,7 +343,7 @@ class SegmentResult(ResultBase):
             + ", ".join(f"{k} {v:.3f}" for k, v in scored.items())
             + f" (best: {best})."
         )
-        figures = [f.for_section() for f in self.figures()]
+        figures = [f.for_section(picture=True) for f in self.figures()]  # images and maps: a JPEG
         notes = [f"target: {self.target}", f"decomposition layers: {self.layers}", f"threshold: {self.threshold}"]
         notes += [f"speed: {self.timing}"]
         if self.benchmark:

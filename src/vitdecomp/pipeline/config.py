@@ -128,6 +128,9 @@ class AnalysisConfig:
         check_writable_dir(self.out, "--out")
         check_writable_dir(self.cache_path, "--cache-dir")
         self._check_text()
+        outside = [m for m in (self.model, self.reader) if m is not None and not m.startswith("zoo:")]
+        if self.progress and outside:  # importing timm / open_clip for their names takes seconds: say so
+            print(f"vitdecomp: checking the name(s) {', '.join(outside)} (imports timm / open_clip)", flush=True)
         check_model_name(self.model, pretrained=not self.random_init, checkpoint=self.checkpoint)
         if self.reader is not None:
             check_model_name(self.reader, pretrained=not self.random_init, checkpoint=self.reader_checkpoint)

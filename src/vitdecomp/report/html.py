@@ -42,11 +42,16 @@ SECTIONS: list[str] = [
 
 
 def _heat(v: float, scale: float = 1.0) -> str:
-    """Background / text colours for a score in ``[-scale, scale]`` (blue positive, red negative)."""
+    """Background / text colours for a score in ``[-scale, scale]`` (blue positive, red negative; the
+    text white on a strong colour, else the page's ink)."""
     a = float(min(1.0, abs(v) / scale)) if isinstance(v, (int, float)) and scale > 0 else 0.0
     rgb = "37,99,235" if v >= 0 else "220,38,38"
-    fg = "#fff" if a > 0.55 else "#1f2933"
-    return f"background:rgba({rgb},{a:.3f});color:{fg}"
+    return f"background:rgba({rgb},{a:.2f})" + (";color:#fff" if a > 0.55 else "")
+
+
+def _sortvalue(v: object) -> str:
+    """A score as a table cell's sort key (``data-v``): 6 significant digits, ``""`` for none."""
+    return f"{v:.6g}" if isinstance(v, (int, float)) else ""
 
 
 def _sortkey(cell: object) -> str:
@@ -76,6 +81,7 @@ def environment() -> jinja2.Environment:
     env.filters["heat"] = _heat
     env.filters["kind"] = _kind
     env.filters["sortkey"] = _sortkey
+    env.filters["sortvalue"] = _sortvalue
     return env
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any, ClassVar, Protocol, TypeAlias
 
-from vitdecomp.figures import png_data_uri
+from vitdecomp.figures import jpeg_data_uri, png_data_uri
 
 #: A file an application hands over: its bytes, or a function writing it to an open binary file.
 FileData: TypeAlias = bytes | Callable[[IO[bytes]], object]
@@ -20,7 +20,7 @@ FileData: TypeAlias = bytes | Callable[[IO[bytes]], object]
 
 @dataclass(frozen=True)
 class AppFigure:
-    """A figure of a section: a PNG as a ``data:image/png;base64,...`` URI and its caption."""
+    """A figure of a section: a PNG (or JPEG) as a ``data:image/...;base64,...`` URI and its caption."""
 
     data_uri: str
     caption: str = ""
@@ -84,8 +84,10 @@ class Figure:
     png: bytes = field(repr=False)
     caption: str = ""
 
-    def for_section(self) -> AppFigure:
-        return AppFigure(png_data_uri(self.png), self.caption)
+    def for_section(self, picture: bool = False) -> AppFigure:
+        """The figure in a section: the PNG inlined, or (``picture``: images and maps, no fine lines
+        or text to keep sharp) as a JPEG, a fraction of the bytes."""
+        return AppFigure(jpeg_data_uri(self.png) if picture else png_data_uri(self.png), self.caption)
 
 
 class AppResult(Protocol):
