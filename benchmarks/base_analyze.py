@@ -39,12 +39,12 @@ def write_checkpoint(path: Path) -> Path:
     return path
 
 
-def run_quietly_timed(argv: list[str], env: dict[str, str]) -> tuple[int, float, float, str]:
-    """Run ``argv``; ``(return code, wall s, longest silence s, last output)``: the silence is the
-    longest time without a byte on stdout or stderr (tqdm redraws a bar at least every second
-    while it moves)."""
+def run_quietly_timed(argv: list[str], env: dict[str, str]) -> tuple[int, float, float, str, str]:
+    """Run ``argv``; ``(return code, wall s, longest silence s, last output, where)``: the silence is
+    the longest time without a byte on stdout or stderr (tqdm redraws a bar at least every second
+    while it moves); ``where``: the last line written before it."""
     t0 = last = time.perf_counter()
-    silence, tail = 0.0, b""
+    silence, tail, where = 0.0, b"", ""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     sel = selectors.DefaultSelector()
     for stream in (proc.stdout, proc.stderr):
@@ -58,24 +58,29 @@ def run_quietly_timed(argv: list[str], env: dict[str, str]) -> tuple[int, float,
                 sel.unregister(key.fileobj)
                 open_streams -= 1
                 continue
-            silence, last = max(silence, now - last), now
+            if now - last > silence:
+                lines = [w for w in tail.decode(errors="replace").replace("\r", "\n").split("\n") if w.strip()]
+                silence, where = now - last, (lines[-1].strip() if lines else "(start)")[:120]
+            last = now
             tail = (tail + chunk)[-4000:]
     rc = proc.wait()
-    return rc, time.perf_counter() - t0, silence, tail.decode(errors="replace")
+    return rc, time.perf_counter() - t0, silence, tail.decode(errors="replace"), where
 
 
 def bench(n: int, work: Path, ckpt: Path, images: Path) -> dict:
     out = work / f"out-{n}"
     argv = [sys.executable, "-m", "vitdecomp", "analyze", "--model", MODEL, "--checkpoint", str(ckpt)]
     argv += ["--images", str(images), "--n-images", str(n), "--out", str(out), "--cache-dir", str(work / "cache")]
-    rc, wall, silence, tail = run_quietly_timed(argv, dict(os.environ))
+    rc, wall, silence, tail, where = run_quietly_timed(argv, dict(os.environ))
     if rc != 0:
         raise SystemExit(f"analyze failed ({rc}):\n{tail}")
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest child so far
     timings = json.loads((out / "results.json").read_text())["timings_s"]
-    size = sum((out / f).stat().st_size for f in ("index.html", "results.json"))
+    page, js = ((out / f).stat().st_size / 1e6 for f in ("index.html", "results.json"))
     core = timings.get("decompose_store", 0) + timings.get("align", 0)
-    return dict(n=n, wall=wall, timings=timings, core=core / wall, silence=silence, mb=size / 1e6, rss=rss)
+    return dict(
+        n=n, wall=wall, timings=timings, core=core / wall, silence=silence, where=where, page=page, js=js, rss=rss
+    )
 
 
 def main() -> None:
@@ -95,13 +100,14 @@ def main() -> None:
             [sys.executable, "-m", "vitdecomp", "world", "export", "--n-images", n, "--out", str(export)], check=True
         )
     print(f"load average before: {os.getloadavg()}", flush=True)
-    print("| images | wall s | decompose + align | stages (s) | longest silence s | report MB | peak RSS MiB |")
+    print("| images | wall s | decompose + align | stages (s) | longest silence s | page + json MB | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for n in args.n_images:
         r = bench(n, work, ckpt, export / "images")
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["timings"].items() if k != "total")
         print(
-            f"| {n} | {r['wall']:.0f} | {r['core']:.0%} | {stages} | {r['silence']:.1f} | {r['mb']:.2f} | "
+            f"| {n} | {r['wall']:.0f} | {r['core']:.0%} | {stages} | {r['silence']:.1f} (after: {r['where']}) | "
+            f"{r['page'] + r['js']:.2f} ({r['page']:.2f} + {r['js']:.2f}) | "
             f"{r['rss']:.0f} |",
             flush=True,
         )

@@ -398,3 +398,26 @@ def test_aligner_training_streams_a_large_store_in_bounded_windows(tmp_path, mon
     assert a.metrics["val_cosine"] > 0.98
     exact = train_aligner(store.in_memory(), **{**kw, "window_bytes": 1 << 40})  # everything in one window
     assert exact.metrics["n_val"] == 80 and exact.metrics["val_cosine"] > 0.99
+
+
+def test_fill_decomposes_slow_batches_in_slices_and_stores_every_row_once_in_order(tmp_path, monkeypatch):
+    """A batch that takes long is decomposed a few images at a time (so the bar moves): the slice is
+    sized from the last one's speed, and the store holds the same rows as whole batches give."""
+    import vitdecomp.pipeline.fill as fill
+
+    sizes: list[int] = []
+
+    def recording(images: torch.Tensor) -> Decomposition:
+        sizes.append(len(images))
+        return decompose_fn(images)
+
+    monkeypatch.setattr(fill, "BAR_SECONDS", 0.0)  # every slice "too slow": one image at a time after the first
+    imgs = fake_images(23)
+    store = fill_store(open_store(tmp_path, make_key()), batches(imgs, 10), recording, clip_fn, progress=False)
+    assert sizes[0] == 4 and set(sizes[1:]) == {1} and sum(sizes) == 23
+    assert store.ids == [f"img{i:04d}" for i in range(23)]
+    assert np.array_equal(np.asarray(store.contributions), decompose_fn(imgs).contributions.numpy())
+    monkeypatch.setattr(fill, "BAR_SECONDS", 2.0)
+    step = fill._Step()
+    step.timed(4, 0.01)
+    assert step.size == 800  # fast: whole batches

@@ -9,6 +9,7 @@ store is then read into memory once (:func:`readable_rows`), a large one streame
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,13 +80,15 @@ def fill_store(
     skipped (their ids must match, otherwise :class:`MismatchError`); pass a callable
     ``batches(start)`` to let the source skip reading them. Rows are held until they complete the
     store's current chunk (at most one chunk in memory), then written and committed together: an
-    interruption loses at most the chunk under way. ``total`` sizes the progress bar.
+    interruption loses at most the chunk under way. ``total`` sizes the progress bar, which counts
+    the images decomposed (committed with their chunk); a batch is decomposed in slices of about
+    :data:`BAR_SECONDS` each (:class:`_Step`), so that the bar moves every few seconds.
     """
     done = store.committed
     stored_ids = store.ids
     source = batches(done) if callable(batches) else batches
     position = done if callable(batches) else 0
-    pending = _PendingRows()
+    pending, step = _PendingRows(), _Step()
     bar = tqdm(total=total, initial=done, desc="decompose + CLIP", unit="img", disable=not progress)
     try:
         for ids, images in source:
@@ -103,22 +106,51 @@ def fill_store(
                 continue
             if skip:
                 images, ids = images[skip:], ids[skip:]
-            with torch.no_grad():
-                try:
-                    dec = decompose_fn(images)
-                except NonFiniteInputError as err:
-                    raise NonFiniteInputError.of([ids[i] for i in err.positions] or err.names) from err
-                emb = embed_fn(images)
-            if not store.shapes:  # the first rows fix the arrays' dims and the chunk size
-                store.allocate(0, int(dec.contributions.shape[-1]), int(emb.shape[-1]), expected_rows=total)
-            pending.add(ids, dec, emb)
-            if pending.completes_chunk(store):
-                bar.update(pending.flush(store))
-        bar.update(pending.flush(store))
+            s = 0
+            while s < len(ids):  # slices of the batch: the bar moves every few seconds
+                t0, sl = time.perf_counter(), slice(s, s + step.size)
+                s = sl.stop
+                dec, emb = _rows(decompose_fn, embed_fn, images[sl], ids[sl])
+                if not store.shapes:  # the first rows fix the arrays' dims and the chunk size
+                    store.allocate(0, int(dec.contributions.shape[-1]), int(emb.shape[-1]), expected_rows=total)
+                pending.add(ids[sl], dec, emb)
+                step.timed(len(ids[sl]), time.perf_counter() - t0)
+                bar.update(len(ids[sl]))
+                if pending.completes_chunk(store):
+                    pending.flush(store)
+        pending.flush(store)
     finally:
         bar.close()
         store.close()
     return store
+
+
+#: Seconds one slice of a batch should take at most (:class:`_Step`): how often the fill's bar moves.
+BAR_SECONDS = 2.0
+
+
+@dataclass
+class _Step:
+    """Images decomposed at a time within a batch: ``size``, set from the last slice's speed so that
+    a slice takes about :data:`BAR_SECONDS` (a small model soon takes whole batches, a base-size one
+    on a CPU a few images a slice; the first slice, ``size`` images, also pays the warm-up)."""
+
+    size: int = 4
+
+    def timed(self, images: int, seconds: float) -> None:
+        self.size = max(1, int(images * BAR_SECONDS / max(seconds, 1e-6)))
+
+
+def _rows(
+    decompose_fn: Callable[[Any], Decomposition], embed_fn: Callable[[Any], torch.Tensor], images: Any, ids: list[str]
+) -> tuple[Decomposition, torch.Tensor]:
+    """The decomposition and the reader's embeddings of ``images`` (a non-finite input named by its id)."""
+    with torch.no_grad():
+        try:
+            dec = decompose_fn(images)
+        except NonFiniteInputError as err:
+            raise NonFiniteInputError.of([ids[i] for i in err.positions] or err.names) from err
+        return dec, embed_fn(images)
 
 
 @dataclass
