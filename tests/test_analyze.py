@@ -301,6 +301,8 @@ def test_report_table_sorts_filters_and_opens_a_view_in_chromium(first_run, tmp_
 def test_report_shows_head_grids_maps_views_and_galleries(first_run):
     """analyze fills the report's views: a head grid and the top heads' maps per feature, each
     viewed head's maps along its top description, and per feature its value texts' galleries."""
+    from vitdecomp.apps.report_figures import N_VIEW_IMAGES
+
     results, out, _ = first_run
     v = results.views
     assert [f.feature for f in v.features] == list(results.features)
@@ -313,7 +315,7 @@ def test_report_shows_head_grids_maps_views_and_galleries(first_run):
     assert v.components and all(lab.split(".")[-1].startswith("H") for lab in v.components)
     for lab, c in v.components.items():
         assert c.text == results.descriptions[lab][0].text
-        assert [m.image for m in c.maps] == [t.id for t in results.top_images[lab][:3]]
+        assert [m.image for m in c.maps] == [t.id for t in results.top_images[lab][:N_VIEW_IMAGES]]
     assert {g.feature for g in v.galleries} == set(results.features)
     for g in v.galleries:
         assert len(g.hits) == 8 and g.text in results.features[g.feature]

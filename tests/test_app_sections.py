@@ -152,13 +152,14 @@ def _analyze(images, out, cache, **options) -> AnalysisResult:
 
 
 def test_analyze_adds_a_segment_section_for_a_folder_with_masks(one_thread, tmp_path):
-    from vitdecomp.apps.automatic import AUTO_SEGMENT_IMAGES
+    from vitdecomp.apps.automatic import AUTO_SEGMENT_IMAGES, AUTO_SEGMENT_METHODS
 
     world = export_world(8, seed=7100, out_dir=tmp_path / "world", progress=False)
     result = _analyze(world / "images", tmp_path / "out", tmp_path / "cache", random_init=True)
     assert [a.name for a in result.applications] == ["segment"]
     section = result.applications[0]
-    assert [r[0] for r in section.rows] == ["decomposition", "gradcam", "chefer"]
+    assert [r[0] for r in section.rows] == list(AUTO_SEGMENT_METHODS) == ["decomposition"]  # baselines on demand
+    assert f"--methods {','.join(AUTO_SEGMENT_METHODS)}" in section.command
     assert f"--masks {world / 'masks'}" in section.command
     assert f"--n-images {AUTO_SEGMENT_IMAGES}" in section.command  # analyze maps a bounded number of images
     page = (tmp_path / "out" / "index.html").read_text()

@@ -79,6 +79,7 @@ class TextEncoder:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.calls = 0
+        self.progress = False  # a bar while embedding more than two batches of prompts
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
 
     @classmethod
@@ -133,7 +134,8 @@ class TextEncoder:
     def _embed(self, texts: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         prompts = [t.format(x) for x in texts for t in templates]
         out = []
-        for s in range(0, len(prompts), self.batch_size):
+        quiet = not self.progress or len(prompts) <= 2 * self.batch_size
+        for s in tqdm(range(0, len(prompts), self.batch_size), desc="embed texts", unit="batch", disable=quiet):
             tokens = self.tokenizer(prompts[s : s + self.batch_size]).to(self.device)
             self.calls += 1
             out.append(normalize(self.model.encode_text(tokens).float()).cpu())

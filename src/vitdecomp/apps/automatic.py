@@ -5,8 +5,8 @@ What is looked for (:func:`detect_applications`), and nothing else, so that no g
 
 ``segment``  a masks folder, ``IMAGES/masks`` or, when the folder is named ``images/`` (as a world
              export's), the ``masks/`` beside it: :func:`vitdecomp.apps.segment.segment` on the masked images with
-             every map method (the first :data:`AUTO_SEGMENT_IMAGES` at most), reusing the subject model
-             ``analyze`` loaded.
+             the decomposition's map (:data:`AUTO_SEGMENT_METHODS`; the first :data:`AUTO_SEGMENT_IMAGES` at
+             most), reusing the subject model ``analyze`` loaded.
 ``debias``   ``IMAGES/metadata.csv`` with the Waterbirds columns (``img_filename, y, split, place``):
              :class:`vitdecomp.apps.debias.Debias` with ``analyze``'s models, cache and CompAlign
              steps; it reads the store and aligner ``analyze`` just cached when ``analyze`` ran on the
@@ -34,11 +34,14 @@ from vitdecomp.pipeline.model_pair import Models, load_model_for
 from vitdecomp.results import AppResult
 
 WATERBIRDS_COLUMNS = ("img_filename", "y", "split", "place")
-#: Most images the automatic segment step maps (every map method on each: it would otherwise cost more
-#: than the analysis itself on a base-size model); the section's command says how many. One image per
-#: batch, so that its progress bar moves after every method's map of every image.
+#: Most images the automatic segment step maps, and with which methods: the decomposition's own map
+#: only — GradCAM and Chefer et al.'s rollout each cost 3-5 forward passes an image (a backward with
+#: weight gradients), on a base-size model more than the analysis of 64 images; the section's command
+#: (``vitdecomp segment ... --methods decomposition,gradcam,chefer``) compares them on as many images
+#: as wanted. One image per batch, so that its progress bar moves after every image.
 AUTO_SEGMENT_IMAGES = 8
 AUTO_SEGMENT_BATCH = 1
+AUTO_SEGMENT_METHODS = ("decomposition",)
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,11 @@ def run_segment(cfg: AnalysisConfig, models: Models, masks: Path, device: str) -
     if device != "cpu":
         subject = load_model_for(cfg.model, cfg.checkpoint, cfg.random_init, "cpu", cfg.seed)
     n = AUTO_SEGMENT_IMAGES if cfg.n_images is None else min(cfg.n_images, AUTO_SEGMENT_IMAGES)
-    print(f"vitdecomp: segment: on the first {n} masked images (vitdecomp segment for more)", file=sys.stderr)
+    print(
+        f"vitdecomp: segment: the decomposition's map on the first {n} masked images (vitdecomp segment for more "
+        "images and the GradCAM / Chefer et al. baselines)",
+        file=sys.stderr,
+    )
     scfg = SegmentConfig(
         model=cfg.model,
         checkpoint=cfg.checkpoint,
@@ -125,6 +132,7 @@ def run_segment(cfg: AnalysisConfig, models: Models, masks: Path, device: str) -
         masks=masks,
         n_images=n,
         batch_size=AUTO_SEGMENT_BATCH,
+        methods=AUTO_SEGMENT_METHODS,
         skip_bad_images=cfg.skip_bad_images,
         progress=cfg.progress,
     )

@@ -29,10 +29,10 @@ from vitdecomp.store import reopen_store
 #: Images per feature on which the feature's top heads are mapped.
 N_MAP_IMAGES = 4
 #: Top images per head view.
-N_VIEW_IMAGES = 3
+N_VIEW_IMAGES = 2
 #: Heads that get their own view: those with the highest score for any feature (the others' maps:
 #: ``vitdecomp heatmap --report OUT --heads NAME``, from the store and the saved aligner).
-MAX_VIEW_HEADS = 12
+MAX_VIEW_HEADS = 8
 #: Heads whose views one token-map decomposition makes (their top images together).
 VIEW_BATCH = 4
 #: Text queries per feature (its first values) and images shown per query.

@@ -118,6 +118,7 @@ def read_components(
             vocabulary=cfg.vocabulary,
             templates=cfg.templates,
             device=device,
+            progress=cfg.progress,
         )
     readings = _readings(cfg, clock, rows, aligned, space, errors, rank1)
     result = collect_result(models, source, built, aligned, space, readings, cfg.cache_path, clock.timings)

@@ -128,14 +128,17 @@ def text_space(
     vocabulary: str | Path | None = None,
     templates: Sequence[str] | None = None,
     device: str = "cpu",
+    progress: bool = False,
 ) -> TextSpace:
     """Embed the features and the vocabulary (defaults: the world's for world scenes, else the
-    paper's features and the general vocabulary) under the prompt ``templates``."""
+    paper's features and the general vocabulary) under the prompt ``templates`` (``progress``: a bar
+    while texts not in the cache are embedded)."""
     feats = load_features(features if features is not None else ("world" if world else "paper"))
     vocab_name = vocabulary if vocabulary is not None else ("world" if world else "general")
     vocab = load_vocabulary(vocab_name)
     templates = tuple(templates) if templates else (WORLD_TEMPLATES if world else DEFAULT_TEMPLATES)
     encoder = TextEncoder.from_loaded(reader, cache_dir=cache_dir, device=device)
+    encoder.progress = progress
     vocab_emb = encoder.encode(vocab, templates)
     feat_emb = embed_features(lambda t: encoder.encode(t, templates), feats)
     pool = vocab_emb if vocab_name == NULL_VOCABULARY else encoder.encode(load_vocabulary(NULL_VOCABULARY), templates)
