@@ -400,24 +400,26 @@ def test_aligner_training_streams_a_large_store_in_bounded_windows(tmp_path, mon
     assert exact.metrics["n_val"] == 80 and exact.metrics["val_cosine"] > 0.99
 
 
-def test_fill_decomposes_slow_batches_in_slices_and_stores_every_row_once_in_order(tmp_path, monkeypatch):
-    """A batch that takes long is decomposed a few images at a time (so the bar moves): the slice is
-    sized from the last one's speed, and the store holds the same rows as whole batches give."""
+def test_fill_bar_says_which_block_a_batch_is_in_and_leaves_no_hook(tmp_path, monkeypatch):
+    """While a batch runs, the fill bar names the block it is in (forward hooks on the model's
+    repeated blocks); the rows are those of a fill without it and the hooks are gone afterwards."""
     import vitdecomp.pipeline.fill as fill
 
-    sizes: list[int] = []
+    blocks = torch.nn.ModuleList(torch.nn.Linear(3, 3) for _ in range(4))
+    assert fill.repeated_blocks(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), blocks)) == list(blocks)
+    said: list[str] = []
 
-    def recording(images: torch.Tensor) -> Decomposition:
-        sizes.append(len(images))
+    def through_blocks(images: torch.Tensor) -> Decomposition:
+        for b in blocks:
+            b(images)
         return decompose_fn(images)
 
-    monkeypatch.setattr(fill, "BAR_SECONDS", 0.0)  # every slice "too slow": one image at a time after the first
-    imgs = fake_images(23)
-    store = fill_store(open_store(tmp_path, make_key()), batches(imgs, 10), recording, clip_fn, progress=False)
-    assert sizes[0] == 4 and set(sizes[1:]) == {1} and sum(sizes) == 23
-    assert store.ids == [f"img{i:04d}" for i in range(23)]
+    monkeypatch.setattr(fill, "BLOCK_REDRAW_S", 0.0)
+    monkeypatch.setattr(fill.tqdm, "set_postfix_str", lambda self, s, refresh=True: said.append(s))
+    imgs = fake_images(9)
+    store = fill_store(
+        open_store(tmp_path, make_key()), batches(imgs, 5), through_blocks, clip_fn, progress=True, blocks=blocks
+    )
+    assert said == [f"block {i}/4" for i in (1, 2, 3, 4)] * 2
     assert np.array_equal(np.asarray(store.contributions), decompose_fn(imgs).contributions.numpy())
-    monkeypatch.setattr(fill, "BAR_SECONDS", 2.0)
-    step = fill._Step()
-    step.timed(4, 0.01)
-    assert step.size == 800  # fast: whole batches
+    assert all(not b._forward_hooks for b in blocks)

@@ -71,6 +71,7 @@ def fill_store(
     *,
     total: int | None = None,
     progress: bool = True,
+    blocks: Sequence[torch.nn.Module] = (),
 ) -> StoreWriter:
     """Decompose and embed every image of ``batches`` into ``store``, resuming where it stopped.
 
@@ -80,16 +81,17 @@ def fill_store(
     skipped (their ids must match, otherwise :class:`MismatchError`); pass a callable
     ``batches(start)`` to let the source skip reading them. Rows are held until they complete the
     store's current chunk (at most one chunk in memory), then written and committed together: an
-    interruption loses at most the chunk under way. ``total`` sizes the progress bar, which counts
-    the images decomposed (committed with their chunk); a batch is decomposed in slices of about
-    :data:`BAR_SECONDS` each (:class:`_Step`), so that the bar moves every few seconds.
+    interruption loses at most the chunk under way. ``total`` sizes the progress bar; ``blocks``
+    (the subject's, :func:`repeated_blocks`) make it say which block a batch is in while a batch runs
+    (a base-size model takes a minute a batch on a CPU).
     """
     done = store.committed
     stored_ids = store.ids
     source = batches(done) if callable(batches) else batches
     position = done if callable(batches) else 0
-    pending, step = _PendingRows(), _Step()
+    pending = _PendingRows()
     bar = tqdm(total=total, initial=done, desc="decompose + CLIP", unit="img", disable=not progress)
+    hooks = _block_progress(blocks, bar) if progress else []
     try:
         for ids, images in source:
             ids = [str(i) for i in ids]
@@ -106,51 +108,56 @@ def fill_store(
                 continue
             if skip:
                 images, ids = images[skip:], ids[skip:]
-            s = 0
-            while s < len(ids):  # slices of the batch: the bar moves every few seconds
-                t0, sl = time.perf_counter(), slice(s, s + step.size)
-                s = sl.stop
-                dec, emb = _rows(decompose_fn, embed_fn, images[sl], ids[sl])
-                if not store.shapes:  # the first rows fix the arrays' dims and the chunk size
-                    store.allocate(0, int(dec.contributions.shape[-1]), int(emb.shape[-1]), expected_rows=total)
-                pending.add(ids[sl], dec, emb)
-                step.timed(len(ids[sl]), time.perf_counter() - t0)
-                bar.update(len(ids[sl]))
-                if pending.completes_chunk(store):
-                    pending.flush(store)
-        pending.flush(store)
+            with torch.no_grad():
+                try:
+                    dec = decompose_fn(images)
+                except NonFiniteInputError as err:
+                    raise NonFiniteInputError.of([ids[i] for i in err.positions] or err.names) from err
+                emb = embed_fn(images)
+            if not store.shapes:  # the first rows fix the arrays' dims and the chunk size
+                store.allocate(0, int(dec.contributions.shape[-1]), int(emb.shape[-1]), expected_rows=total)
+            pending.add(ids, dec, emb)
+            if pending.completes_chunk(store):
+                bar.update(pending.flush(store))
+        bar.update(pending.flush(store))
     finally:
+        for h in hooks:
+            h.remove()
         bar.close()
         store.close()
     return store
 
 
-#: Seconds one slice of a batch should take at most (:class:`_Step`): how often the fill's bar moves.
-BAR_SECONDS = 2.0
+def repeated_blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's blocks, for a progress bar: the longest ``ModuleList`` / ``Sequential`` of modules of
+    one class (timm's ``blocks``; a hierarchical model's longest stage)."""
+    best: list[torch.nn.Module] = []
+    for m in net.modules():
+        repeated = isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) and len({type(c) for c in m}) == 1
+        if repeated and len(m) > len(best):
+            best = list(m)
+    return best
 
 
-@dataclass
-class _Step:
-    """Images decomposed at a time within a batch: ``size``, set from the last slice's speed so that
-    a slice takes about :data:`BAR_SECONDS` (a small model soon takes whole batches, a base-size one
-    on a CPU a few images a slice; the first slice, ``size`` images, also pays the warm-up)."""
-
-    size: int = 4
-
-    def timed(self, images: int, seconds: float) -> None:
-        self.size = max(1, int(images * BAR_SECONDS / max(seconds, 1e-6)))
+#: Least seconds between two redraws of the fill bar from inside a batch.
+BLOCK_REDRAW_S = 1.0
 
 
-def _rows(
-    decompose_fn: Callable[[Any], Decomposition], embed_fn: Callable[[Any], torch.Tensor], images: Any, ids: list[str]
-) -> tuple[Decomposition, torch.Tensor]:
-    """The decomposition and the reader's embeddings of ``images`` (a non-finite input named by its id)."""
-    with torch.no_grad():
-        try:
-            dec = decompose_fn(images)
-        except NonFiniteInputError as err:
-            raise NonFiniteInputError.of([ids[i] for i in err.positions] or err.names) from err
-        return dec, embed_fn(images)
+def _block_progress(blocks: Sequence[torch.nn.Module], bar: tqdm) -> list[Any]:
+    """Forward hooks on ``blocks`` that write ``block i/n`` after the fill bar (at most every
+    :data:`BLOCK_REDRAW_S`); the hooks' handles, to remove."""
+    last = [0.0]
+
+    def hook(i: int) -> Callable[..., None]:
+        def after(*_: Any) -> None:
+            now = time.monotonic()
+            if now - last[0] >= BLOCK_REDRAW_S:
+                last[0] = now
+                bar.set_postfix_str(f"block {i + 1}/{len(blocks)}", refresh=True)
+
+        return after
+
+    return [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
 
 
 @dataclass
@@ -261,7 +268,8 @@ def fill_in_process(store: StoreWriter, models: Models, source: ImageSource, opt
     embeddings (a folder's images decoded by a ``DataLoader`` with workers, see :mod:`vitdecomp.imageset`)."""
     decompose_fn, embed_fn = model_fns(models, options.start_layer, options.device)
     batches = source.batches(options.batch_size)
-    fill_store(store, batches, decompose_fn, embed_fn, total=len(source), progress=options.progress)
+    blocks = repeated_blocks(models.subject.model)
+    fill_store(store, batches, decompose_fn, embed_fn, total=len(source), progress=options.progress, blocks=blocks)
 
 
 def readable_rows(store: StoreWriter, max_bytes: int = IN_MEMORY_BYTES) -> Rows:
