@@ -39,7 +39,7 @@ WATERBIRDS_COLUMNS = ("img_filename", "y", "split", "place")
 #: weight gradients), on a base-size model more than the analysis of 64 images; the section's command
 #: (``vitdecomp segment ... --methods decomposition,gradcam,chefer``) compares them on as many images
 #: as wanted. One image per batch, so that its progress bar moves after every image.
-AUTO_SEGMENT_IMAGES = 8
+AUTO_SEGMENT_IMAGES = 4
 AUTO_SEGMENT_BATCH = 1
 AUTO_SEGMENT_METHODS = ("decomposition",)
 

@@ -34,7 +34,7 @@ N_VIEW_IMAGES = 2
 #: ``vitdecomp heatmap --report OUT --heads NAME``, from the store and the saved aligner).
 MAX_VIEW_HEADS = 8
 #: Heads whose views one token-map decomposition makes (their top images together).
-VIEW_BATCH = 4
+VIEW_BATCH = 2
 #: Text queries per feature (its first values) and images shown per query.
 N_QUERIES = 3
 N_HITS = 8
@@ -87,15 +87,16 @@ def view_heads(result: AnalysisResult, n: int = MAX_VIEW_HEADS) -> list[str]:
     return sorted(heads, key=lambda h: -max(row.get(h, float("-inf")) for row in table.values()))[:n]
 
 
-def component_views(analysis: Analysis, source: Any, progress: bool = True) -> dict[str, ComponentView]:
+def component_views(analysis: Analysis, source: Any, bar: tqdm | None = None) -> dict[str, ComponentView]:
     """Each of :func:`view_heads`' heads alone on its top images, along its top description; one
-    decomposition per :data:`VIEW_BATCH` heads (their top images together, :func:`view_batch`)."""
+    decomposition per :data:`VIEW_BATCH` heads (their top images together, :func:`view_batch`);
+    ``bar`` advances by each batch's heads."""
     rows = {i: j for j, i in enumerate(source.ids)}
     heads = view_heads(analysis.result)
     out: dict[str, ComponentView] = {}
-    with tqdm(total=len(heads), desc="head views", unit="head", leave=False, disable=not progress) as bar:
-        for s in range(0, len(heads), VIEW_BATCH):
-            out.update(view_batch(analysis, source, rows, heads[s : s + VIEW_BATCH]))
+    for s in range(0, len(heads), VIEW_BATCH):
+        out.update(view_batch(analysis, source, rows, heads[s : s + VIEW_BATCH]))
+        if bar is not None:
             bar.update(len(heads[s : s + VIEW_BATCH]))
     return out
 
@@ -177,9 +178,14 @@ def report_views(
     images, ids = [_pil(source.image(i)) for i in range(n)], list(source.ids[:n])
     heads = view_heads(result)
     k, method = auto_k(len(result.labels)), result.method()
+    total = len(result.features) + len(heads)  # the features' maps, then the heads' views
+    with tqdm(total=total, desc="report maps (features, heads)", unit="map", leave=False, disable=not progress) as bar:
+        features = feature_views(analysis, images, ids)
+        bar.update(len(result.features))
+        components = component_views(analysis, source, bar)
     return ReportViews(
-        features=feature_views(analysis, images, ids),
-        components=component_views(analysis, source, progress),
+        features=features,
+        components=components,
         galleries=retrieval_galleries(analysis, source),
         rules=[
             f"Head grids: the {method} score of every attention head for the feature.",

@@ -418,8 +418,9 @@ def segment(
     methods = methods or default_methods()
     batches = _batches(model, data, batch)
     device = next(network(model).parameters(), torch.empty(0)).device
+    read = tqdm(batches, desc="segment: reading the images", unit="batch", leave=False, disable=not progress)
     with torch.no_grad():
-        reps = torch.cat([Representation(network(model))(b.x.to(device)).cpu() for b in batches]).float()
+        reps = torch.cat([Representation(network(model))(b.x.to(device)).cpu() for b in read]).float()
     e = explained
     targets = choose_targets(model, reps, e.target, e.feature, e.contrast, e.seed)
     notes = {m.name: _applies(m, model) for m in methods}
