@@ -418,9 +418,7 @@ def segment(
     methods = methods or default_methods()
     batches = _batches(model, data, batch)
     device = next(network(model).parameters(), torch.empty(0)).device
-    read = tqdm(batches, desc="segment: reading the images", unit="batch", leave=False, disable=not progress)
-    with torch.no_grad():
-        reps = torch.cat([Representation(network(model))(b.x.to(device)).cpu() for b in read]).float()
+    reps = _representations(model, batches, device, progress)
     e = explained
     targets = choose_targets(model, reps, e.target, e.feature, e.contrast, e.seed)
     notes = {m.name: _applies(m, model) for m in methods}
@@ -464,6 +462,13 @@ def segment(
         resize=resize_rule(model, data.square),
         benchmark=data.benchmark,
     )
+
+
+@torch.no_grad()
+def _representations(model: object, batches: list[_Batch], device: torch.device, progress: bool) -> Tensor:
+    """``[N, D]``: the images' representations (what the targets are chosen from), with a bar."""
+    read = tqdm(batches, desc="segment: reading the images", unit="batch", leave=False, disable=not progress)
+    return torch.cat([Representation(network(model))(b.x.to(device)).cpu() for b in read]).float()
 
 
 def resize_rule(model: object, square: bool) -> str:

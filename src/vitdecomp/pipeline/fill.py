@@ -97,12 +97,7 @@ def fill_store(
             ids = [str(i) for i in ids]
             b = len(ids)
             skip = min(max(done - position, 0), b)
-            if skip and ids[:skip] != stored_ids[position : position + skip]:
-                raise MismatchError(
-                    f"image ids {ids[:skip][:3]} differ from the store's rows {position}..{position + skip} "
-                    f"({stored_ids[position : position + skip][:3]}): the image source changed since the "
-                    "store was written"
-                )
+            _check_stored(ids[:skip], stored_ids, position)
             position += b
             if skip == b:
                 continue
@@ -126,6 +121,16 @@ def fill_store(
         bar.close()
         store.close()
     return store
+
+
+def _check_stored(ids: list[str], stored_ids: list[str], position: int) -> None:
+    """Rows already committed from ``position`` on must have the ``ids`` the source gives them."""
+    if ids and ids != stored_ids[position : position + len(ids)]:
+        raise MismatchError(
+            f"image ids {ids[:3]} differ from the store's rows {position}..{position + len(ids)} "
+            f"({stored_ids[position : position + len(ids)][:3]}): the image source changed since the "
+            "store was written"
+        )
 
 
 def repeated_blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
