@@ -16,6 +16,7 @@ Thresholds, documented here and in ``results.json`` (``constant``, ``warnings``)
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from vitdecomp.results import AnalysisResult
 from vitdecomp.store import Rows
@@ -32,16 +33,19 @@ RANK_GROUP = 16
 
 
 @torch.no_grad()
-def rank_one_components(rows: Rows, threshold: float = RANK1_THRESHOLD, sample: int = RANK_SAMPLE) -> dict[str, float]:
+def rank_one_components(
+    rows: Rows, threshold: float = RANK1_THRESHOLD, sample: int = RANK_SAMPLE, progress: bool = False
+) -> dict[str, float]:
     """``{label: s2 / s1}`` of the components whose relative second singular value over the first
     ``sample`` images is below ``threshold`` (an all-zero component counts, with 0).
 
     Screened :data:`RANK_GROUP` components at a time from their Gram matrices ``[c, m, m]`` (``m`` the
     smaller of images and width; eigenvalues ``s^2``, one batched call, ~10x cheaper than an SVD of
     each ``[n, D]``); the few that come near the threshold are read again by an exact SVD, so the
-    labels and ratios returned are the SVD's."""
+    labels and ratios returned are the SVD's. ``progress``: a bar over the components."""
     out: dict[str, float] = {}
     labels = rows.labels or [str(i) for i in range(rows.shapes["contributions"][0])]
+    bar = tqdm(total=len(labels), desc="rank-1 test", unit="comp", leave=False, disable=not progress)
     for g in range(0, len(labels), RANK_GROUP):
         x = torch.stack([rows.component(c, stop=sample) for c in range(g, min(g + RANK_GROUP, len(labels)))])
         for c, ratio in zip(range(g, g + len(x)), _gram_ratios(x.double()).tolist(), strict=True):
@@ -49,6 +53,8 @@ def rank_one_components(rows: Rows, threshold: float = RANK1_THRESHOLD, sample: 
                 ratio = _svd_ratio(x[c - g].double())
             if ratio < threshold:
                 out[labels[c]] = ratio
+        bar.update(len(x))
+    bar.close()
     return out
 
 

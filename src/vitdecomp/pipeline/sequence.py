@@ -104,9 +104,10 @@ def read_components(
 ) -> tuple[AnalysisResult, np.ndarray]:
     """Align the stored components, embed the text, describe, score and find each component's top
     images; returns the result and the rows of the top images ``[C, n]``."""
-    rows = readable_rows(built.store)  # small stores are read into memory once
-    errors = completeness_errors(rows)
-    rank1 = rank_one_components(rows)
+    with clock("checks", "checking completeness and finding the constant (rank-1) components"):
+        rows = readable_rows(built.store)  # small stores are read into memory once
+        errors = completeness_errors(rows)
+        rank1 = rank_one_components(rows, progress=cfg.progress)
     with clock("align", "aligning the components to the reader's space (CompAlign, cached per setting)"):
         aligned = configured_aligner(cfg, rows, models, device)
     with clock("text", "embedding the features and the vocabulary with the reader's text tower (cached)"):
