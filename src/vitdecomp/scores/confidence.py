@@ -24,7 +24,7 @@ from vitdecomp.align import Aligner
 from vitdecomp.scores.functions import Projected
 from vitdecomp.scores.presence import FeaturePresence, feature_presence, vocabulary_groups
 from vitdecomp.scores.registry import Score, get_score
-from vitdecomp.scores.tables import Projections, project_features
+from vitdecomp.scores.tables import Projections, json_float32, project_features
 from vitdecomp.store import RowSource, as_rows
 
 
@@ -97,11 +97,11 @@ class ScoreConfidence:
         for i, f in enumerate(self.features):
             cells[f] = {
                 lab: {
-                    "score": float(self.score[i, j]),
-                    "low": float(self.low[i, j]),
-                    "high": float(self.high[i, j]),
-                    "null_mean": float(self.null_mean[i, j]),
-                    "null_high": float(self.null_high[i, j]),
+                    "score": json_float32(self.score[i, j]),
+                    "low": json_float32(self.low[i, j]),
+                    "high": json_float32(self.high[i, j]),
+                    "null_mean": json_float32(self.null_mean[i, j]),
+                    "null_high": json_float32(self.null_high[i, j]),
                     "p": round(float(self.p_value[i, j]), 6),
                     "significant": bool(sig[i, j]),
                 }

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -41,6 +42,13 @@ def score(aligned: torch.Tensor, text_emb: torch.Tensor, method: str = "invarian
     return record.compute(p)
 
 
+def json_float32(v: float) -> float:
+    """A float32 value as the shortest decimal that reads back as the same float32 (``0.0012345679``,
+    not the 17 digits of its float64): what ``results.json`` writes for float32 tensors, a third of
+    the bytes and no precision lost."""
+    return float(str(np.float32(v)))
+
+
 @dataclass
 class ScoreTable:
     """Scores of every component for every feature: ``scores [F, C]`` (rows ``features``,
@@ -64,9 +72,10 @@ class ScoreTable:
         return {f: self.ranking(f, top) for f in self.features}
 
     def to_dict(self) -> dict[str, dict[str, float]]:
-        """``{feature: {component label: score}}`` (JSON-ready)."""
+        """``{feature: {component label: score}}`` (JSON-ready; each float32 score as the shortest
+        decimal that reads back as it, :func:`json_float32`)."""
         return {
-            f: {lab: float(v) for lab, v in zip(self.labels, row.tolist(), strict=True)}
+            f: {lab: json_float32(v) for lab, v in zip(self.labels, row.tolist(), strict=True)}
             for f, row in zip(self.features, self.scores, strict=True)
         }
 
