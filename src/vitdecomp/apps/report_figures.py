@@ -120,7 +120,9 @@ def view_batch(analysis: Analysis, source: Any, rows: dict[str, int], heads: lis
     }
 
 
-def retrieval_galleries(analysis: Analysis, source: Any, batch_size: int = 1024) -> list[RetrievalGallery]:
+def retrieval_galleries(
+    analysis: Analysis, source: Any, batch_size: int = 1024, progress: bool = False
+) -> list[RetrievalGallery]:
     """Per feature, its first :data:`N_QUERIES` values as texts, searched through its top
     ``auto_k(C)`` components over the whole analysed set; the :data:`N_HITS` best images each. One
     pass over the store for every feature, a running top :data:`N_HITS` per query (memory flat in the
@@ -132,10 +134,14 @@ def retrieval_galleries(analysis: Analysis, source: Any, batch_size: int = 1024)
         texts = list(values)[:N_QUERIES]
         queries.append((f, top_components(analysis.scores(f), k), texts, analysis.embed(texts)))
     best = [_RunningTop(N_HITS) for _ in queries]
-    for rows in reopen_store(r.store.path).iter_batches(batch_size):
+    store = reopen_store(r.store.path)
+    bar = tqdm(total=len(store), desc="galleries", unit="img", leave=False, disable=not progress)
+    for rows in store.iter_batches(batch_size):
+        bar.update(len(rows["contributions"]))
         g = gallery_of(analysis, rows["contributions"], [])
         for top, (_, comps, _, emb) in zip(best, queries, strict=True):
             top.add(torch.stack([text_scores(g, t, comps) for t in emb], 1))  # [b, T]
+    bar.close()
     out = []
     for top, (f, comps, texts, _) in zip(best, queries, strict=True):
         for t, text in enumerate(texts):
@@ -186,7 +192,7 @@ def report_views(
     return ReportViews(
         features=features,
         components=components,
-        galleries=retrieval_galleries(analysis, source),
+        galleries=retrieval_galleries(analysis, source, progress=progress),
         rules=[
             f"Head grids: the {method} score of every attention head for the feature.",
             f"Top heads: the 2 ceil(sqrt(H)) heads with the highest {method} score (vitdecomp heatmap "

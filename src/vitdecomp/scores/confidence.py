@@ -111,7 +111,9 @@ class ScoreConfidence:
         return {**head, "null": self.null, "scores": cells}
 
 
-def _bootstrap(proj: Projections, method: str, features: list[str], n_boot: int, level: float, seed: int):
+def _bootstrap(
+    proj: Projections, method: str, features: list[str], n_boot: int, level: float, seed: int, progress: bool = False
+):
     """Percentile interval ``(low, high) [F, C]`` over ``n_boot`` resamples of the images, each a
     multinomial count per image. For the per-image scores (``ablation``, ``text_probe``) the mean an
     ablated part is replaced by (and ``text_probe``'s probe and normaliser) is held at its value over all
@@ -125,7 +127,7 @@ def _bootstrap(proj: Projections, method: str, features: list[str], n_boot: int,
     idx = torch.randint(0, n, (n_boot, n), generator=g)
     w = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
     record, draws = get_score(method), []
-    for f in features:
+    for f in tqdm(features, desc=f"bootstrap ({method})", unit="feature", leave=False, disable=not progress):
         p = proj.view(method, f)
         resampled = record.resampled(p, w)
         draws.append(resampled if resampled is not None else _recomputed(record, p, idx))
@@ -226,7 +228,7 @@ def score_confidence(
     for m in methods:
         obs = torch.stack([proj.score(m, f) for f in names])  # [F, C]
         null = nulls.get(m, torch.full_like(obs, float("nan"))[None])  # [n_null, F, C]
-        low, high = _bootstrap(proj, m, names, n_boot, level, seed)
+        low, high = _bootstrap(proj, m, names, n_boot, level, seed, progress)
         p = (1 + (null >= obs[None]).sum(0)) / (1 + n_null)
         stats = (obs, low, high, null.mean(0), null.amax(0))
         out[m] = ScoreConfidence(
