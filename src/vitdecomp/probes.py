@@ -6,6 +6,7 @@ representations. Scores (``text_probe``), applications (probe heads) and the val
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,12 +30,18 @@ class Probe:
         return ((x - self.mu) / self.sd) @ self.weight + self.bias
 
 
-def fit_probes(x_tr: torch.Tensor, y_tr: torch.Tensor, n_classes: int, l2: float = 1e-3) -> Probe:
+def fit_probes(
+    x_tr: torch.Tensor,
+    y_tr: torch.Tensor,
+    n_classes: int,
+    l2: float = 1e-3,
+    on_evaluation: Callable[[int], None] | None = None,
+) -> Probe:
     """Fit one probe per component at once: ``x_tr [C, N, D]``, ``y_tr [N]`` (or ``[C, N]``: each
     probe its own labels). The joint loss is the sum of the components' separate losses
     (standardised features, mean cross-entropy + ``l2 * ||W||^2``, as
     :func:`vitdecomp.zoo.evaluate.linear_probe`), so its minimiser is every component's own probe
-    (L-BFGS)."""
+    (L-BFGS). ``on_evaluation(i)`` is called after the loss's ``i``-th evaluation (a progress bar's hook)."""
     x_tr = x_tr.float()
     mu, sd = x_tr.mean(1, keepdim=True), x_tr.std(1, keepdim=True) + 1e-6
     a = (x_tr - mu) / sd
@@ -43,12 +50,17 @@ def fit_probes(x_tr: torch.Tensor, y_tr: torch.Tensor, n_classes: int, l2: float
     bias = torch.zeros(c, 1, n_classes, requires_grad=True)
     opt = torch.optim.LBFGS([w, bias], lr=1, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
     target = y_tr.reshape(-1) if y_tr.dim() == 2 else y_tr.repeat(c)
+    evaluations = 0
 
     def closure():
+        nonlocal evaluations
         opt.zero_grad()
         logits = (a @ w + bias).reshape(-1, n_classes)
         loss = F.cross_entropy(logits, target, reduction="sum") / y_tr.shape[-1] + l2 * (w * w).sum()
         loss.backward()
+        evaluations += 1
+        if on_evaluation is not None:
+            on_evaluation(evaluations)
         return loss
 
     opt.step(closure)
