@@ -21,7 +21,7 @@ from vitdecomp.apps.analysis import Analysis, analysis_of, auto_heads, auto_k
 from vitdecomp.apps.head_grids import head_grid_uri
 from vitdecomp.apps.heatmap import Heatmap, MapJob, heatmap_batch, heatmaps, overlay
 from vitdecomp.apps.retrieval import gallery_of, text_scores, top_components
-from vitdecomp.figures import thumbnail_data_uri
+from vitdecomp.figures import jpeg_data_uri
 from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.results import AnalysisResult, ComponentView, FeatureView, Hit, ImageMap, ReportViews, RetrievalGallery
 from vitdecomp.store import reopen_store
@@ -53,7 +53,7 @@ def _figures(images: list[Image.Image], ids: list[str], maps: list[Heatmap]) -> 
             i,
             hm.text,
             hm.heads,
-            thumbnail_data_uri(overlay(im, hm.original, min(MAP_SIZE, max(im.size)), hm.scale), MAP_SIZE),
+            jpeg_data_uri(overlay(im, hm.original, min(MAP_SIZE, max(im.size)), hm.scale), MAP_SIZE),
         )
         for im, i, hm in zip(images, ids, maps, strict=True)
     ]
