@@ -235,15 +235,28 @@ class HeadsPart:
             qw = qw * scale[..., None].to(qw)
         if self.spec.windows is None:
             return torch.einsum("bsk,bhsn->hbnk", qw, self.probs.to(qw)), None
-        idx = self.index.to(qw.device)
-        if (idx < 0).any():
+        idx = self._full_windows().to(qw.device)
+        qw = qw.view(qw.shape[0], *idx.shape, qw.shape[-1])  # [B, nW, w, K]
+        at = torch.matmul(self.probs.to(qw).transpose(-1, -2), qw[:, :, None])  # [B, nW, H, w_key, K]
+        return at.permute(2, 0, 1, 3, 4).reshape(at.shape[2], at.shape[0], -1, at.shape[-1]), idx.reshape(-1)
+
+    def _full_windows(self) -> Tensor:
+        """``[nW, w]`` window slots -> stream positions; windows with padding are refused."""
+        if (self.index < 0).any():
             raise VitDecompError(
                 f"per-token contributions of '{self.path}' with padded windows are not supported; "
                 "use an image size whose token grid is a multiple of the window size"
             )
-        qw = qw.view(qw.shape[0], *idx.shape, qw.shape[-1])  # [B, nW, w, K]
-        at = torch.matmul(self.probs.to(qw).transpose(-1, -2), qw[:, :, None])  # [B, nW, H, w_key, K]
-        return at.permute(2, 0, 1, 3, 4).reshape(at.shape[2], at.shape[0], -1, at.shape[-1]), idx.reshape(-1)
+        return self.index
+
+    def window_query_weights(self, ro: ReadoutMap) -> tuple[Tensor, Tensor]:
+        """Windowed attention read through one slot per token: ``(w [B, nW, w], slot [nW, w])``, each
+        query's readout weight (the norms' per-position scales included) and slot, in window order."""
+        idx = self._full_windows()
+        z_ro = self._z_order(ro)
+        scale = self._z_scale()
+        w = z_ro.weight if scale is None else z_ro.weight * scale.to(z_ro.weight)
+        return w.view(w.shape[0], *idx.shape), z_ro.slot.view(idx.shape)
 
     def token_parts(self, ro: ReadoutMap) -> Tensor:
         """``abar [B, H, K, N]``: :meth:`key_parts` with the keys in stream order."""
