@@ -237,7 +237,11 @@ class HeadsPart:
             return torch.einsum("bsk,bhsn->hbnk", qw, self.probs.to(qw)), None
         idx = self._full_windows().to(qw.device)
         qw = qw.view(qw.shape[0], *idx.shape, qw.shape[-1])  # [B, nW, w, K]
-        at = torch.matmul(self.probs.to(qw).transpose(-1, -2), qw[:, :, None])  # [B, nW, H, w_key, K]
+        probs = self.probs.to(qw)
+        if 4 * qw.shape[-1] <= idx.shape[1]:  # few slots: a [K, w] left factor is faster than a [w, K] right one
+            at = torch.matmul(qw.transpose(-1, -2)[:, :, None], probs).transpose(-1, -2)  # [B, nW, H, w_key, K]
+        else:
+            at = torch.matmul(probs.transpose(-1, -2), qw[:, :, None])
         return at.permute(2, 0, 1, 3, 4).reshape(at.shape[2], at.shape[0], -1, at.shape[-1]), idx.reshape(-1)
 
     def _full_windows(self) -> Tensor:
