@@ -13,7 +13,7 @@ from torch import Tensor
 
 from vitdecomp.components import ComponentLabel
 from vitdecomp.decomp.capture import Capture, grid_of, take_positions, to_stream
-from vitdecomp.decomp.plan import Field, Heads, Tap
+from vitdecomp.decomp.plan import Field, Heads
 from vitdecomp.decomp.readout import NormRule, ReadoutMap
 from vitdecomp.errors import VitDecompError
 
@@ -113,11 +113,9 @@ class HeadsPart:
 
             cap.tap(spec.windows.grid, keep_grid)
         if spec.post_norm is not None:
-
-            def keep_post(x: Tensor) -> None:
-                self.post_scale = take_positions(self.post.inv_sigma(to_stream(x, "tokens")), positions)
-
-            cap.tap(Tap(spec.post_norm, "input"), keep_post)
+            cap.norm_stats(
+                spec.post_norm, self.post.inv_sigma, lambda s: setattr(self, "post_scale", take_positions(s, positions))
+            )
         if spec.replace is not None:
             self._attach_replacement(cap, positions)
             return
