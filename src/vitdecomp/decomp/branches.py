@@ -150,7 +150,7 @@ class HeadsPart:
         return keep
 
     def _keep_values(self, t: Tensor) -> None:
-        v = self.spec.values.fn(t)  # [B', N', H*dh]
+        v = self.spec.values.fn(t).contiguous()  # [B', N', H*dh]; a view into qkv would keep all of qkv alive
         v = v if self.spec.windows is None else v.reshape(-1, self.index.numel(), v.shape[-1])  # window order
         self.v = v.view(v.shape[0], v.shape[1], self.num_heads, -1).transpose(1, 2)
 
