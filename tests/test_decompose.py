@@ -405,3 +405,20 @@ def test_window_slots_map_to_the_right_stream_positions(name):
 
 def _stream_keeper(own: dict, key, spec):
     return lambda x: own.__setitem__(key, to_stream(x, spec.windows.grid.layout))
+
+
+def test_norm_statistics_handed_over_or_recomputed_keep_the_output():
+    """A plain LayerNorm hands its own statistics to the readout in float32 (Swin V2's post-norms and
+    patch mergings, ``Capture.norm_stats``) and they are recomputed from its input in bfloat16: either way
+    the model's output is bit for bit its own and the parts add up."""
+    from vitdecomp.decomp.engine import COMPLETENESS_TOLERANCE
+
+    model, size = SMALL_MODELS["swinv2"]()
+    x = images(size)
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model.to(dtype)
+        with torch.inference_mode():
+            own = m.forward_head(m.forward_features(x.to(dtype)), pre_logits=True)
+        d = vd.decompose(m, x)
+        assert torch.equal(d.representation, own)
+        assert d.error.max().item() <= COMPLETENESS_TOLERANCE[dtype]

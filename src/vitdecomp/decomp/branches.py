@@ -13,7 +13,7 @@ from torch import Tensor
 
 from vitdecomp.components import ComponentLabel
 from vitdecomp.decomp.capture import Capture, grid_of, take_positions, to_stream
-from vitdecomp.decomp.plan import Field, Heads, Tap
+from vitdecomp.decomp.plan import Field, Heads
 from vitdecomp.decomp.readout import NormRule, ReadoutMap
 from vitdecomp.errors import VitDecompError
 
@@ -113,11 +113,9 @@ class HeadsPart:
 
             cap.tap(spec.windows.grid, keep_grid)
         if spec.post_norm is not None:
-
-            def keep_post(x: Tensor) -> None:
-                self.post_scale = take_positions(self.post.inv_sigma(to_stream(x, "tokens")), positions)
-
-            cap.tap(Tap(spec.post_norm, "input"), keep_post)
+            cap.norm_stats(
+                spec.post_norm, self.post.inv_sigma, lambda s: setattr(self, "post_scale", take_positions(s, positions))
+            )
         if spec.replace is not None:
             self._attach_replacement(cap, positions)
             return
@@ -152,7 +150,7 @@ class HeadsPart:
         return keep
 
     def _keep_values(self, t: Tensor) -> None:
-        v = self.spec.values.fn(t)  # [B', N', H*dh]
+        v = self.spec.values.fn(t).contiguous()  # [B', N', H*dh]; a view into qkv would keep all of qkv alive
         v = v if self.spec.windows is None else v.reshape(-1, self.index.numel(), v.shape[-1])  # window order
         self.v = v.view(v.shape[0], v.shape[1], self.num_heads, -1).transpose(1, 2)
 
@@ -235,15 +233,32 @@ class HeadsPart:
             qw = qw * scale[..., None].to(qw)
         if self.spec.windows is None:
             return torch.einsum("bsk,bhsn->hbnk", qw, self.probs.to(qw)), None
-        idx = self.index.to(qw.device)
-        if (idx < 0).any():
+        idx = self._full_windows().to(qw.device)
+        qw = qw.view(qw.shape[0], *idx.shape, qw.shape[-1])  # [B, nW, w, K]
+        probs = self.probs.to(qw)
+        if 4 * qw.shape[-1] <= idx.shape[1]:  # few slots: a [K, w] left factor is faster than a [w, K] right one
+            at = torch.matmul(qw.transpose(-1, -2)[:, :, None], probs).transpose(-1, -2)  # [B, nW, H, w_key, K]
+        else:
+            at = torch.matmul(probs.transpose(-1, -2), qw[:, :, None])
+        return at.permute(2, 0, 1, 3, 4).reshape(at.shape[2], at.shape[0], -1, at.shape[-1]), idx.reshape(-1)
+
+    def _full_windows(self) -> Tensor:
+        """``[nW, w]`` window slots -> stream positions; windows with padding are refused."""
+        if (self.index < 0).any():
             raise VitDecompError(
                 f"per-token contributions of '{self.path}' with padded windows are not supported; "
                 "use an image size whose token grid is a multiple of the window size"
             )
-        qw = qw.view(qw.shape[0], *idx.shape, qw.shape[-1])  # [B, nW, w, K]
-        at = torch.matmul(self.probs.to(qw).transpose(-1, -2), qw[:, :, None])  # [B, nW, H, w_key, K]
-        return at.permute(2, 0, 1, 3, 4).reshape(at.shape[2], at.shape[0], -1, at.shape[-1]), idx.reshape(-1)
+        return self.index
+
+    def window_query_weights(self, ro: ReadoutMap) -> tuple[Tensor, Tensor]:
+        """Windowed attention read through one slot per token: ``(w [B, nW, w], slot [nW, w])``, each
+        query's readout weight (the norms' per-position scales included) and slot, in window order."""
+        idx = self._full_windows()
+        z_ro = self._z_order(ro)
+        scale = self._z_scale()
+        w = z_ro.weight if scale is None else z_ro.weight * scale.to(z_ro.weight)
+        return w.view(w.shape[0], *idx.shape), z_ro.slot.view(idx.shape)
 
     def token_parts(self, ro: ReadoutMap) -> Tensor:
         """``abar [B, H, K, N]``: :meth:`key_parts` with the keys in stream order."""

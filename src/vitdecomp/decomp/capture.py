@@ -58,6 +58,29 @@ class Capture:
         """Call ``fn`` with the tensor ``tap`` names in stream order ``[B, N, D]``."""
         self.tap(tap, lambda x: fn(to_stream(x, tap.layout)))
 
+    def norm_stats(self, norm: nn.Module, inv_sigma: Callable[[Tensor], Tensor], fn: Callable[[Tensor], None]) -> None:
+        """Call ``fn`` with ``1/sigma [B, N]`` of the token-layout input ``[B, ..., D]`` of ``norm``. A plain
+        ``nn.LayerNorm`` on float32 / float64 hands over the statistics it computes anyway (its forward runs
+        the same kernel for the pass, bit for bit, keeping them); otherwise ``inv_sigma(x [B, N, D])``."""
+
+        def own(x: Tensor) -> None:
+            fn(inv_sigma(to_stream(x, "tokens")))
+
+        if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+            self.tap(Tap(norm, "input"), own)
+            return
+
+        def forward(x: Tensor) -> Tensor:
+            args = (norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            if x.dtype not in (torch.float32, torch.float64):
+                own(x)
+                return nn.functional.layer_norm(x, *args)
+            out, _, rstd = torch.native_layer_norm(x, *args)
+            fn(rstd.reshape(x.shape[0], -1))
+            return out
+
+        self.set_attr(norm, "forward", forward)
+
     def set_attr(self, obj: object, name: str, value: object) -> None:
         """Set an attribute for the pass (e.g. ``fused_attn=False``, a replaced ``forward``), restored after."""
         had = name in vars(obj)

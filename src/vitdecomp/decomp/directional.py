@@ -90,9 +90,11 @@ def head_token_projections(part: HeadsPart, ro: ReadoutMap, dirs: Tensor, shared
     if part.v is None:
         raise VitDecompError(f"'{part.path}': directional token maps need the pass's attention values")
     g = pulled_back(part, ro, dirs, shared)  # [K, H, k, dh]
-    at, keys = part.key_parts(ro)  # [H, B, N', K], keys in the attention's order (as the values are kept)
-    v = part.v.to(g).transpose(0, 1)  # [H, B, N', dh]
-    out = _through_slots(at.to(g), g, v)  # [H, B, N', k]
+    if _by_queries(part, ro):
+        out, keys = _through_queries(part, ro, g), part.index.reshape(-1)  # keys in window order
+    else:
+        at, keys = part.key_parts(ro)  # [H, B, N', K], keys in the attention's order (as the values are kept)
+        out = _through_slots(at.to(g), g, part.v.to(g).transpose(0, 1))  # [H, B, N', k]
     out = out.transpose(0, 1)
     if keys is None:
         return out
@@ -122,3 +124,34 @@ def _through_slots(at: Tensor, g: Tensor, v: Tensor) -> Tensor:
             per_slot = torch.matmul(v[:, s:e].reshape(h, -1, dh), gh).view(h, e - s, n, k_slots, k)
             out[:, s:e] = per_slot.mul_(at[:, s:e, :, :, None]).sum(-2)
     return out
+
+
+def _by_queries(part: HeadsPart, ro: ReadoutMap) -> bool:
+    """Windowed attention read through one slot per token, with at least as many slots as a window has
+    queries (Swin's stage 0: 64 slots, 49 queries): cheaper query by query than slot by slot."""
+    windows = part.spec.windows is not None and part.index is not None
+    return windows and ro.slot is not None and not ro.dense and ro.num_slots >= part.index.shape[1]
+
+
+def _through_queries(part: HeadsPart, ro: ReadoutMap, g: Tensor) -> Tensor:
+    """``[H, B, N', k]`` (keys in window order): ``sum_q A[q, n] w_q g[slot(q)] . v[n]`` per window, the
+    queries' pulled-back directions ``g [K, H, k, dh]`` gathered by slot and met by the window's
+    probabilities (one GEMM per window chunk), so the ``[H, B, N, K]`` key weights are never formed."""
+    wq, slots = part.window_query_weights(ro)  # [B, nW, w], [nW, w]
+    probs = part.probs.to(g)  # [B, nW, H, w_q, w_k]
+    b, nw, h, w, _ = probs.shape
+    k, dh = g.shape[2], g.shape[3]
+    gq = g.permute(1, 0, 2, 3).reshape(h, -1, k * dh)  # [H, K, k*dh]
+    v = part.v.to(g).view(b, h, nw, w, dh)  # window order
+    wq = wq.to(g).permute(1, 0, 2)[:, None, :, None, :]  # [nW, 1, B, 1, w_q]
+    out = v.new_empty(h, b, nw, w, k)
+    step = max(1, CHUNK_ELEMENTS // (h * b * w * k * dh))
+    for s in range(0, nw, step):
+        e = min(nw, s + step)
+        at = v.new_empty(e - s, h, b, w, w)  # [c, H, B, key, query]
+        torch.mul(probs[:, s:e].permute(1, 2, 0, 4, 3), wq[s:e], out=at)
+        gw = gq[:, slots[s:e].to(gq.device)].transpose(0, 1)  # [c, H, w_q, k*dh]
+        r = torch.matmul(at.view(e - s, h, b * w, w), gw).view(e - s, h, b, w, k, dh)
+        r = r.mul_(v[:, :, s:e].permute(2, 1, 0, 3, 4)[..., None, :]).sum(-1)  # [c, H, B, key, k]
+        out[:, :, s:e] = r.permute(1, 2, 0, 3, 4)
+    return out.view(h, b, nw * w, k)

@@ -35,10 +35,7 @@ class MergeStep:
             self.n_in, self.index = grid[0] * grid[1], self.spec.index(grid)
 
         cap.tap(self.spec.grid, keep_grid)
-        cap.tap(
-            Tap(self.spec.norm, "input"),
-            lambda u: setattr(self, "inv_sigma", self.norm.inv_sigma(to_stream(u, "tokens"))),
-        )
+        cap.norm_stats(self.spec.norm, self.norm.inv_sigma, lambda s: setattr(self, "inv_sigma", s))
 
     def pull_back(self, ro: ReadoutMap) -> tuple[ReadoutMap, Consts]:
         if ro.positions is not None or ro.dense:
