@@ -149,6 +149,7 @@ class FeatureValues:
         """One batch: the parts ``[b, C, D]`` and each image's embedding in the reader's space ``[b, d]``
         (its reading: the reader's own image embedding, or the aligned whole)."""
         z = reading.double().cpu()
+        contributions = contributions.double().cpu()  # once per batch, not once per feature
         for f, t in self.texts.items():
             y = reading_labels(z @ t.T)
             if f not in self.values:
