@@ -398,3 +398,15 @@ def test_aligner_training_streams_a_large_store_in_bounded_windows(tmp_path, mon
     assert a.metrics["val_cosine"] > 0.98
     exact = train_aligner(store.in_memory(), **{**kw, "window_bytes": 1 << 40})  # everything in one window
     assert exact.metrics["n_val"] == 80 and exact.metrics["val_cosine"] > 0.99
+
+
+def test_return_large_blocks_sets_glibcs_threshold_unless_the_user_did(monkeypatch):
+    """analyze fixes glibc's mmap threshold (allocator.py); a MALLOC_MMAP_THRESHOLD_ the user set wins."""
+    import sys
+
+    from vitdecomp.allocator import return_large_blocks
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert return_large_blocks() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert return_large_blocks() is sys.platform.startswith("linux")
