@@ -68,9 +68,11 @@ def bench_faiss(rows: list[int], dim: int) -> None:
 
 def bench_analyze(sizes: list[int], keep: bool) -> None:
     """``vitdecomp analyze --n-images N`` in a child process per N (each its own cache): wall time,
-    the child's own peak RSS (``wait4``), the store on disk and the load average beside each row."""
-    print("| images | wall s | peak RSS MiB | store MiB | store bytes / image | load average (1 min) |")
-    print("|---|---|---|---|---|---|")
+    the child's CPU seconds (user + system, ``wait4``: what a shared machine's load does not inflate
+    as much as the wall), its own peak RSS (``wait4``), the store on disk and the load average beside
+    each row."""
+    print("| images | wall s | CPU s (user+sys) | peak RSS MiB | store MiB | store bytes / image | load (1 min) |")
+    print("|---|---|---|---|---|---|---|")
     for n_images in sizes:
         work = Path(tempfile.mkdtemp(prefix="vitdecomp-scale-"))
         argv = [sys.executable, "-m", "vitdecomp", "analyze", "--n-images", str(n_images), "--quiet"]
@@ -84,10 +86,11 @@ def bench_analyze(sizes: list[int], keep: bool) -> None:
         wall = time.perf_counter() - t0
         if status != 0:
             raise SystemExit(err.decode(errors="replace")[-2000:])
-        rss = usage.ru_maxrss / 1024
+        rss, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
         store = sum(p.stat().st_size for p in (work / "cache" / "stores").rglob("*") if p.is_file())
         load = f"{load:.1f} -> {os.getloadavg()[0]:.1f}"
-        print(f"| {n_images} | {wall:.0f} | {rss:.0f} | {store / 2**20:.1f} | {store / n_images:.0f} | {load} |")
+        cells = f"{n_images} | {wall:.0f} | {cpu:.0f} | {rss:.0f} | {store / 2**20:.1f} | {store / n_images:.0f}"
+        print(f"| {cells} | {load} |")
         sys.stdout.flush()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)

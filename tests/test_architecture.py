@@ -19,6 +19,7 @@ FLOORS: dict[str, int | str] = {
     # 0: leaves
     "vitdecomp.errors": 0,
     "vitdecomp.fsio": 0,
+    "vitdecomp.allocator": 0,
     "vitdecomp.defaults": 0,
     "vitdecomp.world": 0,
     # 1: the core (the zoo as a model source included); "vitdecomp" is the package's __init__ only

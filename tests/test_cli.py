@@ -342,3 +342,45 @@ def test_validate_writes_into_its_own_folder_not_the_checkout_s_docs(tmp_path, m
     assert (tmp_path / "vitdecomp-validation" / "validation.md").read_text() == "# validation of 1 model(s)\n"
     assert main(["validate", "--models", "zoo:deit", "--quiet", "--out", "docs"]) == 0
     assert page.read_text() == "# validation of 1 model(s)\n\n## Notes\nkept\n"  # asked: updated, Notes kept
+
+
+def test_decompose_out_written_batch_by_batch_is_the_file_written_at_once(tmp_path):
+    """RowsFile (what ``decompose --out`` writes, one batch in memory) gives the same arrays and
+    labels.json as saving the whole set at once; an error before the last row leaves neither file
+    nor a temporary one behind, and a file short of rows is never moved into place."""
+    from safetensors.numpy import load_file
+
+    from vitdecomp.components import ComponentLabel, SetSummary
+    from vitdecomp.savefile import RowsFile
+
+    g = torch.Generator().manual_seed(0)
+    labels = [ComponentLabel("init"), ComponentLabel("head", 0, 1), ComponentLabel("mlp", 0)]
+    whole = vd.Decomposition(torch.randn(5, 3, 4, generator=g), labels, torch.randn(5, 4, generator=g))
+    whole.tokens = [
+        vd.TokenContributions(
+            torch.randn(5, 1, 6, 4, generator=g), [labels[1]], torch.arange(24).reshape(6, 4), (2, 3), 0
+        )
+    ]
+    ids = [f"im{i}" for i in range(5)]
+    whole.save(tmp_path / "once", ids=ids, meta={"model": "m"})
+    summary = SetSummary()
+    with RowsFile(tmp_path / "rows", 5) as out:
+        for rows in (slice(0, 2), slice(2, 4), slice(4, 5)):
+            part = vd.Decomposition(whole.contributions[rows], labels, whole.representation[rows])
+            tok = whole.tokens[0]
+            part.tokens = [vd.TokenContributions(tok.values[rows], tok.labels, tok.pixel_boxes, tok.grid_size, 0)]
+            out.write(part.file_arrays(), part.file_description(ids, {"model": "m"}))
+            summary.add(part)
+    once, rows = (load_file(str(tmp_path / d / "decomposition.safetensors")) for d in ("once", "rows"))
+    assert set(once) == set(rows) and all(np.array_equal(once[k], rows[k]) for k in once)
+    assert (tmp_path / "once" / "labels.json").read_text() == (tmp_path / "rows" / "labels.json").read_text()
+    assert summary.text() == whole.summary() and torch.allclose(
+        summary.mean_norms(), whole.contributions.norm(dim=-1).mean(0).double()
+    )
+    with pytest.raises(RuntimeError), RowsFile(tmp_path / "broken", 5) as out:
+        out.write(part.file_arrays(), part.file_description(ids))
+        raise RuntimeError("interrupted")
+    assert list((tmp_path / "broken").iterdir()) == []
+    with pytest.raises(ValueError, match="1 of 5 rows"), RowsFile(tmp_path / "short", 5) as out:
+        out.write(part.file_arrays(), part.file_description(ids))
+    assert not (tmp_path / "short" / "decomposition.safetensors").exists()

@@ -450,24 +450,3 @@ def test_counterfactual_truth_of_a_model_sums_to_one_over_its_parts():
     assert truth.flow.sum() == pytest.approx(1.0, abs=1e-6) and truth.n_pairs == 12
     assert truth.labels[-1] == "norm_bias"  # the same vector for every image: it never moves
     assert truth.flow[-1] == pytest.approx(0.0, abs=1e-9) and truth.response[-1] == 0.0
-
-
-def test_scores_one_pass_per_kind_equal_one_pass_for_all():
-    """The analysis scores one kind of directions at a time (less held at once): the same tables, to
-    rounding (a constant component's score is a correlation of round-off either way: left out)."""
-    from vitdecomp.align import identity_aligner
-    from vitdecomp.pipeline.sequence import scores_by_kind
-    from vitdecomp.scores import analysis_scores, score_features
-    from vitdecomp.store import ArrayRows
-
-    c, _ = known_stack(80, 6)
-    labels = ["L0.H0", "L0.H1", "L0.mlp", "init", "norm_bias"]
-    g = torch.Generator().manual_seed(2)
-    texts = {"f": torch.randn(3, 8, generator=g), "h": torch.randn(4, 8, generator=g)}
-    rows, al = ArrayRows(c.numpy(), labels=labels), identity_aligner(labels, 8)
-    split = scores_by_kind(rows, al, texts, progress=False)
-    whole = score_features(rows, al, texts, methods=analysis_scores(), progress=False)
-    assert list(split) == list(whole) == list(analysis_scores())
-    varies = [i for i, lab in enumerate(labels) if lab not in ("init", "norm_bias")]  # known_stack's constants
-    for m in whole:
-        torch.testing.assert_close(split[m].scores[:, varies], whole[m].scores[:, varies], rtol=1e-5, atol=1e-6)

@@ -51,10 +51,13 @@ def test_mean_ablation_of_nothing_is_the_representation_and_prefixes_match_singl
     ab = MeanAblation.fit(c, [p.name for p in parts], np.arange(300))
     torch.testing.assert_close(ab.ablate([]), c.sum(1))
     order = [2, 0, 3, 1]
-    pre = ab.prefixes(order, [0, 1, 2, 4], rows=np.arange(300, 600))
+    pre = list(ab.prefixes(order, [0, 1, 2, 4], rows=np.arange(300, 600)))
+    assert len(pre) == 4
     for j, k in enumerate([0, 1, 2, 4]):
         torch.testing.assert_close(pre[j], ab.ablate(order[:k], np.arange(300, 600)), atol=1e-5, rtol=1e-5)
     assert ab.index(["L1.mlp", "init"]) == [3, 0]
+    with pytest.raises(ValueError, match="ascending"):
+        list(ab.prefixes(order, [2, 1]))
 
 
 def test_layer_ablation_of_zero_layers_equals_the_unablated_accuracy_and_all_layers_give_chance():

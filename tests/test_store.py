@@ -423,3 +423,15 @@ def test_fill_bar_says_which_block_a_batch_is_in_and_leaves_no_hook(tmp_path, mo
     assert said == [f"block {i}/4" for i in (1, 2, 3, 4)] * 2
     assert np.array_equal(np.asarray(store.contributions), decompose_fn(imgs).contributions.numpy())
     assert all(not b._forward_hooks for b in blocks)
+
+
+def test_return_large_blocks_sets_glibcs_threshold_unless_the_user_did(monkeypatch):
+    """analyze fixes glibc's mmap threshold (allocator.py); a MALLOC_MMAP_THRESHOLD_ the user set wins."""
+    import sys
+
+    from vitdecomp.allocator import return_large_blocks
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert return_large_blocks() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert return_large_blocks() is sys.platform.startswith("linux")

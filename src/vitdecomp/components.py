@@ -170,47 +170,41 @@ class Decomposition:
 
     def summary(self) -> str:
         """A few human-readable lines: shape, component kinds, completeness."""
-        kinds: dict[str, int] = {}
-        for label in self.labels:
-            kinds[label.kind] = kinds.get(label.kind, 0) + 1
-        err = self.error
-        lines = [
-            f"{len(self.labels)} components x {self.contributions.shape[-1]} dims for "
-            f"{self.contributions.shape[0]} images ({self.contributions.dtype})",
-            "kinds: " + ", ".join(f"{k}={v}" for k, v in kinds.items()),
-            f"completeness: max relative error {err.max().item():.2e} (mean {err.mean().item():.2e})",
-        ]
-        for tok in self.tokens:
-            lines.append(
-                f"tokens: {len(tok.labels)} heads x {tok.values.shape[2]} source tokens "
-                f"(grid {tok.grid_size[0]}x{tok.grid_size[1]})"
-            )
-        return "\n".join(lines)
+        return SetSummary().add(self).text()
 
     # ----------------------------------------------------------------- files and notebooks
     def save(self, folder: str | Path, ids: Sequence[str] | None = None, meta: dict | None = None) -> Path:
         """Write ``folder/decomposition.safetensors`` + ``folder/labels.json`` (see
         :mod:`vitdecomp.savefile`: plain arrays and JSON, readable without vitdecomp)."""
+        return savefile.save_arrays(folder, self.file_arrays(), self.file_description(ids, meta))
+
+    def file_arrays(self) -> dict[str, np.ndarray]:
+        """The arrays :meth:`save` writes (:mod:`vitdecomp.savefile`), as numpy arrays."""
         arrays = {
             "contributions": _np(self.contributions),
             "representation": _np(self.representation),
             "error": _np(self.error.float()),
         }
-        stacks = []
         for i, tok in enumerate(self.tokens):
             arrays[f"tokens.{i}"] = _np(tok.values)
             arrays[f"tokens.{i}.pixel_boxes"] = _np(tok.pixel_boxes)
-            stacks.append(
-                {
-                    "array": f"tokens.{i}",
-                    "labels": [lab.name for lab in tok.labels],
-                    "components": [asdict(lab) for lab in tok.labels],
-                    "grid_size": list(tok.grid_size),
-                    "num_prefix_tokens": tok.num_prefix_tokens,
-                    "projected": tok.projected,
-                }
-            )
-        description = {
+        return arrays
+
+    def file_description(self, ids: Sequence[str] | None = None, meta: dict | None = None) -> dict:
+        """The labels.json document :meth:`save` writes (less its format and version); its ``arrays``
+        name each array with the images on its first axis."""
+        stacks = [
+            {
+                "array": f"tokens.{i}",
+                "labels": [lab.name for lab in tok.labels],
+                "components": [asdict(lab) for lab in tok.labels],
+                "grid_size": list(tok.grid_size),
+                "num_prefix_tokens": tok.num_prefix_tokens,
+                "projected": tok.projected,
+            }
+            for i, tok in enumerate(self.tokens)
+        ]
+        return {
             "labels": self.names,
             "components": [asdict(lab) for lab in self.labels],
             "ids": None if ids is None else [str(i) for i in ids],
@@ -223,7 +217,6 @@ class Decomposition:
             },
             "meta": {**{k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool))}, **(meta or {})},
         }
-        return savefile.save_arrays(folder, arrays, description)
 
     @classmethod
     def load(cls, folder: str | Path) -> Decomposition:
@@ -275,6 +268,55 @@ class Decomposition:
             f"<div><b>Decomposition</b><br><small>{head}</small><table><thead><tr><th>largest components</th>"
             f"<th>kind</th><th>mean norm</th></tr></thead><tbody>{rows}</tbody></table></div>"
         )
+
+
+@dataclass
+class SetSummary:
+    """What :meth:`Decomposition.summary` says of a set of images, gathered batch by batch
+    (:meth:`add`), so that a set is summarised without holding it: the number of images ``n``, the
+    largest and the summed completeness errors, each component's summed L2 norm ``norm_sum [C]``."""
+
+    n: int = 0
+    err_max: float = 0.0
+    err_sum: float = 0.0
+    norm_sum: torch.Tensor | None = None
+    names: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, d: Decomposition) -> SetSummary:
+        """One more batch (the first fixes the layout lines); returns ``self``."""
+        if not self.names:
+            kinds: dict[str, int] = {}
+            for label in d.labels:
+                kinds[label.kind] = kinds.get(label.kind, 0) + 1
+            self.names = d.names
+            self.lines = [
+                f"{len(d.labels)} components x {d.contributions.shape[-1]} dims for {{n}} images "
+                f"({d.contributions.dtype})",
+                "kinds: " + ", ".join(f"{k}={v}" for k, v in kinds.items()),
+                *(
+                    f"tokens: {len(t.labels)} heads x {t.values.shape[2]} source tokens "
+                    f"(grid {t.grid_size[0]}x{t.grid_size[1]})"
+                    for t in d.tokens
+                ),
+            ]
+        err = d.error
+        norms = d.contributions.float().norm(dim=-1).sum(0).double().cpu()
+        self.norm_sum = norms if self.norm_sum is None else self.norm_sum + norms
+        self.err_max = max(self.err_max, float(err.max()))
+        self.err_sum += float(err.sum())
+        self.n += int(err.shape[0])
+        return self
+
+    def mean_norms(self) -> torch.Tensor:
+        """``[C]``: each component's mean L2 norm over the images."""
+        assert self.norm_sum is not None
+        return self.norm_sum / max(self.n, 1)
+
+    def text(self) -> str:
+        mean = self.err_sum / max(self.n, 1)
+        complete = f"completeness: max relative error {self.err_max:.2e} (mean {mean:.2e})"
+        return "\n".join([self.lines[0].format(n=self.n), self.lines[1], complete, *self.lines[2:]])
 
 
 def _np(x: torch.Tensor) -> np.ndarray:

@@ -50,10 +50,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], object]) -> Path
     """Call ``write(f)`` on a temporary file beside ``path`` and move it over ``path`` once complete."""
     path = Path(path)
     with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temp_beside(path)
         try:
-            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
@@ -89,6 +87,17 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def temp_beside(path: str | Path) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (its folder made if missing), named as
+    :func:`remove_stale_temps` finds it, with the permissions of a file ``open`` would create:
+    ``(descriptor, its path)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
 
 
 def remove_stale_temps(folder: str | Path, names: tuple[str, ...]) -> list[Path]:

@@ -9,7 +9,7 @@ The decomposition is exact, ``z = sum_i c_i`` (``contributions [N, C, D]``, see
 
 and a frozen head then re-reads ``z_S``: what the head loses is what those parts carried for it.
 :class:`MeanAblation` holds the contributions and the means and gives ``z_S`` for one set, or for
-every prefix of a ranking at once (:meth:`MeanAblation.prefixes`: the k curve).
+every prefix of a ranking in turn (:meth:`MeanAblation.prefixes`: the k curve).
 
 :func:`analysed_components` runs the pipeline's stages on an image set (the keyed store of
 decompositions and reader embeddings, the cached or trained aligner; see
@@ -21,7 +21,7 @@ score (:data:`vitdecomp.scores.DEFAULT_SCORE`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,14 +80,21 @@ class MeanAblation:
         idx = torch.as_tensor(list(components), dtype=torch.long)
         return c.sum(1) - (c[:, idx] - self.means[idx]).sum(1)
 
-    def prefixes(self, order: Sequence[int], ks: Sequence[int], rows: RowIndex | None = None) -> torch.Tensor:
-        """``[len(ks), N', D]``: the representation with the first ``k`` components of ``order``
-        mean-ablated, for every ``k`` of ``ks`` (``0 <= k <= len(order)``), in one cumulative sum."""
+    def prefixes(self, order: Sequence[int], ks: Sequence[int], rows: RowIndex | None = None) -> Iterator[torch.Tensor]:
+        """For every ``k`` of ``ks`` (ascending, ``0 <= k <= len(order)``), in turn: the representation
+        ``[N', D]`` with the first ``k`` components of ``order`` mean-ablated. One running sum over
+        ``order``: at most two ``[N', D]`` arrays besides the contributions, whatever ``len(ks)``."""
+        ks = list(ks)
+        if ks != sorted(ks) or (ks and not 0 <= ks[0] <= ks[-1] <= len(order)):
+            raise ValueError(f"ks must be ascending within 0..{len(order)}, got {ks}")
         c = self._c(rows)
-        idx = torch.as_tensor(list(order), dtype=torch.long)
-        removed = (c[:, idx] - self.means[idx]).cumsum(1)  # [N', K, D]
-        removed = torch.cat([torch.zeros_like(removed[:, :1]), removed], 1)
-        return c.sum(1)[None] - removed[:, list(ks)].transpose(0, 1)
+        whole = c.sum(1)
+        removed, done = torch.zeros_like(whole), 0
+        for k in ks:
+            for i in order[done:k]:
+                removed += c[:, i] - self.means[i]
+            done = max(done, k)
+            yield whole - removed
 
     def _c(self, rows: RowIndex | None) -> torch.Tensor:
         return self.contributions if rows is None else self.contributions[_rows(rows)]

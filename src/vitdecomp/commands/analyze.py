@@ -88,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
         print("vitdecomp: analyze: checking the options (imports torch)", flush=True)
     cfg.check()
     apply_threads(args.threads, cfg.model)
+    from vitdecomp.allocator import return_large_blocks
     from vitdecomp.analyze import run_analysis
+
+    return_large_blocks()  # a long streaming job: freed buffers go back to the OS (allocator.py)
 
     result = run_analysis(cfg, checked=True)
     if not cfg.verbose and result.paths is not None:

@@ -21,7 +21,7 @@ from vitdecomp.commands.options import (
 )
 
 if TYPE_CHECKING:
-    from vitdecomp.components import Decomposition
+    from vitdecomp.components import SetSummary
 from vitdecomp.defaults import DECOMPOSE_BATCH_SIZE, MODEL
 from vitdecomp.errors import UsageError
 from vitdecomp.pipeline.config import N_WORLD_IMAGES, DecomposeConfig
@@ -65,25 +65,22 @@ def run(args: argparse.Namespace) -> int:
     from vitdecomp.pipeline.decompose_set import decompose_images
 
     done = decompose_images(cfg)
-    if cfg.out:
-        done.decomposition.save(cfg.out, ids=done.source.ids, meta=done.meta)
-    _print_summary(done.decomposition, done.loaded.name, done.loaded.weights_id, args.top, cfg.out, quiet=args.quiet)
+    _print_summary(done.summary, done.loaded.name, done.loaded.weights_id, args.top, cfg.out, quiet=args.quiet)
     return 0
 
 
-def _print_summary(d: Decomposition, name: str, weights_id: str, top: int, out: str | None, quiet: bool) -> None:
+def _print_summary(s: SetSummary, name: str, weights_id: str, top: int, out: str | None, quiet: bool) -> None:
     import torch
 
-    n = d.contributions.shape[0]
     if quiet:
         if out:
             print(out)
         return
-    print(f"{name} ({weights_id}) on {n} images")
-    print(d.summary())
-    norms = d.contributions.float().norm(dim=-1).mean(0)
-    print(f"largest components (mean L2 norm over {n} images):")
+    print(f"{name} ({weights_id}) on {s.n} images")
+    print(s.text())
+    norms = s.mean_norms()
+    print(f"largest components (mean L2 norm over {s.n} images):")
     for i in torch.argsort(norms, descending=True)[:top].tolist():
-        print(f"  {d.names[i]:24s} {norms[i].item():10.4f}")
+        print(f"  {s.names[i]:24s} {norms[i].item():10.4f}")
     if out:
         print(f"saved: {out}/decomposition.safetensors (+ labels.json)", file=sys.stdout)

@@ -1,9 +1,12 @@
 """``vitdecomp decompose`` as a function: every image of a set decomposed by one model, batch by batch
 in this process or by a Ray actor pool (:func:`decompose_images`), with its typed options
-(:class:`~vitdecomp.pipeline.config.DecomposeConfig`)."""
+(:class:`~vitdecomp.pipeline.config.DecomposeConfig`). In this process each batch is summarised and,
+with ``--out``, written to the file at its rows (:class:`~vitdecomp.savefile.RowsFile`) before the next:
+memory does not grow with the number of images."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 
@@ -12,47 +15,53 @@ from tqdm.auto import tqdm
 
 from vitdecomp.api import decompose
 from vitdecomp.checks import default_device
-from vitdecomp.components import Decomposition
+from vitdecomp.components import Decomposition, SetSummary
 from vitdecomp.errors import NonFiniteInputError, UsageError
 from vitdecomp.imageset import ImageSource, folder_source, skip_report, world_source
 from vitdecomp.models.loaded import LoadedModel
 from vitdecomp.pipeline.config import N_WORLD_IMAGES, DecomposeConfig
 from vitdecomp.pipeline.model_pair import load_model_for
+from vitdecomp.savefile import RowsFile
 
 
 @dataclass
 class DecomposedSet:
-    """The decomposition of every image, the model that made it, the image set and what ``labels.json``
-    records about them (``meta``)."""
+    """What ``vitdecomp decompose`` prints about every image's decomposition (``summary``), the model
+    that made it, the image set and what ``labels.json`` records about them (``meta``); the
+    decomposition itself is in ``cfg.out`` when one was given."""
 
-    decomposition: Decomposition
+    summary: SetSummary
     loaded: LoadedModel
     source: ImageSource
     meta: dict[str, object]
 
 
 def decompose_images(cfg: DecomposeConfig) -> DecomposedSet:
-    """Run ``decompose`` for ``cfg`` (checked by :meth:`DecomposeConfig.check`)."""
+    """Run ``decompose`` for ``cfg`` (checked by :meth:`DecomposeConfig.check`), writing
+    ``cfg.out/decomposition.safetensors`` + ``labels.json`` when ``cfg.out`` is set."""
     device = default_device(cfg.device)
     source = _source(cfg)  # every file read before the model loads
     loaded = load_model_for(cfg.model, cfg.checkpoint, cfg.random_init, device, cfg.seed)
-    try:
-        if cfg.runner == "ray":
-            whole = _decompose_by_ray(cfg, loaded, source)
-        else:
-            whole = _decompose_here(cfg, loaded, source, device)
-    except ValueError as err:
-        if str(err).startswith("start_layer"):
-            raise UsageError(f"--start-layer {cfg.start_layer}: {err}") from err
-        raise
-    meta = {
+    meta: dict[str, object] = {
         "model": loaded.name,
         "weights_id": loaded.weights_id,
         "start_layer": cfg.start_layer,
         "representation": cfg.representation or "default",
         "images": source.description,
     }
-    return DecomposedSet(whole, loaded, source, meta)
+    try:
+        if cfg.runner == "ray":
+            whole = _decompose_by_ray(cfg, loaded, source)
+            if cfg.out:
+                whole.save(cfg.out, ids=source.ids, meta=meta)
+            summary = SetSummary().add(whole)
+        else:
+            summary = _decompose_here(cfg, loaded, source, device, meta)
+    except ValueError as err:
+        if str(err).startswith("start_layer"):
+            raise UsageError(f"--start-layer {cfg.start_layer}: {err}") from err
+        raise
+    return DecomposedSet(summary, loaded, source, meta)
 
 
 def _source(cfg: DecomposeConfig) -> ImageSource:
@@ -75,11 +84,19 @@ def _decompose_by_ray(cfg: DecomposeConfig, loaded: LoadedModel, source: ImageSo
     )
 
 
-def _decompose_here(cfg: DecomposeConfig, loaded: LoadedModel, source: ImageSource, device: str) -> Decomposition:
+def _decompose_here(
+    cfg: DecomposeConfig, loaded: LoadedModel, source: ImageSource, device: str, meta: dict[str, object]
+) -> SetSummary:
     """Every image of ``source`` decomposed in this process, batch by batch (a folder's images decoded
-    by a ``DataLoader`` with workers)."""
-    parts: list[Decomposition] = []
-    with tqdm(total=len(source), unit="img", desc="decompose", disable=not cfg.progress) as bar:
+    by a ``DataLoader`` with workers), each batch summarised and written (``cfg.out``) in turn."""
+    summary = SetSummary()
+    out = RowsFile(cfg.out, len(source)) if cfg.out else None
+    with (
+        contextlib.ExitStack() as stack,
+        tqdm(total=len(source), unit="img", desc="decompose", disable=not cfg.progress) as bar,
+    ):
+        if out is not None:
+            stack.enter_context(out)  # moved into place when every row is written, removed on an error
         for ids, images in source.batches(cfg.batch_size)(0):
             x = torch.stack([loaded.preprocess(im) for im in images]).to(device)
             try:
@@ -88,29 +105,8 @@ def _decompose_here(cfg: DecomposeConfig, loaded: LoadedModel, source: ImageSour
                 )
             except NonFiniteInputError as err:
                 raise NonFiniteInputError.of([ids[i] for i in err.positions] or err.names) from err
-            parts.append(_to_cpu(d))
+            summary.add(d)
+            if out is not None:
+                out.write(d.file_arrays(), d.file_description(source.ids, meta))
             bar.update(len(ids))
-    return _concat(parts)
-
-
-def _to_cpu(d: Decomposition) -> Decomposition:
-    d.contributions, d.representation = d.contributions.cpu(), d.representation.cpu()
-    for tok in d.tokens:
-        tok.values = tok.values.cpu()
-    return d
-
-
-def _concat(parts: list[Decomposition]) -> Decomposition:
-    """One decomposition of every image (batches concatenated along the image axis)."""
-    first = parts[0]
-    tokens = []
-    for i, tok in enumerate(first.tokens):
-        values = torch.cat([p.tokens[i].values for p in parts])
-        tokens.append(type(tok)(values, tok.labels, tok.pixel_boxes, tok.grid_size, tok.num_prefix_tokens))
-    return Decomposition(
-        contributions=torch.cat([p.contributions for p in parts]),
-        labels=first.labels,
-        representation=torch.cat([p.representation for p in parts]),
-        tokens=tokens,
-        meta=first.meta,
-    )
+    return summary

@@ -13,9 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
-import torch
 
-from vitdecomp.align import Aligner
 from vitdecomp.errors import UsageError
 from vitdecomp.imageset import ImageSource, image_source, skip_report
 from vitdecomp.pipeline.config import AnalysisConfig
@@ -37,7 +35,7 @@ from vitdecomp.pipeline.stages import (
     top_images,
 )
 from vitdecomp.results import AnalysisResult
-from vitdecomp.scores import DEFAULT_SCORE, ScoreTable, analysis_scores, get_score, score_features
+from vitdecomp.scores import DEFAULT_SCORE, analysis_scores, score_features
 from vitdecomp.store import Rows
 from vitdecomp.text import component_descriptions
 
@@ -126,21 +124,6 @@ def read_components(
     return result, readings.top[0]
 
 
-def scores_by_kind(
-    rows: Rows, aligner: Aligner, feature_emb: dict[str, torch.Tensor], progress: bool = True
-) -> dict[str, ScoreTable]:
-    """Every score an analysis computes (:func:`~vitdecomp.scores.analysis_scores`), one pass over the
-    rows per kind of directions (``qr``, ``span``, ``text``): only one kind's projections ``[N, C, r]``
-    are held at a time (the same tables as one pass for all)."""
-    kinds: dict[str, list[str]] = {}
-    for m in analysis_scores():
-        kinds.setdefault(get_score(m).kind, []).append(m)
-    tables: dict[str, ScoreTable] = {}
-    for methods in kinds.values():
-        tables.update(score_features(rows, aligner, feature_emb, methods=methods, progress=progress))
-    return {m: tables[m] for m in analysis_scores()}
-
-
 def _readings(
     cfg: AnalysisConfig,
     clock: Clock,
@@ -152,13 +135,13 @@ def _readings(
 ) -> Readings:
     """Descriptions (none for the rank-1 components), scores, their confidence and the top images."""
     al = aligned.aligner
-    with clock("describe"):
+    with clock("describe", "describing each component with the vocabulary (TextSpan)"):
         descr = component_descriptions(
             rows, al, space.vocabulary_emb, space.vocabulary, cfg.top_k, progress=cfg.progress
         )
         descr = {lab: ([] if lab in rank1 else ds) for lab, ds in descr.items()}
-    with clock("score"):
-        tables = scores_by_kind(rows, al, space.feature_emb, progress=cfg.progress)
+    with clock("score", f"scoring every component for every feature ({', '.join(analysis_scores())})"):
+        tables = score_features(rows, al, space.feature_emb, methods=analysis_scores(), progress=cfg.progress)
     which = {"ranked": f"the {DEFAULT_SCORE} score", "all": "every score", "none": ""}[cfg.confidence]
     what = f"confidence of {which}: {N_BOOT} bootstrap resamples, {N_NULL} null features" if which else ""
     with clock("confidence", what or "the features' presence test"):

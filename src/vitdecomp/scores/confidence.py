@@ -13,7 +13,7 @@ images do not show, no component is significant.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,15 +122,12 @@ def _bootstrap(
     if n_boot == 0:
         nan = torch.full((len(features), len(proj.labels)), float("nan"), dtype=torch.float64)
         return nan, nan
-    g = torch.Generator().manual_seed(seed)
-    n = len(proj)
-    idx = torch.randint(0, n, (n_boot, n), generator=g)
-    w = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=torch.float64))
     record, draws = get_score(method), []
+    w = resample_counts(len(proj), n_boot, seed)
     for f in tqdm(features, desc=f"bootstrap ({method})", unit="feature", leave=False, disable=not progress):
         p = proj.view(method, f)
         resampled = record.resampled(p, w)
-        draws.append(resampled if resampled is not None else _recomputed(record, p, idx))
+        draws.append(resampled if resampled is not None else _recomputed(record, p, n_boot, seed))
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     lo_hi = torch.quantile(torch.stack(draws, 1), q, dim=0)  # over [B, F, C]
     return lo_hi[0], lo_hi[1]
@@ -163,7 +160,7 @@ def _null_scores(
     width = sum(t[0].shape[0] for t in nulls.values()) * len({r.kind for r in records})  # columns per draw
     rows = as_rows(source)
     n, c = len(rows), aligner.n_components
-    per_draw = n * c * width * 4
+    per_draw = n * c * width * 4 if any(r.projections for r in records) else 0
     if any(r.needs_values for r in records):
         per_draw += width * c * rows.shapes["contributions"][-1] * 8  # ValueSums [K, C, D] per feature
     per_pass = max(1, NULL_PASS_BYTES // max(1, per_draw))
@@ -237,10 +234,28 @@ def score_confidence(
     return out
 
 
-def _recomputed(record: Score, p: Projected, idx: torch.Tensor) -> torch.Tensor:
-    """``[B, C]``: ``record``'s score on each resample of the images (rows ``idx [B, N]``)."""
+def resample_draws(n: int, n_boot: int, seed: int) -> Iterator[torch.Tensor]:
+    """The bootstrap's resamples in turn: ``n_boot`` draws of ``n`` image rows with replacement
+    ``[n]`` each, from one generator seeded ``seed`` (the rows of ``torch.randint(0, n, (n_boot, n))``:
+    one at a time, so that no ``[n_boot, n]`` index array is held)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n_boot):
+        yield torch.randint(0, n, (n,), generator=g)
+
+
+def resample_counts(n: int, n_boot: int, seed: int) -> torch.Tensor:
+    """``[n_boot, n]`` float32: how often each image is drawn in each resample (:func:`resample_draws`;
+    small integers, exact in float32)."""
+    w = torch.zeros(n_boot, n)
+    for b, rows in enumerate(resample_draws(n, n_boot, seed)):
+        w[b] = torch.bincount(rows, minlength=n).float()
+    return w
+
+
+def _recomputed(record: Score, p: Projected, n_boot: int, seed: int) -> torch.Tensor:
+    """``[B, C]``: ``record``'s score on each resample of the images (:func:`resample_draws`)."""
     out = []
-    for rows in idx:
+    for rows in resample_draws(p.u.shape[0], n_boot, seed):
         probe = None if p.probe is None else tuple(x[rows] for x in p.probe)
         out.append(record.compute(Projected(p.u[rows], p.whole[rows], p.norm[rows], probe)).double())
     return torch.stack(out)

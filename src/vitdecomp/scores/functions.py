@@ -147,19 +147,29 @@ def score_text_probe(
     the images) and the score is the rise of the probe's mean cross-entropy against the labels, as a share
     of the sum of every component's rise (so a feature's scores sum to 1 over the components, and the
     null compares shares rather than how confidently a probe reads a feature; ``per_image``: the
-    ``[N, C]`` rises divided by that sum).
+    ``[N, C]`` rises divided by that sum; :func:`text_probe_rises`: the rises themselves).
     """
+    rise = text_probe_rises(parts, logits, labels)  # [N, C]
+    rise = rise / rise.mean(0).abs().sum().clamp_min(1e-30)
+    return rise if per_image else rise.mean(0)
+
+
+def text_probe_rises(
+    parts: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[N, C]``: each image's rise of the probe's cross-entropy when each part is mean-ablated
+    (:func:`score_text_probe` before its normalisation); ``mean [C, K]``: the parts' mean over the
+    images (default: over these ``N``; a batch of a longer stream is given the stream's)."""
     logits, parts = logits.double(), parts.double()
-    shifted = logits[:, None] + parts.mean(0, keepdim=True) - parts  # [N, C, K]
+    mean = parts.mean(0) if mean is None else mean.double()
+    shifted = logits[:, None] + mean[None] - parts  # [N, C, K]
     y = labels.long()
 
     def ce(z: torch.Tensor) -> torch.Tensor:  # [..., K] -> [...]
         idx = y.reshape(-1, *([1] * (z.dim() - 2)), 1).expand(*z.shape[:-1], 1)
         return -torch.log_softmax(z, -1).gather(-1, idx)[..., 0]
 
-    rise = ce(shifted) - ce(logits)[:, None]  # [N, C]
-    rise = rise / rise.mean(0).abs().sum().clamp_min(1e-30)
-    return rise if per_image else rise.mean(0)
+    return ce(shifted) - ce(logits)[:, None]
 
 
 def probe_readout(contributions: torch.Tensor, probe: Probe) -> torch.Tensor:
@@ -213,7 +223,12 @@ def _bar_hook(bar: tqdm, every_s: float = 1.0) -> Callable[[int], None]:
 
 
 def score_ablation(
-    u: torch.Tensor, whole: torch.Tensor, norm: torch.Tensor, scale: float | None = None, per_image: bool = False
+    u: torch.Tensor,
+    whole: torch.Tensor,
+    norm: torch.Tensor,
+    scale: float | None = None,
+    per_image: bool = False,
+    mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What removing each component does to the feature's zero-shot reading, label-free ``[C]``.
 
@@ -222,12 +237,14 @@ def score_ablation(
     ``||aligned whole||``. Zero-shot logits ``scale * <t_k, z> / ||z||``; the component is
     mean-ablated (its aligned contribution replaced by its mean over the images, the norm held) and
     the score is the mean over images of ``KL(p(z) || p(z - a_i + mean a_i))`` in nats
-    (``per_image``: the ``[N, C]`` KLs before the mean).
+    (``per_image``: the ``[N, C]`` KLs before the mean; ``mean [C, K]``: the mean of ``u`` over the
+    images, default over these ``N``: a batch of a longer stream is given the stream's).
     """
     scale = ABLATION_SCALE if scale is None else scale
     inv = 1.0 / norm.double().clamp_min(1e-30)
     logits = scale * whole.double() * inv[:, None]  # [N, K]
-    shift = scale * (u.double().mean(0, keepdim=True) - u.double()) * inv[:, None, None]  # [N, C, K]
+    mean = u.double().mean(0) if mean is None else mean.double()
+    shift = scale * (mean[None] - u.double()) * inv[:, None, None]  # [N, C, K]
     logp = torch.log_softmax(logits, -1)[:, None]
     logq = torch.log_softmax(logits[:, None] + shift, -1)
     kl = (logp.exp() * (logp - logq)).sum(-1)  # [N, C]
@@ -238,6 +255,7 @@ def _weighted_moments(u: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> tupl
     """Weighted centred moments under image weights ``w [B, N]`` (bootstrap counts), for all resamples
     at once: ``u [N, C, r]``, ``t [N, r]`` -> ``(cov [B, C, r], var_u [B, C, r], var_t [B, 1, r])``."""
     n, c, r = u.shape
+    w = w.to(u.dtype)
     total = w.sum(1)[:, None]  # [B, 1]
     su = (w @ u.reshape(n, -1)).reshape(-1, c, r)
     st = w @ t  # [B, r]
@@ -311,22 +329,35 @@ def flow_resampled(p: Projected, w: torch.Tensor) -> torch.Tensor:
     return _flow_resampled(_values(p), p.value_batches(), w)
 
 
-def paper_resampled(p: Projected, w: torch.Tensor) -> torch.Tensor:
-    """:func:`score_paper` under image weights ``w [B, N]`` -> ``[B, C]``."""
-    cov, var_u, var_t = _weighted_moments(p.u, p.whole, w)
+def paper_from_moments(cov: torch.Tensor, var_u: torch.Tensor, var_t: torch.Tensor) -> torch.Tensor:
+    """:func:`score_paper` from centred sums (``cov``/``var_u [B, C, r]``, ``var_t [B, 1, r]``:
+    :func:`_weighted_moments`, or one pass's :class:`vitdecomp.scores.streamed.Moments`) -> ``[B, C]``."""
     denom = (var_u * var_t).clamp_min(0).sqrt()
     return torch.where(denom > 1e-300, cov / denom.clamp_min(1e-300), torch.zeros_like(cov)).mean(-1)
 
 
+def share_from_moments(cov: torch.Tensor, var_u: torch.Tensor, var_t: torch.Tensor) -> torch.Tensor:
+    """:func:`score_share` from centred sums (as :func:`paper_from_moments`) -> ``[B, C]``."""
+    return cov.sum(-1) / var_t.sum(-1).clamp_min(1e-300)
+
+
+def invariant_from_moments(cov: torch.Tensor, var_u: torch.Tensor, var_t: torch.Tensor) -> torch.Tensor:
+    """:func:`score_invariant` from centred sums (as :func:`paper_from_moments`) -> ``[B, C]``."""
+    denom = (var_u.sum(-1) * var_t.sum(-1)).clamp_min(0).sqrt()
+    inner = cov.sum(-1)
+    return torch.where(denom > 1e-300, inner / denom.clamp_min(1e-300), torch.zeros_like(inner))
+
+
+def paper_resampled(p: Projected, w: torch.Tensor) -> torch.Tensor:
+    """:func:`score_paper` under image weights ``w [B, N]`` -> ``[B, C]``."""
+    return paper_from_moments(*_weighted_moments(p.u, p.whole, w))
+
+
 def share_resampled(p: Projected, w: torch.Tensor) -> torch.Tensor:
     """:func:`score_share` under image weights ``w [B, N]`` -> ``[B, C]``."""
-    cov, _, var_t = _weighted_moments(p.u, p.whole, w)
-    return cov.sum(-1) / var_t.sum(-1).clamp_min(1e-300)
+    return share_from_moments(*_weighted_moments(p.u, p.whole, w))
 
 
 def invariant_resampled(p: Projected, w: torch.Tensor) -> torch.Tensor:
     """:func:`score_invariant` under image weights ``w [B, N]`` -> ``[B, C]``."""
-    cov, var_u, var_t = _weighted_moments(p.u, p.whole, w)
-    denom = (var_u.sum(-1) * var_t.sum(-1)).clamp_min(0).sqrt()
-    inner = cov.sum(-1)
-    return torch.where(denom > 1e-300, inner / denom.clamp_min(1e-300), torch.zeros_like(inner))
+    return invariant_from_moments(*_weighted_moments(p.u, p.whole, w))

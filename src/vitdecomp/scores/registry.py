@@ -47,8 +47,13 @@ class Score:
     text-taught probe readout. ``needs_values``: ``p.values`` must hold the feature's per-value sums
     of the subject's contributions (:class:`vitdecomp.scores.flow.ValueSums`) and ``p.value_batches``
     the rows again with each image's value. ``analyze``: computed by ``vitdecomp analyze``
-    (results.json, confidence, report). Functions may be ``"module:function"`` strings, imported on
-    first use.
+    (results.json, confidence, report). ``stream(feature_emb, n) -> StreamedScore``: the score's
+    sufficient statistics, kept batch by batch over one or two passes of the rows, so that scoring ``n``
+    images takes memory flat in ``n`` (:mod:`vitdecomp.scores.streamed`; without one, the score reads
+    every image's projections ``[N, C, r]`` held in memory). ``projections``: the function reads
+    ``p.u`` / ``p.whole`` (``False``: only its other statistics, e.g. ``flow``'s per-value sums; the
+    confidence stage then holds no projections for it). Functions may be ``"module:function"``
+    strings, imported on first use.
     """
 
     name: str
@@ -60,6 +65,8 @@ class Score:
     needs_probe: bool = False
     needs_values: bool = False
     analyze: bool = True
+    stream: Callable[..., Any] | str | None = None
+    projections: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -67,24 +74,26 @@ class Score:
 
     def compute(self, p: Any) -> Any:
         """The score ``[C]`` (per-image scores averaged over the images)."""
-        out = _resolve(self.function)(p)
+        out = resolve(self.function)(p)
         return out.mean(0) if self.per_image else out
 
     def per_image_effects(self, p: Any) -> Any:
         """``[N, C]``: the per-image effects of a per-image score."""
         if not self.per_image:
             raise ValueError(f"score {self.name!r} is not a mean over images")
-        return _resolve(self.function)(p)
+        return resolve(self.function)(p)
 
     def resampled(self, p: Any, weights: Any) -> Any:
         """``[B, C]``: the score under image weights ``[B, N]`` (``None`` when the record has no
         ``resample`` and is not per image)."""
         if self.per_image:
-            return weights @ self.per_image_effects(p) / p.u.shape[0]
-        return None if self.resample is None else _resolve(self.resample)(p, weights)
+            effects = self.per_image_effects(p)
+            return weights.to(effects.dtype) @ effects / effects.shape[0]
+        return None if self.resample is None else resolve(self.resample)(p, weights)
 
 
-def _resolve(fn: Callable[..., Any] | str) -> Callable[..., Any]:
+def resolve(fn: Callable[..., Any] | str) -> Callable[..., Any]:
+    """``fn`` itself, or the function a ``"module:function"`` string names (imported now)."""
     if callable(fn):
         return fn
     module, _, name = fn.partition(":")
@@ -133,6 +142,7 @@ def score_about(name: str) -> str:
 
 
 _F = "vitdecomp.scores.functions"
+_S = "vitdecomp.scores.streamed"
 register_score(
     Score(
         "paper",
@@ -140,6 +150,7 @@ register_score(
         about="the published score: the mean over a QR basis of the feature's descriptions of the correlation "
         "(over images) between the component and the whole along each direction; depends on the descriptions' order",
         function=f"{_F}:paper",
+        stream=f"{_S}:paper",
         resample=f"{_F}:paper_resampled",
     )
 )
@@ -150,6 +161,7 @@ register_score(
         about="the correlation of the component's variation with the whole's, pooled over the whole feature "
         "subspace: the same for any order or mixing of the descriptions",
         function=f"{_F}:invariant",
+        stream=f"{_S}:invariant",
         resample=f"{_F}:invariant_resampled",
     )
 )
@@ -160,6 +172,7 @@ register_score(
         about="the component's share of the whole's variance in the feature subspace (sums to 1 over the "
         "components; not scale-free)",
         function=f"{_F}:share",
+        stream=f"{_S}:share",
         resample=f"{_F}:share_resampled",
         analyze=False,
     )
@@ -171,6 +184,7 @@ register_score(
         about="how much mean-ablating the component changes the feature's zero-shot reading of the aligned whole "
         "(mean KL divergence over the descriptions, label-free)",
         function=f"{_F}:ablation",
+        stream=f"{_S}:ablation",
         per_image=True,
     )
 )
@@ -182,6 +196,7 @@ register_score(
         "mean-ablated, as a share of every component's rise (label-free; agrees best with the mean-ablation causal "
         "truth, docs/validation.md)",
         function=f"{_F}:text_probe",
+        stream=f"{_S}:text_probe",
         per_image=True,
         needs_probe=True,
     )
@@ -196,6 +211,8 @@ register_score(
         "suppress it). Label-free, no aligner; the default: it agrees with the counterfactual flow share "
         "(docs/validation.md)",
         function=f"{_F}:flow",
+        stream=f"{_S}:flow",
+        projections=False,
         resample=f"{_F}:flow_resampled",
         needs_values=True,
     )

@@ -21,6 +21,7 @@ from vitdecomp.align import Aligner
 from vitdecomp.scores.flow import FeatureValues
 from vitdecomp.scores.functions import Projected, directions, fit_text_probes, probe_logits, probe_readout
 from vitdecomp.scores.registry import get_score
+from vitdecomp.scores.streamed import stream_scores
 from vitdecomp.store import RowBatch, Rows, RowSource, as_rows
 
 
@@ -113,7 +114,9 @@ class Projections:
 
     def view(self, method: str, feature: str) -> Projected:
         """What ``method``'s function reads for ``feature`` (``u`` in float64)."""
-        u, whole = self.parts[(get_score(method).kind, feature)]
+        n, c = len(self), len(self.labels)
+        empty = (torch.zeros(n, c, 0), torch.zeros(n, 0, dtype=torch.float64))  # a score that reads none
+        u, whole = self.parts.get((get_score(method).kind, feature), empty)
         p = Projected(u.double(), whole, self.norm, self.probes.get(feature))
         if self.values is not None and feature in self.values.values:
             p.values = self.values.values[feature]
@@ -154,10 +157,10 @@ def project_features(
     records = [get_score(m) for m in methods]
     needs_probe = any(r.needs_probe for r in records)  # the probe learns the "text" readings
     values = FeatureValues(feature_emb) if any(r.needs_values for r in records) else None
-    kinds = sorted({r.kind for r in records} | ({"text"} if needs_probe else set()))
+    kinds = sorted({r.kind for r in records if r.projections} | ({"text"} if needs_probe else set()))
     bases = {(k, f): directions(emb, k).to(aligner.device, dtype) for k in kinds for f, emb in feature_emb.items()}
     widths = [b.shape[1] for b in bases.values()]
-    basis = torch.cat(list(bases.values()), 1)  # [d_clip, R]: one product per batch, then split
+    basis = torch.cat(list(bases.values()), 1) if bases else None  # [d_clip, R]: one product per batch
     bias = aligner.bias.double()
     rows = as_rows(source)
     parts: dict[tuple[str, str], list[torch.Tensor]] = {key: [] for key in bases}
@@ -169,8 +172,9 @@ def project_features(
     ):
         for b in rows.iter_batches(batch_size):
             a = aligner.apply(b["contributions"]).to(dtype)
-            for key, y in zip(bases, torch.split(a @ basis, widths, dim=2), strict=True):
-                parts[key].append(y.contiguous())  # [b, C, r]
+            if basis is not None:
+                for key, y in zip(bases, torch.split(a @ basis, widths, dim=2), strict=True):
+                    parts[key].append(y.contiguous())  # [b, C, r]
             whole = a.double().sum(1) + bias  # the aligned whole, once per batch
             norms.append(whole.norm(dim=-1))
             if values is not None:
@@ -231,14 +235,19 @@ def score_features(
     """Score every component for every feature, streaming rows or contributions ``[N, C, D]``.
 
     ``aligner`` maps contributions into CLIP space (:class:`vitdecomp.align.Aligner`);
-    ``feature_emb`` is ``{feature: [K, d_clip]}`` (see :func:`vitdecomp.scores.embed_features`). Only
-    the projections ``[N, C, r]`` on the feature subspaces are kept in memory. Returns ``{method:
-    ScoreTable}``.
+    ``feature_emb`` is ``{feature: [K, d_clip]}`` (see :func:`vitdecomp.scores.embed_features`). The
+    scores whose record has a ``stream`` (every built-in one) keep sufficient statistics, memory flat
+    in the number of images (:func:`vitdecomp.scores.streamed.stream_scores`, one or two passes for
+    all of them together); the others hold the projections ``[N, C, r]`` on the feature subspaces
+    (:func:`project_features`). Returns ``{method: ScoreTable}``.
     """
     methods = [methods] if isinstance(methods, str) else list(methods)
-    proj = project_features(source, aligner, feature_emb, methods, batch_size=batch_size, progress=progress)
-    names = list(feature_emb)
-    return {
-        m: ScoreTable(torch.stack([proj.score(m, f) for f in names]).float().cpu(), names, proj.labels, m)
-        for m in methods
-    }
+    names, rows = list(feature_emb), as_rows(source)
+    streamed = [m for m in methods if get_score(m).stream is not None]
+    found = stream_scores(rows, aligner, feature_emb, streamed, batch_size=batch_size, progress=progress)
+    rest = [m for m in methods if m not in found]
+    if rest:
+        proj = project_features(rows, aligner, feature_emb, rest, batch_size=batch_size, progress=progress)
+        found.update({m: torch.stack([proj.score(m, f) for f in names]) for m in rest})
+    labels = list(aligner.labels)
+    return {m: ScoreTable(found[m].float().cpu(), names, labels, m) for m in methods}

@@ -268,6 +268,7 @@ class RowSplit:
             order = torch.from_numpy(self.gen.permutation(int(held.sum())))
             for s in range(0, len(order), batch_size):
                 yield {name: a[order[s : s + batch_size]] for name, a in data.items()}
+            del data  # one window held at a time: this one is let go before the next is read
 
     def minibatches(self, rows: Rows, batch_size: int) -> Iterator[RowBatch]:
         """Training batches, epoch after epoch, forever."""

@@ -308,8 +308,12 @@ class ContributionStore:
             runs = np.split(idx, np.flatnonzero(np.diff(idx) != 1) + 1) if len(idx) else []
             if not runs:
                 raw = np.zeros((0, *shape), arr.dtype)
-            elif len(runs) <= 64:  # a few ranges (windows of chunks): one slice each
-                raw = np.concatenate([arr[int(r[0]) : int(r[-1]) + 1] for r in runs])
+            elif len(runs) <= 64:  # a few ranges (windows of chunks): one slice each, into one array
+                raw = np.empty((len(idx), *arr.shape[1:]), arr.dtype)
+                done = 0
+                for r in runs:  # one range's read at a time besides the result (not all, then a copy)
+                    raw[done : done + len(r)] = arr[int(r[0]) : int(r[-1]) + 1]
+                    done += len(r)
             else:
                 raw = arr.oindex[idx]
         return _to_float32(raw, self.dtype if name == "contributions" else "float32")
