@@ -37,3 +37,24 @@ def test_text_probe_bar_names_the_evaluation_under_way(monkeypatch):
     out = functions.fit_text_probes(x, readings, progress=True)
     assert torch.equal(out["a"][1], y)
     assert said and said[0] == "L-BFGS evaluation 1" and said[-1].startswith("L-BFGS evaluation ")
+
+
+def test_streamed_text_probe_fits_with_the_scoring_bar(monkeypatch):
+    """The streamed ``text_probe`` fits its probes between the passes with the caller's ``progress``
+    (so the fit's bar, and its L-BFGS evaluations, show in ``analyze``)."""
+    import vitdecomp.scores.streamed as streamed
+
+    x, y = _data()
+    asked: list[bool] = []
+    real = streamed.fit_text_probes
+
+    def fit(whole, readings, progress=False):
+        asked.append(progress)
+        return real(whole, readings, progress=progress)
+
+    monkeypatch.setattr(streamed, "fit_text_probes", fit)
+    sums = streamed.TextProbeSums(["a"], n=len(y))
+    sums.wholes, sums.readings = [x.double()], {"a": [torch.nn.functional.one_hot(y, 3).double()]}
+    sums.total = torch.zeros(1, x.shape[1], dtype=torch.float64)
+    sums.end_pass(0, progress=True)
+    assert asked == [True] and torch.equal(sums.probes["a"][1], y)

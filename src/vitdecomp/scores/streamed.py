@@ -89,13 +89,14 @@ class StreamBatch:
 
 class StreamedScore(Protocol):
     """A score's sufficient statistics over the rows: ``passes`` over them, :meth:`add` per batch,
-    :meth:`end_pass` after each pass, :meth:`scores` ``[F, C]`` (rows: the features in order)."""
+    :meth:`end_pass` after each pass (``progress``: work done there shows a bar), :meth:`scores` ``[F, C]``
+    (rows: the features in order)."""
 
     passes: int
 
     def add(self, step: int, batch: StreamBatch) -> None: ...
 
-    def end_pass(self, step: int) -> None: ...
+    def end_pass(self, step: int, progress: bool = False) -> None: ...
 
     def scores(self) -> torch.Tensor: ...
 
@@ -155,7 +156,7 @@ class MomentSums:
         for f, m in self.moments.items():
             m.add(*batch.projected(self.kind, f))
 
-    def end_pass(self, step: int) -> None:
+    def end_pass(self, step: int, progress: bool = False) -> None:
         pass
 
     def scores(self) -> torch.Tensor:
@@ -182,7 +183,7 @@ class AblationSums:
                 mean = self.sums[f] / self.n
                 self.kl[f] = self.kl[f] + score_ablation(u, whole, batch.norm, per_image=True, mean=mean).sum(0)
 
-    def end_pass(self, step: int) -> None:
+    def end_pass(self, step: int, progress: bool = False) -> None:
         pass
 
     def scores(self) -> torch.Tensor:
@@ -236,11 +237,11 @@ class TextProbeSums:
             rise = text_probe_rises(part, probe_logits(probe, whole), labels, mean=self.mean_parts[f])
             self.rises[f] = self.rises[f] + rise.sum(0)
 
-    def end_pass(self, step: int) -> None:
+    def end_pass(self, step: int, progress: bool = False) -> None:
         if step != 0:
             return
         readings = {f: torch.cat(r) for f, r in self.readings.items()}
-        self.probes = fit_text_probes(torch.cat(self.wholes), readings)
+        self.probes = fit_text_probes(torch.cat(self.wholes), readings, progress=progress)
         self.wholes, self.readings = [], {}
         self.weight = torch.cat([p.weight[0] / p.sd[0, 0][:, None] for p, _ in self.probes.values()], 1)
         mean_c = self.total / self.n  # [C, D]
@@ -263,7 +264,7 @@ class FlowSums:
     def add(self, step: int, batch: StreamBatch) -> None:
         self.values.add(batch.contributions, batch.reading)
 
-    def end_pass(self, step: int) -> None:
+    def end_pass(self, step: int, progress: bool = False) -> None:
         pass
 
     def scores(self) -> torch.Tensor:
@@ -328,5 +329,5 @@ def stream_scores(
                 start += len(batch)
                 bar.update(len(batch))
             for s in active:
-                s.end_pass(step)
+                s.end_pass(step, progress)
     return {m: s.scores() for m, s in streams.items()}
