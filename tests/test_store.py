@@ -435,3 +435,48 @@ def test_return_large_blocks_sets_glibcs_threshold_unless_the_user_did(monkeypat
     assert return_large_blocks() is False
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     assert return_large_blocks() is sys.platform.startswith("linux")
+
+
+def test_reader_beside_the_subject_fills_the_same_rows(tmp_path):
+    """The reader's embedding in a second thread (reader_beside) writes the rows of a fill without it;
+    an error in the reader's thread reaches the caller; a subject that reads itself never runs beside."""
+    import threading
+
+    import vitdecomp.pipeline.fill as fill
+
+    imgs = fake_images(11)
+    threads: set[str] = set()
+
+    def clip_in_thread(x):
+        threads.add(threading.current_thread().name)
+        assert not torch.is_grad_enabled()
+        return clip_fn(x)
+
+    plain = fill_store(open_store(tmp_path / "a", make_key()), batches(imgs, 4), decompose_fn, clip_fn, progress=False)
+    beside = fill_store(
+        open_store(tmp_path / "b", make_key()),
+        batches(imgs, 4),
+        decompose_fn,
+        clip_in_thread,
+        progress=False,
+        reader_beside=True,
+    )
+    assert np.array_equal(np.asarray(beside.contributions), np.asarray(plain.contributions))
+    assert np.array_equal(np.asarray(beside.clip), np.asarray(plain.clip))
+    assert threads and all(t.startswith("reader") for t in threads)
+
+    def broken(x):
+        raise RuntimeError("reader failed")
+
+    with pytest.raises(RuntimeError, match="reader failed"):
+        fill_store(
+            open_store(tmp_path / "c", make_key()),
+            batches(imgs, 4),
+            decompose_fn,
+            broken,
+            progress=False,
+            reader_beside=True,
+        )
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert fill._shared(net, net) and fill._shared(torch.nn.Sequential(net), net)
+    assert not fill._shared(net, torch.nn.Sequential(torch.nn.Linear(2, 2)))
