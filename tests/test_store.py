@@ -452,15 +452,12 @@ def test_reader_beside_the_subject_fills_the_same_rows(tmp_path):
         assert not torch.is_grad_enabled()
         return clip_fn(x)
 
+    def fill_beside(name: str, embed_fn):
+        store = open_store(tmp_path / name, make_key())
+        return fill_store(store, batches(imgs, 4), decompose_fn, embed_fn, progress=False, reader_beside=True)
+
     plain = fill_store(open_store(tmp_path / "a", make_key()), batches(imgs, 4), decompose_fn, clip_fn, progress=False)
-    beside = fill_store(
-        open_store(tmp_path / "b", make_key()),
-        batches(imgs, 4),
-        decompose_fn,
-        clip_in_thread,
-        progress=False,
-        reader_beside=True,
-    )
+    beside = fill_beside("b", clip_in_thread)
     assert np.array_equal(np.asarray(beside.contributions), np.asarray(plain.contributions))
     assert np.array_equal(np.asarray(beside.clip), np.asarray(plain.clip))
     assert threads and all(t.startswith("reader") for t in threads)
@@ -469,14 +466,7 @@ def test_reader_beside_the_subject_fills_the_same_rows(tmp_path):
         raise RuntimeError("reader failed")
 
     with pytest.raises(RuntimeError, match="reader failed"):
-        fill_store(
-            open_store(tmp_path / "c", make_key()),
-            batches(imgs, 4),
-            decompose_fn,
-            broken,
-            progress=False,
-            reader_beside=True,
-        )
+        fill_beside("c", broken)
     net = torch.nn.Sequential(torch.nn.Linear(2, 2))
     assert fill._shared(net, net) and fill._shared(torch.nn.Sequential(net), net)
     assert not fill._shared(net, torch.nn.Sequential(torch.nn.Linear(2, 2)))
