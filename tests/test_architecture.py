@@ -20,6 +20,7 @@ FLOORS: dict[str, int | str] = {
     "vitdecomp.errors": 0,
     "vitdecomp.fsio": 0,
     "vitdecomp.allocator": 0,
+    "vitdecomp.progress": 0,
     "vitdecomp.defaults": 0,
     "vitdecomp.world": 0,
     # 1: the core (the zoo as a model source included); "vitdecomp" is the package's __init__ only

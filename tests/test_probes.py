@@ -30,8 +30,7 @@ def test_text_probe_bar_names_the_evaluation_under_way(monkeypatch):
     second; here every evaluation)."""
     x, y = _data()
     said: list[str] = []
-    real = functions._bar_hook
-    monkeypatch.setattr(functions, "_bar_hook", lambda bar: real(bar, every_s=0.0))
+    monkeypatch.setattr("vitdecomp.progress.REDRAW_S", 0.0)
     monkeypatch.setattr(functions.tqdm, "set_postfix_str", lambda self, s, refresh=True: said.append(s))
     readings = {"a": torch.nn.functional.one_hot(y, 3).float()}
     out = functions.fit_text_probes(x, readings, progress=True)

@@ -414,7 +414,7 @@ def test_fill_bar_says_which_block_a_batch_is_in_and_leaves_no_hook(tmp_path, mo
             b(images)
         return decompose_fn(images)
 
-    monkeypatch.setattr(fill, "BLOCK_REDRAW_S", 0.0)
+    monkeypatch.setattr("vitdecomp.progress.REDRAW_S", 0.0)
     monkeypatch.setattr(fill.tqdm, "set_postfix_str", lambda self, s, refresh=True: said.append(s))
     imgs = fake_images(9)
     store = fill_store(

@@ -10,7 +10,6 @@ store is then read into memory once (:func:`readable_rows`), a large one streame
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from vitdecomp.errors import MismatchError, NonFiniteInputError, UsageError
 from vitdecomp.imageset import ImageSource
 from vitdecomp.pipeline.config import AnalysisConfig
 from vitdecomp.pipeline.model_pair import Models
+from vitdecomp.progress import postfix_writer
 from vitdecomp.store import Rows, StoreKey, StoreLock, StoreWriter, open_store, store_dir
 
 #: Stores smaller than this (as float32) are read into memory for training, descriptions and scores;
@@ -183,25 +183,11 @@ def repeated_blocks(net: torch.nn.Module) -> list[torch.nn.Module]:
     return best
 
 
-#: Least seconds between two redraws of the fill bar from inside a batch.
-BLOCK_REDRAW_S = 1.0
-
-
 def _block_progress(blocks: Sequence[torch.nn.Module], bar: tqdm) -> list[Any]:
-    """Forward hooks on ``blocks`` that write ``block i/n`` after the fill bar (at most every
-    :data:`BLOCK_REDRAW_S`); the hooks' handles, to remove."""
-    last = [0.0]
-
-    def hook(i: int) -> Callable[..., None]:
-        def after(*_: Any) -> None:
-            now = time.monotonic()
-            if now - last[0] >= BLOCK_REDRAW_S:
-                last[0] = now
-                bar.set_postfix_str(f"block {i + 1}/{len(blocks)}", refresh=True)
-
-        return after
-
-    return [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    """Forward hooks on ``blocks`` that write ``block i/n`` after the fill bar
+    (:func:`~vitdecomp.progress.postfix_writer`); the hooks' handles, to remove."""
+    say = postfix_writer(bar)
+    return [b.register_forward_hook(lambda *_, i=i: say(f"block {i + 1}/{len(blocks)}")) for i, b in enumerate(blocks)]
 
 
 @dataclass

@@ -56,7 +56,6 @@ basis-free scores; the paper's QR keeps them (as published).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -64,6 +63,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vitdecomp.probes import Probe, fit_probes
+from vitdecomp.progress import postfix_writer
 from vitdecomp.scores.flow import ValueSums, flow_share
 from vitdecomp.scores.flow import flow_resampled as _flow_resampled
 
@@ -201,25 +201,17 @@ def fit_text_probes(
             group = [f for f, r in readings.items() if r.shape[1] == k]
             y = torch.stack([labels[f] for f in group])  # [G, N]
             with torch.enable_grad():
-                p = fit_probes(x[None].expand(len(group), -1, -1), y, k, l2, on_evaluation=_bar_hook(bar))
+                p = fit_probes(x[None].expand(len(group), -1, -1), y, k, l2, on_evaluation=_evaluation_writer(bar))
             for g, f in enumerate(group):
                 out[f] = (Probe(p.mu[g : g + 1], p.sd[g : g + 1], p.weight[g : g + 1], p.bias[g : g + 1]), labels[f])
             bar.update(len(group))
     return {f: out[f] for f in readings}
 
 
-def _bar_hook(bar: tqdm, every_s: float = 1.0) -> Callable[[int], None]:
-    """A fit's ``on_evaluation`` hook: the bar names the L-BFGS evaluation under way, redrawn at most
-    every ``every_s`` seconds (a long fit is not silent)."""
-    last = time.monotonic()
-
-    def said(i: int) -> None:
-        nonlocal last
-        if time.monotonic() - last >= every_s:
-            bar.set_postfix_str(f"L-BFGS evaluation {i}")
-            last = time.monotonic()
-
-    return said
+def _evaluation_writer(bar: tqdm) -> Callable[[int], None]:
+    """A fit's ``on_evaluation`` hook: the bar names the L-BFGS evaluation under way (a long fit is not silent)."""
+    say = postfix_writer(bar)
+    return lambda i: say(f"L-BFGS evaluation {i}")
 
 
 def score_ablation(
